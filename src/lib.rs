@@ -1,0 +1,2 @@
+//! opensim-chat-relay (skeleton).
+pub mod sim;
