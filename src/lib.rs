@@ -1,2 +1,31 @@
-//! opensim-chat-relay (skeleton).
+//! opensim-chat-relay: carries local chat between an OpenSim region and the OpenSim-CMS chat.
+//!
+//! # Layout
+//! Data flows one way: the viewer's chat URL → `poller` (with `lookingglass`, `filter`) → `outbox`
+//! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`.
+//!
+//! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
+//! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
+//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`: the stages.
+//! - `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
+//! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod avatars;
+pub mod backoff;
+pub mod cli;
+pub mod cms;
+pub mod config;
+pub mod delivery;
+pub mod filter;
+pub mod lookingglass;
+pub mod metrics;
+pub mod model;
+pub mod outbox;
+pub mod poller;
+pub mod shutdown;
 pub mod sim;
+pub mod telemetry;
+pub mod zone;

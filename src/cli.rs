@@ -1,0 +1,40 @@
+//! The command line (clap). Holds no I/O and repeats no configuration key as a flag: the configuration
+//! file and `RELAY__…` variables are the one way to set the relay up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+/// Carries local chat between an OpenSim region (the LookingGlass viewer chat API) and the
+/// OpenSim-CMS chat.
+#[derive(Debug, Parser)]
+#[command(name = "opensim-chat-relay", version)]
+pub struct Cli {
+    /// Configuration file (TOML), layered over the built-in defaults and under RELAY__SECTION__KEY
+    /// environment variables.
+    #[arg(long, global = true, env = "RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do (default: run).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay until SIGINT or SIGTERM (the default).
+    Run,
+    /// Print the effective configuration, secrets masked, and exit.
+    CheckConfig,
+    /// Start both simulators and the relay on free loopback ports and show chat arriving.
+    Demo(DemoArgs),
+}
+
+/// `demo` options.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Stop after this long (e.g. "20s"); default: until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}

@@ -1,0 +1,300 @@
+//! `CmsClient`: login, token upkeep, chat POST and GET, and the avatar lookup.
+//!
+//! Owns the token and the rules around it (query string only, bound to our address, 30-minute sliding
+//! expiry, log in again on a refusal). The token and the password never leave this module: URLs are
+//! stripped from errors and nothing here logs a URL with a query.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use reqwest::header::RETRY_AFTER;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::cms::error::CmsError;
+use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
+use crate::lookingglass::client::snippet;
+
+/// The CMS deletes a token after 30 idle minutes; log in again a little before that.
+const TOKEN_IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+/// Where the CMS and how to log in.
+#[derive(Debug, Clone)]
+pub struct CmsEndpoint {
+    /// E.g. `http://127.0.0.1/OpenSim-CMS/api`.
+    pub base_url: String,
+    /// `grids.id`
+    pub grid_id: u32,
+    /// The relay's account.
+    pub username: String,
+    /// Its password.
+    pub password: SecretString,
+    /// Limit on one request.
+    pub timeout: Duration,
+    /// Bodies larger than this are refused.
+    pub max_response_bytes: usize,
+}
+
+struct Token {
+    value: SecretString,
+    last_used: Instant,
+}
+
+/// A client of one CMS grid.
+pub struct CmsClient {
+    http: reqwest::Client,
+    endpoint: CmsEndpoint,
+    token: Mutex<Option<Token>>,
+    n_logins: AtomicU64,
+}
+
+impl CmsClient {
+    /// Builds the client.
+    pub fn new(mut endpoint: CmsEndpoint) -> Result<CmsClient, reqwest::Error> {
+        endpoint.base_url = endpoint.base_url.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::builder()
+            // PHP's getallheaders() is case-sensitive: a lower-case `content-type` hides a JSON array
+            // from the CMS (spec §1.4).
+            .http1_title_case_headers()
+            .no_proxy()
+            .timeout(endpoint.timeout)
+            .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
+            // Tokens are bound to the client address: one kept-alive connection keeps it stable.
+            .pool_max_idle_per_host(1)
+            .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(CmsClient {
+            http,
+            endpoint,
+            token: Mutex::new(None),
+            n_logins: AtomicU64::new(0),
+        })
+    }
+
+    /// Successful logins so far.
+    pub fn n_logins(&self) -> u64 {
+        self.n_logins.load(Ordering::Relaxed)
+    }
+
+    /// Whether the client holds a token that has not idled out.
+    pub async fn is_logged_in(&self) -> bool {
+        self.token
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
+    }
+
+    /// Logs in now, replacing any token.
+    pub async fn login(&self) -> Result<(), CmsError> {
+        let mut token = self.token.lock().await;
+        *token = Some(self.fresh_token().await?);
+        Ok(())
+    }
+
+    /// POSTs a batch to `/grid/<g>/chats/`; the id of the last row on success.
+    pub async fn post_chats(&self, items: &[ChatItem]) -> Result<i64, CmsError> {
+        let path = format!("/grid/{}/chats/", self.endpoint.grid_id);
+        let (status, retry_after, body) = self
+            .call(Method::POST, &path, Some(wire::encode_batch(items)))
+            .await?;
+        match wire::parse_post_reply(&body) {
+            _ if is_transient_status(status) => Err(CmsError::Http {
+                status,
+                retry_after,
+                snippet: snippet(&body),
+            }),
+            Some(PostReply::Stored { last_id }) => Ok(last_id),
+            Some(PostReply::Invalid(error)) => Err(CmsError::Invalid(error)),
+            Some(PostReply::LastRowFailed) => Err(CmsError::LastRowFailed),
+            Some(PostReply::Failed(error)) => Err(CmsError::Failed(error)),
+            None if status == 200 => Err(CmsError::Decode {
+                status,
+                snippet: snippet(&body),
+            }),
+            None => Err(CmsError::Http {
+                status,
+                retry_after,
+                snippet: snippet(&body),
+            }),
+        }
+    }
+
+    /// The chat rows stored at or after `since_unix` (read in the CMS's zone), in the order the CMS
+    /// returns them. Never calls the form without a timestamp: it returns the whole history.
+    pub async fn chats_since(&self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
+        let path = format!(
+            "/grid/{}/chats/{}/",
+            self.endpoint.grid_id,
+            since_unix.max(0)
+        );
+        let value = self.get_json(&path).await?;
+        if let Some(error) = wire::error_of(&value) {
+            return Err(CmsError::Failed(error.to_owned()));
+        }
+        wire::parse_chats(&value).ok_or_else(|| CmsError::Decode {
+            status: 200,
+            snippet: snippet(value.to_string().as_bytes()),
+        })
+    }
+
+    /// The CMS user linked to an avatar by a confirmed link on this grid; `None` when there is none.
+    pub async fn avatar_user(&self, uuid: &str) -> Result<Option<i64>, CmsError> {
+        // The route only accepts lower-case UUIDs (spec §1.1).
+        let path = format!(
+            "/grid/{}/avatar/{}/",
+            self.endpoint.grid_id,
+            uuid.to_lowercase()
+        );
+        let value = self.get_json(&path).await?;
+        if wire::error_of(&value).is_some() {
+            return Ok(None);
+        }
+        Ok(wire::confirmed_user(&value, self.endpoint.grid_id))
+    }
+
+    /// `GET /grid/<g>/`: whether the grid exists (used by `check`).
+    pub async fn grid_exists(&self) -> Result<bool, CmsError> {
+        let value = self
+            .get_json(&format!("/grid/{}/", self.endpoint.grid_id))
+            .await?;
+        Ok(wire::error_of(&value).is_none())
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, CmsError> {
+        let (status, retry_after, body) = self.call(Method::GET, path, None).await?;
+        if is_transient_status(status) {
+            return Err(CmsError::Http {
+                status,
+                retry_after,
+                snippet: snippet(&body),
+            });
+        }
+        match wire::parse_lenient(&body) {
+            Some(value) => Ok(value),
+            None if status == 200 => Err(CmsError::Decode {
+                status,
+                snippet: snippet(&body),
+            }),
+            None => Err(CmsError::Http {
+                status,
+                retry_after,
+                snippet: snippet(&body),
+            }),
+        }
+    }
+
+    /// One authenticated request, logging in again once when the CMS refuses the token.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Option<Duration>, Vec<u8>), CmsError> {
+        let mut token = self.token.lock().await;
+        for attempt in 0..2 {
+            let current = match token.take() {
+                Some(t) if t.last_used.elapsed() < TOKEN_IDLE_LIMIT => t,
+                _ => self.fresh_token().await?,
+            };
+            let url = format!(
+                "{}{}?token={}",
+                self.endpoint.base_url,
+                path,
+                current.value.expose_secret()
+            );
+            let mut request = self.http.request(method.clone(), url);
+            if let Some(body) = &body {
+                // A Vec body gets a Content-Length; the CMS reads nothing from a chunked body.
+                request = request
+                    .header("Content-Type", "application/json")
+                    .body(body.clone());
+            }
+            let response = request.send().await.map_err(CmsError::transport)?;
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let body = self.read_body(response).await?;
+            let refused = status == 401
+                || wire::parse_lenient(&body).as_ref().and_then(wire::error_of)
+                    == Some(wire::UNAUTHORIZED);
+            if !refused {
+                *token = Some(Token {
+                    value: current.value,
+                    last_used: Instant::now(),
+                });
+                return Ok((status, retry_after, body));
+            }
+            tracing::info!(attempt, "cms refused the token; logging in again");
+        }
+        Err(CmsError::Unauthorized)
+    }
+
+    async fn fresh_token(&self) -> Result<Token, CmsError> {
+        let url = format!("{}/auth/username/", self.endpoint.base_url);
+        let form = [
+            ("username", self.endpoint.username.as_str()),
+            ("password", self.endpoint.password.expose_secret()),
+        ];
+        let response = self
+            .http
+            .post(url)
+            .form(&form)
+            .send()
+            .await
+            .map_err(CmsError::transport)?;
+        let status = response.status().as_u16();
+        let body = self.read_body(response).await?;
+        let value = wire::parse_lenient(&body);
+        match value.as_ref().and_then(wire::token_of) {
+            Some(token) => {
+                self.n_logins.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(username = %self.endpoint.username, "logged in to the cms");
+                Ok(Token {
+                    value: SecretString::from(token.to_owned()),
+                    last_used: Instant::now(),
+                })
+            }
+            None => match value.as_ref().and_then(wire::error_of) {
+                Some(error) => Err(CmsError::Login(error.to_owned())),
+                None if is_transient_status(status) => Err(CmsError::Http {
+                    status,
+                    retry_after: None,
+                    snippet: snippet(&body),
+                }),
+                None => Err(CmsError::Login(format!(
+                    "unexpected answer (HTTP {status}): {}",
+                    snippet(&body)
+                ))),
+            },
+        }
+    }
+
+    async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, CmsError> {
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(CmsError::transport)? {
+            if body.len() + chunk.len() > self.endpoint.max_response_bytes {
+                return Err(CmsError::Decode {
+                    status,
+                    snippet: format!(
+                        "answer larger than {} bytes refused",
+                        self.endpoint.max_response_bytes
+                    ),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+fn is_transient_status(status: u16) -> bool {
+    status == 408 || status == 429 || status >= 500
+}

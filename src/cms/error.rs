@@ -1,0 +1,82 @@
+//! `CmsError`: every way a CMS request can fail, classified so the delivery loop never matches strings.
+//!
+//! Messages never contain the token or the password: URLs are stripped from transport errors.
+
+use std::time::Duration;
+
+/// Why a CMS request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CmsError {
+    /// Connection refused or reset, or a timeout. Whether a POST was stored is unknown.
+    #[error("cms unreachable: {0}")]
+    Transport(String),
+    /// An HTTP status that is not the CMS's own answer (a proxy, a 5xx, a rate limit).
+    #[error("cms answered HTTP {status}: {snippet}")]
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// `Retry-After`, when the server sent one.
+        retry_after: Option<Duration>,
+        /// The start of the body.
+        snippet: String,
+    },
+    /// Refused with "Unauthorized to access this API URL" even after a fresh login: the account lacks
+    /// permission, or the token is bound to another address.
+    #[error(
+        "cms refused the relay's account (needs auth >= 4, chat >= 5, user >= 4; token bound to another address?)"
+    )]
+    Unauthorized,
+    /// The login itself failed.
+    #[error("cms login failed: {0}")]
+    Login(String),
+    /// A validation error: nothing of the batch was stored.
+    #[error("cms rejected the batch: {0}")]
+    Invalid(String),
+    /// `success: false` and no error: the last row failed, earlier rows may be stored.
+    #[error("cms could not store the last line of the batch (earlier lines may be stored)")]
+    LastRowFailed,
+    /// `success: false` with another error.
+    #[error("cms error: {0}")]
+    Failed(String),
+    /// The body is not JSON (a PHP fatal error page, a proxy's page).
+    #[error("cms sent an unreadable answer (HTTP {status}): {snippet}")]
+    Decode {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the body.
+        snippet: String,
+    },
+}
+
+impl CmsError {
+    /// Whether trying again later may succeed. Everything but a rejection of the content is worth
+    /// retrying: a chat line is never dropped because the CMS was having a bad moment.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, CmsError::Invalid(_) | CmsError::LastRowFailed)
+    }
+
+    /// The delay the server asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CmsError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Builds a transport error without the URL (it holds the token).
+    pub(crate) fn transport(err: reqwest::Error) -> CmsError {
+        let timeout = err.is_timeout();
+        let err = err.without_url();
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        if timeout && !text.contains("timed out") {
+            text.push_str(" (timed out)");
+        }
+        CmsError::Transport(text)
+    }
+}

@@ -1,0 +1,393 @@
+//! The `Settings` tree: layered loading, validation, and redacted printing for `check-config`.
+//!
+//! Layers, lowest first: `config/default.toml` (embedded in the binary), the file named by `--config`
+//! or `RELAY_CONFIG`, then environment variables `RELAY__SECTION__KEY`. Every struct denies unknown
+//! keys, so a typo stops start-up with the key's name. This module opens no sockets and no files other
+//! than the config file and `cms.password_file`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::zone::Zone;
+
+/// The built-in defaults, embedded so the binary runs without any file next to it.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Why the configuration could not be loaded. The message names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or parsed, or a value has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is well-typed but unusable.
+    #[error("configuration: key `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `cms.base_url`.
+        key: &'static str,
+        /// What is wrong with it and how to fix it.
+        reason: String,
+    },
+}
+
+/// Everything the relay reads from its configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The LookingGlass viewer chat interface.
+    pub viewer: ViewerSettings,
+    /// The OpenSim-CMS API.
+    pub cms: CmsSettings,
+    /// Avatar name to CMS user mapping.
+    pub mapping: MappingSettings,
+    /// Which viewer lines are relayed.
+    pub filter: FilterSettings,
+    /// The durable outbox.
+    pub outbox: OutboxSettings,
+    /// Retry schedule for CMS deliveries.
+    pub retry: RetrySettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// `[viewer]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewerSettings {
+    /// The chat URL; every GET drains the viewer's queue.
+    pub chat_url: String,
+    /// `/api/avatars`, used to map a name to an avatar UUID; `None` when empty.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub avatars_url: Option<String>,
+    /// `/api/LLLP/status`, used to learn the viewer's own name; `None` when empty.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub status_url: Option<String>,
+    /// Pause between the end of one poll and the next GET.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// The viewer machine's clock, used to rebuild each line's time.
+    pub timezone: Zone,
+    /// Inactivity limit on a viewer request (never below 30 s).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// `[cms]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CmsSettings {
+    /// E.g. `http://127.0.0.1/OpenSim-CMS/api`, without a trailing slash.
+    pub base_url: String,
+    /// The CMS's `grids.id`.
+    pub grid_id: u32,
+    /// The relay's CMS account.
+    pub username: String,
+    /// The password, unless `password_file` is used.
+    pub password: SecretString,
+    /// A file holding the password (a systemd credential, a Docker secret); `None` when empty.
+    #[serde(deserialize_with = "empty_path_is_none")]
+    pub password_file: Option<PathBuf>,
+    /// The CMS server's clock.
+    pub timezone: Zone,
+    /// The user id of unmapped speakers (-1 for OpenSim-CMS 1.1).
+    pub anonymous_user_id: i64,
+    /// Message of an unmapped speaker, with `{name}` and `{message}`.
+    pub anonymous_format: String,
+    /// At most this many lines per POST.
+    pub batch_max_messages: usize,
+    /// At most this many bytes of JSON per POST.
+    pub batch_max_bytes: usize,
+    /// How long a batch that is not full waits for more lines.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// Limit on one CMS request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A CMS answer larger than this is refused.
+    pub max_response_bytes: usize,
+}
+
+/// `[mapping]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSettings {
+    /// Avatar name to CMS user id, checked before any lookup (names compare case-insensitively).
+    pub users: BTreeMap<String, i64>,
+    /// How long a lookup result (found or not) is remembered.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+/// `[filter]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterSettings {
+    /// Chat `Type`s relayed (Normal, Whisper, Shout, and optionally Debug, OwnerSay).
+    pub types: Vec<String>,
+    /// Relay lines said by objects too.
+    pub objects: bool,
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    /// The sled directory.
+    pub path: PathBuf,
+    /// sled's page cache in bytes.
+    pub cache_bytes: u64,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    /// First delay after a transient failure.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Largest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// Default filter; `RUST_LOG` overrides it.
+    pub level: String,
+    /// Output format.
+    pub format: LogFormat,
+}
+
+/// `log.format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line (journald, Loki).
+    Json,
+}
+
+/// The chat types the viewer produces (spec §2.5); anything else in `filter.types` is a typo.
+const KNOWN_TYPES: [&str; 5] = ["Normal", "Whisper", "Shout", "Debug", "OwnerSay"];
+
+impl Settings {
+    /// Loads the layers: defaults, then `file` (if any), then `RELAY__…` environment variables, then
+    /// `overrides` (dotted key, value; used by the demo and the tests), and validates the result.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("RELAY")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("filter.types")
+                .try_parsing(true),
+        );
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, *value)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        check_url("viewer.chat_url", &self.viewer.chat_url)?;
+        if let Some(url) = &self.viewer.avatars_url {
+            check_url("viewer.avatars_url", url)?;
+        }
+        if let Some(url) = &self.viewer.status_url {
+            check_url("viewer.status_url", url)?;
+        }
+        check_url("cms.base_url", &self.cms.base_url)?;
+        if self.viewer.poll_interval.is_zero() {
+            return Err(invalid("viewer.poll_interval", "must be more than 0"));
+        }
+        if self.viewer.request_timeout < Duration::from_secs(30) {
+            return Err(invalid(
+                "viewer.request_timeout",
+                "must be at least 30s: ending a viewer request early can abort a response, which kills the viewer",
+            ));
+        }
+        if self.cms.username.is_empty() {
+            return Err(invalid(
+                "cms.username",
+                "is required (the relay's CMS account)",
+            ));
+        }
+        let has_password = !self.cms.password.expose_secret().is_empty();
+        match (&self.cms.password_file, has_password) {
+            (None, false) => {
+                return Err(invalid(
+                    "cms.password",
+                    "is required (or set cms.password_file)",
+                ));
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "cms.password_file",
+                    "set either cms.password or cms.password_file, not both",
+                ));
+            }
+            _ => {}
+        }
+        if self.cms.anonymous_user_id == 0 {
+            tracing::warn!(
+                "cms.anonymous_user_id is 0: stock OpenSim-CMS 1.1 rejects it (foreign key); use -1 unless your CMS was patched"
+            );
+        }
+        if !self.cms.anonymous_format.contains("{message}") {
+            return Err(invalid("cms.anonymous_format", "must contain {message}"));
+        }
+        if self.cms.batch_max_messages == 0 {
+            return Err(invalid("cms.batch_max_messages", "must be at least 1"));
+        }
+        if self.cms.batch_max_bytes < 1024 {
+            return Err(invalid("cms.batch_max_bytes", "must be at least 1024"));
+        }
+        if self.cms.request_timeout.is_zero() {
+            return Err(invalid("cms.request_timeout", "must be more than 0"));
+        }
+        if let Some(unknown) = self
+            .filter
+            .types
+            .iter()
+            .find(|t| !KNOWN_TYPES.contains(&t.as_str()))
+        {
+            return Err(ConfigError::Invalid {
+                key: "filter.types",
+                reason: format!(
+                    "unknown type {unknown:?} (known: {})",
+                    KNOWN_TYPES.join(", ")
+                ),
+            });
+        }
+        if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
+            return Err(invalid("retry.max", "need 0 < retry.initial <= retry.max"));
+        }
+        if self.outbox.path.as_os_str().is_empty() {
+            return Err(invalid("outbox.path", "is required"));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML-like text, with secrets masked (`check-config`).
+    pub fn redacted(&self) -> String {
+        let mut text = format!("{self:#?}");
+        // SecretString's Debug already prints `[REDACTED]`; the file path is not a secret.
+        if text.contains(self.cms.password.expose_secret())
+            && !self.cms.password.expose_secret().is_empty()
+        {
+            text = text.replace(self.cms.password.expose_secret(), "[REDACTED]");
+        }
+        text
+    }
+}
+
+impl CmsSettings {
+    /// The password, read from `password_file` when that is set (surrounding whitespace trimmed).
+    pub fn load_password(&self) -> Result<SecretString, ConfigError> {
+        match &self.password_file {
+            None => Ok(self.password.clone()),
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => {
+                    Ok(SecretString::from(text.trim().to_owned()))
+                }
+                Ok(_) => Err(ConfigError::Invalid {
+                    key: "cms.password_file",
+                    reason: format!("{} is empty", path.display()),
+                }),
+                Err(err) => Err(ConfigError::Invalid {
+                    key: "cms.password_file",
+                    reason: format!("cannot read {}: {err}", path.display()),
+                }),
+            },
+        }
+    }
+}
+
+fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
+            Ok(())
+        }
+        Ok(_) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{url:?} is not an http(s) URL"),
+        }),
+        Err(err) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("{url:?} is not a URL: {err}"),
+        }),
+    }
+}
+
+fn empty_is_none<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(deserializer)?;
+    Ok(if value.trim().is_empty() {
+        None
+    } else {
+        Some(value)
+    })
+}
+
+fn empty_path_is_none<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    Ok(empty_is_none(deserializer)?.map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CREDENTIALS: [(&str, &str); 2] = [("cms.username", "relay"), ("cms.password", "pw")];
+
+    #[test]
+    fn the_defaults_with_credentials_load() {
+        let settings = Settings::load(None, &CREDENTIALS).expect("defaults load");
+        assert_eq!(settings.viewer.poll_interval, Duration::from_millis(500));
+        assert_eq!(settings.cms.anonymous_user_id, -1);
+        assert_eq!(
+            settings.viewer.avatars_url.as_deref(),
+            Some("http://127.0.0.1:9144/api/avatars")
+        );
+    }
+
+    #[test]
+    fn a_missing_username_names_the_key() {
+        let err = Settings::load(None, &[]).unwrap_err().to_string();
+        assert!(err.contains("cms.username"), "{err}");
+    }
+
+    #[test]
+    fn the_password_never_appears_in_the_redacted_view() {
+        let settings = Settings::load(
+            None,
+            &[
+                ("cms.username", "relay"),
+                ("cms.password", "hunter2-secret"),
+            ],
+        )
+        .expect("load");
+        let text = settings.redacted();
+        assert!(!text.contains("hunter2-secret"), "{text}");
+        assert!(text.contains("relay"));
+    }
+}

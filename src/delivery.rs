@@ -1,0 +1,517 @@
+//! `Delivery`: outbox → CMS. Builds batches within the count and byte limits, fixes each line's row
+//! (user, text, timestamp) before its first POST, and retries with backoff until the CMS confirms.
+//!
+//! Because the CMS's chat POST is not idempotent, a batch whose outcome is unknown (timeout, reset,
+//! 5xx, an unreadable answer, a restart in the middle) stays marked in flight, and is read back from
+//! the CMS before anything is resent: rows already stored are confirmed, the rest go out one line per
+//! POST so each gets an unambiguous answer. A line the CMS refuses on its own goes to the dead letters;
+//! a batch that is refused is first retried line by line so one bad line does not take its neighbours
+//! with it. Must not: remove a line before the CMS confirmed it (or a read-back found it).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::avatars::AvatarMapper;
+use crate::backoff::RetryPolicy;
+use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
+use crate::cms::{CmsChat, CmsClient, CmsError};
+use crate::config::CmsSettings;
+use crate::metrics::Stats;
+use crate::outbox::{Outbox, OutboxError, PendingLine, Prepared};
+
+/// The persisted id of the last row the CMS confirmed: rows at or below it are never taken as ours in
+/// a read-back.
+const LAST_CONFIRMED_ID: &str = "delivery.last_confirmed_id";
+
+/// How far before the oldest uncertain line a read-back starts, for clock rounding between the relay
+/// and the CMS.
+const READ_BACK_MARGIN_SECS: i64 = 60;
+
+/// How often an idle delivery loop looks at the outbox even without being woken.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Why a delivery step failed; the lines stay in the outbox.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The CMS failed in a way worth retrying.
+    #[error(transparent)]
+    Cms(#[from] CmsError),
+    /// The outbox could not be read or written.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+impl DeliveryError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DeliveryError::Cms(err) => err.retry_after(),
+            DeliveryError::Outbox(_) => None,
+        }
+    }
+}
+
+/// What one delivery step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Nothing was pending.
+    Idle,
+    /// Progress was made.
+    Progress {
+        /// Lines the CMS confirmed.
+        n_delivered: usize,
+        /// Lines a read-back found already stored.
+        n_reconciled: usize,
+        /// Lines moved to the dead letters.
+        n_dead: usize,
+    },
+}
+
+/// The delivery stage.
+pub struct Delivery {
+    outbox: Arc<Outbox>,
+    cms: Arc<CmsClient>,
+    mapper: Arc<AvatarMapper>,
+    settings: CmsSettings,
+    retry: RetryPolicy,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct Tally {
+    n_delivered: usize,
+    n_reconciled: usize,
+    n_dead: usize,
+}
+
+impl Delivery {
+    /// Builds the stage.
+    pub fn new(
+        outbox: Arc<Outbox>,
+        cms: Arc<CmsClient>,
+        mapper: Arc<AvatarMapper>,
+        settings: CmsSettings,
+        retry: RetryPolicy,
+        stats: Arc<Stats>,
+    ) -> Delivery {
+        Delivery {
+            outbox,
+            cms,
+            mapper,
+            settings,
+            retry,
+            stats,
+        }
+    }
+
+    /// One step: settle lines of unknown outcome, or send the next batch.
+    pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
+        let mut lines = self.outbox.oldest(self.settings.batch_max_messages)?;
+        if lines.is_empty() {
+            return Ok(DeliveryOutcome::Idle);
+        }
+        let mut tally = Tally::default();
+        if lines.iter().any(|l| l.in_flight) {
+            let uncertain: Vec<PendingLine> =
+                lines.iter().filter(|l| l.in_flight).cloned().collect();
+            let unsent = self.reconcile(uncertain, &mut tally).await?;
+            // What was not found goes out one line per POST, so each answer is unambiguous.
+            self.deliver_singly(unsent, &mut tally).await?;
+            return Ok(tally.into_outcome());
+        }
+        self.prepare(&mut lines).await?;
+        let batch = self.cut_batch(lines);
+        self.mark_in_flight(&batch).await?;
+        match self.post(&batch).await {
+            Ok(()) => tally.n_delivered += batch.len(),
+            Err(CmsError::Invalid(reason)) => {
+                // Nothing of the batch was stored: find the culprit line by line.
+                tracing::warn!(n_messages = batch.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
+                self.deliver_singly(batch, &mut tally).await?;
+            }
+            Err(CmsError::LastRowFailed) if batch.len() == 1 => {
+                self.dead_letter(
+                    &batch[0],
+                    "the cms could not store the line (unknown user id?)",
+                    &mut tally,
+                )
+                .await?;
+            }
+            Err(err) => return Err(err.into()),
+        }
+        Ok(tally.into_outcome())
+    }
+
+    /// Delivers until `token` is cancelled. A POST in flight is not cancelled by the token.
+    pub async fn run_until_stopped(self, token: CancellationToken) {
+        let mut backoff = self.retry.schedule();
+        let mut failing = false;
+        while !token.is_cancelled() {
+            match self.try_deliver_batch().await {
+                Ok(DeliveryOutcome::Idle) => {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = self.outbox.wait_for_lines() => {}
+                        _ = tokio::time::sleep(IDLE_CHECK) => {}
+                    }
+                    if !self.settings.batch_linger.is_zero()
+                        && self.outbox.len() < self.settings.batch_max_messages
+                    {
+                        tokio::select! {
+                            _ = token.cancelled() => {}
+                            _ = tokio::time::sleep(self.settings.batch_linger) => {}
+                        }
+                    }
+                }
+                Ok(DeliveryOutcome::Progress {
+                    n_delivered,
+                    n_reconciled,
+                    n_dead,
+                }) => {
+                    if failing {
+                        tracing::info!("cms reachable again");
+                        failing = false;
+                        backoff = self.retry.schedule();
+                    }
+                    tracing::info!(
+                        n_messages = n_delivered,
+                        n_reconciled,
+                        n_dead,
+                        outbox_depth = self.outbox.len(),
+                        "delivered batch"
+                    );
+                }
+                Err(err) => {
+                    Stats::add(&self.stats.delivery_retries, 1);
+                    let delay = backoff.next_delay(err.retry_after());
+                    let level_error = matches!(
+                        err,
+                        DeliveryError::Cms(CmsError::Unauthorized | CmsError::Login(_))
+                            | DeliveryError::Outbox(_)
+                    );
+                    if level_error {
+                        tracing::error!(error = %err, retry_in = ?delay, outbox_depth = self.outbox.len(), "delivery failed");
+                    } else {
+                        tracing::warn!(error = %err, retry_in = ?delay, outbox_depth = self.outbox.len(), "delivery failed");
+                    }
+                    failing = true;
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(outbox_depth = self.outbox.len(), "delivery stopped");
+    }
+
+    /// Fixes the row of every line that has none yet, and stores the decision.
+    async fn prepare(&self, lines: &mut [PendingLine]) -> Result<(), OutboxError> {
+        let mut changed = Vec::new();
+        for pending in lines.iter_mut().filter(|l| l.prepared.is_none()) {
+            let line = &pending.line;
+            let user = self
+                .mapper
+                .resolve(&line.speaker, line.owner_id.as_deref())
+                .await;
+            let message = match user {
+                Some(_) => line.message.clone(),
+                None => render_anonymous(
+                    &self.settings.anonymous_format,
+                    &line.speaker,
+                    &line.message,
+                ),
+            };
+            pending.prepared = Some(Prepared {
+                user_id: user.unwrap_or(self.settings.anonymous_user_id),
+                message: sanitize_message(&message),
+                timestamp: self
+                    .settings
+                    .timezone
+                    .wall_clock(line.spoken_at)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
+            });
+            changed.push(pending.clone());
+        }
+        if !changed.is_empty() {
+            self.outbox.save(&changed).await?;
+        }
+        Ok(())
+    }
+
+    /// The longest prefix within `batch_max_bytes` (at least one line).
+    fn cut_batch(&self, lines: Vec<PendingLine>) -> Vec<PendingLine> {
+        let mut n_bytes = 2;
+        let mut batch = Vec::with_capacity(lines.len());
+        for line in lines {
+            let item_len = encoded_len(&item_of(&line));
+            if !batch.is_empty() && n_bytes + item_len > self.settings.batch_max_bytes {
+                break;
+            }
+            n_bytes += item_len;
+            batch.push(line);
+        }
+        batch
+    }
+
+    async fn mark_in_flight(&self, batch: &[PendingLine]) -> Result<(), OutboxError> {
+        let marked: Vec<PendingLine> = batch
+            .iter()
+            .map(|l| PendingLine {
+                in_flight: true,
+                ..l.clone()
+            })
+            .collect();
+        self.outbox.save(&marked).await
+    }
+
+    /// POSTs a batch; on success removes it from the outbox.
+    async fn post(&self, batch: &[PendingLine]) -> Result<(), CmsError> {
+        let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
+        let last_id = self.cms.post_chats(&items).await?;
+        let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
+        self.confirm(&ids, Some(last_id)).await.map_err(|err| {
+            CmsError::Failed(format!(
+                "stored by the cms but not removed from the outbox: {err}"
+            ))
+        })?;
+        Stats::add(&self.stats.lines_delivered, batch.len() as u64);
+        Stats::add(&self.stats.batches_delivered, 1);
+        Ok(())
+    }
+
+    async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
+        if let Some(last_id) = last_id.filter(|id| *id > 0) {
+            let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+            if last_id > known {
+                self.outbox.set_meta_i64(LAST_CONFIRMED_ID, last_id).await?;
+            }
+        }
+        self.outbox.remove(ids).await
+    }
+
+    /// Sends lines one per POST; a line the CMS refuses is dead-lettered.
+    async fn deliver_singly(
+        &self,
+        lines: Vec<PendingLine>,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
+        for line in lines {
+            let line = std::slice::from_ref(&line);
+            self.mark_in_flight(line).await?;
+            match self.post(line).await {
+                Ok(()) => tally.n_delivered += 1,
+                Err(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed)) => {
+                    self.dead_letter(&line[0], &err.to_string(), tally).await?
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        line: &PendingLine,
+        reason: &str,
+        tally: &mut Tally,
+    ) -> Result<(), OutboxError> {
+        tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, "line moved to the dead letters");
+        self.outbox.dead_letter(line, reason).await?;
+        Stats::add(&self.stats.lines_dead_lettered, 1);
+        tally.n_dead += 1;
+        Ok(())
+    }
+
+    /// Reads back the CMS over the window of `uncertain` lines; confirms those found and returns the
+    /// rest with their in-flight mark cleared.
+    async fn reconcile(
+        &self,
+        uncertain: Vec<PendingLine>,
+        tally: &mut Tally,
+    ) -> Result<Vec<PendingLine>, DeliveryError> {
+        let since = uncertain
+            .iter()
+            .map(|l| l.line.spoken_at.timestamp())
+            .min()
+            .unwrap_or(0)
+            - READ_BACK_MARGIN_SECS;
+        let rows = self.cms.chats_since(since).await?;
+        let after = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let (found, unsent) = match_rows(&uncertain, &rows, after, self.settings.anonymous_user_id);
+        if !found.is_empty() {
+            self.confirm(&found, None).await?;
+            Stats::add(&self.stats.lines_reconciled, found.len() as u64);
+            tally.n_reconciled += found.len();
+        }
+        let unsent: Vec<PendingLine> = unsent
+            .into_iter()
+            .map(|l| PendingLine {
+                in_flight: false,
+                ..l
+            })
+            .collect();
+        self.outbox.save(&unsent).await?;
+        tracing::info!(
+            n_found = found.len(),
+            n_resend = unsent.len(),
+            "read back lines of unknown outcome"
+        );
+        Ok(unsent)
+    }
+}
+
+impl Tally {
+    fn into_outcome(self) -> DeliveryOutcome {
+        DeliveryOutcome::Progress {
+            n_delivered: self.n_delivered,
+            n_reconciled: self.n_reconciled,
+            n_dead: self.n_dead,
+        }
+    }
+}
+
+/// The row of a prepared line.
+fn item_of(line: &PendingLine) -> ChatItem {
+    let prepared = line
+        .prepared
+        .as_ref()
+        .expect("lines are prepared before they are sent");
+    ChatItem {
+        user_id: prepared.user_id,
+        message: prepared.message.clone(),
+        timestamp: prepared.timestamp.clone(),
+        from_cms: 0,
+    }
+}
+
+/// Splits `uncertain` into the ids found among `rows` (relay rows newer than `after_id`, each row
+/// matching at most one line) and the lines not found.
+fn match_rows(
+    uncertain: &[PendingLine],
+    rows: &[CmsChat],
+    after_id: i64,
+    anonymous_user_id: i64,
+) -> (Vec<u64>, Vec<PendingLine>) {
+    let mut used = HashSet::new();
+    let mut found = Vec::new();
+    let mut unsent = Vec::new();
+    for line in uncertain {
+        let Some(prepared) = &line.prepared else {
+            unsent.push(line.clone());
+            continue;
+        };
+        let hit = rows.iter().find(|row| {
+            !row.from_cms
+                && row.id > after_id
+                && !used.contains(&row.id)
+                && row.message == prepared.message
+                && row.timestamp == prepared.timestamp
+                && (row.user_id == prepared.user_id
+                    || (prepared.user_id == anonymous_user_id && row.user_id == -1))
+        });
+        match hit {
+            Some(row) => {
+                used.insert(row.id);
+                found.push(line.id);
+            }
+            None => unsent.push(line.clone()),
+        }
+    }
+    (found, unsent)
+}
+
+/// `cms.anonymous_format` with `{name}` and `{message}` filled in, in one pass (a name containing
+/// `{message}` stays as it is).
+fn render_anonymous(format: &str, name: &str, message: &str) -> String {
+    let mut out = String::with_capacity(format.len() + name.len() + message.len());
+    let mut rest = format;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("{name}") {
+            out.push_str(name);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{message}") {
+            out.push_str(message);
+            rest = after;
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CapturedLine;
+    use chrono::Utc;
+
+    #[test]
+    fn the_anonymous_format_is_filled_once() {
+        assert_eq!(
+            render_anonymous("[{name}] {message}", "Carol {message}", "hi {name}"),
+            "[Carol {message}] hi {name}"
+        );
+        assert_eq!(render_anonymous("{x} {message}", "n", "m"), "{x} m");
+    }
+
+    fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
+        let now = Utc::now();
+        PendingLine {
+            id,
+            line: CapturedLine {
+                speaker: "S".into(),
+                owner_id: None,
+                message: message.into(),
+                spoken_at: now,
+                captured_at: now,
+            },
+            attempts: 0,
+            prepared: Some(Prepared {
+                user_id,
+                message: message.into(),
+                timestamp: timestamp.into(),
+            }),
+            in_flight: true,
+        }
+    }
+
+    fn row(id: i64, user_id: i64, message: &str, timestamp: &str) -> CmsChat {
+        CmsChat {
+            id,
+            user_id,
+            username: String::new(),
+            first_name: String::new(),
+            last_name: String::new(),
+            message: message.into(),
+            timestamp: timestamp.into(),
+            from_cms: false,
+        }
+    }
+
+    #[test]
+    fn a_read_back_matches_each_row_once_and_ignores_old_rows() {
+        let t = "2026-11-22 12:00:00";
+        let uncertain = [
+            pending(1, 3, "hi", t),
+            pending(2, 3, "hi", t),
+            pending(3, -1, "[C] yo", t),
+        ];
+        // Row 5 is from before the last confirmed id; row 7 matches one of the two "hi" lines.
+        let rows = [
+            row(5, 3, "hi", t),
+            row(7, 3, "hi", t),
+            row(8, -1, "[C] yo", t),
+        ];
+        let (found, unsent) = match_rows(&uncertain, &rows, 6, -1);
+        assert_eq!(found, [1, 3]);
+        assert_eq!(unsent.iter().map(|l| l.id).collect::<Vec<_>>(), [2]);
+    }
+}

@@ -1,0 +1,181 @@
+//! `LookingGlassClient`: the HTTP side of the viewer chat interface.
+//!
+//! Invariant: a request is never aborted while the viewer may be writing its answer (an aborted
+//! response kills the real viewer, spec §1.4). There is no total timeout, only a long inactivity
+//! limit, and callers never drop a `poll` future: shutdown waits for it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Why a viewer request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ViewerError {
+    /// Connection refused, reset, or the inactivity limit passed.
+    #[error("viewer unreachable: {0}")]
+    Transport(#[source] reqwest::Error),
+    /// The viewer answered with an unexpected status.
+    #[error("viewer answered HTTP {status}{hint}: {snippet}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// A fix, when the status tells one.
+        hint: &'static str,
+        /// The start of the body.
+        snippet: String,
+    },
+    /// The body was not what the spec describes.
+    #[error("viewer sent an unreadable {what}: {snippet}")]
+    Decode {
+        /// Which endpoint.
+        what: &'static str,
+        /// The start of the body.
+        snippet: String,
+    },
+}
+
+/// Talks to one viewer. Requests go one at a time (the viewer serves one at a time anyway).
+#[derive(Debug, Clone)]
+pub struct LookingGlassClient {
+    http: reqwest::Client,
+    chat_url: String,
+    avatars_url: Option<String>,
+    status_url: Option<String>,
+}
+
+impl LookingGlassClient {
+    /// Builds the client. `inactivity` bounds the wait for each read, never the whole response.
+    pub fn new(
+        chat_url: String,
+        avatars_url: Option<String>,
+        status_url: Option<String>,
+        inactivity: Duration,
+    ) -> Result<LookingGlassClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            // The viewer is on this host; a proxy would at best add a hop and at worst see the chat.
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(inactivity)
+            .pool_max_idle_per_host(1)
+            .build()?;
+        Ok(LookingGlassClient {
+            http,
+            chat_url,
+            avatars_url,
+            status_url,
+        })
+    }
+
+    /// The chat URL (for logs; it holds no secret).
+    pub fn chat_url(&self) -> &str {
+        &self.chat_url
+    }
+
+    /// GETs the chat URL and reads the whole body. This drains the viewer's queue: whatever it returns
+    /// exists nowhere else any more.
+    pub async fn poll(&self) -> Result<Vec<u8>, ViewerError> {
+        let response = self
+            .http
+            .get(&self.chat_url)
+            .send()
+            .await
+            .map_err(ViewerError::Transport)?;
+        let status = response.status().as_u16();
+        // Read the body to its end whatever the status: dropping it would abort the response.
+        let body = response.bytes().await.map_err(ViewerError::Transport)?;
+        if status != 200 {
+            return Err(status_error(status, &body));
+        }
+        Ok(body.to_vec())
+    }
+
+    /// The viewer's own avatar name from `status_url` (`first` + `last`), `None` when it is off or the
+    /// viewer is not logged in.
+    pub async fn own_name(&self) -> Result<Option<String>, ViewerError> {
+        let Some(url) = &self.status_url else {
+            return Ok(None);
+        };
+        let value = self.get_json(url, "status").await?;
+        let part = |key: &str| {
+            value
+                .get(key)
+                .and_then(|v| v.get("value"))
+                .and_then(Value::as_str)
+                .map(str::trim)
+        };
+        Ok(match (part("first"), part("last")) {
+            (Some(first), Some(last)) if !first.is_empty() => {
+                Some(format!("{first} {last}").trim().to_owned())
+            }
+            _ => None,
+        })
+    }
+
+    /// Avatar names (lower-cased) to UUIDs from `avatars_url`; empty when it is off.
+    pub async fn avatars(&self) -> Result<HashMap<String, String>, ViewerError> {
+        let Some(url) = &self.avatars_url else {
+            return Ok(HashMap::new());
+        };
+        let value = self.get_json(url, "avatar list").await?;
+        let Some(map) = value.as_object() else {
+            return Err(ViewerError::Decode {
+                what: "avatar list",
+                snippet: snippet(value.to_string().as_bytes()),
+            });
+        };
+        // Keys are `<grid>-Avatar-<uuid>`; the UUID is the last 36 characters.
+        Ok(map
+            .iter()
+            .filter_map(|(key, avatar)| {
+                let name = avatar.get("Name")?.as_str()?.trim().to_lowercase();
+                let uuid = key.get(key.len().checked_sub(36)?..)?.to_lowercase();
+                Some((name, uuid))
+            })
+            .collect())
+    }
+
+    async fn get_json(&self, url: &str, what: &'static str) -> Result<Value, ViewerError> {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(ViewerError::Transport)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(ViewerError::Transport)?;
+        if status != 200 {
+            return Err(status_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|_| ViewerError::Decode {
+            what,
+            snippet: snippet(&body),
+        })
+    }
+}
+
+fn status_error(status: u16, body: &[u8]) -> ViewerError {
+    let text = String::from_utf8_lossy(body);
+    let hint = if status == 400 && text.contains("Invalid host") {
+        " (the viewer accepts only the host it listens on: use http://127.0.0.1:9144, not localhost)"
+    } else {
+        ""
+    };
+    ViewerError::Status {
+        status,
+        hint,
+        snippet: snippet(body),
+    }
+}
+
+/// The start of a body, for error messages.
+pub(crate) fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    let text = text.replace(['\r', '\n'], " ");
+    if body.len() > MAX {
+        format!("{text}…")
+    } else {
+        text
+    }
+}

@@ -1,0 +1,106 @@
+//! Domain types shared by the stages: what a viewer line is once parsed, and what a captured line is
+//! once it passed the filter.
+//!
+//! No serde for foreign formats and no I/O here: the peers' wire types live in `lookingglass::wire`
+//! and `cms::wire`, the stored record in `outbox`.
+
+use chrono::{DateTime, Utc};
+
+/// The all-zero UUID the viewer sends for system lines (and KeeKee omits).
+pub const ZERO_UUID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// The chat `Type` of a viewer line; unknown strings are Normal, as the viewer itself maps them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatType {
+    /// `Whisper`
+    Whisper,
+    /// `Normal` and anything unknown
+    Normal,
+    /// `Shout`
+    Shout,
+    /// `Debug`: script errors from objects
+    Debug,
+    /// `OwnerSay`: `llOwnerSay`, private to the owner
+    OwnerSay,
+}
+
+impl ChatType {
+    /// Parses the viewer's `Type` string (case-sensitive, as the viewer writes it).
+    pub fn from_viewer(text: &str) -> ChatType {
+        match text {
+            "Whisper" => ChatType::Whisper,
+            "Shout" => ChatType::Shout,
+            "Debug" => ChatType::Debug,
+            "OwnerSay" => ChatType::OwnerSay,
+            _ => ChatType::Normal,
+        }
+    }
+
+    /// The name used in `filter.types`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatType::Whisper => "Whisper",
+            ChatType::Normal => "Normal",
+            ChatType::Shout => "Shout",
+            ChatType::Debug => "Debug",
+            ChatType::OwnerSay => "OwnerSay",
+        }
+    }
+}
+
+/// The viewer's `EntryType`: who spoke, as far as the viewer can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryType {
+    /// `ChatTypeNormal` (and anything unknown): an avatar or the system.
+    Normal,
+    /// `ChatTypeLindenChat`: an avatar whose name ends in Linden.
+    LindenChat,
+    /// `ChatTypeObjectChat`: an object.
+    ObjectChat,
+    /// `ChatTypeOwnerSay`: an object speaking to its owner.
+    OwnerSay,
+}
+
+impl EntryType {
+    /// Parses the viewer's `EntryType` string.
+    pub fn from_viewer(text: &str) -> EntryType {
+        match text {
+            "ChatTypeLindenChat" => EntryType::LindenChat,
+            "ChatTypeObjectChat" => EntryType::ObjectChat,
+            "ChatTypeOwnerSay" => EntryType::OwnerSay,
+            _ => EntryType::Normal,
+        }
+    }
+}
+
+/// One line as the viewer handed it out, before filtering.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewerLine {
+    /// `From`, absent for some system and object lines.
+    pub from: Option<String>,
+    /// The text, raw.
+    pub message: String,
+    /// `Type`
+    pub chat_type: ChatType,
+    /// `EntryType`
+    pub entry_type: EntryType,
+    /// `OwnerID` when present (for avatars on OpenSim: the avatar's own UUID).
+    pub owner_id: Option<String>,
+    /// When it was said: rebuilt from the 12-hour `Time`, or the receive time when that failed.
+    pub spoken_at: DateTime<Utc>,
+}
+
+/// A line that passed the filter: what the outbox stores and the CMS will get.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CapturedLine {
+    /// The speaker's avatar name, e.g. `Alice Resident`.
+    pub speaker: String,
+    /// The speaker's UUID as the viewer reported it (`OwnerID`), if any and not zero.
+    pub owner_id: Option<String>,
+    /// The text as said.
+    pub message: String,
+    /// When it was said.
+    pub spoken_at: DateTime<Utc>,
+    /// When the relay received it from the viewer.
+    pub captured_at: DateTime<Utc>,
+}

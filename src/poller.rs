@@ -1,0 +1,211 @@
+//! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
+//! to the outbox before the next GET is sent.
+//!
+//! Must not: deliver anything, or cancel a GET in flight (an aborted response kills the viewer). The
+//! shutdown token is looked at only between requests.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use crate::filter::Filter;
+use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
+use crate::metrics::Stats;
+use crate::model::CapturedLine;
+use crate::outbox::{Outbox, OutboxError};
+use crate::zone::Zone;
+
+/// How often the viewer's own name is read again (it changes only when the viewer logs in as
+/// someone else).
+const OWN_NAME_REFRESH: Duration = Duration::from_secs(60);
+
+/// How long to wait before retrying a failed outbox write (disk full): polling pauses meanwhile, so
+/// the viewer keeps the lines.
+const STORAGE_RETRY: Duration = Duration::from_secs(1);
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The viewer request failed; nothing was read.
+    #[error(transparent)]
+    Viewer(#[from] ViewerError),
+    /// The lines were read but could not be stored: they are held in memory and stored again before
+    /// the next GET.
+    #[error(transparent)]
+    Storage(#[from] OutboxError),
+}
+
+/// What one poll did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PollOutcome {
+    /// Entries in the response.
+    pub n_polled: usize,
+    /// Lines stored in the outbox.
+    pub n_relayed: usize,
+}
+
+/// The ingest stage.
+pub struct Poller {
+    viewer: LookingGlassClient,
+    filter: Filter,
+    outbox: Arc<Outbox>,
+    zone: Zone,
+    poll_interval: Duration,
+    stats: Arc<Stats>,
+    own_name: Option<String>,
+    own_name_read: Option<Instant>,
+    /// Lines read from the viewer that a failed write has not stored yet.
+    unstored: Vec<CapturedLine>,
+}
+
+impl Poller {
+    /// Builds the poller.
+    pub fn new(
+        viewer: LookingGlassClient,
+        filter: Filter,
+        outbox: Arc<Outbox>,
+        zone: Zone,
+        poll_interval: Duration,
+        stats: Arc<Stats>,
+    ) -> Poller {
+        Poller {
+            viewer,
+            filter,
+            outbox,
+            zone,
+            poll_interval,
+            stats,
+            own_name: None,
+            own_name_read: None,
+            unstored: Vec::new(),
+        }
+    }
+
+    /// One step: store what an earlier step could not, then GET, parse, filter and store.
+    pub async fn try_poll_once(&mut self) -> Result<PollOutcome, PollError> {
+        if !self.unstored.is_empty() {
+            self.outbox.append(&self.unstored).await?;
+            self.unstored.clear();
+        }
+        self.refresh_own_name().await;
+        let body = self.viewer.poll().await?;
+        let polled_at = Utc::now();
+        Stats::add(&self.stats.polls, 1);
+        let parsed = match wire::parse_chat(&body, polled_at, self.zone) {
+            Ok(parsed) => parsed,
+            Err(err) => {
+                // The viewer has already forgotten these lines: keep the body for an operator.
+                tracing::error!(error = %err, n_bytes = body.len(), "viewer chat response unreadable; kept in the outbox quarantine");
+                Stats::add(&self.stats.lines_unreadable, 1);
+                self.outbox
+                    .quarantine_raw("unreadable viewer chat response", &body)
+                    .await?;
+                return Ok(PollOutcome::default());
+            }
+        };
+        for skipped in &parsed.skipped {
+            tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
+        }
+        Stats::add(&self.stats.lines_unreadable, parsed.skipped.len() as u64);
+        if parsed.n_untimed > 0 {
+            tracing::warn!(
+                n_lines = parsed.n_untimed,
+                "viewer Time unreadable; using the receive time"
+            );
+        }
+        let n_polled = parsed.lines.len();
+        Stats::add(&self.stats.lines_polled, n_polled as u64);
+        let mut captured = Vec::with_capacity(n_polled);
+        for line in parsed.lines {
+            if let Err(reason) = self.filter.check(&line, self.own_name.as_deref()) {
+                self.stats.filtered(reason);
+                continue;
+            }
+            captured.push(CapturedLine {
+                speaker: line.from.unwrap_or_default(),
+                owner_id: line.owner_id.filter(|o| o != crate::model::ZERO_UUID),
+                message: line.message,
+                spoken_at: line.spoken_at,
+                captured_at: polled_at,
+            });
+        }
+        let n_relayed = captured.len();
+        if let Err(err) = self.outbox.append(&captured).await {
+            self.unstored = captured;
+            return Err(err.into());
+        }
+        Stats::add(&self.stats.lines_relayed, n_relayed as u64);
+        Ok(PollOutcome {
+            n_polled,
+            n_relayed,
+        })
+    }
+
+    /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.
+    pub async fn run_until_stopped(mut self, token: CancellationToken) {
+        tracing::info!(chat_url = %self.viewer.chat_url(), "polling the viewer");
+        let mut failing = false;
+        while !token.is_cancelled() {
+            let pause = match self.try_poll_once().await {
+                Ok(outcome) => {
+                    if failing {
+                        tracing::info!("viewer reachable again");
+                        failing = false;
+                    }
+                    if outcome.n_relayed > 0 {
+                        tracing::debug!(
+                            n_polled = outcome.n_polled,
+                            n_relayed = outcome.n_relayed,
+                            "polled"
+                        );
+                    }
+                    self.poll_interval
+                }
+                Err(PollError::Storage(err)) => {
+                    tracing::error!(error = %err, n_lines = self.unstored.len(), "cannot store polled lines; polling paused until the outbox accepts writes");
+                    STORAGE_RETRY
+                }
+                Err(PollError::Viewer(err)) => {
+                    Stats::add(&self.stats.poll_errors, 1);
+                    if !failing {
+                        tracing::warn!(error = %err, "viewer poll failed; retrying every poll interval");
+                        failing = true;
+                    }
+                    self.poll_interval.max(Duration::from_secs(1))
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        if !self.unstored.is_empty() {
+            if let Err(err) = self.outbox.append(&self.unstored).await {
+                tracing::error!(error = %err, n_lines = self.unstored.len(), "lines read from the viewer could not be stored at shutdown and are lost");
+            }
+        }
+        tracing::info!("viewer polling stopped");
+    }
+
+    async fn refresh_own_name(&mut self) {
+        if self
+            .own_name_read
+            .is_some_and(|read| read.elapsed() < OWN_NAME_REFRESH)
+        {
+            return;
+        }
+        self.own_name_read = Some(Instant::now());
+        match self.viewer.own_name().await {
+            Ok(Some(name)) => {
+                if self.own_name.as_deref() != Some(name.as_str()) {
+                    tracing::info!(own_name = %name, "the viewer's own avatar will not be relayed");
+                }
+                self.own_name = Some(name);
+            }
+            Ok(None) => {}
+            Err(err) => tracing::debug!(error = %err, "viewer status unavailable"),
+        }
+    }
+}
