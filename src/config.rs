@@ -108,6 +108,9 @@ pub struct CmsSettings {
     pub request_timeout: Duration,
     /// A CMS answer larger than this is refused.
     pub max_response_bytes: usize,
+    /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
+    /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
+    pub verify: bool,
 }
 
 /// `[mapping]`

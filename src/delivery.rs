@@ -123,23 +123,31 @@ impl Delivery {
         }
         self.prepare(&mut lines).await?;
         let batch = self.cut_batch(lines);
-        self.mark_in_flight(&batch).await?;
-        match self.post(&batch).await {
-            Ok(()) => tally.n_delivered += batch.len(),
-            Err(CmsError::Invalid(reason)) => {
+        match self.send(batch.clone(), &mut tally).await {
+            Ok(()) => {}
+            Err(DeliveryError::Cms(CmsError::Invalid(reason))) if batch.len() > 1 => {
                 // Nothing of the batch was stored: find the culprit line by line.
                 tracing::warn!(n_messages = batch.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
                 self.deliver_singly(batch, &mut tally).await?;
             }
-            Err(CmsError::LastRowFailed) if batch.len() == 1 => {
-                self.dead_letter(
-                    &batch[0],
-                    "the cms could not store the line (unknown user id?)",
-                    &mut tally,
-                )
-                .await?;
+            Err(DeliveryError::Cms(CmsError::LastRowFailed)) if batch.len() > 1 => {
+                // The last row failed; earlier rows may be stored. Read back, then send the rest
+                // line by line so the failing one is identified.
+                tracing::warn!(
+                    n_messages = batch.len(),
+                    "cms could not store the last line of a batch; reading it back"
+                );
+                let unsent = self.reconcile(batch, &mut tally).await?;
+                self.deliver_singly(unsent, &mut tally).await?;
             }
-            Err(err) => return Err(err.into()),
+            Err(DeliveryError::Cms(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed)))
+                if batch.len() == 1 =>
+            {
+                // A batch of one is unambiguous: the CMS will not take this line.
+                self.dead_letter(&batch[0], &err.to_string(), &mut tally)
+                    .await?;
+            }
+            Err(err) => return Err(err),
         }
         Ok(tally.into_outcome())
     }
@@ -268,29 +276,50 @@ impl Delivery {
         self.outbox.save(&marked).await
     }
 
-    /// POSTs a batch; on success removes it from the outbox.
-    async fn post(&self, batch: &[PendingLine]) -> Result<(), CmsError> {
+    /// POSTs a batch and settles it. A `success: true` proves every row stored only when the ids
+    /// show no gap: each insert, failed or not, consumes one auto-increment id, so `n` rows ending at
+    /// `last_id` right after the last confirmed id are all ours. Otherwise (another writer, a failed
+    /// middle row, `cms.verify`) the batch is read back and what is missing is sent line by line.
+    async fn send(&self, batch: Vec<PendingLine>, tally: &mut Tally) -> Result<(), DeliveryError> {
+        let before = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         let last_id = self.cms.post_chats(&items).await?;
-        let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
-        self.confirm(&ids, Some(last_id)).await.map_err(|err| {
-            CmsError::Failed(format!(
-                "stored by the cms but not removed from the outbox: {err}"
-            ))
-        })?;
-        Stats::add(&self.stats.lines_delivered, batch.len() as u64);
         Stats::add(&self.stats.batches_delivered, 1);
+        let n = batch.len() as i64;
+        let proven = n == 1 || (!self.settings.verify && before > 0 && last_id - before == n);
+        if proven {
+            let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
+            self.confirm(&ids, Some(last_id)).await?;
+            Stats::add(&self.stats.lines_delivered, batch.len() as u64);
+            tally.n_delivered += batch.len();
+            return Ok(());
+        }
+        let unsent = self.reconcile(batch, tally).await?;
+        if !unsent.is_empty() {
+            tracing::warn!(
+                n_missing = unsent.len(),
+                "cms reported success but lines are missing; resending them one by one"
+            );
+        }
+        self.deliver_singly(unsent, tally).await?;
+        self.raise_last_confirmed(last_id).await?;
         Ok(())
     }
 
     async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
-        if let Some(last_id) = last_id.filter(|id| *id > 0) {
-            let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
-            if last_id > known {
-                self.outbox.set_meta_i64(LAST_CONFIRMED_ID, last_id).await?;
-            }
+        if let Some(last_id) = last_id {
+            self.raise_last_confirmed(last_id).await?;
         }
         self.outbox.remove(ids).await
+    }
+
+    async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
+        let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        if last_id > known {
+            self.outbox.set_meta_i64(LAST_CONFIRMED_ID, last_id).await?;
+        }
+        Ok(())
     }
 
     /// Sends lines one per POST; a line the CMS refuses is dead-lettered.
@@ -300,14 +329,12 @@ impl Delivery {
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         for line in lines {
-            let line = std::slice::from_ref(&line);
-            self.mark_in_flight(line).await?;
-            match self.post(line).await {
-                Ok(()) => tally.n_delivered += 1,
-                Err(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed)) => {
-                    self.dead_letter(&line[0], &err.to_string(), tally).await?
+            match Box::pin(self.send(vec![line.clone()], tally)).await {
+                Ok(()) => {}
+                Err(DeliveryError::Cms(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed))) => {
+                    self.dead_letter(&line, &err.to_string(), tally).await?
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         }
         Ok(())
