@@ -1,0 +1,1 @@
+//! Simulated OpenSim-CMS 1.1.

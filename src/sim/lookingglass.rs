@@ -1,0 +1,1 @@
+//! Simulated LookingGlass viewer.
