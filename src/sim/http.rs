@@ -8,6 +8,10 @@
 //! an answer, a body can be written slowly, and the handler learns when a client abandoned a
 //! response mid-write (which kills the real LookingGlass viewer).
 //!
+//! A client that closes its side of the connection (EOF) while its request is being handled
+//! counts as gone: its response is not written and is reported as not written. Real HTTP clients
+//! (curl, reqwest) do not half-close; a `nc -N` style client would be treated as leaving.
+//!
 //! It must not know anything about chat, the viewer or the CMS: routing and bodies belong to the
 //! handlers. It never panics on network input; a malformed request gets `400` and the connection
 //! is closed.

@@ -435,7 +435,9 @@ impl ViewerHandle {
         self.shared.state().said.clone()
     }
 
-    /// Every line handed out in a completely written chat GET response, in order.
+    /// Every line handed out in a completely written chat GET response, in order. They are
+    /// recorded just after the last byte reaches the socket, so a client that has just read a
+    /// response should poll for them rather than expect them at once.
     pub fn handed_out(&self) -> Vec<HandedOut> {
         self.shared.state().handed_out.clone()
     }

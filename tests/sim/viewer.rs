@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use indexmap::IndexMap;
 use opensim_chat_relay::sim::lookingglass::{
-    Dialect, SaidLine, SimChatLine, ViewerArgs, ViewerSim, ViewerSimSettings, spawn_chatter,
+    Dialect, SaidLine, SimChatLine, ViewerArgs, ViewerSim, ViewerSimSettings, run_cli,
+    spawn_chatter,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1102,4 +1103,35 @@ fn the_cli_arguments_have_the_documented_defaults() {
     assert!(viewer.crash_on_abort);
     assert_eq!(viewer.chatter, 2.0);
     assert!(bad_zone.is_err());
+}
+
+#[tokio::test]
+async fn run_cli_serves_until_shutdown_and_rejects_a_negative_chatter() {
+    let args = ViewerArgs {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        dialect: Dialect::Lookingglass,
+        timezone: chrono_tz::UTC,
+        own_name: "Relay Bot".to_owned(),
+        crash_on_abort: false,
+        chatter: 50.0,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+
+    let running = tokio::spawn(run_cli(args.clone(), shutdown.clone()));
+    shutdown.cancel();
+    let outcome = tokio::time::timeout(DEADLINE, running)
+        .await
+        .expect("run_cli returns after shutdown")
+        .expect("run_cli task");
+    let negative = run_cli(
+        ViewerArgs {
+            chatter: -1.0,
+            ..args
+        },
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+
+    assert!(outcome.is_ok());
+    assert!(negative.is_err());
 }
