@@ -1,0 +1,4 @@
+//! Tests of the simulators themselves.
+
+mod cms;
+mod viewer;
