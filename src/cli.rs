@@ -29,6 +29,18 @@ pub enum Command {
     CheckConfig,
     /// Start both simulators and the relay on free loopback ports and show chat arriving.
     Demo(DemoArgs),
+    /// Run a simulator of one of the peers (for tests, demos and compose stacks).
+    #[command(subcommand)]
+    Sim(SimCommand),
+}
+
+/// The simulators.
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// The LookingGlass viewer chat interface.
+    Viewer(crate::sim::lookingglass::ViewerArgs),
+    /// The OpenSim-CMS 1.1 API.
+    Cms(crate::sim::cms::CmsArgs),
 }
 
 /// `demo` options.

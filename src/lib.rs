@@ -19,6 +19,7 @@ pub mod cli;
 pub mod cms;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod filter;
 pub mod lookingglass;
 pub mod metrics;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use opensim_chat_relay::app::Relay;
-use opensim_chat_relay::cli::{Cli, Command};
-use opensim_chat_relay::config::Settings;
-use opensim_chat_relay::{shutdown, telemetry};
+use opensim_chat_relay::cli::{Cli, Command, SimCommand};
+use opensim_chat_relay::config::{LogFormat, Settings};
+use opensim_chat_relay::sim::{cms, lookingglass};
+use opensim_chat_relay::{demo, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -36,9 +37,17 @@ fn main() -> ExitCode {
             }
             Err(code) => return code,
         },
-        Command::Demo(_args) => {
-            telemetry::init("info", opensim_chat_relay::config::LogFormat::Pretty);
-            Err(anyhow::anyhow!("demo not built yet"))
+        Command::Demo(args) => {
+            telemetry::init("warn", LogFormat::Pretty);
+            run(async move { demo::run(args, shutdown::on_signal()).await })
+        }
+        Command::Sim(SimCommand::Viewer(args)) => {
+            telemetry::init("info", LogFormat::Pretty);
+            run(async move { lookingglass::run_cli(args, shutdown::on_signal()).await })
+        }
+        Command::Sim(SimCommand::Cms(args)) => {
+            telemetry::init("info", LogFormat::Pretty);
+            run(async move { cms::run_cli(args, shutdown::on_signal()).await })
         }
     };
     match result {

@@ -1,0 +1,146 @@
+//! `opensim-chat-relay demo`: both simulators and the relay in one process on free loopback ports,
+//! with a temporary outbox, a few avatars chatting (one linked in the CMS, one mapped in the config,
+//! one unknown), and every line printed as the CMS stores it.
+//!
+//! Demo wiring only: it uses the same `Relay` as `run`, configured through the same `Settings`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::Relay;
+use crate::cli::DemoArgs;
+use crate::config::Settings;
+use crate::sim::cms::{CmsDialect, CmsSim, CmsSimSettings, Permissions};
+use crate::sim::lookingglass::{Dialect, ViewerSim, ViewerSimSettings};
+
+/// What the demo avatars say, in turn.
+const SCRIPT: [(&str, &str); 6] = [
+    ("Alice Resident", "Hello everyone!"),
+    ("Bob Builder", "Hi Alice, building a tower today."),
+    ("Carol Visitor", "First time here, what is this place?"),
+    (
+        "Alice Resident",
+        "Welcome Carol! This chat is mirrored to the CMS <3",
+    ),
+    ("Bob Builder", "Prices went up 100% + tax, by the way."),
+    ("Carol Visitor", "Nice 😀"),
+];
+
+/// Runs the demo until `token` is cancelled or `args.duration` passes.
+pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary outbox directory")?;
+    let localhost = "127.0.0.1:0".parse().expect("a valid socket address");
+    let viewer = ViewerSim::start(ViewerSimSettings {
+        listen: localhost,
+        dialect: Dialect::Lookingglass,
+        timezone: chrono_tz::UTC,
+        own_name: "Relay Bot".into(),
+        crash_on_abort: false,
+    })
+    .await?;
+    let cms = CmsSim::start(CmsSimSettings {
+        listen: localhost,
+        dialect: CmsDialect::Stock,
+        timezone: chrono_tz::Europe::Amsterdam,
+        debug_noise: false,
+    })
+    .await?;
+    let db = cms.handle();
+    let lg = viewer.handle();
+    db.add_user(
+        "relay",
+        "demo-password",
+        "Chat",
+        "Relay",
+        Permissions::relay(),
+    );
+    let alice = db.add_user(
+        "alice",
+        "alice-password",
+        "Alice",
+        "Resident",
+        Permissions::relay(),
+    );
+    lg.add_avatar("Alice Resident");
+    db.link_avatar(1, &lg.avatar_uuid("Alice Resident"), alice, true);
+    let bob = db.add_user(
+        "bob",
+        "bob-password",
+        "Bob",
+        "Builder",
+        Permissions::relay(),
+    );
+
+    let config_file = dir.path().join("demo.toml");
+    std::fs::write(
+        &config_file,
+        format!("[mapping.users]\n\"Bob Builder\" = {bob}\n"),
+    )?;
+    let (chat_url, avatars_url, status_url, base_url) = (
+        viewer.chat_url(),
+        viewer.avatars_url(),
+        viewer.status_url(),
+        cms.base_url(),
+    );
+    let outbox = dir.path().join("outbox").to_string_lossy().into_owned();
+    let settings = Settings::load(
+        Some(&config_file),
+        &[
+            ("viewer.chat_url", &chat_url),
+            ("viewer.avatars_url", &avatars_url),
+            ("viewer.status_url", &status_url),
+            ("viewer.timezone", "UTC"),
+            ("cms.base_url", &base_url),
+            ("cms.username", "relay"),
+            ("cms.password", "demo-password"),
+            ("cms.timezone", "Europe/Amsterdam"),
+            ("outbox.path", &outbox),
+        ],
+    )?;
+    println!("viewer simulator  {chat_url}");
+    println!(
+        "cms simulator     {base_url}  (Alice is linked in the CMS, Bob is in mapping.users, Carol is unknown)"
+    );
+    println!("outbox            {outbox}");
+    println!("--- lines as the CMS stores them (Ctrl-C to stop) ---");
+
+    let relay = Relay::build(&settings)?;
+    let relay_token = token.child_token();
+    let relay_task = tokio::spawn(relay.run_until_stopped(relay_token.clone()));
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut ticker = tokio::time::interval(Duration::from_millis(200));
+    let (mut n_ticks, mut n_said, mut n_printed) = (0u64, 0usize, 0usize);
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            break;
+        }
+        n_ticks += 1;
+        if n_ticks % 4 == 1 {
+            let (speaker, text) = SCRIPT[n_said % SCRIPT.len()];
+            lg.say(speaker, text);
+            n_said += 1;
+        }
+        for chat in db.chats().iter().skip(n_printed) {
+            let who = chat
+                .user_id
+                .map_or("Anonymous".to_owned(), |id| format!("user {id}"));
+            println!(
+                "cms #{:<4} {}  {:<12} {}",
+                chat.id, chat.timestamp, who, chat.message
+            );
+            n_printed += 1;
+        }
+    }
+    relay_token.cancel();
+    relay_task.await.context("relay task")??;
+    println!("--- {n_said} lines said in-world, {n_printed} stored by the CMS ---");
+    viewer.stop().await;
+    cms.stop().await;
+    Ok(())
+}

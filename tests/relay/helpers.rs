@@ -1,0 +1,184 @@
+//! The harness: both simulators on `127.0.0.1:0`, the relay configured from `config/default.toml`
+//! plus overrides, and `eventually` to wait on a condition with a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use opensim_chat_relay::app::Relay;
+use opensim_chat_relay::config::Settings;
+use opensim_chat_relay::outbox::Outbox;
+use opensim_chat_relay::sim::cms::{
+    CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
+};
+use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The viewer machine's zone in the tests: not the CMS's, and (on CI) not the machine's.
+pub const VIEWER_ZONE: &str = "America/New_York";
+/// The CMS's zone in the tests.
+pub const CMS_ZONE: &str = "Europe/Amsterdam";
+/// The relay's CMS account.
+pub const RELAY_USER: &str = "relay";
+/// Its password (a test value).
+pub const RELAY_PASSWORD: &str = "relay-test-password-0451";
+/// The viewer's own avatar.
+pub const OWN_NAME: &str = "Relay Bot";
+
+static TRACING: LazyLock<()> = LazyLock::new(|| {
+    if std::env::var_os("TEST_LOG").is_some() {
+        opensim_chat_relay::telemetry::init("debug", opensim_chat_relay::config::LogFormat::Pretty);
+    }
+});
+
+/// Both simulators and a directory for the outbox and config files.
+pub struct TestEnv {
+    pub viewer: ViewerSim,
+    pub cms: CmsSim,
+    pub lg: ViewerHandle,
+    pub db: CmsHandle,
+    pub dir: TempDir,
+}
+
+/// A relay running in this process.
+pub struct RunningRelay {
+    pub token: CancellationToken,
+    pub outbox: Arc<Outbox>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestEnv {
+    pub async fn start() -> TestEnv {
+        LazyLock::force(&TRACING);
+        let localhost: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let viewer = ViewerSim::start(ViewerSimSettings {
+            listen: localhost,
+            dialect: Dialect::Lookingglass,
+            timezone: VIEWER_ZONE.parse().expect("zone"),
+            own_name: OWN_NAME.into(),
+            crash_on_abort: false,
+        })
+        .await
+        .expect("viewer simulator starts");
+        let cms = CmsSim::start(CmsSimSettings {
+            listen: localhost,
+            dialect: CmsDialect::Stock,
+            timezone: CMS_ZONE.parse().expect("zone"),
+            debug_noise: false,
+        })
+        .await
+        .expect("cms simulator starts");
+        let db = cms.handle();
+        db.add_user(
+            RELAY_USER,
+            RELAY_PASSWORD,
+            "Chat",
+            "Relay",
+            Permissions::relay(),
+        );
+        let lg = viewer.handle();
+        TestEnv {
+            viewer,
+            cms,
+            lg,
+            db,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// A CMS user whose avatar (`name`) is linked and confirmed on grid 1.
+    pub fn linked_user(&self, name: &str, username: &str) -> i64 {
+        let (first, last) = name.split_once(' ').unwrap_or((name, ""));
+        let id = self
+            .db
+            .add_user(username, "user-password", first, last, Permissions::relay());
+        self.lg.add_avatar(name);
+        self.db.link_avatar(1, &self.lg.avatar_uuid(name), id, true);
+        id
+    }
+
+    /// The settings of a relay pointed at the simulators, with fast intervals, `toml` layered as the
+    /// config file and `overrides` on top.
+    pub fn settings(&self, toml: &str, overrides: &[(&str, &str)]) -> Settings {
+        let file = self.dir.path().join("relay.toml");
+        std::fs::write(&file, toml).expect("write config");
+        let outbox = self.dir.path().join("outbox");
+        let chat_url = self.viewer.chat_url();
+        let avatars_url = self.viewer.avatars_url();
+        let status_url = self.viewer.status_url();
+        let base_url = self.cms.base_url();
+        let outbox = outbox.to_string_lossy().into_owned();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("viewer.chat_url", &chat_url),
+            ("viewer.avatars_url", &avatars_url),
+            ("viewer.status_url", &status_url),
+            ("viewer.poll_interval", "20ms"),
+            ("viewer.timezone", VIEWER_ZONE),
+            ("cms.base_url", &base_url),
+            ("cms.username", RELAY_USER),
+            ("cms.password", RELAY_PASSWORD),
+            ("cms.timezone", CMS_ZONE),
+            ("cms.request_timeout", "5s"),
+            ("outbox.path", &outbox),
+            ("retry.initial", "20ms"),
+            ("retry.max", "200ms"),
+        ];
+        all.extend_from_slice(overrides);
+        Settings::load(Some(&file), &all).expect("test settings load")
+    }
+
+    pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
+        let relay = Relay::build(&self.settings(toml, overrides)).expect("relay builds");
+        let token = CancellationToken::new();
+        let outbox = relay.outbox();
+        let task = tokio::spawn(relay.run_until_stopped(token.clone()));
+        RunningRelay {
+            token,
+            outbox,
+            task,
+        }
+    }
+
+    /// Chat rows the CMS stored, oldest first.
+    pub fn stored(&self) -> Vec<StoredChat> {
+        self.db.chats()
+    }
+
+    /// The stored messages, oldest first.
+    pub fn stored_messages(&self) -> Vec<String> {
+        self.stored().into_iter().map(|c| c.message).collect()
+    }
+}
+
+impl RunningRelay {
+    /// Stops the relay as SIGTERM would and waits for it.
+    pub async fn stop(self) {
+        self.token.cancel();
+        self.task
+            .await
+            .expect("relay task joins")
+            .expect("relay stops cleanly");
+    }
+}
+
+/// Waits until `condition` holds, for at most `limit`; panics with `what` otherwise.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A generous limit for conditions that take milliseconds on an idle machine.
+pub const PATIENCE: Duration = Duration::from_secs(20);

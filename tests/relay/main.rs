@@ -1,0 +1,8 @@
+//! End-to-end tests of the relay against both simulators on random ports.
+
+mod config;
+mod delivery;
+mod helpers;
+mod ingest;
+mod restart;
+mod shutdown;

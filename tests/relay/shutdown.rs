@@ -1,0 +1,79 @@
+//! Stopping never aborts a viewer GET, keeps what it read, and exits promptly.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::{PATIENCE, TestEnv, eventually};
+
+#[tokio::test]
+async fn a_stop_during_a_slow_viewer_answer_waits_for_it_and_keeps_its_lines() {
+    let env = TestEnv::start().await;
+    env.db.set_offline(true); // keep the lines in the outbox, where the test can see them
+    let relay = env.start_relay("", &[]).await;
+    eventually(PATIENCE, "the relay polling", || async {
+        env.lg.n_gets() >= 1
+    })
+    .await;
+
+    // The next answer takes 1.5 s to come; the stop arrives while the relay waits for it.
+    env.lg.set_response_delay(Duration::from_millis(1500));
+    env.lg.say("Alice Resident", "said just before the stop");
+    let n_gets = env.lg.n_gets();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let outbox = relay.outbox.clone();
+    relay.stop().await;
+
+    assert_eq!(env.lg.n_aborted(), 0, "the viewer would have crashed");
+    assert!(env.lg.n_gets() > n_gets, "the slow GET was answered");
+    assert_eq!(outbox.len(), 1, "the line read during shutdown is stored");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_binary_with_exit_code_0_within_10_seconds() {
+    let env = TestEnv::start().await;
+    let settings_file = env.dir.path().join("process.toml");
+    let outbox = env.dir.path().join("process-outbox");
+    std::fs::write(
+        &settings_file,
+        format!(
+            "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"50ms\"\n\
+             [cms]\nbase_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n[outbox]\npath = \"{}\"\n",
+            env.viewer.chat_url(),
+            env.viewer.status_url(),
+            env.cms.base_url(),
+            crate::helpers::RELAY_USER,
+            crate::helpers::RELAY_PASSWORD,
+            outbox.display()
+        ),
+    )
+    .expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
+        .args(["run", "--config"])
+        .arg(&settings_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay starts");
+    env.lg.say("Alice Resident", "hello");
+    eventually(PATIENCE, "the line delivered", || async {
+        env.stored().len() == 1
+    })
+    .await;
+
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
