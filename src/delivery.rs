@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -127,7 +127,7 @@ impl Delivery {
             Ok(()) => {}
             Err(DeliveryError::Cms(CmsError::Invalid(reason))) if batch.len() > 1 => {
                 // Nothing of the batch was stored: find the culprit line by line.
-                tracing::warn!(n_messages = batch.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
+                tracing::warn!(n_messages = batch.len(), outbox_depth = self.outbox.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
                 self.deliver_singly(batch, &mut tally).await?;
             }
             Err(DeliveryError::Cms(CmsError::LastRowFailed)) if batch.len() > 1 => {
@@ -135,6 +135,7 @@ impl Delivery {
                 // line by line so the failing one is identified.
                 tracing::warn!(
                     n_messages = batch.len(),
+                    outbox_depth = self.outbox.len(),
                     "cms could not store the last line of a batch; reading it back"
                 );
                 let unsent = self.reconcile(batch, &mut tally).await?;
@@ -156,7 +157,10 @@ impl Delivery {
     pub async fn run_until_stopped(self, token: CancellationToken) {
         let mut backoff = self.retry.schedule();
         let mut failing = false;
+        let stats = self.stats.clone();
+        let _alive = stats.delivery_heartbeat.alive();
         while !token.is_cancelled() {
+            stats.delivery_heartbeat.beat();
             match self.try_deliver_batch().await {
                 Ok(DeliveryOutcome::Idle) => {
                     tokio::select! {
@@ -178,6 +182,7 @@ impl Delivery {
                     n_reconciled,
                     n_dead,
                 }) => {
+                    self.stats.readiness.outbox_ok();
                     if failing {
                         tracing::info!("cms reachable again");
                         failing = false;
@@ -193,6 +198,10 @@ impl Delivery {
                 }
                 Err(err) => {
                     Stats::add(&self.stats.delivery_retries, 1);
+                    if let DeliveryError::Outbox(outbox_err) = &err {
+                        self.stats.readiness.outbox_failed(outbox_err);
+                    }
+                    let n_messages = Stats::get(&self.stats.last_batch_size);
                     let delay = backoff.next_delay(err.retry_after());
                     let level_error = matches!(
                         err,
@@ -200,9 +209,9 @@ impl Delivery {
                             | DeliveryError::Outbox(_)
                     );
                     if level_error {
-                        tracing::error!(error = %err, retry_in = ?delay, outbox_depth = self.outbox.len(), "delivery failed");
+                        tracing::error!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.outbox.len(), "delivery failed");
                     } else {
-                        tracing::warn!(error = %err, retry_in = ?delay, outbox_depth = self.outbox.len(), "delivery failed");
+                        tracing::warn!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.outbox.len(), "delivery failed");
                     }
                     failing = true;
                     tokio::select! {
@@ -284,7 +293,11 @@ impl Delivery {
         let before = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
-        let last_id = self.cms.post_chats(&items).await?;
+        self.stats.batch_attempted(batch.len());
+        let started = Instant::now();
+        let posted = self.cms.post_chats(&items).await;
+        self.stats.post_seconds.observe_duration(started.elapsed());
+        let last_id = posted?;
         Stats::add(&self.stats.batches_delivered, 1);
         let n = batch.len() as i64;
         let proven = n == 1 || (!self.settings.verify && before > 0 && last_id - before == n);
@@ -292,6 +305,9 @@ impl Delivery {
             let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
             self.confirm(&ids, Some(last_id)).await?;
             Stats::add(&self.stats.lines_delivered, batch.len() as u64);
+            batch
+                .iter()
+                .for_each(|l| self.stats.confirmed(l.line.captured_at));
             tally.n_delivered += batch.len();
             return Ok(());
         }
@@ -299,6 +315,8 @@ impl Delivery {
         if !unsent.is_empty() {
             tracing::warn!(
                 n_missing = unsent.len(),
+                n_messages = items.len(),
+                outbox_depth = self.outbox.len(),
                 "cms reported success but lines are missing; resending them one by one"
             );
         }
@@ -346,7 +364,7 @@ impl Delivery {
         reason: &str,
         tally: &mut Tally,
     ) -> Result<(), OutboxError> {
-        tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, "line moved to the dead letters");
+        tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, n_messages = 1, outbox_depth = self.outbox.len(), "line moved to the dead letters");
         self.outbox.dead_letter(line, reason).await?;
         Stats::add(&self.stats.lines_dead_lettered, 1);
         tally.n_dead += 1;
@@ -372,6 +390,10 @@ impl Delivery {
         if !found.is_empty() {
             self.confirm(&found, None).await?;
             Stats::add(&self.stats.lines_reconciled, found.len() as u64);
+            uncertain
+                .iter()
+                .filter(|l| found.contains(&l.id))
+                .for_each(|l| self.stats.confirmed(l.line.captured_at));
             tally.n_reconciled += found.len();
         }
         let unsent: Vec<PendingLine> = unsent

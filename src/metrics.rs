@@ -1,13 +1,19 @@
-//! `Stats`: the relay's counters, shared by every task as `Arc<Stats>`.
+//! `Stats`: the relay's counters, histograms and health signals, shared by every task as `Arc<Stats>`,
+//! and their Prometheus text exposition.
 //!
-//! Plain atomics, written by the stages and read by logs, tests and (later) the HTTP endpoint. No HTTP
-//! here.
+//! The stages only write here (one atomic add, one short mutex); `health` reads it for `/metrics`,
+//! `/readyz` and `/status`, and `notify` reads the loop heartbeats for the systemd watchdog. No HTTP
+//! and no I/O here: `render_prometheus` only formats numbers it is given.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt::Write as _;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::filter::FilterReason;
 
-/// Counters since start.
+/// Counters since start, histograms, and the signals readiness and the watchdog are decided on.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Chat GETs answered by the viewer.
@@ -22,6 +28,8 @@ pub struct Stats {
     pub lines_filtered: [AtomicU64; FilterReason::ALL.len()],
     /// Viewer entries that could not be parsed.
     pub lines_unreadable: AtomicU64,
+    /// Lines read from the viewer that could not be stored before shutdown: lost.
+    pub lines_unstored: AtomicU64,
     /// Lines the CMS confirmed.
     pub lines_delivered: AtomicU64,
     /// Lines found already stored by a read-back after an unknown outcome.
@@ -32,6 +40,26 @@ pub struct Stats {
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
     pub batches_delivered: AtomicU64,
+    /// Lines in the last chat POST tried (for the failure logs).
+    pub last_batch_size: AtomicU64,
+    /// CMS lines said in-world (each part of a split line counts).
+    pub inworld_said: AtomicU64,
+    /// CMS lines not said: too old, or beyond the queue limit.
+    pub inworld_skipped: AtomicU64,
+    /// Viewer lines dropped because they echo what the relay said in-world.
+    pub inworld_echoes_dropped: AtomicU64,
+    /// Lines per chat POST.
+    pub batch_size: Histogram<BatchSizeBuckets>,
+    /// Duration of each chat POST, answered or failed.
+    pub post_seconds: Histogram<PostSecondsBuckets>,
+    /// From the viewer answer that carried a line to the CMS confirming it.
+    pub capture_to_cms_seconds: Histogram<CaptureSecondsBuckets>,
+    /// What `/readyz` decides on.
+    pub readiness: Readiness,
+    /// The poller loop's heartbeat (systemd watchdog).
+    pub poller_heartbeat: Heartbeat,
+    /// The delivery loop's heartbeat (systemd watchdog).
+    pub delivery_heartbeat: Heartbeat,
 }
 
 impl Stats {
@@ -47,19 +75,514 @@ impl Stats {
 
     /// Counts a filtered line.
     pub fn filtered(&self, reason: FilterReason) {
-        let idx = FilterReason::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .expect("ALL lists every reason");
-        Stats::add(&self.lines_filtered[idx], 1);
+        Stats::add(&self.lines_filtered[filter_idx(reason)], 1);
+    }
+
+    /// A chat POST of `n_messages` lines is about to be sent.
+    pub fn batch_attempted(&self, n_messages: usize) {
+        self.batch_size.observe(n_messages as f64);
+        self.last_batch_size
+            .store(n_messages as u64, Ordering::Relaxed);
+    }
+
+    /// The CMS confirmed a line read from the viewer at `captured_at`.
+    pub fn confirmed(&self, captured_at: chrono::DateTime<chrono::Utc>) {
+        let seconds = (chrono::Utc::now() - captured_at).num_microseconds();
+        self.capture_to_cms_seconds
+            .observe(seconds.unwrap_or(i64::MAX) as f64 / 1e6);
     }
 
     /// Lines filtered for `reason`.
     pub fn n_filtered(&self, reason: FilterReason) -> u64 {
-        let idx = FilterReason::ALL
+        Stats::get(&self.lines_filtered[filter_idx(reason)])
+    }
+}
+
+fn filter_idx(reason: FilterReason) -> usize {
+    FilterReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .expect("ALL lists every reason")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Histograms
+// ---------------------------------------------------------------------------------------------
+
+/// The upper bounds of a histogram's buckets (ascending; `+Inf` is implied).
+pub trait Buckets {
+    /// The bounds.
+    const BOUNDS: &'static [f64];
+}
+
+/// Lines per POST: `cms.batch_max_messages` is 100 by default.
+#[derive(Debug, Default)]
+pub struct BatchSizeBuckets;
+impl Buckets for BatchSizeBuckets {
+    const BOUNDS: &'static [f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+}
+
+/// A POST takes milliseconds on a LAN and up to `cms.request_timeout` (30 s) when it fails.
+#[derive(Debug, Default)]
+pub struct PostSecondsBuckets;
+impl Buckets for PostSecondsBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ];
+}
+
+/// Capture → CMS: under a second when all is well, up to hours after an outage.
+#[derive(Debug, Default)]
+pub struct CaptureSecondsBuckets;
+impl Buckets for CaptureSecondsBuckets {
+    const BOUNDS: &'static [f64] = &[
+        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0,
+    ];
+}
+
+/// A fixed-bucket histogram (Prometheus semantics), lock-free to observe.
+#[derive(Debug)]
+pub struct Histogram<B> {
+    /// Observations per bucket, not cumulative; the last is `+Inf`.
+    counts: Vec<AtomicU64>,
+    /// The sum in millionths, so it stays an integer atomic.
+    sum_micros: AtomicU64,
+    buckets: PhantomData<B>,
+}
+
+impl<B: Buckets> Default for Histogram<B> {
+    fn default() -> Self {
+        Histogram {
+            counts: (0..=B::BOUNDS.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            buckets: PhantomData,
+        }
+    }
+}
+
+impl<B: Buckets> Histogram<B> {
+    /// Records one value (negative values count as 0).
+    pub fn observe(&self, value: f64) {
+        let value = if value.is_finite() {
+            value.max(0.0)
+        } else {
+            0.0
+        };
+        let idx = B::BOUNDS
             .iter()
-            .position(|r| *r == reason)
-            .expect("ALL lists every reason");
-        Stats::get(&self.lines_filtered[idx])
+            .position(|bound| value <= *bound)
+            .unwrap_or(B::BOUNDS.len());
+        self.counts[idx].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((value * 1e6).round() as u64, Ordering::Relaxed);
+    }
+
+    /// Records a duration in seconds.
+    pub fn observe_duration(&self, duration: Duration) {
+        self.observe(duration.as_secs_f64());
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The sum of the observations.
+    pub fn sum(&self) -> f64 {
+        self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        header(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (idx, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = B::BOUNDS
+                .get(idx)
+                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum {}", self.sum());
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness and liveness
+// ---------------------------------------------------------------------------------------------
+
+/// What the stages last saw of the viewer and the outbox (the CMS login state is kept by the CMS
+/// client itself). Each mutex is held for one assignment.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    viewer: Mutex<ViewerState>,
+    outbox_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct ViewerState {
+    last_ok: Option<Instant>,
+    last_error: Option<String>,
+}
+
+impl Readiness {
+    /// A viewer poll was answered.
+    pub fn viewer_ok(&self) {
+        let mut viewer = lock(&self.viewer);
+        viewer.last_ok = Some(Instant::now());
+        viewer.last_error = None;
+    }
+
+    /// A viewer poll failed.
+    pub fn viewer_failed(&self, error: &dyn std::fmt::Display) {
+        lock(&self.viewer).last_error = Some(error.to_string());
+    }
+
+    /// When the viewer last answered a poll, and the error of the polls since, if they failed.
+    pub fn viewer(&self) -> (Option<Instant>, Option<String>) {
+        let viewer = lock(&self.viewer).clone();
+        (viewer.last_ok, viewer.last_error)
+    }
+
+    /// An outbox write succeeded.
+    pub fn outbox_ok(&self) {
+        *lock(&self.outbox_error) = None;
+    }
+
+    /// An outbox write failed.
+    pub fn outbox_failed(&self, error: &dyn std::fmt::Display) {
+        *lock(&self.outbox_error) = Some(error.to_string());
+    }
+
+    /// The error of the last outbox write, if it failed.
+    pub fn outbox_error(&self) -> Option<String> {
+        lock(&self.outbox_error).clone()
+    }
+}
+
+/// A task loop's pulse: `beat` once per turn, and hold the guard of `alive` for the loop's life so a
+/// loop that ended (or panicked) is noticed at once.
+#[derive(Debug, Default)]
+pub struct Heartbeat {
+    last: Mutex<Option<Instant>>,
+    alive: AtomicBool,
+}
+
+impl Heartbeat {
+    /// Marks the loop alive until the guard is dropped.
+    pub fn alive(&self) -> AliveGuard<'_> {
+        self.alive.store(true, Ordering::Relaxed);
+        self.beat();
+        AliveGuard { heartbeat: self }
+    }
+
+    /// One turn of the loop.
+    pub fn beat(&self) {
+        *lock(&self.last) = Some(Instant::now());
+    }
+
+    /// Whether the loop runs and came round within `stall_limit`.
+    pub fn is_healthy(&self, stall_limit: Duration) -> bool {
+        self.alive.load(Ordering::Relaxed)
+            && lock(&self.last).is_some_and(|last| last.elapsed() <= stall_limit)
+    }
+}
+
+/// Marks a loop dead when dropped (also on panic).
+#[derive(Debug)]
+pub struct AliveGuard<'a> {
+    heartbeat: &'a Heartbeat,
+}
+
+impl Drop for AliveGuard<'_> {
+    fn drop(&mut self) {
+        self.heartbeat.alive.store(false, Ordering::Relaxed);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these mutexes leaves a plain value behind; keep using it.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exposition
+// ---------------------------------------------------------------------------------------------
+
+/// Values that live outside `Stats` (the outbox, the CMS client), read when `/metrics` is served.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Lines waiting in the outbox.
+    pub outbox_lines: u64,
+    /// Bytes of those lines.
+    pub outbox_bytes: u64,
+    /// Age of the oldest waiting line, 0 when none waits.
+    pub oldest_age_seconds: f64,
+    /// Lines in the dead letters.
+    pub dead_letters: u64,
+    /// Records in the quarantine.
+    pub quarantined: u64,
+    /// Successful CMS logins since start.
+    pub cms_logins: u64,
+    /// Whether `/readyz` would answer 200.
+    pub ready: bool,
+    /// Seconds since the relay started.
+    pub uptime_seconds: f64,
+}
+
+/// Prometheus text format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The metrics in the Prometheus text format. Every name starts with `opensim_chat_relay_`.
+pub fn render_prometheus(stats: &Stats, gauges: &Gauges) -> String {
+    let mut out = String::with_capacity(8192);
+    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {value}");
+    };
+    let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    };
+    let get = Stats::get;
+    counter(
+        &mut out,
+        "opensim_chat_relay_viewer_polls_total",
+        "Chat GETs the viewer answered.",
+        get(&stats.polls),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_viewer_poll_errors_total",
+        "Chat GETs that failed (viewer down, wrong host, bad answer).",
+        get(&stats.poll_errors),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_lines_polled_total",
+        "Lines the viewer handed out.",
+        get(&stats.lines_polled),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_lines_relayed_total",
+        "Lines that passed the filter and were stored in the outbox.",
+        get(&stats.lines_relayed),
+    );
+    header(
+        &mut out,
+        "opensim_chat_relay_lines_filtered_total",
+        "counter",
+        "Lines not relayed, by reason.",
+    );
+    for reason in FilterReason::ALL {
+        let _ = writeln!(
+            out,
+            "opensim_chat_relay_lines_filtered_total{{reason=\"{}\"}} {}",
+            reason.as_str(),
+            stats.n_filtered(reason)
+        );
+    }
+    counter(
+        &mut out,
+        "opensim_chat_relay_lines_delivered_total",
+        "Lines the CMS confirmed (including those a read-back found).",
+        get(&stats.lines_delivered) + get(&stats.lines_reconciled),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_lines_reconciled_total",
+        "Lines a read-back found stored after a POST of unknown outcome.",
+        get(&stats.lines_reconciled),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_delivery_retries_total",
+        "Failed delivery attempts (each is retried with backoff).",
+        get(&stats.delivery_retries),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_lines_dead_lettered_total",
+        "Lines the CMS refused, moved to the dead letters.",
+        get(&stats.lines_dead_lettered),
+    );
+    header(
+        &mut out,
+        "opensim_chat_relay_lines_dropped_total",
+        "counter",
+        "Lines read from the viewer and lost: unreadable entries, or not stored before shutdown.",
+    );
+    let _ = writeln!(
+        out,
+        "opensim_chat_relay_lines_dropped_total{{reason=\"unreadable\"}} {}",
+        get(&stats.lines_unreadable)
+    );
+    let _ = writeln!(
+        out,
+        "opensim_chat_relay_lines_dropped_total{{reason=\"unstored\"}} {}",
+        get(&stats.lines_unstored)
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_batches_delivered_total",
+        "Chat POSTs the CMS answered with success.",
+        get(&stats.batches_delivered),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_cms_logins_total",
+        "Successful CMS logins (a steady climb means tokens are refused).",
+        gauges.cms_logins,
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_inworld_said_total",
+        "CMS lines said in-world.",
+        get(&stats.inworld_said),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_inworld_skipped_total",
+        "CMS lines not said in-world (too old, or beyond the queue limit).",
+        get(&stats.inworld_skipped),
+    );
+    counter(
+        &mut out,
+        "opensim_chat_relay_inworld_echoes_dropped_total",
+        "Viewer lines dropped as the echo of what the relay said in-world.",
+        get(&stats.inworld_echoes_dropped),
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_outbox_lines",
+        "Lines waiting in the outbox.",
+        gauges.outbox_lines as f64,
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_outbox_bytes",
+        "Bytes of the lines waiting in the outbox.",
+        gauges.outbox_bytes as f64,
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_outbox_oldest_age_seconds",
+        "Age of the oldest line waiting in the outbox (0 when empty).",
+        gauges.oldest_age_seconds,
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_dead_letters",
+        "Lines kept in the dead letters.",
+        gauges.dead_letters as f64,
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_quarantined",
+        "Unreadable records kept in the quarantine.",
+        gauges.quarantined as f64,
+    );
+    stats.batch_size.render(
+        &mut out,
+        "opensim_chat_relay_batch_size",
+        "Lines per chat POST.",
+    );
+    stats.post_seconds.render(
+        &mut out,
+        "opensim_chat_relay_post_seconds",
+        "Duration of each chat POST.",
+    );
+    stats.capture_to_cms_seconds.render(
+        &mut out,
+        "opensim_chat_relay_capture_to_cms_seconds",
+        "From the viewer answer carrying a line to the CMS confirming it.",
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_ready",
+        "1 when /readyz answers 200.",
+        if gauges.ready { 1.0 } else { 0.0 },
+    );
+    gauge(
+        &mut out,
+        "opensim_chat_relay_uptime_seconds",
+        "Seconds since start.",
+        gauges.uptime_seconds,
+    );
+    header(
+        &mut out,
+        "opensim_chat_relay_build_info",
+        "gauge",
+        "The running version.",
+    );
+    let _ = writeln!(
+        out,
+        "opensim_chat_relay_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    out
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_is_cumulative_with_an_inf_bucket_and_a_sum() {
+        let stats = Stats::default();
+        for size in [1.0, 3.0, 3.0, 1000.0] {
+            stats.batch_size.observe(size);
+        }
+        let text = render_prometheus(&stats, &Gauges::default());
+        assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"1\"} 1\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"5\"} 3\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"500\"} 3\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"+Inf\"} 4\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_sum 1007\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_count 4\n"));
+    }
+
+    #[test]
+    fn every_metric_has_help_and_type_and_a_conventional_name() {
+        let text = render_prometheus(&Stats::default(), &Gauges::default());
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            assert!(name.starts_with("opensim_chat_relay_"), "{line}");
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {family} "))
+                    || text.contains(&format!("# TYPE {name} ")),
+                "{name} has no TYPE"
+            );
+        }
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split(' ').skip(2);
+            let (name, kind) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_loop_that_ended_or_stalled_is_not_healthy() {
+        let heartbeat = Heartbeat::default();
+        assert!(!heartbeat.is_healthy(Duration::from_secs(60)));
+        {
+            let _alive = heartbeat.alive();
+            assert!(heartbeat.is_healthy(Duration::from_secs(60)));
+        }
+        assert!(!heartbeat.is_healthy(Duration::from_secs(60)));
     }
 }

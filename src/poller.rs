@@ -93,6 +93,7 @@ impl Poller {
         let body = self.viewer.poll().await?;
         let polled_at = Utc::now();
         Stats::add(&self.stats.polls, 1);
+        self.stats.readiness.viewer_ok();
         let parsed = match wire::parse_chat(&body, polled_at, self.zone) {
             Ok(parsed) => parsed,
             Err(err) => {
@@ -146,10 +147,14 @@ impl Poller {
     /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
         tracing::info!(chat_url = %self.viewer.chat_url(), "polling the viewer");
+        let stats = self.stats.clone();
+        let _alive = stats.poller_heartbeat.alive();
         let mut failing = false;
         while !token.is_cancelled() {
+            stats.poller_heartbeat.beat();
             let pause = match self.try_poll_once().await {
                 Ok(outcome) => {
+                    self.stats.readiness.outbox_ok();
                     if failing {
                         tracing::info!("viewer reachable again");
                         failing = false;
@@ -164,11 +169,13 @@ impl Poller {
                     self.poll_interval
                 }
                 Err(PollError::Storage(err)) => {
+                    self.stats.readiness.outbox_failed(&err);
                     tracing::error!(error = %err, n_lines = self.unstored.len(), "cannot store polled lines; polling paused until the outbox accepts writes");
                     STORAGE_RETRY
                 }
                 Err(PollError::Viewer(err)) => {
                     Stats::add(&self.stats.poll_errors, 1);
+                    self.stats.readiness.viewer_failed(&err);
                     if !failing {
                         tracing::warn!(error = %err, "viewer poll failed; retrying every poll interval");
                         failing = true;
@@ -183,6 +190,7 @@ impl Poller {
         }
         if !self.unstored.is_empty() {
             if let Err(err) = self.outbox.append(&self.unstored).await {
+                Stats::add(&self.stats.lines_unstored, self.unstored.len() as u64);
                 tracing::error!(error = %err, n_lines = self.unstored.len(), "lines read from the viewer could not be stored at shutdown and are lost");
             }
         }
