@@ -4,8 +4,9 @@
 //! poller finishes the GET it has in flight and stores it, delivery finishes the POST it has in flight,
 //! both within `SHUTDOWN_GRACE`; then the outbox is flushed.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -18,14 +19,21 @@ use crate::cms::client::CmsEndpoint;
 use crate::config::Settings;
 use crate::delivery::Delivery;
 use crate::filter::Filter;
+use crate::health::{HealthServer, HealthState};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
+use crate::notify::Notifier;
 use crate::outbox::Outbox;
 use crate::poller::Poller;
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
 /// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
+
+/// A loop that has not come round for this long counts as hung and the systemd watchdog is no longer
+/// fed. Every request has its own limit (viewer inactivity 60 s, CMS 30 s), so five minutes without
+/// a turn means a bug, not a slow peer; `2 × retry.max` is used when that is longer.
+pub const STALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// The relay, built and ready to run.
 pub struct Relay {
@@ -34,6 +42,9 @@ pub struct Relay {
     cms: Arc<CmsClient>,
     poller: Poller,
     delivery: Delivery,
+    health: Option<HealthServer>,
+    notifier: Option<Arc<Notifier>>,
+    stall_limit: Duration,
 }
 
 impl Relay {
@@ -88,13 +99,45 @@ impl Relay {
             retry,
             stats.clone(),
         );
+        let health = match settings.http.listen {
+            Some(addr) => Some(HealthServer::bind(
+                addr,
+                HealthState {
+                    stats: stats.clone(),
+                    outbox: outbox.clone(),
+                    cms: cms.clone(),
+                    poll_interval: settings.viewer.poll_interval,
+                    chat_url: settings.viewer.chat_url.clone(),
+                    grid_id: settings.cms.grid_id,
+                    username: settings.cms.username.clone(),
+                    started: Instant::now(),
+                },
+            )?),
+            None => None,
+        };
         Ok(Relay {
             outbox,
             stats,
             cms,
             poller,
             delivery,
+            health,
+            notifier: None,
+            stall_limit: STALL_LIMIT.max(settings.retry.max * 2),
         })
+    }
+
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (`None` when `http.listen`
+    /// is empty). Bound by `build`, so port 0 is already resolved.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(HealthServer::local_addr)
+    }
+
+    /// Tells systemd `READY=1` once polling starts, feeds its watchdog while the loops are alive, and
+    /// says `STOPPING=1` at shutdown (`Notifier::from_env()` in production).
+    pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Relay {
+        self.notifier = notifier.map(Arc::new);
+        self
     }
 
     /// The counters.
@@ -117,9 +160,34 @@ impl Relay {
         let tracker = TaskTracker::new();
         tracker.spawn(self.poller.run_until_stopped(token.clone()));
         tracker.spawn(self.delivery.run_until_stopped(token.clone()));
+        if let Some(health) = self.health {
+            tracker.spawn(health.run_until_stopped(token.clone()));
+        }
+        let cms = self.cms.clone();
+        tracker.spawn(async move {
+            // Readiness should not wait for the first chat line to learn whether the CMS takes us.
+            if let Err(err) = cms.ensure_logged_in().await {
+                tracing::warn!(error = %err, "cms login at start-up failed; delivery keeps retrying");
+            }
+        });
+        if let Some(notifier) = &self.notifier {
+            notifier.send_logged("READY=1\nSTATUS=relaying chat");
+            let (notifier, stats) = (notifier.clone(), self.stats.clone());
+            let (stall_limit, watchdog_token) = (self.stall_limit, token.clone());
+            tracker.spawn(async move {
+                let healthy = || {
+                    stats.poller_heartbeat.is_healthy(stall_limit)
+                        && stats.delivery_heartbeat.is_healthy(stall_limit)
+                };
+                notifier.run_watchdog(healthy, watchdog_token).await;
+            });
+        }
         tracker.close();
         token.cancelled().await;
         tracing::info!("stopping: finishing requests in flight");
+        if let Some(notifier) = &self.notifier {
+            notifier.send_logged("STOPPING=1\nSTATUS=stopping: finishing requests in flight");
+        }
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
             .await
             .is_err()

@@ -27,6 +27,12 @@ pub enum Command {
     Run,
     /// Print the effective configuration, secrets masked, and exit.
     CheckConfig,
+    /// Validate the configuration, then probe the viewer (never its chat URL, which would drain
+    /// the chat queue) and the CMS (login, permissions, grid); one line per check with a fix for
+    /// each failure. Exits non-zero when a check fails.
+    Check,
+    /// Exit 0 when the running relay's /healthz answers (for Docker's HEALTHCHECK).
+    Healthcheck,
     /// Start both simulators and the relay on free loopback ports and show chat arriving.
     Demo(DemoArgs),
     /// Run a simulator of one of the peers (for tests, demos and compose stacks).

@@ -51,6 +51,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     /// Logging.
     pub log: LogSettings,
+    /// The health, readiness and metrics endpoint.
+    pub http: HttpSettings,
 }
 
 /// `[viewer]`
@@ -164,6 +166,16 @@ pub struct LogSettings {
     pub level: String,
     /// Output format.
     pub format: LogFormat,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (port 0 picks one); `None`
+    /// (an empty string) turns the endpoint off.
+    #[serde(deserialize_with = "empty_addr_is_none")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `log.format`
@@ -356,6 +368,19 @@ fn empty_path_is_none<'de, D: Deserializer<'de>>(
     Ok(empty_is_none(deserializer)?.map(PathBuf::from))
 }
 
+fn empty_addr_is_none<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::net::SocketAddr>, D::Error> {
+    match empty_is_none(deserializer)? {
+        None => Ok(None),
+        Some(text) => text.trim().parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an address such as 127.0.0.1:9188 (empty turns the endpoint off)"
+            ))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +396,22 @@ mod tests {
             settings.viewer.avatars_url.as_deref(),
             Some("http://127.0.0.1:9144/api/avatars")
         );
+    }
+
+    #[test]
+    fn the_http_endpoint_is_on_loopback_by_default_and_empty_turns_it_off() {
+        let settings = Settings::load(None, &CREDENTIALS).expect("defaults load");
+        assert_eq!(
+            settings.http.listen,
+            Some("127.0.0.1:9188".parse().expect("address"))
+        );
+        let mut off = CREDENTIALS.to_vec();
+        off.push(("http.listen", ""));
+        assert_eq!(Settings::load(None, &off).expect("load").http.listen, None);
+        let mut bad = CREDENTIALS.to_vec();
+        bad.push(("http.listen", "localhost:9188"));
+        let err = Settings::load(None, &bad).unwrap_err().to_string();
+        assert!(err.contains("127.0.0.1:9188"), "{err}");
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             ("cms.password", "demo-password"),
             ("cms.timezone", "Europe/Amsterdam"),
             ("outbox.path", &outbox),
+            ("http.listen", "127.0.0.1:0"),
         ],
     )?;
     println!("viewer simulator  {chat_url}");

@@ -8,6 +8,8 @@
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`: the stages.
 //! - `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
+//! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
+//!   `check` probe of both peers.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,15 +17,18 @@
 pub mod app;
 pub mod avatars;
 pub mod backoff;
+pub mod check;
 pub mod cli;
 pub mod cms;
 pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod filter;
+pub mod health;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod outbox;
 pub mod poller;
 pub mod shutdown;

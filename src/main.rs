@@ -7,7 +7,7 @@ use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::cli::{Cli, Command, SimCommand};
 use opensim_chat_relay::config::{LogFormat, Settings};
 use opensim_chat_relay::sim::{cms, lookingglass};
-use opensim_chat_relay::{demo, shutdown, telemetry};
+use opensim_chat_relay::{check, demo, notify, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,7 +24,8 @@ fn main() -> ExitCode {
             Ok(settings) => {
                 telemetry::init(&settings.log.level, settings.log.format);
                 run(async move {
-                    let relay = Relay::build(&settings)?;
+                    let relay =
+                        Relay::build(&settings)?.with_notifier(notify::Notifier::from_env());
                     relay.run_until_stopped(shutdown::on_signal()).await
                 })
             }
@@ -35,6 +36,31 @@ fn main() -> ExitCode {
                 println!("{}", settings.redacted());
                 Ok(())
             }
+            Err(code) => return code,
+        },
+        Command::Check => {
+            let report = match Settings::load(cli.config.as_deref(), &[]) {
+                Ok(settings) => match tokio::runtime::Runtime::new() {
+                    Ok(runtime) => runtime.block_on(check::run(&settings)),
+                    Err(err) => {
+                        eprintln!("error: {err:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                Err(err) => check::CheckReport::config_failed(&err),
+            };
+            println!("{report}");
+            return if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Command::Healthcheck => match settings(cli.config.as_deref()) {
+            Ok(settings) => run(async move {
+                check::healthcheck(settings.http.listen).await?;
+                Ok(())
+            }),
             Err(code) => return code,
         },
         Command::Demo(args) => {

@@ -42,12 +42,43 @@ struct Token {
     last_used: Instant,
 }
 
+/// Whether the CMS accepts the relay's account, as last seen (for `/readyz`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoginState {
+    /// No login tried yet.
+    NotYet,
+    /// The last login, or the last request with its token, was accepted.
+    Valid,
+    /// The last login failed, or the CMS refused a fresh token; the error says why (no secret).
+    Failed(String),
+}
+
+/// What the last successful login answered besides the token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoginInfo {
+    /// The account's `users.id` (`userId`, a string in the answer).
+    pub user_id: Option<i64>,
+    /// The address the CMS bound the token to (`ip`): requests from any other address are refused.
+    pub ip: Option<String>,
+}
+
+/// The relay account's own record, read by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnAccount {
+    /// `users.id`
+    pub user_id: i64,
+    /// Module → level (0 none, 4 read, 5 execute, 6 write, 7 all).
+    pub permissions: std::collections::BTreeMap<String, i64>,
+}
+
 /// A client of one CMS grid.
 pub struct CmsClient {
     http: reqwest::Client,
     endpoint: CmsEndpoint,
     token: Mutex<Option<Token>>,
     n_logins: AtomicU64,
+    /// Short critical sections, no `.await` while held.
+    login_state: std::sync::Mutex<(LoginState, LoginInfo)>,
 }
 
 impl CmsClient {
@@ -70,6 +101,7 @@ impl CmsClient {
             endpoint,
             token: Mutex::new(None),
             n_logins: AtomicU64::new(0),
+            login_state: std::sync::Mutex::new((LoginState::NotYet, LoginInfo::default())),
         })
     }
 
@@ -85,6 +117,70 @@ impl CmsClient {
             .await
             .as_ref()
             .is_some_and(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
+    }
+
+    /// Whether the CMS accepts the account, as last seen.
+    pub fn login_state(&self) -> LoginState {
+        self.lock_login_state().0.clone()
+    }
+
+    /// What the last successful login answered (user id, bound address).
+    pub fn login_info(&self) -> LoginInfo {
+        self.lock_login_state().1.clone()
+    }
+
+    /// The CMS's base URL (no secret in it).
+    pub fn base_url(&self) -> &str {
+        &self.endpoint.base_url
+    }
+
+    /// `GET /user/<own id>/`: the account's own permissions (logs in first when needed). Needs
+    /// `user` ≥ 4; a refusal is `CmsError::Unauthorized`.
+    pub async fn own_permissions(&self) -> Result<OwnAccount, CmsError> {
+        if self.login_info().user_id.is_none() {
+            self.login().await?;
+        }
+        let Some(user_id) = self.login_info().user_id else {
+            return Err(CmsError::Login(
+                "the login answer carries no userId".to_owned(),
+            ));
+        };
+        let value = self.get_json(&format!("/user/{user_id}/")).await?;
+        if let Some(error) = wire::error_of(&value) {
+            return Err(CmsError::Failed(error.to_owned()));
+        }
+        let permissions = wire::permissions_of(&value).ok_or_else(|| CmsError::Decode {
+            status: 200,
+            snippet: snippet(value.to_string().as_bytes()),
+        })?;
+        Ok(OwnAccount {
+            user_id,
+            permissions,
+        })
+    }
+
+    fn lock_login_state(&self) -> std::sync::MutexGuard<'_, (LoginState, LoginInfo)> {
+        self.login_state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_login_state(&self, state: LoginState) {
+        self.lock_login_state().0 = state;
+    }
+
+    /// Logs in unless a token that has not idled out is held (start-up, so readiness is known
+    /// before the first chat line).
+    pub async fn ensure_logged_in(&self) -> Result<(), CmsError> {
+        let mut token = self.token.lock().await;
+        if token
+            .as_ref()
+            .is_some_and(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
+        {
+            return Ok(());
+        }
+        *token = Some(self.fresh_token().await?);
+        Ok(())
     }
 
     /// Logs in now, replacing any token.
@@ -225,6 +321,7 @@ impl CmsClient {
                 || wire::parse_lenient(&body).as_ref().and_then(wire::error_of)
                     == Some(wire::UNAUTHORIZED);
             if !refused {
+                self.set_login_state(LoginState::Valid);
                 *token = Some(Token {
                     value: current.value,
                     last_used: Instant::now(),
@@ -233,10 +330,20 @@ impl CmsClient {
             }
             tracing::info!(attempt, "cms refused the token; logging in again");
         }
+        self.set_login_state(LoginState::Failed(CmsError::Unauthorized.to_string()));
         Err(CmsError::Unauthorized)
     }
 
     async fn fresh_token(&self) -> Result<Token, CmsError> {
+        let token = self.try_fresh_token().await;
+        match &token {
+            Ok(_) => self.set_login_state(LoginState::Valid),
+            Err(err) => self.set_login_state(LoginState::Failed(err.to_string())),
+        }
+        token
+    }
+
+    async fn try_fresh_token(&self) -> Result<Token, CmsError> {
         let url = format!("{}/auth/username/", self.endpoint.base_url);
         let form = [
             ("username", self.endpoint.username.as_str()),
@@ -255,6 +362,10 @@ impl CmsClient {
         match value.as_ref().and_then(wire::token_of) {
             Some(token) => {
                 self.n_logins.fetch_add(1, Ordering::Relaxed);
+                if let Some(value) = &value {
+                    let (user_id, ip) = wire::login_info_of(value);
+                    self.lock_login_state().1 = LoginInfo { user_id, ip };
+                }
                 tracing::info!(username = %self.endpoint.username, "logged in to the cms");
                 Ok(Token {
                     value: SecretString::from(token.to_owned()),

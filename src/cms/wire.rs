@@ -149,6 +149,28 @@ pub fn token_of(value: &Value) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The account id and the bound address of a login answer (`userId` is a string there, spec §2.1).
+pub fn login_info_of(value: &Value) -> (Option<i64>, Option<String>) {
+    let user_id = value.get("userId").and_then(as_i64).filter(|id| *id > 0);
+    let ip = value
+        .get("ip")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .filter(|ip| !ip.is_empty());
+    (user_id, ip)
+}
+
+/// The `permissions` object (module → level) of a full user from `GET /user/<id>/`.
+pub fn permissions_of(value: &Value) -> Option<std::collections::BTreeMap<String, i64>> {
+    let permissions = value.get("permissions")?.as_object()?;
+    Some(
+        permissions
+            .iter()
+            .filter_map(|(module, level)| Some((module.clone(), as_i64(level)?)))
+            .collect(),
+    )
+}
+
 /// The user linked to an avatar on `grid_id` by a confirmed link, from `GET /grid/<g>/avatar/<uuid>/`.
 pub fn confirmed_user(value: &Value, grid_id: u32) -> Option<i64> {
     let user_id = value.get("id").and_then(as_i64).filter(|id| *id > 0)?;
@@ -197,6 +219,28 @@ fn as_i64(value: &Value) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_login_answer_gives_the_user_id_as_a_string_and_the_bound_ip() {
+        let value: Value = serde_json::from_str(
+            r#"{"token":"abc","ip":"192.168.1.102","expires":"2014-02-19 12:19:55","userId":"3","lastLogin":null}"#,
+        )
+        .expect("json");
+        assert_eq!(
+            login_info_of(&value),
+            (Some(3), Some("192.168.1.102".to_owned()))
+        );
+    }
+
+    #[test]
+    fn permissions_are_read_whether_numbers_or_strings() {
+        let value: Value =
+            serde_json::from_str(r#"{"id":4,"permissions":{"auth":4,"chat":"5","user":4}}"#)
+                .expect("json");
+        let permissions = permissions_of(&value).expect("permissions");
+        assert_eq!(permissions.get("chat"), Some(&5));
+        assert_eq!(permissions.get("auth"), Some(&4));
+    }
 
     #[test]
     fn strip_tags_bait_and_emoji_are_made_safe() {

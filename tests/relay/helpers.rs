@@ -125,6 +125,7 @@ impl TestEnv {
             ("outbox.path", &outbox),
             ("retry.initial", "20ms"),
             ("retry.max", "200ms"),
+            ("http.listen", "127.0.0.1:0"),
         ];
         all.extend_from_slice(overrides);
         Settings::load(Some(&file), &all).expect("test settings load")

@@ -37,7 +37,7 @@ async fn sigterm_stops_the_binary_with_exit_code_0_within_10_seconds() {
         &settings_file,
         format!(
             "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"50ms\"\n\
-             [cms]\nbase_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n[outbox]\npath = \"{}\"\n",
+             [cms]\nbase_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n[outbox]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
             env.viewer.chat_url(),
             env.viewer.status_url(),
             env.cms.base_url(),

@@ -1,0 +1,351 @@
+//! The operator's HTTP endpoint (axum): `GET /healthz`, `/readyz`, `/metrics` and `/status`.
+//!
+//! Read-only: it looks at `Stats`, the outbox's depth and the CMS client's login state, and never
+//! writes, logs in, or talks to either peer, so a scraper polling it every second changes nothing.
+//! Nothing it serves contains the CMS password or token (URLs are shown without user info).
+//!
+//! Readiness (`/readyz` is 200 only when all three hold):
+//! - **outbox**: the last outbox write succeeded;
+//! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
+//!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
+//! - **cms**: the last login, or the last request with its token, was accepted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::cms::CmsClient;
+use crate::cms::client::LoginState;
+use crate::filter::FilterReason;
+use crate::metrics::{self, Gauges, Stats};
+use crate::outbox::{DepthSummary, Outbox};
+
+/// The viewer counts as down when no poll was answered for this many poll intervals...
+pub const VIEWER_STALE_POLLS: u32 = 5;
+/// ...and never sooner than this.
+pub const VIEWER_STALE_MIN: Duration = Duration::from_secs(5);
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// The address is taken or not ours.
+    #[error(
+        "cannot listen on {addr} for http.listen: {source} (another relay on the same port? give each its own http.listen, or set it to \"\" to turn the endpoint off)"
+    )]
+    Bind {
+        /// `http.listen`
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What the endpoint reads.
+pub struct HealthState {
+    /// The relay's counters and signals.
+    pub stats: Arc<Stats>,
+    /// The outbox, for its depth.
+    pub outbox: Arc<Outbox>,
+    /// The CMS client, for its login state and count.
+    pub cms: Arc<CmsClient>,
+    /// `viewer.poll_interval`.
+    pub poll_interval: Duration,
+    /// `viewer.chat_url`, shown in `/status`.
+    pub chat_url: String,
+    /// `cms.grid_id`, shown in `/status`.
+    pub grid_id: u32,
+    /// `cms.username`, shown in `/status` (not a secret; the password never is shown).
+    pub username: String,
+    /// When the relay started.
+    pub started: Instant,
+}
+
+/// One readiness condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Whether it holds.
+    pub ok: bool,
+    /// Why not (`None` when it holds).
+    pub reason: Option<String>,
+}
+
+/// The three readiness conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadinessReport {
+    /// The last outbox write succeeded.
+    pub outbox: Check,
+    /// The viewer answered recently.
+    pub viewer: Check,
+    /// The CMS accepts the account.
+    pub cms: Check,
+}
+
+impl ReadinessReport {
+    /// Whether every condition holds.
+    pub fn is_ready(&self) -> bool {
+        self.outbox.ok && self.viewer.ok && self.cms.ok
+    }
+
+    fn to_json(&self) -> Value {
+        let check = |c: &Check| json!({"ok": c.ok, "reason": c.reason});
+        json!({
+            "outbox": check(&self.outbox),
+            "viewer": check(&self.viewer),
+            "cms": check(&self.cms),
+        })
+    }
+}
+
+impl HealthState {
+    /// How long the viewer may go without an answered poll.
+    pub fn viewer_stale_after(&self) -> Duration {
+        (self.poll_interval * VIEWER_STALE_POLLS).max(VIEWER_STALE_MIN)
+    }
+
+    /// Evaluates readiness now.
+    pub fn readiness(&self) -> ReadinessReport {
+        let ok = Check {
+            ok: true,
+            reason: None,
+        };
+        let failed = |reason: String| Check {
+            ok: false,
+            reason: Some(reason),
+        };
+        let readiness = &self.stats.readiness;
+        let outbox = match readiness.outbox_error() {
+            None => ok.clone(),
+            Some(error) => failed(format!("the last outbox write failed: {error}")),
+        };
+        let stale_after = self.viewer_stale_after();
+        let viewer = match readiness.viewer() {
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => ok.clone(),
+            (last_ok, last_error) => {
+                let since = match last_ok {
+                    Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),
+                    None => "no chat poll answered yet".to_owned(),
+                };
+                let limit = format!("(limit {:.1} s)", secs(stale_after));
+                failed(match last_error {
+                    Some(error) => format!("{since} {limit}; last error: {error}"),
+                    None => format!("{since} {limit}"),
+                })
+            }
+        };
+        let cms = match self.cms.login_state() {
+            LoginState::Valid => ok,
+            LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
+            LoginState::Failed(error) => failed(error),
+        };
+        ReadinessReport {
+            outbox,
+            viewer,
+            cms,
+        }
+    }
+
+    async fn depth(&self) -> DepthSummary {
+        let outbox = self.outbox.clone();
+        // sled reads block; a deep outbox takes a few milliseconds to walk.
+        match tokio::task::spawn_blocking(move || outbox.depth_summary()).await {
+            Ok(Ok(summary)) => summary,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "cannot read the outbox depth for the metrics");
+                DepthSummary::default()
+            }
+            Err(_) => DepthSummary::default(),
+        }
+    }
+
+    async fn gauges(&self, ready: bool) -> Gauges {
+        let depth = self.depth().await;
+        let oldest_age_seconds = depth.oldest_captured_at.map_or(0.0, |at| {
+            (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        Gauges {
+            outbox_lines: self.outbox.len() as u64,
+            outbox_bytes: depth.n_bytes,
+            oldest_age_seconds,
+            dead_letters: self.outbox.dead_len() as u64,
+            quarantined: self.outbox.quarantine_len() as u64,
+            cms_logins: self.cms.n_logins(),
+            ready,
+            uptime_seconds: secs(self.started.elapsed()),
+        }
+    }
+}
+
+/// The bound endpoint, not serving yet.
+pub struct HealthServer {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    state: Arc<HealthState>,
+}
+
+impl HealthServer {
+    /// Binds `addr` now (so a taken port fails start-up, and port 0 is resolved at once).
+    pub fn bind(addr: SocketAddr, state: HealthState) -> Result<HealthServer, HealthError> {
+        let bind_error = |source| HealthError::Bind { addr, source };
+        let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        listener.set_nonblocking(true).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        Ok(HealthServer {
+            listener,
+            addr,
+            state: Arc::new(state),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `token` is cancelled.
+    pub async fn run_until_stopped(self, token: CancellationToken) {
+        let listener = match tokio::net::TcpListener::from_std(self.listener) {
+            Ok(listener) => listener,
+            Err(err) => {
+                tracing::error!(error = %err, "health endpoint cannot start");
+                return;
+            }
+        };
+        tracing::info!(addr = %self.addr, "serving /healthz, /readyz, /metrics, /status");
+        let app = router(self.state);
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %err, "health endpoint stopped");
+        }
+    }
+}
+
+fn router(state: Arc<HealthState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
+    let report = state.readiness();
+    let code = if report.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({"ready": report.is_ready(), "checks": report.to_json()});
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<HealthState>>) -> Response {
+    let ready = state.readiness().is_ready();
+    let gauges = state.gauges(ready).await;
+    let text = metrics::render_prometheus(&state.stats, &gauges);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
+    let report = state.readiness();
+    let gauges = state.gauges(report.is_ready()).await;
+    let stats = &state.stats;
+    let get = Stats::get;
+    let (last_ok, _) = stats.readiness.viewer();
+    let n_filtered: u64 = FilterReason::ALL.iter().map(|r| stats.n_filtered(*r)).sum();
+    let login = match state.cms.login_state() {
+        LoginState::NotYet => "not yet",
+        LoginState::Valid => "valid",
+        LoginState::Failed(_) => "failed",
+    };
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": round1(gauges.uptime_seconds),
+        "ready": report.is_ready(),
+        "checks": report.to_json(),
+        "viewer": {
+            "chat_url": without_userinfo(&state.chat_url),
+            "last_poll_seconds_ago": last_ok.map(|at| round1(secs(at.elapsed()))),
+            "polls": get(&stats.polls),
+            "poll_errors": get(&stats.poll_errors),
+        },
+        "cms": {
+            "base_url": without_userinfo(state.cms.base_url()),
+            "grid_id": state.grid_id,
+            "username": state.username,
+            "login": login,
+            "logins": gauges.cms_logins,
+        },
+        "outbox": {
+            "lines": gauges.outbox_lines,
+            "bytes": gauges.outbox_bytes,
+            "oldest_age_seconds": round1(gauges.oldest_age_seconds),
+            "dead_letters": gauges.dead_letters,
+            "quarantined": gauges.quarantined,
+        },
+        "lines": {
+            "polled": get(&stats.lines_polled),
+            "relayed": get(&stats.lines_relayed),
+            "filtered": n_filtered,
+            "delivered": get(&stats.lines_delivered) + get(&stats.lines_reconciled),
+            "dead_lettered": get(&stats.lines_dead_lettered),
+            "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored),
+            "delivery_retries": get(&stats.delivery_retries),
+        },
+        "inworld": {
+            "said": get(&stats.inworld_said),
+            "skipped": get(&stats.inworld_skipped),
+        },
+    }))
+}
+
+/// A URL without `user:password@`, should an operator have put credentials in one.
+pub fn without_userinfo(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Err(_) => "(unparsable url)".to_owned(),
+    }
+}
+
+fn secs(duration: Duration) -> f64 {
+    duration.as_secs_f64()
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_not_shown() {
+        assert_eq!(
+            without_userinfo("http://relay:hunter2@cms.example.org/OpenSim-CMS/api"),
+            "http://cms.example.org/OpenSim-CMS/api"
+        );
+        assert_eq!(
+            without_userinfo("http://127.0.0.1:9144/api/chat"),
+            "http://127.0.0.1:9144/api/chat"
+        );
+    }
+}
