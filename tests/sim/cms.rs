@@ -607,8 +607,23 @@ async fn a_form_post_of_one_message_works() {
         .await
         .expect("body");
 
+    // A form with a numeric timestamp is decoded twice: by PHP's form parsing, then `urldecode`.
+    let twice = client()
+        .post(format!("{}/grid/1/chats/?token={token}", cms.base))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "userId=-1&message=100%2525+sure%252B&timestamp={NOON_05_UNIX}&fromCMS=0"
+        ))
+        .send()
+        .await
+        .expect("post")
+        .text()
+        .await
+        .expect("body");
+
     assert_eq!(parse(&answer), json!({"success": true, "id": 1}));
-    assert_eq!(messages(&cms.cms.chats()), ["[Fred] hi"]);
+    assert_eq!(parse(&twice), json!({"success": true, "id": 2}));
+    assert_eq!(messages(&cms.cms.chats()), ["[Fred] hi", "100% sure+"]);
 }
 
 #[tokio::test]
