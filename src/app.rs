@@ -18,6 +18,7 @@ use crate::cms::client::CmsEndpoint;
 use crate::config::Settings;
 use crate::delivery::Delivery;
 use crate::filter::Filter;
+use crate::inworld::{Inworld, RecentlySaid};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
 use crate::outbox::Outbox;
@@ -34,6 +35,7 @@ pub struct Relay {
     cms: Arc<CmsClient>,
     poller: Poller,
     delivery: Delivery,
+    inworld: Option<Inworld>,
 }
 
 impl Relay {
@@ -68,13 +70,15 @@ impl Relay {
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
+        let recently_said = Arc::new(RecentlySaid::default());
         let poller = Poller::new(
-            viewer,
+            viewer.clone(),
             Filter::new(&settings.filter),
             outbox.clone(),
             settings.viewer.timezone,
             settings.viewer.poll_interval,
             stats.clone(),
+            recently_said.clone(),
         );
         let retry = RetryPolicy {
             initial: settings.retry.initial,
@@ -88,12 +92,24 @@ impl Relay {
             retry,
             stats.clone(),
         );
+        let inworld = settings.inworld.enabled.then(|| {
+            Inworld::new(
+                cms.clone(),
+                viewer,
+                outbox.clone(),
+                settings.inworld.clone(),
+                settings.cms.timezone,
+                stats.clone(),
+                recently_said,
+            )
+        });
         Ok(Relay {
             outbox,
             stats,
             cms,
             poller,
             delivery,
+            inworld,
         })
     }
 
@@ -117,6 +133,9 @@ impl Relay {
         let tracker = TaskTracker::new();
         tracker.spawn(self.poller.run_until_stopped(token.clone()));
         tracker.spawn(self.delivery.run_until_stopped(token.clone()));
+        if let Some(inworld) = self.inworld {
+            tracker.spawn(inworld.run_until_stopped(token.clone()));
+        }
         tracker.close();
         token.cancelled().await;
         tracing::info!("stopping: finishing requests in flight");

@@ -20,6 +20,7 @@ use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::CmsSettings;
 use crate::metrics::Stats;
+use crate::model::fill_template;
 use crate::outbox::{Outbox, OutboxError, PendingLine, Prepared};
 
 /// The persisted id of the last row the CMS confirmed: rows at or below it are never taken as ours in
@@ -226,10 +227,9 @@ impl Delivery {
                 .await;
             let message = match user {
                 Some(_) => line.message.clone(),
-                None => render_anonymous(
+                None => fill_template(
                     &self.settings.anonymous_format,
-                    &line.speaker,
-                    &line.message,
+                    &[("name", &line.speaker), ("message", &line.message)],
                 ),
             };
             pending.prepared = Some(Prepared {
@@ -451,43 +451,11 @@ fn match_rows(
     (found, unsent)
 }
 
-/// `cms.anonymous_format` with `{name}` and `{message}` filled in, in one pass (a name containing
-/// `{message}` stays as it is).
-fn render_anonymous(format: &str, name: &str, message: &str) -> String {
-    let mut out = String::with_capacity(format.len() + name.len() + message.len());
-    let mut rest = format;
-    while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        if let Some(after) = tail.strip_prefix("{name}") {
-            out.push_str(name);
-            rest = after;
-        } else if let Some(after) = tail.strip_prefix("{message}") {
-            out.push_str(message);
-            rest = after;
-        } else {
-            out.push('{');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::CapturedLine;
     use chrono::Utc;
-
-    #[test]
-    fn the_anonymous_format_is_filled_once() {
-        assert_eq!(
-            render_anonymous("[{name}] {message}", "Carol {message}", "hi {name}"),
-            "[Carol {message}] hi {name}"
-        );
-        assert_eq!(render_anonymous("{x} {message}", "n", "m"), "{x} m");
-    }
 
     fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
         let now = Utc::now();

@@ -2,11 +2,12 @@
 //!
 //! # Layout
 //! Data flows one way: the viewer's chat URL → `poller` (with `lookingglass`, `filter`) → `outbox`
-//! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`.
+//! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`; and back: `cms` → `inworld` →
+//! the viewer's chat POST.
 //!
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
-//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`: the stages.
+//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
 //! - `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod filter;
+pub mod inworld;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;

@@ -32,6 +32,12 @@ pub struct Stats {
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
     pub batches_delivered: AtomicU64,
+    /// CMS lines said in-world (each part of a split line counts).
+    pub inworld_said: AtomicU64,
+    /// CMS lines not said: too old, or beyond the queue limit.
+    pub inworld_skipped: AtomicU64,
+    /// Viewer lines dropped because they echo what the relay said in-world.
+    pub inworld_echoes_dropped: AtomicU64,
 }
 
 impl Stats {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::filter::Filter;
+use crate::filter::{Filter, FilterReason};
+use crate::inworld::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
 use crate::metrics::Stats;
 use crate::model::CapturedLine;
@@ -58,6 +59,8 @@ pub struct Poller {
     own_name_read: Option<Instant>,
     /// Lines read from the viewer that a failed write has not stored yet.
     unstored: Vec<CapturedLine>,
+    /// What the relay said in-world lately: its echo is dropped when the viewer gives no own name.
+    recently_said: Arc<RecentlySaid>,
 }
 
 impl Poller {
@@ -69,6 +72,7 @@ impl Poller {
         zone: Zone,
         poll_interval: Duration,
         stats: Arc<Stats>,
+        recently_said: Arc<RecentlySaid>,
     ) -> Poller {
         Poller {
             viewer,
@@ -80,6 +84,7 @@ impl Poller {
             own_name: None,
             own_name_read: None,
             unstored: Vec::new(),
+            recently_said,
         }
     }
 
@@ -121,6 +126,11 @@ impl Poller {
         for line in parsed.lines {
             if let Err(reason) = self.filter.check(&line, self.own_name.as_deref()) {
                 self.stats.filtered(reason);
+                continue;
+            }
+            if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
+                self.stats.filtered(FilterReason::OwnAvatar);
+                Stats::add(&self.stats.inworld_echoes_dropped, 1);
                 continue;
             }
             captured.push(CapturedLine {

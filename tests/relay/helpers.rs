@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::config::Settings;
+use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
@@ -46,6 +47,7 @@ pub struct TestEnv {
 /// A relay running in this process.
 pub struct RunningRelay {
     pub token: CancellationToken,
+    pub stats: Arc<Stats>,
     pub outbox: Arc<Outbox>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -133,10 +135,11 @@ impl TestEnv {
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
         let relay = Relay::build(&self.settings(toml, overrides)).expect("relay builds");
         let token = CancellationToken::new();
-        let outbox = relay.outbox();
+        let (stats, outbox) = (relay.stats(), relay.outbox());
         let task = tokio::spawn(relay.run_until_stopped(token.clone()));
         RunningRelay {
             token,
+            stats,
             outbox,
             task,
         }

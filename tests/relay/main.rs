@@ -4,5 +4,6 @@ mod config;
 mod delivery;
 mod helpers;
 mod ingest;
+mod inworld;
 mod restart;
 mod shutdown;
