@@ -146,6 +146,7 @@ impl RecordV1 {
 
 /// The durable queue. Share it as `Arc<Outbox>`.
 pub struct Outbox {
+    path: std::path::PathBuf,
     db: sled::Db,
     pending: sled::Tree,
     dead: sled::Tree,
@@ -184,6 +185,7 @@ impl Outbox {
         };
         let pending = open_tree("pending")?;
         let outbox = Outbox {
+            path: path.to_owned(),
             dead: open_tree("dead")?,
             quarantine: open_tree("quarantine")?,
             meta: open_tree("meta")?,
@@ -329,6 +331,11 @@ impl Outbox {
             }
         }
         Ok(lines)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.path.clone()
     }
 
     /// Pending lines.

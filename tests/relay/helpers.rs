@@ -50,6 +50,8 @@ pub struct RunningRelay {
     pub stats: Arc<Stats>,
     pub outbox: Arc<Outbox>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// The relay runs on a runtime of its own, so a kill can drop all of its tasks at once.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl TestEnv {
@@ -133,15 +135,32 @@ impl TestEnv {
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
-        let relay = Relay::build(&self.settings(toml, overrides)).expect("relay builds");
+        let settings = self.settings(toml, overrides);
+        let deadline = Instant::now() + PATIENCE;
+        let relay = loop {
+            match Relay::build(&settings) {
+                Ok(relay) => break relay,
+                // After `kill`, sled's threads may hold the lock a moment longer.
+                Err(err) if err.to_string().contains("in use") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("relay builds: {err:#}"),
+            }
+        };
         let token = CancellationToken::new();
         let (stats, outbox) = (relay.stats(), relay.outbox());
-        let task = tokio::spawn(relay.run_until_stopped(token.clone()));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("relay runtime");
+        let task = runtime.spawn(relay.run_until_stopped(token.clone()));
         RunningRelay {
             token,
             stats,
             outbox,
             task,
+            runtime,
         }
     }
 
@@ -157,6 +176,17 @@ impl TestEnv {
 }
 
 impl RunningRelay {
+    /// Ends the relay abruptly, as a crash would: every task is dropped wherever it is (a POST in
+    /// flight included), and nothing is flushed beyond what was already flushed.
+    pub async fn kill(self) {
+        let RunningRelay {
+            runtime, outbox, ..
+        } = self;
+        runtime.shutdown_background();
+        // The last reference to the sled database goes here, releasing its file lock.
+        drop(outbox);
+    }
+
     /// Stops the relay as SIGTERM would and waits for it.
     pub async fn stop(self) {
         self.token.cancel();
@@ -164,6 +194,7 @@ impl RunningRelay {
             .await
             .expect("relay task joins")
             .expect("relay stops cleanly");
+        self.runtime.shutdown_background();
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod config;
 mod delivery;
+mod faults;
 mod helpers;
 mod ingest;
 mod inworld;
