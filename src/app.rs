@@ -21,7 +21,7 @@ use crate::filter::Filter;
 use crate::inworld::{Inworld, RecentlySaid};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
-use crate::outbox::Outbox;
+use crate::outbox::{Limits, Outbox};
 use crate::poller::Poller;
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
@@ -41,10 +41,13 @@ pub struct Relay {
 impl Relay {
     /// Opens the outbox and builds the clients. Fails on anything an operator must fix.
     pub fn build(settings: &Settings) -> anyhow::Result<Relay> {
-        let outbox = Arc::new(Outbox::open(
-            &settings.outbox.path,
-            settings.outbox.cache_bytes,
-        )?);
+        let outbox = Arc::new(
+            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?.with_limits(Limits {
+                max_bytes: settings.outbox.max_bytes,
+                max_age: settings.outbox.max_age,
+                when_full: settings.outbox.when_full,
+            }),
+        );
         let stats = Arc::new(Stats::default());
         let viewer = LookingGlassClient::new(
             settings.viewer.chat_url.clone(),

@@ -110,6 +110,9 @@ pub struct CmsSettings {
     pub request_timeout: Duration,
     /// A CMS answer larger than this is refused.
     pub max_response_bytes: usize,
+    /// CMS requests of the delivery per second at most (0 = unpaced), so a backlog after an outage
+    /// does not flatten a small PHP server.
+    pub max_requests_per_second: f64,
     /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
     pub verify: bool,
@@ -194,6 +197,13 @@ pub struct OutboxSettings {
     pub path: PathBuf,
     /// sled's page cache in bytes.
     pub cache_bytes: u64,
+    /// Bytes of pending lines at most.
+    pub max_bytes: u64,
+    /// Pending lines older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// What happens at `max_bytes`.
+    pub when_full: crate::outbox::WhenFull,
 }
 
 /// `[retry]`
@@ -354,6 +364,20 @@ impl Settings {
             if self.inworld.max_queue == 0 {
                 return Err(invalid("inworld.max_queue", "must be at least 1"));
             }
+        }
+        if self.outbox.max_bytes < 4096 {
+            return Err(invalid("outbox.max_bytes", "must be at least 4096"));
+        }
+        if self.outbox.max_age.is_zero() {
+            return Err(invalid("outbox.max_age", "must be more than 0"));
+        }
+        if !(self.cms.max_requests_per_second >= 0.0
+            && self.cms.max_requests_per_second.is_finite())
+        {
+            return Err(invalid(
+                "cms.max_requests_per_second",
+                "must be 0 (unpaced) or more",
+            ));
         }
         if self.outbox.path.as_os_str().is_empty() {
             return Err(invalid("outbox.path", "is required"));

@@ -78,6 +78,8 @@ pub struct Delivery {
     settings: CmsSettings,
     retry: RetryPolicy,
     stats: Arc<Stats>,
+    /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
+    next_request: std::sync::Mutex<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -104,11 +106,13 @@ impl Delivery {
             settings,
             retry,
             stats,
+            next_request: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
+        self.outbox.drop_expired().await?;
         let mut lines = self.outbox.oldest(self.settings.batch_max_messages)?;
         if lines.is_empty() {
             return Ok(DeliveryOutcome::Idle);
@@ -216,6 +220,24 @@ impl Delivery {
         tracing::info!(outbox_depth = self.outbox.len(), "delivery stopped");
     }
 
+    /// Waits for the next request slot under `cms.max_requests_per_second`.
+    async fn pace(&self) {
+        if self.settings.max_requests_per_second <= 0.0 {
+            return;
+        }
+        let interval = Duration::from_secs_f64(1.0 / self.settings.max_requests_per_second);
+        let slot = {
+            let mut next = self
+                .next_request
+                .lock()
+                .expect("pacing lock is never poisoned");
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
     /// Fixes the row of every line that has none yet, and stores the decision.
     async fn prepare(&self, lines: &mut [PendingLine]) -> Result<(), OutboxError> {
         let mut changed = Vec::new();
@@ -284,6 +306,7 @@ impl Delivery {
         let before = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
+        self.pace().await;
         let last_id = self.cms.post_chats(&items).await?;
         Stats::add(&self.stats.batches_delivered, 1);
         let n = batch.len() as i64;
@@ -366,6 +389,7 @@ impl Delivery {
             .min()
             .unwrap_or(0)
             - READ_BACK_MARGIN_SECS;
+        self.pace().await;
         let rows = self.cms.chats_since(since).await?;
         let after = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
         let (found, unsent) = match_rows(&uncertain, &rows, after, self.settings.anonymous_user_id);

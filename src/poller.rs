@@ -45,6 +45,8 @@ pub struct PollOutcome {
     pub n_polled: usize,
     /// Lines stored in the outbox.
     pub n_relayed: usize,
+    /// The outbox is full under `outbox.when_full = "pause_polling"`: no GET was sent.
+    pub paused: bool,
 }
 
 /// The ingest stage.
@@ -93,6 +95,12 @@ impl Poller {
         if !self.unstored.is_empty() {
             self.outbox.append(&self.unstored).await?;
             self.unstored.clear();
+        }
+        if self.outbox.is_full_and_paused() {
+            return Ok(PollOutcome {
+                paused: true,
+                ..PollOutcome::default()
+            });
         }
         self.refresh_own_name().await;
         let body = self.viewer.poll().await?;
@@ -150,6 +158,7 @@ impl Poller {
         Ok(PollOutcome {
             n_polled,
             n_relayed,
+            paused: false,
         })
     }
 
@@ -157,9 +166,24 @@ impl Poller {
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
         tracing::info!(chat_url = %self.viewer.chat_url(), "polling the viewer");
         let mut failing = false;
+        let mut paused = false;
         while !token.is_cancelled() {
             let pause = match self.try_poll_once().await {
+                Ok(outcome) if outcome.paused => {
+                    if !paused {
+                        tracing::warn!(
+                            outbox_bytes = self.outbox.bytes(),
+                            "outbox full: viewer polling paused until delivery makes room (the viewer keeps the lines)"
+                        );
+                        paused = true;
+                    }
+                    self.poll_interval
+                }
                 Ok(outcome) => {
+                    if paused {
+                        tracing::info!("outbox has room again: viewer polling resumed");
+                        paused = false;
+                    }
                     if failing {
                         tracing::info!("viewer reachable again");
                         failing = false;

@@ -126,6 +126,7 @@ impl TestEnv {
             ("cms.password", RELAY_PASSWORD),
             ("cms.timezone", CMS_ZONE),
             ("cms.request_timeout", "5s"),
+            ("cms.max_requests_per_second", "0"),
             ("outbox.path", &outbox),
             ("retry.initial", "20ms"),
             ("retry.max", "200ms"),

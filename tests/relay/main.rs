@@ -6,5 +6,6 @@ mod faults;
 mod helpers;
 mod ingest;
 mod inworld;
+mod outage;
 mod restart;
 mod shutdown;
