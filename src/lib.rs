@@ -8,11 +8,12 @@
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
-//! - `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
+//! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod avatars;
 pub mod backoff;

@@ -336,6 +336,54 @@ impl Outbox {
         Ok(())
     }
 
+    /// Moves dead letters back to the pending lines (all when `ids` is `None`), to be prepared
+    /// afresh (the mapping may have been fixed meanwhile). Returns how many.
+    pub async fn requeue(&self, ids: Option<&[u64]>) -> Result<usize, OutboxError> {
+        let mut n_requeued = 0;
+        for dead in self.dead_letters()? {
+            if ids.is_some_and(|ids| !ids.contains(&dead.pending.id)) {
+                continue;
+            }
+            let pending = PendingLine {
+                attempts: 0,
+                prepared: None,
+                in_flight: false,
+                ..dead.pending
+            };
+            let value = RecordV1::from_pending(&pending).encode();
+            let n_bytes = value.len() as u64;
+            // Written to pending before it leaves the dead letters: a crash leaves it in at least one.
+            if self
+                .pending
+                .insert(pending.id.to_be_bytes(), value)?
+                .is_none()
+            {
+                self.n_pending.fetch_add(1, Ordering::Relaxed);
+                self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
+            }
+            self.dead.remove(pending.id.to_be_bytes())?;
+            n_requeued += 1;
+        }
+        self.db.flush_async().await?;
+        Ok(n_requeued)
+    }
+
+    /// Deletes every dead letter. Returns how many.
+    pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
+        let n = self.dead.len();
+        self.dead.clear()?;
+        self.db.flush_async().await?;
+        Ok(n)
+    }
+
+    /// Deletes every quarantined record. Returns how many.
+    pub async fn purge_quarantine(&self) -> Result<usize, OutboxError> {
+        let n = self.quarantine.len();
+        self.quarantine.clear()?;
+        self.db.flush_async().await?;
+        Ok(n)
+    }
+
     /// Keeps a raw body that could not be used (a viewer response that is not JSON), for an operator.
     pub async fn quarantine_raw(&self, what: &str, body: &[u8]) -> Result<(), OutboxError> {
         let mut value = Vec::with_capacity(what.len() + 1 + body.len());

@@ -1,5 +1,6 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
+mod admin;
 mod config;
 mod delivery;
 mod faults;
