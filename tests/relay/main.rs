@@ -2,6 +2,7 @@
 
 mod admin;
 mod config;
+mod crash;
 mod delivery;
 mod faults;
 mod helpers;
