@@ -20,10 +20,11 @@ use crate::config::Settings;
 use crate::delivery::Delivery;
 use crate::filter::Filter;
 use crate::health::{HealthServer, HealthState};
+use crate::inworld::{Inworld, RecentlySaid};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
 use crate::notify::Notifier;
-use crate::outbox::Outbox;
+use crate::outbox::{Limits, Outbox};
 use crate::poller::Poller;
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
@@ -45,15 +46,19 @@ pub struct Relay {
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
+    inworld: Option<Inworld>,
 }
 
 impl Relay {
     /// Opens the outbox and builds the clients. Fails on anything an operator must fix.
     pub fn build(settings: &Settings) -> anyhow::Result<Relay> {
-        let outbox = Arc::new(Outbox::open(
-            &settings.outbox.path,
-            settings.outbox.cache_bytes,
-        )?);
+        let outbox = Arc::new(
+            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?.with_limits(Limits {
+                max_bytes: settings.outbox.max_bytes,
+                max_age: settings.outbox.max_age,
+                when_full: settings.outbox.when_full,
+            }),
+        );
         let stats = Arc::new(Stats::default());
         let viewer = LookingGlassClient::new(
             settings.viewer.chat_url.clone(),
@@ -79,13 +84,15 @@ impl Relay {
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
+        let recently_said = Arc::new(RecentlySaid::default());
         let poller = Poller::new(
-            viewer,
+            viewer.clone(),
             Filter::new(&settings.filter),
             outbox.clone(),
             settings.viewer.timezone,
             settings.viewer.poll_interval,
             stats.clone(),
+            recently_said.clone(),
         );
         let retry = RetryPolicy {
             initial: settings.retry.initial,
@@ -115,6 +122,17 @@ impl Relay {
             )?),
             None => None,
         };
+        let inworld = settings.inworld.enabled.then(|| {
+            Inworld::new(
+                cms.clone(),
+                viewer,
+                outbox.clone(),
+                settings.inworld.clone(),
+                settings.cms.timezone,
+                stats.clone(),
+                recently_said,
+            )
+        });
         Ok(Relay {
             outbox,
             stats,
@@ -124,6 +142,7 @@ impl Relay {
             health,
             notifier: None,
             stall_limit: STALL_LIMIT.max(settings.retry.max * 2),
+            inworld,
         })
     }
 
@@ -160,6 +179,9 @@ impl Relay {
         let tracker = TaskTracker::new();
         tracker.spawn(self.poller.run_until_stopped(token.clone()));
         tracker.spawn(self.delivery.run_until_stopped(token.clone()));
+        if let Some(inworld) = self.inworld {
+            tracker.spawn(inworld.run_until_stopped(token.clone()));
+        }
         if let Some(health) = self.health {
             tracker.spawn(health.run_until_stopped(token.clone()));
         }

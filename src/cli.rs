@@ -35,9 +35,41 @@ pub enum Command {
     Healthcheck,
     /// Start both simulators and the relay on free loopback ports and show chat arriving.
     Demo(DemoArgs),
+    /// Inspect and repair the outbox while the relay is stopped.
+    #[command(subcommand)]
+    Outbox(OutboxAction),
     /// Run a simulator of one of the peers (for tests, demos and compose stacks).
     #[command(subcommand)]
     Sim(SimCommand),
+}
+
+/// `outbox` actions.
+#[derive(Debug, Subcommand)]
+pub enum OutboxAction {
+    /// Pending lines and bytes, the oldest line's age, dead letters, quarantined records.
+    Stats,
+    /// The oldest pending lines.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// The dead letters, with the reason the CMS refused each.
+    Dead,
+    /// Move dead letters back to the pending lines (after fixing their cause, e.g. a mapping).
+    Requeue {
+        /// Ids from `outbox dead`.
+        ids: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete the dead letters (and with --quarantine the quarantined records).
+    Purge {
+        /// Also delete the quarantined records.
+        #[arg(long)]
+        quarantine: bool,
+    },
 }
 
 /// The simulators.

@@ -45,6 +45,8 @@ pub struct Settings {
     pub mapping: MappingSettings,
     /// Which viewer lines are relayed.
     pub filter: FilterSettings,
+    /// CMS → in-world.
+    pub inworld: InworldSettings,
     /// The durable outbox.
     pub outbox: OutboxSettings,
     /// Retry schedule for CMS deliveries.
@@ -110,6 +112,9 @@ pub struct CmsSettings {
     pub request_timeout: Duration,
     /// A CMS answer larger than this is refused.
     pub max_response_bytes: usize,
+    /// CMS requests of the delivery per second at most (0 = unpaced), so a backlog after an outage
+    /// does not flatten a small PHP server.
+    pub max_requests_per_second: f64,
     /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
     pub verify: bool,
@@ -136,6 +141,56 @@ pub struct FilterSettings {
     pub objects: bool,
 }
 
+/// `[inworld]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InworldSettings {
+    /// Whether CMS lines are said in-world at all.
+    pub enabled: bool,
+    /// Pause between CMS reads.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How far before the previous read each read starts.
+    #[serde(with = "humantime_serde")]
+    pub look_back: Duration,
+    /// The said text, with `{first}`, `{last}`, `{username}`, `{message}`.
+    pub format: String,
+    /// The chat channel (0 = public chat).
+    pub channel: i32,
+    /// How the avatar says it.
+    #[serde(rename = "type")]
+    pub say_type: SayType,
+    /// Flood limit.
+    pub max_lines_per_second: f64,
+    /// Lines older than this when their turn comes are skipped.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Lines waiting at most; beyond, the oldest are skipped.
+    pub max_queue: usize,
+}
+
+/// `inworld.type`: the viewer's POST `Type` (compared case-sensitively by the viewer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum SayType {
+    /// Heard within 10 m.
+    Whisper,
+    /// Heard within 20 m.
+    Normal,
+    /// Heard within 100 m.
+    Shout,
+}
+
+impl SayType {
+    /// The viewer's string for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SayType::Whisper => "Whisper",
+            SayType::Normal => "Normal",
+            SayType::Shout => "Shout",
+        }
+    }
+}
+
 /// `[outbox]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,6 +199,13 @@ pub struct OutboxSettings {
     pub path: PathBuf,
     /// sled's page cache in bytes.
     pub cache_bytes: u64,
+    /// Bytes of pending lines at most.
+    pub max_bytes: u64,
+    /// Pending lines older than this are dropped.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// What happens at `max_bytes`.
+    pub when_full: crate::outbox::WhenFull,
 }
 
 /// `[retry]`
@@ -295,6 +357,39 @@ impl Settings {
         }
         if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
             return Err(invalid("retry.max", "need 0 < retry.initial <= retry.max"));
+        }
+        if self.inworld.enabled {
+            if self.inworld.poll_interval.is_zero() {
+                return Err(invalid("inworld.poll_interval", "must be more than 0"));
+            }
+            if !(self.inworld.max_lines_per_second > 0.0
+                && self.inworld.max_lines_per_second <= 100.0)
+            {
+                return Err(invalid(
+                    "inworld.max_lines_per_second",
+                    "must be more than 0 and at most 100",
+                ));
+            }
+            if !self.inworld.format.contains("{message}") {
+                return Err(invalid("inworld.format", "must contain {message}"));
+            }
+            if self.inworld.max_queue == 0 {
+                return Err(invalid("inworld.max_queue", "must be at least 1"));
+            }
+        }
+        if self.outbox.max_bytes < 4096 {
+            return Err(invalid("outbox.max_bytes", "must be at least 4096"));
+        }
+        if self.outbox.max_age.is_zero() {
+            return Err(invalid("outbox.max_age", "must be more than 0"));
+        }
+        if !(self.cms.max_requests_per_second >= 0.0
+            && self.cms.max_requests_per_second.is_finite())
+        {
+            return Err(invalid(
+                "cms.max_requests_per_second",
+                "must be 0 (unpaced) or more",
+            ));
         }
         if self.outbox.path.as_os_str().is_empty() {
             return Err(invalid("outbox.path", "is required"));

@@ -20,6 +20,7 @@ use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::CmsSettings;
 use crate::metrics::Stats;
+use crate::model::fill_template;
 use crate::outbox::{Outbox, OutboxError, PendingLine, Prepared};
 
 /// The persisted id of the last row the CMS confirmed: rows at or below it are never taken as ours in
@@ -77,6 +78,8 @@ pub struct Delivery {
     settings: CmsSettings,
     retry: RetryPolicy,
     stats: Arc<Stats>,
+    /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
+    next_request: std::sync::Mutex<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -103,11 +106,13 @@ impl Delivery {
             settings,
             retry,
             stats,
+            next_request: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
+        self.outbox.drop_expired().await?;
         let mut lines = self.outbox.oldest(self.settings.batch_max_messages)?;
         if lines.is_empty() {
             return Ok(DeliveryOutcome::Idle);
@@ -224,6 +229,24 @@ impl Delivery {
         tracing::info!(outbox_depth = self.outbox.len(), "delivery stopped");
     }
 
+    /// Waits for the next request slot under `cms.max_requests_per_second`.
+    async fn pace(&self) {
+        if self.settings.max_requests_per_second <= 0.0 {
+            return;
+        }
+        let interval = Duration::from_secs_f64(1.0 / self.settings.max_requests_per_second);
+        let slot = {
+            let mut next = self
+                .next_request
+                .lock()
+                .expect("pacing lock is never poisoned");
+            let slot = (*next).max(tokio::time::Instant::now());
+            *next = slot + interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
     /// Fixes the row of every line that has none yet, and stores the decision.
     async fn prepare(&self, lines: &mut [PendingLine]) -> Result<(), OutboxError> {
         let mut changed = Vec::new();
@@ -235,10 +258,9 @@ impl Delivery {
                 .await;
             let message = match user {
                 Some(_) => line.message.clone(),
-                None => render_anonymous(
+                None => fill_template(
                     &self.settings.anonymous_format,
-                    &line.speaker,
-                    &line.message,
+                    &[("name", &line.speaker), ("message", &line.message)],
                 ),
             };
             pending.prepared = Some(Prepared {
@@ -293,6 +315,7 @@ impl Delivery {
         let before = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
+        self.pace().await;
         self.stats.batch_attempted(batch.len());
         let started = Instant::now();
         let posted = self.cms.post_chats(&items).await;
@@ -384,6 +407,7 @@ impl Delivery {
             .min()
             .unwrap_or(0)
             - READ_BACK_MARGIN_SECS;
+        self.pace().await;
         let rows = self.cms.chats_since(since).await?;
         let after = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
         let (found, unsent) = match_rows(&uncertain, &rows, after, self.settings.anonymous_user_id);
@@ -473,43 +497,11 @@ fn match_rows(
     (found, unsent)
 }
 
-/// `cms.anonymous_format` with `{name}` and `{message}` filled in, in one pass (a name containing
-/// `{message}` stays as it is).
-fn render_anonymous(format: &str, name: &str, message: &str) -> String {
-    let mut out = String::with_capacity(format.len() + name.len() + message.len());
-    let mut rest = format;
-    while let Some(start) = rest.find('{') {
-        out.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        if let Some(after) = tail.strip_prefix("{name}") {
-            out.push_str(name);
-            rest = after;
-        } else if let Some(after) = tail.strip_prefix("{message}") {
-            out.push_str(message);
-            rest = after;
-        } else {
-            out.push('{');
-            rest = &tail[1..];
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::CapturedLine;
     use chrono::Utc;
-
-    #[test]
-    fn the_anonymous_format_is_filled_once() {
-        assert_eq!(
-            render_anonymous("[{name}] {message}", "Carol {message}", "hi {name}"),
-            "[Carol {message}] hi {name}"
-        );
-        assert_eq!(render_anonymous("{x} {message}", "n", "m"), "{x} m");
-    }
 
     fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
         let now = Utc::now();

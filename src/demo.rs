@@ -1,6 +1,7 @@
 //! `opensim-chat-relay demo`: both simulators and the relay in one process on free loopback ports,
 //! with a temporary outbox, a few avatars chatting (one linked in the CMS, one mapped in the config,
-//! one unknown), and every line printed as the CMS stores it.
+//! one unknown), and every line printed as the CMS stores it; a CMS user types lines in the CMS, and
+//! each is printed as the relay says it in-world.
 //!
 //! Demo wiring only: it uses the same `Relay` as `run`, configured through the same `Settings`.
 
@@ -26,6 +27,13 @@ const SCRIPT: [(&str, &str); 6] = [
     ),
     ("Bob Builder", "Prices went up 100% + tax, by the way."),
     ("Carol Visitor", "Nice 😀"),
+];
+
+/// What a CMS user types in the CMS's chat page, in turn.
+const CMS_SCRIPT: [&str; 3] = [
+    "Hello from the CMS! Can you hear me in-world?",
+    "Meeting in the plaza at 3 + snacks & 100% fun",
+    "Welcome, Carol \u{2014} this line was typed in the CMS.",
 ];
 
 /// Runs the demo until `token` is cancelled or `args.duration` passes.
@@ -72,6 +80,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
         "Builder",
         Permissions::relay(),
     );
+    let dora = db.add_user("dora", "dora-password", "Dora", "Admin", Permissions::all());
 
     let config_file = dir.path().join("demo.toml");
     std::fs::write(
@@ -98,6 +107,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             ("cms.timezone", "Europe/Amsterdam"),
             ("outbox.path", &outbox),
             ("http.listen", "127.0.0.1:0"),
+            ("inworld.poll_interval", "500ms"),
         ],
     )?;
     println!("viewer simulator  {chat_url}");
@@ -105,7 +115,9 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
         "cms simulator     {base_url}  (Alice is linked in the CMS, Bob is in mapping.users, Carol is unknown)"
     );
     println!("outbox            {outbox}");
-    println!("--- lines as the CMS stores them (Ctrl-C to stop) ---");
+    println!(
+        "--- grid -> CMS: lines as the CMS stores them; CMS -> grid: lines said in-world (Ctrl-C to stop) ---"
+    );
 
     let relay = Relay::build(&settings)?;
     let relay_token = token.child_token();
@@ -113,6 +125,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let (mut n_ticks, mut n_said, mut n_printed) = (0u64, 0usize, 0usize);
+    let (mut n_typed, mut n_heard) = (0usize, 0usize);
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
@@ -127,20 +140,34 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             lg.say(speaker, text);
             n_said += 1;
         }
-        for chat in db.chats().iter().skip(n_printed) {
+        // Dora types in the CMS every 3 s, starting once the relay has read the CMS once.
+        if n_ticks % 15 == 14 {
+            db.add_cms_line(1, dora, CMS_SCRIPT[n_typed % CMS_SCRIPT.len()]);
+            n_typed += 1;
+        }
+        for chat in db.chats().iter().filter(|c| !c.from_cms).skip(n_printed) {
             let who = chat
                 .user_id
                 .map_or("Anonymous".to_owned(), |id| format!("user {id}"));
             println!(
-                "cms #{:<4} {}  {:<12} {}",
+                "grid -> cms #{:<4} {}  {:<12} {}",
                 chat.id, chat.timestamp, who, chat.message
             );
             n_printed += 1;
         }
+        for said in lg.said().iter().skip(n_heard) {
+            println!(
+                "cms -> grid  said in-world on channel {}: {}",
+                said.channel, said.message
+            );
+            n_heard += 1;
+        }
     }
     relay_token.cancel();
     relay_task.await.context("relay task")??;
-    println!("--- {n_said} lines said in-world, {n_printed} stored by the CMS ---");
+    println!(
+        "--- grid -> cms: {n_said} lines said by avatars, {n_printed} stored by the CMS; cms -> grid: {n_typed} typed, {n_heard} said in-world ---"
+    );
     viewer.stop().await;
     cms.stop().await;
     Ok(())

@@ -5,7 +5,8 @@
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
 //!
 //! Readiness (`/readyz` is 200 only when all three hold):
-//! - **outbox**: the last outbox write succeeded;
+//! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
+//!   `outbox.when_full = "pause"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
 //! - **cms**: the last login, or the last request with its token, was accepted.
@@ -26,7 +27,7 @@ use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
 use crate::filter::FilterReason;
 use crate::metrics::{self, Gauges, Stats};
-use crate::outbox::{DepthSummary, Outbox};
+use crate::outbox::Outbox;
 
 /// The viewer counts as down when no poll was answered for this many poll intervals...
 pub const VIEWER_STALE_POLLS: u32 = 5;
@@ -122,8 +123,12 @@ impl HealthState {
         };
         let readiness = &self.stats.readiness;
         let outbox = match readiness.outbox_error() {
-            None => ok.clone(),
             Some(error) => failed(format!("the last outbox write failed: {error}")),
+            None if self.outbox.is_full_and_paused() => failed(format!(
+                "the outbox is full ({} bytes, outbox.max_bytes): viewer polling is paused until delivery makes room",
+                self.outbox.bytes()
+            )),
+            None => ok.clone(),
         };
         let stale_after = self.viewer_stale_after();
         let viewer = match readiness.viewer() {
@@ -152,27 +157,20 @@ impl HealthState {
         }
     }
 
-    async fn depth(&self) -> DepthSummary {
-        let outbox = self.outbox.clone();
-        // sled reads block; a deep outbox takes a few milliseconds to walk.
-        match tokio::task::spawn_blocking(move || outbox.depth_summary()).await {
-            Ok(Ok(summary)) => summary,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "cannot read the outbox depth for the metrics");
-                DepthSummary::default()
-            }
-            Err(_) => DepthSummary::default(),
-        }
-    }
-
-    async fn gauges(&self, ready: bool) -> Gauges {
-        let depth = self.depth().await;
-        let oldest_age_seconds = depth.oldest_captured_at.map_or(0.0, |at| {
+    fn gauges(&self, ready: bool) -> Gauges {
+        // One record read: the oldest pending line (an undecodable one is moved to the quarantine
+        // by the outbox, as delivery would do on its next step).
+        let oldest = self.outbox.oldest_captured_at().unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "cannot read the oldest outbox line for the metrics");
+            None
+        });
+        let oldest_age_seconds = oldest.map_or(0.0, |at| {
             (chrono::Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0
         });
         Gauges {
             outbox_lines: self.outbox.len() as u64,
-            outbox_bytes: depth.n_bytes,
+            outbox_bytes: self.outbox.bytes(),
+            outbox_dropped: self.outbox.n_dropped(),
             oldest_age_seconds,
             dead_letters: self.outbox.dead_len() as u64,
             quarantined: self.outbox.quarantine_len() as u64,
@@ -255,14 +253,14 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
 
 async fn metrics_text(State(state): State<Arc<HealthState>>) -> Response {
     let ready = state.readiness().is_ready();
-    let gauges = state.gauges(ready).await;
+    let gauges = state.gauges(ready);
     let text = metrics::render_prometheus(&state.stats, &gauges);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
     let report = state.readiness();
-    let gauges = state.gauges(report.is_ready()).await;
+    let gauges = state.gauges(report.is_ready());
     let stats = &state.stats;
     let get = Stats::get;
     let (last_ok, _) = stats.readiness.viewer();
@@ -293,6 +291,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
         "outbox": {
             "lines": gauges.outbox_lines,
             "bytes": gauges.outbox_bytes,
+            "dropped": gauges.outbox_dropped,
             "oldest_age_seconds": round1(gauges.oldest_age_seconds),
             "dead_letters": gauges.dead_letters,
             "quarantined": gauges.quarantined,
@@ -303,7 +302,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "filtered": n_filtered,
             "delivered": get(&stats.lines_delivered) + get(&stats.lines_reconciled),
             "dead_lettered": get(&stats.lines_dead_lettered),
-            "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored),
+            "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored) + gauges.outbox_dropped,
             "delivery_retries": get(&stats.delivery_retries),
         },
         "inworld": {

@@ -2,18 +2,20 @@
 //!
 //! # Layout
 //! Data flows one way: the viewer's chat URL → `poller` (with `lookingglass`, `filter`) → `outbox`
-//! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`.
+//! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`; and back: `cms` → `inworld` →
+//! the viewer's chat POST.
 //!
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
-//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`: the stages.
-//! - `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
+//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
+//! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
 //!   `check` probe of both peers.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod avatars;
 pub mod backoff;
@@ -25,6 +27,7 @@ pub mod delivery;
 pub mod demo;
 pub mod filter;
 pub mod health;
+pub mod inworld;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;

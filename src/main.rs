@@ -5,9 +5,14 @@ use std::process::ExitCode;
 use clap::Parser;
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::cli::{Cli, Command, SimCommand};
-use opensim_chat_relay::config::{LogFormat, Settings};
+use opensim_chat_relay::config::{ConfigError, LogFormat, Settings};
+use opensim_chat_relay::outbox::OutboxError;
 use opensim_chat_relay::sim::{cms, lookingglass};
-use opensim_chat_relay::{check, demo, notify, shutdown, telemetry};
+use opensim_chat_relay::{admin, check, demo, notify, shutdown, telemetry};
+
+/// sysexits' EX_CONFIG: the operator must fix something; systemd units say
+/// `RestartPreventExitStatus=78` so this does not become a restart loop.
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,7 +21,7 @@ fn main() -> ExitCode {
         Ok(settings) => Ok(settings),
         Err(err) => {
             eprintln!("error: {err}");
-            Err(ExitCode::from(2))
+            Err(ExitCode::from(EX_CONFIG))
         }
     };
     let result = match command {
@@ -63,6 +68,10 @@ fn main() -> ExitCode {
             }),
             Err(code) => return code,
         },
+        Command::Outbox(action) => match settings(cli.config.as_deref()) {
+            Ok(settings) => run(async move { admin::run(&settings, action).await }),
+            Err(code) => return code,
+        },
         Command::Demo(args) => {
             telemetry::init("warn", LogFormat::Pretty);
             run(async move { demo::run(args, shutdown::on_signal()).await })
@@ -80,7 +89,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            // An outbox that cannot be opened needs an operator, not a restart loop.
+            let needs_operator = err
+                .downcast_ref::<OutboxError>()
+                .is_some_and(|e| !matches!(e, OutboxError::Storage(_)))
+                || err.downcast_ref::<ConfigError>().is_some();
+            if needs_operator {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -318,6 +318,8 @@ pub struct Gauges {
     pub outbox_lines: u64,
     /// Bytes of those lines.
     pub outbox_bytes: u64,
+    /// Lines the outbox dropped for `outbox.max_bytes` or `outbox.max_age` since start.
+    pub outbox_dropped: u64,
     /// Age of the oldest waiting line, 0 when none waits.
     pub oldest_age_seconds: f64,
     /// Lines in the dead letters.
@@ -413,7 +415,7 @@ pub fn render_prometheus(stats: &Stats, gauges: &Gauges) -> String {
         &mut out,
         "opensim_chat_relay_lines_dropped_total",
         "counter",
-        "Lines read from the viewer and lost: unreadable entries, or not stored before shutdown.",
+        "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).",
     );
     let _ = writeln!(
         out,
@@ -424,6 +426,11 @@ pub fn render_prometheus(stats: &Stats, gauges: &Gauges) -> String {
         out,
         "opensim_chat_relay_lines_dropped_total{{reason=\"unstored\"}} {}",
         get(&stats.lines_unstored)
+    );
+    let _ = writeln!(
+        out,
+        "opensim_chat_relay_lines_dropped_total{{reason=\"outbox_limit\"}} {}",
+        gauges.outbox_dropped
     );
     counter(
         &mut out,

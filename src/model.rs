@@ -1,7 +1,7 @@
 //! Domain types shared by the stages: what a viewer line is once parsed, and what a captured line is
 //! once it passed the filter.
 //!
-//! No serde for foreign formats and no I/O here: the peers' wire types live in `lookingglass::wire`
+//! Also the `{name}` templates of the configuration. No serde for foreign formats and no I/O here: the peers' wire types live in `lookingglass::wire`
 //! and `cms::wire`, the stored record in `outbox`.
 
 use chrono::{DateTime, Utc};
@@ -103,4 +103,53 @@ pub struct CapturedLine {
     pub spoken_at: DateTime<Utc>,
     /// When the relay received it from the viewer.
     pub captured_at: DateTime<Utc>,
+}
+
+/// `format` with each `{name}` replaced, in one pass (replaced text is never scanned again).
+pub fn fill_template(format: &str, values: &[(&str, &str)]) -> String {
+    let mut out =
+        String::with_capacity(format.len() + values.iter().map(|(_, v)| v.len()).sum::<usize>());
+    let mut rest = format;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let hit = values.iter().find_map(|(name, value)| {
+            let after = tail
+                .strip_prefix('{')?
+                .strip_prefix(name)?
+                .strip_prefix('}')?;
+            Some((value, after))
+        });
+        match hit {
+            Some((value, after)) => {
+                out.push_str(value);
+                rest = after;
+            }
+            None => {
+                out.push('{');
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_is_filled_once() {
+        let values = [
+            ("first", "Dora"),
+            ("last", "{message}"),
+            ("username", "dora"),
+            ("message", "hi {first}"),
+        ];
+        assert_eq!(
+            fill_template("[{first} {last}] {message} ({username}) {other}", &values),
+            "[Dora {message}] hi {first} (dora) {other}"
+        );
+    }
 }

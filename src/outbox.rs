@@ -9,7 +9,8 @@
 //! through `remove` (the CMS confirmed it) or `dead_letter`. This is the only module that imports sled.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -81,15 +82,6 @@ pub struct DeadLine {
     pub dead_at: DateTime<Utc>,
 }
 
-/// How much is waiting, from [`Outbox::depth_summary`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DepthSummary {
-    /// Bytes of the pending records.
-    pub n_bytes: u64,
-    /// When the oldest pending line was read from the viewer; `None` when nothing is pending.
-    pub oldest_captured_at: Option<DateTime<Utc>>,
-}
-
 /// The stored form of a pending line. `v` versions the format; unknown versions are quarantined.
 #[derive(Serialize, Deserialize)]
 struct RecordV1 {
@@ -155,14 +147,42 @@ impl RecordV1 {
 
 /// The durable queue. Share it as `Arc<Outbox>`.
 pub struct Outbox {
+    path: std::path::PathBuf,
     db: sled::Db,
     pending: sled::Tree,
     dead: sled::Tree,
     quarantine: sled::Tree,
     meta: sled::Tree,
     n_pending: AtomicUsize,
+    n_bytes: AtomicU64,
+    n_dropped: AtomicU64,
+    limits: Limits,
     appended: Notify,
 }
+
+/// What to do when the outbox holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Drop the oldest pending lines to make room (each counted and logged).
+    DropOldest,
+    /// Stop polling the viewer until delivery makes room (the viewer keeps the lines meanwhile).
+    PausePolling,
+}
+
+/// The bounds of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of pending records at most.
+    pub max_bytes: u64,
+    /// Pending lines older than this (since capture) are dropped.
+    pub max_age: Duration,
+    /// What happens at `max_bytes`.
+    pub when_full: WhenFull,
+}
+
+/// At most this many dropped lines are logged one by one per drop; the rest are summed up.
+const MAX_DROPS_LOGGED: usize = 100;
 
 impl Outbox {
     /// Opens (or creates) the outbox at `path` with a page cache of `cache_bytes`.
@@ -193,10 +213,25 @@ impl Outbox {
         };
         let pending = open_tree("pending")?;
         let outbox = Outbox {
+            path: path.to_owned(),
             dead: open_tree("dead")?,
             quarantine: open_tree("quarantine")?,
             meta: open_tree("meta")?,
             n_pending: AtomicUsize::new(pending.len()),
+            n_bytes: AtomicU64::new(
+                pending
+                    .iter()
+                    .values()
+                    .flatten()
+                    .map(|v| v.len() as u64)
+                    .sum(),
+            ),
+            n_dropped: AtomicU64::new(0),
+            limits: Limits {
+                max_bytes: u64::MAX,
+                max_age: Duration::MAX,
+                when_full: WhenFull::DropOldest,
+            },
             pending,
             db,
             appended: Notify::new(),
@@ -210,6 +245,7 @@ impl Outbox {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
+        let mut n_bytes = 0;
         for line in lines {
             let id = self.db.generate_id()?;
             let pending = PendingLine {
@@ -219,11 +255,17 @@ impl Outbox {
                 prepared: None,
                 in_flight: false,
             };
-            batch.insert(&id.to_be_bytes(), RecordV1::from_pending(&pending).encode());
+            let value = RecordV1::from_pending(&pending).encode();
+            n_bytes += value.len() as u64;
+            batch.insert(&id.to_be_bytes(), value);
         }
         self.pending.apply_batch(batch)?;
         self.db.flush_async().await?;
         self.n_pending.fetch_add(lines.len(), Ordering::Relaxed);
+        self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
+        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > self.limits.max_bytes {
+            self.drop_oldest(self.limits.max_bytes).await?;
+        }
         self.appended.notify_one();
         Ok(())
     }
@@ -242,18 +284,12 @@ impl Outbox {
                 break;
             }
             let (key, value) = entry?;
-            let decoded = <[u8; 8]>::try_from(key.as_ref()).ok().and_then(|id| {
-                let record: RecordV1 = serde_json::from_slice(&value).ok()?;
-                record.into_pending(u64::from_be_bytes(id))
-            });
-            match decoded {
+            match decode_pending(&key, &value) {
                 Some(line) => lines.push(line),
                 None => {
                     tracing::error!(key = ?key.as_ref(), "outbox record cannot be decoded; moved to the quarantine");
                     self.quarantine.insert(quarantine_key(&self.db)?, value)?;
-                    if self.pending.remove(key)?.is_some() {
-                        self.n_pending.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    self.remove_pending(&key)?;
                 }
             }
         }
@@ -262,28 +298,29 @@ impl Outbox {
 
     /// Rewrites the given pending lines (their `prepared`, `in_flight`, `attempts`) and flushes.
     pub async fn save(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
-        let mut batch = sled::Batch::default();
         for line in lines {
-            batch.insert(
-                &line.id.to_be_bytes(),
-                RecordV1::from_pending(line).encode(),
-            );
+            let value = RecordV1::from_pending(line).encode();
+            let new_len = value.len() as u64;
+            // Only a record that is still pending is rewritten: a line dropped for space meanwhile
+            // must not come back.
+            let old = self
+                .pending
+                .fetch_and_update(line.id.to_be_bytes(), |old| old.map(|_| value.clone()))?;
+            if let Some(old) = old {
+                self.n_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
         }
-        self.pending.apply_batch(batch)?;
         self.db.flush_async().await?;
         Ok(())
     }
 
     /// Removes lines the CMS confirmed, and flushes.
     pub async fn remove(&self, ids: &[u64]) -> Result<(), OutboxError> {
-        let mut n_removed = 0;
         for id in ids {
-            if self.pending.remove(id.to_be_bytes())?.is_some() {
-                n_removed += 1;
-            }
+            self.remove_pending(&id.to_be_bytes())?;
         }
         self.db.flush_async().await?;
-        self.n_pending.fetch_sub(n_removed, Ordering::Relaxed);
         Ok(())
     }
 
@@ -294,12 +331,57 @@ impl Outbox {
         record.dead_reason = Some(reason.to_owned());
         record.dead_at_ms = Some(Utc::now().timestamp_millis());
         self.dead.insert(line.id.to_be_bytes(), record.encode())?;
-        let removed = self.pending.remove(line.id.to_be_bytes())?.is_some();
+        self.remove_pending(&line.id.to_be_bytes())?;
         self.db.flush_async().await?;
-        if removed {
-            self.n_pending.fetch_sub(1, Ordering::Relaxed);
-        }
         Ok(())
+    }
+
+    /// Moves dead letters back to the pending lines (all when `ids` is `None`), to be prepared
+    /// afresh (the mapping may have been fixed meanwhile). Returns how many.
+    pub async fn requeue(&self, ids: Option<&[u64]>) -> Result<usize, OutboxError> {
+        let mut n_requeued = 0;
+        for dead in self.dead_letters()? {
+            if ids.is_some_and(|ids| !ids.contains(&dead.pending.id)) {
+                continue;
+            }
+            let pending = PendingLine {
+                attempts: 0,
+                prepared: None,
+                in_flight: false,
+                ..dead.pending
+            };
+            let value = RecordV1::from_pending(&pending).encode();
+            let n_bytes = value.len() as u64;
+            // Written to pending before it leaves the dead letters: a crash leaves it in at least one.
+            if self
+                .pending
+                .insert(pending.id.to_be_bytes(), value)?
+                .is_none()
+            {
+                self.n_pending.fetch_add(1, Ordering::Relaxed);
+                self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
+            }
+            self.dead.remove(pending.id.to_be_bytes())?;
+            n_requeued += 1;
+        }
+        self.db.flush_async().await?;
+        Ok(n_requeued)
+    }
+
+    /// Deletes every dead letter. Returns how many.
+    pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
+        let n = self.dead.len();
+        self.dead.clear()?;
+        self.db.flush_async().await?;
+        Ok(n)
+    }
+
+    /// Deletes every quarantined record. Returns how many.
+    pub async fn purge_quarantine(&self) -> Result<usize, OutboxError> {
+        let n = self.quarantine.len();
+        self.quarantine.clear()?;
+        self.db.flush_async().await?;
+        Ok(n)
     }
 
     /// Keeps a raw body that could not be used (a viewer response that is not JSON), for an operator.
@@ -340,6 +422,107 @@ impl Outbox {
         Ok(lines)
     }
 
+    /// Sets the bounds (`outbox.max_bytes`, `outbox.max_age`, `outbox.when_full`).
+    pub fn with_limits(mut self, limits: Limits) -> Outbox {
+        self.limits = limits;
+        self
+    }
+
+    /// Bytes of pending records.
+    pub fn bytes(&self) -> u64 {
+        self.n_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    pub fn is_full_and_paused(&self) -> bool {
+        self.limits.when_full == WhenFull::PausePolling && self.bytes() >= self.limits.max_bytes
+    }
+
+    /// Lines dropped for space or age since the outbox was opened.
+    pub fn n_dropped(&self) -> u64 {
+        self.n_dropped.load(Ordering::Relaxed)
+    }
+
+    /// When the oldest pending line was captured.
+    pub fn oldest_captured_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        Ok(self.oldest(1)?.first().map(|p| p.line.captured_at))
+    }
+
+    /// Drops pending lines captured more than `max_age` ago. Returns how many. A line in flight may
+    /// be dropped too: `save` never brings a removed record back, so a POST that ends later cannot
+    /// resurrect it (at worst a dropped line was in fact stored by the CMS).
+    pub async fn drop_expired(&self) -> Result<usize, OutboxError> {
+        let Ok(max_age) = chrono::Duration::from_std(self.limits.max_age) else {
+            return Ok(0);
+        };
+        let Some(cutoff) = Utc::now().checked_sub_signed(max_age) else {
+            return Ok(0);
+        };
+        self.drop_while("older than outbox.max_age", |line, _| {
+            line.line.captured_at < cutoff
+        })
+        .await
+    }
+
+    /// Drops the oldest pending lines until at most `max_bytes` remain.
+    async fn drop_oldest(&self, max_bytes: u64) -> Result<usize, OutboxError> {
+        self.drop_while("outbox.max_bytes reached", |_, outbox| {
+            outbox.bytes() > max_bytes
+        })
+        .await
+    }
+
+    /// Drops pending lines from the oldest on while `condition` holds, logging each at warn.
+    async fn drop_while(
+        &self,
+        reason: &str,
+        condition: impl Fn(&PendingLine, &Outbox) -> bool,
+    ) -> Result<usize, OutboxError> {
+        let mut n_dropped = 0;
+        // Lazily, oldest first: this runs on every delivery step and must stop at the first line
+        // that stays.
+        for entry in self.pending.iter() {
+            let (key, value) = entry?;
+            let Some(line) = decode_pending(&key, &value) else {
+                continue;
+            };
+            if !condition(&line, self) {
+                break;
+            }
+            self.remove_pending(&key)?;
+            n_dropped += 1;
+            if n_dropped <= MAX_DROPS_LOGGED {
+                tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
+            }
+        }
+        if n_dropped > 0 {
+            self.db.flush_async().await?;
+            self.n_dropped
+                .fetch_add(n_dropped as u64, Ordering::Relaxed);
+            tracing::warn!(
+                n_lines = n_dropped,
+                reason,
+                outbox_depth = self.len(),
+                "lines dropped from the outbox"
+            );
+        }
+        Ok(n_dropped)
+    }
+
+    /// Removes one pending record and keeps the depth counters true.
+    fn remove_pending(&self, key: &[u8]) -> Result<(), OutboxError> {
+        if let Some(old) = self.pending.remove(key)? {
+            self.n_pending.fetch_sub(1, Ordering::Relaxed);
+            self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The directory.
+    pub fn path(&self) -> std::path::PathBuf {
+        self.path.clone()
+    }
+
     /// Pending lines.
     pub fn len(&self) -> usize {
         self.n_pending.load(Ordering::Relaxed)
@@ -348,24 +531,6 @@ impl Outbox {
     /// Whether nothing is pending.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// The pending lines' size on disk (keys and values, before sled's own overhead) and the capture
-    /// time of the oldest one, for the metrics. Read-only (undecodable records are skipped, not
-    /// quarantined); it walks the whole pending tree, which is fine for a scrape every few seconds
-    /// even with 100,000 lines waiting.
-    pub fn depth_summary(&self) -> Result<DepthSummary, OutboxError> {
-        let mut summary = DepthSummary::default();
-        for entry in self.pending.iter() {
-            let (key, value) = entry?;
-            summary.n_bytes += (key.len() + value.len()) as u64;
-            if summary.oldest_captured_at.is_none() {
-                summary.oldest_captured_at = serde_json::from_slice::<RecordV1>(&value)
-                    .ok()
-                    .and_then(|record| Utc.timestamp_millis_opt(record.captured_at_ms).single());
-            }
-        }
-        Ok(summary)
     }
 
     /// Dead letters.
@@ -399,6 +564,12 @@ impl Outbox {
         self.db.flush_async().await?;
         Ok(())
     }
+}
+
+fn decode_pending(key: &[u8], value: &[u8]) -> Option<PendingLine> {
+    let id = <[u8; 8]>::try_from(key).ok()?;
+    let record: RecordV1 = serde_json::from_slice(value).ok()?;
+    record.into_pending(u64::from_be_bytes(id))
 }
 
 fn quarantine_key(db: &sled::Db) -> Result<[u8; 8], sled::Error> {

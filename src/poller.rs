@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::filter::Filter;
+use crate::filter::{Filter, FilterReason};
+use crate::inworld::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
 use crate::metrics::Stats;
 use crate::model::CapturedLine;
@@ -44,6 +45,8 @@ pub struct PollOutcome {
     pub n_polled: usize,
     /// Lines stored in the outbox.
     pub n_relayed: usize,
+    /// The outbox is full under `outbox.when_full = "pause_polling"`: no GET was sent.
+    pub paused: bool,
 }
 
 /// The ingest stage.
@@ -58,6 +61,8 @@ pub struct Poller {
     own_name_read: Option<Instant>,
     /// Lines read from the viewer that a failed write has not stored yet.
     unstored: Vec<CapturedLine>,
+    /// What the relay said in-world lately: its echo is dropped when the viewer gives no own name.
+    recently_said: Arc<RecentlySaid>,
 }
 
 impl Poller {
@@ -69,6 +74,7 @@ impl Poller {
         zone: Zone,
         poll_interval: Duration,
         stats: Arc<Stats>,
+        recently_said: Arc<RecentlySaid>,
     ) -> Poller {
         Poller {
             viewer,
@@ -80,6 +86,7 @@ impl Poller {
             own_name: None,
             own_name_read: None,
             unstored: Vec::new(),
+            recently_said,
         }
     }
 
@@ -88,6 +95,12 @@ impl Poller {
         if !self.unstored.is_empty() {
             self.outbox.append(&self.unstored).await?;
             self.unstored.clear();
+        }
+        if self.outbox.is_full_and_paused() {
+            return Ok(PollOutcome {
+                paused: true,
+                ..PollOutcome::default()
+            });
         }
         self.refresh_own_name().await;
         let body = self.viewer.poll().await?;
@@ -124,6 +137,11 @@ impl Poller {
                 self.stats.filtered(reason);
                 continue;
             }
+            if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
+                self.stats.filtered(FilterReason::OwnAvatar);
+                Stats::add(&self.stats.inworld_echoes_dropped, 1);
+                continue;
+            }
             captured.push(CapturedLine {
                 speaker: line.from.unwrap_or_default(),
                 owner_id: line.owner_id.filter(|o| o != crate::model::ZERO_UUID),
@@ -141,6 +159,7 @@ impl Poller {
         Ok(PollOutcome {
             n_polled,
             n_relayed,
+            paused: false,
         })
     }
 
@@ -150,11 +169,26 @@ impl Poller {
         let stats = self.stats.clone();
         let _alive = stats.poller_heartbeat.alive();
         let mut failing = false;
+        let mut paused = false;
         while !token.is_cancelled() {
             stats.poller_heartbeat.beat();
             let pause = match self.try_poll_once().await {
+                Ok(outcome) if outcome.paused => {
+                    if !paused {
+                        tracing::warn!(
+                            outbox_bytes = self.outbox.bytes(),
+                            "outbox full: viewer polling paused until delivery makes room (the viewer keeps the lines)"
+                        );
+                        paused = true;
+                    }
+                    self.poll_interval
+                }
                 Ok(outcome) => {
                     self.stats.readiness.outbox_ok();
+                    if paused {
+                        tracing::info!("outbox has room again: viewer polling resumed");
+                        paused = false;
+                    }
                     if failing {
                         tracing::info!("viewer reachable again");
                         failing = false;

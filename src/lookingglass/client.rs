@@ -90,6 +90,32 @@ impl LookingGlassClient {
         Ok(body.to_vec())
     }
 
+    /// Says `text` in-world through the viewer's chat POST. The viewer decodes `+` and `%XX` in
+    /// `Message` even in JSON, so every byte outside `[A-Za-z0-9]` is percent-encoded (pure ASCII, no
+    /// JSON escaping needed); `Channel` and `Type` are always sent (without either the viewer says
+    /// nothing and still answers `200 {}`); the body starts with `{` (else it is read as a form). The
+    /// answer never reports failure, so success here only means the viewer took the request.
+    pub async fn say(&self, text: &str, channel: i32, say_type: &str) -> Result<(), ViewerError> {
+        let message =
+            percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC);
+        let body =
+            format!(r#"{{"Message":"{message}","Channel":"{channel}","Type":"{say_type}"}}"#);
+        let response = self
+            .http
+            .post(&self.chat_url)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(ViewerError::Transport)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(ViewerError::Transport)?;
+        if status != 200 {
+            return Err(status_error(status, &body));
+        }
+        Ok(())
+    }
+
     /// The viewer's own avatar name from `status_url` (`first` + `last`), `None` when it is off or the
     /// viewer is not logged in.
     pub async fn own_name(&self) -> Result<Option<String>, ViewerError> {

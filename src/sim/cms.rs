@@ -46,6 +46,10 @@ const PHP_DEFAULT_CONTENT_TYPE: &str = "text/html; charset=UTF-8";
 /// The 401 message of `api/api.php:82-83`, for every permission failure.
 const UNAUTHORIZED: &str = "Unauthorized to access this API URL";
 
+/// How many requests [`CmsHandle::requests`] keeps: far more than any test makes, and a bound on
+/// the memory of a `sim cms` left running for days.
+const MAX_RECORDED_REQUESTS: usize = 100_000;
+
 /// Permission levels of `class.Auth.php`.
 const READ: u8 = 4;
 const EXECUTE: u8 = 5;
@@ -363,8 +367,9 @@ impl CmsHandle {
         }
     }
 
-    /// The next `n` chat POSTs get `fault` (after any faults queued earlier). Other requests are
-    /// not affected. `usize::MAX` makes it permanent.
+    /// The next `n` chat POSTs get `fault` (after any faults queued earlier). A POST consumes its
+    /// fault whatever its outcome (even a 401); other requests are not affected. `usize::MAX`
+    /// makes it permanent.
     pub fn fault_next(&self, n: usize, fault: Fault) {
         if n > 0 {
             self.shared.lock().faults.push_back((n, fault));
@@ -388,9 +393,9 @@ impl CmsHandle {
         self.shared.lock().n_logins
     }
 
-    /// Every request received, in order.
+    /// Every request received, in order (the newest 100 000 of them).
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        self.shared.lock().requests.clone()
+        self.shared.lock().requests.iter().cloned().collect()
     }
 
     /// Requests that matched the chat POST route, whatever their outcome.
@@ -588,7 +593,8 @@ struct State {
     offline: bool,
     n_logins: u64,
     n_chat_posts: u64,
-    requests: Vec<RecordedRequest>,
+    /// The newest [`MAX_RECORDED_REQUESTS`] requests, oldest first.
+    requests: VecDeque<RecordedRequest>,
 }
 
 struct Shared {
@@ -614,7 +620,7 @@ impl Shared {
             offline: false,
             n_logins: 0,
             n_chat_posts: 0,
-            requests: Vec::new(),
+            requests: VecDeque::new(),
         };
         // `assets/users.sql`: the two default accounts, both with 7 on every module.
         state.add_user("OpenSim", "opensim", "OpenSim", "", Permissions::all());
@@ -978,7 +984,10 @@ async fn handle(shared: Arc<Shared>, request: Request) -> Reply {
 
 fn plan(shared: &Shared, request: &Request) -> Plan {
     let mut state = shared.lock();
-    state.requests.push(RecordedRequest {
+    if state.requests.len() == MAX_RECORDED_REQUESTS {
+        state.requests.pop_front();
+    }
+    state.requests.push_back(RecordedRequest {
         method: request.method.clone(),
         path: request.path.clone(),
         query: request.query.clone(),
@@ -1021,6 +1030,13 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
         shared.stored.notify_one();
     }
     let response = render(shared, request, answer);
+    tracing::debug!(
+        method = %request.method,
+        path = %request.path,
+        status = response.status,
+        fault = ?fault,
+        "sim cms request"
+    );
     match fault {
         Some(Fault::HangAfterStore) => Plan::Now(Reply::NoAnswer),
         Some(Fault::CloseAfterStore) => Plan::Now(Reply::Close),
@@ -1905,6 +1921,9 @@ fn get_input(request: &Request) -> Php {
     Php::Arr(parse_str(body))
 }
 
+/// PHP's default `max_input_nesting_level`.
+const MAX_INPUT_NESTING_LEVEL: usize = 64;
+
 /// PHP `parse_str` (also what fills `$_POST` for a form body), bracket syntax included.
 fn parse_str(body: &[u8]) -> IndexMap<String, Php> {
     let mut out = IndexMap::new();
@@ -1955,6 +1974,10 @@ fn register_variable(out: &mut IndexMap<String, Php>, key: &str, value: Php) {
                 break;
             }
         }
+    }
+    // `max_input_nesting_level`: a deeper variable is dropped (and the recursion stays bounded).
+    if indices.len() > MAX_INPUT_NESTING_LEVEL {
+        return;
     }
     insert_path(out, Some(base), &indices, value);
 }
@@ -2134,7 +2157,8 @@ fn php_string(value: &Php) -> Vec<u8> {
     }
 }
 
-/// `(string)$float` with PHP's `precision = 14`, close enough for chat fields.
+/// `(string)$float` with PHP's `precision = 14`: 14 significant digits, written in the shortest
+/// form, with PHP's `1.0E+20` notation outside 1e-4 .. 1e15.
 fn php_float_string(number: f64) -> String {
     if number.is_nan() {
         return "NAN".to_owned();
@@ -2142,15 +2166,20 @@ fn php_float_string(number: f64) -> String {
     if number.is_infinite() {
         return if number > 0.0 { "INF" } else { "-INF" }.to_owned();
     }
-    if number.fract() == 0.0 && number.abs() < 1e15 {
-        return format!("{}", number as i64);
+    let rounded: f64 = format!("{number:.13e}").parse().unwrap_or(number);
+    let magnitude = rounded.abs();
+    if rounded == 0.0 {
+        return "0".to_owned();
     }
-    let text = format!("{number:.14e}");
-    // Shortest round trip is what matters for the simulator; PHP's exact digits do not.
-    match text.parse::<f64>() {
-        Ok(_) => format!("{number}"),
-        Err(_) => text,
+    if (1e-4..1e15).contains(&magnitude) {
+        return format!("{rounded}");
     }
+    let scientific = format!("{rounded:e}");
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let point = if mantissa.contains('.') { "" } else { ".0" };
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let sign = if exponent < 0 { '-' } else { '+' };
+    format!("{mantissa}{point}E{sign}{}", exponent.unsigned_abs())
 }
 
 /// PHP 5 `is_numeric`.
@@ -2440,6 +2469,23 @@ mod tests {
                 }),
             Some(2)
         );
+    }
+
+    #[test]
+    fn floats_print_as_php_does() {
+        assert_eq!(php_float_string(1.5), "1.5");
+        assert_eq!(php_float_string(3.0), "3");
+        assert_eq!(php_float_string(0.1 + 0.2), "0.3");
+        assert_eq!(php_float_string(1e20), "1.0E+20");
+        assert_eq!(php_float_string(1.5e-7), "1.5E-7");
+    }
+
+    #[test]
+    fn form_keys_nested_too_deeply_are_dropped() {
+        let deep = format!("a{}=1&b=2", "[x]".repeat(100));
+        let parsed = parse_str(deep.as_bytes());
+        assert!(!parsed.contains_key("a"));
+        assert!(parsed.contains_key("b"));
     }
 
     #[test]

@@ -215,6 +215,9 @@ pub struct HandedOut {
     pub chat_type: String,
     /// The `EntryType` field.
     pub entry_type: String,
+    /// Which chat GET handed it out (1 for the first answered GET, as `n_gets` counts them): lines
+    /// of one response share it.
+    pub response: u64,
 }
 
 /// A queued line, stamped with its receive time.
@@ -668,11 +671,11 @@ fn ok_response(shared: &Shared, body: String) -> Response {
 /// `GET /api/chat`: drain the whole queue, then (after the configured delay) write it; the lines
 /// count as handed out only if the write completes.
 async fn chat_get(shared: &Arc<Shared>, rest_thread: tokio::sync::OwnedMutexGuard<()>) -> Reply {
-    let (batch, delay, trickle) = {
+    let (batch, delay, trickle, response) = {
         let mut state = shared.state();
         state.n_gets += 1;
         let batch: Vec<QueuedLine> = state.queue.drain(..).collect();
-        (batch, state.response_delay, state.trickle)
+        (batch, state.response_delay, state.trickle, state.n_gets)
     };
 
     let mut body = String::from("{");
@@ -719,6 +722,7 @@ async fn chat_get(shared: &Arc<Shared>, rest_thread: tokio::sync::OwnedMutexGuar
             message: line.message.clone(),
             chat_type: line.chat_type.clone(),
             entry_type: line.entry_type.clone(),
+            response,
         });
     }
     body.push('}');

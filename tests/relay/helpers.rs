@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::config::Settings;
+use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
@@ -46,8 +47,11 @@ pub struct TestEnv {
 /// A relay running in this process.
 pub struct RunningRelay {
     pub token: CancellationToken,
+    pub stats: Arc<Stats>,
     pub outbox: Arc<Outbox>,
     task: JoinHandle<anyhow::Result<()>>,
+    /// The relay runs on a runtime of its own, so a kill can drop all of its tasks at once.
+    runtime: tokio::runtime::Runtime,
 }
 
 impl TestEnv {
@@ -122,6 +126,7 @@ impl TestEnv {
             ("cms.password", RELAY_PASSWORD),
             ("cms.timezone", CMS_ZONE),
             ("cms.request_timeout", "5s"),
+            ("cms.max_requests_per_second", "0"),
             ("outbox.path", &outbox),
             ("retry.initial", "20ms"),
             ("retry.max", "200ms"),
@@ -132,14 +137,32 @@ impl TestEnv {
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
-        let relay = Relay::build(&self.settings(toml, overrides)).expect("relay builds");
+        let settings = self.settings(toml, overrides);
+        let deadline = Instant::now() + PATIENCE;
+        let relay = loop {
+            match Relay::build(&settings) {
+                Ok(relay) => break relay,
+                // After `kill`, sled's threads may hold the lock a moment longer.
+                Err(err) if err.to_string().contains("in use") && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(err) => panic!("relay builds: {err:#}"),
+            }
+        };
         let token = CancellationToken::new();
-        let outbox = relay.outbox();
-        let task = tokio::spawn(relay.run_until_stopped(token.clone()));
+        let (stats, outbox) = (relay.stats(), relay.outbox());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("relay runtime");
+        let task = runtime.spawn(relay.run_until_stopped(token.clone()));
         RunningRelay {
             token,
+            stats,
             outbox,
             task,
+            runtime,
         }
     }
 
@@ -155,6 +178,17 @@ impl TestEnv {
 }
 
 impl RunningRelay {
+    /// Ends the relay abruptly, as a crash would: every task is dropped wherever it is (a POST in
+    /// flight included), and nothing is flushed beyond what was already flushed.
+    pub async fn kill(self) {
+        let RunningRelay {
+            runtime, outbox, ..
+        } = self;
+        runtime.shutdown_background();
+        // The last reference to the sled database goes here, releasing its file lock.
+        drop(outbox);
+    }
+
     /// Stops the relay as SIGTERM would and waits for it.
     pub async fn stop(self) {
         self.token.cancel();
@@ -162,6 +196,7 @@ impl RunningRelay {
             .await
             .expect("relay task joins")
             .expect("relay stops cleanly");
+        self.runtime.shutdown_background();
     }
 }
 

@@ -1,11 +1,16 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
+mod admin;
 mod check;
 mod config;
+mod crash;
 mod delivery;
+mod faults;
 mod health;
 mod helpers;
 mod ingest;
+mod inworld;
 mod notify;
+mod outage;
 mod restart;
 mod shutdown;

@@ -1,0 +1,84 @@
+//! `opensim-chat-relay outbox …`: look into and repair the outbox while the relay is stopped.
+//!
+//! Owns only the printing and the choice of operation; the storage work is `Outbox`'s. It refuses to
+//! run while a relay holds the outbox (sled's lock), with a message that says so.
+
+use chrono::Utc;
+
+use crate::cli::OutboxAction;
+use crate::config::Settings;
+use crate::outbox::Outbox;
+
+/// Runs one outbox action and prints its result on stdout.
+pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
+    let outbox = Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?;
+    match action {
+        OutboxAction::Stats => {
+            let oldest = outbox.oldest_captured_at()?;
+            println!("outbox       {}", settings.outbox.path.display());
+            println!(
+                "pending      {} lines, {} bytes",
+                outbox.len(),
+                outbox.bytes()
+            );
+            match oldest {
+                Some(at) => println!(
+                    "oldest       captured {at} ({} ago)",
+                    humantime::format_duration(age(at))
+                ),
+                None => println!("oldest       -"),
+            }
+            println!("dead         {} lines", outbox.dead_len());
+            println!("quarantine   {} records", outbox.quarantine_len());
+        }
+        OutboxAction::List { limit } => {
+            for line in outbox.oldest(limit)? {
+                let state = if line.in_flight {
+                    " (outcome unknown: read back before resending)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:>20}  {}  {}: {}{state}",
+                    line.id, line.line.captured_at, line.line.speaker, line.line.message
+                );
+            }
+        }
+        OutboxAction::Dead => {
+            for dead in outbox.dead_letters()? {
+                let line = &dead.pending.line;
+                println!(
+                    "{:>20}  {}  {}: {}",
+                    dead.pending.id, line.captured_at, line.speaker, line.message
+                );
+                println!("{:>20}  dead since {}: {}", "", dead.dead_at, dead.reason);
+            }
+        }
+        OutboxAction::Requeue { ids, all } => {
+            if ids.is_empty() && !all {
+                anyhow::bail!(
+                    "name the dead letters to requeue (ids from `outbox dead`), or --all"
+                );
+            }
+            let n = outbox.requeue(if all { None } else { Some(&ids) }).await?;
+            println!("requeued {n} dead letters; the relay delivers them at its next start");
+        }
+        OutboxAction::Purge { quarantine } => {
+            let n_dead = outbox.purge_dead().await?;
+            println!("purged {n_dead} dead letters");
+            if quarantine {
+                println!(
+                    "purged {} quarantined records",
+                    outbox.purge_quarantine().await?
+                );
+            }
+        }
+    }
+    outbox.flush().await?;
+    Ok(())
+}
+
+fn age(at: chrono::DateTime<Utc>) -> std::time::Duration {
+    let seconds = (Utc::now() - at).num_seconds().max(0);
+    std::time::Duration::from_secs(seconds as u64)
+}

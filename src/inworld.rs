@@ -1,0 +1,338 @@
+//! CMS → in-world: lines typed in the CMS (`fromCMS = 1`) are said in the region by the viewer's
+//! avatar, once each, in order.
+//!
+//! Owns the persisted cursor (the highest CMS chat id handled, in the outbox's `meta` tree, so a
+//! restart neither repeats nor skips), the splitting of long lines, the flood limit, and
+//! `RecentlySaid`, the short memory the poller uses to drop the echo of what was said when the viewer
+//! gives no own name. Must not touch the outbox's pending lines. It never calls the CMS chat GET without
+//! a timestamp (that returns the whole history).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::cms::{CmsChat, CmsClient, CmsError};
+use crate::config::InworldSettings;
+use crate::lookingglass::{LookingGlassClient, ViewerError};
+use crate::metrics::Stats;
+use crate::model::fill_template;
+use crate::outbox::{Outbox, OutboxError};
+use crate::zone::Zone;
+
+/// The outbox `meta` key of the cursor.
+pub const CURSOR: &str = "inworld.last_said_id";
+
+/// OpenSim truncates chat to 1000 characters and Second Life viewers to 1023 bytes (spec §3.5).
+const MAX_PART_CHARS: usize = 1000;
+const MAX_PART_BYTES: usize = 1023;
+
+/// How long a said text is remembered for echo detection: the simulator echoes within a second; a
+/// minute allows for a slow viewer poll.
+const ECHO_MEMORY: Duration = Duration::from_secs(60);
+
+/// Why a step failed; the cursor did not move past anything unsaid.
+#[derive(Debug, thiserror::Error)]
+pub enum InworldError {
+    /// Reading the CMS failed.
+    #[error(transparent)]
+    Cms(#[from] CmsError),
+    /// Saying in-world failed.
+    #[error(transparent)]
+    Viewer(#[from] ViewerError),
+    /// The cursor could not be read or stored.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// What one step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct InworldOutcome {
+    /// CMS lines said.
+    pub n_said: usize,
+    /// CMS lines skipped (too old, over the queue limit).
+    pub n_skipped: usize,
+}
+
+/// Texts the relay said in-world recently, for the poller to recognise their echo.
+#[derive(Debug, Default)]
+pub struct RecentlySaid {
+    texts: Mutex<VecDeque<(String, Instant)>>,
+}
+
+impl RecentlySaid {
+    /// Remembers a said text.
+    pub fn remember(&self, text: &str) {
+        let mut texts = self
+            .texts
+            .lock()
+            .expect("echo memory lock is never poisoned");
+        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
+        texts.push_back((text.to_owned(), Instant::now()));
+    }
+
+    /// Whether `text` is the echo of something said recently; each said text matches one echo.
+    pub fn take_echo(&self, text: &str) -> bool {
+        let mut texts = self
+            .texts
+            .lock()
+            .expect("echo memory lock is never poisoned");
+        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
+        match texts.iter().position(|(said, _)| said == text) {
+            Some(idx) => {
+                texts.remove(idx);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The CMS → in-world stage.
+pub struct Inworld {
+    cms: Arc<CmsClient>,
+    viewer: LookingGlassClient,
+    outbox: Arc<Outbox>,
+    settings: InworldSettings,
+    cms_zone: Zone,
+    stats: Arc<Stats>,
+    said: Arc<RecentlySaid>,
+    /// When the previous successful read was made; the next starts `look_back` before it.
+    last_read: Option<DateTime<Utc>>,
+    /// The earliest moment the next line may be said (flood control).
+    next_slot: Instant,
+}
+
+impl Inworld {
+    /// Builds the stage.
+    pub fn new(
+        cms: Arc<CmsClient>,
+        viewer: LookingGlassClient,
+        outbox: Arc<Outbox>,
+        settings: InworldSettings,
+        cms_zone: Zone,
+        stats: Arc<Stats>,
+        said: Arc<RecentlySaid>,
+    ) -> Inworld {
+        Inworld {
+            cms,
+            viewer,
+            outbox,
+            settings,
+            cms_zone,
+            stats,
+            said,
+            last_read: None,
+            next_slot: Instant::now(),
+        }
+    }
+
+    /// One step: read new CMS lines and say them, paced; stops between lines when `token` is
+    /// cancelled.
+    pub async fn try_poll_once(
+        &mut self,
+        token: &CancellationToken,
+    ) -> Result<InworldOutcome, InworldError> {
+        let now = Utc::now();
+        let look_back = chrono::Duration::from_std(self.settings.look_back).unwrap_or_default();
+        let max_age = chrono::Duration::from_std(self.settings.max_age).unwrap_or_default();
+        // After a start, reach back over the whole max_age (lines typed while the relay was down).
+        let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
+        let rows = self.cms.chats_since(since.timestamp()).await?;
+        self.last_read = Some(now);
+        let Some(cursor) = self.outbox.meta_i64(CURSOR)? else {
+            // First start ever: begin from now, say nothing of the past.
+            let newest = rows.iter().map(|r| r.id).max().unwrap_or(0);
+            self.outbox.set_meta_i64(CURSOR, newest).await?;
+            tracing::info!(cursor = newest, "in-world relay starts from now");
+            return Ok(InworldOutcome::default());
+        };
+        let mut pending: Vec<CmsChat> = rows
+            .into_iter()
+            .filter(|r| r.from_cms && r.id > cursor)
+            .collect();
+        pending.sort_by_key(|r| r.id);
+        let mut outcome = InworldOutcome::default();
+        if pending.len() > self.settings.max_queue {
+            let n_over = pending.len() - self.settings.max_queue;
+            let last_dropped = pending[n_over - 1].id;
+            pending.drain(..n_over);
+            self.skip(
+                last_dropped,
+                n_over,
+                "more lines waiting than inworld.max_queue",
+                &mut outcome,
+            )
+            .await?;
+        }
+        for row in pending {
+            if token.is_cancelled() {
+                break;
+            }
+            if self.age(&row, Utc::now()).is_some_and(|age| age > max_age) {
+                self.skip(row.id, 1, "older than inworld.max_age", &mut outcome)
+                    .await?;
+                continue;
+            }
+            for part in split_message(&self.render(&row)) {
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(outcome),
+                    _ = tokio::time::sleep_until(self.next_slot.into()) => {}
+                }
+                self.said.remember(&part);
+                self.viewer
+                    .say(
+                        &part,
+                        self.settings.channel,
+                        self.settings.say_type.as_str(),
+                    )
+                    .await?;
+                self.next_slot = Instant::now()
+                    + Duration::from_secs_f64(1.0 / self.settings.max_lines_per_second);
+                Stats::add(&self.stats.inworld_said, 1);
+            }
+            self.outbox.set_meta_i64(CURSOR, row.id).await?;
+            outcome.n_said += 1;
+        }
+        Ok(outcome)
+    }
+
+    /// Polls until `token` is cancelled.
+    pub async fn run_until_stopped(mut self, token: CancellationToken) {
+        tracing::info!("saying CMS lines in-world");
+        let mut failing = false;
+        while !token.is_cancelled() {
+            match self.try_poll_once(&token).await {
+                Ok(outcome) => {
+                    failing = false;
+                    if outcome.n_said + outcome.n_skipped > 0 {
+                        tracing::info!(
+                            n_said = outcome.n_said,
+                            n_skipped = outcome.n_skipped,
+                            "cms lines said in-world"
+                        );
+                    }
+                }
+                Err(err) if !failing => {
+                    tracing::warn!(error = %err, "in-world relay step failed; retrying every poll interval");
+                    failing = true;
+                }
+                Err(err) => tracing::debug!(error = %err, "in-world relay step failed again"),
+            }
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+    }
+
+    async fn skip(
+        &self,
+        up_to_id: i64,
+        n: usize,
+        reason: &str,
+        outcome: &mut InworldOutcome,
+    ) -> Result<(), OutboxError> {
+        tracing::warn!(n_lines = n, reason, "cms lines not said in-world");
+        Stats::add(&self.stats.inworld_skipped, n as u64);
+        outcome.n_skipped += n;
+        self.outbox.set_meta_i64(CURSOR, up_to_id).await
+    }
+
+    /// How old a CMS row is; `None` when its timestamp cannot be read.
+    fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
+        let at = self.cms_zone.resolve(naive).into_iter().min()?;
+        Some(now - at)
+    }
+
+    fn render(&self, row: &CmsChat) -> String {
+        fill_template(
+            &self.settings.format,
+            &[
+                ("first", &row.first_name),
+                ("last", &row.last_name),
+                ("username", &row.username),
+                ("message", &row.message),
+            ],
+        )
+    }
+}
+
+/// Splits `text` into parts of at most 1000 characters and 1023 UTF-8 bytes, at the last white space
+/// that fits (or mid-word when a word alone is longer).
+pub fn split_message(text: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let mut end = 0;
+        for (n_chars, (idx, c)) in rest.char_indices().enumerate() {
+            if n_chars >= MAX_PART_CHARS || idx + c.len_utf8() > MAX_PART_BYTES {
+                break;
+            }
+            end = idx + c.len_utf8();
+        }
+        if end == rest.len() {
+            parts.push(rest.to_owned());
+            break;
+        }
+        let cut = rest[..end]
+            .rfind(char::is_whitespace)
+            .filter(|idx| *idx > 0)
+            .unwrap_or(end);
+        parts.push(rest[..cut].trim_end().to_owned());
+        rest = rest[cut..].trim_start();
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_split_at_word_boundaries_within_both_limits() {
+        let text = "word ".repeat(450); // 2250 characters
+        let parts = split_message(&text);
+        assert!(parts.len() >= 3, "{}", parts.len());
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.chars().count() <= 1000 && p.len() <= 1023)
+        );
+        assert!(
+            parts
+                .iter()
+                .all(|p| !p.starts_with(' ') && !p.ends_with(' ') && p.ends_with("word"))
+        );
+        assert_eq!(parts.join(" "), text.trim());
+    }
+
+    #[test]
+    fn multibyte_text_respects_the_byte_limit() {
+        let text = "日本語".repeat(400); // 1200 characters, 3600 bytes, no spaces
+        let parts = split_message(&text);
+        assert!(
+            parts.iter().all(|p| p.len() <= 1023),
+            "{:?}",
+            parts.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(parts.concat(), text);
+    }
+
+    #[test]
+    fn a_short_line_is_one_part() {
+        assert_eq!(split_message("hello"), ["hello"]);
+        assert!(split_message("   ").is_empty());
+    }
+
+    #[test]
+    fn each_said_text_absorbs_one_echo() {
+        let said = RecentlySaid::default();
+        said.remember("hello");
+        assert!(said.take_echo("hello"));
+        assert!(!said.take_echo("hello"));
+    }
+}
