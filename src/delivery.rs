@@ -431,6 +431,8 @@ impl Delivery {
         tracing::info!(
             n_found = found.len(),
             n_resend = unsent.len(),
+            n_messages = found.len() + unsent.len(),
+            outbox_depth = self.outbox.len(),
             "read back lines of unknown outcome"
         );
         Ok(unsent)

@@ -6,7 +6,7 @@
 //!
 //! Readiness (`/readyz` is 200 only when all three hold):
 //! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
-//!   `outbox.when_full = "pause"` a full outbox stops polling);
+//!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
 //! - **cms**: the last login, or the last request with its token, was accepted.
