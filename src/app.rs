@@ -31,6 +31,9 @@ use crate::poller::Poller;
 /// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 
+/// How often a start-up login that failed is tried again (until one succeeds).
+pub const STARTUP_LOGIN_RETRY: Duration = Duration::from_secs(30);
+
 /// A loop that has not come round for this long counts as hung and the systemd watchdog is no longer
 /// fed. Every request has its own limit (viewer inactivity 60 s, CMS 30 s), so five minutes without
 /// a turn means a bug, not a slow peer; `2 × retry.max` is used when that is longer.
@@ -185,11 +188,21 @@ impl Relay {
         if let Some(health) = self.health {
             tracker.spawn(health.run_until_stopped(token.clone()));
         }
-        let cms = self.cms.clone();
+        let (cms, login_token) = (self.cms.clone(), token.clone());
         tracker.spawn(async move {
-            // Readiness should not wait for the first chat line to learn whether the CMS takes us.
-            if let Err(err) = cms.ensure_logged_in().await {
-                tracing::warn!(error = %err, "cms login at start-up failed; delivery keeps retrying");
+            // Readiness should not wait for the first chat line to learn whether the CMS takes us;
+            // a CMS that is down at start is tried again until it answers (a wrong password too,
+            // slowly, so /readyz turns ready once it is fixed in the CMS).
+            let mut n_failed = 0u32;
+            while let Err(err) = cms.ensure_logged_in().await {
+                if n_failed == 0 {
+                    tracing::warn!(error = %err, retry_in = ?STARTUP_LOGIN_RETRY, "cms login at start-up failed; trying again");
+                }
+                n_failed += 1;
+                tokio::select! {
+                    _ = login_token.cancelled() => return,
+                    _ = tokio::time::sleep(STARTUP_LOGIN_RETRY) => {}
+                }
             }
         });
         if let Some(notifier) = &self.notifier {

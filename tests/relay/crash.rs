@@ -23,7 +23,7 @@ fn start_relay_process(env: &TestEnv) -> Child {
          [cms]\nbase_url = \"{}\"\nusername = \"{RELAY_USER}\"\npassword = \"{RELAY_PASSWORD}\"\n\
          max_requests_per_second = 0.0\nbatch_max_messages = 20\n\
          [retry]\ninitial = \"20ms\"\nmax = \"200ms\"\n[inworld]\nenabled = false\n\
-         [outbox]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n",
+         [outbox]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
         env.viewer.chat_url(),
         env.viewer.status_url(),
         env.cms.base_url(),
