@@ -1,6 +1,7 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
 mod admin;
+mod bad_input;
 mod config;
 mod crash;
 mod delivery;
