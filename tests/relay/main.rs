@@ -5,5 +5,6 @@ mod delivery;
 mod helpers;
 mod ingest;
 mod inworld;
+mod quirks;
 mod restart;
 mod shutdown;
