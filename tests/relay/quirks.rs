@@ -77,26 +77,42 @@ async fn a_wrong_viewer_host_is_reported_once_with_its_fix_and_retried_gently_wi
 
 #[tokio::test]
 async fn another_client_draining_the_viewer_queue_is_warned_about_once() {
-    // Arrange: a client drains the chat queue as ViewChat does, only faster, so it takes the echo of
-    // what the relay says in-world.
+    // Arrange: a client drains the chat queue as ViewChat does, only faster, so it takes the echoes
+    // of what the relay says in-world.
     let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     let dora = cms_user(&env);
-    let relay = start_with_inworld(&env, &[("viewer.poll_interval", "1s")]).await;
+    let relay = start_with_inworld(&env, &[("viewer.poll_interval", "300ms")]).await;
+    let stats = relay.stats.clone();
     let other = OtherConsumer::spawn(env.viewer.chat_url());
 
-    // Act
+    // Act: two lines said 2 s apart, so their echoes are judged missing by different polls.
     env.db.add_cms_line(1, dora, "first");
+    eventually(PATIENCE, "the first line said", || async {
+        env.lg.said().len() == 1
+    })
+    .await;
+    let first_said = Instant::now();
+    eventually(PATIENCE, "two seconds", || async {
+        first_said.elapsed() > Duration::from_secs(2)
+    })
+    .await;
     env.db.add_cms_line(1, dora, "second");
-    eventually(PATIENCE, "both lines said", || async {
+    eventually(PATIENCE, "the second line said", || async {
         env.lg.said().len() == 2
     })
     .await;
+    let second_said = Instant::now();
     eventually(PATIENCE, "the warning", || async {
         !logs.lines_with("another client").is_empty()
     })
     .await;
-    let stats = relay.stats.clone();
+    eventually(
+        PATIENCE,
+        "a poll past the second echo's deadline",
+        || async { second_said.elapsed() > ECHO_DEADLINE + Duration::from_millis(500) },
+    )
+    .await;
     let n_polls = Stats::get(&stats.polls);
     eventually(PATIENCE, "two more polls", || async {
         Stats::get(&stats.polls) >= n_polls + 2
