@@ -10,5 +10,6 @@ mod helpers;
 mod ingest;
 mod inworld;
 mod outage;
+mod quirks;
 mod restart;
 mod shutdown;
