@@ -348,11 +348,16 @@ impl Delivery {
         Ok(())
     }
 
+    /// Removes confirmed lines, then raises the last confirmed id. The order matters: a read-back
+    /// ignores rows at or below that id, so raising it while the lines are still pending (and a crash
+    /// in between) would make them look unsent and be sent twice. The other way round, a crash costs
+    /// one extra read-back at most.
     async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
+        self.outbox.remove(ids).await?;
         if let Some(last_id) = last_id {
             self.raise_last_confirmed(last_id).await?;
         }
-        self.outbox.remove(ids).await
+        Ok(())
     }
 
     async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {

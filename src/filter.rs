@@ -76,8 +76,11 @@ impl Filter {
         let Some(from) = line.from.as_deref() else {
             return Err(FilterReason::System);
         };
+        // LookingGlass always sends `OwnerID`; KeeKee omits it exactly when it is the zero UUID
+        // (spec §6). A missing one therefore means zero, and "Second Life" notices stay out of the CMS
+        // with either viewer.
         let zero_owner = line.owner_id.as_deref().is_none_or(|o| o == ZERO_UUID);
-        if line.entry_type == EntryType::Normal && zero_owner && line.owner_id.is_some() {
+        if line.entry_type == EntryType::Normal && zero_owner {
             return Err(FilterReason::System);
         }
         if own_name.is_some_and(|own| own.eq_ignore_ascii_case(from.trim())) {
@@ -154,19 +157,6 @@ mod tests {
             ),
             Ok(())
         );
-        // KeeKee omits a zero OwnerID: an avatar line without one still passes.
-        assert_eq!(
-            filter.check(
-                &line(
-                    Some("Alice Resident"),
-                    ChatType::Normal,
-                    EntryType::Normal,
-                    None
-                ),
-                own
-            ),
-            Ok(())
-        );
         let cases = [
             (
                 line(Some("Box"), ChatType::Normal, EntryType::ObjectChat, AVATAR),
@@ -190,6 +180,16 @@ mod tests {
                     ChatType::Normal,
                     EntryType::Normal,
                     Some(ZERO_UUID),
+                ),
+                FilterReason::System,
+            ),
+            // KeeKee omits a zero OwnerID: a normal line without one is a system line.
+            (
+                line(
+                    Some("Second Life"),
+                    ChatType::Normal,
+                    EntryType::Normal,
+                    None,
                 ),
                 FilterReason::System,
             ),

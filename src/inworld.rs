@@ -4,7 +4,7 @@
 //! Owns the persisted cursor (the highest CMS chat id handled, in the outbox's `meta` tree, so a
 //! restart neither repeats nor skips), the splitting of long lines, the flood limit, and
 //! `RecentlySaid`, the short memory the poller uses to drop the echo of what was said when the viewer
-//! gives no own name. Must not touch the outbox's pending lines. It never calls the CMS chat GET without
+//! gives no own name, and to notice an echo that never comes back (another client drained it). Must not touch the outbox's pending lines. It never calls the CMS chat GET without
 //! a timestamp (that returns the whole history).
 
 use std::collections::VecDeque;
@@ -33,6 +33,11 @@ const MAX_PART_BYTES: usize = 1023;
 /// minute allows for a slow viewer poll.
 const ECHO_MEMORY: Duration = Duration::from_secs(60);
 
+/// How long the simulator may take to echo a line said on channel 0 before the echo counts as taken
+/// by another consumer of the viewer's chat queue. OpenSim echoes within milliseconds; 10 s leaves room
+/// for a busy region and a slow viewer.
+pub const ECHO_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Why a step failed; the cursor did not move past anything unsaid.
 #[derive(Debug, thiserror::Error)]
 pub enum InworldError {
@@ -56,10 +61,14 @@ pub struct InworldOutcome {
     pub n_skipped: usize,
 }
 
-/// Texts the relay said in-world recently, for the poller to recognise their echo.
+/// Texts the relay said in-world recently, for the poller to recognise their echo, and the echoes
+/// still awaited, for the poller to notice when another client drains the viewer's queue.
 #[derive(Debug, Default)]
 pub struct RecentlySaid {
     texts: Mutex<VecDeque<(String, Instant)>>,
+    /// When each line said on channel 0 was handed to the viewer, oldest first, until an echo came
+    /// back for it.
+    awaited: Mutex<VecDeque<Instant>>,
 }
 
 impl RecentlySaid {
@@ -71,6 +80,41 @@ impl RecentlySaid {
             .expect("echo memory lock is never poisoned");
         texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
         texts.push_back((text.to_owned(), Instant::now()));
+    }
+
+    /// Expects the echo of a line about to be said on channel 0 (recorded before the POST, so the
+    /// echo cannot be polled before it is awaited).
+    pub fn await_echo(&self) {
+        self.awaited().push_back(Instant::now());
+    }
+
+    /// The line awaited last could not be said after all.
+    pub fn forget_last_awaited(&self) {
+        self.awaited().pop_back();
+    }
+
+    /// An echo of the relay's own avatar came back: the oldest awaited line is accounted for.
+    pub fn echo_arrived(&self) {
+        self.awaited().pop_front();
+    }
+
+    /// Removes and counts the awaited echoes due (said more than `ECHO_DEADLINE` ago) before a
+    /// viewer GET that started at `poll_started` and has been read without them: the viewer
+    /// handed them to someone else.
+    pub fn take_missing_echoes(&self, poll_started: Instant) -> usize {
+        let mut awaited = self.awaited();
+        let n_missing = awaited
+            .iter()
+            .take_while(|said| **said + ECHO_DEADLINE <= poll_started)
+            .count();
+        awaited.drain(..n_missing);
+        n_missing
+    }
+
+    fn awaited(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+        self.awaited
+            .lock()
+            .expect("echo memory lock is never poisoned")
     }
 
     /// Whether `text` is the echo of something said recently; each said text matches one echo.
@@ -182,13 +226,25 @@ impl Inworld {
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
                 }
                 self.said.remember(&part);
-                self.viewer
+                // Only channel 0 is echoed back to the speaker (spec §2.8).
+                let echoed = self.settings.channel == 0;
+                if echoed {
+                    self.said.await_echo();
+                }
+                let said = self
+                    .viewer
                     .say(
                         &part,
                         self.settings.channel,
                         self.settings.say_type.as_str(),
                     )
-                    .await?;
+                    .await;
+                if let Err(err) = said {
+                    if echoed {
+                        self.said.forget_last_awaited();
+                    }
+                    return Err(err.into());
+                }
                 self.next_slot = Instant::now()
                     + Duration::from_secs_f64(1.0 / self.settings.max_lines_per_second);
                 Stats::add(&self.stats.inworld_said, 1);
@@ -326,6 +382,18 @@ mod tests {
     fn a_short_line_is_one_part() {
         assert_eq!(split_message("hello"), ["hello"]);
         assert!(split_message("   ").is_empty());
+    }
+
+    #[test]
+    fn an_echo_not_back_before_a_later_poll_past_its_deadline_is_missing() {
+        let said = RecentlySaid::default();
+        said.await_echo();
+        said.await_echo();
+        let said_at = Instant::now();
+        assert_eq!(said.take_missing_echoes(said_at), 0, "not due yet");
+        said.echo_arrived();
+        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 2), 1);
+        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 3), 0);
     }
 
     #[test]

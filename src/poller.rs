@@ -63,6 +63,8 @@ pub struct Poller {
     unstored: Vec<CapturedLine>,
     /// What the relay said in-world lately: its echo is dropped when the viewer gives no own name.
     recently_said: Arc<RecentlySaid>,
+    /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
+    warned_other_consumer: bool,
 }
 
 impl Poller {
@@ -87,6 +89,7 @@ impl Poller {
             own_name_read: None,
             unstored: Vec::new(),
             recently_said,
+            warned_other_consumer: false,
         }
     }
 
@@ -103,6 +106,7 @@ impl Poller {
             });
         }
         self.refresh_own_name().await;
+        let poll_started = Instant::now();
         let body = self.viewer.poll().await?;
         let polled_at = Utc::now();
         Stats::add(&self.stats.polls, 1);
@@ -134,10 +138,14 @@ impl Poller {
         let mut captured = Vec::with_capacity(n_polled);
         for line in parsed.lines {
             if let Err(reason) = self.filter.check(&line, self.own_name.as_deref()) {
+                if reason == FilterReason::OwnAvatar {
+                    self.recently_said.echo_arrived();
+                }
                 self.stats.filtered(reason);
                 continue;
             }
             if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
+                self.recently_said.echo_arrived();
                 self.stats.filtered(FilterReason::OwnAvatar);
                 Stats::add(&self.stats.inworld_echoes_dropped, 1);
                 continue;
@@ -156,6 +164,7 @@ impl Poller {
             return Err(err.into());
         }
         Stats::add(&self.stats.lines_relayed, n_relayed as u64);
+        self.check_echoes(poll_started);
         Ok(PollOutcome {
             n_polled,
             n_relayed,
@@ -229,6 +238,32 @@ impl Poller {
             }
         }
         tracing::info!("viewer polling stopped");
+    }
+
+    /// Every GET drains the viewer's one queue, whoever sends it (spec §2.2). The only sign of another
+    /// consumer the relay can see without saying anything unasked: what it said in-world on channel 0
+    /// is echoed back as its own avatar, so an echo missing from every poll that started after its
+    /// deadline was taken by someone else. Judged only while the own name is known (the echo is
+    /// recognised by it; texts can come back changed).
+    fn check_echoes(&mut self, poll_started: Instant) {
+        let n_missing = self.recently_said.take_missing_echoes(poll_started);
+        if n_missing == 0 || self.own_name.is_none() {
+            return;
+        }
+        if self.warned_other_consumer {
+            tracing::debug!(n_missing, "echoes of lines said in-world missing again");
+            return;
+        }
+        self.warned_other_consumer = true;
+        tracing::warn!(
+            n_missing,
+            deadline = ?crate::inworld::ECHO_DEADLINE,
+            chat_url = %self.viewer.chat_url(),
+            "another client is probably draining the viewer's chat queue: the echo of a line the relay \
+             said in-world never came back, and lines it takes never reach the cms; remove the ViewChat \
+             module from the viewer's Modules.json and close browser tabs on /static/ViewChat.html \
+             (or the viewer was not in a region when the line was said)"
+        );
     }
 
     async fn refresh_own_name(&mut self) {

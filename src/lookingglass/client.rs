@@ -183,7 +183,11 @@ impl LookingGlassClient {
 fn status_error(status: u16, body: &[u8]) -> ViewerError {
     let text = String::from_utf8_lossy(body);
     let hint = if status == 400 && text.contains("Invalid host") {
-        " (the viewer accepts only the host it listens on: use http://127.0.0.1:9144, not localhost)"
+        // LookingGlass listens on http://127.0.0.1 and KeeKee on http://localhost (spec §1.1, §6):
+        // the advice must fit both, since either can be the one refusing.
+        " (the viewer accepts only the exact host of its listener: LookingGlass http://127.0.0.1:9144 \
+         (its RestManager.BaseURL), KeeKee http://localhost:9144; fix the host in viewer.chat_url, \
+         viewer.avatars_url and viewer.status_url)"
     } else {
         ""
     };

@@ -5,8 +5,7 @@
 //! caller can log it. Only a body that is not a JSON object at all is an error.
 
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
-use indexmap::IndexMap;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::model::{ChatType, EntryType, ViewerLine};
@@ -62,48 +61,72 @@ struct LgChatEntry {
 }
 
 /// Parses a chat GET body received at `polled_at` from a viewer whose clock is in `zone`.
+///
+/// The map is read entry by entry straight into lines, in document order (the only reliable order,
+/// spec §2.3), so a response of tens of megabytes is held about once: the body and the lines made from
+/// it, never a parsed tree of the whole body.
 pub fn parse_chat(
     body: &[u8],
     polled_at: DateTime<Utc>,
     zone: Zone,
 ) -> Result<ParsedChat, ChatParseError> {
-    // Document order is the only reliable order (spec §2.3): an IndexMap keeps it.
-    let entries: IndexMap<String, Value> = serde_json::from_slice(body)?;
-    let mut parsed = ParsedChat::default();
-    for (key, value) in entries {
-        let entry = match LgChatEntry::deserialize(value) {
-            Ok(entry) => entry,
-            Err(err) => {
-                parsed.skipped.push(SkippedEntry {
-                    key,
-                    reason: err.to_string(),
-                });
-                continue;
-            }
-        };
-        let spoken_at = match entry
-            .time
-            .as_deref()
-            .and_then(|t| rebuild_time(t, polled_at, zone))
-        {
-            Some(t) => t,
-            None => {
-                parsed.n_untimed += 1;
-                polled_at
-            }
-        };
-        parsed.lines.push(ViewerLine {
-            from: entry.from.filter(|f| !f.is_empty()),
-            message: entry.message,
-            chat_type: ChatType::from_viewer(entry.kind.as_deref().unwrap_or("Normal")),
-            entry_type: EntryType::from_viewer(
-                entry.entry_type.as_deref().unwrap_or("ChatTypeNormal"),
-            ),
-            owner_id: entry.owner_id.filter(|o| !o.is_empty()),
-            spoken_at,
-        });
-    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let parsed = deserializer.deserialize_map(ChatVisitor { polled_at, zone })?;
+    deserializer.end()?;
     Ok(parsed)
+}
+
+struct ChatVisitor {
+    polled_at: DateTime<Utc>,
+    zone: Zone,
+}
+
+impl<'de> serde::de::Visitor<'de> for ChatVisitor {
+    type Value = ParsedChat;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object of chat entries")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ParsedChat, A::Error> {
+        let mut parsed = ParsedChat::default();
+        while let Some(key) = map.next_key::<String>()? {
+            // One entry at a time as a small tree, so a bad entry is skipped, not fatal.
+            let value: Value = map.next_value()?;
+            let entry = match LgChatEntry::deserialize(value) {
+                Ok(entry) => entry,
+                Err(err) => {
+                    parsed.skipped.push(SkippedEntry {
+                        key,
+                        reason: err.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let spoken_at = match entry
+                .time
+                .as_deref()
+                .and_then(|t| rebuild_time(t, self.polled_at, self.zone))
+            {
+                Some(t) => t,
+                None => {
+                    parsed.n_untimed += 1;
+                    self.polled_at
+                }
+            };
+            parsed.lines.push(ViewerLine {
+                from: entry.from.filter(|f| !f.is_empty()),
+                message: entry.message,
+                chat_type: ChatType::from_viewer(entry.kind.as_deref().unwrap_or("Normal")),
+                entry_type: EntryType::from_viewer(
+                    entry.entry_type.as_deref().unwrap_or("ChatTypeNormal"),
+                ),
+                owner_id: entry.owner_id.filter(|o| !o.is_empty()),
+                spoken_at,
+            });
+        }
+        Ok(parsed)
+    }
 }
 
 /// Rebuilds the instant of a viewer `Time` (`yyyyMMddhhmmssfff`, 12-hour `hh`, viewer-local): of the

@@ -42,6 +42,29 @@ pub struct TestEnv {
     pub lg: ViewerHandle,
     pub db: CmsHandle,
     pub dir: TempDir,
+    /// The viewer's zone, which the relay is told too.
+    viewer_zone: String,
+}
+
+/// Which variants of the simulators a test needs.
+pub struct SimOptions {
+    pub viewer_dialect: Dialect,
+    /// An IANA name.
+    pub viewer_zone: String,
+    pub cms_dialect: CmsDialect,
+    pub debug_noise: bool,
+}
+
+impl SimOptions {
+    /// What `TestEnv::start` uses: LookingGlass in `VIEWER_ZONE`, the stock CMS without noise.
+    pub fn standard() -> SimOptions {
+        SimOptions {
+            viewer_dialect: Dialect::Lookingglass,
+            viewer_zone: VIEWER_ZONE.to_owned(),
+            cms_dialect: CmsDialect::Stock,
+            debug_noise: false,
+        }
+    }
 }
 
 /// A relay running in this process.
@@ -56,12 +79,16 @@ pub struct RunningRelay {
 
 impl TestEnv {
     pub async fn start() -> TestEnv {
+        TestEnv::start_with(SimOptions::standard()).await
+    }
+
+    pub async fn start_with(options: SimOptions) -> TestEnv {
         LazyLock::force(&TRACING);
         let localhost: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let viewer = ViewerSim::start(ViewerSimSettings {
             listen: localhost,
-            dialect: Dialect::Lookingglass,
-            timezone: VIEWER_ZONE.parse().expect("zone"),
+            dialect: options.viewer_dialect,
+            timezone: options.viewer_zone.parse().expect("zone"),
             own_name: OWN_NAME.into(),
             crash_on_abort: false,
         })
@@ -69,9 +96,9 @@ impl TestEnv {
         .expect("viewer simulator starts");
         let cms = CmsSim::start(CmsSimSettings {
             listen: localhost,
-            dialect: CmsDialect::Stock,
+            dialect: options.cms_dialect,
             timezone: CMS_ZONE.parse().expect("zone"),
-            debug_noise: false,
+            debug_noise: options.debug_noise,
         })
         .await
         .expect("cms simulator starts");
@@ -90,6 +117,7 @@ impl TestEnv {
             lg,
             db,
             dir: tempfile::tempdir().expect("tempdir"),
+            viewer_zone: options.viewer_zone,
         }
     }
 
@@ -120,7 +148,7 @@ impl TestEnv {
             ("viewer.avatars_url", &avatars_url),
             ("viewer.status_url", &status_url),
             ("viewer.poll_interval", "20ms"),
-            ("viewer.timezone", VIEWER_ZONE),
+            ("viewer.timezone", &self.viewer_zone),
             ("cms.base_url", &base_url),
             ("cms.username", RELAY_USER),
             ("cms.password", RELAY_PASSWORD),
@@ -151,8 +179,14 @@ impl TestEnv {
         };
         let token = CancellationToken::new();
         let (stats, outbox) = (relay.stats(), relay.outbox());
+        // The relay's threads log to whatever subscriber the test installed (some tests read logs).
+        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .on_thread_start(move || {
+                // The guard would reset the thread's default at its drop: keep it for the thread's life.
+                std::mem::forget(tracing::dispatcher::set_default(&dispatch));
+            })
             .enable_all()
             .build()
             .expect("relay runtime");

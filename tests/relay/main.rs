@@ -1,6 +1,7 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
 mod admin;
+mod bad_input;
 mod check;
 mod config;
 mod crash;
@@ -12,5 +13,6 @@ mod ingest;
 mod inworld;
 mod notify;
 mod outage;
+mod quirks;
 mod restart;
 mod shutdown;

@@ -16,11 +16,17 @@ async fn chat_during(env: &TestEnv, relay: &RunningRelay, n: usize) -> Vec<Strin
         expected.push(format!("[Alice Resident] {text}"));
         if i % 5 == 4 {
             let n_stored = i + 1;
-            eventually(PATIENCE, "lines polled", || async {
-                env.lg.queue_len() == 0
-                    && (relay.outbox.len() + env.stored().len() >= n_stored
-                        || relay.outbox.n_dropped() > 0)
-            })
+            eventually(
+                PATIENCE,
+                "every line stored, delivered or dropped",
+                || async {
+                    env.lg.queue_len() == 0
+                        && relay.outbox.len()
+                            + env.stored().len()
+                            + relay.outbox.n_dropped() as usize
+                            >= n_stored
+                },
+            )
             .await;
         }
     }
