@@ -297,11 +297,12 @@ impl Inworld {
         self.outbox.set_meta_i64(CURSOR, up_to_id).await
     }
 
-    /// How old a CMS row is; `None` when its timestamp cannot be read.
+    /// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,
+    /// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
     fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
         let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-        let at = self.cms_zone.resolve(naive).into_iter().min()?;
-        Some(now - at)
+        let at = self.cms_zone.resolve(naive).into_iter().max()?;
+        Some(now - at - chrono::Duration::seconds(1))
     }
 
     fn render(&self, row: &CmsChat) -> String {

@@ -206,15 +206,7 @@ impl CmsClient {
             Some(PostReply::Invalid(error)) => Err(CmsError::Invalid(error)),
             Some(PostReply::LastRowFailed) => Err(CmsError::LastRowFailed),
             Some(PostReply::Failed(error)) => Err(CmsError::Failed(error)),
-            None if status == 200 => Err(CmsError::Decode {
-                status,
-                snippet: snippet(&body),
-            }),
-            None => Err(CmsError::Http {
-                status,
-                retry_after,
-                snippet: snippet(&body),
-            }),
+            None => Err(unreadable(status, retry_after, &body)),
         }
     }
 
@@ -270,15 +262,7 @@ impl CmsClient {
         }
         match wire::parse_lenient(&body) {
             Some(value) => Ok(value),
-            None if status == 200 => Err(CmsError::Decode {
-                status,
-                snippet: snippet(&body),
-            }),
-            None => Err(CmsError::Http {
-                status,
-                retry_after,
-                snippet: snippet(&body),
-            }),
+            None => Err(unreadable(status, retry_after, &body)),
         }
     }
 
@@ -403,6 +387,23 @@ impl CmsClient {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
+    }
+}
+
+/// A body that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's or
+/// server's page otherwise.
+fn unreadable(status: u16, retry_after: Option<Duration>, body: &[u8]) -> CmsError {
+    if status == 200 {
+        CmsError::Decode {
+            status,
+            snippet: snippet(body),
+        }
+    } else {
+        CmsError::Http {
+            status,
+            retry_after,
+            snippet: snippet(body),
+        }
     }
 }
 

@@ -75,19 +75,7 @@ impl LookingGlassClient {
     /// GETs the chat URL and reads the whole body. This drains the viewer's queue: whatever it returns
     /// exists nowhere else any more.
     pub async fn poll(&self) -> Result<Vec<u8>, ViewerError> {
-        let response = self
-            .http
-            .get(&self.chat_url)
-            .send()
-            .await
-            .map_err(ViewerError::Transport)?;
-        let status = response.status().as_u16();
-        // Read the body to its end whatever the status: dropping it would abort the response.
-        let body = response.bytes().await.map_err(ViewerError::Transport)?;
-        if status != 200 {
-            return Err(status_error(status, &body));
-        }
-        Ok(body.to_vec())
+        self.exchange(self.http.get(&self.chat_url)).await
     }
 
     /// Says `text` in-world through the viewer's chat POST. The viewer decodes `+` and `%XX` in
@@ -100,19 +88,12 @@ impl LookingGlassClient {
             percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC);
         let body =
             format!(r#"{{"Message":"{message}","Channel":"{channel}","Type":"{say_type}"}}"#);
-        let response = self
+        let request = self
             .http
             .post(&self.chat_url)
             .header("Content-Type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(ViewerError::Transport)?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(ViewerError::Transport)?;
-        if status != 200 {
-            return Err(status_error(status, &body));
-        }
+            .body(body);
+        self.exchange(request).await?;
         Ok(())
     }
 
@@ -162,21 +143,26 @@ impl LookingGlassClient {
     }
 
     async fn get_json(&self, url: &str, what: &'static str) -> Result<Value, ViewerError> {
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(ViewerError::Transport)?;
+        let body = self.exchange(self.http.get(url)).await?;
+        serde_json::from_slice(&body).map_err(|_| ViewerError::Decode {
+            what,
+            snippet: snippet(&body),
+        })
+    }
+}
+
+impl LookingGlassClient {
+    /// Sends a request and reads the answer to its end, whatever its status: dropping a response
+    /// half-read would abort it, which kills the real viewer.
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ViewerError> {
+        let response = request.send().await.map_err(ViewerError::Transport)?;
         let status = response.status().as_u16();
         let body = response.bytes().await.map_err(ViewerError::Transport)?;
         if status != 200 {
             return Err(status_error(status, &body));
         }
-        serde_json::from_slice(&body).map_err(|_| ViewerError::Decode {
-            what,
-            snippet: snippet(&body),
-        })
+        // Without a copy when the buffer is not shared (bytes' From<Bytes> for Vec<u8>).
+        Ok(Vec::from(body))
     }
 }
 

@@ -300,8 +300,13 @@ async fn status_summarises_and_no_endpoint_shows_the_password_or_the_token() {
     let env = TestEnv::start().await;
     env.lg.say("Alice Resident", "hello");
     let relay = Observed::start(&env, "", &[]).await;
+    // The relay's own view: the CMS stores the line a moment before the relay counts it delivered.
     eventually(PATIENCE, "delivered and ready", || async {
-        env.stored().len() == 1 && relay.get("/readyz").await.0 == 200
+        let (_, status) = relay.get_json("/status").await;
+        env.stored().len() == 1
+            && status["ready"] == true
+            && status["lines"]["delivered"] == 1
+            && status["outbox"]["lines"] == 0
     })
     .await;
 

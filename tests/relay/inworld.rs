@@ -13,7 +13,9 @@ const FAST: [(&str, &str); 2] = [
     ("inworld.max_lines_per_second", "100"),
 ];
 
-async fn start(env: &TestEnv, overrides: &[(&str, &str)]) -> RunningRelay {
+/// Starts the relay with fast in-world settings and waits until its in-world cursor is set (lines
+/// added to the CMS afterwards are said).
+pub async fn start(env: &TestEnv, overrides: &[(&str, &str)]) -> RunningRelay {
     let mut all = FAST.to_vec();
     all.extend_from_slice(overrides);
     let relay = env.start_relay("", &all).await;

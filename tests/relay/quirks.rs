@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
-use opensim_chat_relay::inworld::{CURSOR, ECHO_DEADLINE};
+use opensim_chat_relay::inworld::ECHO_DEADLINE;
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::sim::cms::{CmsDialect, Fault, Permissions};
 use opensim_chat_relay::sim::lookingglass::{Dialect, SimChatLine};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{CMS_ZONE, PATIENCE, RunningRelay, SimOptions, TestEnv, eventually};
+use crate::helpers::{CMS_ZONE, PATIENCE, SimOptions, TestEnv, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // The viewer
@@ -82,7 +82,7 @@ async fn another_client_draining_the_viewer_queue_is_warned_about_once() {
     let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     let dora = cms_user(&env);
-    let relay = start_with_inworld(&env, &[("viewer.poll_interval", "300ms")]).await;
+    let relay = crate::inworld::start(&env, &[("viewer.poll_interval", "300ms")]).await;
     let stats = relay.stats.clone();
     let other = OtherConsumer::spawn(env.viewer.chat_url());
 
@@ -141,7 +141,7 @@ async fn echoes_that_come_back_raise_no_second_consumer_warning() {
     let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     let dora = cms_user(&env);
-    let relay = start_with_inworld(&env, &[]).await;
+    let relay = crate::inworld::start(&env, &[]).await;
 
     env.db.add_cms_line(1, dora, "heard by the relay alone");
     eventually(PATIENCE, "the line said", || async {
@@ -295,7 +295,7 @@ async fn keekee_works_end_to_end_in_both_directions() {
     env.lg
         .push(SimChatLine::system("Alice Resident has entered"));
     env.lg.say("Carol Visitor", "hello %41 + you");
-    let relay = start_with_inworld(&env, &[]).await;
+    let relay = crate::inworld::start(&env, &[]).await;
 
     // Act
     env.db.add_cms_line(1, dora, "a+b=c & 100%");
@@ -377,7 +377,7 @@ async fn php_warnings_before_the_json_and_debug_fields_are_read_through_in_both_
     let dora = cms_user(&env);
     env.lg.say("Alice Resident", "through the noise");
     env.lg.say("Carol Visitor", "me too");
-    let relay = start_with_inworld(&env, &[]).await;
+    let relay = crate::inworld::start(&env, &[]).await;
     eventually(PATIENCE, "two lines stored", || async {
         env.stored().iter().filter(|c| !c.from_cms).count() == 2
     })
@@ -595,24 +595,6 @@ async fn the_documented_cms_dialect_works_with_anonymous_user_id_0() {
 fn cms_user(env: &TestEnv) -> i64 {
     env.db
         .add_user("dora", "pw", "Dora", "Admin", Permissions::all())
-}
-
-/// Starts the relay with fast in-world settings and waits until its in-world cursor is set (lines
-/// added to the CMS afterwards are said).
-async fn start_with_inworld(env: &TestEnv, overrides: &[(&str, &str)]) -> RunningRelay {
-    let mut all = vec![
-        ("inworld.poll_interval", "30ms"),
-        ("inworld.max_lines_per_second", "100"),
-    ];
-    all.extend_from_slice(overrides);
-    let relay = env.start_relay("", &all).await;
-    let outbox = relay.outbox.clone();
-    eventually(PATIENCE, "the in-world cursor set", || {
-        let outbox = outbox.clone();
-        async move { outbox.meta_i64(CURSOR).ok().flatten().is_some() }
-    })
-    .await;
-    relay
 }
 
 /// The relay's log lines, captured on this thread (a `#[tokio::test]` runs the relay's tasks on the
