@@ -267,6 +267,20 @@ impl Outbox {
 
     /// Removes lines the CMS confirmed, and flushes.
     pub async fn remove(&self, ids: &[u64]) -> Result<(), OutboxError> {
+        self.remove_with_meta(ids, None).await
+    }
+
+    /// Stores a small value (when given) and then removes lines the CMS confirmed, with one flush
+    /// for both. sled keeps write order: after a crash the value may be stored without the removal,
+    /// never the removal without the value.
+    pub async fn remove_with_meta(
+        &self,
+        ids: &[u64],
+        meta: Option<(&str, i64)>,
+    ) -> Result<(), OutboxError> {
+        if let Some((key, value)) = meta {
+            self.meta.insert(key, &value.to_be_bytes())?;
+        }
         let mut n_removed = 0;
         for id in ids {
             if self.pending.remove(id.to_be_bytes())?.is_some() {
