@@ -120,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
     if args.smoke {
         args.ceiling_secs = 1.0;
         args.throughput_secs = 3.0;
+        args.max_offered = args.max_offered.min(2_000.0);
         args.backlog_lines = 2_000;
         args.drain_lines = 2_000;
         args.latency_secs = 3.0;
