@@ -126,7 +126,7 @@ impl Delivery {
             self.deliver_singly(unsent, &mut tally).await?;
             return Ok(tally.into_outcome());
         }
-        self.prepare(&mut lines).await?;
+        self.prepare(&mut lines).await;
         let batch = self.cut_batch(lines);
         match self.send(batch.clone(), &mut tally).await {
             Ok(()) => {}
@@ -247,9 +247,11 @@ impl Delivery {
         tokio::time::sleep_until(slot).await;
     }
 
-    /// Fixes the row of every line that has none yet, and stores the decision.
-    async fn prepare(&self, lines: &mut [PendingLine]) -> Result<(), OutboxError> {
-        let mut changed = Vec::new();
+    /// Fixes the row of every line that has none yet. The decision is stored with the in-flight mark
+    /// (`mark_in_flight`), in the same write, before the first POST: a line that is not sent this
+    /// time was never sent, so deciding it again later is harmless, and one write and one flush per
+    /// batch fewer is a third of delivery's outbox work.
+    async fn prepare(&self, lines: &mut [PendingLine]) {
         for pending in lines.iter_mut().filter(|l| l.prepared.is_none()) {
             let line = &pending.line;
             let user = self
@@ -273,12 +275,7 @@ impl Delivery {
                     .format("%Y-%m-%d %H:%M:%S")
                     .to_string(),
             });
-            changed.push(pending.clone());
         }
-        if !changed.is_empty() {
-            self.outbox.save(&changed).await?;
-        }
-        Ok(())
     }
 
     /// The longest prefix within `batch_max_bytes` (at least one line).
@@ -348,16 +345,16 @@ impl Delivery {
         Ok(())
     }
 
-    /// Removes confirmed lines, then raises the last confirmed id. The order matters: a read-back
-    /// ignores rows at or below that id, so raising it while the lines are still pending (and a crash
-    /// in between) would make them look unsent and be sent twice. The other way round, a crash costs
-    /// one extra read-back at most.
+    /// Removes confirmed lines and raises the last confirmed id, with one flush. The removal is
+    /// written first and sled keeps write order, so a crash can leave the removal without the raised
+    /// id (one extra read-back later) but never the reverse: a read-back ignores rows at or below
+    /// that id, so a raised id with the lines still pending would send them twice.
     async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
-        self.outbox.remove(ids).await?;
-        if let Some(last_id) = last_id {
-            self.raise_last_confirmed(last_id).await?;
-        }
-        Ok(())
+        let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let raise = last_id
+            .filter(|last_id| *last_id > known)
+            .map(|last_id| (LAST_CONFIRMED_ID, last_id));
+        self.outbox.remove_with_meta(ids, raise).await
     }
 
     async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {

@@ -317,8 +317,23 @@ impl Outbox {
 
     /// Removes lines the CMS confirmed, and flushes.
     pub async fn remove(&self, ids: &[u64]) -> Result<(), OutboxError> {
+        self.remove_with_meta(ids, None).await
+    }
+
+    /// Removes lines the CMS confirmed and then, when given, stores a small value, with one flush for
+    /// both. sled keeps write order, so after a crash the removal may be stored without the value,
+    /// never the value without the removal: a raised last-confirmed id with its lines still pending
+    /// would make a read-back ignore their rows and send them twice.
+    pub async fn remove_with_meta(
+        &self,
+        ids: &[u64],
+        meta: Option<(&str, i64)>,
+    ) -> Result<(), OutboxError> {
         for id in ids {
             self.remove_pending(&id.to_be_bytes())?;
+        }
+        if let Some((key, value)) = meta {
+            self.meta.insert(key, &value.to_be_bytes())?;
         }
         self.db.flush_async().await?;
         Ok(())

@@ -438,6 +438,10 @@ pub struct CmsArgs {
     /// Hold every other chat POST's answer this many milliseconds.
     #[arg(long, value_name = "DURATION_MS")]
     pub slow: Option<u64>,
+    /// Print `stored N` (the number of chat rows so far) instead of every row: for load tests,
+    /// where printing each row would cost more than storing it.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 fn parse_timezone(name: &str) -> Result<Tz, String> {
@@ -485,6 +489,18 @@ pub async fn run_cli(args: CmsArgs, shutdown: CancellationToken) -> anyhow::Resu
     loop {
         // Rows are appended in insertion order and never removed, so an index is a cursor. With a
         // single waiter, `notify_one` keeps a permit when nobody waits: no line is missed.
+        if args.quiet {
+            let n_rows = shared.lock().chats.len();
+            if n_rows != n_printed {
+                println!("stored {n_rows}");
+                n_printed = n_rows;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                () = shared.stored.notified() => {}
+            }
+            continue;
+        }
         let new_rows: Vec<(ChatRow, String)> = {
             let state = shared.lock();
             let rows = state.chats[n_printed..]

@@ -1277,6 +1277,13 @@ pub struct ViewerArgs {
     /// Lines per second of generated avatar chat (0 = none).
     #[arg(long, default_value_t = 0.0)]
     pub chatter: f64,
+    /// End each chatter line with ` @<unix microseconds>` of the moment it was said, so a load test
+    /// can measure capture → CMS latency across processes.
+    #[arg(long)]
+    pub chatter_stamp: bool,
+    /// Pad each chatter line with words to at least this many bytes (0 = no padding).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub chatter_bytes: usize,
 }
 
 /// Parses an IANA time zone name for clap.
@@ -1289,11 +1296,31 @@ fn parse_timezone(name: &str) -> Result<Tz, String> {
 /// The avatars of the generated chatter: two that a relay typically maps and one it does not.
 const CHATTER_AVATARS: [&str; 3] = ["Alice Resident", "Bob Builder", "Carol Visitor"];
 
-/// Makes the chatter avatars say numbered lines, `lines_per_second` in all (at most 1000), until
-/// `shutdown` is cancelled. Used by `--chatter` and by the demo.
+/// How chatter lines look beyond `hello #N from NAME` (see [`ViewerArgs`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChatterStyle {
+    /// Append ` @<unix microseconds>` of the moment the line is said.
+    pub stamp: bool,
+    /// Pad the line with words to at least this many bytes.
+    pub min_bytes: usize,
+}
+
+/// Makes the chatter avatars say numbered lines, `lines_per_second` in all, until `shutdown` is
+/// cancelled. Used by `--chatter` and by the demo.
 pub fn spawn_chatter(
     handle: ViewerHandle,
     lines_per_second: f64,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    spawn_chatter_styled(handle, lines_per_second, ChatterStyle::default(), shutdown)
+}
+
+/// [`spawn_chatter`] with lines shaped by `style`. The timer ticks at most 1000 times a second;
+/// each tick says every line due by then, so rates above 1000 lines/s come in small bursts.
+pub fn spawn_chatter_styled(
+    handle: ViewerHandle,
+    lines_per_second: f64,
+    style: ChatterStyle,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -1303,18 +1330,38 @@ pub fn spawn_chatter(
         let period = Duration::from_secs_f64(1.0 / lines_per_second.min(1000.0));
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = tokio::time::Instant::now();
         let mut line_number: u64 = 0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            line_number += 1;
-            let index = usize::try_from(line_number % 3).unwrap_or(0);
-            let speaker = CHATTER_AVATARS[index];
-            handle.say(speaker, &format!("hello #{line_number} from {speaker}"));
+            // At least one line per tick (the first one at once), then catch up with the clock.
+            let due = (started.elapsed().as_secs_f64() * lines_per_second) as u64;
+            let until = due.max(line_number + 1);
+            while line_number < until {
+                line_number += 1;
+                let index = usize::try_from(line_number % 3).unwrap_or(0);
+                let speaker = CHATTER_AVATARS[index];
+                handle.say(speaker, &chatter_line(line_number, speaker, style));
+            }
         }
     })
+}
+
+fn chatter_line(line_number: u64, speaker: &str, style: ChatterStyle) -> String {
+    const FILLER: &str = " the quick brown fox jumps over the lazy dog";
+    let mut line = format!("hello #{line_number} from {speaker}");
+    while line.len() < style.min_bytes {
+        let missing = style.min_bytes - line.len();
+        line.push_str(&FILLER[..missing.min(FILLER.len())]);
+    }
+    if style.stamp {
+        let micros = Utc::now().timestamp_micros();
+        line.push_str(&format!(" @{micros}"));
+    }
+    line
 }
 
 /// Runs the simulated viewer for the CLI: prints what it serves and, line by line, what is said
@@ -1343,7 +1390,11 @@ pub async fn run_cli(args: ViewerArgs, shutdown: CancellationToken) -> anyhow::R
     println!("  status:  {}", sim.status_url());
 
     let handle = sim.handle();
-    let chatter = spawn_chatter(handle.clone(), args.chatter, shutdown.child_token());
+    let style = ChatterStyle {
+        stamp: args.chatter_stamp,
+        min_bytes: args.chatter_bytes,
+    };
+    let chatter = spawn_chatter_styled(handle.clone(), args.chatter, style, shutdown.child_token());
     let mut n_printed = 0;
     let outcome = loop {
         for said in handle.said().iter().skip(n_printed) {

@@ -1114,6 +1114,8 @@ async fn run_cli_serves_until_shutdown_and_rejects_a_negative_chatter() {
         own_name: "Relay Bot".to_owned(),
         crash_on_abort: false,
         chatter: 50.0,
+        chatter_stamp: false,
+        chatter_bytes: 0,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
 

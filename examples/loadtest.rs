@@ -1,0 +1,908 @@
+//! End-to-end load benchmark: the simulated viewer, the simulated CMS and the relay run as separate
+//! processes on loopback (`opensim-chat-relay sim viewer`, `sim cms`, `run --config …`), and one
+//! table compares the relay with the simulated CMS measured in the same run.
+//!
+//! ```sh
+//! cargo run --release --example loadtest            # the full run (a few minutes)
+//! cargo run --release --example loadtest -- --help  # sizes, batch size, line size
+//! cargo run --example loadtest -- --smoke           # seconds; checks that it runs and reports
+//! ```
+//!
+//! Phases, each with fresh processes and a fresh outbox:
+//! - ceiling: this process POSTs batches shaped like the relay's (same size, same mix of users and
+//!   texts) to the simulated CMS, one at a time over one kept-alive connection, with the relay's own
+//!   `CmsClient`. Measured again right before each phase that is compared with it.
+//! - throughput: the viewer generates 1.25× the ceiling, so the CMS path is saturated and the outbox
+//!   grows; the relay's delivered rate (counted by the CMS) in a window after a warm-up is compared
+//!   with the ceiling. Every line goes through the outbox (appended and flushed before the next GET).
+//! - backlog: the outbox is filled with N lines (by this process, through the relay's `Outbox`), then
+//!   the relay starts with the CMS up; the time until the CMS stored all N lines.
+//! - drain memory: the same with `--drain-lines` lines; the relay's VmHWM is the peak.
+//! - latency: 100 lines/s stamped with the moment they are said; the CMS prints each stored row and
+//!   this process reads it: capture → CMS latency.
+//! - idle: no chat; the relay's CPU time from /proc/<pid>/stat over a window, and its VmRSS.
+//!
+//! Timings are never asserted: only ratios measured in one run mean something on a shared machine.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use clap::Parser;
+use opensim_chat_relay::cms::CmsClient;
+use opensim_chat_relay::cms::client::CmsEndpoint;
+use opensim_chat_relay::cms::wire::{ChatItem, sanitize_message};
+use opensim_chat_relay::model::CapturedLine;
+use opensim_chat_relay::outbox::Outbox;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const CMS_ZONE: chrono_tz::Tz = chrono_tz::Europe::Amsterdam;
+const SPEAKERS: [&str; 3] = ["Alice Resident", "Bob Builder", "Carol Visitor"];
+const RELAY_PASSWORD: &str = "loadtest-secret";
+/// The relay's default `viewer.poll_interval`, which the latency target is relative to.
+const POLL_INTERVAL_MS: f64 = 500.0;
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// End-to-end load benchmark of opensim-chat-relay against its simulators.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Small sizes and short windows: checks that everything runs and reports (CI).
+    #[arg(long)]
+    smoke: bool,
+    /// The relay binary; default: built with cargo next to this example.
+    #[arg(long)]
+    bin: Option<PathBuf>,
+    /// Lines per CMS POST (`cms.batch_max_messages`), for the relay and the ceiling alike.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Pad chat lines to at least this many bytes (0: natural lines of about 30 bytes).
+    #[arg(long, default_value_t = 0)]
+    line_bytes: usize,
+    /// Seconds of direct POSTs for each ceiling measurement.
+    #[arg(long, default_value_t = 5.0)]
+    ceiling_secs: f64,
+    /// Offered load in the throughput phase, as a multiple of the measured ceiling.
+    #[arg(long, default_value_t = 1.25)]
+    overload: f64,
+    /// Seconds of the throughput window (after a warm-up of a third of it).
+    #[arg(long, default_value_t = 15.0)]
+    throughput_secs: f64,
+    /// Lines in the outbox for the timed backlog drain.
+    #[arg(long, default_value_t = 100_000)]
+    backlog_lines: u64,
+    /// Lines in the outbox for the memory drain (0: skip; equal to --backlog-lines: reuse that run).
+    #[arg(long, default_value_t = 1_000_000)]
+    drain_lines: u64,
+    /// Lines per second in the latency phase.
+    #[arg(long, default_value_t = 100.0)]
+    latency_rate: f64,
+    /// Seconds of the latency window.
+    #[arg(long, default_value_t = 30.0)]
+    latency_secs: f64,
+    /// Seconds of the idle CPU window.
+    #[arg(long, default_value_t = 30.0)]
+    idle_secs: f64,
+    /// Leave the relay's CMS → in-world stage on in the throughput and drain phases. Off by default
+    /// there: it re-reads every CMS row of the last `inworld.look_back` (2 min) every 2 s, so at these
+    /// rates its answers pass `cms.max_response_bytes` and it measures that, not the relay path.
+    /// The latency and idle phases always run it.
+    #[arg(long)]
+    inworld: bool,
+    /// Highest offered load in the throughput phase, lines/s (what the viewer simulator can say).
+    #[arg(long, default_value_t = 50_000.0)]
+    max_offered: f64,
+    /// Copy the relay's log lines to stderr.
+    #[arg(long)]
+    verbose: bool,
+    /// Run only these phases (repeatable; default: all).
+    #[arg(long, value_enum)]
+    phase: Vec<Phase>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Throughput,
+    Backlog,
+    Drain,
+    Latency,
+    Idle,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.ceiling_secs = 1.0;
+        args.throughput_secs = 3.0;
+        args.max_offered = args.max_offered.min(2_000.0);
+        args.backlog_lines = 2_000;
+        args.drain_lines = 2_000;
+        args.latency_secs = 3.0;
+        args.idle_secs = 2.0;
+    }
+    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    let bin = match &args.bin {
+        Some(bin) => bin.clone(),
+        None => build_relay().await?,
+    };
+    let work = tempfile::tempdir().context("creating a work directory")?;
+    let bench = Bench {
+        bin,
+        work: work.path().to_owned(),
+        args,
+    };
+    let run = |phase: Phase| bench.args.phase.is_empty() || bench.args.phase.contains(&phase);
+    let mut rows = Vec::new();
+
+    if run(Phase::Throughput) {
+        eprintln!("== throughput");
+        let throughput = bench.throughput().await?;
+        rows.extend(throughput.rows(&bench.args));
+    }
+    let mut drained = None;
+    if run(Phase::Backlog) {
+        eprintln!("== backlog drain");
+        let backlog = bench.drain(bench.args.backlog_lines, "backlog").await?;
+        rows.push(backlog.row(&format!(
+            "backlog drain, {} lines",
+            bench.args.backlog_lines
+        )));
+        drained = Some(backlog);
+    }
+    let reuse = drained.is_some() && bench.args.drain_lines == bench.args.backlog_lines;
+    if run(Phase::Drain) && !reuse && bench.args.drain_lines > 0 {
+        eprintln!("== drain memory");
+        let drain = bench.drain(bench.args.drain_lines, "drain").await?;
+        rows.push(drain.row(&format!("drain, {} lines", bench.args.drain_lines)));
+        drained = Some(drain);
+    }
+    if run(Phase::Latency) {
+        eprintln!("== latency");
+        let latency = bench.latency().await?;
+        rows.extend(latency.rows(&bench.args));
+        rows.push(Row {
+            measure: format!("RSS steady ({:.0} lines/s)", bench.args.latency_rate),
+            relay: format!("{:.1} MiB", latency.rss_bytes as f64 / MIB),
+            reference: "".into(),
+            ratio: "".into(),
+            target: "≤ 20 MiB".into(),
+            met: (latency.rss_bytes as f64) <= 20.0 * MIB,
+        });
+    }
+    if let Some(drain) = &drained {
+        rows.push(Row {
+            measure: format!("RSS peak, draining {} lines", drain.n_lines),
+            relay: format!("{:.1} MiB", drain.hwm_bytes as f64 / MIB),
+            reference: "".into(),
+            ratio: "".into(),
+            target: "≤ 48 MiB".into(),
+            met: (drain.hwm_bytes as f64) <= 48.0 * MIB,
+        });
+    }
+    if run(Phase::Idle) {
+        eprintln!("== idle");
+        let idle = bench.idle().await?;
+        rows.push(Row {
+            measure: format!("CPU at idle ({:.0} s)", bench.args.idle_secs),
+            relay: format!("{:.2} % of a core", idle.cpu_percent),
+            reference: format!("RSS {:.1} MiB", idle.rss_bytes as f64 / MIB),
+            ratio: "".into(),
+            target: "≤ 0.5 %".into(),
+            met: idle.cpu_percent <= 0.5,
+        });
+    }
+
+    println!(
+        "\nopensim-chat-relay load test: batch {} lines, lines of ~{} bytes, {} cores{}\n",
+        bench.args.batch,
+        line_len(&bench.args),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        if bench.args.smoke {
+            " (smoke run: sizes too small to mean anything)"
+        } else {
+            ""
+        }
+    );
+    print_table(&rows);
+    Ok(())
+}
+
+/// Builds the relay binary with the profile this example was built with and returns its path.
+async fn build_relay() -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.args(["build", "--quiet", "--bin", "opensim-chat-relay"]);
+    if !cfg!(debug_assertions) {
+        command.arg("--release");
+    }
+    let status = command.status().await.context("running cargo build")?;
+    anyhow::ensure!(status.success(), "cargo build of the relay failed");
+    // target/<profile>/examples/loadtest → target/<profile>/opensim-chat-relay
+    let exe = std::env::current_exe().context("locating this example")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("this example is not in target/<profile>/examples")?;
+    Ok(profile_dir.join("opensim-chat-relay"))
+}
+
+struct Bench {
+    bin: PathBuf,
+    work: PathBuf,
+    args: Args,
+}
+
+/// A child process whose stdout lines feed a parser.
+struct Proc {
+    child: Child,
+    pid: u32,
+}
+
+impl Proc {
+    /// Stops it with SIGTERM (the relay flushes and exits 0) and waits.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => {
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The simulated CMS: its URL, the ids of the users it created, and the rows stored so far.
+struct CmsProc {
+    proc: Proc,
+    base_url: String,
+    users: HashMap<String, i64>,
+    n_stored: Arc<AtomicU64>,
+    /// (row message, when this process read it), when the CMS prints rows (not quiet).
+    rows: Arc<Mutex<Vec<(String, i64)>>>,
+}
+
+struct ViewerProc {
+    proc: Proc,
+    chat_url: String,
+    avatars_url: String,
+    status_url: String,
+}
+
+/// What the relay's JSON log said so far.
+#[derive(Default)]
+struct RelayLog {
+    n_delivered: AtomicU64,
+    outbox_depth: AtomicU64,
+    n_failures: AtomicU64,
+}
+
+struct RelayProc {
+    proc: Proc,
+    log: Arc<RelayLog>,
+}
+
+impl Bench {
+    async fn start_cms(&self, quiet: bool) -> anyhow::Result<CmsProc> {
+        let mut command = Command::new(&self.bin);
+        command.args(["sim", "cms", "--listen", "127.0.0.1:0"]);
+        for user in ["relay", "alice", "bob"] {
+            let password = if user == "relay" { RELAY_PASSWORD } else { "x" };
+            command.args(["--user", &format!("{user}:{password}")]);
+        }
+        if quiet {
+            command.arg("--quiet");
+        }
+        let (proc, mut lines) = spawn(command, "sim cms")?;
+        let mut users = HashMap::new();
+        let base_url = loop {
+            let line = next_line(&mut lines, "sim cms").await?;
+            if let Some(rest) = line.strip_prefix("user ") {
+                let mut words = rest.split_whitespace();
+                let id = words.next().and_then(|w| w.parse().ok());
+                let name = words.next().map(|w| w.trim_matches('"').to_owned());
+                if let (Some(id), Some(name)) = (id, name) {
+                    users.insert(name, id);
+                }
+            } else if line.starts_with("simulated OpenSim-CMS") {
+                let url = line.rsplit(' ').next().unwrap_or_default();
+                break url.to_owned();
+            }
+        };
+        let n_stored = Arc::new(AtomicU64::new(0));
+        let rows = Arc::new(Mutex::new(Vec::new()));
+        let (n_stored_w, rows_w) = (n_stored.clone(), rows.clone());
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let now = Utc::now().timestamp_micros();
+                if let Some(n) = line.strip_prefix("stored ") {
+                    if let Ok(n) = n.trim().parse() {
+                        n_stored_w.store(n, Ordering::Relaxed);
+                    }
+                } else if line.starts_with("chat ") {
+                    n_stored_w.fetch_add(1, Ordering::Relaxed);
+                    if let Some((_, message)) = line.split_once(": ") {
+                        rows_w
+                            .lock()
+                            .expect("rows lock")
+                            .push((message.to_owned(), now));
+                    }
+                }
+            }
+        });
+        Ok(CmsProc {
+            proc,
+            base_url,
+            users,
+            n_stored,
+            rows,
+        })
+    }
+
+    async fn start_viewer(&self, chatter: f64, stamp: bool) -> anyhow::Result<ViewerProc> {
+        let mut command = Command::new(&self.bin);
+        command.args(["sim", "viewer", "--listen", "127.0.0.1:0"]);
+        command.args(["--chatter", &format!("{chatter}")]);
+        command.args(["--chatter-bytes", &self.args.line_bytes.to_string()]);
+        if stamp {
+            command.arg("--chatter-stamp");
+        }
+        let (proc, mut lines) = spawn(command, "sim viewer")?;
+        let mut urls = HashMap::new();
+        while urls.len() < 3 {
+            let line = next_line(&mut lines, "sim viewer").await?;
+            if let Some((key, url)) = line.trim().split_once(':') {
+                if ["chat", "avatars", "status"].contains(&key) {
+                    urls.insert(key.to_owned(), url.trim().to_owned());
+                }
+            }
+        }
+        // Keep draining its stdout so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(ViewerProc {
+            proc,
+            chat_url: urls["chat"].clone(),
+            avatars_url: urls["avatars"].clone(),
+            status_url: urls["status"].clone(),
+        })
+    }
+
+    async fn start_relay(
+        &self,
+        name: &str,
+        viewer: &ViewerProc,
+        cms: &CmsProc,
+        outbox: &Path,
+        inworld: bool,
+    ) -> anyhow::Result<RelayProc> {
+        let config = format!(
+            r#"
+[viewer]
+chat_url = "{chat}"
+avatars_url = "{avatars}"
+status_url = "{status}"
+timezone = "UTC"
+
+[cms]
+base_url = "{base}"
+username = "relay"
+password = "{RELAY_PASSWORD}"
+timezone = "{CMS_ZONE}"
+batch_max_messages = {batch}
+
+[mapping.users]
+"Alice Resident" = {alice}
+"Bob Builder" = {bob}
+
+[inworld]
+enabled = {inworld}
+
+[outbox]
+path = "{outbox}"
+
+[log]
+level = "info"
+format = "json"
+"#,
+            chat = viewer.chat_url,
+            avatars = viewer.avatars_url,
+            status = viewer.status_url,
+            base = cms.base_url,
+            batch = self.args.batch,
+            alice = cms.users.get("alice").copied().unwrap_or(-1),
+            bob = cms.users.get("bob").copied().unwrap_or(-1),
+            outbox = outbox.display(),
+        );
+        let config_path = self.work.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config).context("writing the relay configuration")?;
+        let mut command = Command::new(&self.bin);
+        command
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().context("starting the relay")?;
+        let pid = child.id().context("relay pid")?;
+        let stderr = child.stderr.take().context("relay stderr")?;
+        let log = Arc::new(RelayLog::default());
+        let log_w = log.clone();
+        let verbose = self.args.verbose;
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if verbose {
+                    eprintln!("relay: {line}");
+                }
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let field = |key: &str| event.get(key).and_then(serde_json::Value::as_u64);
+                match event.get("message").and_then(|m| m.as_str()) {
+                    Some("delivered batch") => {
+                        let n =
+                            field("n_messages").unwrap_or(0) + field("n_reconciled").unwrap_or(0);
+                        log_w.n_delivered.fetch_add(n, Ordering::Relaxed);
+                        if let Some(depth) = field("outbox_depth") {
+                            log_w.outbox_depth.store(depth, Ordering::Relaxed);
+                        }
+                    }
+                    Some("delivery failed") => {
+                        log_w.n_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(RelayProc {
+            proc: Proc { child, pid },
+            log,
+        })
+    }
+
+    /// Lines per second the simulated CMS takes from one client posting relay-shaped batches back
+    /// to back over one connection.
+    async fn ceiling(&self, cms: &CmsProc) -> anyhow::Result<f64> {
+        let client = CmsClient::new(CmsEndpoint {
+            base_url: cms.base_url.clone(),
+            grid_id: 1,
+            username: "relay".into(),
+            password: RELAY_PASSWORD.to_owned().into(),
+            timeout: Duration::from_secs(30),
+            max_response_bytes: 16 << 20,
+        })?;
+        client.login().await?;
+        let alice = cms.users.get("alice").copied().unwrap_or(-1);
+        let bob = cms.users.get("bob").copied().unwrap_or(-1);
+        // Rows dated long ago cost the CMS the same to store, but stay out of the windows the relay
+        // reads back (`GET /grid/1/chats/<unix>/`), which they would otherwise inflate.
+        let timestamp = "2001-01-01 00:00:00".to_owned();
+        let items: Vec<ChatItem> = (1..=self.args.batch as u64)
+            .map(|n| {
+                let speaker = SPEAKERS[(n % 3) as usize];
+                let text = chat_text(n, speaker, self.args.line_bytes);
+                let (user_id, message) = match speaker {
+                    "Alice Resident" => (alice, text),
+                    "Bob Builder" => (bob, text),
+                    _ => (-1, format!("[{speaker}] {text}")),
+                };
+                ChatItem {
+                    user_id,
+                    message: sanitize_message(&message),
+                    timestamp: timestamp.clone(),
+                    from_cms: 0,
+                }
+            })
+            .collect();
+        // Warm the connection and the CMS up, then measure.
+        client.post_chats(&items).await?;
+        let started = Instant::now();
+        let mut n_lines = 0u64;
+        while started.elapsed().as_secs_f64() < self.args.ceiling_secs {
+            client.post_chats(&items).await?;
+            n_lines += items.len() as u64;
+        }
+        Ok(n_lines as f64 / started.elapsed().as_secs_f64())
+    }
+
+    async fn throughput(&self) -> anyhow::Result<Throughput> {
+        let cms = self.start_cms(true).await?;
+        let ceiling = self.ceiling(&cms).await?;
+        let offered = (ceiling * self.args.overload).min(self.args.max_offered);
+        let viewer = self.start_viewer(offered, false).await?;
+        let outbox = self.work.join("throughput-outbox");
+        let relay = self
+            .start_relay("throughput", &viewer, &cms, &outbox, self.args.inworld)
+            .await?;
+        let warm_up = Duration::from_secs_f64(self.args.throughput_secs / 3.0);
+        tokio::time::sleep(warm_up).await;
+        let (stored_0, depth_0) = (
+            cms.n_stored.load(Ordering::Relaxed),
+            relay.log.outbox_depth.load(Ordering::Relaxed),
+        );
+        let cpu_0 = cpu_ticks(relay.proc.pid)?;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(self.args.throughput_secs)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = (cpu_ticks(relay.proc.pid)? - cpu_0) as f64 / clock_ticks().await / elapsed;
+        let (stored_1, depth_1) = (
+            cms.n_stored.load(Ordering::Relaxed),
+            relay.log.outbox_depth.load(Ordering::Relaxed),
+        );
+        let delivered = (stored_1 - stored_0) as f64 / elapsed;
+        let stored = delivered + (depth_1 as f64 - depth_0 as f64) / elapsed;
+        let rss = memory(relay.proc.pid)?;
+        let n_failures = relay.log.n_failures.load(Ordering::Relaxed);
+        relay.proc.stop().await?;
+        viewer.proc.stop().await?;
+        cms.proc.stop().await?;
+        if n_failures > 0 {
+            eprintln!("warning: {n_failures} delivery failures during the throughput phase");
+        }
+        Ok(Throughput {
+            ceiling,
+            offered,
+            delivered,
+            stored,
+            cpu,
+            hwm_bytes: rss.hwm,
+        })
+    }
+
+    async fn drain(&self, n_lines: u64, name: &str) -> anyhow::Result<Drain> {
+        let outbox_dir = self.work.join(format!("{name}-outbox"));
+        fill_outbox(&outbox_dir, n_lines, self.args.line_bytes).await?;
+        let cms = self.start_cms(true).await?;
+        let ceiling = self.ceiling(&cms).await?;
+        let viewer = self.start_viewer(0.0, false).await?;
+        let stored_0 = cms.n_stored.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let relay = self
+            .start_relay(name, &viewer, &cms, &outbox_dir, self.args.inworld)
+            .await?;
+        let deadline = Duration::from_secs(3600);
+        let mut peak_rss = 0;
+        while cms.n_stored.load(Ordering::Relaxed) - stored_0 < n_lines {
+            if started.elapsed() > deadline {
+                bail!("the {name} drain did not finish within {deadline:?}");
+            }
+            if let Some(status) = relay_exited(&relay) {
+                bail!("the relay exited during the {name} drain: {status}");
+            }
+            peak_rss = peak_rss.max(memory(relay.proc.pid)?.rss);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let memory = memory(relay.proc.pid)?;
+        let n_stored = cms.n_stored.load(Ordering::Relaxed) - stored_0;
+        relay.proc.stop().await?;
+        viewer.proc.stop().await?;
+        cms.proc.stop().await?;
+        if n_stored != n_lines {
+            eprintln!("warning: the CMS stored {n_stored} rows for {n_lines} lines");
+        }
+        Ok(Drain {
+            n_lines,
+            seconds: elapsed,
+            ceiling,
+            hwm_bytes: memory.hwm.max(peak_rss),
+        })
+    }
+
+    async fn latency(&self) -> anyhow::Result<Latency> {
+        let cms = self.start_cms(false).await?;
+        let viewer = self.start_viewer(self.args.latency_rate, true).await?;
+        let outbox = self.work.join("latency-outbox");
+        let relay = self
+            .start_relay("latency", &viewer, &cms, &outbox, true)
+            .await?;
+        let warm_up = Duration::from_secs(3).min(Duration::from_secs_f64(self.args.latency_secs));
+        tokio::time::sleep(warm_up).await;
+        let from = Utc::now().timestamp_micros();
+        tokio::time::sleep(Duration::from_secs_f64(self.args.latency_secs)).await;
+        let until = Utc::now().timestamp_micros();
+        // Lines said before `until` may still be on their way.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let memory = memory(relay.proc.pid)?;
+        relay.proc.stop().await?;
+        viewer.proc.stop().await?;
+        cms.proc.stop().await?;
+        let mut latencies: Vec<f64> = cms
+            .rows
+            .lock()
+            .expect("rows lock")
+            .iter()
+            .filter_map(|(message, seen)| {
+                let stamp: i64 = message.rsplit_once(" @")?.1.parse().ok()?;
+                (from..until)
+                    .contains(&stamp)
+                    .then(|| (seen - stamp) as f64 / 1000.0)
+            })
+            .collect();
+        anyhow::ensure!(
+            !latencies.is_empty(),
+            "no stamped line reached the CMS in the latency phase"
+        );
+        latencies.sort_by(f64::total_cmp);
+        let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        Ok(Latency {
+            n_lines: latencies.len(),
+            p50: quantile(0.5),
+            p99: quantile(0.99),
+            max: quantile(1.0),
+            rss_bytes: memory.rss,
+        })
+    }
+
+    async fn idle(&self) -> anyhow::Result<Idle> {
+        let cms = self.start_cms(true).await?;
+        let viewer = self.start_viewer(0.0, false).await?;
+        let outbox = self.work.join("idle-outbox");
+        let relay = self
+            .start_relay("idle", &viewer, &cms, &outbox, true)
+            .await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let cpu_0 = cpu_ticks(relay.proc.pid)?;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(self.args.idle_secs)).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let ticks = cpu_ticks(relay.proc.pid)? - cpu_0;
+        let memory = memory(relay.proc.pid)?;
+        relay.proc.stop().await?;
+        viewer.proc.stop().await?;
+        cms.proc.stop().await?;
+        Ok(Idle {
+            cpu_percent: 100.0 * ticks as f64 / clock_ticks().await / elapsed,
+            rss_bytes: memory.rss,
+        })
+    }
+}
+
+struct Throughput {
+    ceiling: f64,
+    offered: f64,
+    delivered: f64,
+    stored: f64,
+    cpu: f64,
+    hwm_bytes: u64,
+}
+
+impl Throughput {
+    fn rows(&self, args: &Args) -> Vec<Row> {
+        let ratio = self.delivered / self.ceiling;
+        vec![Row {
+            measure: format!(
+                "throughput, batch {} (offered {:.0}/s; {:.0}/s flushed to the outbox; relay CPU {:.0} %, peak RSS {:.1} MiB)",
+                args.batch,
+                self.offered,
+                self.stored,
+                self.cpu * 100.0,
+                self.hwm_bytes as f64 / MIB
+            ),
+            relay: format!("{:.0} lines/s", self.delivered),
+            reference: format!("ceiling {:.0} lines/s", self.ceiling),
+            ratio: format!("{ratio:.2}"),
+            target: "≥ 0.8".into(),
+            met: ratio >= 0.8,
+        }]
+    }
+}
+
+struct Drain {
+    n_lines: u64,
+    seconds: f64,
+    ceiling: f64,
+    hwm_bytes: u64,
+}
+
+impl Drain {
+    fn row(&self, measure: &str) -> Row {
+        let rate = self.n_lines as f64 / self.seconds;
+        let ratio = rate / self.ceiling;
+        Row {
+            measure: measure.to_owned(),
+            relay: format!("{:.1} s = {rate:.0} lines/s", self.seconds),
+            reference: format!("ceiling {:.0} lines/s", self.ceiling),
+            ratio: format!("{ratio:.2}"),
+            target: "≥ 0.8".into(),
+            met: ratio >= 0.8,
+        }
+    }
+}
+
+struct Latency {
+    n_lines: usize,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    rss_bytes: u64,
+}
+
+impl Latency {
+    fn rows(&self, args: &Args) -> Vec<Row> {
+        vec![Row {
+            measure: format!(
+                "capture → CMS latency at {:.0} lines/s ({} lines), p50 / p99 / max",
+                args.latency_rate, self.n_lines
+            ),
+            relay: format!("{:.0} / {:.0} / {:.0} ms", self.p50, self.p99, self.max),
+            reference: format!("poll interval {POLL_INTERVAL_MS:.0} ms"),
+            ratio: format!("p99 − poll = {:+.0} ms", self.p99 - POLL_INTERVAL_MS),
+            target: "p99 ≤ poll + 25 ms".into(),
+            met: self.p99 <= POLL_INTERVAL_MS + 25.0,
+        }]
+    }
+}
+
+struct Idle {
+    cpu_percent: f64,
+    rss_bytes: u64,
+}
+
+struct Row {
+    measure: String,
+    relay: String,
+    reference: String,
+    ratio: String,
+    target: String,
+    met: bool,
+}
+
+fn print_table(rows: &[Row]) {
+    println!("| measure | relay | reference | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for row in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            row.measure,
+            row.relay,
+            row.reference,
+            row.ratio,
+            row.target,
+            if row.met { "yes" } else { "**no**" }
+        );
+    }
+}
+
+/// The chatter's text for line `n` (`sim viewer --chatter-bytes` pads the same way).
+fn chat_text(n: u64, speaker: &str, min_bytes: usize) -> String {
+    const FILLER: &str = " the quick brown fox jumps over the lazy dog";
+    let mut line = format!("hello #{n} from {speaker}");
+    while line.len() < min_bytes {
+        let missing = min_bytes - line.len();
+        line.push_str(&FILLER[..missing.min(FILLER.len())]);
+    }
+    line
+}
+
+fn line_len(args: &Args) -> usize {
+    chat_text(100_000, SPEAKERS[0], args.line_bytes).len()
+}
+
+/// Writes `n_lines` chatter lines into a fresh outbox, as a relay would have while the CMS was down:
+/// spoken over the hour before now, in appends of 1000 lines.
+async fn fill_outbox(dir: &Path, n_lines: u64, line_bytes: usize) -> anyhow::Result<()> {
+    let outbox = Outbox::open(dir, 8 << 20)?;
+    let now = Utc::now();
+    let span_ms = 3_600_000i64;
+    let mut next = 1u64;
+    while next <= n_lines {
+        let chunk: Vec<CapturedLine> = (next..=(next + 999).min(n_lines))
+            .map(|n| {
+                let speaker = SPEAKERS[(n % 3) as usize];
+                let spoken_at = now
+                    - chrono::Duration::milliseconds(span_ms - span_ms * n as i64 / n_lines as i64);
+                CapturedLine {
+                    speaker: speaker.to_owned(),
+                    owner_id: None,
+                    message: chat_text(n, speaker, line_bytes),
+                    spoken_at,
+                    captured_at: spoken_at,
+                }
+            })
+            .collect();
+        next += chunk.len() as u64;
+        outbox.append(&chunk).await?;
+    }
+    Ok(())
+}
+
+fn spawn(
+    mut command: Command,
+    what: &str,
+) -> anyhow::Result<(
+    Proc,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+)> {
+    command
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {what}"))?;
+    let pid = child.id().context("pid")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    Ok((Proc { child, pid }, BufReader::new(stdout).lines()))
+}
+
+async fn next_line(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    what: &str,
+) -> anyhow::Result<String> {
+    match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+        Ok(Ok(Some(line))) => Ok(line),
+        Ok(Ok(None)) => bail!("{what} exited during start-up"),
+        Ok(Err(err)) => Err(err.into()),
+        Err(_) => bail!("{what} printed nothing for 30 s"),
+    }
+}
+
+fn relay_exited(relay: &RelayProc) -> Option<String> {
+    // A process that exited (a zombie until waited for) has state Z, or no /proc entry.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", relay.proc.pid)).ok()?;
+    let state = stat.rsplit_once(") ")?.1.split_whitespace().next()?;
+    (state == "Z").then(|| "exited".to_owned())
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .context("unexpected /proc/<pid>/stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+async fn clock_ticks() -> f64 {
+    let output = Command::new("getconf").arg("CLK_TCK").output().await;
+    output
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+struct Memory {
+    rss: u64,
+    hwm: u64,
+}
+
+/// VmRSS and VmHWM of `pid`, in bytes.
+fn memory(pid: u32) -> anyhow::Result<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    Ok(Memory {
+        rss: kib("VmRSS:"),
+        hwm: kib("VmHWM:"),
+    })
+}
