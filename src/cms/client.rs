@@ -292,7 +292,15 @@ impl CmsClient {
                     .header("Content-Type", "application/json")
                     .body(body.clone());
             }
-            let response = request.send().await.map_err(CmsError::transport)?;
+            // A request that fails in transport says nothing about the token: keep it for the retry
+            // rather than logging in again each time.
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(err) => {
+                    *token = Some(current);
+                    return Err(CmsError::transport(err));
+                }
+            };
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -300,7 +308,13 @@ impl CmsClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let body = self.read_body(response).await?;
+            let body = match self.read_body(response).await {
+                Ok(body) => body,
+                Err(err) => {
+                    *token = Some(current);
+                    return Err(err);
+                }
+            };
             let refused = status == 401
                 || wire::parse_lenient(&body).as_ref().and_then(wire::error_of)
                     == Some(wire::UNAUTHORIZED);

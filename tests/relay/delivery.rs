@@ -190,3 +190,25 @@ async fn the_token_travels_in_the_query_only_and_headers_are_title_case() {
         post.headers
     );
 }
+
+#[tokio::test]
+async fn requests_that_time_out_do_not_cost_a_login_each() {
+    let env = TestEnv::start().await;
+    env.db.fault_next(3, Fault::Hang);
+    env.lg.say("Alice Resident", "patience");
+    let relay = env
+        .start_relay("", &[("cms.request_timeout", "300ms")])
+        .await;
+    eventually(PATIENCE, "the line delivered", || async {
+        env.stored().len() == 1 && relay.outbox.is_empty()
+    })
+    .await;
+    relay.stop().await;
+
+    assert_eq!(env.stored_messages(), ["[Alice Resident] patience"]);
+    assert_eq!(
+        env.db.n_logins(),
+        1,
+        "a timeout says nothing about the token"
+    );
+}
