@@ -146,9 +146,7 @@ impl Delivery {
                 let unsent = self.reconcile(batch, &mut tally).await?;
                 self.deliver_singly(unsent, &mut tally).await?;
             }
-            Err(DeliveryError::Cms(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed)))
-                if batch.len() == 1 =>
-            {
+            Err(DeliveryError::Cms(err)) if batch.len() == 1 && !err.is_retryable() => {
                 // A batch of one is unambiguous: the CMS will not take this line.
                 self.dead_letter(&batch[0], &err.to_string(), &mut tally)
                     .await?;
@@ -374,7 +372,7 @@ impl Delivery {
         for line in lines {
             match Box::pin(self.send(vec![line.clone()], tally)).await {
                 Ok(()) => {}
-                Err(DeliveryError::Cms(err @ (CmsError::Invalid(_) | CmsError::LastRowFailed))) => {
+                Err(DeliveryError::Cms(err)) if !err.is_retryable() => {
                     self.dead_letter(&line, &err.to_string(), tally).await?
                 }
                 Err(err) => return Err(err),

@@ -110,15 +110,6 @@ impl CmsClient {
         self.n_logins.load(Ordering::Relaxed)
     }
 
-    /// Whether the client holds a token that has not idled out.
-    pub async fn is_logged_in(&self) -> bool {
-        self.token
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
-    }
-
     /// Whether the CMS accepts the account, as last seen.
     pub fn login_state(&self) -> LoginState {
         self.lock_login_state().0.clone()
