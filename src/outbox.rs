@@ -263,9 +263,7 @@ impl Outbox {
         self.db.flush_async().await?;
         self.n_pending.fetch_add(lines.len(), Ordering::Relaxed);
         self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
-        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > self.limits.max_bytes {
-            self.drop_oldest(self.limits.max_bytes).await?;
-        }
+        self.enforce_max_bytes().await?;
         self.appended.notify_one();
         Ok(())
     }
@@ -312,6 +310,8 @@ impl Outbox {
             }
         }
         self.db.flush_async().await?;
+        // A rewrite grows a record (its prepared row): the bound holds after it too.
+        self.enforce_max_bytes().await?;
         Ok(())
     }
 
@@ -477,6 +477,16 @@ impl Outbox {
             line.line.captured_at < cutoff
         })
         .await
+    }
+
+    /// Under `drop_oldest`, drops the oldest lines while the outbox holds more than `max_bytes`. Run
+    /// after every write that can grow it (an append, a rewrite). A line dropped while its batch is in
+    /// flight may still reach the CMS; it is counted as dropped all the same.
+    async fn enforce_max_bytes(&self) -> Result<(), OutboxError> {
+        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > self.limits.max_bytes {
+            self.drop_oldest(self.limits.max_bytes).await?;
+        }
+        Ok(())
     }
 
     /// Drops the oldest pending lines until at most `max_bytes` remain.
