@@ -22,7 +22,8 @@ use crate::zone::Zone;
 /// someone else).
 const OWN_NAME_REFRESH: Duration = Duration::from_secs(60);
 
-/// How long to wait before retrying a failed outbox write (disk full): polling pauses meanwhile, so
+/// How long to wait before retrying a failed outbox write (disk full). Note: sled keeps failing after an
+/// I/O error until the database is reopened (docs/RELIABILITY.md); polling pauses meanwhile, so
 /// the viewer keeps the lines.
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
