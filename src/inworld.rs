@@ -147,6 +147,9 @@ pub struct Inworld {
     last_read: Option<DateTime<Utc>>,
     /// The earliest moment the next line may be said (flood control).
     next_slot: Instant,
+    /// The highest CMS id said or skipped by this process. The persisted cursor lags it when writing
+    /// the cursor failed (disk full): a line is not said twice for that.
+    handled_up_to: Option<i64>,
 }
 
 impl Inworld {
@@ -170,6 +173,7 @@ impl Inworld {
             said,
             last_read: None,
             next_slot: Instant::now(),
+            handled_up_to: None,
         }
     }
 
@@ -186,10 +190,10 @@ impl Inworld {
         let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
         let rows = self.cms.chats_since(since.timestamp()).await?;
         self.last_read = Some(now);
-        let Some(cursor) = self.outbox.meta_i64(CURSOR)? else {
+        let Some(cursor) = self.outbox.meta_i64(CURSOR)?.max(self.handled_up_to) else {
             // First start ever: begin from now, say nothing of the past.
             let newest = rows.iter().map(|r| r.id).max().unwrap_or(0);
-            self.outbox.set_meta_i64(CURSOR, newest).await?;
+            self.advance(newest).await?;
             tracing::info!(cursor = newest, "in-world relay starts from now");
             return Ok(InworldOutcome::default());
         };
@@ -249,7 +253,7 @@ impl Inworld {
                     + Duration::from_secs_f64(1.0 / self.settings.max_lines_per_second);
                 Stats::add(&self.stats.inworld_said, 1);
             }
-            self.outbox.set_meta_i64(CURSOR, row.id).await?;
+            self.advance(row.id).await?;
             outcome.n_said += 1;
         }
         Ok(outcome)
@@ -284,8 +288,14 @@ impl Inworld {
         }
     }
 
+    /// Moves the cursor past `id`: in memory first, then on disk.
+    async fn advance(&mut self, id: i64) -> Result<(), OutboxError> {
+        self.handled_up_to = self.handled_up_to.max(Some(id));
+        self.outbox.set_meta_i64(CURSOR, id).await
+    }
+
     async fn skip(
-        &self,
+        &mut self,
         up_to_id: i64,
         n: usize,
         reason: &str,
@@ -294,7 +304,7 @@ impl Inworld {
         tracing::warn!(n_lines = n, reason, "cms lines not said in-world");
         Stats::add(&self.stats.inworld_skipped, n as u64);
         outcome.n_skipped += n;
-        self.outbox.set_meta_i64(CURSOR, up_to_id).await
+        self.advance(up_to_id).await
     }
 
     /// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,

@@ -29,6 +29,7 @@ fn main() -> ExitCode {
             Ok(settings) => {
                 telemetry::init(&settings.log.level, settings.log.format);
                 run(async move {
+                    shutdown::catch_file_size_signal();
                     let relay =
                         Relay::build(&settings)?.with_notifier(notify::Notifier::from_env());
                     relay.run_until_stopped(shutdown::on_signal()).await
@@ -90,10 +91,9 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("error: {err:#}");
             // An outbox that cannot be opened needs an operator, not a restart loop.
-            let needs_operator = err
-                .downcast_ref::<OutboxError>()
-                .is_some_and(|e| !matches!(e, OutboxError::Storage(_)))
-                || err.downcast_ref::<ConfigError>().is_some();
+            let needs_operator = err.downcast_ref::<OutboxError>().is_some_and(|e| {
+                matches!(e, OutboxError::Locked { .. } | OutboxError::Open { .. })
+            }) || err.downcast_ref::<ConfigError>().is_some();
             if needs_operator {
                 ExitCode::from(EX_CONFIG)
             } else {

@@ -7,10 +7,17 @@
 //!
 //! Invariants: `append` returns only after the lines are flushed to disk; a line leaves `pending` only
 //! through `remove` (the CMS confirmed it) or `dead_letter`. This is the only module that imports sled.
+//!
+//! After an I/O error (disk full) sled 0.34 fails every later write until the database is opened
+//! again, so the outbox reopens it in place on its next use, once no operation holds the failed
+//! handles. What the reopened database holds is what was flushed, exactly as after a crash: a write
+//! whose flush failed returned its error to the caller, which still has the data (the poller keeps
+//! the lines it read, delivery's marks and removals are redone or reconciled).
 
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -41,7 +48,11 @@ pub enum OutboxError {
     },
     /// A read or write failed (disk full, I/O error).
     #[error("outbox storage error: {0}")]
-    Storage(#[from] sled::Error),
+    Storage(sled::Error),
+    /// An earlier I/O error left the database to be reopened, and it cannot be reopened yet (the disk
+    /// is still full, or an operation still holds the failed handles). Retried on the next use.
+    #[error("outbox storage error: reopening the outbox after a write error failed: {0}")]
+    Reopen(String),
 }
 
 /// What delivery decided to send for a line, fixed before the first POST so that a retry sends exactly
@@ -145,14 +156,81 @@ impl RecordV1 {
     }
 }
 
-/// The durable queue. Share it as `Arc<Outbox>`.
-pub struct Outbox {
-    path: std::path::PathBuf,
+/// The open sled database and its trees. Replaced as a whole when the database is reopened.
+struct Store {
     db: sled::Db,
     pending: sled::Tree,
     dead: sled::Tree,
     quarantine: sled::Tree,
     meta: sled::Tree,
+}
+
+impl Store {
+    fn open(path: &Path, cache_bytes: u64) -> Result<Store, OutboxError> {
+        let shown = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|source| {
+                // sled reports a held file lock as an I/O error "could not acquire lock".
+                if source.to_string().contains("lock") {
+                    OutboxError::Locked {
+                        path: shown.clone(),
+                    }
+                } else {
+                    OutboxError::Open {
+                        path: shown.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let open_tree = |name: &str| {
+            db.open_tree(name).map_err(|source| OutboxError::Open {
+                path: shown.clone(),
+                source,
+            })
+        };
+        Ok(Store {
+            pending: open_tree("pending")?,
+            dead: open_tree("dead")?,
+            quarantine: open_tree("quarantine")?,
+            meta: open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Pending lines and their bytes, counted from the records.
+    fn count_pending(&self) -> (usize, u64) {
+        let n_bytes = self
+            .pending
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum();
+        (self.pending.len(), n_bytes)
+    }
+}
+
+/// The open database; `store` is `None` only after a reopen failed. An operation clones the `Arc`
+/// for its duration, so a reopen can tell when nobody uses the failed handles any more.
+struct Slot {
+    store: Option<Arc<Store>>,
+    reopen_tried: Option<Instant>,
+}
+
+/// A failed database is opened again at most this often (an open reads the whole database).
+const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The durable queue. Share it as `Arc<Outbox>`.
+pub struct Outbox {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// The open database, and when a reopen was last tried.
+    store: Mutex<Slot>,
+    /// An I/O error was seen: reopen before the next use.
+    broken: AtomicBool,
     n_pending: AtomicUsize,
     n_bytes: AtomicU64,
     n_dropped: AtomicU64,
@@ -187,56 +265,85 @@ const MAX_DROPS_LOGGED: usize = 100;
 impl Outbox {
     /// Opens (or creates) the outbox at `path` with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Outbox, OutboxError> {
-        let shown = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|source| {
-                // sled reports a held file lock as an I/O error "could not acquire lock".
-                if source.to_string().contains("lock") {
-                    OutboxError::Locked {
-                        path: shown.clone(),
-                    }
-                } else {
-                    OutboxError::Open {
-                        path: shown.clone(),
-                        source,
-                    }
-                }
-            })?;
-        let open_tree = |name: &str| {
-            db.open_tree(name).map_err(|source| OutboxError::Open {
-                path: shown.clone(),
-                source,
-            })
-        };
-        let pending = open_tree("pending")?;
-        let outbox = Outbox {
+        let store = Store::open(path, cache_bytes)?;
+        let (n_pending, n_bytes) = store.count_pending();
+        Ok(Outbox {
             path: path.to_owned(),
-            dead: open_tree("dead")?,
-            quarantine: open_tree("quarantine")?,
-            meta: open_tree("meta")?,
-            n_pending: AtomicUsize::new(pending.len()),
-            n_bytes: AtomicU64::new(
-                pending
-                    .iter()
-                    .values()
-                    .flatten()
-                    .map(|v| v.len() as u64)
-                    .sum(),
-            ),
+            cache_bytes,
+            store: Mutex::new(Slot {
+                store: Some(Arc::new(store)),
+                reopen_tried: None,
+            }),
+            broken: AtomicBool::new(false),
+            n_pending: AtomicUsize::new(n_pending),
+            n_bytes: AtomicU64::new(n_bytes),
             n_dropped: AtomicU64::new(0),
             limits: Limits {
                 max_bytes: u64::MAX,
                 max_age: Duration::MAX,
                 when_full: WhenFull::DropOldest,
             },
-            pending,
-            db,
             appended: Notify::new(),
-        };
-        Ok(outbox)
+        })
+    }
+
+    /// The open database, reopened first if an I/O error broke it.
+    fn store(&self) -> Result<Arc<Store>, OutboxError> {
+        let mut slot = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.broken.load(Ordering::Acquire) {
+            self.reopen(&mut slot)?;
+        }
+        slot.store
+            .clone()
+            .ok_or_else(|| OutboxError::Reopen("the outbox is not open".into()))
+    }
+
+    /// Drops the failed database once no operation holds it, and opens it again. sled recovers what
+    /// was flushed; the depth counters are counted again from it. Blocks the callers for the time
+    /// an open takes (a rare event: after a write error, at most every `REOPEN_INTERVAL`).
+    fn reopen(&self, slot: &mut Slot) -> Result<(), OutboxError> {
+        if slot
+            .store
+            .as_ref()
+            .is_some_and(|store| Arc::strong_count(store) > 1)
+        {
+            return Err(OutboxError::Reopen(
+                "an operation still holds the failed database".into(),
+            ));
+        }
+        if slot
+            .reopen_tried
+            .is_some_and(|tried| tried.elapsed() < REOPEN_INTERVAL)
+        {
+            return Err(OutboxError::Reopen(format!(
+                "it is tried again every {REOPEN_INTERVAL:?}"
+            )));
+        }
+        slot.reopen_tried = Some(Instant::now());
+        // sled lets go of its file lock when the last handle is dropped.
+        slot.store = None;
+        let store = Store::open(&self.path, self.cache_bytes)
+            .map_err(|err| OutboxError::Reopen(err.to_string()))?;
+        let (n_pending, n_bytes) = store.count_pending();
+        self.n_pending.store(n_pending, Ordering::Relaxed);
+        self.n_bytes.store(n_bytes, Ordering::Relaxed);
+        slot.store = Some(Arc::new(store));
+        self.broken.store(false, Ordering::Release);
+        tracing::debug!(
+            outbox_depth = n_pending,
+            "outbox reopened after a storage error"
+        );
+        Ok(())
+    }
+
+    /// Converts a sled error, noting an I/O error so that the next use reopens the database.
+    fn io<T>(&self, result: sled::Result<T>) -> Result<T, OutboxError> {
+        result.map_err(|err| {
+            if matches!(err, sled::Error::Io(_)) {
+                self.broken.store(true, Ordering::Release);
+            }
+            OutboxError::Storage(err)
+        })
     }
 
     /// Stores `lines` in order and flushes them to disk before returning.
@@ -244,10 +351,11 @@ impl Outbox {
         if lines.is_empty() {
             return Ok(());
         }
+        let store = self.store()?;
         let mut batch = sled::Batch::default();
         let mut n_bytes = 0;
         for line in lines {
-            let id = self.db.generate_id()?;
+            let id = self.io(store.db.generate_id())?;
             let pending = PendingLine {
                 id,
                 line: line.clone(),
@@ -259,11 +367,11 @@ impl Outbox {
             n_bytes += value.len() as u64;
             batch.insert(&id.to_be_bytes(), value);
         }
-        self.pending.apply_batch(batch)?;
-        self.db.flush_async().await?;
+        self.io(store.pending.apply_batch(batch))?;
+        self.io(store.db.flush_async().await)?;
         self.n_pending.fetch_add(lines.len(), Ordering::Relaxed);
         self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
-        self.enforce_max_bytes().await?;
+        self.enforce_max_bytes(&store).await?;
         self.appended.notify_one();
         Ok(())
     }
@@ -276,18 +384,20 @@ impl Outbox {
     /// Up to `max` pending lines, oldest first. A record that cannot be decoded is moved to the
     /// quarantine (and logged) so the rest keeps flowing.
     pub fn oldest(&self, max: usize) -> Result<Vec<PendingLine>, OutboxError> {
+        let store = self.store()?;
         let mut lines = Vec::with_capacity(max.min(1024));
-        for entry in self.pending.iter() {
+        for entry in store.pending.iter() {
             if lines.len() >= max {
                 break;
             }
-            let (key, value) = entry?;
+            let (key, value) = self.io(entry)?;
             match decode_pending(&key, &value) {
                 Some(line) => lines.push(line),
                 None => {
                     tracing::error!(key = ?key.as_ref(), "outbox record cannot be decoded; moved to the quarantine");
-                    self.quarantine.insert(quarantine_key(&self.db)?, value)?;
-                    self.remove_pending(&key)?;
+                    let quarantine_key = self.io(store.db.generate_id())?.to_be_bytes();
+                    self.io(store.quarantine.insert(quarantine_key, value))?;
+                    self.remove_pending(&store, &key)?;
                 }
             }
         }
@@ -296,22 +406,23 @@ impl Outbox {
 
     /// Rewrites the given pending lines (their `prepared`, `in_flight`, `attempts`) and flushes.
     pub async fn save(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
+        let store = self.store()?;
         for line in lines {
             let value = RecordV1::from_pending(line).encode();
             let new_len = value.len() as u64;
             // Only a record that is still pending is rewritten: a line dropped for space meanwhile
             // must not come back.
-            let old = self
+            let old = self.io(store
                 .pending
-                .fetch_and_update(line.id.to_be_bytes(), |old| old.map(|_| value.clone()))?;
+                .fetch_and_update(line.id.to_be_bytes(), |old| old.map(|_| value.clone())))?;
             if let Some(old) = old {
                 self.n_bytes.fetch_add(new_len, Ordering::Relaxed);
                 self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
             }
         }
-        self.db.flush_async().await?;
+        self.io(store.db.flush_async().await)?;
         // A rewrite grows a record (its prepared row): the bound holds after it too.
-        self.enforce_max_bytes().await?;
+        self.enforce_max_bytes(&store).await?;
         Ok(())
     }
 
@@ -329,33 +440,36 @@ impl Outbox {
         ids: &[u64],
         meta: Option<(&str, i64)>,
     ) -> Result<(), OutboxError> {
+        let store = self.store()?;
         for id in ids {
-            self.remove_pending(&id.to_be_bytes())?;
+            self.remove_pending(&store, &id.to_be_bytes())?;
         }
         if let Some((key, value)) = meta {
-            self.meta.insert(key, &value.to_be_bytes())?;
+            self.io(store.meta.insert(key, &value.to_be_bytes()))?;
         }
-        self.db.flush_async().await?;
+        self.io(store.db.flush_async().await)?;
         Ok(())
     }
 
     /// Moves a line to the dead letters with `reason`, and flushes. The dead record is written before
     /// the pending one is removed: sled keeps write order, so a crash leaves the line in at least one.
     pub async fn dead_letter(&self, line: &PendingLine, reason: &str) -> Result<(), OutboxError> {
+        let store = self.store()?;
         let mut record = RecordV1::from_pending(line);
         record.dead_reason = Some(reason.to_owned());
         record.dead_at_ms = Some(Utc::now().timestamp_millis());
-        self.dead.insert(line.id.to_be_bytes(), record.encode())?;
-        self.remove_pending(&line.id.to_be_bytes())?;
-        self.db.flush_async().await?;
+        self.io(store.dead.insert(line.id.to_be_bytes(), record.encode()))?;
+        self.remove_pending(&store, &line.id.to_be_bytes())?;
+        self.io(store.db.flush_async().await)?;
         Ok(())
     }
 
     /// Moves dead letters back to the pending lines (all when `ids` is `None`), to be prepared
     /// afresh (the mapping may have been fixed meanwhile). Returns how many.
     pub async fn requeue(&self, ids: Option<&[u64]>) -> Result<usize, OutboxError> {
+        let store = self.store()?;
         let mut n_requeued = 0;
-        for dead in self.dead_letters()? {
+        for dead in self.dead_letters_in(&store)? {
             if ids.is_some_and(|ids| !ids.contains(&dead.pending.id)) {
                 continue;
             }
@@ -369,52 +483,60 @@ impl Outbox {
             let n_bytes = value.len() as u64;
             // Written to pending before it leaves the dead letters: a crash leaves it in at least one.
             if self
-                .pending
-                .insert(pending.id.to_be_bytes(), value)?
+                .io(store.pending.insert(pending.id.to_be_bytes(), value))?
                 .is_none()
             {
                 self.n_pending.fetch_add(1, Ordering::Relaxed);
                 self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
             }
-            self.dead.remove(pending.id.to_be_bytes())?;
+            self.io(store.dead.remove(pending.id.to_be_bytes()))?;
             n_requeued += 1;
         }
-        self.db.flush_async().await?;
+        self.io(store.db.flush_async().await)?;
         Ok(n_requeued)
     }
 
     /// Deletes every dead letter. Returns how many.
     pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
-        let n = self.dead.len();
-        self.dead.clear()?;
-        self.db.flush_async().await?;
+        let store = self.store()?;
+        let n = store.dead.len();
+        self.io(store.dead.clear())?;
+        self.io(store.db.flush_async().await)?;
         Ok(n)
     }
 
     /// Deletes every quarantined record. Returns how many.
     pub async fn purge_quarantine(&self) -> Result<usize, OutboxError> {
-        let n = self.quarantine.len();
-        self.quarantine.clear()?;
-        self.db.flush_async().await?;
+        let store = self.store()?;
+        let n = store.quarantine.len();
+        self.io(store.quarantine.clear())?;
+        self.io(store.db.flush_async().await)?;
         Ok(n)
     }
 
     /// Keeps a raw body that could not be used (a viewer response that is not JSON), for an operator.
     pub async fn quarantine_raw(&self, what: &str, body: &[u8]) -> Result<(), OutboxError> {
+        let store = self.store()?;
         let mut value = Vec::with_capacity(what.len() + 1 + body.len());
         value.extend_from_slice(what.as_bytes());
         value.push(b'\n');
         value.extend_from_slice(body);
-        self.quarantine.insert(quarantine_key(&self.db)?, value)?;
-        self.db.flush_async().await?;
+        let key = self.io(store.db.generate_id())?.to_be_bytes();
+        self.io(store.quarantine.insert(key, value))?;
+        self.io(store.db.flush_async().await)?;
         Ok(())
     }
 
     /// The dead letters, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLine>, OutboxError> {
+        let store = self.store()?;
+        self.dead_letters_in(&store)
+    }
+
+    fn dead_letters_in(&self, store: &Store) -> Result<Vec<DeadLine>, OutboxError> {
         let mut lines = Vec::new();
-        for entry in self.dead.iter() {
-            let (key, value) = entry?;
+        for entry in store.dead.iter() {
+            let (key, value) = self.io(entry)?;
             let Ok(id) = <[u8; 8]>::try_from(key.as_ref()) else {
                 continue;
             };
@@ -473,7 +595,8 @@ impl Outbox {
         let Some(cutoff) = Utc::now().checked_sub_signed(max_age) else {
             return Ok(0);
         };
-        self.drop_while("older than outbox.max_age", |line, _| {
+        let store = self.store()?;
+        self.drop_while(&store, "older than outbox.max_age", |line, _| {
             line.line.captured_at < cutoff
         })
         .await
@@ -482,46 +605,43 @@ impl Outbox {
     /// Under `drop_oldest`, drops the oldest lines while the outbox holds more than `max_bytes`. Run
     /// after every write that can grow it (an append, a rewrite). A line dropped while its batch is in
     /// flight may still reach the CMS; it is counted as dropped all the same.
-    async fn enforce_max_bytes(&self) -> Result<(), OutboxError> {
-        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > self.limits.max_bytes {
-            self.drop_oldest(self.limits.max_bytes).await?;
+    async fn enforce_max_bytes(&self, store: &Store) -> Result<(), OutboxError> {
+        let max_bytes = self.limits.max_bytes;
+        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > max_bytes {
+            self.drop_while(store, "outbox.max_bytes reached", |_, outbox| {
+                outbox.bytes() > max_bytes
+            })
+            .await?;
         }
         Ok(())
-    }
-
-    /// Drops the oldest pending lines until at most `max_bytes` remain.
-    async fn drop_oldest(&self, max_bytes: u64) -> Result<usize, OutboxError> {
-        self.drop_while("outbox.max_bytes reached", |_, outbox| {
-            outbox.bytes() > max_bytes
-        })
-        .await
     }
 
     /// Drops pending lines from the oldest on while `condition` holds, logging each at warn.
     async fn drop_while(
         &self,
+        store: &Store,
         reason: &str,
         condition: impl Fn(&PendingLine, &Outbox) -> bool,
     ) -> Result<usize, OutboxError> {
         let mut n_dropped = 0;
         // Lazily, oldest first: this runs on every delivery step and must stop at the first line
         // that stays.
-        for entry in self.pending.iter() {
-            let (key, value) = entry?;
+        for entry in store.pending.iter() {
+            let (key, value) = self.io(entry)?;
             let Some(line) = decode_pending(&key, &value) else {
                 continue;
             };
             if !condition(&line, self) {
                 break;
             }
-            self.remove_pending(&key)?;
+            self.remove_pending(store, &key)?;
             n_dropped += 1;
             if n_dropped <= MAX_DROPS_LOGGED {
                 tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
             }
         }
         if n_dropped > 0 {
-            self.db.flush_async().await?;
+            self.io(store.db.flush_async().await)?;
             self.n_dropped
                 .fetch_add(n_dropped as u64, Ordering::Relaxed);
             tracing::warn!(
@@ -535,8 +655,8 @@ impl Outbox {
     }
 
     /// Removes one pending record and keeps the depth counters true.
-    fn remove_pending(&self, key: &[u8]) -> Result<(), OutboxError> {
-        if let Some(old) = self.pending.remove(key)? {
+    fn remove_pending(&self, store: &Store, key: &[u8]) -> Result<(), OutboxError> {
+        if let Some(old) = self.io(store.pending.remove(key))? {
             self.n_pending.fetch_sub(1, Ordering::Relaxed);
             self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
         }
@@ -544,7 +664,7 @@ impl Outbox {
     }
 
     /// The directory.
-    pub fn path(&self) -> std::path::PathBuf {
+    pub fn path(&self) -> PathBuf {
         self.path.clone()
     }
 
@@ -558,35 +678,37 @@ impl Outbox {
         self.len() == 0
     }
 
-    /// Dead letters.
+    /// Dead letters (0 while the outbox cannot be reopened).
     pub fn dead_len(&self) -> usize {
-        self.dead.len()
+        self.store().map_or(0, |store| store.dead.len())
     }
 
-    /// Quarantined records.
+    /// Quarantined records (0 while the outbox cannot be reopened).
     pub fn quarantine_len(&self) -> usize {
-        self.quarantine.len()
+        self.store().map_or(0, |store| store.quarantine.len())
     }
 
     /// A small persisted value (cursors).
     pub fn meta_i64(&self, key: &str) -> Result<Option<i64>, OutboxError> {
+        let store = self.store()?;
         Ok(self
-            .meta
-            .get(key)?
+            .io(store.meta.get(key))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(i64::from_be_bytes))
     }
 
     /// Stores a small value and flushes.
     pub async fn set_meta_i64(&self, key: &str, value: i64) -> Result<(), OutboxError> {
-        self.meta.insert(key, &value.to_be_bytes())?;
-        self.db.flush_async().await?;
+        let store = self.store()?;
+        self.io(store.meta.insert(key, &value.to_be_bytes()))?;
+        self.io(store.db.flush_async().await)?;
         Ok(())
     }
 
     /// Flushes everything written so far.
     pub async fn flush(&self) -> Result<(), OutboxError> {
-        self.db.flush_async().await?;
+        let store = self.store()?;
+        self.io(store.db.flush_async().await)?;
         Ok(())
     }
 }
@@ -595,10 +717,6 @@ fn decode_pending(key: &[u8], value: &[u8]) -> Option<PendingLine> {
     let id = <[u8; 8]>::try_from(key).ok()?;
     let record: RecordV1 = serde_json::from_slice(value).ok()?;
     record.into_pending(u64::from_be_bytes(id))
-}
-
-fn quarantine_key(db: &sled::Db) -> Result<[u8; 8], sled::Error> {
-    Ok(db.generate_id()?.to_be_bytes())
 }
 
 #[cfg(test)]
@@ -658,6 +776,8 @@ mod tests {
         let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
         outbox.append(&[line("one")]).await.expect("append");
         outbox
+            .store()
+            .expect("open")
             .pending
             .insert((1u64 << 60).to_be_bytes(), b"not json".to_vec())
             .expect("insert");
@@ -688,5 +808,36 @@ mod tests {
         let dead = outbox.dead_letters().expect("dead");
         assert_eq!(dead[0].pending.line.message, "bad");
         assert_eq!(dead[0].reason, "refused");
+    }
+
+    #[tokio::test]
+    async fn after_an_io_error_the_outbox_reopens_in_place_once_nobody_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[line("one"), line("two")])
+            .await
+            .expect("append");
+        let failed: sled::Result<()> = Err(sled::Error::Io(std::io::Error::other("disk full")));
+        assert!(outbox.io(failed).is_err());
+
+        // An operation still using the failed handles keeps the reopen waiting.
+        let held = outbox.store.lock().expect("lock").store.clone();
+        let err = outbox.append(&[line("three")]).await.expect_err("waits");
+        assert!(matches!(err, OutboxError::Reopen(_)), "{err}");
+        drop(held);
+
+        // sled lets go of its file lock in this process, and the lines and counters survive.
+        outbox.append(&[line("three")]).await.expect("reopened");
+        let texts: Vec<_> = outbox
+            .oldest(10)
+            .expect("read")
+            .into_iter()
+            .map(|p| p.line.message)
+            .collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+        assert_eq!(outbox.len(), 3);
+        let (n_pending, n_bytes) = outbox.store().expect("open").count_pending();
+        assert_eq!((outbox.len(), outbox.bytes()), (n_pending, n_bytes));
     }
 }

@@ -22,9 +22,8 @@ use crate::zone::Zone;
 /// someone else).
 const OWN_NAME_REFRESH: Duration = Duration::from_secs(60);
 
-/// How long to wait before retrying a failed outbox write (disk full). Note: sled keeps failing after an
-/// I/O error until the database is reopened (docs/RELIABILITY.md); polling pauses meanwhile, so
-/// the viewer keeps the lines.
+/// How long to wait before retrying a failed outbox write (disk full). Polling pauses meanwhile, so
+/// the viewer keeps what is said; the outbox reopens its database at the retry once writing works.
 const STORAGE_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a poll failed.
@@ -180,6 +179,7 @@ impl Poller {
         let _alive = stats.poller_heartbeat.alive();
         let mut failing = false;
         let mut paused = false;
+        let mut storage_failing = false;
         while !token.is_cancelled() {
             stats.poller_heartbeat.beat();
             let pause = match self.try_poll_once().await {
@@ -195,6 +195,10 @@ impl Poller {
                 }
                 Ok(outcome) => {
                     self.stats.readiness.outbox_ok();
+                    if storage_failing {
+                        tracing::info!("the outbox accepts writes again: viewer polling resumed");
+                        storage_failing = false;
+                    }
                     if paused {
                         tracing::info!("outbox has room again: viewer polling resumed");
                         paused = false;
@@ -214,7 +218,12 @@ impl Poller {
                 }
                 Err(PollError::Storage(err)) => {
                     self.stats.readiness.outbox_failed(&err);
-                    tracing::error!(error = %err, n_lines = self.unstored.len(), "cannot store polled lines; polling paused until the outbox accepts writes");
+                    if storage_failing {
+                        tracing::debug!(error = %err, n_lines = self.unstored.len(), "outbox write failed again");
+                    } else {
+                        tracing::error!(error = %err, n_lines = self.unstored.len(), retry_in = ?STORAGE_RETRY, "cannot store polled lines; viewer polling paused until the outbox accepts writes (the lines read are kept in memory)");
+                        storage_failing = true;
+                    }
                     STORAGE_RETRY
                 }
                 Err(PollError::Viewer(err)) => {

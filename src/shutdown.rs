@@ -1,4 +1,6 @@
-//! SIGINT and SIGTERM → a `CancellationToken`. Knows nothing of the components.
+//! Process signals: SIGINT and SIGTERM → a `CancellationToken`; SIGXFSZ is caught so that a write
+//! past a file size limit fails like a full disk instead of killing the relay. Knows nothing of the
+//! components.
 
 use tokio_util::sync::CancellationToken;
 
@@ -33,5 +35,28 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Catches SIGXFSZ for the rest of the process's life. Its default action kills the process when a
+/// write passes `RLIMIT_FSIZE` (systemd's `LimitFSIZE=`, a shell's `ulimit -f`); caught, the write
+/// fails with EFBIG instead and the outbox treats it as a full disk (polling pauses, nothing read is
+/// lost, writing resumes when the limit allows it). Needs a running tokio runtime.
+pub fn catch_file_size_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            Ok(mut xfsz) => {
+                tokio::spawn(async move {
+                    while xfsz.recv().await.is_some() {
+                        tracing::debug!("SIGXFSZ received: a write passed the file size limit");
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot catch SIGXFSZ; a file size limit would kill the relay")
+            }
+        }
     }
 }

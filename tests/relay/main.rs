@@ -6,6 +6,7 @@ mod check;
 mod config;
 mod crash;
 mod delivery;
+mod disk_full;
 mod faults;
 mod health;
 mod helpers;

@@ -1,0 +1,252 @@
+//! A write error (disk full) pauses polling and resumes when writing works again, without a restart
+//! and without losing or duplicating a line in either direction.
+//!
+//! Provoked without root: the relay runs as a child process and the test lowers its file size limit
+//! (RLIMIT_FSIZE, soft) to 0 with `prlimit`, so every write to the outbox fails with EFBIG as it would
+//! with ENOSPC on a full disk; then it lifts the limit. The relay catches SIGXFSZ, so the limit is a
+//! write error and not a kill.
+//!
+//! Also here: a relay whose log cannot be written (its reader gone, or a redirected log on the full
+//! disk) loses the log lines and nothing else.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use opensim_chat_relay::sim::cms::Permissions;
+
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+
+const SPEAKER: &str = "Alice Resident";
+
+/// Starts the relay binary; its log (stderr) is collected, or with `capture_log` false its reader is
+/// closed at once so that every log write fails.
+fn start_relay_process(
+    env: &TestEnv,
+    health_port: u16,
+    capture_log: bool,
+) -> (Child, Arc<Mutex<String>>) {
+    let file = env.dir.path().join("disk_full.toml");
+    let text = format!(
+        "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"20ms\"\n\
+         [cms]\nbase_url = \"{}\"\nusername = \"{RELAY_USER}\"\npassword = \"{RELAY_PASSWORD}\"\n\
+         max_requests_per_second = 0.0\n\
+         [retry]\ninitial = \"20ms\"\nmax = \"200ms\"\n\
+         [inworld]\npoll_interval = \"50ms\"\nmax_lines_per_second = 100.0\n\
+         [outbox]\npath = \"{}\"\n[log]\nlevel = \"info\"\nformat = \"json\"\n\
+         [http]\nlisten = \"127.0.0.1:{health_port}\"\n",
+        env.viewer.chat_url(),
+        env.viewer.status_url(),
+        env.cms.base_url(),
+        env.dir.path().join("outbox").display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    // The log goes through a pipe: a file would be under the same file size limit.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("relay starts");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    if !capture_log {
+        return (child, log);
+    }
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            sink.lock().expect("log").push_str(&text);
+        }
+    });
+    (child, log)
+}
+
+/// Sets the soft file size limit of `pid` ("0" or "unlimited"), leaving the hard limit alone.
+fn set_file_size_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}:")])
+        .status()
+        .expect("prlimit runs (util-linux)");
+    assert!(status.success(), "prlimit --fsize={soft}: failed");
+}
+
+async fn readyz(port: u16) -> Option<Value> {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_error_pauses_polling_and_writing_resumes_without_a_restart() {
+    let env = TestEnv::start().await;
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    let port = free_port();
+    let (mut relay, log) = start_relay_process(&env, port, true);
+    let pid = relay.id();
+    let say = |range: std::ops::Range<u32>| {
+        for n in range {
+            env.lg.say(SPEAKER, &format!("line {n}"));
+        }
+    };
+    // Rows the relay stored (the CMS also holds the lines typed in it).
+    let relayed = || -> Vec<String> {
+        env.stored()
+            .into_iter()
+            .filter(|c| c.user_id != Some(dora))
+            .map(|c| c.message)
+            .collect()
+    };
+    let n_stored = || relayed().len();
+
+    // Lines flow both ways while the disk has room (the in-world reader has made its first read,
+    // which starts it from now, when it reads a second time).
+    say(0..5);
+    eventually(PATIENCE, "the first lines delivered", || async {
+        n_stored() == 5
+    })
+    .await;
+    eventually(PATIENCE, "two in-world reads", || async {
+        env.db
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/chats/"))
+            .count()
+            >= 2
+    })
+    .await;
+    env.db.add_cms_line(1, dora, "cms 0");
+    eventually(PATIENCE, "the first cms line said", || async {
+        !env.lg.said().is_empty()
+    })
+    .await;
+
+    // The disk is full: the next lines read cannot be stored.
+    set_file_size_limit(pid, "0");
+    // The first write to fail is the in-world cursor, right after its line was said.
+    env.db.add_cms_line(1, dora, "cms 1");
+    eventually(PATIENCE, "the second cms line said", || async {
+        env.lg.said().len() == 2
+    })
+    .await;
+    say(5..10);
+    eventually(PATIENCE, "readiness reports the failed write", || async {
+        readyz(port).await.is_some_and(|body| {
+            body["checks"]["outbox"]["ok"] == false
+                && body["checks"]["outbox"]["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains("File too large"))
+        })
+    })
+    .await;
+
+    // Polling is paused: the viewer keeps what is said meanwhile, nothing unstored is delivered.
+    say(10..15);
+    env.db.add_cms_line(1, dora, "cms 2");
+    let n_gets = env.lg.n_gets();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.lg.n_gets(), n_gets, "no GET while writes fail");
+    // (At least: the echo of a line said in-world meanwhile queues too.)
+    assert!(env.lg.queue_len() >= 5, "the viewer keeps the newest lines");
+    assert_eq!(
+        n_stored(),
+        5,
+        "nothing that could not be stored is delivered"
+    );
+    assert!(
+        relay.try_wait().expect("wait").is_none(),
+        "the relay runs on"
+    );
+
+    // Room again: the same process stores what it held, polls again, delivers everything once.
+    set_file_size_limit(pid, "unlimited");
+    say(15..20);
+    env.db.add_cms_line(1, dora, "cms 3");
+    eventually(PATIENCE, "every line delivered", || async {
+        n_stored() >= 20
+    })
+    .await;
+    eventually(PATIENCE, "every cms line said", || async {
+        env.lg.said().len() >= 4
+    })
+    .await;
+    eventually(PATIENCE, "ready again", || async {
+        readyz(port)
+            .await
+            .is_some_and(|body| body["checks"]["outbox"]["ok"] == true)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stored = relayed();
+    let expected: Vec<String> = (0..20).map(|n| format!("[{SPEAKER}] line {n}")).collect();
+    let unique: HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "no duplicates: {stored:?}");
+    assert_eq!(stored, expected, "all delivered once, in order");
+    let said: Vec<String> = env.lg.said().into_iter().map(|s| s.message).collect();
+    let expected_said: Vec<String> = (0..4).map(|n| format!("[Dora Admin] cms {n}")).collect();
+    assert_eq!(said, expected_said, "each cms line said once, in order");
+    assert!(relay.try_wait().expect("wait").is_none(), "never restarted");
+
+    assert!(stop(relay).success(), "clean stop after the recovery");
+    let log = log.lock().expect("log").clone();
+    assert!(
+        log.contains("viewer polling paused until the outbox accepts writes")
+            && log.contains("the outbox accepts writes again"),
+        "the operator is told both: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_be_written_costs_the_log_lines_and_nothing_else() {
+    // Every write to stderr fails with EPIPE from the start; the relay logs at info (every delivered
+    // batch, among others).
+    let env = TestEnv::start().await;
+    let (mut relay, _) = start_relay_process(&env, free_port(), false);
+
+    for n in 0..5 {
+        env.lg.say(SPEAKER, &format!("line {n}"));
+    }
+    eventually(PATIENCE, "every line delivered", || async {
+        env.stored().len() == 5
+    })
+    .await;
+
+    assert!(
+        relay.try_wait().expect("wait").is_none(),
+        "the relay runs on"
+    );
+    assert!(stop(relay).success(), "clean stop");
+}
+
+/// SIGTERM, then the exit status.
+fn stop(mut relay: Child) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .expect("kill runs");
+    relay.wait().expect("reaped")
+}
