@@ -217,9 +217,13 @@ impl Delivery {
                         tracing::warn!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.outbox.len(), "delivery failed");
                     }
                     failing = true;
+                    // After a storage error the poller's first good write (the disk has room
+                    // again) is the sign to try at once.
+                    let storage_failed = matches!(err, DeliveryError::Outbox(_));
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = tokio::time::sleep(delay) => {}
+                        _ = self.outbox.wait_for_lines(), if storage_failed => {}
                     }
                 }
             }

@@ -50,8 +50,8 @@ pub enum OutboxError {
     #[error("outbox storage error: {0}")]
     Storage(sled::Error),
     /// An earlier I/O error left the database to be reopened, and it cannot be reopened yet (the disk
-    /// is still full, or an operation still holds the failed handles). Retried on the next use.
-    #[error("outbox storage error: reopening the outbox after a write error failed: {0}")]
+    /// is still full, or an operation still holds the failed handles). Retried on a later use.
+    #[error("outbox storage error: {0}")]
     Reopen(String),
 }
 
@@ -217,11 +217,21 @@ impl Store {
 /// for its duration, so a reopen can tell when nobody uses the failed handles any more.
 struct Slot {
     store: Option<Arc<Store>>,
-    reopen_tried: Option<Instant>,
+    /// When the next reopen may be tried.
+    next_reopen: Option<Instant>,
+    /// Reopens tried since the database last stayed healthy for `REOPEN_MAX`.
+    n_reopens: u32,
+    /// When the last reopen succeeded.
+    reopened_at: Option<Instant>,
+    /// The error that made the database fail, or the last reopen fail: what `/readyz` shows.
+    cause: String,
 }
 
-/// A failed database is opened again at most this often (an open reads the whole database).
-const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// A failed database is opened again after this long, doubling with each try up to `REOPEN_MAX`
+/// while it keeps failing (an open that works, followed by a write that fails again, counts as a
+/// try): an open reads the whole database, and a disk stays full for a while.
+const REOPEN_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
 
 /// The durable queue. Share it as `Arc<Outbox>`.
 pub struct Outbox {
@@ -272,7 +282,10 @@ impl Outbox {
             cache_bytes,
             store: Mutex::new(Slot {
                 store: Some(Arc::new(store)),
-                reopen_tried: None,
+                next_reopen: None,
+                n_reopens: 0,
+                reopened_at: None,
+                cause: String::new(),
             }),
             broken: AtomicBool::new(false),
             n_pending: AtomicUsize::new(n_pending),
@@ -300,34 +313,53 @@ impl Outbox {
 
     /// Drops the failed database once no operation holds it, and opens it again. sled recovers what
     /// was flushed; the depth counters are counted again from it. Blocks the callers for the time
-    /// an open takes (a rare event: after a write error, at most every `REOPEN_INTERVAL`).
+    /// an open takes (a rare event: after a write error, at most every `REOPEN_FIRST` to
+    /// `REOPEN_MAX`).
     fn reopen(&self, slot: &mut Slot) -> Result<(), OutboxError> {
         if slot
             .store
             .as_ref()
             .is_some_and(|store| Arc::strong_count(store) > 1)
         {
-            return Err(OutboxError::Reopen(
-                "an operation still holds the failed database".into(),
-            ));
-        }
-        if slot
-            .reopen_tried
-            .is_some_and(|tried| tried.elapsed() < REOPEN_INTERVAL)
-        {
             return Err(OutboxError::Reopen(format!(
-                "it is tried again every {REOPEN_INTERVAL:?}"
+                "{}; the outbox is reopened once the operations using it end",
+                slot.cause
             )));
         }
-        slot.reopen_tried = Some(Instant::now());
+        let now = Instant::now();
+        if let Some(next) = slot.next_reopen.filter(|next| now < *next) {
+            return Err(OutboxError::Reopen(format!(
+                "{}; the outbox is reopened in {}",
+                slot.cause,
+                humantime::format_duration(Duration::from_secs((next - now).as_secs() + 1))
+            )));
+        }
+        if slot
+            .reopened_at
+            .is_some_and(|at| at.elapsed() >= REOPEN_MAX)
+        {
+            slot.n_reopens = 0;
+        }
+        let wait = REOPEN_FIRST
+            .saturating_mul(1 << slot.n_reopens.min(16))
+            .min(REOPEN_MAX);
+        slot.n_reopens += 1;
+        slot.next_reopen = Some(now + wait);
         // sled lets go of its file lock when the last handle is dropped.
         slot.store = None;
-        let store = Store::open(&self.path, self.cache_bytes)
-            .map_err(|err| OutboxError::Reopen(err.to_string()))?;
+        let store = Store::open(&self.path, self.cache_bytes).map_err(|err| {
+            // Not OutboxError::Open's text: its advice (move the directory aside) is for damage.
+            slot.cause = match err {
+                OutboxError::Open { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            OutboxError::Reopen(format!("{}; reopening the outbox failed", slot.cause))
+        })?;
         let (n_pending, n_bytes) = store.count_pending();
         self.n_pending.store(n_pending, Ordering::Relaxed);
         self.n_bytes.store(n_bytes, Ordering::Relaxed);
         slot.store = Some(Arc::new(store));
+        slot.reopened_at = Some(Instant::now());
         self.broken.store(false, Ordering::Release);
         tracing::debug!(
             outbox_depth = n_pending,
@@ -339,8 +371,9 @@ impl Outbox {
     /// Converts a sled error, noting an I/O error so that the next use reopens the database.
     fn io<T>(&self, result: sled::Result<T>) -> Result<T, OutboxError> {
         result.map_err(|err| {
-            if matches!(err, sled::Error::Io(_)) {
-                self.broken.store(true, Ordering::Release);
+            if matches!(err, sled::Error::Io(_)) && !self.broken.swap(true, Ordering::AcqRel) {
+                let mut slot = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.cause = err.to_string();
             }
             OutboxError::Storage(err)
         })

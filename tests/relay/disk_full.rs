@@ -24,12 +24,9 @@ use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
 const SPEAKER: &str = "Alice Resident";
 
 /// Starts the relay binary; its log (stderr) is collected, or with `capture_log` false its reader is
-/// closed at once so that every log write fails.
-fn start_relay_process(
-    env: &TestEnv,
-    health_port: u16,
-    capture_log: bool,
-) -> (Child, Arc<Mutex<String>>) {
+/// closed at once so that every log write fails (and the health endpoint is off).
+fn start_relay_process(env: &TestEnv, capture_log: bool) -> (Child, Arc<Mutex<String>>) {
+    let listen = if capture_log { "127.0.0.1:0" } else { "" };
     let file = env.dir.path().join("disk_full.toml");
     let text = format!(
         "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"20ms\"\n\
@@ -38,7 +35,7 @@ fn start_relay_process(
          [retry]\ninitial = \"20ms\"\nmax = \"200ms\"\n\
          [inworld]\npoll_interval = \"50ms\"\nmax_lines_per_second = 100.0\n\
          [outbox]\npath = \"{}\"\n[log]\nlevel = \"info\"\nformat = \"json\"\n\
-         [http]\nlisten = \"127.0.0.1:{health_port}\"\n",
+         [http]\nlisten = \"{listen}\"\n",
         env.viewer.chat_url(),
         env.viewer.status_url(),
         env.cms.base_url(),
@@ -81,6 +78,21 @@ fn set_file_size_limit(pid: u32, soft: &str) {
     assert!(status.success(), "prlimit --fsize={soft}: failed");
 }
 
+/// The health endpoint's port, from the relay's start-up log line.
+async fn health_port(log: &Mutex<String>) -> u16 {
+    let mut port = None;
+    eventually(PATIENCE, "the health endpoint listens", || {
+        port = log.lock().expect("log").lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            let addr = line["addr"].as_str()?;
+            addr.rsplit_once(':')?.1.parse().ok()
+        });
+        std::future::ready(port.is_some())
+    })
+    .await;
+    port.expect("a port")
+}
+
 async fn readyz(port: u16) -> Option<Value> {
     let response = reqwest::Client::builder()
         .no_proxy()
@@ -93,19 +105,14 @@ async fn readyz(port: u16) -> Option<Value> {
     response.json().await.ok()
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_error_pauses_polling_and_writing_resumes_without_a_restart() {
     let env = TestEnv::start().await;
     let dora = env
         .db
         .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
-    let port = free_port();
-    let (mut relay, log) = start_relay_process(&env, port, true);
+    let (mut relay, log) = start_relay_process(&env, true);
+    let port = health_port(&log).await;
     let pid = relay.id();
     let say = |range: std::ops::Range<u32>| {
         for n in range {
@@ -225,7 +232,7 @@ async fn a_log_that_cannot_be_written_costs_the_log_lines_and_nothing_else() {
     // Every write to stderr fails with EPIPE from the start; the relay logs at info (every delivered
     // batch, among others).
     let env = TestEnv::start().await;
-    let (mut relay, _) = start_relay_process(&env, free_port(), false);
+    let (mut relay, _) = start_relay_process(&env, false);
 
     for n in 0..5 {
         env.lg.say(SPEAKER, &format!("line {n}"));
