@@ -7,36 +7,25 @@
 //! `RELAY_CRASH_CYCLES=200 cargo test --release --test relay crash -- --nocapture`.
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
 
 const SPEAKERS: [&str; 3] = ["Alice Resident", "Bob Builder", "Carol Visitor"];
 
 fn start_relay_process(env: &TestEnv) -> Child {
-    let file = env.dir.path().join("crash.toml");
-    let text = format!(
-        "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"20ms\"\n\
-         [cms]\nbase_url = \"{}\"\nusername = \"{RELAY_USER}\"\npassword = \"{RELAY_PASSWORD}\"\n\
-         max_requests_per_second = 0.0\nbatch_max_messages = 20\n\
-         [retry]\ninitial = \"20ms\"\nmax = \"200ms\"\n[inworld]\nenabled = false\n\
-         [outbox]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-        env.viewer.chat_url(),
-        env.viewer.status_url(),
-        env.cms.base_url(),
-        env.dir.path().join("outbox").display()
-    );
-    std::fs::write(&file, text).expect("write config");
-    Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("relay starts")
+    env.spawn_relay_process(
+        &[
+            ("cms.batch_max_messages", "20"),
+            ("inworld.enabled", "false"),
+            ("log.level", "warn"),
+            ("http.listen", ""),
+        ],
+        Stdio::null(),
+    )
 }
 
 /// "<speaker>:<n>" said by `speaker` as its n-th line.
@@ -83,7 +72,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     // A last relay runs to the end and drains everything.
     chatting.store(false, Ordering::Relaxed);
     chatter.await.expect("chatter stops");
-    let mut last = start_relay_process(&env);
+    let last = start_relay_process(&env);
     eventually(PATIENCE, "the viewer drained", || async {
         env.lg.queue_len() == 0
     })
@@ -107,11 +96,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
         },
     )
     .await;
-    Command::new("kill")
-        .args(["-TERM", &last.id().to_string()])
-        .status()
-        .expect("kill runs");
-    last.wait().expect("reaped");
+    sigterm(last);
 
     // The oracle.
     let stored: Vec<String> = env

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -132,36 +133,64 @@ impl TestEnv {
         id
     }
 
+    /// What every test relay is given: the simulators' URLs and zones, the relay's account, fast
+    /// intervals, an outbox in the test directory, a health endpoint on a free port.
+    fn base_overrides(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("viewer.chat_url", self.viewer.chat_url()),
+            ("viewer.avatars_url", self.viewer.avatars_url()),
+            ("viewer.status_url", self.viewer.status_url()),
+            ("viewer.poll_interval", "20ms".into()),
+            ("viewer.timezone", self.viewer_zone.clone()),
+            ("cms.base_url", self.cms.base_url()),
+            ("cms.username", RELAY_USER.into()),
+            ("cms.password", RELAY_PASSWORD.into()),
+            ("cms.timezone", CMS_ZONE.into()),
+            ("cms.request_timeout", "5s".into()),
+            ("cms.max_requests_per_second", "0".into()),
+            (
+                "outbox.path",
+                self.dir
+                    .path()
+                    .join("outbox")
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            ("retry.initial", "20ms".into()),
+            ("retry.max", "200ms".into()),
+            ("http.listen", "127.0.0.1:0".into()),
+        ]
+    }
+
     /// The settings of a relay pointed at the simulators, with fast intervals, `toml` layered as the
     /// config file and `overrides` on top.
     pub fn settings(&self, toml: &str, overrides: &[(&str, &str)]) -> Settings {
         let file = self.dir.path().join("relay.toml");
         std::fs::write(&file, toml).expect("write config");
-        let outbox = self.dir.path().join("outbox");
-        let chat_url = self.viewer.chat_url();
-        let avatars_url = self.viewer.avatars_url();
-        let status_url = self.viewer.status_url();
-        let base_url = self.cms.base_url();
-        let outbox = outbox.to_string_lossy().into_owned();
-        let mut all: Vec<(&str, &str)> = vec![
-            ("viewer.chat_url", &chat_url),
-            ("viewer.avatars_url", &avatars_url),
-            ("viewer.status_url", &status_url),
-            ("viewer.poll_interval", "20ms"),
-            ("viewer.timezone", &self.viewer_zone),
-            ("cms.base_url", &base_url),
-            ("cms.username", RELAY_USER),
-            ("cms.password", RELAY_PASSWORD),
-            ("cms.timezone", CMS_ZONE),
-            ("cms.request_timeout", "5s"),
-            ("cms.max_requests_per_second", "0"),
-            ("outbox.path", &outbox),
-            ("retry.initial", "20ms"),
-            ("retry.max", "200ms"),
-            ("http.listen", "127.0.0.1:0"),
-        ];
+        let base = self.base_overrides();
+        let mut all: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
         all.extend_from_slice(overrides);
         Settings::load(Some(&file), &all).expect("test settings load")
+    }
+
+    /// The relay binary (`run`) as a child process, with the settings of `settings` and `overrides`
+    /// given as `RELAY__SECTION__KEY` environment variables, and its stderr sent to `stderr`.
+    pub fn spawn_relay_process(&self, overrides: &[(&str, &str)], stderr: Stdio) -> Child {
+        let base = self.base_overrides();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"));
+        command.arg("run").stdout(Stdio::null()).stderr(stderr);
+        command.env_remove("RELAY_CONFIG");
+        for (key, value) in base
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(overrides.iter().copied())
+        {
+            command.env(
+                format!("RELAY__{}", key.replace('.', "__").to_uppercase()),
+                value,
+            );
+        }
+        command.spawn().expect("relay starts")
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
@@ -252,3 +281,13 @@ where
 
 /// A generous limit for conditions that take milliseconds on an idle machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Sends SIGTERM to a relay process and waits for its exit.
+pub fn sigterm(mut relay: Child) -> ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success(), "kill -TERM");
+    relay.wait().expect("reaped")
+}

@@ -1,9 +1,9 @@
 //! Stopping never aborts a viewer GET, keeps what it read, and exits promptly.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
 
 #[tokio::test]
 async fn a_stop_during_a_slow_viewer_answer_waits_for_it_and_keeps_its_lines() {
@@ -31,29 +31,7 @@ async fn a_stop_during_a_slow_viewer_answer_waits_for_it_and_keeps_its_lines() {
 #[tokio::test]
 async fn sigterm_stops_the_binary_with_exit_code_0_within_10_seconds() {
     let env = TestEnv::start().await;
-    let settings_file = env.dir.path().join("process.toml");
-    let outbox = env.dir.path().join("process-outbox");
-    std::fs::write(
-        &settings_file,
-        format!(
-            "[viewer]\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"\"\npoll_interval = \"50ms\"\n\
-             [cms]\nbase_url = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n[outbox]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\n",
-            env.viewer.chat_url(),
-            env.viewer.status_url(),
-            env.cms.base_url(),
-            crate::helpers::RELAY_USER,
-            crate::helpers::RELAY_PASSWORD,
-            outbox.display()
-        ),
-    )
-    .expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
-        .args(["run", "--config"])
-        .arg(&settings_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("relay starts");
+    let child = env.spawn_relay_process(&[("viewer.poll_interval", "50ms")], Stdio::null());
     env.lg.say("Alice Resident", "hello");
     eventually(PATIENCE, "the line delivered", || async {
         env.stored().len() == 1
@@ -61,15 +39,9 @@ async fn sigterm_stops_the_binary_with_exit_code_0_within_10_seconds() {
     .await;
 
     let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
+    let exit = tokio::task::spawn_blocking(move || sigterm(child))
         .await
-        .expect("join")
-        .expect("wait");
+        .expect("join");
     assert_eq!(exit.code(), Some(0));
     assert!(
         started.elapsed() < Duration::from_secs(10),
