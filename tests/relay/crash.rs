@@ -6,15 +6,14 @@
 //! `RELAY_CRASH_CYCLES` sets the number of kills (default 20). The long run of docs/RELIABILITY.md:
 //! `RELAY_CRASH_CYCLES=200 cargo test --release --test relay crash -- --nocapture`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::process::{Child, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
+use opensim_chat_relay::sim::lookingglass::spawn_chatter;
+use tokio_util::sync::CancellationToken;
 
-const SPEAKERS: [&str; 3] = ["Alice Resident", "Bob Builder", "Carol Visitor"];
+use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
 
 fn start_relay_process(env: &TestEnv) -> Child {
     env.spawn_relay_process(
@@ -28,12 +27,6 @@ fn start_relay_process(env: &TestEnv) -> Child {
     )
 }
 
-/// "<speaker>:<n>" said by `speaker` as its n-th line.
-fn parse(text: &str) -> Option<(&str, u64)> {
-    let (speaker, n) = text.rsplit_once(':')?;
-    Some((speaker, n.parse().ok()?))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     let n_cycles: usize = std::env::var("RELAY_CRASH_CYCLES")
@@ -42,20 +35,9 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
         .unwrap_or(20);
     let env = TestEnv::start().await;
 
-    // Avatars chat continuously, one line every 3 ms in turn.
-    let chatting = Arc::new(AtomicBool::new(true));
-    let chatter = {
-        let (lg, chatting) = (env.lg.clone(), chatting.clone());
-        tokio::spawn(async move {
-            let mut n = 0u64;
-            while chatting.load(Ordering::Relaxed) {
-                let speaker = SPEAKERS[(n % 3) as usize];
-                lg.say(speaker, &format!("{speaker}:{}", n / 3));
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        })
-    };
+    // Avatars chat continuously, 250 lines a second in turn.
+    let chatting = CancellationToken::new();
+    let chatter = spawn_chatter(env.lg.clone(), 250.0, chatting.clone());
 
     // Kill at random moments; the allowed window of each kill is the last response handed out.
     let mut windows = HashSet::new();
@@ -70,7 +52,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     }
 
     // A last relay runs to the end and drains everything.
-    chatting.store(false, Ordering::Relaxed);
+    chatting.cancel();
     chatter.await.expect("chatter stops");
     let last = start_relay_process(&env);
     eventually(PATIENCE, "the viewer drained", || async {
@@ -87,11 +69,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
         Duration::from_secs(60),
         "every line outside the kill windows stored",
         || async {
-            let stored: HashSet<String> = env
-                .stored()
-                .into_iter()
-                .map(|c| unprefixed(&c.message))
-                .collect();
+            let stored: HashSet<String> = env.stored_texts().into_iter().collect();
             must_arrive.is_subset(&stored)
         },
     )
@@ -99,61 +77,36 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     sigterm(last);
 
     // The oracle.
-    let stored: Vec<String> = env
-        .stored()
-        .into_iter()
-        .map(|c| unprefixed(&c.message))
-        .collect();
-    let mut seen = HashSet::new();
-    let duplicates: Vec<&String> = stored.iter().filter(|m| !seen.insert(*m)).collect();
-    let mut last_seq: HashMap<&str, u64> = HashMap::new();
-    let mut n_reordered = 0;
-    for message in &stored {
-        let (speaker, seq) = parse(message).expect("a chatter line");
-        if last_seq.get(speaker).is_some_and(|prev| *prev > seq) {
-            n_reordered += 1;
-        }
-        last_seq.insert(speaker, seq);
-    }
-    let handed_messages: HashSet<&String> = handed.iter().map(|h| &h.message).collect();
-    let lost: Vec<&String> = handed_messages
+    let verdict = env.verdict();
+    let lost_outside_windows: Vec<&String> = verdict
+        .lost
         .iter()
-        .copied()
-        .filter(|m| !seen.contains(*m))
-        .collect();
-    let lost_outside_windows: Vec<&&String> =
-        lost.iter().filter(|m| must_arrive.contains(**m)).collect();
-    let phantom: Vec<&String> = stored
-        .iter()
-        .filter(|m| !handed_messages.contains(m))
+        .filter(|m| must_arrive.contains(*m))
         .collect();
     eprintln!(
         "crash run: {n_cycles} SIGKILLs, {} lines handed out, {} stored, {} lost in the read-but-not-flushed window, {} lost otherwise, {} duplicated, {} reordered, {} responses abandoned mid-write",
-        handed.len(),
-        stored.len(),
-        lost.len() - lost_outside_windows.len(),
+        verdict.n_handed,
+        verdict.n_stored,
+        verdict.lost.len() - lost_outside_windows.len(),
         lost_outside_windows.len(),
-        duplicates.len(),
-        n_reordered,
+        verdict.duplicated.len(),
+        verdict.n_reordered,
         env.lg.n_aborted()
     );
-    assert!(duplicates.is_empty(), "duplicates: {duplicates:?}");
+    assert!(
+        verdict.duplicated.is_empty(),
+        "duplicates: {:?}",
+        verdict.duplicated
+    );
     assert!(
         lost_outside_windows.is_empty(),
         "lost outside the kill windows: {lost_outside_windows:?}"
     );
-    assert_eq!(n_reordered, 0);
+    assert_eq!(verdict.n_reordered, 0);
     assert!(
-        phantom.is_empty(),
-        "stored but never handed out: {phantom:?}"
+        verdict.phantom.is_empty(),
+        "stored but never handed out: {:?}",
+        verdict.phantom
     );
-    assert!(handed.len() > 100, "the run carried real traffic");
-}
-
-/// Unmapped speakers' lines arrive as "[Name] text"; the oracle compares the text.
-fn unprefixed(message: &str) -> String {
-    message
-        .split_once("] ")
-        .map_or(message, |(_, text)| text)
-        .to_owned()
+    assert!(verdict.n_handed > 100, "the run carried real traffic");
 }

@@ -196,9 +196,7 @@ async fn requests_that_time_out_do_not_cost_a_login_each() {
     let env = TestEnv::start().await;
     env.db.fault_next(3, Fault::Hang);
     env.lg.say("Alice Resident", "patience");
-    let relay = env
-        .start_relay("", &[("cms.request_timeout", "300ms")])
-        .await;
+    let relay = env.start_relay("", &[("cms.request_timeout", "1s")]).await;
     eventually(PATIENCE, "the line delivered", || async {
         env.stored().len() == 1 && relay.outbox.is_empty()
     })

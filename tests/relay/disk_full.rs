@@ -6,6 +6,10 @@
 //! with ENOSPC on a full disk; then it lifts the limit. The relay catches SIGXFSZ, so the limit is a
 //! write error and not a kill.
 //!
+//! `disk_fills_at_random_moments_lose_and_duplicate_nothing` fills the disk `RELAY_DISK_FULL_CYCLES`
+//! times (default 3) while avatars chat; the long run of docs/RELIABILITY.md:
+//! `RELAY_DISK_FULL_CYCLES=30 cargo test --test relay disk_fills -- --nocapture`.
+//!
 //! Also here: a relay whose log cannot be written (its reader gone, or a redirected log on the full
 //! disk) loses the log lines and nothing else.
 
@@ -15,7 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::sim::cms::Permissions;
 
@@ -241,4 +247,76 @@ async fn a_log_that_cannot_be_written_costs_the_log_lines_and_nothing_else() {
         "the relay runs on"
     );
     assert!(sigterm(relay).success(), "clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
+    let n_cycles: usize = std::env::var("RELAY_DISK_FULL_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let env = TestEnv::start().await;
+    let (relay, log) = start_relay_process(&env, true);
+    let chatting = CancellationToken::new();
+    let chatter = spawn_chatter(env.lg.clone(), 250.0, chatting.clone());
+
+    // The disk fills at random moments (a poll, a batch in flight, a removal after the CMS
+    // answered), stays full until the relay has noticed, and gets room again; no restart.
+    let port = health_port(&log).await;
+    let outbox_ok = || async {
+        readyz(port)
+            .await
+            .map(|body| body["checks"]["outbox"]["ok"] == true)
+    };
+    for _ in 0..n_cycles {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..400))).await;
+        set_file_size_limit(relay.id(), "0");
+        eventually(PATIENCE, "the failed write reported", || async {
+            outbox_ok().await == Some(false)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..300))).await;
+        set_file_size_limit(relay.id(), "unlimited");
+        eventually(PATIENCE, "writing again", || async {
+            outbox_ok().await == Some(true)
+        })
+        .await;
+    }
+    chatting.cancel();
+    chatter.await.expect("chatter stops");
+    eventually(Duration::from_secs(60), "the viewer drained", || async {
+        env.lg.queue_len() == 0
+    })
+    .await;
+    let handed = env.lg.handed_out().len();
+    eventually(Duration::from_secs(60), "every line stored", || async {
+        env.stored().len() >= handed
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(sigterm(relay).success(), "clean stop");
+
+    let verdict = env.verdict();
+    let n_polls_failed = log
+        .lock()
+        .expect("log")
+        .matches("cannot store polled lines")
+        .count();
+    eprintln!(
+        "disk-full run: {n_cycles} fills, {} lines handed out, {} stored, {} lost, {} duplicated, {} reordered; the poller held read lines in memory in {n_polls_failed} runs of failed writes",
+        verdict.n_handed,
+        verdict.n_stored,
+        verdict.lost.len(),
+        verdict.duplicated.len(),
+        verdict.n_reordered
+    );
+    assert!(verdict.lost.is_empty(), "lost: {:?}", verdict.lost);
+    assert!(
+        verdict.duplicated.is_empty(),
+        "duplicated: {:?}",
+        verdict.duplicated
+    );
+    assert_eq!(verdict.n_reordered, 0);
+    assert!(verdict.phantom.is_empty(), "{:?}", verdict.phantom);
+    assert!(verdict.n_handed > 100, "the run carried real traffic");
 }

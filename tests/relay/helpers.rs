@@ -1,6 +1,7 @@
 //! The harness: both simulators on `127.0.0.1:0`, the relay configured from `config/default.toml`
 //! plus overrides, and `eventually` to wait on a condition with a deadline.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -290,4 +291,88 @@ pub fn sigterm(mut relay: Child) -> ExitStatus {
         .expect("kill runs");
     assert!(sent.success(), "kill -TERM");
     relay.wait().expect("reaped")
+}
+
+/// The CMS's rows judged against the lines the viewer handed out, for runs driven by the simulator's
+/// chatter (`spawn_chatter`: "hello #<n> from <speaker>", `n` rising).
+#[derive(Debug)]
+pub struct Verdict {
+    /// Lines the viewer handed out.
+    pub n_handed: usize,
+    /// Rows the CMS stored.
+    pub n_stored: usize,
+    /// Handed out, never stored.
+    pub lost: Vec<String>,
+    /// Stored more than once (each extra row once).
+    pub duplicated: Vec<String>,
+    /// Rows stored after a later line of the same speaker.
+    pub n_reordered: usize,
+    /// Stored, never handed out.
+    pub phantom: Vec<String>,
+}
+
+impl TestEnv {
+    /// The stored texts, oldest first; unmapped speakers' lines arrive as "[Name] text" and the
+    /// prefix is taken off.
+    pub fn stored_texts(&self) -> Vec<String> {
+        self.stored()
+            .into_iter()
+            .map(|c| {
+                c.message
+                    .split_once("] ")
+                    .map_or(c.message.as_str(), |(_, text)| text)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    /// Judges what the CMS holds against what the viewer handed out.
+    pub fn verdict(&self) -> Verdict {
+        let handed: HashSet<String> = self
+            .lg
+            .handed_out()
+            .into_iter()
+            .map(|h| h.message)
+            .collect();
+        let stored = self.stored_texts();
+        let mut seen = HashSet::new();
+        let duplicated = stored
+            .iter()
+            .filter(|m| !seen.insert(*m))
+            .cloned()
+            .collect();
+        let mut last_seq: HashMap<&str, u64> = HashMap::new();
+        let mut n_reordered = 0;
+        for text in &stored {
+            let Some((speaker, seq)) = chatter_seq(text) else {
+                continue;
+            };
+            if last_seq.get(speaker).is_some_and(|prev| *prev > seq) {
+                n_reordered += 1;
+            }
+            last_seq.insert(speaker, seq);
+        }
+        Verdict {
+            n_handed: handed.len(),
+            n_stored: stored.len(),
+            lost: handed
+                .iter()
+                .filter(|m| !seen.contains(m))
+                .cloned()
+                .collect(),
+            duplicated,
+            n_reordered,
+            phantom: stored
+                .iter()
+                .filter(|m| !handed.contains(*m))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// The speaker of a chatter line and its number.
+fn chatter_seq(text: &str) -> Option<(&str, u64)> {
+    let (n, speaker) = text.strip_prefix("hello #")?.split_once(" from ")?;
+    Some((speaker, n.parse().ok()?))
 }
