@@ -13,7 +13,7 @@ use std::time::Duration;
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm};
 
 fn start_relay_process(env: &TestEnv) -> Child {
     env.spawn_relay_process(
@@ -29,10 +29,7 @@ fn start_relay_process(env: &TestEnv) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
-    let n_cycles: usize = std::env::var("RELAY_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let n_cycles = cycles("RELAY_CRASH_CYCLES", 20);
     let env = TestEnv::start().await;
 
     // Avatars chat continuously, 250 lines a second in turn.

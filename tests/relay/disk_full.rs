@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::sim::cms::Permissions;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm};
 
 const SPEAKER: &str = "Alice Resident";
 
@@ -251,10 +251,7 @@ async fn a_log_that_cannot_be_written_costs_the_log_lines_and_nothing_else() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
-    let n_cycles: usize = std::env::var("RELAY_DISK_FULL_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let n_cycles = cycles("RELAY_DISK_FULL_CYCLES", 3);
     let env = TestEnv::start().await;
     let (relay, log) = start_relay_process(&env, true);
     let chatting = CancellationToken::new();

@@ -283,6 +283,15 @@ where
 /// A generous limit for conditions that take milliseconds on an idle machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The size of a long fault run: the environment variable `var` (an operator's long run), else
+/// `default` (the suite's short run).
+pub fn cycles(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Sends SIGTERM to a relay process and waits for its exit.
 pub fn sigterm(mut relay: Child) -> ExitStatus {
     let sent = Command::new("kill")
