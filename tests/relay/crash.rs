@@ -13,7 +13,7 @@ use std::time::Duration;
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm, until_done_or_stalled};
 
 fn start_relay_process(env: &TestEnv) -> Child {
     env.spawn_relay_process(
@@ -62,14 +62,10 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
         .filter(|h| !windows.contains(&h.response))
         .map(|h| h.message.clone())
         .collect();
-    eventually(
-        Duration::from_secs(60),
-        "every line outside the kill windows stored",
-        || async {
-            let stored: HashSet<String> = env.stored_texts().into_iter().collect();
-            must_arrive.is_subset(&stored)
-        },
-    )
+    until_done_or_stalled(Duration::from_secs(30), || {
+        let stored: HashSet<String> = env.stored_texts().into_iter().collect();
+        (must_arrive.is_subset(&stored), stored.len())
+    })
     .await;
     sigterm(last);
 

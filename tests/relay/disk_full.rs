@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::sim::cms::Permissions;
 
-use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm, until_done_or_stalled};
 
 const SPEAKER: &str = "Alice Resident";
 
@@ -286,11 +286,17 @@ async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
     })
     .await;
     let handed = env.lg.handed_out().len();
-    eventually(Duration::from_secs(60), "every line stored", || async {
-        env.stored().len() >= handed
+    let all_stored = until_done_or_stalled(Duration::from_secs(30), || {
+        let n_stored = env.stored().len();
+        (n_stored >= handed, n_stored)
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if !all_stored {
+        let log = log.lock().expect("log");
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("relay log, last lines (newest first):\n{}", tail.join("\n"));
+    }
     assert!(sigterm(relay).success(), "clean stop");
 
     let verdict = env.verdict();

@@ -280,6 +280,31 @@ where
     }
 }
 
+/// Waits until `check` says done, for as long as the count it also returns keeps growing: gives up
+/// after `stall` without growth. Whether it got done. For a fault run's catch-up, whose length
+/// depends on the backlog and on how busy the machine is, not on a fixed limit; the run then reports
+/// its verdict (what was lost, what was duplicated) whether or not everything arrived.
+pub async fn until_done_or_stalled(
+    stall: Duration,
+    mut check: impl FnMut() -> (bool, usize),
+) -> bool {
+    let mut best = 0;
+    let mut since = Instant::now();
+    loop {
+        let (done, progress) = check();
+        if done {
+            return true;
+        }
+        if progress > best {
+            best = progress;
+            since = Instant::now();
+        } else if since.elapsed() >= stall {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A generous limit for conditions that take milliseconds on an idle machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
