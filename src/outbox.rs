@@ -241,6 +241,11 @@ pub struct Outbox {
     store: Mutex<Slot>,
     /// An I/O error was seen: reopen before the next use.
     broken: AtomicBool,
+    /// The highest pending key whose ingest was flushed. Delivery and the bounds see only keys up to
+    /// it, so lines of an ingest that failed part way (some of them may be on disk) stay out of reach
+    /// until the retry stores them under the same keys: they can be neither sent nor dropped twice.
+    /// Everything found on disk at open counts as committed.
+    committed: AtomicU64,
     n_pending: AtomicUsize,
     n_bytes: AtomicU64,
     n_dropped: AtomicU64,
@@ -277,6 +282,13 @@ impl Outbox {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Outbox, OutboxError> {
         let store = Store::open(path, cache_bytes)?;
         let (n_pending, n_bytes) = store.count_pending();
+        let committed = store
+            .pending
+            .last()
+            .ok()
+            .flatten()
+            .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
         Ok(Outbox {
             path: path.to_owned(),
             cache_bytes,
@@ -288,6 +300,7 @@ impl Outbox {
                 cause: String::new(),
             }),
             broken: AtomicBool::new(false),
+            committed: AtomicU64::new(committed),
             n_pending: AtomicUsize::new(n_pending),
             n_bytes: AtomicU64::new(n_bytes),
             n_dropped: AtomicU64::new(0),
@@ -381,32 +394,31 @@ impl Outbox {
 
     /// Stores `lines` in order and flushes them to disk before returning.
     pub async fn append(&self, lines: &[CapturedLine]) -> Result<(), OutboxError> {
-        if lines.is_empty() {
-            return Ok(());
-        }
-        let store = self.store()?;
-        let mut batch = sled::Batch::default();
-        let mut n_bytes = 0;
+        let mut ingest = self.ingest(Vec::new());
         for line in lines {
-            let id = self.io(store.db.generate_id())?;
-            let pending = PendingLine {
-                id,
-                line: line.clone(),
-                attempts: 0,
-                prepared: None,
-                in_flight: false,
-            };
-            let value = RecordV1::from_pending(&pending).encode();
-            n_bytes += value.len() as u64;
-            batch.insert(&id.to_be_bytes(), value);
+            ingest.push(line);
         }
-        self.io(store.pending.apply_batch(batch))?;
-        self.io(store.db.flush_async().await)?;
-        self.n_pending.fetch_add(lines.len(), Ordering::Relaxed);
-        self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
-        self.enforce_max_bytes(&store).await?;
-        self.appended.notify_one();
-        Ok(())
+        ingest.commit().await.map(drop).map_err(|(err, _)| err)
+    }
+
+    /// Starts storing a response's lines one by one, as they are parsed. `keys` are the keys an
+    /// earlier, failed ingest of the same lines gave them (empty the first time): the retry writes the
+    /// same records again, never second copies.
+    pub fn ingest(&self, keys: Vec<u64>) -> Ingest<'_> {
+        Ingest {
+            outbox: self,
+            store: None,
+            keys,
+            n_pushed: 0,
+            failed: None,
+        }
+    }
+
+    /// The committed pending keys, oldest first: what delivery and the bounds may touch.
+    fn committed_pending(&self, store: &Store) -> sled::Iter {
+        store
+            .pending
+            .range(..=self.committed.load(Ordering::Acquire).to_be_bytes())
     }
 
     /// Resolves after the next `append` (or at once if one happened since the last wait).
@@ -419,7 +431,7 @@ impl Outbox {
     pub fn oldest(&self, max: usize) -> Result<Vec<PendingLine>, OutboxError> {
         let store = self.store()?;
         let mut lines = Vec::with_capacity(max.min(1024));
-        for entry in store.pending.iter() {
+        for entry in self.committed_pending(&store) {
             if lines.len() >= max {
                 break;
             }
@@ -659,7 +671,7 @@ impl Outbox {
         let mut n_dropped = 0;
         // Lazily, oldest first: this runs on every delivery step and must stop at the first line
         // that stays.
-        for entry in store.pending.iter() {
+        for entry in self.committed_pending(store) {
             let (key, value) = self.io(entry)?;
             let Some(line) = decode_pending(&key, &value) else {
                 continue;
@@ -746,6 +758,112 @@ impl Outbox {
     }
 }
 
+/// Lines of one viewer response on their way into the outbox (`Outbox::ingest`). Each `push` writes
+/// its line at once, without waiting for the disk, so the caller never holds more than the line it is
+/// handing over; `commit` flushes and makes the lines visible to delivery. A write error stops the
+/// writing (the rest is only counted) and is returned by `commit`, with the keys given so far, for
+/// a retry of the same lines.
+///
+/// One record per write, not one sled batch for the whole response: sled 0.34 keeps every page a
+/// batch touches until the batch ends, which for a response of 200 000 lines costs gigabytes.
+pub struct Ingest<'a> {
+    outbox: &'a Outbox,
+    /// The database, held from the first push to the commit (a reopen waits for it).
+    store: Option<Arc<Store>>,
+    /// The key of each line pushed so far, and of lines an earlier try pushed.
+    keys: Vec<u64>,
+    /// Lines pushed.
+    n_pushed: usize,
+    /// The first write error; nothing more is written after it.
+    failed: Option<OutboxError>,
+}
+
+impl Ingest<'_> {
+    /// Writes the next line (not yet flushed).
+    pub fn push(&mut self, line: &CapturedLine) {
+        let index = self.n_pushed;
+        self.n_pushed += 1;
+        if self.failed.is_some() {
+            return;
+        }
+        if let Err(err) = self.write(index, line) {
+            // Let go of the failed database, so that it can be reopened.
+            self.store = None;
+            self.failed = Some(err);
+        }
+    }
+
+    fn write(&mut self, index: usize, line: &CapturedLine) -> Result<(), OutboxError> {
+        let outbox = self.outbox;
+        let store = match &self.store {
+            Some(store) => store.clone(),
+            None => self.store.insert(outbox.store()?).clone(),
+        };
+        let id = match self.keys.get(index) {
+            Some(id) => *id,
+            None => {
+                let id = outbox.io(store.db.generate_id())?;
+                self.keys.push(id);
+                id
+            }
+        };
+        let pending = PendingLine {
+            id,
+            line: line.clone(),
+            attempts: 0,
+            prepared: None,
+            in_flight: false,
+        };
+        let value = RecordV1::from_pending(&pending).encode();
+        let n_bytes = value.len() as u64;
+        // A retry finds the records of the failed try that reached the disk: counted once.
+        match outbox.io(store.pending.insert(id.to_be_bytes(), value))? {
+            Some(old) => {
+                outbox.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
+                outbox
+                    .n_bytes
+                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+            None => {
+                outbox.n_pending.fetch_add(1, Ordering::Relaxed);
+                outbox.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the lines pushed and hands them to delivery. Returns how many, or the error and the
+    /// keys to give the retry (`Outbox::ingest`).
+    pub async fn commit(self) -> Result<usize, (OutboxError, Vec<u64>)> {
+        let Ingest {
+            outbox,
+            store,
+            keys,
+            n_pushed,
+            failed,
+        } = self;
+        if let Some(err) = failed {
+            return Err((err, keys));
+        }
+        let Some(store) = store else {
+            return Ok(0);
+        };
+        if let Err(err) = outbox.io(store.db.flush_async().await) {
+            return Err((err, keys));
+        }
+        if let Some(last) = keys.last() {
+            outbox.committed.fetch_max(*last, Ordering::AcqRel);
+        }
+        // The lines are stored: a failure to make room is the next operation's to meet, never a
+        // reason to store them again.
+        if let Err(err) = outbox.enforce_max_bytes(&store).await {
+            tracing::warn!(error = %err, "cannot drop the oldest lines for outbox.max_bytes");
+        }
+        outbox.appended.notify_one();
+        Ok(n_pushed)
+    }
+}
+
 fn decode_pending(key: &[u8], value: &[u8]) -> Option<PendingLine> {
     let id = <[u8; 8]>::try_from(key).ok()?;
     let record: RecordV1 = serde_json::from_slice(value).ok()?;
@@ -806,14 +924,17 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_record_is_quarantined_and_the_rest_flows() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
-        outbox.append(&[line("one")]).await.expect("append");
-        outbox
-            .store()
-            .expect("open")
-            .pending
-            .insert((1u64 << 60).to_be_bytes(), b"not json".to_vec())
-            .expect("insert");
+        {
+            let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+            outbox.append(&[line("one")]).await.expect("append");
+            outbox
+                .store()
+                .expect("open")
+                .pending
+                .insert((1u64 << 60).to_be_bytes(), b"not json".to_vec())
+                .expect("insert");
+        }
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("reopen");
         let texts: Vec<_> = outbox
             .oldest(10)
             .expect("read")
@@ -841,6 +962,36 @@ mod tests {
         let dead = outbox.dead_letters().expect("dead");
         assert_eq!(dead[0].pending.line.message, "bad");
         assert_eq!(dead[0].reason, "refused");
+    }
+
+    #[tokio::test]
+    async fn a_failed_ingest_stays_out_of_reach_and_its_retry_stores_each_line_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox.append(&[line("before")]).await.expect("append");
+        // A try that wrote its lines and then failed (as a flush on a full disk does).
+        let mut ingest = outbox.ingest(Vec::new());
+        ingest.push(&line("one"));
+        ingest.push(&line("two"));
+        ingest.failed = Some(OutboxError::Reopen("disk full".into()));
+        let (_, keys) = ingest.commit().await.expect_err("failed");
+        assert_eq!(keys.len(), 2);
+        let texts = |outbox: &Outbox| -> Vec<String> {
+            let pending = outbox.oldest(10).expect("read");
+            pending.into_iter().map(|p| p.line.message).collect()
+        };
+        assert_eq!(texts(&outbox), ["before"], "delivery cannot see them yet");
+
+        // The retry writes the same records, and one more line.
+        let mut ingest = outbox.ingest(keys);
+        for text in ["one", "two", "three"] {
+            ingest.push(&line(text));
+        }
+        assert_eq!(ingest.commit().await.expect("committed"), 3);
+        assert_eq!(texts(&outbox), ["before", "one", "two", "three"]);
+        assert_eq!(outbox.len(), 4);
+        let (n_pending, n_bytes) = outbox.store().expect("open").count_pending();
+        assert_eq!((outbox.len(), outbox.bytes()), (n_pending, n_bytes));
     }
 
     #[tokio::test]

@@ -7,14 +7,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, FilterReason};
 use crate::inworld::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
 use crate::metrics::Stats;
-use crate::model::CapturedLine;
+use crate::model::{CapturedLine, ViewerLine};
 use crate::outbox::{Outbox, OutboxError};
 use crate::zone::Zone;
 
@@ -49,6 +49,27 @@ pub struct PollOutcome {
     pub paused: bool,
 }
 
+/// A viewer response whose lines a write error kept out of the outbox, with what it takes to store
+/// exactly the same records again: the body (held anyway while it is stored: the one copy), each
+/// line's verdict, and the keys the failed try gave.
+struct Unstored {
+    body: Vec<u8>,
+    polled_at: DateTime<Utc>,
+    /// For each line of the body, in order, whether it is relayed.
+    relayed: Vec<bool>,
+    /// The outbox keys given so far.
+    keys: Vec<u64>,
+    /// The body broke off part way and is to be kept in the quarantine too.
+    quarantine: bool,
+}
+
+impl Unstored {
+    /// Lines still to be stored.
+    fn n_lines(&self) -> usize {
+        self.relayed.iter().filter(|relayed| **relayed).count()
+    }
+}
+
 /// The ingest stage.
 pub struct Poller {
     viewer: LookingGlassClient,
@@ -59,8 +80,8 @@ pub struct Poller {
     stats: Arc<Stats>,
     own_name: Option<String>,
     own_name_read: Option<Instant>,
-    /// Lines read from the viewer that a failed write has not stored yet.
-    unstored: Vec<CapturedLine>,
+    /// A response a failed write has not stored yet.
+    unstored: Option<Unstored>,
     /// What the relay said in-world lately: its echo is dropped when the viewer gives no own name.
     recently_said: Arc<RecentlySaid>,
     /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
@@ -87,7 +108,7 @@ impl Poller {
             stats,
             own_name: None,
             own_name_read: None,
-            unstored: Vec::new(),
+            unstored: None,
             recently_said,
             warned_other_consumer: false,
         }
@@ -95,9 +116,8 @@ impl Poller {
 
     /// One step: store what an earlier step could not, then GET, parse, filter and store.
     pub async fn try_poll_once(&mut self) -> Result<PollOutcome, PollError> {
-        if !self.unstored.is_empty() {
-            self.outbox.append(&self.unstored).await?;
-            self.unstored.clear();
+        if let Some(unstored) = self.unstored.take() {
+            self.store_again(unstored).await?;
         }
         if self.outbox.is_full_and_paused() {
             return Ok(PollOutcome {
@@ -111,65 +131,142 @@ impl Poller {
         let polled_at = Utc::now();
         Stats::add(&self.stats.polls, 1);
         self.stats.readiness.viewer_ok();
-        let parsed = match wire::parse_chat(&body, polled_at, self.zone) {
-            Ok(parsed) => parsed,
+        let mut relayed = Vec::new();
+        let (parsed, stored) = self
+            .ingest(&body, polled_at, Vec::new(), |line| {
+                let keep = self.keep(line);
+                relayed.push(keep);
+                keep
+            })
+            .await;
+        let n_polled = relayed.len();
+        Stats::add(&self.stats.lines_polled, n_polled as u64);
+        let quarantine = match parsed {
+            Ok(tally) => {
+                for skipped in &tally.skipped {
+                    tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
+                }
+                Stats::add(&self.stats.lines_unreadable, tally.skipped.len() as u64);
+                if tally.n_untimed > 0 {
+                    tracing::warn!(
+                        n_lines = tally.n_untimed,
+                        "viewer Time unreadable; using the receive time"
+                    );
+                }
+                false
+            }
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
-                tracing::error!(error = %err, n_bytes = body.len(), "viewer chat response unreadable; kept in the outbox quarantine");
+                tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the whole body is kept in the outbox quarantine");
                 Stats::add(&self.stats.lines_unreadable, 1);
-                self.outbox
-                    .quarantine_raw("unreadable viewer chat response", &body)
-                    .await?;
-                return Ok(PollOutcome::default());
+                true
             }
         };
-        for skipped in &parsed.skipped {
-            tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
-        }
-        Stats::add(&self.stats.lines_unreadable, parsed.skipped.len() as u64);
-        if parsed.n_untimed > 0 {
-            tracing::warn!(
-                n_lines = parsed.n_untimed,
-                "viewer Time unreadable; using the receive time"
-            );
-        }
-        let n_polled = parsed.lines.len();
-        Stats::add(&self.stats.lines_polled, n_polled as u64);
-        let mut captured = Vec::with_capacity(n_polled);
-        for line in parsed.lines {
-            if let Err(reason) = self.filter.check(&line, self.own_name.as_deref()) {
-                if reason == FilterReason::OwnAvatar {
-                    self.recently_said.echo_arrived();
-                }
-                self.stats.filtered(reason);
-                continue;
+        let mut unstored = Unstored {
+            body,
+            polled_at,
+            relayed,
+            keys: Vec::new(),
+            quarantine,
+        };
+        let n_relayed = match stored {
+            Ok(n_relayed) => n_relayed,
+            Err((err, keys)) => {
+                unstored.keys = keys;
+                self.unstored = Some(unstored);
+                return Err(err.into());
             }
-            if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
-                self.recently_said.echo_arrived();
-                self.stats.filtered(FilterReason::OwnAvatar);
-                Stats::add(&self.stats.inworld_echoes_dropped, 1);
-                continue;
-            }
-            captured.push(CapturedLine {
-                speaker: line.from.unwrap_or_default(),
-                owner_id: line.owner_id.filter(|o| o != crate::model::ZERO_UUID),
-                message: line.message,
-                spoken_at: line.spoken_at,
-                captured_at: polled_at,
-            });
-        }
-        let n_relayed = captured.len();
-        if let Err(err) = self.outbox.append(&captured).await {
-            self.unstored = captured;
-            return Err(err.into());
-        }
+        };
         Stats::add(&self.stats.lines_relayed, n_relayed as u64);
+        if quarantine {
+            // The lines are stored: only the quarantine copy is left to write.
+            unstored.relayed.clear();
+            self.store_again(unstored).await?;
+        }
         self.check_echoes(poll_started);
         Ok(PollOutcome {
             n_polled,
             n_relayed,
             paused: false,
         })
+    }
+
+    /// Parses `body` and stores, line by line as they are read, the lines `keep` accepts, under
+    /// `keys` first (those of an earlier try). Returns the parse's outcome and the store's.
+    async fn ingest(
+        &self,
+        body: &[u8],
+        polled_at: DateTime<Utc>,
+        keys: Vec<u64>,
+        mut keep: impl FnMut(&ViewerLine) -> bool,
+    ) -> (
+        Result<wire::ChatTally, wire::ChatParseError>,
+        Result<usize, (OutboxError, Vec<u64>)>,
+    ) {
+        let mut ingest = self.outbox.ingest(keys);
+        let parsed = wire::for_each_line(body, polled_at, self.zone, |line| {
+            if keep(&line) {
+                ingest.push(&CapturedLine {
+                    speaker: line.from.unwrap_or_default(),
+                    owner_id: line.owner_id.filter(|o| o != crate::model::ZERO_UUID),
+                    message: line.message,
+                    spoken_at: line.spoken_at,
+                    captured_at: polled_at,
+                });
+            }
+        });
+        (parsed, ingest.commit().await)
+    }
+
+    /// Stores what a failed write left: the same lines under the same keys (the body is parsed
+    /// again, the same way), then the quarantine copy if one is due. On failure it is kept again.
+    async fn store_again(&mut self, mut unstored: Unstored) -> Result<(), OutboxError> {
+        let keys = std::mem::take(&mut unstored.keys);
+        let mut verdicts = unstored.relayed.iter().copied();
+        let (_, stored) = self
+            .ingest(&unstored.body, unstored.polled_at, keys, |_| {
+                verdicts.next().unwrap_or(false)
+            })
+            .await;
+        match stored {
+            Ok(n_relayed) => Stats::add(&self.stats.lines_relayed, n_relayed as u64),
+            Err((err, keys)) => {
+                unstored.keys = keys;
+                self.unstored = Some(unstored);
+                return Err(err);
+            }
+        }
+        if unstored.quarantine {
+            if let Err(err) = self
+                .outbox
+                .quarantine_raw("unreadable viewer chat response", &unstored.body)
+                .await
+            {
+                unstored.relayed.clear();
+                self.unstored = Some(unstored);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a viewer line is relayed: the filter, then (without the own name) the echo memory.
+    /// Asked once per line: the echo memory forgets what it matched.
+    fn keep(&self, line: &ViewerLine) -> bool {
+        if let Err(reason) = self.filter.check(line, self.own_name.as_deref()) {
+            if reason == FilterReason::OwnAvatar {
+                self.recently_said.echo_arrived();
+            }
+            self.stats.filtered(reason);
+            return false;
+        }
+        if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
+            self.recently_said.echo_arrived();
+            self.stats.filtered(FilterReason::OwnAvatar);
+            Stats::add(&self.stats.inworld_echoes_dropped, 1);
+            return false;
+        }
+        true
     }
 
     /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.
@@ -219,9 +316,9 @@ impl Poller {
                 Err(PollError::Storage(err)) => {
                     self.stats.readiness.outbox_failed(&err);
                     if storage_failing {
-                        tracing::debug!(error = %err, n_lines = self.unstored.len(), "outbox write failed again");
+                        tracing::debug!(error = %err, n_lines = self.unstored.as_ref().map_or(0, Unstored::n_lines), "outbox write failed again");
                     } else {
-                        tracing::error!(error = %err, n_lines = self.unstored.len(), retry_in = ?STORAGE_RETRY, "cannot store polled lines; viewer polling paused until the outbox accepts writes (the lines read are kept in memory)");
+                        tracing::error!(error = %err, n_lines = self.unstored.as_ref().map_or(0, Unstored::n_lines), retry_in = ?STORAGE_RETRY, "cannot store polled lines; viewer polling paused until the outbox accepts writes (the lines read are kept in memory)");
                         storage_failing = true;
                     }
                     STORAGE_RETRY
@@ -241,10 +338,11 @@ impl Poller {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
-        if !self.unstored.is_empty() {
-            if let Err(err) = self.outbox.append(&self.unstored).await {
-                Stats::add(&self.stats.lines_unstored, self.unstored.len() as u64);
-                tracing::error!(error = %err, n_lines = self.unstored.len(), "lines read from the viewer could not be stored at shutdown and are lost");
+        if let Some(unstored) = self.unstored.take() {
+            let n_lines = unstored.n_lines();
+            if let Err(err) = self.store_again(unstored).await {
+                Stats::add(&self.stats.lines_unstored, n_lines as u64);
+                tracing::error!(error = %err, n_lines, "lines read from the viewer could not be stored at shutdown and are lost");
             }
         }
         tracing::info!("viewer polling stopped");

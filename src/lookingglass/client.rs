@@ -35,6 +35,9 @@ pub enum ViewerError {
     },
 }
 
+/// The most a response's `Content-Length` reserves in advance; a longer body grows the buffer.
+const MAX_RESERVE: u64 = 1 << 30;
+
 /// Talks to one viewer. Requests go one at a time (the viewer serves one at a time anyway).
 #[derive(Debug, Clone)]
 pub struct LookingGlassClient {
@@ -155,14 +158,22 @@ impl LookingGlassClient {
     /// Sends a request and reads the answer to its end, whatever its status: dropping a response
     /// half-read would abort it, which kills the real viewer.
     async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ViewerError> {
-        let response = request.send().await.map_err(ViewerError::Transport)?;
+        let mut response = request.send().await.map_err(ViewerError::Transport)?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(ViewerError::Transport)?;
+        // Read into one buffer of the announced size (the viewer always sends Content-Length), so a
+        // response of tens of megabytes is held once, not as its chunks plus their concatenation.
+        let mut body = Vec::new();
+        if let Some(len) = response.content_length() {
+            // A reservation that cannot be had (an absurd length) is not an error: the buffer grows.
+            let _ = body.try_reserve_exact(len.min(MAX_RESERVE) as usize);
+        }
+        while let Some(chunk) = response.chunk().await.map_err(ViewerError::Transport)? {
+            body.extend_from_slice(&chunk);
+        }
         if status != 200 {
             return Err(status_error(status, &body));
         }
-        // Without a copy when the buffer is not shared (bytes' From<Bytes> for Vec<u8>).
-        Ok(Vec::from(body))
+        Ok(body)
     }
 }
 

@@ -44,6 +44,17 @@ pub struct ParsedChat {
     pub n_untimed: usize,
 }
 
+/// What `for_each_line` saw besides the lines it handed on.
+#[derive(Debug, Default)]
+pub struct ChatTally {
+    /// Lines handed on.
+    pub n_lines: usize,
+    /// Entries that could not be used.
+    pub skipped: Vec<SkippedEntry>,
+    /// Lines whose `Time` could not be rebuilt (their receive time is used).
+    pub n_untimed: usize,
+}
+
 #[derive(Deserialize)]
 struct LgChatEntry {
     #[serde(rename = "Time", default)]
@@ -60,43 +71,69 @@ struct LgChatEntry {
     owner_id: Option<String>,
 }
 
-/// Parses a chat GET body received at `polled_at` from a viewer whose clock is in `zone`.
-///
-/// The map is read entry by entry straight into lines, in document order (the only reliable order,
-/// spec §2.3), so a response of tens of megabytes is held about once: the body and the lines made from
-/// it, never a parsed tree of the whole body.
+/// Parses a chat GET body received at `polled_at` from a viewer whose clock is in `zone`, all of it.
 pub fn parse_chat(
     body: &[u8],
     polled_at: DateTime<Utc>,
     zone: Zone,
 ) -> Result<ParsedChat, ChatParseError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed = deserializer.deserialize_map(ChatVisitor { polled_at, zone })?;
-    deserializer.end()?;
-    Ok(parsed)
+    let mut lines = Vec::new();
+    let tally = for_each_line(body, polled_at, zone, |line| lines.push(line))?;
+    Ok(ParsedChat {
+        lines,
+        skipped: tally.skipped,
+        n_untimed: tally.n_untimed,
+    })
 }
 
-struct ChatVisitor {
+/// Parses a chat GET body and hands each usable line to `on_line` as soon as it is read, in document
+/// order (the only reliable order, spec §2.3). The map is read entry by entry, never as a tree of the
+/// whole body, so a caller that stores each line as it comes holds a response of tens of megabytes
+/// about once: the body itself.
+///
+/// The same body, `polled_at` and `zone` always give the same lines. On an error (the body is not a
+/// JSON object, or stops being one part way) the lines before it have been handed on.
+pub fn for_each_line(
+    body: &[u8],
     polled_at: DateTime<Utc>,
     zone: Zone,
+    on_line: impl FnMut(ViewerLine),
+) -> Result<ChatTally, ChatParseError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let tally = deserializer.deserialize_map(ChatVisitor {
+        polled_at,
+        zone,
+        on_line,
+    })?;
+    deserializer.end()?;
+    Ok(tally)
 }
 
-impl<'de> serde::de::Visitor<'de> for ChatVisitor {
-    type Value = ParsedChat;
+struct ChatVisitor<F> {
+    polled_at: DateTime<Utc>,
+    zone: Zone,
+    on_line: F,
+}
+
+impl<'de, F: FnMut(ViewerLine)> serde::de::Visitor<'de> for ChatVisitor<F> {
+    type Value = ChatTally;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object of chat entries")
     }
 
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ParsedChat, A::Error> {
-        let mut parsed = ParsedChat::default();
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        mut self,
+        mut map: A,
+    ) -> Result<ChatTally, A::Error> {
+        let mut tally = ChatTally::default();
         while let Some(key) = map.next_key::<String>()? {
             // One entry at a time as a small tree, so a bad entry is skipped, not fatal.
             let value: Value = map.next_value()?;
             let entry = match LgChatEntry::deserialize(value) {
                 Ok(entry) => entry,
                 Err(err) => {
-                    parsed.skipped.push(SkippedEntry {
+                    tally.skipped.push(SkippedEntry {
                         key,
                         reason: err.to_string(),
                     });
@@ -110,11 +147,12 @@ impl<'de> serde::de::Visitor<'de> for ChatVisitor {
             {
                 Some(t) => t,
                 None => {
-                    parsed.n_untimed += 1;
+                    tally.n_untimed += 1;
                     self.polled_at
                 }
             };
-            parsed.lines.push(ViewerLine {
+            tally.n_lines += 1;
+            (self.on_line)(ViewerLine {
                 from: entry.from.filter(|f| !f.is_empty()),
                 message: entry.message,
                 chat_type: ChatType::from_viewer(entry.kind.as_deref().unwrap_or("Normal")),
@@ -125,7 +163,7 @@ impl<'de> serde::de::Visitor<'de> for ChatVisitor {
                 spoken_at,
             });
         }
-        Ok(parsed)
+        Ok(tally)
     }
 }
 
@@ -229,6 +267,18 @@ mod tests {
         assert_eq!(parsed.n_untimed, 1);
         assert_eq!(parsed.skipped.len(), 1);
         assert_eq!(parsed.skipped[0].key, "1");
+    }
+
+    #[test]
+    fn a_body_that_breaks_off_hands_on_the_lines_before_the_break() {
+        let body =
+            br#"{"a":{"From":"A B","Message":"one"},"b":{"From":"A B","Message":"two"},"c":{"Fr"#;
+        let mut messages = Vec::new();
+        let result = for_each_line(body, Utc::now(), Zone::Local, |line| {
+            messages.push(line.message)
+        });
+        assert!(result.is_err());
+        assert_eq!(messages, ["one", "two"]);
     }
 
     #[test]

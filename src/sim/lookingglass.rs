@@ -234,6 +234,8 @@ struct ViewerState {
     avatars: IndexMap<String, String>,
     said: Vec<SaidLine>,
     handed_out: Vec<HandedOut>,
+    /// Bytes of the chat responses whose write completed.
+    n_bytes_handed_out: u64,
     n_gets: u64,
     n_aborted: u64,
     response_delay: Duration,
@@ -317,6 +319,7 @@ impl ViewerSim {
                 handed_out: Vec::new(),
                 n_gets: 0,
                 n_aborted: 0,
+                n_bytes_handed_out: 0,
                 response_delay: Duration::ZERO,
                 trickle: None,
                 logged_in: true,
@@ -443,6 +446,11 @@ impl ViewerHandle {
     /// response should poll for them rather than expect them at once.
     pub fn handed_out(&self) -> Vec<HandedOut> {
         self.shared.state().handed_out.clone()
+    }
+
+    /// Bytes of the completely written chat GET responses.
+    pub fn n_bytes_handed_out(&self) -> u64 {
+        self.shared.state().n_bytes_handed_out
     }
 
     /// Chat GETs answered (the queue was drained for each).
@@ -732,6 +740,7 @@ async fn chat_get(shared: &Arc<Shared>, rest_thread: tokio::sync::OwnedMutexGuar
     }
 
     let (written_tx, written_rx) = oneshot::channel();
+    let n_bytes = body.len() as u64;
     let mut response = ok_response(shared, body);
     response.trickle = trickle;
     response.written = Some(written_tx);
@@ -741,7 +750,11 @@ async fn chat_get(shared: &Arc<Shared>, rest_thread: tokio::sync::OwnedMutexGuar
         // The REST thread stays busy until the response is written (or fails).
         let _rest_thread = rest_thread;
         match written_rx.await {
-            Ok(true) => shared.state().handed_out.extend(handed_out),
+            Ok(true) => {
+                let mut state = shared.state();
+                state.handed_out.extend(handed_out);
+                state.n_bytes_handed_out += n_bytes;
+            }
             // The server is stopping (or dropped the response): that is our own doing, not a
             // client abandoning a response.
             Err(_) => {}

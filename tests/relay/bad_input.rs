@@ -1,18 +1,22 @@
 //! Bad input from either peer: no panic, and nothing already persisted is lost.
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use chrono::Utc;
 use opensim_chat_relay::cms::wire as cms_wire;
 use opensim_chat_relay::lookingglass::wire as viewer_wire;
+use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::http::{self, Reply, Response};
+use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use opensim_chat_relay::zone::Zone;
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
 
 const VALID_CHAT: &str = r#"{"20261122014005043":{"Time":"20261122014005043","From":"Alice Resident","Message":"caf\u00E9 \uD83D\uDE00","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"11111111-2222-3333-4444-555555555555"}}"#;
 const VALID_POST_REPLY: &str = r#"{"success":true,"id":17}"#;
@@ -106,6 +110,11 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
         b"<html><body>Bad Gateway</body></html>".to_vec(),
         vec![b'{', 0xFF, 0xFE, b'}'],
         VALID_CHAT.as_bytes()[..40].to_vec(),
+        // A complete entry, then the body breaks off: the entry is relayed, the body kept too.
+        VALID_CHAT
+            .replace("caf\\u00E9 \\uD83D\\uDE00", "middle")
+            .replace("}}", r#"},"20261122014005044":{"Fr"#)
+            .into_bytes(),
         VALID_CHAT
             .replace("caf\\u00E9 \\uD83D\\uDE00", "second")
             .into_bytes(),
@@ -140,8 +149,8 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
             ],
         )
         .await;
-    eventually(PATIENCE, "both good lines delivered", || async {
-        env.stored().len() == 2
+    eventually(PATIENCE, "the three good lines delivered", || async {
+        env.stored().len() == 3
     })
     .await;
     let n_quarantined = relay.outbox.quarantine_len();
@@ -150,10 +159,92 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
 
     assert_eq!(
         env.stored_messages(),
-        ["[Alice Resident] first", "[Alice Resident] second"]
+        [
+            "[Alice Resident] first",
+            "[Alice Resident] middle",
+            "[Alice Resident] second"
+        ]
     );
     assert_eq!(
-        n_quarantined, 3,
+        n_quarantined, 4,
         "each unreadable body is kept for an operator"
+    );
+}
+
+/// The relay's peak resident memory (`VmHWM`), in bytes.
+fn peak_memory(relay: &std::process::Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("VmHWM in kB");
+    kib * 1024
+}
+
+/// A viewer left alone for a day hands out tens of megabytes at once: the relay reads the answer to
+/// its end (aborting it would kill the viewer) and stores it holding it about once. A memory bound,
+/// not a timing one: the peak's growth over the relay's baseline is compared with the body's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_viewer_answer_is_read_to_its_end_and_stored_holding_it_about_once() {
+    const N_LINES: usize = 120_000;
+    let env = TestEnv::start().await;
+    // Distinct milliseconds, as a day of chat has: no key grows by the same-millisecond suffixes.
+    let start = Utc::now() - chrono::Duration::hours(2);
+    let padding = "word ".repeat(30);
+    for i in 0..N_LINES {
+        let speaker = ["Alice Resident", "Bob Builder", "Carol Visitor"][i % 3];
+        env.lg.push(
+            SimChatLine::avatar(speaker, &format!("line {i} {padding}"))
+                .at(start + chrono::Duration::milliseconds(i as i64)),
+        );
+    }
+    // The first answer is held back a moment: the relay's memory meanwhile is its baseline. The
+    // CMS is away, so that what is measured is reading and storing.
+    env.lg.set_response_delay(Duration::from_secs(2));
+    let relay = env.spawn_relay_process(
+        &[
+            ("inworld.enabled", "false"),
+            ("log.level", "warn"),
+            ("http.listen", ""),
+            ("cms.base_url", "http://127.0.0.1:9/OpenSim-CMS/api"),
+        ],
+        Stdio::null(),
+    );
+    eventually(PATIENCE, "the relay asks the viewer", || async {
+        env.lg.n_gets() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let baseline = peak_memory(&relay);
+    env.lg.set_response_delay(Duration::ZERO);
+    // The next GET is sent only once the first answer's lines are flushed to the outbox.
+    eventually(Duration::from_secs(60), "the answer stored", || async {
+        env.lg.n_gets() >= 2
+    })
+    .await;
+    let peak = peak_memory(&relay);
+    let body = env.lg.n_bytes_handed_out();
+    assert!(sigterm(relay).success(), "clean stop");
+    let outbox = Outbox::open(&env.dir.path().join("outbox"), 1 << 20).expect("outbox opens");
+    assert_eq!(outbox.len(), N_LINES, "every line stored");
+
+    let growth = peak.saturating_sub(baseline);
+    eprintln!(
+        "a {:.1} MiB answer of {N_LINES} lines: relay peak {:.1} MiB over a baseline of {:.1} MiB, {:.2} times the body",
+        body as f64 / 1048576.0,
+        growth as f64 / 1048576.0,
+        baseline as f64 / 1048576.0,
+        growth as f64 / body as f64
+    );
+    assert!(body > 15 << 20, "a big answer: {body} bytes");
+    assert_eq!(env.lg.n_aborted(), 0, "the answer was read to its end");
+    // The body once, plus the outbox's working set, which does not grow with the answer (sled's
+    // page cache of 8 MiB, its write buffers): the lines made from the body, a copy of it in pieces,
+    // or sled's pages of one batch for all of it would each break this.
+    assert!(
+        growth < body + (32 << 20),
+        "the relay held the answer more than about once: {growth} bytes for a {body}-byte body"
     );
 }
