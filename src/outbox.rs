@@ -1,12 +1,15 @@
 //! `Outbox`: the durable queue between the viewer and the CMS, in one sled database.
 //!
 //! Trees: `pending` (lines not yet confirmed by the CMS, keyed by a big-endian id from
-//! `generate_id`, so key order is capture order), `dead` (lines the CMS refused, with the reason),
+//! `Outbox::new_id`, so key order is capture order), `dead` (lines the CMS refused, with the reason),
 //! `quarantine` (records that could not be decoded and viewer bodies that could not be parsed, kept
 //! raw for an operator), `meta` (small cursors).
 //!
-//! Invariants: `append` returns only after the lines are flushed to disk; a line leaves `pending` only
-//! through `remove` (the CMS confirmed it) or `dead_letter`. This is the only module that imports sled.
+//! Invariants: `Ingest::commit` (and `append`, built on it) returns only after the lines are flushed
+//! to disk; readers see pending lines only up to the last committed key, so the lines of an ingest
+//! that failed part way wait for its retry, which writes the same records; a line leaves `pending`
+//! only through `remove` (the CMS confirmed it), `dead_letter`, or the bounds (`max_bytes`,
+//! `max_age`). This is the only module that imports sled.
 //!
 //! After an I/O error (disk full) sled 0.34 fails every later write until the database is opened
 //! again, so the outbox reopens it in place on its next use, once no operation holds the failed
@@ -200,6 +203,15 @@ impl Store {
         })
     }
 
+    /// An id above every key stored in the trees keyed by ids.
+    fn next_free_id(&self) -> u64 {
+        [&self.pending, &self.dead, &self.quarantine]
+            .into_iter()
+            .map(last_key)
+            .max()
+            .map_or(0, |last| last.saturating_add(1))
+    }
+
     /// Pending lines and their bytes, counted from the records.
     fn count_pending(&self) -> (usize, u64) {
         let n_bytes = self
@@ -246,6 +258,8 @@ pub struct Outbox {
     /// until the retry stores them under the same keys: they can be neither sent nor dropped twice.
     /// Everything found on disk at open counts as committed.
     committed: AtomicU64,
+    /// No id this process hands out is below this (`new_id`).
+    next_id: AtomicU64,
     n_pending: AtomicUsize,
     n_bytes: AtomicU64,
     n_dropped: AtomicU64,
@@ -282,13 +296,8 @@ impl Outbox {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Outbox, OutboxError> {
         let store = Store::open(path, cache_bytes)?;
         let (n_pending, n_bytes) = store.count_pending();
-        let committed = store
-            .pending
-            .last()
-            .ok()
-            .flatten()
-            .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let committed = last_key(&store.pending);
+        let next_id = store.next_free_id();
         Ok(Outbox {
             path: path.to_owned(),
             cache_bytes,
@@ -301,6 +310,7 @@ impl Outbox {
             }),
             broken: AtomicBool::new(false),
             committed: AtomicU64::new(committed),
+            next_id: AtomicU64::new(next_id),
             n_pending: AtomicUsize::new(n_pending),
             n_bytes: AtomicU64::new(n_bytes),
             n_dropped: AtomicU64::new(0),
@@ -369,6 +379,8 @@ impl Outbox {
             OutboxError::Reopen(format!("{}; reopening the outbox failed", slot.cause))
         })?;
         let (n_pending, n_bytes) = store.count_pending();
+        self.next_id
+            .fetch_max(store.next_free_id(), Ordering::AcqRel);
         self.n_pending.store(n_pending, Ordering::Relaxed);
         self.n_bytes.store(n_bytes, Ordering::Relaxed);
         slot.store = Some(Arc::new(store));
@@ -379,6 +391,26 @@ impl Outbox {
             "outbox reopened after a storage error"
         );
         Ok(())
+    }
+
+    /// A new key, above every key handed out before. sled's `generate_id` alone is not enough: it
+    /// persists its counter lazily, and a database reopened after an I/O error can hand out ids
+    /// again that nothing durable holds, but that a failed ingest still keeps for its retry.
+    fn new_id(&self, store: &Store) -> Result<u64, OutboxError> {
+        let generated = self.io(store.db.generate_id())?;
+        let mut next = self.next_id.load(Ordering::Acquire);
+        loop {
+            let id = generated.max(next);
+            match self.next_id.compare_exchange(
+                next,
+                id.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(id),
+                Err(current) => next = current,
+            }
+        }
     }
 
     /// Converts a sled error, noting an I/O error so that the next use reopens the database.
@@ -440,7 +472,7 @@ impl Outbox {
                 Some(line) => lines.push(line),
                 None => {
                     tracing::error!(key = ?key.as_ref(), "outbox record cannot be decoded; moved to the quarantine");
-                    let quarantine_key = self.io(store.db.generate_id())?.to_be_bytes();
+                    let quarantine_key = self.new_id(&store)?.to_be_bytes();
                     self.io(store.quarantine.insert(quarantine_key, value))?;
                     self.remove_pending(&store, &key)?;
                 }
@@ -566,7 +598,7 @@ impl Outbox {
         value.extend_from_slice(what.as_bytes());
         value.push(b'\n');
         value.extend_from_slice(body);
-        let key = self.io(store.db.generate_id())?.to_be_bytes();
+        let key = self.new_id(&store)?.to_be_bytes();
         self.io(store.quarantine.insert(key, value))?;
         self.io(store.db.flush_async().await)?;
         Ok(())
@@ -802,7 +834,7 @@ impl Ingest<'_> {
         let id = match self.keys.get(index) {
             Some(id) => *id,
             None => {
-                let id = outbox.io(store.db.generate_id())?;
+                let id = outbox.new_id(&store)?;
                 self.keys.push(id);
                 id
             }
@@ -862,6 +894,15 @@ impl Ingest<'_> {
         outbox.appended.notify_one();
         Ok(n_pushed)
     }
+}
+
+/// The last key of a tree keyed by big-endian ids (0 when it is empty or cannot be read).
+fn last_key(tree: &sled::Tree) -> u64 {
+    tree.last()
+        .ok()
+        .flatten()
+        .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 fn decode_pending(key: &[u8], value: &[u8]) -> Option<PendingLine> {
