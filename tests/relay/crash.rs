@@ -13,7 +13,7 @@ use std::time::Duration;
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm, until_done_or_stalled};
+use crate::helpers::{PATIENCE, TestEnv, cycles, sigterm, until_done_or_stalled};
 
 fn start_relay_process(env: &TestEnv) -> Child {
     env.spawn_relay_process(
@@ -52,10 +52,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     chatting.cancel();
     chatter.await.expect("chatter stops");
     let last = start_relay_process(&env);
-    eventually(PATIENCE, "the viewer drained", || async {
-        env.lg.queue_len() == 0
-    })
-    .await;
+    env.viewer_drained(PATIENCE).await;
     let handed = env.lg.handed_out();
     let must_arrive: HashSet<String> = handed
         .iter()

@@ -281,10 +281,7 @@ async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
     }
     chatting.cancel();
     chatter.await.expect("chatter stops");
-    eventually(Duration::from_secs(60), "the viewer drained", || async {
-        env.lg.queue_len() == 0
-    })
-    .await;
+    env.viewer_drained(Duration::from_secs(60)).await;
     let handed = env.lg.handed_out().len();
     let all_stored = until_done_or_stalled(Duration::from_secs(30), || {
         let n_stored = env.stored().len();

@@ -230,6 +230,22 @@ impl TestEnv {
         }
     }
 
+    /// Waits until the relay has taken everything the viewer holds: the queue is empty, and the relay
+    /// has asked again since, so that the answer that emptied the queue was handed out to its end
+    /// (a GET drains the queue when it starts, its lines count as handed out once the write ends,
+    /// and the relay sends the next GET only after it stored the previous answer).
+    pub async fn viewer_drained(&self, limit: Duration) {
+        eventually(limit, "the viewer's queue drained", || async {
+            self.lg.queue_len() == 0
+        })
+        .await;
+        let n_gets = self.lg.n_gets();
+        eventually(limit, "the relay asked the viewer again", || async {
+            self.lg.n_gets() > n_gets
+        })
+        .await;
+    }
+
     /// Chat rows the CMS stored, oldest first.
     pub fn stored(&self) -> Vec<StoredChat> {
         self.db.chats()
