@@ -443,6 +443,9 @@ impl Outbox {
             keys,
             n_pushed: 0,
             failed: None,
+            n_new: 0,
+            n_bytes_new: 0,
+            n_bytes_old: 0,
         }
     }
 
@@ -711,7 +714,11 @@ impl Outbox {
             if !condition(&line, self) {
                 break;
             }
-            self.remove_pending(store, &key)?;
+            if !self.remove_pending(store, &key)? {
+                continue;
+            }
+            // Counted with the removal, so that depth + dropped never dips or jumps.
+            self.n_dropped.fetch_add(1, Ordering::Relaxed);
             n_dropped += 1;
             if n_dropped <= MAX_DROPS_LOGGED {
                 tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
@@ -719,8 +726,6 @@ impl Outbox {
         }
         if n_dropped > 0 {
             self.io(store.db.flush_async().await)?;
-            self.n_dropped
-                .fetch_add(n_dropped as u64, Ordering::Relaxed);
             tracing::warn!(
                 n_lines = n_dropped,
                 reason,
@@ -732,12 +737,14 @@ impl Outbox {
     }
 
     /// Removes one pending record and keeps the depth counters true.
-    fn remove_pending(&self, store: &Store, key: &[u8]) -> Result<(), OutboxError> {
-        if let Some(old) = self.io(store.pending.remove(key))? {
-            self.n_pending.fetch_sub(1, Ordering::Relaxed);
-            self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
-        }
-        Ok(())
+    /// Whether it was there: two tasks can drop the same line at once (both see the bound passed).
+    fn remove_pending(&self, store: &Store, key: &[u8]) -> Result<bool, OutboxError> {
+        let Some(old) = self.io(store.pending.remove(key))? else {
+            return Ok(false);
+        };
+        self.n_pending.fetch_sub(1, Ordering::Relaxed);
+        self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The directory.
@@ -800,7 +807,8 @@ impl Outbox {
 /// batch touches until the batch ends, which for a response of 200 000 lines costs gigabytes.
 pub struct Ingest<'a> {
     outbox: &'a Outbox,
-    /// The database, held from the first push to the commit (a reopen waits for it).
+    /// The database, held from the first push to the commit (a reopen waits for it, so that the
+    /// depth this ingest counts and the one a reopen counts never mix).
     store: Option<Arc<Store>>,
     /// The key of each line pushed so far, and of lines an earlier try pushed.
     keys: Vec<u64>,
@@ -808,6 +816,10 @@ pub struct Ingest<'a> {
     n_pushed: usize,
     /// The first write error; nothing more is written after it.
     failed: Option<OutboxError>,
+    /// Records written that were not there before, their bytes, and the bytes of those replaced.
+    n_new: usize,
+    n_bytes_new: u64,
+    n_bytes_old: u64,
 }
 
 impl Ingest<'_> {
@@ -819,8 +831,6 @@ impl Ingest<'_> {
             return;
         }
         if let Err(err) = self.write(index, line) {
-            // Let go of the failed database, so that it can be reopened.
-            self.store = None;
             self.failed = Some(err);
         }
     }
@@ -850,39 +860,54 @@ impl Ingest<'_> {
         let n_bytes = value.len() as u64;
         // A retry finds the records of the failed try that reached the disk: counted once.
         match outbox.io(store.pending.insert(id.to_be_bytes(), value))? {
-            Some(old) => {
-                outbox.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
-                outbox
-                    .n_bytes
-                    .fetch_sub(old.len() as u64, Ordering::Relaxed);
-            }
-            None => {
-                outbox.n_pending.fetch_add(1, Ordering::Relaxed);
-                outbox.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
-            }
+            Some(old) => self.n_bytes_old += old.len() as u64,
+            None => self.n_new += 1,
         }
+        self.n_bytes_new += n_bytes;
         Ok(())
+    }
+
+    /// Moves the depth counters by what was written: at the commit, so that the bound is enforced
+    /// as soon as they show it (after a write error, the reopen counts them afresh from the disk).
+    fn count(&mut self) {
+        let outbox = self.outbox;
+        outbox.n_pending.fetch_add(self.n_new, Ordering::Relaxed);
+        outbox
+            .n_bytes
+            .fetch_add(self.n_bytes_new, Ordering::Relaxed);
+        outbox
+            .n_bytes
+            .fetch_sub(self.n_bytes_old, Ordering::Relaxed);
+        (self.n_new, self.n_bytes_new, self.n_bytes_old) = (0, 0, 0);
     }
 
     /// Flushes the lines pushed and hands them to delivery. Returns how many, or the error and the
     /// keys to give the retry (`Outbox::ingest`).
-    pub async fn commit(self) -> Result<usize, (OutboxError, Vec<u64>)> {
+    pub async fn commit(mut self) -> Result<usize, (OutboxError, Vec<u64>)> {
+        // Held to the end: no reopen can recount the depth while this ingest counts its share.
+        let store = self.store.take();
+        let flushed = match (self.failed.take(), &store) {
+            (Some(err), _) => Err(err),
+            (None, None) => return Ok(0),
+            (None, Some(store)) => self.outbox.io(store.db.flush_async().await),
+        };
+        // After an I/O error the database is reopened once this ingest lets go of it, and the
+        // reopen counts the depth from what reached the disk.
+        if flushed.is_ok() || !self.outbox.broken.load(Ordering::Acquire) {
+            self.count();
+        }
         let Ingest {
             outbox,
-            store,
             keys,
             n_pushed,
-            failed,
+            ..
         } = self;
-        if let Some(err) = failed {
+        if let Err(err) = flushed {
             return Err((err, keys));
         }
         let Some(store) = store else {
             return Ok(0);
         };
-        if let Err(err) = outbox.io(store.db.flush_async().await) {
-            return Err((err, keys));
-        }
         if let Some(last) = keys.last() {
             outbox.committed.fetch_max(*last, Ordering::AcqRel);
         }
