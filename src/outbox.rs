@@ -394,8 +394,8 @@ impl Outbox {
     }
 
     /// A new key, above every key handed out before. sled's `generate_id` alone is not enough: it
-    /// persists its counter lazily, and a database reopened after an I/O error can hand out ids
-    /// again that nothing durable holds, but that a failed ingest still keeps for its retry.
+    /// persists its counter lazily, so a database reopened after an I/O error can hand out again
+    /// the ids a failed ingest was given, which its retry has stored since.
     fn new_id(&self, store: &Store) -> Result<u64, OutboxError> {
         let generated = self.io(store.db.generate_id())?;
         let mut next = self.next_id.load(Ordering::Acquire);
