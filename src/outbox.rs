@@ -548,7 +548,7 @@ impl Outbox {
     /// afresh (the mapping may have been fixed meanwhile). Returns how many.
     pub async fn requeue(&self, ids: Option<&[u64]>) -> Result<usize, OutboxError> {
         let store = self.store()?;
-        let mut n_requeued = 0;
+        let (mut n_requeued, mut last_requeued) = (0, 0);
         for dead in self.dead_letters_in(&store)? {
             if ids.is_some_and(|ids| !ids.contains(&dead.pending.id)) {
                 continue;
@@ -570,9 +570,13 @@ impl Outbox {
                 self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
             }
             self.io(store.dead.remove(pending.id.to_be_bytes()))?;
+            last_requeued = last_requeued.max(pending.id);
             n_requeued += 1;
         }
         self.io(store.db.flush_async().await)?;
+        // Committed lines again, under their old keys, which may lie above the committed watermark
+        // (an outbox opened with nothing pending starts it at 0).
+        self.committed.fetch_max(last_requeued, Ordering::AcqRel);
         Ok(n_requeued)
     }
 
@@ -1028,6 +1032,34 @@ mod tests {
         let dead = outbox.dead_letters().expect("dead");
         assert_eq!(dead[0].pending.line.message, "bad");
         assert_eq!(dead[0].reason, "refused");
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_requeued_into_an_empty_outbox_is_deliverable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+            outbox
+                .append(&[line("delivered"), line("refused")])
+                .await
+                .expect("append");
+            let pending = outbox.oldest(10).expect("read");
+            outbox.remove(&[pending[0].id]).await.expect("remove");
+            outbox
+                .dead_letter(&pending[1], "refused")
+                .await
+                .expect("dead letter");
+        }
+        // Opened with nothing pending, as `outbox requeue` does on a stopped relay's outbox.
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(outbox.requeue(None).await.expect("requeue"), 1);
+        let texts: Vec<_> = outbox
+            .oldest(10)
+            .expect("read")
+            .into_iter()
+            .map(|p| p.line.message)
+            .collect();
+        assert_eq!(texts, ["refused"]);
     }
 
     #[tokio::test]
