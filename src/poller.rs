@@ -221,19 +221,21 @@ impl Poller {
     /// Stores what a failed write left: the same lines under the same keys (the body is parsed
     /// again, the same way), then the quarantine copy if one is due. On failure it is kept again.
     async fn store_again(&mut self, mut unstored: Unstored) -> Result<(), OutboxError> {
-        let keys = std::mem::take(&mut unstored.keys);
-        let mut verdicts = unstored.relayed.iter().copied();
-        let (_, stored) = self
-            .ingest(&unstored.body, unstored.polled_at, keys, |_| {
-                verdicts.next().unwrap_or(false)
-            })
-            .await;
-        match stored {
-            Ok(n_relayed) => Stats::add(&self.stats.lines_relayed, n_relayed as u64),
-            Err((err, keys)) => {
-                unstored.keys = keys;
-                self.unstored = Some(unstored);
-                return Err(err);
+        if unstored.n_lines() > 0 {
+            let keys = std::mem::take(&mut unstored.keys);
+            let mut verdicts = unstored.relayed.iter().copied();
+            let (_, stored) = self
+                .ingest(&unstored.body, unstored.polled_at, keys, |_| {
+                    verdicts.next().unwrap_or(false)
+                })
+                .await;
+            match stored {
+                Ok(n_relayed) => Stats::add(&self.stats.lines_relayed, n_relayed as u64),
+                Err((err, keys)) => {
+                    unstored.keys = keys;
+                    self.unstored = Some(unstored);
+                    return Err(err);
+                }
             }
         }
         if unstored.quarantine {
