@@ -21,11 +21,7 @@ use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::CmsSettings;
 use crate::metrics::Stats;
 use crate::model::fill_template;
-use crate::outbox::{Outbox, OutboxError, PendingLine, Prepared};
-
-/// The persisted id of the last row the CMS confirmed: rows at or below it are never taken as ours in
-/// a read-back.
-const LAST_CONFIRMED_ID: &str = "delivery.last_confirmed_id";
+use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine, Prepared};
 
 /// How far before the oldest uncertain line a read-back starts, for clock rounding between the relay
 /// and the CMS.
@@ -311,7 +307,7 @@ impl Delivery {
     /// `last_id` right after the last confirmed id are all ours. Otherwise (another writer, a failed
     /// middle row, `cms.verify`) the batch is read back and what is missing is sent line by line.
     async fn send(&self, batch: Vec<PendingLine>, tally: &mut Tally) -> Result<(), DeliveryError> {
-        let before = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let before = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         self.pace().await;
@@ -352,17 +348,19 @@ impl Delivery {
     /// id (one extra read-back later) but never the reverse: a read-back ignores rows at or below
     /// that id, so a raised id with the lines still pending would send them twice.
     async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
-        let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let known = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
         let raise = last_id
             .filter(|last_id| *last_id > known)
-            .map(|last_id| (LAST_CONFIRMED_ID, last_id));
-        self.outbox.remove_with_meta(ids, raise).await
+            .map(|last_id| (Cursor::LastConfirmedId, last_id));
+        self.outbox.remove_with_cursor(ids, raise).await
     }
 
     async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
-        let known = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let known = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
         if last_id > known {
-            self.outbox.set_meta_i64(LAST_CONFIRMED_ID, last_id).await?;
+            self.outbox
+                .set_cursor(Cursor::LastConfirmedId, last_id)
+                .await?;
         }
         Ok(())
     }
@@ -413,7 +411,7 @@ impl Delivery {
             - READ_BACK_MARGIN_SECS;
         self.pace().await;
         let rows = self.cms.chats_since(since).await?;
-        let after = self.outbox.meta_i64(LAST_CONFIRMED_ID)?.unwrap_or(0);
+        let after = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
         let (found, unsent) = match_rows(&uncertain, &rows, after, self.settings.anonymous_user_id);
         if !found.is_empty() {
             self.confirm(&found, None).await?;

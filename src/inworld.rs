@@ -1,7 +1,7 @@
 //! CMS → in-world: lines typed in the CMS (`fromCMS = 1`) are said in the region by the viewer's
 //! avatar, once each, in order.
 //!
-//! Owns the persisted cursor (the highest CMS chat id handled, in the outbox's `meta` tree, so a
+//! Owns the persisted cursor (the highest CMS chat id handled, an outbox `Cursor`, so a
 //! restart neither repeats nor skips), the splitting of long lines, the flood limit, and
 //! `RecentlySaid`, the short memory the poller uses to drop the echo of what was said when the viewer
 //! gives no own name, and to notice an echo that never comes back (another client drained it). Must not touch the outbox's pending lines. It never calls the CMS chat GET without
@@ -19,11 +19,8 @@ use crate::config::InworldSettings;
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
 use crate::model::fill_template;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Cursor, Outbox, OutboxError};
 use crate::zone::Zone;
-
-/// The outbox `meta` key of the cursor.
-pub const CURSOR: &str = "inworld.last_said_id";
 
 /// OpenSim truncates chat to 1000 characters and Second Life viewers to 1023 bytes (spec §3.5).
 const MAX_PART_CHARS: usize = 1000;
@@ -190,7 +187,11 @@ impl Inworld {
         let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
         let rows = self.cms.chats_since(since.timestamp()).await?;
         self.last_read = Some(now);
-        let Some(cursor) = self.outbox.meta_i64(CURSOR)?.max(self.handled_up_to) else {
+        let Some(cursor) = self
+            .outbox
+            .cursor(Cursor::LastSaidId)?
+            .max(self.handled_up_to)
+        else {
             // First start ever: begin from now, say nothing of the past.
             let newest = rows.iter().map(|r| r.id).max().unwrap_or(0);
             self.advance(newest).await?;
@@ -291,7 +292,7 @@ impl Inworld {
     /// Moves the cursor past `id`: in memory first, then on disk.
     async fn advance(&mut self, id: i64) -> Result<(), OutboxError> {
         self.handled_up_to = self.handled_up_to.max(Some(id));
-        self.outbox.set_meta_i64(CURSOR, id).await
+        self.outbox.set_cursor(Cursor::LastSaidId, id).await
     }
 
     async fn skip(

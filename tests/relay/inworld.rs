@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use opensim_chat_relay::inworld::CURSOR;
+use opensim_chat_relay::outbox::Cursor;
 use opensim_chat_relay::sim::cms::Permissions;
 
 use crate::helpers::{PATIENCE, RunningRelay, TestEnv, eventually};
@@ -22,7 +22,7 @@ pub async fn start(env: &TestEnv, overrides: &[(&str, &str)]) -> RunningRelay {
     let outbox = relay.outbox.clone();
     eventually(PATIENCE, "the in-world cursor set", || {
         let outbox = outbox.clone();
-        async move { outbox.meta_i64(CURSOR).ok().flatten().is_some() }
+        async move { outbox.cursor(Cursor::LastSaidId).ok().flatten().is_some() }
     })
     .await;
     relay

@@ -1,0 +1,128 @@
+//! The bounds of the outbox: `outbox.max_bytes`, `outbox.max_age` and `outbox.when_full`. Oldest
+//! lines are dropped first, each counted and logged, or polling pauses while the outbox is full.
+//!
+//! Must not drop a line that is not committed yet (it reads only up to the committed watermark), and
+//! must not pause anything itself: the poller asks `is_full_and_paused`.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Deserialize;
+
+use crate::outbox::record::decode_pending;
+use crate::outbox::store::Store;
+use crate::outbox::{Outbox, OutboxError, PendingLine};
+
+/// What to do when the outbox holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Drop the oldest pending lines to make room (each counted and logged).
+    DropOldest,
+    /// Stop polling the viewer until delivery makes room (the viewer keeps the lines meanwhile).
+    PausePolling,
+}
+
+/// The bounds of the outbox.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of pending records at most.
+    pub max_bytes: u64,
+    /// Pending lines older than this (since capture) are dropped.
+    pub max_age: Duration,
+    /// What happens at `max_bytes`.
+    pub when_full: WhenFull,
+}
+
+/// At most this many dropped lines are logged one by one per drop; the rest are summed up.
+const MAX_DROPS_LOGGED: usize = 100;
+
+impl Outbox {
+    /// Sets the bounds (`outbox.max_bytes`, `outbox.max_age`, `outbox.when_full`).
+    pub fn with_limits(mut self, limits: Limits) -> Outbox {
+        self.limits = limits;
+        self
+    }
+
+    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    pub fn is_full_and_paused(&self) -> bool {
+        self.limits.when_full == WhenFull::PausePolling && self.bytes() >= self.limits.max_bytes
+    }
+
+    /// Lines dropped for space or age since the outbox was opened.
+    pub fn n_dropped(&self) -> u64 {
+        self.n_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Drops pending lines captured more than `max_age` ago. Returns how many. A line in flight may
+    /// be dropped too: `save` never brings a removed record back, so a POST that ends later cannot
+    /// resurrect it (at worst a dropped line was in fact stored by the CMS).
+    pub async fn drop_expired(&self) -> Result<usize, OutboxError> {
+        let Ok(max_age) = chrono::Duration::from_std(self.limits.max_age) else {
+            return Ok(0);
+        };
+        let Some(cutoff) = Utc::now().checked_sub_signed(max_age) else {
+            return Ok(0);
+        };
+        let store = self.store()?;
+        self.drop_while(&store, "older than outbox.max_age", |line, _| {
+            line.line.captured_at < cutoff
+        })
+        .await
+    }
+
+    /// Under `drop_oldest`, drops the oldest lines while the outbox holds more than `max_bytes`. Run
+    /// after every write that can grow it (an append, a rewrite). A line dropped while its batch is in
+    /// flight may still reach the CMS; it is counted as dropped all the same.
+    pub(super) async fn enforce_max_bytes(&self, store: &Store) -> Result<(), OutboxError> {
+        let max_bytes = self.limits.max_bytes;
+        if self.limits.when_full == WhenFull::DropOldest && self.bytes() > max_bytes {
+            self.drop_while(store, "outbox.max_bytes reached", |_, outbox| {
+                outbox.bytes() > max_bytes
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Drops pending lines from the oldest on while `condition` holds, logging each at warn.
+    async fn drop_while(
+        &self,
+        store: &Store,
+        reason: &str,
+        condition: impl Fn(&PendingLine, &Outbox) -> bool,
+    ) -> Result<usize, OutboxError> {
+        let mut n_dropped = 0;
+        // Lazily, oldest first: this runs on every delivery step and must stop at the first line
+        // that stays.
+        for entry in self.committed_pending(store) {
+            let (key, value) = self.db.io(entry)?;
+            let Some(line) = decode_pending(&key, &value) else {
+                continue;
+            };
+            if !condition(&line, self) {
+                break;
+            }
+            if !self.remove_pending(store, &key)? {
+                continue;
+            }
+            // Counted with the removal, so that depth + dropped never dips or jumps.
+            self.n_dropped.fetch_add(1, Ordering::Relaxed);
+            n_dropped += 1;
+            if n_dropped <= MAX_DROPS_LOGGED {
+                tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
+            }
+        }
+        if n_dropped > 0 {
+            self.db.flush(store).await?;
+            tracing::warn!(
+                n_lines = n_dropped,
+                reason,
+                outbox_depth = self.len(),
+                "lines dropped from the outbox"
+            );
+        }
+        Ok(n_dropped)
+    }
+}

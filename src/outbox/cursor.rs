@@ -1,0 +1,59 @@
+//! The cursors: small numbers other stages persist in the outbox's database, so that they survive a
+//! restart together with the lines they describe.
+//!
+//! Owns the `meta` tree, its keys and their encoding (an `i64`, big-endian). The keys are fixed: an
+//! existing database must keep its cursors. Must not know what a cursor means to its stage.
+
+use crate::outbox::store::Store;
+use crate::outbox::{Outbox, OutboxError};
+
+/// A persisted cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// Delivery: the highest CMS chat id known to hold one of our rows. A read-back ignores rows at
+    /// or below it.
+    LastConfirmedId,
+    /// In-world: the highest CMS chat id said in the region (or passed over).
+    LastSaidId,
+}
+
+impl Cursor {
+    /// The key in the `meta` tree.
+    fn key(self) -> &'static str {
+        match self {
+            Cursor::LastConfirmedId => "delivery.last_confirmed_id",
+            Cursor::LastSaidId => "inworld.last_said_id",
+        }
+    }
+}
+
+impl Outbox {
+    /// The cursor's value, `None` until it is first set.
+    pub fn cursor(&self, cursor: Cursor) -> Result<Option<i64>, OutboxError> {
+        let store = self.store()?;
+        Ok(self
+            .db
+            .io(store.meta.get(cursor.key()))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Sets the cursor and flushes.
+    pub async fn set_cursor(&self, cursor: Cursor, value: i64) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        self.write_cursor(&store, cursor, value)?;
+        self.db.flush(&store).await
+    }
+
+    /// Writes the cursor, without flushing.
+    pub(super) fn write_cursor(
+        &self,
+        store: &Store,
+        cursor: Cursor,
+        value: i64,
+    ) -> Result<(), OutboxError> {
+        self.db
+            .io(store.meta.insert(cursor.key(), &value.to_be_bytes()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,193 @@
+//! `Outbox`: the durable queue between the viewer and the CMS, in one sled database. `Outbox` is the
+//! facade the stages use; the files behind it are its own.
+//!
+//! Trees: `pending` (lines not yet confirmed by the CMS, keyed by a big-endian id from
+//! `Database::new_id`, so key order is capture order), `dead` (lines the CMS refused, with the
+//! reason), `quarantine` (records that could not be decoded and viewer bodies that could not be
+//! parsed, kept raw for an operator), `meta` (the cursors, `Cursor`).
+//!
+//! Invariants: `Ingest::commit` (and `append`, built on it) returns only after the lines are flushed
+//! to disk; readers see pending lines only up to the last committed key, so the lines of an ingest
+//! that failed part way wait for its retry, which writes the same records; a line leaves `pending`
+//! only through `remove` (the CMS confirmed it), `dead_letter`, or the bounds (`max_bytes`,
+//! `max_age`). This is the only module that imports sled.
+//!
+//! The files, one concern each: `store` (the database, its ids, reopening it after an I/O error),
+//! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
+//! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
+//! and the quarantine), `cursor` (the stages' persisted cursors), `tests` (through the facade).
+//! This file holds the types the
+//! stages see and the depth counters the others keep true. Must not do anything but storage.
+
+mod bounds;
+mod cursor;
+mod dead;
+mod ingest;
+mod queue;
+mod record;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::model::CapturedLine;
+use crate::outbox::store::{Database, Store, last_key};
+
+pub use bounds::{Limits, WhenFull};
+pub use cursor::Cursor;
+pub use ingest::Ingest;
+
+/// Why the outbox failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// Another process holds the database.
+    #[error(
+        "outbox {path} is in use by another process (another relay?): stop it, or give this one its own outbox.path"
+    )]
+    Locked {
+        /// The directory.
+        path: String,
+    },
+    /// The database cannot be opened (damaged, unreadable).
+    #[error(
+        "outbox {path} cannot be opened: {source}; to recover, stop the relay, move the directory aside (mv {path} {path}.broken) and start again"
+    )]
+    Open {
+        /// The directory.
+        path: String,
+        /// sled's error.
+        source: sled::Error,
+    },
+    /// A read or write failed (disk full, I/O error).
+    #[error("outbox storage error: {0}")]
+    Storage(sled::Error),
+    /// An earlier I/O error left the database to be reopened, and it cannot be reopened yet (the disk
+    /// is still full, or an operation still holds the failed handles). Retried on a later use.
+    #[error("outbox storage error: {0}")]
+    Reopen(String),
+}
+
+/// What delivery decided to send for a line, fixed before the first POST so that a retry sends exactly
+/// the same row (and a read-back can recognise it). Stored as is in the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepared {
+    /// CMS user id.
+    pub user_id: i64,
+    /// The text as sent.
+    pub message: String,
+    /// The timestamp as sent.
+    pub timestamp: String,
+}
+
+/// A line waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingLine {
+    /// Outbox id; increases with capture order.
+    pub id: u64,
+    /// The line.
+    pub line: CapturedLine,
+    /// Failed delivery attempts so far.
+    pub attempts: u32,
+    /// The row as it will be sent, once decided.
+    pub prepared: Option<Prepared>,
+    /// A POST carrying this line was sent and its outcome is not known: read back before resending.
+    pub in_flight: bool,
+}
+
+/// A line the CMS refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLine {
+    /// The pending line as it was.
+    pub pending: PendingLine,
+    /// Why.
+    pub reason: String,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+}
+
+/// The durable queue. Share it as `Arc<Outbox>`.
+pub struct Outbox {
+    /// The database, reopened in place after an I/O error.
+    db: Database,
+    /// The highest pending key whose ingest was flushed. Delivery and the bounds see only keys up to
+    /// it, so lines of an ingest that failed part way (some of them may be on disk) stay out of reach
+    /// until the retry stores them under the same keys: they can be neither sent nor dropped twice.
+    /// Everything found on disk at open counts as committed.
+    committed: AtomicU64,
+    n_pending: AtomicUsize,
+    n_bytes: AtomicU64,
+    n_dropped: AtomicU64,
+    limits: Limits,
+    appended: Notify,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox at `path` with a page cache of `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Outbox, OutboxError> {
+        let store = Store::open(path, cache_bytes)?;
+        let (n_pending, n_bytes) = store.count_pending();
+        let committed = last_key(&store.pending);
+        Ok(Outbox {
+            db: Database::new(path, cache_bytes, store),
+            committed: AtomicU64::new(committed),
+            n_pending: AtomicUsize::new(n_pending),
+            n_bytes: AtomicU64::new(n_bytes),
+            n_dropped: AtomicU64::new(0),
+            limits: Limits {
+                max_bytes: u64::MAX,
+                max_age: Duration::MAX,
+                when_full: WhenFull::DropOldest,
+            },
+            appended: Notify::new(),
+        })
+    }
+
+    /// The open database, reopened first if an I/O error broke it; the depth counters are counted
+    /// again from what a reopen finds.
+    fn store(&self) -> Result<Arc<Store>, OutboxError> {
+        self.db.store(|store| {
+            let (n_pending, n_bytes) = store.count_pending();
+            self.n_pending.store(n_pending, Ordering::Relaxed);
+            self.n_bytes.store(n_bytes, Ordering::Relaxed);
+            tracing::debug!(
+                outbox_depth = n_pending,
+                "outbox reopened after a storage error"
+            );
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> PathBuf {
+        self.db.path().to_owned()
+    }
+
+    /// Pending lines.
+    pub fn len(&self) -> usize {
+        self.n_pending.load(Ordering::Relaxed)
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of pending records.
+    pub fn bytes(&self) -> u64 {
+        self.n_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Flushes everything written so far.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        self.db.flush(&store).await
+    }
+}
+
+#[cfg(test)]
+mod tests;

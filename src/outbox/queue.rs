@@ -1,0 +1,111 @@
+//! The pending queue: reading the committed lines oldest first, rewriting them (delivery's decisions
+//! and in-flight marks), and removing those the CMS confirmed.
+//!
+//! Owns the committed watermark's use by readers and the depth counters' upkeep on removal. Must not
+//! decide when a line is confirmed (that is delivery's) or drop lines for space or age (`bounds`).
+
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+
+use crate::outbox::record::{decode_pending, encode_pending};
+use crate::outbox::store::Store;
+use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine};
+
+impl Outbox {
+    /// The committed pending keys, oldest first: what delivery and the bounds may touch.
+    pub(super) fn committed_pending(&self, store: &Store) -> sled::Iter {
+        store
+            .pending
+            .range(..=self.committed.load(Ordering::Acquire).to_be_bytes())
+    }
+
+    /// Resolves after the next `append` (or at once if one happened since the last wait).
+    pub async fn wait_for_lines(&self) {
+        self.appended.notified().await;
+    }
+
+    /// Up to `max` pending lines, oldest first. A record that cannot be decoded is moved to the
+    /// quarantine (and logged) so the rest keeps flowing.
+    pub fn oldest(&self, max: usize) -> Result<Vec<PendingLine>, OutboxError> {
+        let store = self.store()?;
+        let mut lines = Vec::with_capacity(max.min(1024));
+        for entry in self.committed_pending(&store) {
+            if lines.len() >= max {
+                break;
+            }
+            let (key, value) = self.db.io(entry)?;
+            match decode_pending(&key, &value) {
+                Some(line) => lines.push(line),
+                None => {
+                    tracing::error!(key = ?key.as_ref(), "outbox record cannot be decoded; moved to the quarantine");
+                    self.put_in_quarantine(&store, value)?;
+                    self.remove_pending(&store, &key)?;
+                }
+            }
+        }
+        Ok(lines)
+    }
+
+    /// When the oldest pending line was captured.
+    pub fn oldest_captured_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        Ok(self.oldest(1)?.first().map(|p| p.line.captured_at))
+    }
+
+    /// Rewrites the given pending lines (their `prepared`, `in_flight`, `attempts`) and flushes.
+    pub async fn save(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        for line in lines {
+            let value = encode_pending(line);
+            let new_len = value.len() as u64;
+            // Only a record that is still pending is rewritten: a line dropped for space meanwhile
+            // must not come back.
+            let old = self.db.io(store
+                .pending
+                .fetch_and_update(line.id.to_be_bytes(), |old| old.map(|_| value.clone())))?;
+            if let Some(old) = old {
+                self.n_bytes.fetch_add(new_len, Ordering::Relaxed);
+                self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+            }
+        }
+        self.db.flush(&store).await?;
+        // A rewrite grows a record (its prepared row): the bound holds after it too.
+        self.enforce_max_bytes(&store).await?;
+        Ok(())
+    }
+
+    /// Removes lines the CMS confirmed, and flushes.
+    pub async fn remove(&self, ids: &[u64]) -> Result<(), OutboxError> {
+        self.remove_with_cursor(ids, None).await
+    }
+
+    /// Removes lines the CMS confirmed and then, when given, sets a cursor, with one flush for both.
+    /// sled keeps write order, so after a crash the removal may be stored without the cursor, never
+    /// the cursor without the removal: a raised last-confirmed id with its lines still pending would
+    /// make a read-back ignore their rows and send them twice.
+    pub async fn remove_with_cursor(
+        &self,
+        ids: &[u64],
+        cursor: Option<(Cursor, i64)>,
+    ) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        for id in ids {
+            self.remove_pending(&store, &id.to_be_bytes())?;
+        }
+        if let Some((cursor, value)) = cursor {
+            self.write_cursor(&store, cursor, value)?;
+        }
+        self.db.flush(&store).await
+    }
+
+    /// Removes one pending record and keeps the depth counters true.
+    /// Whether it was there: two tasks can drop the same line at once (both see the bound passed).
+    pub(super) fn remove_pending(&self, store: &Store, key: &[u8]) -> Result<bool, OutboxError> {
+        let Some(old) = self.db.io(store.pending.remove(key))? else {
+            return Ok(false);
+        };
+        self.n_pending.fetch_sub(1, Ordering::Relaxed);
+        self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        Ok(true)
+    }
+}

@@ -1,0 +1,269 @@
+//! The outbox's sled database: opening it, its trees, the ids it hands out, the conversion of sled's
+//! errors, and opening it again in place after an I/O error.
+//!
+//! After an I/O error (disk full) sled 0.34 fails every later write until the database is opened
+//! again, so `Database` reopens it on its next use, once no operation holds the failed handles. What
+//! the reopened database holds is what was flushed, exactly as after a crash: a write whose flush
+//! failed returned its error to the caller, which still has the data (the poller keeps the lines it
+//! read, delivery's marks and removals are redone or reconciled).
+//!
+//! Must not know what a record holds or what the trees mean to the stages: the record is
+//! `record`'s, the depth counters and the watermark are `Outbox`'s (a reopen hands it the new
+//! database to count them again).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::outbox::OutboxError;
+
+/// The open sled database and its trees. Replaced as a whole when the database is reopened.
+pub(super) struct Store {
+    pub(super) db: sled::Db,
+    /// Lines not yet confirmed by the CMS, keyed by a big-endian id from `Database::new_id`.
+    pub(super) pending: sled::Tree,
+    /// Lines the CMS refused, with the reason, under their pending key.
+    pub(super) dead: sled::Tree,
+    /// Records that could not be decoded and bodies that could not be used, kept raw.
+    pub(super) quarantine: sled::Tree,
+    /// The cursors (`Cursor`).
+    pub(super) meta: sled::Tree,
+}
+
+impl Store {
+    pub(super) fn open(path: &Path, cache_bytes: u64) -> Result<Store, OutboxError> {
+        let shown = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|source| {
+                // sled reports a held file lock as an I/O error "could not acquire lock".
+                if source.to_string().contains("lock") {
+                    OutboxError::Locked {
+                        path: shown.clone(),
+                    }
+                } else {
+                    OutboxError::Open {
+                        path: shown.clone(),
+                        source,
+                    }
+                }
+            })?;
+        let open_tree = |name: &str| {
+            db.open_tree(name).map_err(|source| OutboxError::Open {
+                path: shown.clone(),
+                source,
+            })
+        };
+        Ok(Store {
+            pending: open_tree("pending")?,
+            dead: open_tree("dead")?,
+            quarantine: open_tree("quarantine")?,
+            meta: open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// An id above every key stored in the trees keyed by ids.
+    fn next_free_id(&self) -> u64 {
+        [&self.pending, &self.dead, &self.quarantine]
+            .into_iter()
+            .map(last_key)
+            .max()
+            .map_or(0, |last| last.saturating_add(1))
+    }
+
+    /// Pending lines and their bytes, counted from the records.
+    pub(super) fn count_pending(&self) -> (usize, u64) {
+        let n_bytes = self
+            .pending
+            .iter()
+            .values()
+            .flatten()
+            .map(|v| v.len() as u64)
+            .sum();
+        (self.pending.len(), n_bytes)
+    }
+}
+
+/// The last key of a tree keyed by big-endian ids (0 when it is empty or cannot be read).
+pub(super) fn last_key(tree: &sled::Tree) -> u64 {
+    tree.last()
+        .ok()
+        .flatten()
+        .and_then(|(key, _)| <[u8; 8]>::try_from(key.as_ref()).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// The open database; `store` is `None` only after a reopen failed. An operation clones the `Arc`
+/// for its duration, so a reopen can tell when nobody uses the failed handles any more.
+struct Slot {
+    store: Option<Arc<Store>>,
+    /// When the next reopen may be tried.
+    next_reopen: Option<Instant>,
+    /// Reopens tried since the database last stayed healthy for `REOPEN_MAX`.
+    n_reopens: u32,
+    /// When the last reopen succeeded.
+    reopened_at: Option<Instant>,
+    /// The error that made the database fail, or the last reopen fail: what `/readyz` shows.
+    cause: String,
+}
+
+/// A failed database is opened again after this long, doubling with each try up to `REOPEN_MAX`
+/// while it keeps failing (an open that works, followed by a write that fails again, counts as a
+/// try): an open reads the whole database, and a disk stays full for a while.
+const REOPEN_FIRST: Duration = Duration::from_secs(1);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
+
+/// The database of one outbox directory, reopened in place after an I/O error.
+pub(super) struct Database {
+    path: PathBuf,
+    cache_bytes: u64,
+    /// The open database, and when a reopen was last tried.
+    slot: Mutex<Slot>,
+    /// An I/O error was seen: reopen before the next use.
+    broken: AtomicBool,
+    /// No id this process hands out is below this (`new_id`).
+    next_id: AtomicU64,
+}
+
+impl Database {
+    /// The database `store`, just opened at `path`.
+    pub(super) fn new(path: &Path, cache_bytes: u64, store: Store) -> Database {
+        let next_id = store.next_free_id();
+        Database {
+            path: path.to_owned(),
+            cache_bytes,
+            slot: Mutex::new(Slot {
+                store: Some(Arc::new(store)),
+                next_reopen: None,
+                n_reopens: 0,
+                reopened_at: None,
+                cause: String::new(),
+            }),
+            broken: AtomicBool::new(false),
+            next_id: AtomicU64::new(next_id),
+        }
+    }
+
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open database, reopened first if an I/O error broke it; `reopened` is given the new
+    /// database before anyone can use it.
+    pub(super) fn store(&self, reopened: impl FnOnce(&Store)) -> Result<Arc<Store>, OutboxError> {
+        let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.is_broken() {
+            self.reopen(&mut slot, reopened)?;
+        }
+        slot.store
+            .clone()
+            .ok_or_else(|| OutboxError::Reopen("the outbox is not open".into()))
+    }
+
+    /// The open database as it is, without reopening it: a test's stand-in for an operation that
+    /// still holds the failed handles.
+    #[cfg(test)]
+    pub(super) fn current(&self) -> Option<Arc<Store>> {
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.store.clone()
+    }
+
+    /// Whether an I/O error left the database to be reopened.
+    pub(super) fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Drops the failed database once no operation holds it, and opens it again. sled recovers what
+    /// was flushed. Blocks the callers for the time an open takes (a rare event: after a write
+    /// error, at most every `REOPEN_FIRST` to `REOPEN_MAX`).
+    fn reopen(&self, slot: &mut Slot, reopened: impl FnOnce(&Store)) -> Result<(), OutboxError> {
+        if slot
+            .store
+            .as_ref()
+            .is_some_and(|store| Arc::strong_count(store) > 1)
+        {
+            return Err(OutboxError::Reopen(format!(
+                "{}; the outbox is reopened once the operations using it end",
+                slot.cause
+            )));
+        }
+        let now = Instant::now();
+        if let Some(next) = slot.next_reopen.filter(|next| now < *next) {
+            return Err(OutboxError::Reopen(format!(
+                "{}; the outbox is reopened in {}",
+                slot.cause,
+                humantime::format_duration(Duration::from_secs((next - now).as_secs() + 1))
+            )));
+        }
+        if slot
+            .reopened_at
+            .is_some_and(|at| at.elapsed() >= REOPEN_MAX)
+        {
+            slot.n_reopens = 0;
+        }
+        let wait = REOPEN_FIRST
+            .saturating_mul(1 << slot.n_reopens.min(16))
+            .min(REOPEN_MAX);
+        slot.n_reopens += 1;
+        slot.next_reopen = Some(now + wait);
+        // sled lets go of its file lock when the last handle is dropped.
+        slot.store = None;
+        let store = Store::open(&self.path, self.cache_bytes).map_err(|err| {
+            // Not OutboxError::Open's text: its advice (move the directory aside) is for damage.
+            slot.cause = match err {
+                OutboxError::Open { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            OutboxError::Reopen(format!("{}; reopening the outbox failed", slot.cause))
+        })?;
+        self.next_id
+            .fetch_max(store.next_free_id(), Ordering::AcqRel);
+        reopened(&store);
+        slot.store = Some(Arc::new(store));
+        slot.reopened_at = Some(Instant::now());
+        self.broken.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// A new key, above every key handed out before. sled's `generate_id` alone is not enough: it
+    /// persists its counter lazily, so a database reopened after an I/O error can hand out again
+    /// the ids a failed ingest was given, which its retry has stored since.
+    pub(super) fn new_id(&self, store: &Store) -> Result<u64, OutboxError> {
+        let generated = self.io(store.db.generate_id())?;
+        let mut next = self.next_id.load(Ordering::Acquire);
+        loop {
+            let id = generated.max(next);
+            match self.next_id.compare_exchange(
+                next,
+                id.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(id),
+                Err(current) => next = current,
+            }
+        }
+    }
+
+    /// Converts a sled error, noting an I/O error so that the next use reopens the database.
+    pub(super) fn io<T>(&self, result: sled::Result<T>) -> Result<T, OutboxError> {
+        result.map_err(|err| {
+            if matches!(err, sled::Error::Io(_)) && !self.broken.swap(true, Ordering::AcqRel) {
+                let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+                slot.cause = err.to_string();
+            }
+            OutboxError::Storage(err)
+        })
+    }
+
+    /// Flushes everything written to `store` so far.
+    pub(super) async fn flush(&self, store: &Store) -> Result<(), OutboxError> {
+        self.io(store.db.flush_async().await)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Unit tests of the outbox, through its facade as the stages use it (and, where a test must set
+//! up what only a fault or an older relay produces, the trees behind it).
+
+use chrono::{TimeZone, Utc};
+
+use crate::model::CapturedLine;
+use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine};
+
+/// A line captured now (to the millisecond, as stored).
+fn line(text: &str) -> CapturedLine {
+    let now = Utc
+        .timestamp_millis_opt(Utc::now().timestamp_millis())
+        .single()
+        .expect("now");
+    CapturedLine {
+        speaker: "Alice Resident".into(),
+        owner_id: None,
+        message: text.into(),
+        spoken_at: now,
+        captured_at: now,
+    }
+}
+
+/// The outbox in `dir`, with a page cache of 1 MiB.
+fn open(dir: &tempfile::TempDir) -> Outbox {
+    Outbox::open(dir.path(), 1 << 20).expect("open")
+}
+
+/// Appends lines with these texts, in order.
+async fn append(outbox: &Outbox, texts: &[&str]) {
+    let lines: Vec<CapturedLine> = texts.iter().map(|text| line(text)).collect();
+    outbox.append(&lines).await.expect("append");
+}
+
+/// The texts of the pending lines delivery can see, oldest first.
+fn texts(outbox: &Outbox) -> Vec<String> {
+    let pending = outbox.oldest(10).expect("read");
+    pending.into_iter().map(|p| p.line.message).collect()
+}
+
+/// Moves a line to the dead letters as delivery does when the CMS refuses it, with the reason
+/// "refused".
+async fn refuse(outbox: &Outbox, line: &PendingLine) {
+    outbox
+        .dead_letter(line, "refused")
+        .await
+        .expect("dead letter");
+}
+
+/// Pending lines and their bytes, counted from the records on disk (what the depth counters
+/// must show).
+fn counted_on_disk(outbox: &Outbox) -> (usize, u64) {
+    outbox.store().expect("open").count_pending()
+}
+
+// The pending queue.
+
+#[tokio::test]
+async fn lines_come_back_in_capture_order_across_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let outbox = open(&dir);
+        append(&outbox, &["one", "two"]).await;
+        append(&outbox, &["three"]).await;
+    }
+    let outbox = open(&dir);
+    assert_eq!(outbox.len(), 3);
+    assert_eq!(texts(&outbox), ["one", "two", "three"]);
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_quarantined_and_the_rest_flows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let outbox = open(&dir);
+        append(&outbox, &["one"]).await;
+        outbox
+            .store()
+            .expect("open")
+            .pending
+            .insert((1u64 << 60).to_be_bytes(), b"not json".to_vec())
+            .expect("insert");
+    }
+    let outbox = open(&dir);
+    assert_eq!(texts(&outbox), ["one"]);
+    assert_eq!(outbox.quarantine_len(), 1);
+}
+
+// Ingest.
+
+#[tokio::test]
+async fn a_failed_ingest_stays_out_of_reach_and_its_retry_stores_each_line_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = open(&dir);
+    append(&outbox, &["before"]).await;
+    // A try that wrote its lines and then failed (as a flush on a full disk does).
+    let mut ingest = outbox.ingest(Vec::new());
+    ingest.push(&line("one"));
+    ingest.push(&line("two"));
+    ingest.fail(OutboxError::Reopen("disk full".into()));
+    let (_, keys) = ingest.commit().await.expect_err("failed");
+    assert_eq!(keys.len(), 2);
+    assert_eq!(texts(&outbox), ["before"], "delivery cannot see them yet");
+
+    // The retry writes the same records, and one more line.
+    let mut ingest = outbox.ingest(keys);
+    for text in ["one", "two", "three"] {
+        ingest.push(&line(text));
+    }
+    assert_eq!(ingest.commit().await.expect("committed"), 3);
+    assert_eq!(texts(&outbox), ["before", "one", "two", "three"]);
+    assert_eq!(outbox.len(), 4);
+    assert_eq!((outbox.len(), outbox.bytes()), counted_on_disk(&outbox));
+}
+
+// Dead letters and the quarantine.
+
+#[tokio::test]
+async fn dead_letters_keep_the_line_and_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = open(&dir);
+    append(&outbox, &["bad", "good"]).await;
+    let pending = outbox.oldest(10).expect("read");
+    refuse(&outbox, &pending[0]).await;
+    assert_eq!(outbox.len(), 1);
+    let dead = outbox.dead_letters().expect("dead");
+    assert_eq!(dead[0].pending.line.message, "bad");
+    assert_eq!(dead[0].reason, "refused");
+}
+
+#[tokio::test]
+async fn a_dead_letter_requeued_into_an_empty_outbox_is_deliverable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let outbox = open(&dir);
+        append(&outbox, &["delivered", "refused"]).await;
+        let pending = outbox.oldest(10).expect("read");
+        outbox.remove(&[pending[0].id]).await.expect("remove");
+        refuse(&outbox, &pending[1]).await;
+    }
+    // Opened with nothing pending, as `outbox requeue` does on a stopped relay's outbox.
+    let outbox = open(&dir);
+    assert_eq!(outbox.requeue(None).await.expect("requeue"), 1);
+    assert_eq!(texts(&outbox), ["refused"]);
+}
+
+// Cursors.
+
+#[tokio::test]
+async fn cursors_keep_the_keys_and_encoding_existing_databases_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let outbox = open(&dir);
+        assert_eq!(outbox.cursor(Cursor::LastSaidId).expect("read"), None);
+        let store = outbox.store().expect("open");
+        // As written by the relays that kept the keys in the stages.
+        store
+            .meta
+            .insert("delivery.last_confirmed_id", &41i64.to_be_bytes())
+            .expect("insert");
+        store
+            .meta
+            .insert("inworld.last_said_id", &(-3i64).to_be_bytes())
+            .expect("insert");
+        outbox.flush().await.expect("flush");
+    }
+    let outbox = open(&dir);
+    assert_eq!(
+        outbox.cursor(Cursor::LastConfirmedId).expect("read"),
+        Some(41)
+    );
+    assert_eq!(outbox.cursor(Cursor::LastSaidId).expect("read"), Some(-3));
+    outbox
+        .set_cursor(Cursor::LastConfirmedId, 42)
+        .await
+        .expect("set");
+    let raw = outbox
+        .store()
+        .expect("open")
+        .meta
+        .get("delivery.last_confirmed_id")
+        .expect("read")
+        .expect("stored");
+    assert_eq!(raw.as_ref(), 42i64.to_be_bytes());
+}
+
+// The database.
+
+#[tokio::test]
+async fn a_second_open_of_the_same_outbox_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _first = open(&dir);
+    let err = Outbox::open(dir.path(), 1 << 20)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("in use by another process"), "{err}");
+}
+
+#[tokio::test]
+async fn after_an_io_error_the_outbox_reopens_in_place_once_nobody_holds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = open(&dir);
+    append(&outbox, &["one", "two"]).await;
+    let failed: sled::Result<()> = Err(sled::Error::Io(std::io::Error::other("disk full")));
+    assert!(outbox.db.io(failed).is_err());
+
+    // An operation still using the failed handles keeps the reopen waiting.
+    let held = outbox.db.current();
+    let err = outbox.append(&[line("three")]).await.expect_err("waits");
+    assert!(matches!(err, OutboxError::Reopen(_)), "{err}");
+    drop(held);
+
+    // sled lets go of its file lock in this process, and the lines and counters survive.
+    outbox.append(&[line("three")]).await.expect("reopened");
+    assert_eq!(texts(&outbox), ["one", "two", "three"]);
+    assert_eq!(outbox.len(), 3);
+    assert_eq!((outbox.len(), outbox.bytes()), counted_on_disk(&outbox));
+}
