@@ -16,8 +16,8 @@
 //! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
 //! and the quarantine), `cursor` (the stages' persisted cursors), `tests` (through the facade).
-//! This file holds the types the
-//! stages see and the depth counters the others keep true. Must not do anything but storage.
+//! This file holds the types the stages see and the depth counters the others keep true. Must not
+//! do anything but storage.
 
 mod bounds;
 mod cursor;
