@@ -5,7 +5,8 @@
 //! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`; and back: `cms` → `inworld` →
 //! the viewer's chat POST.
 //!
-//! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
+//! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types; `text`:
+//!   the body snippet both clients quote in errors.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
 //! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
@@ -37,4 +38,5 @@ pub mod poller;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
+pub mod text;
 pub mod zone;

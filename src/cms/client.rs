@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
-use crate::lookingglass::client::snippet;
+use crate::text::snippet;
 
 /// The CMS deletes a token after 30 idle minutes; log in again a little before that.
 const TOKEN_IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
