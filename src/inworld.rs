@@ -2,13 +2,12 @@
 //! avatar, once each, in order.
 //!
 //! Owns the persisted cursor (the highest CMS chat id handled, in the outbox's `meta` tree, so a
-//! restart neither repeats nor skips), the splitting of long lines, the flood limit, and
-//! `RecentlySaid`, the short memory the poller uses to drop the echo of what was said when the viewer
-//! gives no own name, and to notice an echo that never comes back (another client drained it). Must not touch the outbox's pending lines. It never calls the CMS chat GET without
-//! a timestamp (that returns the whole history).
+//! restart neither repeats nor skips), the splitting of long lines and the flood limit. Each text it
+//! says goes into the echo memory (`echo::RecentlySaid`, which `app` shares with the poller) before
+//! the POST. Must not touch the outbox's pending lines. It never calls the CMS chat GET without a
+//! timestamp (that returns the whole history).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::InworldSettings;
+use crate::echo::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
 use crate::model::fill_template;
@@ -28,15 +28,6 @@ pub const CURSOR: &str = "inworld.last_said_id";
 /// OpenSim truncates chat to 1000 characters and Second Life viewers to 1023 bytes (spec §3.5).
 const MAX_PART_CHARS: usize = 1000;
 const MAX_PART_BYTES: usize = 1023;
-
-/// How long a said text is remembered for echo detection: the simulator echoes within a second; a
-/// minute allows for a slow viewer poll.
-const ECHO_MEMORY: Duration = Duration::from_secs(60);
-
-/// How long the simulator may take to echo a line said on channel 0 before the echo counts as taken
-/// by another consumer of the viewer's chat queue. OpenSim echoes within milliseconds; 10 s leaves room
-/// for a busy region and a slow viewer.
-pub const ECHO_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why a step failed; the cursor did not move past anything unsaid.
 #[derive(Debug, thiserror::Error)]
@@ -59,79 +50,6 @@ pub struct InworldOutcome {
     pub n_said: usize,
     /// CMS lines skipped (too old, over the queue limit).
     pub n_skipped: usize,
-}
-
-/// Texts the relay said in-world recently, for the poller to recognise their echo, and the echoes
-/// still awaited, for the poller to notice when another client drains the viewer's queue.
-#[derive(Debug, Default)]
-pub struct RecentlySaid {
-    texts: Mutex<VecDeque<(String, Instant)>>,
-    /// When each line said on channel 0 was handed to the viewer, oldest first, until an echo came
-    /// back for it.
-    awaited: Mutex<VecDeque<Instant>>,
-}
-
-impl RecentlySaid {
-    /// Remembers a said text.
-    pub fn remember(&self, text: &str) {
-        let mut texts = self
-            .texts
-            .lock()
-            .expect("echo memory lock is never poisoned");
-        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
-        texts.push_back((text.to_owned(), Instant::now()));
-    }
-
-    /// Expects the echo of a line about to be said on channel 0 (recorded before the POST, so the
-    /// echo cannot be polled before it is awaited).
-    pub fn await_echo(&self) {
-        self.awaited().push_back(Instant::now());
-    }
-
-    /// The line awaited last could not be said after all.
-    pub fn forget_last_awaited(&self) {
-        self.awaited().pop_back();
-    }
-
-    /// An echo of the relay's own avatar came back: the oldest awaited line is accounted for.
-    pub fn echo_arrived(&self) {
-        self.awaited().pop_front();
-    }
-
-    /// Removes and counts the awaited echoes due (said more than `ECHO_DEADLINE` ago) before a
-    /// viewer GET that started at `poll_started` and has been read without them: the viewer
-    /// handed them to someone else.
-    pub fn take_missing_echoes(&self, poll_started: Instant) -> usize {
-        let mut awaited = self.awaited();
-        let n_missing = awaited
-            .iter()
-            .take_while(|said| **said + ECHO_DEADLINE <= poll_started)
-            .count();
-        awaited.drain(..n_missing);
-        n_missing
-    }
-
-    fn awaited(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
-        self.awaited
-            .lock()
-            .expect("echo memory lock is never poisoned")
-    }
-
-    /// Whether `text` is the echo of something said recently; each said text matches one echo.
-    pub fn take_echo(&self, text: &str) -> bool {
-        let mut texts = self
-            .texts
-            .lock()
-            .expect("echo memory lock is never poisoned");
-        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
-        match texts.iter().position(|(said, _)| said == text) {
-            Some(idx) => {
-                texts.remove(idx);
-                true
-            }
-            None => false,
-        }
-    }
 }
 
 /// The CMS → in-world stage.
@@ -393,25 +311,5 @@ mod tests {
     fn a_short_line_is_one_part() {
         assert_eq!(split_message("hello"), ["hello"]);
         assert!(split_message("   ").is_empty());
-    }
-
-    #[test]
-    fn an_echo_not_back_before_a_later_poll_past_its_deadline_is_missing() {
-        let said = RecentlySaid::default();
-        said.await_echo();
-        said.await_echo();
-        let said_at = Instant::now();
-        assert_eq!(said.take_missing_echoes(said_at), 0, "not due yet");
-        said.echo_arrived();
-        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 2), 1);
-        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 3), 0);
-    }
-
-    #[test]
-    fn each_said_text_absorbs_one_echo() {
-        let said = RecentlySaid::default();
-        said.remember("hello");
-        assert!(said.take_echo("hello"));
-        assert!(!said.take_echo("hello"));
     }
 }

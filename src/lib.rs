@@ -8,7 +8,8 @@
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types; `text`:
 //!   the body snippet both clients quote in errors.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
-//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
+//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
+//!   relay said in-world, which `inworld` records and `poller` recognises.
 //! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
 //!   `check` probe of both peers.
@@ -26,6 +27,7 @@ pub mod cms;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod echo;
 pub mod filter;
 pub mod health;
 pub mod inworld;

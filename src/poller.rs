@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use crate::echo::{self, RecentlySaid};
 use crate::filter::{Filter, FilterReason};
-use crate::inworld::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, ViewerLine};
@@ -367,7 +367,7 @@ impl Poller {
         self.warned_other_consumer = true;
         tracing::warn!(
             n_missing,
-            deadline = ?crate::inworld::ECHO_DEADLINE,
+            deadline = ?echo::ECHO_DEADLINE,
             chat_url = %self.viewer.chat_url(),
             "another client is probably draining the viewer's chat queue: the echo of a line the relay \
              said in-world never came back, and lines it takes never reach the cms; remove the ViewChat \

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
-use opensim_chat_relay::inworld::ECHO_DEADLINE;
+use opensim_chat_relay::echo::ECHO_DEADLINE;
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::sim::cms::{CmsDialect, Fault, Permissions};
 use opensim_chat_relay::sim::lookingglass::{Dialect, SimChatLine};
