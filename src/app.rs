@@ -106,7 +106,7 @@ impl Relay {
             outbox.clone(),
             cms.clone(),
             mapper,
-            settings.cms.clone(),
+            settings.cms.delivery(),
             retry,
             stats.clone(),
         );

@@ -18,7 +18,7 @@ use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
 use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::cms::{CmsChat, CmsClient, CmsError};
-use crate::config::CmsSettings;
+use crate::config::DeliverySettings;
 use crate::metrics::Stats;
 use crate::model::fill_template;
 use crate::outbox::{Outbox, OutboxError, PendingLine, Prepared};
@@ -75,7 +75,7 @@ pub struct Delivery {
     outbox: Arc<Outbox>,
     cms: Arc<CmsClient>,
     mapper: Arc<AvatarMapper>,
-    settings: CmsSettings,
+    settings: DeliverySettings,
     retry: RetryPolicy,
     stats: Arc<Stats>,
     /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
@@ -95,7 +95,7 @@ impl Delivery {
         outbox: Arc<Outbox>,
         cms: Arc<CmsClient>,
         mapper: Arc<AvatarMapper>,
-        settings: CmsSettings,
+        settings: DeliverySettings,
         retry: RetryPolicy,
         stats: Arc<Stats>,
     ) -> Delivery {
