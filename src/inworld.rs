@@ -52,15 +52,27 @@ pub struct InworldOutcome {
     pub n_skipped: usize,
 }
 
+/// What the in-world stage is built from.
+pub struct InworldDeps {
+    /// Where the lines typed in the CMS are read.
+    pub cms: Arc<CmsClient>,
+    /// Who says them.
+    pub viewer: LookingGlassClient,
+    /// Where the cursor is kept.
+    pub outbox: Arc<Outbox>,
+    /// `[inworld]`
+    pub settings: InworldSettings,
+    /// The CMS server's clock (`cms.timezone`), to tell a row's age.
+    pub cms_zone: Zone,
+    /// The counters.
+    pub stats: Arc<Stats>,
+    /// What was said lately (shared with the poller, which drops its echo).
+    pub recently_said: Arc<RecentlySaid>,
+}
+
 /// The CMS → in-world stage.
 pub struct Inworld {
-    cms: Arc<CmsClient>,
-    viewer: LookingGlassClient,
-    outbox: Arc<Outbox>,
-    settings: InworldSettings,
-    cms_zone: Zone,
-    stats: Arc<Stats>,
-    said: Arc<RecentlySaid>,
+    deps: InworldDeps,
     /// When the previous successful read was made; the next starts `look_back` before it.
     last_read: Option<DateTime<Utc>>,
     /// The earliest moment the next line may be said (flood control).
@@ -72,23 +84,9 @@ pub struct Inworld {
 
 impl Inworld {
     /// Builds the stage.
-    pub fn new(
-        cms: Arc<CmsClient>,
-        viewer: LookingGlassClient,
-        outbox: Arc<Outbox>,
-        settings: InworldSettings,
-        cms_zone: Zone,
-        stats: Arc<Stats>,
-        said: Arc<RecentlySaid>,
-    ) -> Inworld {
+    pub fn new(deps: InworldDeps) -> Inworld {
         Inworld {
-            cms,
-            viewer,
-            outbox,
-            settings,
-            cms_zone,
-            stats,
-            said,
+            deps,
             last_read: None,
             next_slot: Instant::now(),
             handled_up_to: None,
@@ -102,13 +100,14 @@ impl Inworld {
         token: &CancellationToken,
     ) -> Result<InworldOutcome, InworldError> {
         let now = Utc::now();
-        let look_back = chrono::Duration::from_std(self.settings.look_back).unwrap_or_default();
-        let max_age = chrono::Duration::from_std(self.settings.max_age).unwrap_or_default();
+        let look_back =
+            chrono::Duration::from_std(self.deps.settings.look_back).unwrap_or_default();
+        let max_age = chrono::Duration::from_std(self.deps.settings.max_age).unwrap_or_default();
         // After a start, reach back over the whole max_age (lines typed while the relay was down).
         let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
-        let rows = self.cms.chats_since(since.timestamp()).await?;
+        let rows = self.deps.cms.chats_since(since.timestamp()).await?;
         self.last_read = Some(now);
-        let Some(cursor) = self.outbox.meta_i64(CURSOR)?.max(self.handled_up_to) else {
+        let Some(cursor) = self.deps.outbox.meta_i64(CURSOR)?.max(self.handled_up_to) else {
             // First start ever: begin from now, say nothing of the past.
             let newest = rows.iter().map(|r| r.id).max().unwrap_or(0);
             self.advance(newest).await?;
@@ -121,8 +120,8 @@ impl Inworld {
             .collect();
         pending.sort_by_key(|r| r.id);
         let mut outcome = InworldOutcome::default();
-        if pending.len() > self.settings.max_queue {
-            let n_over = pending.len() - self.settings.max_queue;
+        if pending.len() > self.deps.settings.max_queue {
+            let n_over = pending.len() - self.deps.settings.max_queue;
             let last_dropped = pending[n_over - 1].id;
             pending.drain(..n_over);
             self.skip(
@@ -147,29 +146,30 @@ impl Inworld {
                     _ = token.cancelled() => return Ok(outcome),
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
                 }
-                self.said.remember(&part);
+                self.deps.recently_said.remember(&part);
                 // Only channel 0 is echoed back to the speaker (spec §2.8).
-                let echoed = self.settings.channel == 0;
+                let echoed = self.deps.settings.channel == 0;
                 if echoed {
-                    self.said.await_echo();
+                    self.deps.recently_said.await_echo();
                 }
                 let said = self
+                    .deps
                     .viewer
                     .say(
                         &part,
-                        self.settings.channel,
-                        self.settings.say_type.as_str(),
+                        self.deps.settings.channel,
+                        self.deps.settings.say_type.as_str(),
                     )
                     .await;
                 if let Err(err) = said {
                     if echoed {
-                        self.said.forget_last_awaited();
+                        self.deps.recently_said.forget_last_awaited();
                     }
                     return Err(err.into());
                 }
                 self.next_slot = Instant::now()
-                    + Duration::from_secs_f64(1.0 / self.settings.max_lines_per_second);
-                Stats::add(&self.stats.inworld_said, 1);
+                    + Duration::from_secs_f64(1.0 / self.deps.settings.max_lines_per_second);
+                Stats::add(&self.deps.stats.inworld_said, 1);
             }
             self.advance(row.id).await?;
             outcome.n_said += 1;
@@ -201,7 +201,7 @@ impl Inworld {
             }
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = tokio::time::sleep(self.deps.settings.poll_interval) => {}
             }
         }
     }
@@ -209,7 +209,7 @@ impl Inworld {
     /// Moves the cursor past `id`: in memory first, then on disk.
     async fn advance(&mut self, id: i64) -> Result<(), OutboxError> {
         self.handled_up_to = self.handled_up_to.max(Some(id));
-        self.outbox.set_meta_i64(CURSOR, id).await
+        self.deps.outbox.set_meta_i64(CURSOR, id).await
     }
 
     async fn skip(
@@ -220,7 +220,7 @@ impl Inworld {
         outcome: &mut InworldOutcome,
     ) -> Result<(), OutboxError> {
         tracing::warn!(n_lines = n, reason, "cms lines not said in-world");
-        Stats::add(&self.stats.inworld_skipped, n as u64);
+        Stats::add(&self.deps.stats.inworld_skipped, n as u64);
         outcome.n_skipped += n;
         self.advance(up_to_id).await
     }
@@ -229,13 +229,13 @@ impl Inworld {
     /// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
     fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
         let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-        let at = self.cms_zone.resolve(naive).into_iter().max()?;
+        let at = self.deps.cms_zone.resolve(naive).into_iter().max()?;
         Some(now - at - chrono::Duration::seconds(1))
     }
 
     fn render(&self, row: &CmsChat) -> String {
         fill_template(
-            &self.settings.format,
+            &self.deps.settings.format,
             &[
                 ("first", &row.first_name),
                 ("last", &row.last_name),
