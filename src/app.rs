@@ -17,15 +17,16 @@ use crate::backoff::RetryPolicy;
 use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
 use crate::config::Settings;
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, DeliveryDeps};
+use crate::echo::RecentlySaid;
 use crate::filter::Filter;
 use crate::health::{HealthServer, HealthState};
-use crate::inworld::{Inworld, RecentlySaid};
+use crate::inworld::{Inworld, InworldDeps};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
-use crate::poller::Poller;
+use crate::poller::{Poller, PollerDeps};
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
 /// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not).
@@ -88,27 +89,26 @@ impl Relay {
             settings.mapping.cache_ttl,
         ));
         let recently_said = Arc::new(RecentlySaid::default());
-        let poller = Poller::new(
-            viewer.clone(),
-            Filter::new(&settings.filter),
-            outbox.clone(),
-            settings.viewer.timezone,
-            settings.viewer.poll_interval,
-            stats.clone(),
-            recently_said.clone(),
-        );
-        let retry = RetryPolicy {
-            initial: settings.retry.initial,
-            max: settings.retry.max,
-        };
-        let delivery = Delivery::new(
-            outbox.clone(),
-            cms.clone(),
+        let poller = Poller::new(PollerDeps {
+            viewer: viewer.clone(),
+            filter: Filter::new(&settings.filter),
+            outbox: outbox.clone(),
+            zone: settings.viewer.timezone,
+            poll_interval: settings.viewer.poll_interval,
+            stats: stats.clone(),
+            recently_said: recently_said.clone(),
+        });
+        let delivery = Delivery::new(DeliveryDeps {
+            outbox: outbox.clone(),
+            cms: cms.clone(),
             mapper,
-            settings.cms.clone(),
-            retry,
-            stats.clone(),
-        );
+            settings: settings.cms.delivery(),
+            retry: RetryPolicy {
+                initial: settings.retry.initial,
+                max: settings.retry.max,
+            },
+            stats: stats.clone(),
+        });
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
                 addr,
@@ -126,15 +126,15 @@ impl Relay {
             None => None,
         };
         let inworld = settings.inworld.enabled.then(|| {
-            Inworld::new(
-                cms.clone(),
+            Inworld::new(InworldDeps {
+                cms: cms.clone(),
                 viewer,
-                outbox.clone(),
-                settings.inworld.clone(),
-                settings.cms.timezone,
-                stats.clone(),
+                outbox: outbox.clone(),
+                settings: settings.inworld.clone(),
+                cms_zone: settings.cms.timezone,
+                stats: stats.clone(),
                 recently_said,
-            )
+            })
         });
         Ok(Relay {
             outbox,

@@ -120,6 +120,29 @@ pub struct CmsSettings {
     pub verify: bool,
 }
 
+/// What delivery takes from `[cms]`: how rows are made, batched and paced. Built by
+/// `CmsSettings::delivery`; it has no address, account or password, which stay with `CmsClient`
+/// (the keys stay in `[cms]`, where operators know them).
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    /// `cms.timezone`: the zone a row's timestamp is written in.
+    pub timezone: Zone,
+    /// `cms.anonymous_user_id`
+    pub anonymous_user_id: i64,
+    /// `cms.anonymous_format`
+    pub anonymous_format: String,
+    /// `cms.batch_max_messages`
+    pub batch_max_messages: usize,
+    /// `cms.batch_max_bytes`
+    pub batch_max_bytes: usize,
+    /// `cms.batch_linger`
+    pub batch_linger: Duration,
+    /// `cms.max_requests_per_second` (0 = unpaced).
+    pub max_requests_per_second: f64,
+    /// `cms.verify`
+    pub verify: bool,
+}
+
 /// `[mapping]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -411,6 +434,20 @@ impl Settings {
 }
 
 impl CmsSettings {
+    /// The part of `[cms]` delivery needs, without the secret.
+    pub fn delivery(&self) -> DeliverySettings {
+        DeliverySettings {
+            timezone: self.timezone,
+            anonymous_user_id: self.anonymous_user_id,
+            anonymous_format: self.anonymous_format.clone(),
+            batch_max_messages: self.batch_max_messages,
+            batch_max_bytes: self.batch_max_bytes,
+            batch_linger: self.batch_linger,
+            max_requests_per_second: self.max_requests_per_second,
+            verify: self.verify,
+        }
+    }
+
     /// The password, read from `password_file` when that is set (surrounding whitespace trimmed).
     pub fn load_password(&self) -> Result<SecretString, ConfigError> {
         match &self.password_file {

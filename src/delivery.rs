@@ -18,7 +18,7 @@ use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
 use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::cms::{CmsChat, CmsClient, CmsError};
-use crate::config::CmsSettings;
+use crate::config::DeliverySettings;
 use crate::metrics::Stats;
 use crate::model::fill_template;
 use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine, Prepared};
@@ -66,14 +66,25 @@ pub enum DeliveryOutcome {
     },
 }
 
+/// What delivery is built from.
+pub struct DeliveryDeps {
+    /// Where the lines wait.
+    pub outbox: Arc<Outbox>,
+    /// Where they go.
+    pub cms: Arc<CmsClient>,
+    /// Speaker → CMS user.
+    pub mapper: Arc<AvatarMapper>,
+    /// Batching, pacing and how a row is made (`CmsSettings::delivery`).
+    pub settings: DeliverySettings,
+    /// The retry schedule.
+    pub retry: RetryPolicy,
+    /// The counters.
+    pub stats: Arc<Stats>,
+}
+
 /// The delivery stage.
 pub struct Delivery {
-    outbox: Arc<Outbox>,
-    cms: Arc<CmsClient>,
-    mapper: Arc<AvatarMapper>,
-    settings: CmsSettings,
-    retry: RetryPolicy,
-    stats: Arc<Stats>,
+    deps: DeliveryDeps,
     /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
     next_request: std::sync::Mutex<tokio::time::Instant>,
 }
@@ -87,29 +98,20 @@ struct Tally {
 
 impl Delivery {
     /// Builds the stage.
-    pub fn new(
-        outbox: Arc<Outbox>,
-        cms: Arc<CmsClient>,
-        mapper: Arc<AvatarMapper>,
-        settings: CmsSettings,
-        retry: RetryPolicy,
-        stats: Arc<Stats>,
-    ) -> Delivery {
+    pub fn new(deps: DeliveryDeps) -> Delivery {
         Delivery {
-            outbox,
-            cms,
-            mapper,
-            settings,
-            retry,
-            stats,
+            deps,
             next_request: std::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
 
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
-        self.outbox.drop_expired().await?;
-        let mut lines = self.outbox.oldest(self.settings.batch_max_messages)?;
+        self.deps.outbox.drop_expired().await?;
+        let mut lines = self
+            .deps
+            .outbox
+            .oldest(self.deps.settings.batch_max_messages)?;
         if lines.is_empty() {
             return Ok(DeliveryOutcome::Idle);
         }
@@ -128,7 +130,7 @@ impl Delivery {
             Ok(()) => {}
             Err(DeliveryError::Cms(CmsError::Invalid(reason))) if batch.len() > 1 => {
                 // Nothing of the batch was stored: find the culprit line by line.
-                tracing::warn!(n_messages = batch.len(), outbox_depth = self.outbox.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
+                tracing::warn!(n_messages = batch.len(), outbox_depth = self.deps.outbox.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
                 self.deliver_singly(batch, &mut tally).await?;
             }
             Err(DeliveryError::Cms(CmsError::LastRowFailed)) if batch.len() > 1 => {
@@ -136,7 +138,7 @@ impl Delivery {
                 // line by line so the failing one is identified.
                 tracing::warn!(
                     n_messages = batch.len(),
-                    outbox_depth = self.outbox.len(),
+                    outbox_depth = self.deps.outbox.len(),
                     "cms could not store the last line of a batch; reading it back"
                 );
                 let unsent = self.reconcile(batch, &mut tally).await?;
@@ -154,9 +156,9 @@ impl Delivery {
 
     /// Delivers until `token` is cancelled. A POST in flight is not cancelled by the token.
     pub async fn run_until_stopped(self, token: CancellationToken) {
-        let mut backoff = self.retry.schedule();
+        let mut backoff = self.deps.retry.schedule();
         let mut failing = false;
-        let stats = self.stats.clone();
+        let stats = self.deps.stats.clone();
         let _alive = stats.delivery_heartbeat.alive();
         while !token.is_cancelled() {
             stats.delivery_heartbeat.beat();
@@ -164,15 +166,15 @@ impl Delivery {
                 Ok(DeliveryOutcome::Idle) => {
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = self.outbox.wait_for_lines() => {}
+                        _ = self.deps.outbox.wait_for_lines() => {}
                         _ = tokio::time::sleep(IDLE_CHECK) => {}
                     }
-                    if !self.settings.batch_linger.is_zero()
-                        && self.outbox.len() < self.settings.batch_max_messages
+                    if !self.deps.settings.batch_linger.is_zero()
+                        && self.deps.outbox.len() < self.deps.settings.batch_max_messages
                     {
                         tokio::select! {
                             _ = token.cancelled() => {}
-                            _ = tokio::time::sleep(self.settings.batch_linger) => {}
+                            _ = tokio::time::sleep(self.deps.settings.batch_linger) => {}
                         }
                     }
                 }
@@ -181,26 +183,26 @@ impl Delivery {
                     n_reconciled,
                     n_dead,
                 }) => {
-                    self.stats.readiness.outbox_ok();
+                    self.deps.stats.readiness.outbox_ok();
                     if failing {
                         tracing::info!("cms reachable again");
                         failing = false;
-                        backoff = self.retry.schedule();
+                        backoff = self.deps.retry.schedule();
                     }
                     tracing::info!(
                         n_messages = n_delivered,
                         n_reconciled,
                         n_dead,
-                        outbox_depth = self.outbox.len(),
+                        outbox_depth = self.deps.outbox.len(),
                         "delivered batch"
                     );
                 }
                 Err(err) => {
-                    Stats::add(&self.stats.delivery_retries, 1);
+                    Stats::add(&self.deps.stats.delivery_retries, 1);
                     if let DeliveryError::Outbox(outbox_err) = &err {
-                        self.stats.readiness.outbox_failed(outbox_err);
+                        self.deps.stats.readiness.outbox_failed(outbox_err);
                     }
-                    let n_messages = Stats::get(&self.stats.last_batch_size);
+                    let n_messages = Stats::get(&self.deps.stats.last_batch_size);
                     let delay = backoff.next_delay(err.retry_after());
                     let level_error = matches!(
                         err,
@@ -208,9 +210,9 @@ impl Delivery {
                             | DeliveryError::Outbox(_)
                     );
                     if level_error {
-                        tracing::error!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.outbox.len(), "delivery failed");
+                        tracing::error!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.deps.outbox.len(), "delivery failed");
                     } else {
-                        tracing::warn!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.outbox.len(), "delivery failed");
+                        tracing::warn!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.deps.outbox.len(), "delivery failed");
                     }
                     failing = true;
                     // After a storage error the poller's first good write (the disk has room
@@ -219,20 +221,20 @@ impl Delivery {
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = tokio::time::sleep(delay) => {}
-                        _ = self.outbox.wait_for_lines(), if storage_failed => {}
+                        _ = self.deps.outbox.wait_for_lines(), if storage_failed => {}
                     }
                 }
             }
         }
-        tracing::info!(outbox_depth = self.outbox.len(), "delivery stopped");
+        tracing::info!(outbox_depth = self.deps.outbox.len(), "delivery stopped");
     }
 
     /// Waits for the next request slot under `cms.max_requests_per_second`.
     async fn pace(&self) {
-        if self.settings.max_requests_per_second <= 0.0 {
+        if self.deps.settings.max_requests_per_second <= 0.0 {
             return;
         }
-        let interval = Duration::from_secs_f64(1.0 / self.settings.max_requests_per_second);
+        let interval = Duration::from_secs_f64(1.0 / self.deps.settings.max_requests_per_second);
         let slot = {
             let mut next = self
                 .next_request
@@ -253,20 +255,22 @@ impl Delivery {
         for pending in lines.iter_mut().filter(|l| l.prepared.is_none()) {
             let line = &pending.line;
             let user = self
+                .deps
                 .mapper
                 .resolve(&line.speaker, line.owner_id.as_deref())
                 .await;
             let message = match user {
                 Some(_) => line.message.clone(),
                 None => fill_template(
-                    &self.settings.anonymous_format,
+                    &self.deps.settings.anonymous_format,
                     &[("name", &line.speaker), ("message", &line.message)],
                 ),
             };
             pending.prepared = Some(Prepared {
-                user_id: user.unwrap_or(self.settings.anonymous_user_id),
+                user_id: user.unwrap_or(self.deps.settings.anonymous_user_id),
                 message: sanitize_message(&message),
                 timestamp: self
+                    .deps
                     .settings
                     .timezone
                     .wall_clock(line.spoken_at)
@@ -282,7 +286,7 @@ impl Delivery {
         let mut batch = Vec::with_capacity(lines.len());
         for line in lines {
             let item_len = encoded_len(&item_of(&line));
-            if !batch.is_empty() && n_bytes + item_len > self.settings.batch_max_bytes {
+            if !batch.is_empty() && n_bytes + item_len > self.deps.settings.batch_max_bytes {
                 break;
             }
             n_bytes += item_len;
@@ -299,7 +303,7 @@ impl Delivery {
                 ..l.clone()
             })
             .collect();
-        self.outbox.save(&marked).await
+        self.deps.outbox.save(&marked).await
     }
 
     /// POSTs a batch and settles it. A `success: true` proves every row stored only when the ids
@@ -307,25 +311,32 @@ impl Delivery {
     /// `last_id` right after the last confirmed id are all ours. Otherwise (another writer, a failed
     /// middle row, `cms.verify`) the batch is read back and what is missing is sent line by line.
     async fn send(&self, batch: Vec<PendingLine>, tally: &mut Tally) -> Result<(), DeliveryError> {
-        let before = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
+        let before = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         self.pace().await;
-        self.stats.batch_attempted(batch.len());
+        self.deps.stats.batch_attempted(batch.len());
         let started = Instant::now();
-        let posted = self.cms.post_chats(&items).await;
-        self.stats.post_seconds.observe_duration(started.elapsed());
+        let posted = self.deps.cms.post_chats(&items).await;
+        self.deps
+            .stats
+            .post_seconds
+            .observe_duration(started.elapsed());
         let last_id = posted?;
-        Stats::add(&self.stats.batches_delivered, 1);
+        Stats::add(&self.deps.stats.batches_delivered, 1);
         let n = batch.len() as i64;
-        let proven = n == 1 || (!self.settings.verify && before > 0 && last_id - before == n);
+        let proven = n == 1 || (!self.deps.settings.verify && before > 0 && last_id - before == n);
         if proven {
             let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
             self.confirm(&ids, Some(last_id)).await?;
-            Stats::add(&self.stats.lines_delivered, batch.len() as u64);
+            Stats::add(&self.deps.stats.lines_delivered, batch.len() as u64);
             batch
                 .iter()
-                .for_each(|l| self.stats.confirmed(l.line.captured_at));
+                .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
             tally.n_delivered += batch.len();
             return Ok(());
         }
@@ -334,7 +345,7 @@ impl Delivery {
             tracing::warn!(
                 n_missing = unsent.len(),
                 n_messages = items.len(),
-                outbox_depth = self.outbox.len(),
+                outbox_depth = self.deps.outbox.len(),
                 "cms reported success but lines are missing; resending them one by one"
             );
         }
@@ -348,17 +359,26 @@ impl Delivery {
     /// id (one extra read-back later) but never the reverse: a read-back ignores rows at or below
     /// that id, so a raised id with the lines still pending would send them twice.
     async fn confirm(&self, ids: &[u64], last_id: Option<i64>) -> Result<(), OutboxError> {
-        let known = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
+        let known = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
         let raise = last_id
             .filter(|last_id| *last_id > known)
             .map(|last_id| (Cursor::LastConfirmedId, last_id));
-        self.outbox.remove_with_cursor(ids, raise).await
+        self.deps.outbox.remove_with_cursor(ids, raise).await
     }
 
     async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
-        let known = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
+        let known = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
         if last_id > known {
-            self.outbox
+            self.deps
+                .outbox
                 .set_cursor(Cursor::LastConfirmedId, last_id)
                 .await?;
         }
@@ -389,9 +409,9 @@ impl Delivery {
         reason: &str,
         tally: &mut Tally,
     ) -> Result<(), OutboxError> {
-        tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, n_messages = 1, outbox_depth = self.outbox.len(), "line moved to the dead letters");
-        self.outbox.dead_letter(line, reason).await?;
-        Stats::add(&self.stats.lines_dead_lettered, 1);
+        tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, n_messages = 1, outbox_depth = self.deps.outbox.len(), "line moved to the dead letters");
+        self.deps.outbox.dead_letter(line, reason).await?;
+        Stats::add(&self.deps.stats.lines_dead_lettered, 1);
         tally.n_dead += 1;
         Ok(())
     }
@@ -410,16 +430,25 @@ impl Delivery {
             .unwrap_or(0)
             - READ_BACK_MARGIN_SECS;
         self.pace().await;
-        let rows = self.cms.chats_since(since).await?;
-        let after = self.outbox.cursor(Cursor::LastConfirmedId)?.unwrap_or(0);
-        let (found, unsent) = match_rows(&uncertain, &rows, after, self.settings.anonymous_user_id);
+        let rows = self.deps.cms.chats_since(since).await?;
+        let after = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
+        let (found, unsent) = match_rows(
+            &uncertain,
+            &rows,
+            after,
+            self.deps.settings.anonymous_user_id,
+        );
         if !found.is_empty() {
             self.confirm(&found, None).await?;
-            Stats::add(&self.stats.lines_reconciled, found.len() as u64);
+            Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
             uncertain
                 .iter()
                 .filter(|l| found.contains(&l.id))
-                .for_each(|l| self.stats.confirmed(l.line.captured_at));
+                .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
             tally.n_reconciled += found.len();
         }
         let unsent: Vec<PendingLine> = unsent
@@ -429,12 +458,12 @@ impl Delivery {
                 ..l
             })
             .collect();
-        self.outbox.save(&unsent).await?;
+        self.deps.outbox.save(&unsent).await?;
         tracing::info!(
             n_found = found.len(),
             n_resend = unsent.len(),
             n_messages = found.len() + unsent.len(),
-            outbox_depth = self.outbox.len(),
+            outbox_depth = self.deps.outbox.len(),
             "read back lines of unknown outcome"
         );
         Ok(unsent)

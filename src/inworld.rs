@@ -2,13 +2,12 @@
 //! avatar, once each, in order.
 //!
 //! Owns the persisted cursor (the highest CMS chat id handled, an outbox `Cursor`, so a
-//! restart neither repeats nor skips), the splitting of long lines, the flood limit, and
-//! `RecentlySaid`, the short memory the poller uses to drop the echo of what was said when the viewer
-//! gives no own name, and to notice an echo that never comes back (another client drained it). Must not touch the outbox's pending lines. It never calls the CMS chat GET without
-//! a timestamp (that returns the whole history).
+//! restart neither repeats nor skips), the splitting of long lines and the flood limit. Each text it
+//! says goes into the echo memory (`echo::RecentlySaid`, which `app` shares with the poller) before
+//! the POST. Must not touch the outbox's pending lines. It never calls the CMS chat GET without a
+//! timestamp (that returns the whole history).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::InworldSettings;
+use crate::echo::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
 use crate::model::fill_template;
@@ -25,15 +25,6 @@ use crate::zone::Zone;
 /// OpenSim truncates chat to 1000 characters and Second Life viewers to 1023 bytes (spec §3.5).
 const MAX_PART_CHARS: usize = 1000;
 const MAX_PART_BYTES: usize = 1023;
-
-/// How long a said text is remembered for echo detection: the simulator echoes within a second; a
-/// minute allows for a slow viewer poll.
-const ECHO_MEMORY: Duration = Duration::from_secs(60);
-
-/// How long the simulator may take to echo a line said on channel 0 before the echo counts as taken
-/// by another consumer of the viewer's chat queue. OpenSim echoes within milliseconds; 10 s leaves room
-/// for a busy region and a slow viewer.
-pub const ECHO_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why a step failed; the cursor did not move past anything unsaid.
 #[derive(Debug, thiserror::Error)]
@@ -58,88 +49,27 @@ pub struct InworldOutcome {
     pub n_skipped: usize,
 }
 
-/// Texts the relay said in-world recently, for the poller to recognise their echo, and the echoes
-/// still awaited, for the poller to notice when another client drains the viewer's queue.
-#[derive(Debug, Default)]
-pub struct RecentlySaid {
-    texts: Mutex<VecDeque<(String, Instant)>>,
-    /// When each line said on channel 0 was handed to the viewer, oldest first, until an echo came
-    /// back for it.
-    awaited: Mutex<VecDeque<Instant>>,
-}
-
-impl RecentlySaid {
-    /// Remembers a said text.
-    pub fn remember(&self, text: &str) {
-        let mut texts = self
-            .texts
-            .lock()
-            .expect("echo memory lock is never poisoned");
-        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
-        texts.push_back((text.to_owned(), Instant::now()));
-    }
-
-    /// Expects the echo of a line about to be said on channel 0 (recorded before the POST, so the
-    /// echo cannot be polled before it is awaited).
-    pub fn await_echo(&self) {
-        self.awaited().push_back(Instant::now());
-    }
-
-    /// The line awaited last could not be said after all.
-    pub fn forget_last_awaited(&self) {
-        self.awaited().pop_back();
-    }
-
-    /// An echo of the relay's own avatar came back: the oldest awaited line is accounted for.
-    pub fn echo_arrived(&self) {
-        self.awaited().pop_front();
-    }
-
-    /// Removes and counts the awaited echoes due (said more than `ECHO_DEADLINE` ago) before a
-    /// viewer GET that started at `poll_started` and has been read without them: the viewer
-    /// handed them to someone else.
-    pub fn take_missing_echoes(&self, poll_started: Instant) -> usize {
-        let mut awaited = self.awaited();
-        let n_missing = awaited
-            .iter()
-            .take_while(|said| **said + ECHO_DEADLINE <= poll_started)
-            .count();
-        awaited.drain(..n_missing);
-        n_missing
-    }
-
-    fn awaited(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
-        self.awaited
-            .lock()
-            .expect("echo memory lock is never poisoned")
-    }
-
-    /// Whether `text` is the echo of something said recently; each said text matches one echo.
-    pub fn take_echo(&self, text: &str) -> bool {
-        let mut texts = self
-            .texts
-            .lock()
-            .expect("echo memory lock is never poisoned");
-        texts.retain(|(_, at)| at.elapsed() < ECHO_MEMORY);
-        match texts.iter().position(|(said, _)| said == text) {
-            Some(idx) => {
-                texts.remove(idx);
-                true
-            }
-            None => false,
-        }
-    }
+/// What the in-world stage is built from.
+pub struct InworldDeps {
+    /// Where the lines typed in the CMS are read.
+    pub cms: Arc<CmsClient>,
+    /// Who says them.
+    pub viewer: LookingGlassClient,
+    /// Where the cursor is kept.
+    pub outbox: Arc<Outbox>,
+    /// `[inworld]`
+    pub settings: InworldSettings,
+    /// The CMS server's clock (`cms.timezone`), to tell a row's age.
+    pub cms_zone: Zone,
+    /// The counters.
+    pub stats: Arc<Stats>,
+    /// What was said lately (shared with the poller, which drops its echo).
+    pub recently_said: Arc<RecentlySaid>,
 }
 
 /// The CMS → in-world stage.
 pub struct Inworld {
-    cms: Arc<CmsClient>,
-    viewer: LookingGlassClient,
-    outbox: Arc<Outbox>,
-    settings: InworldSettings,
-    cms_zone: Zone,
-    stats: Arc<Stats>,
-    said: Arc<RecentlySaid>,
+    deps: InworldDeps,
     /// When the previous successful read was made; the next starts `look_back` before it.
     last_read: Option<DateTime<Utc>>,
     /// The earliest moment the next line may be said (flood control).
@@ -151,23 +81,9 @@ pub struct Inworld {
 
 impl Inworld {
     /// Builds the stage.
-    pub fn new(
-        cms: Arc<CmsClient>,
-        viewer: LookingGlassClient,
-        outbox: Arc<Outbox>,
-        settings: InworldSettings,
-        cms_zone: Zone,
-        stats: Arc<Stats>,
-        said: Arc<RecentlySaid>,
-    ) -> Inworld {
+    pub fn new(deps: InworldDeps) -> Inworld {
         Inworld {
-            cms,
-            viewer,
-            outbox,
-            settings,
-            cms_zone,
-            stats,
-            said,
+            deps,
             last_read: None,
             next_slot: Instant::now(),
             handled_up_to: None,
@@ -181,13 +97,15 @@ impl Inworld {
         token: &CancellationToken,
     ) -> Result<InworldOutcome, InworldError> {
         let now = Utc::now();
-        let look_back = chrono::Duration::from_std(self.settings.look_back).unwrap_or_default();
-        let max_age = chrono::Duration::from_std(self.settings.max_age).unwrap_or_default();
+        let look_back =
+            chrono::Duration::from_std(self.deps.settings.look_back).unwrap_or_default();
+        let max_age = chrono::Duration::from_std(self.deps.settings.max_age).unwrap_or_default();
         // After a start, reach back over the whole max_age (lines typed while the relay was down).
         let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
-        let rows = self.cms.chats_since(since.timestamp()).await?;
+        let rows = self.deps.cms.chats_since(since.timestamp()).await?;
         self.last_read = Some(now);
         let Some(cursor) = self
+            .deps
             .outbox
             .cursor(Cursor::LastSaidId)?
             .max(self.handled_up_to)
@@ -204,8 +122,8 @@ impl Inworld {
             .collect();
         pending.sort_by_key(|r| r.id);
         let mut outcome = InworldOutcome::default();
-        if pending.len() > self.settings.max_queue {
-            let n_over = pending.len() - self.settings.max_queue;
+        if pending.len() > self.deps.settings.max_queue {
+            let n_over = pending.len() - self.deps.settings.max_queue;
             let last_dropped = pending[n_over - 1].id;
             pending.drain(..n_over);
             self.skip(
@@ -230,29 +148,30 @@ impl Inworld {
                     _ = token.cancelled() => return Ok(outcome),
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
                 }
-                self.said.remember(&part);
+                self.deps.recently_said.remember(&part);
                 // Only channel 0 is echoed back to the speaker (spec §2.8).
-                let echoed = self.settings.channel == 0;
+                let echoed = self.deps.settings.channel == 0;
                 if echoed {
-                    self.said.await_echo();
+                    self.deps.recently_said.await_echo();
                 }
                 let said = self
+                    .deps
                     .viewer
                     .say(
                         &part,
-                        self.settings.channel,
-                        self.settings.say_type.as_str(),
+                        self.deps.settings.channel,
+                        self.deps.settings.say_type.as_str(),
                     )
                     .await;
                 if let Err(err) = said {
                     if echoed {
-                        self.said.forget_last_awaited();
+                        self.deps.recently_said.forget_last_awaited();
                     }
                     return Err(err.into());
                 }
                 self.next_slot = Instant::now()
-                    + Duration::from_secs_f64(1.0 / self.settings.max_lines_per_second);
-                Stats::add(&self.stats.inworld_said, 1);
+                    + Duration::from_secs_f64(1.0 / self.deps.settings.max_lines_per_second);
+                Stats::add(&self.deps.stats.inworld_said, 1);
             }
             self.advance(row.id).await?;
             outcome.n_said += 1;
@@ -284,7 +203,7 @@ impl Inworld {
             }
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = tokio::time::sleep(self.deps.settings.poll_interval) => {}
             }
         }
     }
@@ -292,7 +211,7 @@ impl Inworld {
     /// Moves the cursor past `id`: in memory first, then on disk.
     async fn advance(&mut self, id: i64) -> Result<(), OutboxError> {
         self.handled_up_to = self.handled_up_to.max(Some(id));
-        self.outbox.set_cursor(Cursor::LastSaidId, id).await
+        self.deps.outbox.set_cursor(Cursor::LastSaidId, id).await
     }
 
     async fn skip(
@@ -303,7 +222,7 @@ impl Inworld {
         outcome: &mut InworldOutcome,
     ) -> Result<(), OutboxError> {
         tracing::warn!(n_lines = n, reason, "cms lines not said in-world");
-        Stats::add(&self.stats.inworld_skipped, n as u64);
+        Stats::add(&self.deps.stats.inworld_skipped, n as u64);
         outcome.n_skipped += n;
         self.advance(up_to_id).await
     }
@@ -312,13 +231,13 @@ impl Inworld {
     /// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
     fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
         let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-        let at = self.cms_zone.resolve(naive).into_iter().max()?;
+        let at = self.deps.cms_zone.resolve(naive).into_iter().max()?;
         Some(now - at - chrono::Duration::seconds(1))
     }
 
     fn render(&self, row: &CmsChat) -> String {
         fill_template(
-            &self.settings.format,
+            &self.deps.settings.format,
             &[
                 ("first", &row.first_name),
                 ("last", &row.last_name),
@@ -394,25 +313,5 @@ mod tests {
     fn a_short_line_is_one_part() {
         assert_eq!(split_message("hello"), ["hello"]);
         assert!(split_message("   ").is_empty());
-    }
-
-    #[test]
-    fn an_echo_not_back_before_a_later_poll_past_its_deadline_is_missing() {
-        let said = RecentlySaid::default();
-        said.await_echo();
-        said.await_echo();
-        let said_at = Instant::now();
-        assert_eq!(said.take_missing_echoes(said_at), 0, "not due yet");
-        said.echo_arrived();
-        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 2), 1);
-        assert_eq!(said.take_missing_echoes(said_at + ECHO_DEADLINE * 3), 0);
-    }
-
-    #[test]
-    fn each_said_text_absorbs_one_echo() {
-        let said = RecentlySaid::default();
-        said.remember("hello");
-        assert!(said.take_echo("hello"));
-        assert!(!said.take_echo("hello"));
     }
 }

@@ -5,9 +5,11 @@
 //! (sled, durable) → `delivery` (with `avatars`, `backoff`) → `cms`; and back: `cms` → `inworld` →
 //! the viewer's chat POST.
 //!
-//! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types.
+//! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types; `text`:
+//!   the body snippet both clients quote in errors.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
-//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
+//! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
+//!   relay said in-world, which `inworld` records and `poller` recognises.
 //! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
 //!   `check` probe of both peers.
@@ -25,6 +27,7 @@ pub mod cms;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod echo;
 pub mod filter;
 pub mod health;
 pub mod inworld;
@@ -37,4 +40,5 @@ pub mod poller;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
+pub mod text;
 pub mod zone;

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
+use crate::echo::{self, RecentlySaid};
 use crate::filter::{Filter, FilterReason};
-use crate::inworld::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, ViewerLine};
@@ -70,46 +70,44 @@ impl Unstored {
     }
 }
 
+/// What the poller is built from.
+pub struct PollerDeps {
+    /// The viewer it drains.
+    pub viewer: LookingGlassClient,
+    /// Which lines are relayed.
+    pub filter: Filter,
+    /// Where they are stored.
+    pub outbox: Arc<Outbox>,
+    /// The viewer machine's clock (`viewer.timezone`), to rebuild each line's time.
+    pub zone: Zone,
+    /// The pause between the end of one poll and the next GET (`viewer.poll_interval`).
+    pub poll_interval: Duration,
+    /// The counters.
+    pub stats: Arc<Stats>,
+    /// What the relay said in-world lately (shared with `inworld`): its echo is dropped when the
+    /// viewer gives no own name.
+    pub recently_said: Arc<RecentlySaid>,
+}
+
 /// The ingest stage.
 pub struct Poller {
-    viewer: LookingGlassClient,
-    filter: Filter,
-    outbox: Arc<Outbox>,
-    zone: Zone,
-    poll_interval: Duration,
-    stats: Arc<Stats>,
+    deps: PollerDeps,
     own_name: Option<String>,
     own_name_read: Option<Instant>,
     /// A response a failed write has not stored yet.
     unstored: Option<Unstored>,
-    /// What the relay said in-world lately: its echo is dropped when the viewer gives no own name.
-    recently_said: Arc<RecentlySaid>,
     /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
     warned_other_consumer: bool,
 }
 
 impl Poller {
     /// Builds the poller.
-    pub fn new(
-        viewer: LookingGlassClient,
-        filter: Filter,
-        outbox: Arc<Outbox>,
-        zone: Zone,
-        poll_interval: Duration,
-        stats: Arc<Stats>,
-        recently_said: Arc<RecentlySaid>,
-    ) -> Poller {
+    pub fn new(deps: PollerDeps) -> Poller {
         Poller {
-            viewer,
-            filter,
-            outbox,
-            zone,
-            poll_interval,
-            stats,
+            deps,
             own_name: None,
             own_name_read: None,
             unstored: None,
-            recently_said,
             warned_other_consumer: false,
         }
     }
@@ -119,7 +117,7 @@ impl Poller {
         if let Some(unstored) = self.unstored.take() {
             self.store_again(unstored).await?;
         }
-        if self.outbox.is_full_and_paused() {
+        if self.deps.outbox.is_full_and_paused() {
             return Ok(PollOutcome {
                 paused: true,
                 ..PollOutcome::default()
@@ -127,10 +125,10 @@ impl Poller {
         }
         self.refresh_own_name().await;
         let poll_started = Instant::now();
-        let body = self.viewer.poll().await?;
+        let body = self.deps.viewer.poll().await?;
         let polled_at = Utc::now();
-        Stats::add(&self.stats.polls, 1);
-        self.stats.readiness.viewer_ok();
+        Stats::add(&self.deps.stats.polls, 1);
+        self.deps.stats.readiness.viewer_ok();
         let mut relayed = Vec::new();
         let (parsed, stored) = self
             .ingest(&body, polled_at, Vec::new(), |line| {
@@ -140,13 +138,16 @@ impl Poller {
             })
             .await;
         let n_polled = relayed.len();
-        Stats::add(&self.stats.lines_polled, n_polled as u64);
+        Stats::add(&self.deps.stats.lines_polled, n_polled as u64);
         let quarantine = match parsed {
             Ok(tally) => {
                 for skipped in &tally.skipped {
                     tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
                 }
-                Stats::add(&self.stats.lines_unreadable, tally.skipped.len() as u64);
+                Stats::add(
+                    &self.deps.stats.lines_unreadable,
+                    tally.skipped.len() as u64,
+                );
                 if tally.n_untimed > 0 {
                     tracing::warn!(
                         n_lines = tally.n_untimed,
@@ -158,7 +159,7 @@ impl Poller {
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
                 tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the whole body is kept in the outbox quarantine");
-                Stats::add(&self.stats.lines_unreadable, 1);
+                Stats::add(&self.deps.stats.lines_unreadable, 1);
                 true
             }
         };
@@ -177,7 +178,7 @@ impl Poller {
                 return Err(err.into());
             }
         };
-        Stats::add(&self.stats.lines_relayed, n_relayed as u64);
+        Stats::add(&self.deps.stats.lines_relayed, n_relayed as u64);
         if quarantine {
             // The lines are stored: only the quarantine copy is left to write.
             unstored.relayed.clear();
@@ -203,8 +204,8 @@ impl Poller {
         Result<wire::ChatTally, wire::ChatParseError>,
         Result<usize, (OutboxError, Vec<u64>)>,
     ) {
-        let mut ingest = self.outbox.ingest(keys);
-        let parsed = wire::for_each_line(body, polled_at, self.zone, |line| {
+        let mut ingest = self.deps.outbox.ingest(keys);
+        let parsed = wire::for_each_line(body, polled_at, self.deps.zone, |line| {
             if keep(&line) {
                 ingest.push(&CapturedLine {
                     speaker: line.from.unwrap_or_default(),
@@ -230,7 +231,7 @@ impl Poller {
                 })
                 .await;
             match stored {
-                Ok(n_relayed) => Stats::add(&self.stats.lines_relayed, n_relayed as u64),
+                Ok(n_relayed) => Stats::add(&self.deps.stats.lines_relayed, n_relayed as u64),
                 Err((err, keys)) => {
                     unstored.keys = keys;
                     self.unstored = Some(unstored);
@@ -240,6 +241,7 @@ impl Poller {
         }
         if unstored.quarantine {
             if let Err(err) = self
+                .deps
                 .outbox
                 .quarantine_raw("unreadable viewer chat response", &unstored.body)
                 .await
@@ -255,17 +257,17 @@ impl Poller {
     /// Whether a viewer line is relayed: the filter, then (without the own name) the echo memory.
     /// Asked once per line: the echo memory forgets what it matched.
     fn keep(&self, line: &ViewerLine) -> bool {
-        if let Err(reason) = self.filter.check(line, self.own_name.as_deref()) {
+        if let Err(reason) = self.deps.filter.check(line, self.own_name.as_deref()) {
             if reason == FilterReason::OwnAvatar {
-                self.recently_said.echo_arrived();
+                self.deps.recently_said.echo_arrived();
             }
-            self.stats.filtered(reason);
+            self.deps.stats.filtered(reason);
             return false;
         }
-        if self.own_name.is_none() && self.recently_said.take_echo(&line.message) {
-            self.recently_said.echo_arrived();
-            self.stats.filtered(FilterReason::OwnAvatar);
-            Stats::add(&self.stats.inworld_echoes_dropped, 1);
+        if self.own_name.is_none() && self.deps.recently_said.take_echo(&line.message) {
+            self.deps.recently_said.echo_arrived();
+            self.deps.stats.filtered(FilterReason::OwnAvatar);
+            Stats::add(&self.deps.stats.inworld_echoes_dropped, 1);
             return false;
         }
         true
@@ -273,8 +275,8 @@ impl Poller {
 
     /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
-        tracing::info!(chat_url = %self.viewer.chat_url(), "polling the viewer");
-        let stats = self.stats.clone();
+        tracing::info!(chat_url = %self.deps.viewer.chat_url(), "polling the viewer");
+        let stats = self.deps.stats.clone();
         let _alive = stats.poller_heartbeat.alive();
         let mut failing = false;
         let mut paused = false;
@@ -285,15 +287,15 @@ impl Poller {
                 Ok(outcome) if outcome.paused => {
                     if !paused {
                         tracing::warn!(
-                            outbox_bytes = self.outbox.bytes(),
+                            outbox_bytes = self.deps.outbox.bytes(),
                             "outbox full: viewer polling paused until delivery makes room (the viewer keeps the lines)"
                         );
                         paused = true;
                     }
-                    self.poll_interval
+                    self.deps.poll_interval
                 }
                 Ok(outcome) => {
-                    self.stats.readiness.outbox_ok();
+                    self.deps.stats.readiness.outbox_ok();
                     if storage_failing {
                         tracing::info!("the outbox accepts writes again: viewer polling resumed");
                         storage_failing = false;
@@ -313,10 +315,10 @@ impl Poller {
                             "polled"
                         );
                     }
-                    self.poll_interval
+                    self.deps.poll_interval
                 }
                 Err(PollError::Storage(err)) => {
-                    self.stats.readiness.outbox_failed(&err);
+                    self.deps.stats.readiness.outbox_failed(&err);
                     if storage_failing {
                         tracing::debug!(error = %err, n_lines = self.unstored.as_ref().map_or(0, Unstored::n_lines), "outbox write failed again");
                     } else {
@@ -326,13 +328,13 @@ impl Poller {
                     STORAGE_RETRY
                 }
                 Err(PollError::Viewer(err)) => {
-                    Stats::add(&self.stats.poll_errors, 1);
-                    self.stats.readiness.viewer_failed(&err);
+                    Stats::add(&self.deps.stats.poll_errors, 1);
+                    self.deps.stats.readiness.viewer_failed(&err);
                     if !failing {
                         tracing::warn!(error = %err, "viewer poll failed; retrying every poll interval");
                         failing = true;
                     }
-                    self.poll_interval.max(Duration::from_secs(1))
+                    self.deps.poll_interval.max(Duration::from_secs(1))
                 }
             };
             tokio::select! {
@@ -343,7 +345,7 @@ impl Poller {
         if let Some(unstored) = self.unstored.take() {
             let n_lines = unstored.n_lines();
             if let Err(err) = self.store_again(unstored).await {
-                Stats::add(&self.stats.lines_unstored, n_lines as u64);
+                Stats::add(&self.deps.stats.lines_unstored, n_lines as u64);
                 tracing::error!(error = %err, n_lines, "lines read from the viewer could not be stored at shutdown and are lost");
             }
         }
@@ -356,7 +358,7 @@ impl Poller {
     /// deadline was taken by someone else. Judged only while the own name is known (the echo is
     /// recognised by it; texts can come back changed).
     fn check_echoes(&mut self, poll_started: Instant) {
-        let n_missing = self.recently_said.take_missing_echoes(poll_started);
+        let n_missing = self.deps.recently_said.take_missing_echoes(poll_started);
         if n_missing == 0 || self.own_name.is_none() {
             return;
         }
@@ -367,8 +369,8 @@ impl Poller {
         self.warned_other_consumer = true;
         tracing::warn!(
             n_missing,
-            deadline = ?crate::inworld::ECHO_DEADLINE,
-            chat_url = %self.viewer.chat_url(),
+            deadline = ?echo::ECHO_DEADLINE,
+            chat_url = %self.deps.viewer.chat_url(),
             "another client is probably draining the viewer's chat queue: the echo of a line the relay \
              said in-world never came back, and lines it takes never reach the cms; remove the ViewChat \
              module from the viewer's Modules.json and close browser tabs on /static/ViewChat.html \
@@ -384,7 +386,7 @@ impl Poller {
             return;
         }
         self.own_name_read = Some(Instant::now());
-        match self.viewer.own_name().await {
+        match self.deps.viewer.own_name().await {
             Ok(Some(name)) => {
                 if self.own_name.as_deref() != Some(name.as_str()) {
                     tracing::info!(own_name = %name, "the viewer's own avatar will not be relayed");

@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
-use crate::lookingglass::client::snippet;
+use crate::text::snippet;
 
 /// The CMS deletes a token after 30 idle minutes; log in again a little before that.
 const TOKEN_IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
@@ -40,6 +40,17 @@ pub struct CmsEndpoint {
 struct Token {
     value: SecretString,
     last_used: Instant,
+}
+
+/// One CMS answer, read to its end and parsed once (`wire::parse_lenient` tries up to 64 offsets
+/// on a body with PHP noise in front, so it is not run again by the caller).
+struct Answer {
+    status: u16,
+    retry_after: Option<Duration>,
+    /// The raw body, for error snippets.
+    body: Vec<u8>,
+    /// The body as JSON; `None` when it is none (a PHP fatal error page, a proxy's page).
+    value: Option<Value>,
 }
 
 /// Whether the CMS accepts the relay's account, as last seen (for `/readyz`).
@@ -184,20 +195,15 @@ impl CmsClient {
     /// POSTs a batch to `/grid/<g>/chats/`; the id of the last row on success.
     pub async fn post_chats(&self, items: &[ChatItem]) -> Result<i64, CmsError> {
         let path = format!("/grid/{}/chats/", self.endpoint.grid_id);
-        let (status, retry_after, body) = self
+        let answer = self
             .call(Method::POST, &path, Some(wire::encode_batch(items)))
             .await?;
-        match wire::parse_post_reply(&body) {
-            _ if is_transient_status(status) => Err(CmsError::Http {
-                status,
-                retry_after,
-                snippet: snippet(&body),
-            }),
+        match answer.value.as_ref().and_then(wire::post_reply_of) {
             Some(PostReply::Stored { last_id }) => Ok(last_id),
             Some(PostReply::Invalid(error)) => Err(CmsError::Invalid(error)),
             Some(PostReply::LastRowFailed) => Err(CmsError::LastRowFailed),
             Some(PostReply::Failed(error)) => Err(CmsError::Failed(error)),
-            None => Err(unreadable(status, retry_after, &body)),
+            None => Err(unreadable(&answer)),
         }
     }
 
@@ -243,27 +249,21 @@ impl CmsClient {
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, CmsError> {
-        let (status, retry_after, body) = self.call(Method::GET, path, None).await?;
-        if is_transient_status(status) {
-            return Err(CmsError::Http {
-                status,
-                retry_after,
-                snippet: snippet(&body),
-            });
-        }
-        match wire::parse_lenient(&body) {
+        let answer = self.call(Method::GET, path, None).await?;
+        match answer.value {
             Some(value) => Ok(value),
-            None => Err(unreadable(status, retry_after, &body)),
+            None => Err(unreadable(&answer)),
         }
     }
 
-    /// One authenticated request, logging in again once when the CMS refuses the token.
+    /// One authenticated request, logging in again once when the CMS refuses the token. A transient
+    /// status (408, 429, 5xx) is `CmsError::Http`; any other answer comes back parsed.
     async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<(u16, Option<Duration>, Vec<u8>), CmsError> {
+    ) -> Result<Answer, CmsError> {
         let mut token = self.token.lock().await;
         for attempt in 0..2 {
             let current = match token.take() {
@@ -306,16 +306,28 @@ impl CmsClient {
                     return Err(err);
                 }
             };
+            let value = wire::parse_lenient(&body);
             let refused = status == 401
-                || wire::parse_lenient(&body).as_ref().and_then(wire::error_of)
-                    == Some(wire::UNAUTHORIZED);
+                || value.as_ref().and_then(wire::error_of) == Some(wire::UNAUTHORIZED);
             if !refused {
                 self.set_login_state(LoginState::Valid);
                 *token = Some(Token {
                     value: current.value,
                     last_used: Instant::now(),
                 });
-                return Ok((status, retry_after, body));
+                if is_transient_status(status) {
+                    return Err(CmsError::Http {
+                        status,
+                        retry_after,
+                        snippet: snippet(&body),
+                    });
+                }
+                return Ok(Answer {
+                    status,
+                    retry_after,
+                    body,
+                    value,
+                });
             }
             tracing::info!(attempt, "cms refused the token; logging in again");
         }
@@ -395,19 +407,19 @@ impl CmsClient {
     }
 }
 
-/// A body that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's or
-/// server's page otherwise.
-fn unreadable(status: u16, retry_after: Option<Duration>, body: &[u8]) -> CmsError {
-    if status == 200 {
+/// An answer that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's
+/// or server's page otherwise.
+fn unreadable(answer: &Answer) -> CmsError {
+    if answer.status == 200 {
         CmsError::Decode {
-            status,
-            snippet: snippet(body),
+            status: answer.status,
+            snippet: snippet(&answer.body),
         }
     } else {
         CmsError::Http {
-            status,
-            retry_after,
-            snippet: snippet(body),
+            status: answer.status,
+            retry_after: answer.retry_after,
+            snippet: snippet(&answer.body),
         }
     }
 }

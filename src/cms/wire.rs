@@ -86,7 +86,8 @@ pub fn encoded_len(item: &ChatItem) -> usize {
 }
 
 /// Reads a CMS body as JSON, skipping PHP warning text in front of it: first the whole body, then
-/// from each `{` or `[` that parses to the end.
+/// from each `{` or `[` (the first 64) until one parses to the end. Costly on noise, so `CmsClient`
+/// calls it once per answer and keeps the value.
 pub fn parse_lenient(body: &[u8]) -> Option<Value> {
     if let Ok(value) = serde_json::from_slice(body) {
         return Some(value);
@@ -116,7 +117,11 @@ pub enum PostReply {
 
 /// Interprets a chat POST body; `None` when it is not JSON at all (a PHP fatal error page).
 pub fn parse_post_reply(body: &[u8]) -> Option<PostReply> {
-    let value = parse_lenient(body)?;
+    post_reply_of(&parse_lenient(body)?)
+}
+
+/// Interprets a chat POST answer already read by `parse_lenient`; `None` when it is not an object.
+pub fn post_reply_of(value: &Value) -> Option<PostReply> {
     let object = value.as_object()?;
     if object.get("success").and_then(Value::as_bool) == Some(true) {
         return Some(PostReply::Stored {

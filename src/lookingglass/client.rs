@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::text::snippet;
+
 /// Why a viewer request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewerError {
@@ -192,17 +194,5 @@ fn status_error(status: u16, body: &[u8]) -> ViewerError {
         status,
         hint,
         snippet: snippet(body),
-    }
-}
-
-/// The start of a body, for error messages.
-pub(crate) fn snippet(body: &[u8]) -> String {
-    const MAX: usize = 200;
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    let text = text.replace(['\r', '\n'], " ");
-    if body.len() > MAX {
-        format!("{text}…")
-    } else {
-        text
     }
 }

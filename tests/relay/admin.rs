@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{GHOST, PATIENCE, TestEnv, eventually};
 
 /// Runs `opensim-chat-relay outbox <args>` on the test outbox; (success, stdout, stderr).
 fn outbox_cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
@@ -41,14 +41,9 @@ fn write_config(file: &Path, outbox: &Path) {
 async fn dead_letters_can_be_listed_requeued_and_delivered() {
     // Arrange: one line dead-lettered (its user id does not exist in the CMS), relay stopped.
     let env = TestEnv::start().await;
-    env.lg.say("Ghost Avatar", "lost soul");
-    let relay = env
-        .start_relay("[mapping.users]\n\"Ghost Avatar\" = 999\n", &[])
-        .await;
-    eventually(PATIENCE, "a dead letter", || async {
-        relay.outbox.dead_len() == 1
-    })
-    .await;
+    env.lg.say(GHOST, "lost soul");
+    let relay = env.start_relay_with_a_ghost(&[]).await;
+    relay.dead_letters_reach(1).await;
 
     // While the relay runs, the outbox is refused with a clear message.
     let (ok, _, stderr) = outbox_cli(&env, &["stats"]);
@@ -86,14 +81,9 @@ async fn dead_letters_can_be_listed_requeued_and_delivered() {
 #[tokio::test]
 async fn purge_deletes_the_dead_letters() {
     let env = TestEnv::start().await;
-    env.lg.say("Ghost Avatar", "lost soul");
-    let relay = env
-        .start_relay("[mapping.users]\n\"Ghost Avatar\" = 999\n", &[])
-        .await;
-    eventually(PATIENCE, "a dead letter", || async {
-        relay.outbox.dead_len() == 1
-    })
-    .await;
+    env.lg.say(GHOST, "lost soul");
+    let relay = env.start_relay_with_a_ghost(&[]).await;
+    relay.dead_letters_reach(1).await;
     relay.stop().await;
 
     let (ok, stdout, _) = outbox_cli(&env, &["purge"]);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use opensim_chat_relay::sim::cms::Fault;
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{GHOST, PATIENCE, TestEnv, eventually};
 
 /// The chat POST bodies the CMS received, parsed.
 fn chat_posts(env: &TestEnv) -> Vec<serde_json::Value> {
@@ -20,9 +20,7 @@ fn chat_posts(env: &TestEnv) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn batches_respect_the_count_limit() {
     let env = TestEnv::start().await;
-    for i in 0..10 {
-        env.lg.say("Alice Resident", &format!("line {i}"));
-    }
+    let expected = env.alice_says_numbered_lines(10);
 
     let relay = env
         .start_relay("", &[("cms.batch_max_messages", "3")])
@@ -38,9 +36,6 @@ async fn batches_respect_the_count_limit() {
         .map(|b| b.as_array().expect("array").len())
         .collect();
     assert_eq!(sizes, [3, 3, 3, 1]);
-    let expected: Vec<String> = (0..10)
-        .map(|i| format!("[Alice Resident] line {i}"))
-        .collect();
     assert_eq!(env.stored_messages(), expected);
 }
 
@@ -83,9 +78,7 @@ async fn batches_respect_the_byte_limit() {
 async fn the_cms_failing_three_times_with_500_loses_and_duplicates_nothing() {
     let env = TestEnv::start().await;
     env.db.fault_next(3, Fault::Status(500));
-    for i in 0..5 {
-        env.lg.say("Alice Resident", &format!("line {i}"));
-    }
+    let expected = env.alice_says_numbered_lines(5);
 
     let relay = env.start_relay("", &[]).await;
     eventually(PATIENCE, "five lines stored", || async {
@@ -96,9 +89,6 @@ async fn the_cms_failing_three_times_with_500_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.stop().await;
 
-    let expected: Vec<String> = (0..5)
-        .map(|i| format!("[Alice Resident] line {i}"))
-        .collect();
     assert_eq!(env.stored_messages(), expected);
     assert!(env.db.n_chat_posts() >= 4, "three failures then success");
 }
@@ -109,16 +99,11 @@ async fn a_line_the_cms_rejects_goes_to_the_dead_letters_and_its_batch_mates_are
     // silently in the middle of a batch (OpenSim-CMS 1.1 still answers success: true).
     let env = TestEnv::start().await;
     env.lg.say("Alice Resident", "before");
-    env.lg.say("Ghost Avatar", "I do not exist");
+    env.lg.say(GHOST, "I do not exist");
     env.lg.say("Alice Resident", "after");
 
-    let relay = env
-        .start_relay("[mapping.users]\n\"Ghost Avatar\" = 999\n", &[])
-        .await;
-    eventually(PATIENCE, "a dead letter", || async {
-        relay.outbox.dead_len() == 1
-    })
-    .await;
+    let relay = env.start_relay_with_a_ghost(&[]).await;
+    relay.dead_letters_reach(1).await;
     eventually(PATIENCE, "the outbox empty", || async {
         relay.outbox.is_empty()
     })

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually, send_sigterm};
 
 /// A relay with its health endpoint, started in this process.
 struct Observed {
@@ -195,9 +195,7 @@ async fn metrics_count_a_known_run() {
     // Arrange: three avatar lines, one object line, one system line; the first POST fails.
     let env = TestEnv::start().await;
     env.db.fault_next(1, Fault::Status(500));
-    for i in 0..3 {
-        env.lg.say("Alice Resident", &format!("line {i}"));
-    }
+    env.alice_says_numbered_lines(3);
     env.lg.push(SimChatLine::object("Door", "creak"));
     env.lg.push(SimChatLine::system("Region restarting"));
 
@@ -384,13 +382,7 @@ async fn json_logs_carry_batch_size_and_depth_on_every_delivery_line_and_never_a
         env.stored().len() == 2
     })
     .await;
-    let pid = child.id().expect("pid").to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(killed.success());
+    send_sigterm(child.id().expect("pid"));
     let started = Instant::now();
     let output = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
         .await

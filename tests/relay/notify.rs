@@ -10,7 +10,7 @@ use opensim_chat_relay::notify::Notifier;
 use tokio::net::UnixDatagram;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv};
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, send_sigterm};
 
 /// Receives notifications until one contains `wanted`; returns everything received so far.
 async fn receive_until(socket: &UnixDatagram, wanted: &str, seen: &mut Vec<String>) {
@@ -98,13 +98,7 @@ async fn the_binary_notifies_the_socket_systemd_names_in_its_environment() {
         env.stored().len() == 1
     })
     .await;
-    let pid = child.id().expect("pid").to_string();
-    let killed = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .expect("kill runs");
-    assert!(killed.success());
+    send_sigterm(child.id().expect("pid"));
     receive_until(&socket, "STOPPING=1", &mut seen).await;
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await

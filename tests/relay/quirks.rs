@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
-use opensim_chat_relay::inworld::ECHO_DEADLINE;
+use opensim_chat_relay::echo::ECHO_DEADLINE;
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::sim::cms::{CmsDialect, Fault, Permissions};
 use opensim_chat_relay::sim::lookingglass::{Dialect, SimChatLine};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{CMS_ZONE, PATIENCE, SimOptions, TestEnv, eventually};
+use crate::helpers::{CMS_ZONE, GHOST, PATIENCE, SimOptions, TestEnv, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // The viewer
@@ -314,14 +314,8 @@ async fn keekee_works_end_to_end_in_both_directions() {
     relay.stop().await;
 
     // Assert
-    let relayed: Vec<_> = env
-        .stored()
-        .into_iter()
-        .filter(|c| !c.from_cms)
-        .map(|c| (c.user_id, c.message))
-        .collect();
     assert_eq!(
-        relayed,
+        env.relayed_rows(),
         [
             (Some(alice), "1+1 = 2, 100% sure".to_owned()),
             (None, "[Carol Visitor] hello %41 + you".to_owned()),
@@ -399,14 +393,8 @@ async fn php_warnings_before_the_json_and_debug_fields_are_read_through_in_both_
     relay.stop().await;
 
     // Assert
-    let relayed: Vec<_> = env
-        .stored()
-        .into_iter()
-        .filter(|c| !c.from_cms)
-        .map(|c| (c.user_id, c.message))
-        .collect();
     assert_eq!(
-        relayed,
+        env.relayed_rows(),
         [
             (Some(alice), "through the noise".to_owned()),
             (None, "[Carol Visitor] me too".to_owned()),
@@ -554,15 +542,12 @@ async fn the_documented_cms_dialect_works_with_anonymous_user_id_0() {
     let alice = env.linked_user("Alice Resident", "alice");
     env.db.fault_next(1, Fault::StatusAfterStore(502));
     env.lg.say("Alice Resident", "mapped");
-    env.lg.say("Ghost Avatar", "no such user");
+    env.lg.say(GHOST, "no such user");
     env.lg.say("Carol Visitor", "anonymous");
 
     // Act
     let relay = env
-        .start_relay(
-            "[mapping.users]\n\"Ghost Avatar\" = 999\n",
-            &[("cms.anonymous_user_id", "0")],
-        )
+        .start_relay_with_a_ghost(&[("cms.anonymous_user_id", "0")])
         .await;
     eventually(PATIENCE, "the outbox settled", || async {
         relay.outbox.is_empty() && relay.outbox.dead_len() == 1

@@ -7,9 +7,7 @@ async fn lines_wait_in_the_outbox_while_the_cms_is_down_and_arrive_once_it_is_up
     let env = TestEnv::start().await;
     env.db.set_offline(true);
     let relay = env.start_relay("", &[]).await;
-    for i in 0..3 {
-        env.lg.say("Alice Resident", &format!("line {i}"));
-    }
+    let expected = env.alice_says_numbered_lines(3);
     eventually(PATIENCE, "lines in the outbox", || async {
         relay.outbox.len() == 3
     })
@@ -23,9 +21,6 @@ async fn lines_wait_in_the_outbox_while_the_cms_is_down_and_arrive_once_it_is_up
     .await;
     relay.stop().await;
 
-    let expected: Vec<String> = (0..3)
-        .map(|i| format!("[Alice Resident] line {i}"))
-        .collect();
     assert_eq!(env.stored_messages(), expected);
 }
 
