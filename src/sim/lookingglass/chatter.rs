@@ -15,7 +15,8 @@ use crate::sim::lookingglass::ViewerHandle;
 /// The avatars of the generated chatter: two that a relay typically maps and one it does not.
 const CHATTER_AVATARS: [&str; 3] = ["Alice Resident", "Bob Builder", "Carol Visitor"];
 
-/// How chatter lines look beyond `hello #N from NAME` (see [`ViewerArgs`](crate::sim::lookingglass::ViewerArgs)).
+/// How chatter lines look beyond `hello #N from NAME` (see
+/// [`ViewerArgs`](crate::sim::lookingglass::ViewerArgs)).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ChatterStyle {
     /// Append ` @<unix microseconds>` of the moment the line is said.
