@@ -58,11 +58,20 @@ fn client() -> reqwest::Client {
 }
 
 fn client_from(local_address: Option<IpAddr>) -> reqwest::Client {
+    client_with(local_address, Duration::from_secs(5))
+}
+
+/// A client that gives up after 300 ms: for requests the simulator never answers.
+fn impatient_client() -> reqwest::Client {
+    client_with(None, Duration::from_millis(300))
+}
+
+fn client_with(local_address: Option<IpAddr>, timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .http1_title_case_headers()
         .no_proxy()
         .local_address(local_address)
-        .timeout(Duration::from_secs(5))
+        .timeout(timeout)
         .build()
         .expect("a reqwest client builds")
 }
@@ -128,6 +137,17 @@ impl TestCms {
         let (status, body) = self.get(path_and_query).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).expect("JSON answer")
+    }
+
+    /// Posts one line with [`impatient_client`]: the outcome of a POST that may never be answered.
+    async fn post_line_impatiently(
+        &self,
+        token: &str,
+        message: &str,
+    ) -> reqwest::Result<(u16, String)> {
+        let line = self.line(message, "2026-01-01 12:00:05");
+        self.post_chats_with(&impatient_client(), token, line.to_string())
+            .await
     }
 
     fn line(&self, message: &str, timestamp: &str) -> Value {
@@ -1188,20 +1208,8 @@ async fn fault_hang_never_answers_and_stores_nothing() {
     let cms = spawn_cms().await;
     let token = cms.token().await;
     cms.cms.fault_next(1, Fault::Hang);
-    let impatient = reqwest::Client::builder()
-        .http1_title_case_headers()
-        .no_proxy()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .expect("client");
 
-    let outcome = cms
-        .post_chats_with(
-            &impatient,
-            &token,
-            cms.line("lost", "2026-01-01 12:00:05").to_string(),
-        )
-        .await;
+    let outcome = cms.post_line_impatiently(&token, "lost").await;
 
     assert!(
         outcome.as_ref().is_err_and(reqwest::Error::is_timeout),
@@ -1215,20 +1223,8 @@ async fn fault_hang_after_store_stores_then_never_answers() {
     let cms = spawn_cms().await;
     let token = cms.token().await;
     cms.cms.fault_next(1, Fault::HangAfterStore);
-    let impatient = reqwest::Client::builder()
-        .http1_title_case_headers()
-        .no_proxy()
-        .timeout(Duration::from_millis(300))
-        .build()
-        .expect("client");
 
-    let outcome = cms
-        .post_chats_with(
-            &impatient,
-            &token,
-            cms.line("stored", "2026-01-01 12:00:05").to_string(),
-        )
-        .await;
+    let outcome = cms.post_line_impatiently(&token, "stored").await;
 
     assert!(
         outcome.as_ref().is_err_and(reqwest::Error::is_timeout),

@@ -389,6 +389,28 @@ mod http_server {
     }
 
     #[tokio::test]
+    async fn bare_line_feeds_and_empty_lines_before_a_request_are_accepted() {
+        let server = start().await;
+        let mut client = RawClient::connect(server.addr).await;
+
+        client
+            .send(b"\r\n\nGET /echo?q=1 HTTP/1.1\nHost: h\nX-Bare: lf\n\n")
+            .await;
+        let bare = client.response().await;
+        client
+            .send(b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok\r\nGET /echo HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await;
+        let with_body = client.response().await;
+        let after_stray_line_end = client.response().await;
+
+        assert_eq!(bare.status, 200);
+        assert!(bare.text().contains("X-Bare: lf\n"), "{}", bare.text());
+        assert!(bare.text().contains("q=Some(\"1\")"), "{}", bare.text());
+        assert!(with_body.text().ends_with("body=ok"));
+        assert!(after_stray_line_end.text().starts_with("method=GET"));
+    }
+
+    #[tokio::test]
     async fn malformed_requests_get_400_and_oversized_bodies_413() {
         let server = start().await;
 

@@ -2,11 +2,13 @@
 //!
 //! It owns the wire: reading request heads and bodies (Content-Length, chunked, `Expect:
 //! 100-continue`), keep-alive, writing responses, and reporting whether a response write completed.
-//! A hand-written server (rather than hyper or axum) is what lets the simulators reproduce the
+//! A server of our own (rather than hyper or axum) is what lets the simulators reproduce the
 //! peers' quirks: header names are kept in the exact case the client sent (the CMS reads them with
 //! PHP `getallheaders`), a request can be left unanswered forever or the connection closed without
 //! an answer, a body can be written slowly, and the handler learns when a client abandoned a
-//! response mid-write (which kills the real LookingGlass viewer).
+//! response mid-write (which kills the real LookingGlass viewer). Turning bytes into a head and a
+//! body is `parse`'s (with `httparse`, hyper's own parser, which hands out header names exactly as
+//! sent); this file owns the socket: reading, keep-alive, writing and noticing a client leave.
 //!
 //! A client that closes its side of the connection (EOF) while its request is being handled
 //! counts as gone: its response is not written and is reported as not written. Real HTTP clients
@@ -15,6 +17,8 @@
 //! It must not know anything about chat, the viewer or the CMS: routing and bodies belong to the
 //! handlers. It never panics on network input; a malformed request gets `400` and the connection
 //! is closed.
+
+mod parse;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +30,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::sim::http::parse::{BodyFraming, ReadFailure, body_framing, parse_chunked, parse_head};
 
 /// Largest request head (request line and headers) accepted; a larger one gets `413` and a close.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -220,57 +226,6 @@ where
     tracker.wait().await;
 }
 
-/// Why a request could not be read.
-enum ReadFailure {
-    /// The client closed the connection or the socket failed: nothing to answer.
-    Gone,
-    /// The request is malformed: answer 400 and close.
-    Malformed(&'static str),
-    /// The head or body is over the limit: answer 413 and close.
-    TooLarge,
-}
-
-/// A parsed request head, before the body is read.
-struct Head {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    http11: bool,
-}
-
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
-    }
-
-    /// Whether the `Connection` header lists `token` (case-insensitive, comma-separated).
-    fn connection_has(&self, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(key, _)| key.eq_ignore_ascii_case("connection"))
-            .flat_map(|(_, value)| value.split(','))
-            .any(|item| item.trim().eq_ignore_ascii_case(token))
-    }
-
-    fn keep_alive(&self) -> bool {
-        if self.http11 {
-            !self.connection_has("close")
-        } else {
-            self.connection_has("keep-alive")
-        }
-    }
-}
-
-/// How the request body is framed.
-enum BodyFraming {
-    None,
-    Length(usize),
-    Chunked,
-}
-
 /// One client connection: the socket plus the bytes read but not yet consumed (a pipelined next
 /// request may already be in there).
 struct Connection {
@@ -444,32 +399,15 @@ impl Connection {
     /// Reads one request: its head, then (after `100 Continue` if asked) its body. Returns the
     /// request and whether the connection may be kept alive after answering it.
     async fn read_request(&mut self) -> Result<(Request, bool), ReadFailure> {
-        let mut scanned = 0;
-        let (head_end, body_start) = loop {
-            // RFC 9112 §2.2: ignore empty lines before a request line (left over from a previous
-            // body's trailing CRLF by some clients).
-            let leading = self
-                .buffer
-                .iter()
-                .take_while(|byte| **byte == b'\r' || **byte == b'\n')
-                .count();
-            if leading > 0 {
-                self.buffer.drain(..leading);
-                scanned = 0;
+        let (head, body_start) = loop {
+            if let Some(parsed) = parse_head(&self.buffer)? {
+                break parsed;
             }
-            if let Some(found) = find_head_end(&self.buffer, scanned) {
-                break found;
-            }
-            scanned = self.buffer.len().saturating_sub(3);
             if self.buffer.len() > MAX_HEAD_BYTES {
                 return Err(ReadFailure::TooLarge);
             }
             self.fill().await?;
         };
-        if head_end > MAX_HEAD_BYTES {
-            return Err(ReadFailure::TooLarge);
-        }
-        let head = parse_head(&self.buffer[..head_end])?;
         self.buffer.drain(..body_start);
 
         let framing = body_framing(&head)?;
@@ -611,178 +549,5 @@ impl Connection {
             _ = shutdown.cancelled() => false,
             result = write_all => result.is_ok(),
         }
-    }
-}
-
-/// Finds the blank line ending a request head, searching from `from`. Returns the head's length
-/// (without the blank line) and where the body starts. Bare `\n` line ends are accepted.
-fn find_head_end(buffer: &[u8], from: usize) -> Option<(usize, usize)> {
-    let mut index = from;
-    while index < buffer.len() {
-        if buffer[index] == b'\n' {
-            if buffer.get(index + 1) == Some(&b'\n') {
-                return Some((index, index + 2));
-            }
-            if buffer.get(index + 1) == Some(&b'\r') && buffer.get(index + 2) == Some(&b'\n') {
-                return Some((index, index + 3));
-            }
-        }
-        index += 1;
-    }
-    None
-}
-
-/// Parses the request line and headers.
-fn parse_head(bytes: &[u8]) -> Result<Head, ReadFailure> {
-    let text = String::from_utf8_lossy(bytes);
-    let mut lines = text
-        .split('\n')
-        .map(|line| line.strip_suffix('\r').unwrap_or(line));
-    let request_line = lines.next().ok_or(ReadFailure::Malformed("empty head"))?;
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(ReadFailure::Malformed("bad request line"));
-    };
-    if method.is_empty() || !method.bytes().all(is_token_byte) {
-        return Err(ReadFailure::Malformed("bad method"));
-    }
-    if target.is_empty() || target.bytes().any(|byte| byte.is_ascii_control()) {
-        return Err(ReadFailure::Malformed("bad target"));
-    }
-    let http11 = match version {
-        "HTTP/1.1" => true,
-        "HTTP/1.0" => false,
-        _ => return Err(ReadFailure::Malformed("unsupported version")),
-    };
-    let mut headers = Vec::new();
-    for line in lines {
-        if line.starts_with(' ') || line.starts_with('\t') {
-            return Err(ReadFailure::Malformed("obsolete line folding"));
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(ReadFailure::Malformed("header without colon"))?;
-        if name.is_empty() || !name.bytes().all(is_token_byte) {
-            return Err(ReadFailure::Malformed("bad header name"));
-        }
-        headers.push((name.to_owned(), value.trim_matches([' ', '\t']).to_owned()));
-    }
-    Ok(Head {
-        method: method.to_owned(),
-        target: target.to_owned(),
-        headers,
-        http11,
-    })
-}
-
-/// RFC 9110 `tchar`.
-fn is_token_byte(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&byte)
-}
-
-/// How the body is framed (RFC 9112 §6.3): chunked wins over Content-Length; differing
-/// Content-Length values or a transfer coding other than chunked are malformed.
-fn body_framing(head: &Head) -> Result<BodyFraming, ReadFailure> {
-    let codings: Vec<String> = head
-        .headers
-        .iter()
-        .filter(|(key, _)| key.eq_ignore_ascii_case("transfer-encoding"))
-        .flat_map(|(_, value)| value.split(','))
-        .map(|item| item.trim().to_ascii_lowercase())
-        .filter(|item| !item.is_empty())
-        .collect();
-    if !codings.is_empty() {
-        return if codings.last().map(String::as_str) == Some("chunked") {
-            Ok(BodyFraming::Chunked)
-        } else {
-            Err(ReadFailure::Malformed("unsupported transfer coding"))
-        };
-    }
-    let mut length = None;
-    for (_, value) in head
-        .headers
-        .iter()
-        .filter(|(key, _)| key.eq_ignore_ascii_case("content-length"))
-    {
-        for item in value.split(',') {
-            let item = item.trim();
-            if item.is_empty() || !item.bytes().all(|byte| byte.is_ascii_digit()) {
-                return Err(ReadFailure::Malformed("bad content-length"));
-            }
-            // Too many digits to fit is certainly over the limit.
-            let parsed = item.parse::<usize>().unwrap_or(usize::MAX);
-            if length.is_some_and(|previous| previous != parsed) {
-                return Err(ReadFailure::Malformed("conflicting content-length"));
-            }
-            length = Some(parsed);
-        }
-    }
-    Ok(length.map_or(BodyFraming::None, BodyFraming::Length))
-}
-
-/// Decodes a complete chunked body at the start of `buffer`: `Ok(None)` if more bytes are
-/// needed, else the body and the number of bytes consumed (trailers included). It skips over
-/// chunk data without copying until the body is complete, so re-parsing after each read stays
-/// cheap.
-fn parse_chunked(buffer: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ReadFailure> {
-    let mut position = 0;
-    let mut pieces: Vec<(usize, usize)> = Vec::new();
-    let mut total = 0usize;
-    loop {
-        let Some(line_end) = find_line_end(buffer, position) else {
-            return Ok(None);
-        };
-        let line = String::from_utf8_lossy(&buffer[position..line_end.0]);
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        if size_text.is_empty() || !size_text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-            return Err(ReadFailure::Malformed("bad chunk size"));
-        }
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| ReadFailure::TooLarge)?;
-        position = line_end.1;
-        if size == 0 {
-            break;
-        }
-        total = total.saturating_add(size);
-        if total > MAX_BODY_BYTES {
-            return Err(ReadFailure::TooLarge);
-        }
-        let data_end = position.saturating_add(size);
-        if buffer.len() < data_end {
-            return Ok(None);
-        }
-        pieces.push((position, data_end));
-        match find_line_end(buffer, data_end) {
-            None => return Ok(None),
-            Some((end, next)) if end == data_end => position = next,
-            Some(_) => return Err(ReadFailure::Malformed("chunk data longer than its size")),
-        }
-    }
-    // Trailer fields, ended by an empty line.
-    loop {
-        let Some((end, next)) = find_line_end(buffer, position) else {
-            return Ok(None);
-        };
-        let empty = end == position;
-        position = next;
-        if empty {
-            break;
-        }
-    }
-    let mut body = Vec::with_capacity(total);
-    for (start, end) in pieces {
-        body.extend_from_slice(&buffer[start..end]);
-    }
-    Ok(Some((body, position)))
-}
-
-/// The end of the line starting at `from`: (index of `\r` or `\n`, index after the line end).
-fn find_line_end(buffer: &[u8], from: usize) -> Option<(usize, usize)> {
-    let newline = from + buffer.get(from..)?.iter().position(|byte| *byte == b'\n')?;
-    if newline > from && buffer[newline - 1] == b'\r' {
-        Some((newline - 1, newline + 1))
-    } else {
-        Some((newline, newline + 1))
     }
 }
