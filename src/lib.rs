@@ -9,8 +9,9 @@
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages.
 //! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
-//! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
-//!   `check` probe of both peers.
+//! - `health`: the operator's HTTP endpoint; `liveness`: the readiness signals and loop heartbeats
+//!   it and the systemd watchdog decide on; `notify`: systemd notifications; `check`: the `check`
+//!   probe of both peers.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -28,6 +29,7 @@ pub mod demo;
 pub mod filter;
 pub mod health;
 pub mod inworld;
+pub mod liveness;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;
