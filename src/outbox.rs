@@ -28,6 +28,10 @@ use tokio::sync::Notify;
 
 use crate::model::CapturedLine;
 
+// The read-only view `health` gets (in its own file, so that it can be checked to write nothing).
+mod reader;
+pub use reader::OutboxReader;
+
 /// Why the outbox failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {

@@ -1,0 +1,171 @@
+//! `OutboxReader`: the outbox as the operator's endpoint sees it, for `/readyz`, `/metrics` and
+//! `/status`.
+//!
+//! Must not write, in any way, so that a scrape changes nothing: an undecodable pending record is
+//! skipped, not quarantined (delivery's `Outbox::oldest` quarantines it on its next step), and a
+//! database broken by an I/O error is neither marked broken nor reopened (the stages that write find
+//! it broken on their next use and reopen it). While it is broken the trees are not read: the
+//! counts of dead letters and quarantined records read 0, as they do while it cannot be reopened.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+
+use chrono::{DateTime, Utc};
+
+use super::{Outbox, OutboxError, Store, decode_pending};
+
+/// Read-only access to a shared outbox: none of its methods writes.
+#[derive(Clone)]
+pub struct OutboxReader {
+    outbox: Arc<Outbox>,
+}
+
+impl Outbox {
+    /// A read-only handle on this outbox.
+    pub fn reader(self: &Arc<Self>) -> OutboxReader {
+        OutboxReader {
+            outbox: self.clone(),
+        }
+    }
+}
+
+impl OutboxReader {
+    /// Pending lines.
+    pub fn len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// Bytes of pending records.
+    pub fn bytes(&self) -> u64 {
+        self.outbox.bytes()
+    }
+
+    /// Lines dropped for space or age since the outbox was opened.
+    pub fn n_dropped(&self) -> u64 {
+        self.outbox.n_dropped()
+    }
+
+    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    pub fn is_full_and_paused(&self) -> bool {
+        self.outbox.is_full_and_paused()
+    }
+
+    /// When the oldest decodable pending line was captured (an undecodable one is passed over).
+    /// While an I/O error has left the database to be reopened, that error.
+    pub fn oldest_captured_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        let store = self.open_store().map_err(OutboxError::Reopen)?;
+        for entry in self.outbox.committed_pending(&store) {
+            let (key, value) = entry.map_err(OutboxError::Storage)?;
+            if let Some(line) = decode_pending(&key, &value) {
+                return Ok(Some(line.line.captured_at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Dead letters (0 while the database waits to be reopened).
+    pub fn dead_len(&self) -> usize {
+        self.open_store().map_or(0, |store| store.dead.len())
+    }
+
+    /// Quarantined records (0 while the database waits to be reopened).
+    pub fn quarantine_len(&self) -> usize {
+        self.open_store().map_or(0, |store| store.quarantine.len())
+    }
+
+    /// The open database as it is, or why it is not to be read: an I/O error left it to be reopened
+    /// by a stage's next use (the failed handles are left alone, so that nothing here delays it).
+    fn open_store(&self) -> Result<Arc<Store>, String> {
+        let slot = self
+            .outbox
+            .store
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &slot.store {
+            Some(store) if !self.outbox.broken.load(Ordering::Acquire) => Ok(store.clone()),
+            _ => Err(format!(
+                "{}; the outbox is reopened on its next use by a stage",
+                slot.cause
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CapturedLine;
+
+    fn line(text: &str) -> CapturedLine {
+        // Whole milliseconds, as the record stores them.
+        let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now");
+        CapturedLine {
+            speaker: "Alice Resident".into(),
+            owner_id: None,
+            message: text.into(),
+            spoken_at: now,
+            captured_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scrape_passes_over_a_damaged_record_and_leaves_the_quarantine_to_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        let (damaged, kept) = (line("damaged"), line("kept"));
+        outbox
+            .append(&[damaged, kept.clone()])
+            .await
+            .expect("append");
+        let oldest_id = outbox.oldest(1).expect("read")[0].id;
+        outbox
+            .store()
+            .expect("open")
+            .pending
+            .insert(oldest_id.to_be_bytes(), b"not json".to_vec())
+            .expect("insert");
+        let reader = outbox.reader();
+
+        for _ in 0..2 {
+            let oldest = reader.oldest_captured_at().expect("read");
+            assert_eq!(oldest, Some(kept.captured_at));
+            assert_eq!((reader.quarantine_len(), reader.len()), (0, 2));
+        }
+
+        let texts: Vec<_> = outbox
+            .oldest(10)
+            .expect("read")
+            .into_iter()
+            .map(|p| p.line.message)
+            .collect();
+        assert_eq!(texts, ["kept"]);
+        assert_eq!((reader.quarantine_len(), reader.len()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_scrape_leaves_a_broken_outbox_to_be_reopened_by_a_stage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        outbox.append(&[line("one")]).await.expect("append");
+        let reader = outbox.reader();
+        let failed: sled::Result<()> = Err(sled::Error::Io(std::io::Error::other("disk full")));
+        assert!(outbox.io(failed).is_err());
+
+        let err = reader.oldest_captured_at().expect_err("not read");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!((reader.dead_len(), reader.quarantine_len()), (0, 0));
+        assert_eq!(reader.len(), 1);
+        let reopened_at = outbox.store.lock().expect("lock").reopened_at;
+        assert!(reopened_at.is_none(), "the scrape reopened the outbox");
+        assert!(outbox.broken.load(Ordering::Acquire));
+
+        outbox.append(&[line("two")]).await.expect("reopened");
+        assert!(reader.oldest_captured_at().expect("read").is_some());
+        assert_eq!(reader.len(), 2);
+    }
+}
