@@ -1126,4 +1126,62 @@ mod tests {
         let (n_pending, n_bytes) = outbox.store().expect("open").count_pending();
         assert_eq!((outbox.len(), outbox.bytes()), (n_pending, n_bytes));
     }
+
+    #[tokio::test]
+    async fn a_scrape_passes_over_a_damaged_record_and_leaves_the_quarantine_to_delivery() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        let (damaged, kept) = (line("damaged"), line("kept"));
+        outbox
+            .append(&[damaged, kept.clone()])
+            .await
+            .expect("append");
+        let oldest_id = outbox.oldest(1).expect("read")[0].id;
+        outbox
+            .store()
+            .expect("open")
+            .pending
+            .insert(oldest_id.to_be_bytes(), b"not json".to_vec())
+            .expect("insert");
+        let reader = outbox.reader();
+
+        for _ in 0..2 {
+            let oldest = reader.oldest_captured_at().expect("read");
+            assert_eq!(oldest, Some(kept.captured_at));
+            assert_eq!((reader.quarantine_len(), reader.len()), (0, 2));
+        }
+
+        let texts: Vec<_> = outbox
+            .oldest(10)
+            .expect("read")
+            .into_iter()
+            .map(|p| p.line.message)
+            .collect();
+        assert_eq!(texts, ["kept"]);
+        assert_eq!((reader.quarantine_len(), reader.len()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_scrape_leaves_a_broken_outbox_to_be_reopened_by_a_stage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        outbox.append(&[line("one")]).await.expect("append");
+        let reader = outbox.reader();
+        let failed: sled::Result<()> = Err(sled::Error::Io(std::io::Error::other("disk full")));
+        assert!(outbox.io(failed).is_err());
+
+        let err = reader.oldest_captured_at().expect_err("not read");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert_eq!((reader.dead_len(), reader.quarantine_len()), (0, 0));
+        assert_eq!(reader.len(), 1);
+        // A reopen would have cleared the mark.
+        assert!(
+            outbox.broken.load(Ordering::Acquire),
+            "the scrape reopened it"
+        );
+
+        outbox.append(&[line("two")]).await.expect("reopened");
+        assert!(reader.oldest_captured_at().expect("read").is_some());
+        assert_eq!(reader.len(), 2);
+    }
 }
