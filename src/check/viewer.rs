@@ -46,12 +46,13 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             ),
             Err(err) => fail_viewer(report, "viewer.status", url, &err),
         }
-        let answered = report
-            .line("viewer.status")
-            .is_some_and(|l| l.outcome != Outcome::Fail);
-        if host_port(url) == chat_origin {
-            origin_answered = Some(answered || origin_answered.unwrap_or(false));
-        }
+        note_origin(
+            report,
+            "viewer.status",
+            url,
+            &chat_origin,
+            &mut origin_answered,
+        );
     }
     if let Some(url) = &viewer.avatars_url {
         match client.avatars().await {
@@ -61,12 +62,13 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             ),
             Err(err) => fail_viewer(report, "viewer.avatars", url, &err),
         }
-        let answered = report
-            .line("viewer.avatars")
-            .is_some_and(|l| l.outcome != Outcome::Fail);
-        if host_port(url) == chat_origin {
-            origin_answered = Some(answered || origin_answered.unwrap_or(false));
-        }
+        note_origin(
+            report,
+            "viewer.avatars",
+            url,
+            &chat_origin,
+            &mut origin_answered,
+        );
     }
     let not_fetched = format!(
         "{} not fetched: every GET drains the viewer's one chat queue, so a probe would take chat away from the running relay",
@@ -85,6 +87,23 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             "fix the viewer failures above: the chat URL shares their host and port",
         ),
         None => chat_by_tcp(&viewer.chat_url, &not_fetched, report).await,
+    }
+}
+
+/// After the probe `name` of `url`: when `url` is on the chat URL's host and port, whether any probe
+/// there has answered so far.
+fn note_origin(
+    report: &CheckReport,
+    name: &str,
+    url: &str,
+    chat_origin: &Option<(String, u16)>,
+    origin_answered: &mut Option<bool>,
+) {
+    let answered = report
+        .line(name)
+        .is_some_and(|l| l.outcome != Outcome::Fail);
+    if host_port(url) == *chat_origin {
+        *origin_answered = Some(answered || origin_answered.unwrap_or(false));
     }
 }
 
