@@ -114,7 +114,7 @@ impl Relay {
                 addr,
                 HealthState {
                     stats: stats.clone(),
-                    outbox: outbox.clone(),
+                    outbox: outbox.reader(),
                     cms: cms.clone(),
                     poll_interval: settings.viewer.poll_interval,
                     chat_url: settings.viewer.chat_url.clone(),

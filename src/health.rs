@@ -1,7 +1,8 @@
 //! The operator's HTTP endpoint (axum): `GET /healthz`, `/readyz`, `/metrics` and `/status`.
 //!
-//! Read-only: it looks at `Stats`, the outbox's depth and the CMS client's login state, and never
-//! writes, logs in, or talks to either peer, so a scraper polling it every second changes nothing.
+//! Read-only: it looks at `Stats`, the outbox through an `OutboxReader` (which never quarantines a
+//! record or reopens the database) and the CMS client's login state, and never writes, logs in, or
+//! talks to either peer, so a scraper polling it every second changes nothing.
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
 //!
 //! Readiness (`/readyz` is 200 only when all three hold):
@@ -27,7 +28,7 @@ use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
 use crate::filter::FilterReason;
 use crate::metrics::{self, Gauges, Stats};
-use crate::outbox::Outbox;
+use crate::outbox::OutboxReader;
 
 /// The viewer counts as down when no poll was answered for this many poll intervals...
 pub const VIEWER_STALE_POLLS: u32 = 5;
@@ -53,8 +54,8 @@ pub enum HealthError {
 pub struct HealthState {
     /// The relay's counters and signals.
     pub stats: Arc<Stats>,
-    /// The outbox, for its depth.
-    pub outbox: Arc<Outbox>,
+    /// The outbox, for its depth (read-only).
+    pub outbox: OutboxReader,
     /// The CMS client, for its login state and count.
     pub cms: Arc<CmsClient>,
     /// `viewer.poll_interval`.
@@ -158,8 +159,8 @@ impl HealthState {
     }
 
     fn gauges(&self, ready: bool) -> Gauges {
-        // One record read: the oldest pending line (an undecodable one is moved to the quarantine
-        // by the outbox, as delivery would do on its next step).
+        // One record read: the oldest pending line (an undecodable one is passed over here and
+        // moved to the quarantine by delivery's next step).
         let oldest = self.outbox.oldest_captured_at().unwrap_or_else(|err| {
             tracing::warn!(error = %err, "cannot read the oldest outbox line for the metrics");
             None

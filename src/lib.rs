@@ -11,8 +11,9 @@
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
 //!   relay said in-world, which `inworld` records and `poller` recognises.
 //! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
-//! - `health`: the operator's HTTP endpoint; `notify`: systemd notifications; `check`: the
-//!   `check` probe of both peers.
+//! - `health`: the operator's HTTP endpoint; `liveness`: the readiness signals and loop heartbeats
+//!   it and the systemd watchdog decide on; `notify`: systemd notifications; `check`: the `check`
+//!   probe of both peers.
 //! - `sim`: simulators of both peers, for tests and the demo; `demo`: the one-command demo.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,6 +32,7 @@ pub mod echo;
 pub mod filter;
 pub mod health;
 pub mod inworld;
+pub mod liveness;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;

@@ -1,19 +1,22 @@
-//! `Stats`: the relay's counters, histograms and health signals, shared by every task as `Arc<Stats>`,
-//! and their Prometheus text exposition.
+//! `Stats`: the relay's counters and histograms, shared by every task as `Arc<Stats>`, and their
+//! Prometheus text exposition (`render_prometheus`, driven by one table of every metric).
 //!
-//! The stages only write here (one atomic add, one short mutex); `health` reads it for `/metrics`,
-//! `/readyz` and `/status`, and `notify` reads the loop heartbeats for the systemd watchdog. No HTTP
-//! and no I/O here: `render_prometheus` only formats numbers it is given.
+//! The stages only write here (one atomic add, one short mutex); `health` reads it for `/metrics`
+//! and `/status`. `Stats` also carries the readiness signals and loop heartbeats so that a stage
+//! holds one handle, but what they mean (and so when `/readyz` fails and systemd restarts the relay)
+//! is owned by `liveness`. Must not: serve HTTP, do I/O (`render_prometheus` only formats numbers
+//! it is given), or decide readiness or liveness.
 
 use std::fmt::Write as _;
 use std::marker::PhantomData;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::filter::FilterReason;
+use crate::liveness::{Heartbeat, Readiness};
 
-/// Counters since start, histograms, and the signals readiness and the watchdog are decided on.
+/// Counters since start, histograms, and (defined in `liveness`) the signals readiness and the
+/// watchdog are decided on.
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Chat GETs answered by the viewer.
@@ -192,119 +195,17 @@ impl<B: Buckets> Histogram<B> {
         self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        header(out, name, "histogram", help);
-        let mut cumulative = 0;
-        for (idx, count) in self.counts.iter().enumerate() {
-            cumulative += count.load(Ordering::Relaxed);
-            let le = B::BOUNDS
-                .get(idx)
-                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: B::BOUNDS,
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum: self.sum(),
         }
-        let _ = writeln!(out, "{name}_sum {}", self.sum());
-        let _ = writeln!(out, "{name}_count {cumulative}");
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Readiness and liveness
-// ---------------------------------------------------------------------------------------------
-
-/// What the stages last saw of the viewer and the outbox (the CMS login state is kept by the CMS
-/// client itself). Each mutex is held for one assignment.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    viewer: Mutex<ViewerState>,
-    outbox_error: Mutex<Option<String>>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct ViewerState {
-    last_ok: Option<Instant>,
-    last_error: Option<String>,
-}
-
-impl Readiness {
-    /// A viewer poll was answered.
-    pub fn viewer_ok(&self) {
-        let mut viewer = lock(&self.viewer);
-        viewer.last_ok = Some(Instant::now());
-        viewer.last_error = None;
-    }
-
-    /// A viewer poll failed.
-    pub fn viewer_failed(&self, error: &dyn std::fmt::Display) {
-        lock(&self.viewer).last_error = Some(error.to_string());
-    }
-
-    /// When the viewer last answered a poll, and the error of the polls since, if they failed.
-    pub fn viewer(&self) -> (Option<Instant>, Option<String>) {
-        let viewer = lock(&self.viewer).clone();
-        (viewer.last_ok, viewer.last_error)
-    }
-
-    /// An outbox write succeeded.
-    pub fn outbox_ok(&self) {
-        *lock(&self.outbox_error) = None;
-    }
-
-    /// An outbox write failed.
-    pub fn outbox_failed(&self, error: &dyn std::fmt::Display) {
-        *lock(&self.outbox_error) = Some(error.to_string());
-    }
-
-    /// The error of the last outbox write, if it failed.
-    pub fn outbox_error(&self) -> Option<String> {
-        lock(&self.outbox_error).clone()
-    }
-}
-
-/// A task loop's pulse: `beat` once per turn, and hold the guard of `alive` for the loop's life so a
-/// loop that ended (or panicked) is noticed at once.
-#[derive(Debug, Default)]
-pub struct Heartbeat {
-    last: Mutex<Option<Instant>>,
-    alive: AtomicBool,
-}
-
-impl Heartbeat {
-    /// Marks the loop alive until the guard is dropped.
-    pub fn alive(&self) -> AliveGuard<'_> {
-        self.alive.store(true, Ordering::Relaxed);
-        self.beat();
-        AliveGuard { heartbeat: self }
-    }
-
-    /// One turn of the loop.
-    pub fn beat(&self) {
-        *lock(&self.last) = Some(Instant::now());
-    }
-
-    /// Whether the loop runs and came round within `stall_limit`.
-    pub fn is_healthy(&self, stall_limit: Duration) -> bool {
-        self.alive.load(Ordering::Relaxed)
-            && lock(&self.last).is_some_and(|last| last.elapsed() <= stall_limit)
-    }
-}
-
-/// Marks a loop dead when dropped (also on panic).
-#[derive(Debug)]
-pub struct AliveGuard<'a> {
-    heartbeat: &'a Heartbeat,
-}
-
-impl Drop for AliveGuard<'_> {
-    fn drop(&mut self) {
-        self.heartbeat.alive.store(false, Ordering::Relaxed);
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these mutexes leaves a plain value behind; keep using it.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,205 +238,125 @@ pub struct Gauges {
 /// Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The metrics in the Prometheus text format. Every name starts with `opensim_chat_relay_`.
+/// The metrics in the Prometheus text format, in the order of the table in `families`. Every name
+/// starts with `opensim_chat_relay_`.
 pub fn render_prometheus(stats: &Stats, gauges: &Gauges) -> String {
     let mut out = String::with_capacity(8192);
-    let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-        header(out, name, "counter", help);
-        let _ = writeln!(out, "{name} {value}");
-    };
-    let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
-        header(out, name, "gauge", help);
-        let _ = writeln!(out, "{name} {value}");
-    };
-    let get = Stats::get;
-    counter(
-        &mut out,
-        "opensim_chat_relay_viewer_polls_total",
-        "Chat GETs the viewer answered.",
-        get(&stats.polls),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_viewer_poll_errors_total",
-        "Chat GETs that failed (viewer down, wrong host, bad answer).",
-        get(&stats.poll_errors),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_lines_polled_total",
-        "Lines the viewer handed out.",
-        get(&stats.lines_polled),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_lines_relayed_total",
-        "Lines that passed the filter and were stored in the outbox.",
-        get(&stats.lines_relayed),
-    );
-    header(
-        &mut out,
-        "opensim_chat_relay_lines_filtered_total",
-        "counter",
-        "Lines not relayed, by reason.",
-    );
-    for reason in FilterReason::ALL {
-        let _ = writeln!(
-            out,
-            "opensim_chat_relay_lines_filtered_total{{reason=\"{}\"}} {}",
-            reason.as_str(),
-            stats.n_filtered(reason)
-        );
+    for (name, help, samples) in families(stats, gauges) {
+        render_family(&mut out, name, help, &samples);
     }
-    counter(
-        &mut out,
-        "opensim_chat_relay_lines_delivered_total",
-        "Lines the CMS confirmed (including those a read-back found).",
-        get(&stats.lines_delivered) + get(&stats.lines_reconciled),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_lines_reconciled_total",
-        "Lines a read-back found stored after a POST of unknown outcome.",
-        get(&stats.lines_reconciled),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_delivery_retries_total",
-        "Failed delivery attempts (each is retried with backoff).",
-        get(&stats.delivery_retries),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_lines_dead_lettered_total",
-        "Lines the CMS refused, moved to the dead letters.",
-        get(&stats.lines_dead_lettered),
-    );
-    header(
-        &mut out,
-        "opensim_chat_relay_lines_dropped_total",
-        "counter",
-        "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).",
-    );
-    let _ = writeln!(
-        out,
-        "opensim_chat_relay_lines_dropped_total{{reason=\"unreadable\"}} {}",
-        get(&stats.lines_unreadable)
-    );
-    let _ = writeln!(
-        out,
-        "opensim_chat_relay_lines_dropped_total{{reason=\"unstored\"}} {}",
-        get(&stats.lines_unstored)
-    );
-    let _ = writeln!(
-        out,
-        "opensim_chat_relay_lines_dropped_total{{reason=\"outbox_limit\"}} {}",
-        gauges.outbox_dropped
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_batches_delivered_total",
-        "Chat POSTs the CMS answered with success.",
-        get(&stats.batches_delivered),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_cms_logins_total",
-        "Successful CMS logins (a steady climb means tokens are refused).",
-        gauges.cms_logins,
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_inworld_said_total",
-        "CMS lines said in-world.",
-        get(&stats.inworld_said),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_inworld_skipped_total",
-        "CMS lines not said in-world (too old, or beyond the queue limit).",
-        get(&stats.inworld_skipped),
-    );
-    counter(
-        &mut out,
-        "opensim_chat_relay_inworld_echoes_dropped_total",
-        "Viewer lines dropped as the echo of what the relay said in-world.",
-        get(&stats.inworld_echoes_dropped),
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_outbox_lines",
-        "Lines waiting in the outbox.",
-        gauges.outbox_lines as f64,
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_outbox_bytes",
-        "Bytes of the lines waiting in the outbox.",
-        gauges.outbox_bytes as f64,
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_outbox_oldest_age_seconds",
-        "Age of the oldest line waiting in the outbox (0 when empty).",
-        gauges.oldest_age_seconds,
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_dead_letters",
-        "Lines kept in the dead letters.",
-        gauges.dead_letters as f64,
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_quarantined",
-        "Unreadable records kept in the quarantine.",
-        gauges.quarantined as f64,
-    );
-    stats.batch_size.render(
-        &mut out,
-        "opensim_chat_relay_batch_size",
-        "Lines per chat POST.",
-    );
-    stats.post_seconds.render(
-        &mut out,
-        "opensim_chat_relay_post_seconds",
-        "Duration of each chat POST.",
-    );
-    stats.capture_to_cms_seconds.render(
-        &mut out,
-        "opensim_chat_relay_capture_to_cms_seconds",
-        "From the viewer answer carrying a line to the CMS confirming it.",
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_ready",
-        "1 when /readyz answers 200.",
-        if gauges.ready { 1.0 } else { 0.0 },
-    );
-    gauge(
-        &mut out,
-        "opensim_chat_relay_uptime_seconds",
-        "Seconds since start.",
-        gauges.uptime_seconds,
-    );
-    header(
-        &mut out,
-        "opensim_chat_relay_build_info",
-        "gauge",
-        "The running version.",
-    );
-    let _ = writeln!(
-        out,
-        "opensim_chat_relay_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
     out
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Every metric (name, help, samples), one row each, in the order they are exposed.
+fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, Samples)> {
+    use Samples::{Counter, Gauge, Histogram, Labeled};
+    let get = Stats::get;
+    let filtered = FilterReason::ALL
+        .iter()
+        .map(|reason| (reason.as_str(), stats.n_filtered(*reason)))
+        .collect();
+    let dropped = vec![
+        ("unreadable", get(&stats.lines_unreadable)),
+        ("unstored", get(&stats.lines_unstored)),
+        ("outbox_limit", gauges.outbox_dropped),
+    ];
+    let version = vec![(env!("CARGO_PKG_VERSION"), 1)];
+    let ready = if gauges.ready { 1.0 } else { 0.0 };
+    // A gauge that counts (lines, bytes) is shown as a float, like every gauge.
+    #[rustfmt::skip]
+    let families = vec![
+        ("opensim_chat_relay_viewer_polls_total", "Chat GETs the viewer answered.", Counter(get(&stats.polls))),
+        ("opensim_chat_relay_viewer_poll_errors_total", "Chat GETs that failed (viewer down, wrong host, bad answer).", Counter(get(&stats.poll_errors))),
+        ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(get(&stats.lines_polled))),
+        ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(get(&stats.lines_relayed))),
+        ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Labeled(COUNTER, "reason", filtered)),
+        ("opensim_chat_relay_lines_delivered_total", "Lines the CMS confirmed (including those a read-back found).", Counter(get(&stats.lines_delivered) + get(&stats.lines_reconciled))),
+        ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(get(&stats.lines_reconciled))),
+        ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(get(&stats.delivery_retries))),
+        ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
+        ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
+        ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),
+        ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(gauges.cms_logins)),
+        ("opensim_chat_relay_inworld_said_total", "CMS lines said in-world.", Counter(get(&stats.inworld_said))),
+        ("opensim_chat_relay_inworld_skipped_total", "CMS lines not said in-world (too old, or beyond the queue limit).", Counter(get(&stats.inworld_skipped))),
+        ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(get(&stats.inworld_echoes_dropped))),
+        ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(gauges.outbox_lines as f64)),
+        ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(gauges.outbox_bytes as f64)),
+        ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
+        ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
+        ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),
+        ("opensim_chat_relay_batch_size", "Lines per chat POST.", Histogram(stats.batch_size.snapshot())),
+        ("opensim_chat_relay_post_seconds", "Duration of each chat POST.", Histogram(stats.post_seconds.snapshot())),
+        ("opensim_chat_relay_capture_to_cms_seconds", "From the viewer answer carrying a line to the CMS confirming it.", Histogram(stats.capture_to_cms_seconds.snapshot())),
+        ("opensim_chat_relay_ready", "1 when /readyz answers 200.", Gauge(ready)),
+        ("opensim_chat_relay_uptime_seconds", "Seconds since start.", Gauge(gauges.uptime_seconds)),
+        ("opensim_chat_relay_build_info", "The running version.", Labeled(GAUGE, "version", version)),
+    ];
+    families
+}
+
+const COUNTER: &str = "counter";
+const GAUGE: &str = "gauge";
+
+/// The samples of one metric, which also give its type.
+enum Samples {
+    /// A counter's one sample.
+    Counter(u64),
+    /// A gauge's one sample.
+    Gauge(f64),
+    /// A counter or gauge with one sample per value of a label: the type, the label's name, then
+    /// each label value with its sample.
+    Labeled(&'static str, &'static str, Vec<(&'static str, u64)>),
+    /// Cumulative buckets, the sum and the count.
+    Histogram(HistogramSnapshot),
+}
+
+/// A histogram read once, so that its buckets, sum and count are rendered from the same values.
+struct HistogramSnapshot {
+    bounds: &'static [f64],
+    /// Per bucket, not cumulative; one more than `bounds` (the last is `+Inf`).
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+/// The `# HELP` and `# TYPE` lines, then the samples. Writing to a `String` cannot fail, so the
+/// `fmt::Result`s are dropped.
+fn render_family(out: &mut String, name: &str, help: &str, samples: &Samples) {
+    let kind = match samples {
+        Samples::Counter(_) => COUNTER,
+        Samples::Gauge(_) => GAUGE,
+        Samples::Labeled(kind, ..) => kind,
+        Samples::Histogram(_) => "histogram",
+    };
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+    match samples {
+        Samples::Counter(value) => {
+            let _ = writeln!(out, "{name} {value}");
+        }
+        Samples::Gauge(value) => {
+            let _ = writeln!(out, "{name} {value}");
+        }
+        Samples::Labeled(_, label, samples) => {
+            for (label_value, value) in samples {
+                let _ = writeln!(out, "{name}{{{label}=\"{label_value}\"}} {value}");
+            }
+        }
+        Samples::Histogram(histogram) => {
+            let mut cumulative = 0;
+            for (idx, count) in histogram.counts.iter().enumerate() {
+                cumulative += count;
+                let le = histogram
+                    .bounds
+                    .get(idx)
+                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+                let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_sum {}", histogram.sum);
+            let _ = writeln!(out, "{name}_count {cumulative}");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -580,16 +401,5 @@ mod tests {
                 assert!(name.ends_with("_total"), "{name}");
             }
         }
-    }
-
-    #[test]
-    fn a_loop_that_ended_or_stalled_is_not_healthy() {
-        let heartbeat = Heartbeat::default();
-        assert!(!heartbeat.is_healthy(Duration::from_secs(60)));
-        {
-            let _alive = heartbeat.alive();
-            assert!(heartbeat.is_healthy(Duration::from_secs(60)));
-        }
-        assert!(!heartbeat.is_healthy(Duration::from_secs(60)));
     }
 }

@@ -15,7 +15,8 @@
 //! The files, one concern each: `store` (the database, its ids, reopening it after an I/O error),
 //! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
-//! and the quarantine), `cursor` (the stages' persisted cursors), `tests` (through the facade).
+//! and the quarantine), `cursor` (the stages' persisted cursors), `reader` (the read-only view `health` gets: it
+//! never quarantines or reopens), `tests` (through the facade).
 //! This file holds the types the stages see and the depth counters the others keep true. Must not
 //! do anything but storage.
 
@@ -24,6 +25,7 @@ mod cursor;
 mod dead;
 mod ingest;
 mod queue;
+mod reader;
 mod record;
 mod store;
 
@@ -42,6 +44,7 @@ use crate::outbox::store::{Database, Store, last_key};
 pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
 pub use ingest::Ingest;
+pub use reader::OutboxReader;
 
 /// Why the outbox failed.
 #[derive(Debug, thiserror::Error)]

@@ -165,6 +165,19 @@ impl Database {
             .ok_or_else(|| OutboxError::Reopen("the outbox is not open".into()))
     }
 
+    /// The open database as it is, never reopened, for `OutboxReader`: while an I/O error has left
+    /// it to be reopened, why (the failed handles are left alone, so that a read delays no reopen).
+    pub(super) fn peek(&self) -> Result<Arc<Store>, String> {
+        let slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
+        match &slot.store {
+            Some(store) if !self.is_broken() => Ok(store.clone()),
+            _ => Err(format!(
+                "{}; the outbox is reopened on its next use by a stage",
+                slot.cause
+            )),
+        }
+    }
+
     /// The open database as it is, without reopening it: a test's stand-in for an operation that
     /// still holds the failed handles.
     #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Unit tests of the outbox, through its facade as the stages use it (and, where a test must set
 //! up what only a fault or an older relay produces, the trees behind it).
 
+use std::sync::Arc;
+
 use chrono::{TimeZone, Utc};
 
 use crate::model::CapturedLine;
@@ -216,4 +218,54 @@ async fn after_an_io_error_the_outbox_reopens_in_place_once_nobody_holds_it() {
     assert_eq!(texts(&outbox), ["one", "two", "three"]);
     assert_eq!(outbox.len(), 3);
     assert_eq!((outbox.len(), outbox.bytes()), counted_on_disk(&outbox));
+}
+
+#[tokio::test]
+async fn a_scrape_passes_over_a_damaged_record_and_leaves_the_quarantine_to_delivery() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Arc::new(open(&dir));
+    let kept = line("kept");
+    outbox
+        .append(&[line("damaged"), kept.clone()])
+        .await
+        .expect("append");
+    let oldest_key = outbox.oldest(1).expect("read")[0].id.to_be_bytes();
+    let store = outbox.store().expect("open");
+    store
+        .pending
+        .insert(oldest_key, b"not json".to_vec())
+        .expect("damage");
+    drop(store);
+    let reader = outbox.reader();
+
+    for _ in 0..2 {
+        let oldest = reader.oldest_captured_at().expect("read");
+        assert_eq!(oldest, Some(kept.captured_at));
+        assert_eq!((reader.quarantine_len(), reader.len()), (0, 2));
+    }
+
+    // Delivery's read is the one that moves it.
+    assert_eq!(texts(&outbox), ["kept"]);
+    assert_eq!((reader.quarantine_len(), reader.len()), (1, 1));
+}
+
+#[tokio::test]
+async fn a_scrape_leaves_a_broken_outbox_to_be_reopened_by_a_stage() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Arc::new(open(&dir));
+    append(&outbox, &["one"]).await;
+    let reader = outbox.reader();
+    let failed: sled::Result<()> = Err(sled::Error::Io(std::io::Error::other("disk full")));
+    assert!(outbox.db.io(failed).is_err());
+
+    let err = reader.oldest_captured_at().expect_err("not read");
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert_eq!((reader.dead_len(), reader.quarantine_len()), (0, 0));
+    assert_eq!(reader.len(), 1);
+    // A reopen would have cleared the mark.
+    assert!(outbox.db.is_broken(), "the scrape reopened it");
+
+    append(&outbox, &["two"]).await;
+    assert!(reader.oldest_captured_at().expect("read").is_some());
+    assert_eq!(reader.len(), 2);
 }

@@ -1,0 +1,183 @@
+//! The viewer probe of `check`: the status and avatars URLs with a real GET each, and the chat URL
+//! only by its host and port (the probes above on the same origin, or a TCP connection).
+//!
+//! Must not: GET the chat URL (every GET drains the viewer's one chat queue, so a probe would steal
+//! chat from the running relay), send HEAD or OPTIONS (never answered), or POST to the viewer.
+
+use crate::check::PROBE_TIMEOUT;
+use crate::check::report::{CheckReport, Outcome};
+use crate::config::Settings;
+use crate::lookingglass::{LookingGlassClient, ViewerError};
+
+/// Probes the viewer named in `settings.viewer`.
+pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) {
+    let viewer = &settings.viewer;
+    let client = match LookingGlassClient::new(
+        viewer.chat_url.clone(),
+        viewer.avatars_url.clone(),
+        viewer.status_url.clone(),
+        PROBE_TIMEOUT,
+    ) {
+        Ok(client) => client,
+        Err(err) => {
+            report.fail(
+                "viewer",
+                format!("cannot build an HTTP client: {err}"),
+                "this is a bug or a broken TLS setup; report it",
+            );
+            return;
+        }
+    };
+    let chat_origin = host_port(&viewer.chat_url);
+    // Whether a probe reached the chat URL's host and port and the viewer accepted the Host header.
+    let mut origin_answered = None;
+    if let Some(url) = &viewer.status_url {
+        match client.own_name().await {
+            Ok(Some(name)) => {
+                report.ok(
+                    "viewer.status",
+                    format!("{url} answers; the viewer is logged in as {name:?} (its own lines are not relayed)"),
+                );
+            }
+            Ok(None) => report.warn(
+                "viewer.status",
+                format!("{url} answers, but the viewer is not logged in to a region"),
+                "log the viewer's avatar in; until then there is no chat to relay",
+            ),
+            Err(err) => fail_viewer(report, "viewer.status", url, &err),
+        }
+        note_origin(
+            report,
+            "viewer.status",
+            url,
+            &chat_origin,
+            &mut origin_answered,
+        );
+    }
+    if let Some(url) = &viewer.avatars_url {
+        match client.avatars().await {
+            Ok(avatars) => report.ok(
+                "viewer.avatars",
+                format!("{url} answers; {} avatars in view", avatars.len()),
+            ),
+            Err(err) => fail_viewer(report, "viewer.avatars", url, &err),
+        }
+        note_origin(
+            report,
+            "viewer.avatars",
+            url,
+            &chat_origin,
+            &mut origin_answered,
+        );
+    }
+    let not_fetched = format!(
+        "{} not fetched: every GET drains the viewer's one chat queue, so a probe would take chat away from the running relay",
+        viewer.chat_url
+    );
+    match origin_answered {
+        Some(true) => report.ok(
+            "viewer.chat",
+            format!(
+                "{not_fetched}; its host and port answered the probes above with the Host header accepted"
+            ),
+        ),
+        Some(false) => report.fail(
+            "viewer.chat",
+            format!("{not_fetched}; its host and port failed the probes above"),
+            "fix the viewer failures above: the chat URL shares their host and port",
+        ),
+        None => chat_by_tcp(&viewer.chat_url, &not_fetched, report).await,
+    }
+}
+
+/// After the probe `name` of `url`: when `url` is on the chat URL's host and port, whether any probe
+/// there has answered so far.
+fn note_origin(
+    report: &CheckReport,
+    name: &str,
+    url: &str,
+    chat_origin: &Option<(String, u16)>,
+    origin_answered: &mut Option<bool>,
+) {
+    let answered = report
+        .line(name)
+        .is_some_and(|l| l.outcome != Outcome::Fail);
+    if host_port(url) == *chat_origin {
+        *origin_answered = Some(answered || origin_answered.unwrap_or(false));
+    }
+}
+
+/// No status or avatars URL on the chat URL's host and port: only a TCP connection can be tried.
+async fn chat_by_tcp(chat_url: &str, not_fetched: &str, report: &mut CheckReport) {
+    let Some((host, port)) = host_port(chat_url) else {
+        report.fail(
+            "viewer.chat",
+            format!("{chat_url} has no host"),
+            "set viewer.chat_url to http://127.0.0.1:9144/api/chat",
+        );
+        return;
+    };
+    let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+    match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+        Ok(Ok(_)) => report.warn(
+            "viewer.chat",
+            format!("{not_fetched}; {host}:{port} accepts connections"),
+            "set viewer.status_url on the same host and port (…/api/LLLP/status) so check can verify the Host header too",
+        ),
+        Ok(Err(err)) => report.fail(
+            "viewer.chat",
+            format!("{not_fetched}; nothing accepts connections on {host}:{port}: {err}"),
+            "start the viewer; check RestManager.Port in the viewer's LookingGlass.json against viewer.chat_url",
+        ),
+        Err(_) => report.fail(
+            "viewer.chat",
+            format!("{not_fetched}; no connection to {host}:{port} within {PROBE_TIMEOUT:?}"),
+            "check the host in viewer.chat_url and any firewall between the relay and the viewer",
+        ),
+    }
+}
+
+fn fail_viewer(report: &mut CheckReport, name: &'static str, url: &str, err: &ViewerError) {
+    let host = host_port(url).map_or_else(String::new, |(h, p)| format!("{h}:{p}"));
+    match err {
+        ViewerError::Status { status: 400, .. } if err.to_string().contains("Invalid host") => {
+            report.fail(
+                name,
+                format!("{url}: the viewer answered 400 \"Invalid host\": it accepts only the host it listens on, not {host}"),
+                "use http://127.0.0.1:9144 (the viewer's RestManager.BaseURL and Port), not localhost or the machine's name, in viewer.chat_url, viewer.status_url and viewer.avatars_url",
+            )
+        }
+        ViewerError::Transport(source) if is_timeout(source) => report.fail(
+            name,
+            format!("{url}: no answer within {PROBE_TIMEOUT:?}: the viewer never answers a path it does not serve"),
+            "check the path (LookingGlass: /api/LLLP/status and /api/avatars); a viewer in Radegast plugin mode serves no chat API",
+        ),
+        ViewerError::Transport(_) => report.fail(
+            name,
+            format!("{url}: nothing answers on {host}: {err}"),
+            "start the viewer (LookingGlass) on this machine; check RestManager.Port in its LookingGlass.json against the URL",
+        ),
+        ViewerError::Status { .. } | ViewerError::Decode { .. } => report.fail(
+            name,
+            format!("{url}: {err}"),
+            "check that the URL points at a LookingGlass viewer's REST interface",
+        ),
+    }
+}
+
+fn is_timeout(err: &reqwest::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    while let Some(cause) = source {
+        if cause.to_string().contains("timed out") {
+            return true;
+        }
+        source = cause.source();
+    }
+    err.is_timeout()
+}
+
+fn host_port(url: &str) -> Option<(String, u16)> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.to_owned();
+    Some((host, parsed.port_or_known_default()?))
+}

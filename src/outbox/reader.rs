@@ -1,0 +1,85 @@
+//! `OutboxReader`: the outbox as the operator's endpoint sees it, for `/readyz`, `/metrics` and
+//! `/status`.
+//!
+//! Must not write, in any way, so that a scrape changes nothing: an undecodable pending record is
+//! skipped, not quarantined (delivery's `Outbox::oldest` quarantines it on its next step), and a
+//! database broken by an I/O error is neither marked broken nor reopened (the stages that write find
+//! it broken on their next use and reopen it). While it is broken the trees are not read: the
+//! counts of dead letters and quarantined records read 0, as they do while it cannot be reopened.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::outbox::record::decode_pending;
+use crate::outbox::{Outbox, OutboxError};
+
+/// Read-only access to a shared outbox: none of its methods writes.
+#[derive(Clone)]
+pub struct OutboxReader {
+    outbox: Arc<Outbox>,
+}
+
+impl Outbox {
+    /// A read-only handle on this outbox.
+    pub fn reader(self: &Arc<Self>) -> OutboxReader {
+        OutboxReader {
+            outbox: self.clone(),
+        }
+    }
+}
+
+impl OutboxReader {
+    /// Pending lines.
+    pub fn len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// Bytes of pending records.
+    pub fn bytes(&self) -> u64 {
+        self.outbox.bytes()
+    }
+
+    /// Lines dropped for space or age since the outbox was opened.
+    pub fn n_dropped(&self) -> u64 {
+        self.outbox.n_dropped()
+    }
+
+    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    pub fn is_full_and_paused(&self) -> bool {
+        self.outbox.is_full_and_paused()
+    }
+
+    /// When the oldest decodable pending line was captured (an undecodable one is passed over).
+    /// While an I/O error has left the database to be reopened, that error.
+    pub fn oldest_captured_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
+        let store = self.open_store().map_err(OutboxError::Reopen)?;
+        for entry in self.outbox.committed_pending(&store) {
+            let (key, value) = entry.map_err(OutboxError::Storage)?;
+            if let Some(line) = decode_pending(&key, &value) {
+                return Ok(Some(line.line.captured_at));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Dead letters (0 while the database waits to be reopened).
+    pub fn dead_len(&self) -> usize {
+        self.open_store().map_or(0, |store| store.dead.len())
+    }
+
+    /// Quarantined records (0 while the database waits to be reopened).
+    pub fn quarantine_len(&self) -> usize {
+        self.open_store().map_or(0, |store| store.quarantine.len())
+    }
+
+    /// The open database as it is (`Database::peek`): never reopened.
+    fn open_store(&self) -> Result<Arc<crate::outbox::store::Store>, String> {
+        self.outbox.db.peek()
+    }
+}
