@@ -86,6 +86,7 @@ pub struct CmsSettings {
     /// E.g. `http://127.0.0.1/OpenSim-CMS/api`, without a trailing slash.
     pub base_url: String,
     /// The CMS's `grids.id`.
+    #[serde(deserialize_with = "integer")]
     pub grid_id: u32,
     /// The relay's CMS account.
     pub username: String,
@@ -97,12 +98,15 @@ pub struct CmsSettings {
     /// The CMS server's clock.
     pub timezone: Zone,
     /// The user id of unmapped speakers (-1 for OpenSim-CMS 1.1).
+    #[serde(deserialize_with = "integer")]
     pub anonymous_user_id: i64,
     /// Message of an unmapped speaker, with `{name}` and `{message}`.
     pub anonymous_format: String,
     /// At most this many lines per POST.
+    #[serde(deserialize_with = "integer")]
     pub batch_max_messages: usize,
     /// At most this many bytes of JSON per POST.
+    #[serde(deserialize_with = "integer")]
     pub batch_max_bytes: usize,
     /// How long a batch that is not full waits for more lines.
     #[serde(with = "humantime_serde")]
@@ -111,12 +115,15 @@ pub struct CmsSettings {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// A CMS answer larger than this is refused.
+    #[serde(deserialize_with = "integer")]
     pub max_response_bytes: usize,
     /// CMS requests of the delivery per second at most (0 = unpaced), so a backlog after an outage
     /// does not flatten a small PHP server.
+    #[serde(deserialize_with = "float")]
     pub max_requests_per_second: f64,
     /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
+    #[serde(deserialize_with = "boolean")]
     pub verify: bool,
 }
 
@@ -125,6 +132,7 @@ pub struct CmsSettings {
 #[serde(deny_unknown_fields)]
 pub struct MappingSettings {
     /// Avatar name to CMS user id, checked before any lookup (names compare case-insensitively).
+    #[serde(deserialize_with = "user_map")]
     pub users: BTreeMap<String, i64>,
     /// How long a lookup result (found or not) is remembered.
     #[serde(with = "humantime_serde")]
@@ -136,8 +144,10 @@ pub struct MappingSettings {
 #[serde(deny_unknown_fields)]
 pub struct FilterSettings {
     /// Chat `Type`s relayed (Normal, Whisper, Shout, and optionally Debug, OwnerSay).
+    #[serde(deserialize_with = "string_list")]
     pub types: Vec<String>,
     /// Relay lines said by objects too.
+    #[serde(deserialize_with = "boolean")]
     pub objects: bool,
 }
 
@@ -146,6 +156,7 @@ pub struct FilterSettings {
 #[serde(deny_unknown_fields)]
 pub struct InworldSettings {
     /// Whether CMS lines are said in-world at all.
+    #[serde(deserialize_with = "boolean")]
     pub enabled: bool,
     /// Pause between CMS reads.
     #[serde(with = "humantime_serde")]
@@ -156,16 +167,19 @@ pub struct InworldSettings {
     /// The said text, with `{first}`, `{last}`, `{username}`, `{message}`.
     pub format: String,
     /// The chat channel (0 = public chat).
+    #[serde(deserialize_with = "integer")]
     pub channel: i32,
     /// How the avatar says it.
     #[serde(rename = "type")]
     pub say_type: SayType,
     /// Flood limit.
+    #[serde(deserialize_with = "float")]
     pub max_lines_per_second: f64,
     /// Lines older than this when their turn comes are skipped.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     /// Lines waiting at most; beyond, the oldest are skipped.
+    #[serde(deserialize_with = "integer")]
     pub max_queue: usize,
 }
 
@@ -198,8 +212,10 @@ pub struct OutboxSettings {
     /// The sled directory.
     pub path: PathBuf,
     /// sled's page cache in bytes.
+    #[serde(deserialize_with = "integer")]
     pub cache_bytes: u64,
     /// Bytes of pending lines at most.
+    #[serde(deserialize_with = "integer")]
     pub max_bytes: u64,
     /// Pending lines older than this are dropped.
     #[serde(with = "humantime_serde")]
@@ -268,9 +284,9 @@ impl Settings {
             config::Environment::with_prefix("RELAY")
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("filter.types")
-                .try_parsing(true),
+                // Every value stays the string it was: `007` is a password, not 7. The typed keys
+                // parse their strings themselves (`integer`, `float`, `boolean`, `string_list`).
+                .try_parsing(false),
         );
         for (key, value) in overrides {
             builder = builder.set_override(*key, *value)?;
@@ -476,6 +492,126 @@ fn empty_addr_is_none<'de, D: Deserializer<'de>>(
     }
 }
 
+/// A whole number: a TOML integer, or the text of one (an environment variable, an override). A
+/// float (`1.5`, `1e2`) or a bool is an error, where `config` would round it or read `true` as 1.
+fn integer<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64> + std::str::FromStr,
+{
+    struct Integer<T>(std::marker::PhantomData<T>);
+    impl<T> serde::de::Visitor<'_> for Integer<T>
+    where
+        T: TryFrom<i64> + TryFrom<u64> + std::str::FromStr,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number in range")
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<T, E> {
+            T::try_from(value).map_err(|_| E::custom(format!("{value} is out of range")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<T, E> {
+            T::try_from(value).map_err(|_| E::custom(format!("{value} is out of range")))
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<T, E> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("{value:?} is not a whole number in range")))
+        }
+    }
+    deserializer.deserialize_any(Integer(std::marker::PhantomData))
+}
+
+/// A number: a TOML integer or float, or the text of one. A bool is an error.
+fn float<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    struct Float;
+    impl serde::de::Visitor<'_> for Float {
+        type Value = f64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<f64, E> {
+            Ok(value)
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<f64, E> {
+            Ok(value as f64)
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<f64, E> {
+            Ok(value as f64)
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<f64, E> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("{value:?} is not a number")))
+        }
+    }
+    deserializer.deserialize_any(Float)
+}
+
+/// A bool: a TOML bool, or `true`/`false` (also `yes`/`no`, `on`/`off`, `1`/`0`) as text. A TOML
+/// number is an error.
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    struct Boolean;
+    impl serde::de::Visitor<'_> for Boolean {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<bool, E> {
+            Ok(value)
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<bool, E> {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Ok(true),
+                "false" | "no" | "off" | "0" => Ok(false),
+                _ => Err(E::custom(format!("{value:?} is not true or false"))),
+            }
+        }
+    }
+    deserializer.deserialize_any(Boolean)
+}
+
+/// A list of strings: a TOML array, or one comma-separated string (`RELAY__FILTER__TYPES=Normal,Shout`).
+fn string_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct List;
+    impl<'de> serde::de::Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated names")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+    }
+    deserializer.deserialize_any(List)
+}
+
+/// `mapping.users`: name → user id, each id by the rules of `integer`.
+fn user_map<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct UserId(#[serde(deserialize_with = "integer")] i64);
+    let users = BTreeMap::<String, UserId>::deserialize(deserializer)?;
+    Ok(users.into_iter().map(|(name, id)| (name, id.0)).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,5 +664,61 @@ mod tests {
         let text = settings.redacted();
         assert!(!text.contains("hunter2-secret"), "{text}");
         assert!(text.contains("relay"));
+    }
+
+    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, toml).expect("write");
+        Settings::load(Some(&file), &CREDENTIALS)
+    }
+
+    #[test]
+    fn typed_keys_in_a_file_take_only_their_own_type() {
+        for (toml, key) in [
+            ("[cms]\ngrid_id = 1.5\n", "cms.grid_id"),
+            (
+                "[cms]\nbatch_max_messages = true\n",
+                "cms.batch_max_messages",
+            ),
+            ("[inworld]\nenabled = 1\n", "inworld.enabled"),
+            ("[inworld]\nchannel = 99999999999\n", "inworld.channel"),
+            (
+                "[mapping.users]\n\"Alice Resident\" = 3.5\n",
+                "mapping.users",
+            ),
+            ("[filter]\ntypes = [1]\n", "filter.types"),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let settings = load_toml(
+            "[cms]\nmax_requests_per_second = 3\n[mapping.users]\n\"Alice Resident\" = 3\n",
+        )
+        .expect("loads");
+        assert_eq!(settings.cms.max_requests_per_second, 3.0);
+        assert_eq!(settings.mapping.users["Alice Resident"], 3);
+    }
+
+    #[test]
+    fn typed_keys_parse_their_text_and_strings_keep_theirs() {
+        let mut overrides = vec![
+            ("cms.username", "0123"),
+            ("cms.password", "007"),
+            ("cms.grid_id", "2"),
+            ("inworld.enabled", "off"),
+            ("filter.types", "Normal, Shout"),
+            ("cms.max_requests_per_second", "2.5"),
+        ];
+        let settings = Settings::load(None, &overrides).expect("loads");
+        assert_eq!(settings.cms.username, "0123");
+        assert_eq!(settings.cms.password.expose_secret(), "007");
+        assert_eq!(settings.cms.grid_id, 2);
+        assert!(!settings.inworld.enabled);
+        assert_eq!(settings.filter.types, ["Normal", "Shout"]);
+        assert_eq!(settings.cms.max_requests_per_second, 2.5);
+        overrides.push(("cms.grid_id", "-1"));
+        let err = Settings::load(None, &overrides).unwrap_err().to_string();
+        assert!(err.contains("cms.grid_id"), "{err}");
     }
 }
