@@ -340,11 +340,6 @@ impl Settings {
             }
             _ => {}
         }
-        if self.cms.anonymous_user_id == 0 {
-            tracing::warn!(
-                "cms.anonymous_user_id is 0: stock OpenSim-CMS 1.1 rejects it (foreign key); use -1 unless your CMS was patched"
-            );
-        }
         if !self.cms.anonymous_format.contains("{message}") {
             return Err(invalid("cms.anonymous_format", "must contain {message}"));
         }
@@ -411,6 +406,19 @@ impl Settings {
             return Err(invalid("outbox.path", "is required"));
         }
         Ok(())
+    }
+
+    /// What is allowed but probably wrong, one sentence each naming its key. Loading logs nothing
+    /// (logging starts after the configuration is known): the caller logs these once it has.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cms.anonymous_user_id == 0 {
+            warnings.push(
+                "cms.anonymous_user_id is 0: stock OpenSim-CMS 1.1 rejects it (foreign key); use -1 unless your CMS was patched"
+                    .to_owned(),
+            );
+        }
+        warnings
     }
 
     /// The effective configuration as TOML-like text, with secrets masked (`check-config`).
@@ -720,5 +728,22 @@ mod tests {
         overrides.push(("cms.grid_id", "-1"));
         let err = Settings::load(None, &overrides).unwrap_err().to_string();
         assert!(err.contains("cms.grid_id"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_id_zero_is_a_warning_not_an_error() {
+        let mut overrides = CREDENTIALS.to_vec();
+        assert!(
+            Settings::load(None, &overrides)
+                .expect("loads")
+                .warnings()
+                .is_empty()
+        );
+        overrides.push(("cms.anonymous_user_id", "0"));
+        let warnings = Settings::load(None, &overrides).expect("loads").warnings();
+        assert!(
+            warnings[0].contains("cms.anonymous_user_id"),
+            "{warnings:?}"
+        );
     }
 }

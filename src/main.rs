@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         Command::Run => match settings(cli.config.as_deref()) {
             Ok(settings) => {
                 telemetry::init(&settings.log.level, settings.log.format);
+                for warning in settings.warnings() {
+                    tracing::warn!("{warning}");
+                }
                 run(async move {
                     shutdown::catch_file_size_signal();
                     let relay =
@@ -39,6 +42,9 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig => match settings(cli.config.as_deref()) {
             Ok(settings) => {
+                for warning in settings.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 println!("{}", settings.redacted());
                 Ok(())
             }

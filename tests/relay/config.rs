@@ -167,3 +167,33 @@ async fn a_numeric_looking_password_from_the_environment_logs_in() {
         "account 0123 with password 007 never logged in"
     );
 }
+
+/// A warning about the configuration reaches the log, which starts after the configuration loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warning_about_the_configuration_is_in_the_log() {
+    let env = TestEnv::start().await;
+    let relay = env.spawn_relay_process(
+        &[
+            ("cms.anonymous_user_id", "0"),
+            ("inworld.enabled", "false"),
+            ("http.listen", ""),
+        ],
+        Stdio::piped(),
+    );
+    let logged_in = tokio::time::timeout(PATIENCE, async {
+        while env.db.n_logins() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut relay = relay;
+    let stderr = relay.stderr.take().expect("piped");
+    assert!(sigterm(relay).success(), "clean stop");
+    assert!(logged_in.is_ok(), "the relay runs");
+    let log = std::io::read_to_string(stderr).expect("log read");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("cms.anonymous_user_id"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+}
