@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::zone::Zone;
 
@@ -23,6 +23,9 @@ pub enum ConfigError {
     /// A layer could not be read or parsed, or a value has the wrong type.
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// The effective configuration cannot be printed as TOML (e.g. a path that is not UTF-8).
+    #[error("configuration: cannot print it as TOML: {0}")]
+    Print(String),
     /// A value is well-typed but unusable.
     #[error("configuration: key `{key}`: {reason}")]
     Invalid {
@@ -34,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// Everything the relay reads from its configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The LookingGlass viewer chat interface.
@@ -58,21 +61,22 @@ pub struct Settings {
 }
 
 /// `[viewer]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewerSettings {
     /// The chat URL; every GET drains the viewer's queue.
     pub chat_url: String,
     /// `/api/avatars`, used to map a name to an avatar UUID; `None` when empty.
-    #[serde(deserialize_with = "empty_is_none")]
+    #[serde(deserialize_with = "empty_is_none", serialize_with = "none_is_empty")]
     pub avatars_url: Option<String>,
     /// `/api/LLLP/status`, used to learn the viewer's own name; `None` when empty.
-    #[serde(deserialize_with = "empty_is_none")]
+    #[serde(deserialize_with = "empty_is_none", serialize_with = "none_is_empty")]
     pub status_url: Option<String>,
     /// Pause between the end of one poll and the next GET.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// The viewer machine's clock, used to rebuild each line's time.
+    #[serde(serialize_with = "display")]
     pub timezone: Zone,
     /// Inactivity limit on a viewer request (never below 30 s).
     #[serde(with = "humantime_serde")]
@@ -80,7 +84,7 @@ pub struct ViewerSettings {
 }
 
 /// `[cms]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CmsSettings {
     /// E.g. `http://127.0.0.1/OpenSim-CMS/api`, without a trailing slash.
@@ -91,11 +95,16 @@ pub struct CmsSettings {
     /// The relay's CMS account.
     pub username: String,
     /// The password, unless `password_file` is used.
+    #[serde(serialize_with = "masked")]
     pub password: SecretString,
     /// A file holding the password (a systemd credential, a Docker secret); `None` when empty.
-    #[serde(deserialize_with = "empty_path_is_none")]
+    #[serde(
+        deserialize_with = "empty_path_is_none",
+        serialize_with = "none_is_empty"
+    )]
     pub password_file: Option<PathBuf>,
     /// The CMS server's clock.
+    #[serde(serialize_with = "display")]
     pub timezone: Zone,
     /// The user id of unmapped speakers (-1 for OpenSim-CMS 1.1).
     #[serde(deserialize_with = "integer")]
@@ -128,7 +137,7 @@ pub struct CmsSettings {
 }
 
 /// `[mapping]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingSettings {
     /// Avatar name to CMS user id, checked before any lookup (names compare case-insensitively).
@@ -140,7 +149,7 @@ pub struct MappingSettings {
 }
 
 /// `[filter]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterSettings {
     /// Chat `Type`s relayed (Normal, Whisper, Shout, and optionally Debug, OwnerSay).
@@ -152,7 +161,7 @@ pub struct FilterSettings {
 }
 
 /// `[inworld]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InworldSettings {
     /// Whether CMS lines are said in-world at all.
@@ -184,7 +193,7 @@ pub struct InworldSettings {
 }
 
 /// `inworld.type`: the viewer's POST `Type` (compared case-sensitively by the viewer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum SayType {
     /// Heard within 10 m.
     Whisper,
@@ -206,7 +215,7 @@ impl SayType {
 }
 
 /// `[outbox]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
     /// The sled directory.
@@ -225,7 +234,7 @@ pub struct OutboxSettings {
 }
 
 /// `[retry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     /// First delay after a transient failure.
@@ -237,7 +246,7 @@ pub struct RetrySettings {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// Default filter; `RUST_LOG` overrides it.
@@ -247,17 +256,20 @@ pub struct LogSettings {
 }
 
 /// `[http]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (port 0 picks one); `None`
     /// (an empty string) turns the endpoint off.
-    #[serde(deserialize_with = "empty_addr_is_none")]
+    #[serde(
+        deserialize_with = "empty_addr_is_none",
+        serialize_with = "none_is_empty"
+    )]
     pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `log.format`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -421,18 +433,27 @@ impl Settings {
         warnings
     }
 
-    /// The effective configuration as TOML-like text, with secrets masked (`check-config`).
-    pub fn redacted(&self) -> String {
-        let mut text = format!("{self:#?}");
-        // SecretString's Debug already prints `[REDACTED]`; the file path is not a secret.
-        if text.contains(self.cms.password.expose_secret())
-            && !self.cms.password.expose_secret().is_empty()
-        {
-            text = text.replace(self.cms.password.expose_secret(), "[REDACTED]");
+    /// The effective configuration as TOML that loads again (`check-config`): every key, with the
+    /// password replaced by `MASK` (an operator puts it back, or uses `cms.password_file`).
+    pub fn redacted(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string(self).map_err(|err| ConfigError::Print(err.to_string()))?;
+        let mut text = String::from(
+            "# opensim-chat-relay: the effective configuration (built-in defaults < file < RELAY__ environment).\n",
+        );
+        if !self.cms.password.expose_secret().is_empty() {
+            text.push_str(&format!(
+                "# cms.password is masked as {MASK:?}: put the real one back (or use cms.password_file) before loading this.\n"
+            ));
         }
-        text
+        text.push('\n');
+        text.push_str(body.trim_end());
+        text.push('\n');
+        Ok(text)
     }
 }
+
+/// What `check-config` prints instead of a password.
+pub const MASK: &str = "********";
 
 impl CmsSettings {
     /// The password, read from `password_file` when that is set (surrounding whitespace trimmed).
@@ -469,6 +490,32 @@ fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
             key,
             reason: format!("{url:?} is not a URL: {err}"),
         }),
+    }
+}
+
+fn masked<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        MASK
+    })
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// `None` is printed as the empty string that loads as `None` again.
+fn none_is_empty<T: Serialize, S: Serializer>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => value.serialize(serializer),
+        None => serializer.serialize_str(""),
     }
 }
 
@@ -669,9 +716,10 @@ mod tests {
             ],
         )
         .expect("load");
-        let text = settings.redacted();
+        let text = settings.redacted().expect("prints");
         assert!(!text.contains("hunter2-secret"), "{text}");
-        assert!(text.contains("relay"));
+        assert!(text.contains("username = \"relay\""), "{text}");
+        assert!(text.contains("password = \"********\""), "{text}");
     }
 
     fn load_toml(toml: &str) -> Result<Settings, ConfigError> {

@@ -45,8 +45,21 @@ fn main() -> ExitCode {
                 for warning in settings.warnings() {
                     eprintln!("warning: {warning}");
                 }
-                println!("{}", settings.redacted());
-                Ok(())
+                // As `run` would: an unreadable password file is an error here too.
+                match settings
+                    .cms
+                    .load_password()
+                    .and_then(|_| settings.redacted())
+                {
+                    Ok(text) => {
+                        print!("{text}");
+                        Ok(())
+                    }
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                }
             }
             Err(code) => return code,
         },

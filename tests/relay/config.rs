@@ -135,6 +135,50 @@ fn a_fractional_grid_id_is_an_error_naming_the_key_not_rounded() {
     }
 }
 
+#[test]
+fn environment_strings_stay_verbatim_and_typed_keys_still_parse() {
+    let (code, stdout, stderr) = check_config_env(
+        "",
+        &[
+            ("RELAY__CMS__USERNAME", "0123"),
+            ("RELAY__CMS__PASSWORD", "007"),
+            ("RELAY__OUTBOX__PATH", "1e3"),
+            ("RELAY__LOG__LEVEL", "TRUE"),
+            ("RELAY__CMS__GRID_ID", "2"),
+            ("RELAY__CMS__BATCH_MAX_MESSAGES", "50"),
+            ("RELAY__CMS__ANONYMOUS_USER_ID", "-1"),
+            ("RELAY__CMS__MAX_REQUESTS_PER_SECOND", "2.5"),
+            ("RELAY__CMS__VERIFY", "true"),
+            ("RELAY__INWORLD__ENABLED", "false"),
+            ("RELAY__INWORLD__CHANNEL", "-7"),
+            ("RELAY__FILTER__TYPES", "Normal,Shout"),
+            ("RELAY__RETRY__INITIAL", "2s"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let printed: toml::Table = stdout.parse().unwrap_or_else(|e| panic!("{e}\n{stdout}"));
+    let get = |section: &str, key: &str| printed[section][key].clone();
+    assert_eq!(get("cms", "username").as_str(), Some("0123"), "{stdout}");
+    assert_eq!(get("outbox", "path").as_str(), Some("1e3"), "{stdout}");
+    assert_eq!(get("log", "level").as_str(), Some("TRUE"), "{stdout}");
+    assert_eq!(get("cms", "grid_id").as_integer(), Some(2));
+    assert_eq!(get("cms", "batch_max_messages").as_integer(), Some(50));
+    assert_eq!(get("cms", "anonymous_user_id").as_integer(), Some(-1));
+    assert_eq!(get("cms", "max_requests_per_second").as_float(), Some(2.5));
+    assert_eq!(get("cms", "verify").as_bool(), Some(true));
+    assert_eq!(get("inworld", "enabled").as_bool(), Some(false));
+    assert_eq!(get("inworld", "channel").as_integer(), Some(-7));
+    assert_eq!(get("retry", "initial").as_str(), Some("2s"));
+    let types: Vec<&str> = printed["filter"]["types"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    assert_eq!(types, ["Normal", "Shout"]);
+    assert!(!stdout.contains("007"), "the password is masked: {stdout}");
+}
+
 /// The password and the username reach the CMS exactly as the environment gave them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_numeric_looking_password_from_the_environment_logs_in() {
@@ -196,4 +240,52 @@ async fn a_warning_about_the_configuration_is_in_the_log() {
         .find(|l| l.contains("cms.anonymous_user_id"))
         .unwrap_or_else(|| panic!("no warning in the log:\n{log}"));
     assert!(warning.contains("WARN"), "{warning}");
+}
+
+/// What `check-config` prints is a configuration: pasted into a file, with the masked password put
+/// back, it loads to the same effective configuration.
+#[test]
+fn the_printed_configuration_loads_again_to_the_same_configuration() {
+    let file = "[viewer]\npoll_interval = \"750ms\"\ntimezone = \"America/New_York\"\n\
+                [cms]\nusername = \"relay\"\nanonymous_format = \"<{name}> {message}\"\n\
+                [mapping.users]\n\"Alice Resident\" = 3\n\"Bob O'Hara\" = 4\n\
+                [http]\nlisten = \"\"\n";
+    let envs = [
+        ("RELAY__CMS__PASSWORD", "pa\"ss=007 #x"),
+        ("RELAY__CMS__GRID_ID", "3"),
+        ("RELAY__VIEWER__STATUS_URL", ""),
+        ("RELAY__FILTER__TYPES", "Shout"),
+        ("RELAY__OUTBOX__MAX_AGE", "36h"),
+    ];
+    let (code, first, stderr) = check_config_env(file, &envs);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(first.contains("password = \"********\""), "{first}");
+    let pasted = first.replace("\"********\"", r#""pa\"ss=007 #x""#);
+    let (code, second, stderr) = check_config_env(&pasted, &[]);
+    assert_eq!(code, Some(0), "{stderr}\n{pasted}");
+    assert_eq!(first, second);
+    let printed: toml::Table = second.parse().expect("TOML");
+    assert_eq!(
+        printed["mapping"]["users"]["Bob O'Hara"].as_integer(),
+        Some(4)
+    );
+    assert_eq!(printed["viewer"]["status_url"].as_str(), Some(""));
+    assert_eq!(printed["http"]["listen"].as_str(), Some(""));
+}
+
+#[test]
+fn an_unreadable_password_file_fails_check_config_as_it_fails_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("no-such-secret");
+    let file = format!(
+        "[cms]\nusername = \"relay\"\npassword_file = {:?}\n",
+        missing.display()
+    );
+    let (code, stdout, stderr) = check_config_env(&file, &[]);
+    assert_eq!(code, Some(78), "{stdout}");
+    assert!(stderr.contains("cms.password_file"), "{stderr}");
+    std::fs::write(&missing, "from-a-file\n").expect("write");
+    let (code, stdout, stderr) = check_config_env(&file, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stdout.contains("from-a-file"), "{stdout}");
 }
