@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::header::RETRY_AFTER;
+use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -90,6 +90,9 @@ impl CmsClient {
             // from the CMS (spec §1.4).
             .http1_title_case_headers()
             .no_proxy()
+            // A redirect would re-send the password (a 307 on login) or the token in the query to
+            // wherever it points: never followed, a 3xx is an error (`redirect_error`).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(endpoint.timeout)
             .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
             // Tokens are bound to the client address: one kept-alive connection keeps it stable.
@@ -292,6 +295,10 @@ impl CmsClient {
                     return Err(CmsError::transport(err));
                 }
             };
+            if let Some(err) = redirect_error(&response) {
+                *token = Some(current);
+                return Err(err);
+            }
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -345,6 +352,9 @@ impl CmsClient {
             .send()
             .await
             .map_err(CmsError::transport)?;
+        if let Some(err) = redirect_error(&response) {
+            return Err(err);
+        }
         let status = response.status().as_u16();
         let body = self.read_body(response).await?;
         let value = wire::parse_lenient(&body);
@@ -410,6 +420,32 @@ fn unreadable(status: u16, retry_after: Option<Duration>, body: &[u8]) -> CmsErr
             snippet: snippet(body),
         }
     }
+}
+
+/// A 3xx as an error naming only the host it points to (a relative `Location` points to the CMS
+/// itself). The request's URL, which the `Location` is resolved against, holds the token: only its
+/// host leaves this function.
+fn redirect_error(response: &reqwest::Response) -> Option<CmsError> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let target = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|location| response.url().join(location).ok());
+    let host = match target
+        .as_ref()
+        .and_then(|url| Some((url.host_str()?, url.port())))
+    {
+        Some((host, Some(port))) => format!("{host}:{port}"),
+        Some((host, None)) => host.to_owned(),
+        None => "an address it did not give (no usable Location)".to_owned(),
+    };
+    Some(CmsError::Redirect {
+        status: response.status().as_u16(),
+        host,
+    })
 }
 
 fn is_transient_status(status: u16) -> bool {

@@ -38,6 +38,17 @@ pub enum CmsError {
     /// `success: false` with another error.
     #[error("cms error: {0}")]
     Failed(String),
+    /// A 3xx: not followed, because the request carries the password (a login) or the token (its
+    /// query). Only the target's host is kept: the rest of the `Location` may hold the token.
+    #[error(
+        "cms answered HTTP {status}, a redirect to {host}: not followed (the password and the token go only to cms.base_url; set it to the address that answers)"
+    )]
+    Redirect {
+        /// The HTTP status.
+        status: u16,
+        /// `host[:port]` of the `Location`, or a note that it had none.
+        host: String,
+    },
     /// The body is not JSON (a PHP fatal error page, a proxy's page).
     #[error("cms sent an unreadable answer (HTTP {status}): {snippet}")]
     Decode {

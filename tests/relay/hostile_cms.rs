@@ -1,0 +1,192 @@
+//! A CMS that does not play fair: redirects, a certificate of its own, junk login answers. Each peer
+//! is a raw HTTP server on a loopback port, so the test decides every byte the relay gets.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opensim_chat_relay::cms::CmsClient;
+use opensim_chat_relay::cms::client::CmsEndpoint;
+use secrecy::SecretString;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// One request as the raw peer read it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `POST /api/auth/username/ HTTP/1.1`
+    pub request_line: String,
+    /// The body as sent.
+    pub body: String,
+}
+
+/// An HTTP/1.1 peer on `127.0.0.1:0` that answers every request with what `answer` makes of it
+/// (the whole response, head and body) and closes the connection. It records what it was sent.
+pub struct RawPeer {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl RawPeer {
+    pub async fn start(answer: impl Fn(&Seen) -> Vec<u8> + Send + Sync + 'static) -> RawPeer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(answer);
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (log, answer) = (log.clone(), answer.clone());
+                tokio::spawn(async move {
+                    let Some(request) = read_request(&mut stream).await else {
+                        return;
+                    };
+                    log.lock().expect("log").push(request.clone());
+                    let _ = stream.write_all(&answer(&request)).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawPeer { addr, seen }
+    }
+
+    /// What the peer was sent so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("log").clone()
+    }
+
+    /// `http://<addr>/OpenSim-CMS/api`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/OpenSim-CMS/api", self.addr)
+    }
+}
+
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(Seen {
+        request_line: head.lines().next().unwrap_or_default().to_owned(),
+        body: String::from_utf8_lossy(&buf[head_end..]).into_owned(),
+    })
+}
+
+/// A complete response with a body.
+pub fn response(status: &str, headers: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut text = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("Connection: close\r\n\r\n");
+    text.push_str(body);
+    text.into_bytes()
+}
+
+/// The login answer of a stock CMS, with a 48-character token.
+pub const TOKEN: &str = "otwk9ERPQS9ietocskWTS5qTG4ow1qrqTXK2CBStt1LHv9UY";
+pub const PASSWORD: &str = "hostile-test-pw-7731";
+
+pub fn login_ok() -> Vec<u8> {
+    response(
+        "200 OK",
+        &[("Content-Type", "application/json")],
+        &format!(r#"{{"token":"{TOKEN}","ip":"127.0.0.1","userId":"3","lastLogin":null}}"#),
+    )
+}
+
+pub fn client(base_url: &str) -> CmsClient {
+    CmsClient::new(CmsEndpoint {
+        base_url: base_url.to_owned(),
+        grid_id: 1,
+        username: "relay".to_owned(),
+        password: SecretString::from(PASSWORD),
+        timeout: Duration::from_secs(5),
+        max_response_bytes: 1 << 20,
+    })
+    .expect("client builds")
+}
+
+#[tokio::test]
+async fn a_redirected_login_is_not_followed_and_the_error_names_the_host_only() {
+    let elsewhere = RawPeer::start(|_| login_ok()).await;
+    let target = format!("http://{}/steal/?token=abc", elsewhere.addr);
+    let cms = RawPeer::start(move |_| {
+        response(
+            "307 Temporary Redirect",
+            &[("Location", target.as_str())],
+            "",
+        )
+    })
+    .await;
+    let err = client(&cms.base_url())
+        .login()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert_eq!(cms.seen().len(), 1, "one login POST");
+    assert!(cms.seen()[0].body.contains(PASSWORD), "{:?}", cms.seen());
+    assert!(
+        elsewhere.seen().is_empty(),
+        "the password went to another host: {:?}",
+        elsewhere.seen()
+    );
+    assert!(err.contains("307"), "{err}");
+    assert!(err.contains(&elsewhere.addr.to_string()), "{err}");
+    assert!(
+        !err.contains("steal") && !err.contains("token=") && !err.contains(PASSWORD),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_redirected_chat_request_does_not_carry_the_token_away() {
+    let elsewhere = RawPeer::start(|_| response("200 OK", &[], "[]")).await;
+    let target = format!(
+        "http://{}/OpenSim-CMS/api/grid/1/chats/0/?token={TOKEN}",
+        elsewhere.addr
+    );
+    let cms = RawPeer::start(move |seen| {
+        if seen.request_line.starts_with("POST") {
+            login_ok()
+        } else {
+            response("302 Found", &[("Location", target.as_str())], "")
+        }
+    })
+    .await;
+    let err = client(&cms.base_url())
+        .chats_since(0)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(elsewhere.seen().is_empty(), "{:?}", elsewhere.seen());
+    assert!(
+        err.contains("302") && err.contains(&elsewhere.addr.to_string()),
+        "{err}"
+    );
+    assert!(!err.contains(TOKEN) && !err.contains("chats"), "{err}");
+}
