@@ -78,6 +78,7 @@ impl Relay {
                 password: settings.cms.load_password()?,
                 timeout: settings.cms.request_timeout,
                 max_response_bytes: settings.cms.max_response_bytes,
+                ca_certificates: settings.cms.load_ca_certificates()?,
             })
             .context("building the cms client")?,
         );

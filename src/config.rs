@@ -3,7 +3,7 @@
 //! Layers, lowest first: `config/default.toml` (embedded in the binary), the file named by `--config`
 //! or `RELAY_CONFIG`, then environment variables `RELAY__SECTION__KEY`. Every struct denies unknown
 //! keys, so a typo stops start-up with the key's name. This module opens no sockets and no files other
-//! than the config file and `cms.password_file`.
+//! than the config file, `cms.password_file` and `cms.ca_file`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,6 +103,13 @@ pub struct CmsSettings {
         serialize_with = "none_is_empty"
     )]
     pub password_file: Option<PathBuf>,
+    /// A PEM bundle trusted for the CMS's certificate besides the system's store (a private CA, a
+    /// self-signed certificate); `None` when empty.
+    #[serde(
+        deserialize_with = "empty_path_is_none",
+        serialize_with = "none_is_empty"
+    )]
+    pub ca_file: Option<PathBuf>,
     /// The CMS server's clock.
     #[serde(serialize_with = "display")]
     pub timezone: Zone,
@@ -430,6 +437,12 @@ impl Settings {
                     .to_owned(),
             );
         }
+        if self.cms.ca_file.is_some() && !self.cms.base_url.starts_with("https:") {
+            warnings.push(
+                "cms.ca_file is set but cms.base_url is not https://: the certificates are not used"
+                    .to_owned(),
+            );
+        }
         warnings
     }
 
@@ -474,6 +487,39 @@ impl CmsSettings {
                 }),
             },
         }
+    }
+}
+
+impl CmsSettings {
+    /// The certificates of `ca_file`, trusted for the CMS besides the system's store; none when it
+    /// is not set. A file that cannot be read, or that holds no certificate rustls can use, is an
+    /// error naming the key.
+    pub fn load_ca_certificates(&self) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "cms.ca_file",
+            reason: format!("{}: {reason}", path.display()),
+        };
+        let pem = std::fs::read(path).map_err(|err| invalid(format!("cannot read it: {err}")))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|err| invalid(format!("not a PEM bundle: {err}")))?;
+        if certificates.is_empty() {
+            return Err(invalid(
+                "holds no certificate (expected -----BEGIN CERTIFICATE----- blocks)".to_owned(),
+            ));
+        }
+        // The PEM parser checks the armour only: a client built with these roots and no others
+        // checks that each is a certificate rustls can trust, here rather than at the first login.
+        let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+        for certificate in &certificates {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        builder
+            .build()
+            .map_err(|err| invalid(format!("holds a certificate that cannot be used: {err}")))?;
+        Ok(certificates)
     }
 }
 

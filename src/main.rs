@@ -45,12 +45,12 @@ fn main() -> ExitCode {
                 for warning in settings.warnings() {
                     eprintln!("warning: {warning}");
                 }
-                // As `run` would: an unreadable password file is an error here too.
-                match settings
-                    .cms
-                    .load_password()
-                    .and_then(|_| settings.redacted())
-                {
+                // As `run` would: an unreadable password file or CA bundle is an error here too.
+                let loaded = settings.cms.load_password().and_then(|_| {
+                    settings.cms.load_ca_certificates()?;
+                    settings.redacted()
+                });
+                match loaded {
                     Ok(text) => {
                         print!("{text}");
                         Ok(())

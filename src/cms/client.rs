@@ -35,6 +35,8 @@ pub struct CmsEndpoint {
     pub timeout: Duration,
     /// Bodies larger than this are refused.
     pub max_response_bytes: usize,
+    /// Trusted for the CMS's certificate besides the system's store (`cms.ca_file`).
+    pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
 struct Token {
@@ -97,7 +99,14 @@ impl CmsClient {
             .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
             // Tokens are bound to the client address: one kept-alive connection keeps it stable.
             .pool_max_idle_per_host(1)
-            .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")));
+        // Trusted: the system's store, the bundled web roots, and `cms.ca_file`.
+        let http = endpoint
+            .ca_certificates
+            .iter()
+            .fold(http, |builder, certificate| {
+                builder.add_root_certificate(certificate.clone())
+            })
             .build()?;
         Ok(CmsClient {
             http,

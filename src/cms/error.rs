@@ -85,6 +85,11 @@ impl CmsError {
             text.push_str(&cause.to_string());
             source = cause.source();
         }
+        if text.contains("invalid peer certificate") {
+            text.push_str(
+                " (a CMS behind a private CA or with a self-signed certificate: set cms.ca_file to its PEM)",
+            );
+        }
         if timeout && !text.contains("timed out") {
             text.push_str(" (timed out)");
         }

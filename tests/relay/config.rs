@@ -289,3 +289,22 @@ fn an_unreadable_password_file_fails_check_config_as_it_fails_run() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stdout.contains("from-a-file"), "{stdout}");
 }
+
+#[test]
+fn a_missing_or_bad_ca_file_names_its_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let not_pem = dir.path().join("not-pem.txt");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let bad_der = dir.path().join("bad-der.pem");
+    std::fs::write(
+        &bad_der,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    for path in [dir.path().join("missing.pem"), not_pem, bad_der] {
+        let (code, stdout, stderr) =
+            check_config_env(&format!("{GOOD}ca_file = {:?}\n", path.display()), &[]);
+        assert_eq!(code, Some(78), "{}: {stdout}", path.display());
+        assert!(stderr.contains("cms.ca_file"), "{stderr}");
+    }
+}

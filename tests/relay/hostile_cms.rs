@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use opensim_chat_relay::cms::CmsClient;
 use opensim_chat_relay::cms::client::CmsEndpoint;
+use opensim_chat_relay::config::Settings;
 use secrecy::SecretString;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// One request as the raw peer read it.
@@ -29,21 +30,39 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub async fn start(answer: impl Fn(&Seen) -> Vec<u8> + Send + Sync + 'static) -> RawPeer {
+        RawPeer::serve(None, answer).await
+    }
+
+    /// The same behind TLS with `tls`'s certificate: `https://127.0.0.1:<port>`.
+    pub async fn start_tls(
+        tls: tokio_rustls::TlsAcceptor,
+        answer: impl Fn(&Seen) -> Vec<u8> + Send + Sync + 'static,
+    ) -> RawPeer {
+        RawPeer::serve(Some(tls), answer).await
+    }
+
+    async fn serve(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        answer: impl Fn(&Seen) -> Vec<u8> + Send + Sync + 'static,
+    ) -> RawPeer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(answer);
         let log = seen.clone();
         tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let (log, answer) = (log.clone(), answer.clone());
+            while let Ok((stream, _)) = listener.accept().await {
+                let (log, answer, tls) = (log.clone(), answer.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let Some(request) = read_request(&mut stream).await else {
-                        return;
-                    };
-                    log.lock().expect("log").push(request.clone());
-                    let _ = stream.write_all(&answer(&request)).await;
-                    let _ = stream.shutdown().await;
+                    match tls {
+                        None => exchange(stream, &log, &*answer).await,
+                        // A refused handshake (the client does not trust us) ends here.
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                exchange(stream, &log, &*answer).await;
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -61,7 +80,21 @@ impl RawPeer {
     }
 }
 
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Seen> {
+/// Reads one request, records it, writes `answer`'s response and closes.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    log: &Mutex<Vec<Seen>>,
+    answer: &(dyn Fn(&Seen) -> Vec<u8> + Send + Sync),
+) {
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    log.lock().expect("log").push(request.clone());
+    let _ = stream.write_all(&answer(&request)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Seen> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -127,6 +160,7 @@ pub fn client(base_url: &str) -> CmsClient {
         password: SecretString::from(PASSWORD),
         timeout: Duration::from_secs(5),
         max_response_bytes: 1 << 20,
+        ca_certificates: Vec::new(),
     })
     .expect("client builds")
 }
@@ -189,4 +223,110 @@ async fn a_redirected_chat_request_does_not_carry_the_token_away() {
         "{err}"
     );
     assert!(!err.contains(TOKEN) && !err.contains("chats"), "{err}");
+}
+
+/// A self-signed certificate for `127.0.0.1` (PEM) and a TLS acceptor serving it.
+fn self_signed() -> (String, tokio_rustls::TlsAcceptor) {
+    use tokio_rustls::rustls;
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .expect("server config");
+    (
+        certified.cert.pem(),
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )
+}
+
+/// The client the relay builds from its settings, with `ca_file` as given.
+fn client_from_settings(base_url: &str, ca_file: &str) -> CmsClient {
+    let settings = Settings::load(
+        None,
+        &[
+            ("cms.base_url", base_url),
+            ("cms.username", "relay"),
+            ("cms.password", PASSWORD),
+            ("cms.ca_file", ca_file),
+        ],
+    )
+    .expect("settings load");
+    CmsClient::new(CmsEndpoint {
+        base_url: settings.cms.base_url.clone(),
+        grid_id: settings.cms.grid_id,
+        username: settings.cms.username.clone(),
+        password: settings.cms.load_password().expect("password"),
+        timeout: Duration::from_secs(5),
+        max_response_bytes: settings.cms.max_response_bytes,
+        ca_certificates: settings.cms.load_ca_certificates().expect("ca_file loads"),
+    })
+    .expect("client builds")
+}
+
+#[tokio::test]
+async fn a_cms_with_its_own_certificate_is_trusted_through_ca_file_only() {
+    let (pem, tls) = self_signed();
+    let cms = RawPeer::start_tls(tls, |_| login_ok()).await;
+    let base_url = format!("https://{}/OpenSim-CMS/api", cms.addr);
+
+    let err = client_from_settings(&base_url, "")
+        .login()
+        .await
+        .expect_err("an unknown issuer is refused");
+    assert!(
+        err.to_string().contains("UnknownIssuer") && err.to_string().contains("cms.ca_file"),
+        "{err}"
+    );
+    assert!(cms.seen().is_empty(), "no request went out over it");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("cms-ca.pem");
+    std::fs::write(&ca_file, &pem).expect("write");
+    let client = client_from_settings(&base_url, &ca_file.to_string_lossy());
+    client.login().await.expect("trusted through cms.ca_file");
+    assert_eq!(client.n_logins(), 1);
+    assert!(cms.seen()[0].body.contains(PASSWORD));
+}
+
+/// `check` against the TLS peer, with `SSL_CERT_FILE` (read by the system trust store's loader on
+/// Linux) set to `trust_store` or unset: its report.
+async fn check_over_tls(base_url: &str, trust_store: Option<&std::path::Path>) -> String {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"));
+    command
+        .arg("check")
+        .env_remove("RELAY_CONFIG")
+        .env_remove("SSL_CERT_DIR")
+        .env("RELAY__CMS__BASE_URL", base_url)
+        .env("RELAY__CMS__USERNAME", "relay")
+        .env("RELAY__CMS__PASSWORD", PASSWORD)
+        // Nothing listens on port 9: the viewer's checks fail fast, the CMS's are what counts.
+        .env("RELAY__VIEWER__CHAT_URL", "http://127.0.0.1:9/api/chat")
+        .env("RELAY__VIEWER__AVATARS_URL", "")
+        .env("RELAY__VIEWER__STATUS_URL", "");
+    match trust_store {
+        Some(path) => command.env("SSL_CERT_FILE", path),
+        None => command.env_remove("SSL_CERT_FILE"),
+    };
+    let output = command.output().await.expect("check runs");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_system_trust_store_is_trusted_too() {
+    let (pem, tls) = self_signed();
+    let cms = RawPeer::start_tls(tls, |_| login_ok()).await;
+    let base_url = format!("https://{}/OpenSim-CMS/api", cms.addr);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("system-store.pem");
+    std::fs::write(&store, &pem).expect("write");
+
+    let report = check_over_tls(&base_url, None).await;
+    assert!(report.contains("FAIL cms.login"), "{report}");
+    let report = check_over_tls(&base_url, Some(&store)).await;
+    assert!(report.contains("ok   cms.login"), "{report}");
 }
