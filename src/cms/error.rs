@@ -29,6 +29,15 @@ pub enum CmsError {
     /// The login itself failed.
     #[error("cms login failed: {0}")]
     Login(String),
+    /// No login was tried: the last one failed a moment ago and logins follow the retry schedule
+    /// (`retry.initial` doubling to `retry.max`), whoever asks. Carries the last failure's text.
+    #[error("cms login failed: {last} (next login attempt in {}ms)", retry_in.as_millis())]
+    LoginDeferred {
+        /// The last login failure, as shown (scrubbed).
+        last: String,
+        /// How long until a login is tried again.
+        retry_in: Duration,
+    },
     /// A validation error: nothing of the batch was stored.
     #[error("cms rejected the batch: {0}")]
     Invalid(String),
@@ -70,6 +79,7 @@ impl CmsError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             CmsError::Http { retry_after, .. } => *retry_after,
+            CmsError::LoginDeferred { retry_in, .. } => Some(*retry_in),
             _ => None,
         }
     }

@@ -8,6 +8,10 @@ use std::time::Duration;
 use opensim_chat_relay::cms::CmsClient;
 use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::config::Settings;
+use serde_json::Value;
+use std::process::Stdio;
+
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, TestEnv, eventually, sigterm};
 use secrecy::SecretString;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -329,4 +333,117 @@ async fn the_system_trust_store_is_trusted_too() {
     assert!(report.contains("FAIL cms.login"), "{report}");
     let report = check_over_tls(&base_url, Some(&store)).await;
     assert!(report.contains("ok   cms.login"), "{report}");
+}
+
+/// A login answer that is no login answer: a PHP warning page that echoes the password and holds a
+/// token-shaped string, longer than anyone wants in a log line.
+fn junk_login_page() -> String {
+    format!(
+        "<b>Warning</b>: MySQL server has gone away checking password '{RELAY_PASSWORD}' for \
+         session {TOKEN} in <b>/var/www/OpenSim-CMS/api/includes/class.Auth.php</b> on line \
+         212<br />\n{}",
+        "<p>stack frame</p>\n".repeat(200)
+    )
+}
+
+/// A free loopback port (bound and released: nothing else on this machine picks it in between in
+/// practice, and a clash fails the test loudly).
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+async fn get_text(url: &str) -> String {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .get(url)
+        .send()
+        .await
+        .expect("the endpoint answers");
+    response.text().await.expect("body")
+}
+
+/// Every task of the relay that needs the CMS (start-up, delivery, the avatar lookups, in-world)
+/// meets a CMS whose login answers junk. Logins follow the retry schedule, and what the relay shows
+/// of the answer (`/readyz`, `/status`, its log) is a short snippet without the password or anything
+/// token-shaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_after_junk_answers_back_off_and_the_answer_is_shown_scrubbed() {
+    let env = TestEnv::start().await;
+    let page = junk_login_page();
+    let cms =
+        RawPeer::start(move |_| response("200 OK", &[("Content-Type", "text/html")], &page)).await;
+    for speaker in ["Alice Resident", "Bob Resident", "Carol Resident"] {
+        env.lg.add_avatar(speaker);
+        env.lg.say(speaker, "hello");
+    }
+    let port = free_port();
+    let health = format!("127.0.0.1:{port}");
+    let base_url = cms.base_url();
+    let mut relay = env.spawn_relay_process(
+        &[
+            ("cms.base_url", &base_url),
+            ("retry.initial", "200ms"),
+            ("retry.max", "60s"),
+            ("inworld.poll_interval", "100ms"),
+            ("http.listen", &health),
+        ],
+        Stdio::piped(),
+    );
+    let stderr = relay.stderr.take().expect("piped");
+    let log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    eventually(PATIENCE, "a first login", || async {
+        !cms.seen().is_empty()
+    })
+    .await;
+    let n_before = cms.seen().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n_logins = cms.seen().len() - n_before;
+    let readyz = get_text(&format!("http://{health}/readyz")).await;
+    let status = get_text(&format!("http://{health}/status")).await;
+    assert!(sigterm(relay).success(), "clean stop");
+    let log = log.join().expect("log reader");
+
+    assert!(
+        cms.seen()
+            .iter()
+            .all(|s| s.request_line.contains("/auth/username/")),
+        "only logins: {:?}",
+        cms.seen()
+    );
+    assert!(
+        n_logins <= 6,
+        "{n_logins} logins in 2 s with retry.initial = 200ms: not backing off"
+    );
+    let readyz: Value = serde_json::from_str(&readyz).expect("JSON");
+    let reason = readyz["checks"]["cms"]["reason"]
+        .as_str()
+        .expect("a reason");
+    assert!(reason.contains("HTTP 200"), "{reason}");
+    for (what, text) in [("/readyz", reason), ("/status", &status), ("the log", &log)] {
+        assert!(
+            !text.contains(RELAY_PASSWORD),
+            "{what} echoes the password: {text}"
+        );
+        assert!(
+            !text.contains(TOKEN),
+            "{what} holds the token-shaped string: {text}"
+        );
+        assert!(
+            !text.contains("stack frame</p>\n<p>stack frame"),
+            "{what} copies the page"
+        );
+    }
+    assert!(reason.len() <= 400, "{} bytes: {reason}", reason.len());
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("MySQL server has gone away"))
+        .collect();
+    assert!(
+        !failures.is_empty(),
+        "the log says what the CMS answered:\n{log}"
+    );
+    assert!(failures.iter().all(|l| l.len() <= 800), "{failures:?}");
 }
