@@ -190,51 +190,50 @@ async fn a_numeric_looking_password_from_the_environment_logs_in() {
         "Account",
         opensim_chat_relay::sim::cms::Permissions::relay(),
     );
-    let relay = env.spawn_relay_process(
+    let (logged_in, _) = run_until_first_login(
+        &env,
         &[
             ("cms.username", "0123"),
             ("cms.password", "007"),
             ("inworld.enabled", "false"),
             ("http.listen", ""),
         ],
-        Stdio::null(),
-    );
+    )
+    .await;
+    assert!(logged_in, "account 0123 with password 007 never logged in");
+}
+
+/// Runs the relay binary with `overrides` as `RELAY__…` variables until the CMS saw a login (or
+/// `PATIENCE` passed), stops it with SIGTERM: whether it logged in, and its log (stderr).
+async fn run_until_first_login(env: &TestEnv, overrides: &[(&str, &str)]) -> (bool, String) {
+    let mut relay = env.spawn_relay_process(overrides, Stdio::piped());
+    let stderr = relay.stderr.take().expect("piped");
+    let log = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let logged_in = tokio::time::timeout(PATIENCE, async {
         while env.db.n_logins() == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
-    .await;
+    .await
+    .is_ok();
     assert!(sigterm(relay).success(), "clean stop");
-    assert!(
-        logged_in.is_ok(),
-        "account 0123 with password 007 never logged in"
-    );
+    (logged_in, log.join().expect("log reader"))
 }
 
 /// A warning about the configuration reaches the log, which starts after the configuration loads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warning_about_the_configuration_is_in_the_log() {
     let env = TestEnv::start().await;
-    let relay = env.spawn_relay_process(
+    let (logged_in, log) = run_until_first_login(
+        &env,
         &[
             ("cms.anonymous_user_id", "0"),
             ("inworld.enabled", "false"),
             ("http.listen", ""),
         ],
-        Stdio::piped(),
-    );
-    let logged_in = tokio::time::timeout(PATIENCE, async {
-        while env.db.n_logins() == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    )
     .await;
-    let mut relay = relay;
-    let stderr = relay.stderr.take().expect("piped");
-    assert!(sigterm(relay).success(), "clean stop");
-    assert!(logged_in.is_ok(), "the relay runs");
-    let log = std::io::read_to_string(stderr).expect("log read");
+    assert!(logged_in, "the relay runs");
     let warning = log
         .lines()
         .find(|l| l.contains("cms.anonymous_user_id"))
