@@ -488,6 +488,7 @@ format = "json"
             username: "relay".into(),
             password: RELAY_PASSWORD.to_owned().into(),
             timeout: Duration::from_secs(30),
+            ca_certificates: Vec::new(),
             max_response_bytes: 16 << 20,
         })?;
         client.login().await?;

@@ -79,8 +79,14 @@ impl Relay {
                 password: settings.cms.load_password()?,
                 timeout: settings.cms.request_timeout,
                 max_response_bytes: settings.cms.max_response_bytes,
+                ca_certificates: settings.cms.load_ca_certificates()?,
             })
-            .context("building the cms client")?,
+            .context("building the cms client")?
+            // Failed logins follow the delivery's retry schedule, whichever task asks.
+            .with_login_retry(RetryPolicy {
+                initial: settings.retry.initial,
+                max: settings.retry.max,
+            }),
         );
         let mapper = Arc::new(AvatarMapper::new(
             &settings.mapping.users,

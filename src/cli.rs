@@ -25,7 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the relay until SIGINT or SIGTERM (the default).
     Run,
-    /// Print the effective configuration, secrets masked, and exit.
+    /// Print the effective configuration as TOML that loads again (the password masked), and exit;
+    /// fails like `run` on a bad key or an unreadable `cms.password_file`.
     CheckConfig,
     /// Validate the configuration, then probe the viewer (never its chat URL, which would drain
     /// the chat queue) and the CMS (login, permissions, grid); one line per check with a fix for

@@ -3,14 +3,14 @@
 //! Layers, lowest first: `config/default.toml` (embedded in the binary), the file named by `--config`
 //! or `RELAY_CONFIG`, then environment variables `RELAY__SECTION__KEY`. Every struct denies unknown
 //! keys, so a typo stops start-up with the key's name. This module opens no sockets and no files other
-//! than the config file and `cms.password_file`.
+//! than the config file, `cms.password_file` and `cms.ca_file`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::zone::Zone;
 
@@ -23,6 +23,9 @@ pub enum ConfigError {
     /// A layer could not be read or parsed, or a value has the wrong type.
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// The effective configuration cannot be printed as TOML (e.g. a path that is not UTF-8).
+    #[error("configuration: cannot print it as TOML: {0}")]
+    Print(String),
     /// A value is well-typed but unusable.
     #[error("configuration: key `{key}`: {reason}")]
     Invalid {
@@ -34,7 +37,7 @@ pub enum ConfigError {
 }
 
 /// Everything the relay reads from its configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// The LookingGlass viewer chat interface.
@@ -58,21 +61,22 @@ pub struct Settings {
 }
 
 /// `[viewer]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ViewerSettings {
     /// The chat URL; every GET drains the viewer's queue.
     pub chat_url: String,
     /// `/api/avatars`, used to map a name to an avatar UUID; `None` when empty.
-    #[serde(deserialize_with = "empty_is_none")]
+    #[serde(deserialize_with = "empty_is_none", serialize_with = "none_is_empty")]
     pub avatars_url: Option<String>,
     /// `/api/LLLP/status`, used to learn the viewer's own name; `None` when empty.
-    #[serde(deserialize_with = "empty_is_none")]
+    #[serde(deserialize_with = "empty_is_none", serialize_with = "none_is_empty")]
     pub status_url: Option<String>,
     /// Pause between the end of one poll and the next GET.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
     /// The viewer machine's clock, used to rebuild each line's time.
+    #[serde(serialize_with = "display")]
     pub timezone: Zone,
     /// Inactivity limit on a viewer request (never below 30 s).
     #[serde(with = "humantime_serde")]
@@ -80,29 +84,45 @@ pub struct ViewerSettings {
 }
 
 /// `[cms]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CmsSettings {
     /// E.g. `http://127.0.0.1/OpenSim-CMS/api`, without a trailing slash.
     pub base_url: String,
     /// The CMS's `grids.id`.
+    #[serde(deserialize_with = "integer")]
     pub grid_id: u32,
     /// The relay's CMS account.
     pub username: String,
     /// The password, unless `password_file` is used.
+    #[serde(serialize_with = "masked")]
     pub password: SecretString,
     /// A file holding the password (a systemd credential, a Docker secret); `None` when empty.
-    #[serde(deserialize_with = "empty_path_is_none")]
+    #[serde(
+        deserialize_with = "empty_path_is_none",
+        serialize_with = "none_is_empty"
+    )]
     pub password_file: Option<PathBuf>,
+    /// A PEM bundle trusted for the CMS's certificate besides the system's store (a private CA, a
+    /// self-signed certificate); `None` when empty.
+    #[serde(
+        deserialize_with = "empty_path_is_none",
+        serialize_with = "none_is_empty"
+    )]
+    pub ca_file: Option<PathBuf>,
     /// The CMS server's clock.
+    #[serde(serialize_with = "display")]
     pub timezone: Zone,
     /// The user id of unmapped speakers (-1 for OpenSim-CMS 1.1).
+    #[serde(deserialize_with = "integer")]
     pub anonymous_user_id: i64,
     /// Message of an unmapped speaker, with `{name}` and `{message}`.
     pub anonymous_format: String,
     /// At most this many lines per POST.
+    #[serde(deserialize_with = "integer")]
     pub batch_max_messages: usize,
     /// At most this many bytes of JSON per POST.
+    #[serde(deserialize_with = "integer")]
     pub batch_max_bytes: usize,
     /// How long a batch that is not full waits for more lines.
     #[serde(with = "humantime_serde")]
@@ -111,12 +131,15 @@ pub struct CmsSettings {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// A CMS answer larger than this is refused.
+    #[serde(deserialize_with = "integer")]
     pub max_response_bytes: usize,
     /// CMS requests of the delivery per second at most (0 = unpaced), so a backlog after an outage
     /// does not flatten a small PHP server.
+    #[serde(deserialize_with = "float")]
     pub max_requests_per_second: f64,
     /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
+    #[serde(deserialize_with = "boolean")]
     pub verify: bool,
 }
 
@@ -144,10 +167,11 @@ pub struct DeliverySettings {
 }
 
 /// `[mapping]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MappingSettings {
     /// Avatar name to CMS user id, checked before any lookup (names compare case-insensitively).
+    #[serde(deserialize_with = "user_map")]
     pub users: BTreeMap<String, i64>,
     /// How long a lookup result (found or not) is remembered.
     #[serde(with = "humantime_serde")]
@@ -155,20 +179,23 @@ pub struct MappingSettings {
 }
 
 /// `[filter]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterSettings {
     /// Chat `Type`s relayed (Normal, Whisper, Shout, and optionally Debug, OwnerSay).
+    #[serde(deserialize_with = "string_list")]
     pub types: Vec<String>,
     /// Relay lines said by objects too.
+    #[serde(deserialize_with = "boolean")]
     pub objects: bool,
 }
 
 /// `[inworld]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InworldSettings {
     /// Whether CMS lines are said in-world at all.
+    #[serde(deserialize_with = "boolean")]
     pub enabled: bool,
     /// Pause between CMS reads.
     #[serde(with = "humantime_serde")]
@@ -179,21 +206,24 @@ pub struct InworldSettings {
     /// The said text, with `{first}`, `{last}`, `{username}`, `{message}`.
     pub format: String,
     /// The chat channel (0 = public chat).
+    #[serde(deserialize_with = "integer")]
     pub channel: i32,
     /// How the avatar says it.
     #[serde(rename = "type")]
     pub say_type: SayType,
     /// Flood limit.
+    #[serde(deserialize_with = "float")]
     pub max_lines_per_second: f64,
     /// Lines older than this when their turn comes are skipped.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     /// Lines waiting at most; beyond, the oldest are skipped.
+    #[serde(deserialize_with = "integer")]
     pub max_queue: usize,
 }
 
 /// `inworld.type`: the viewer's POST `Type` (compared case-sensitively by the viewer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum SayType {
     /// Heard within 10 m.
     Whisper,
@@ -215,14 +245,16 @@ impl SayType {
 }
 
 /// `[outbox]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
     /// The sled directory.
     pub path: PathBuf,
     /// sled's page cache in bytes.
+    #[serde(deserialize_with = "integer")]
     pub cache_bytes: u64,
     /// Bytes of pending lines at most.
+    #[serde(deserialize_with = "integer")]
     pub max_bytes: u64,
     /// Pending lines older than this are dropped.
     #[serde(with = "humantime_serde")]
@@ -232,7 +264,7 @@ pub struct OutboxSettings {
 }
 
 /// `[retry]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     /// First delay after a transient failure.
@@ -244,7 +276,7 @@ pub struct RetrySettings {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     /// Default filter; `RUST_LOG` overrides it.
@@ -254,17 +286,20 @@ pub struct LogSettings {
 }
 
 /// `[http]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (port 0 picks one); `None`
     /// (an empty string) turns the endpoint off.
-    #[serde(deserialize_with = "empty_addr_is_none")]
+    #[serde(
+        deserialize_with = "empty_addr_is_none",
+        serialize_with = "none_is_empty"
+    )]
     pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `log.format`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -291,9 +326,9 @@ impl Settings {
             config::Environment::with_prefix("RELAY")
                 .prefix_separator("__")
                 .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("filter.types")
-                .try_parsing(true),
+                // Every value stays the string it was: `007` is a password, not 7. The typed keys
+                // parse their strings themselves (`integer`, `float`, `boolean`, `string_list`).
+                .try_parsing(false),
         );
         for (key, value) in overrides {
             builder = builder.set_override(*key, *value)?;
@@ -346,11 +381,6 @@ impl Settings {
                 ));
             }
             _ => {}
-        }
-        if self.cms.anonymous_user_id == 0 {
-            tracing::warn!(
-                "cms.anonymous_user_id is 0: stock OpenSim-CMS 1.1 rejects it (foreign key); use -1 unless your CMS was patched"
-            );
         }
         if !self.cms.anonymous_format.contains("{message}") {
             return Err(invalid("cms.anonymous_format", "must contain {message}"));
@@ -420,18 +450,46 @@ impl Settings {
         Ok(())
     }
 
-    /// The effective configuration as TOML-like text, with secrets masked (`check-config`).
-    pub fn redacted(&self) -> String {
-        let mut text = format!("{self:#?}");
-        // SecretString's Debug already prints `[REDACTED]`; the file path is not a secret.
-        if text.contains(self.cms.password.expose_secret())
-            && !self.cms.password.expose_secret().is_empty()
-        {
-            text = text.replace(self.cms.password.expose_secret(), "[REDACTED]");
+    /// What is allowed but probably wrong, one sentence each naming its key. Loading logs nothing
+    /// (logging starts after the configuration is known): the caller logs these once it has.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.cms.anonymous_user_id == 0 {
+            warnings.push(
+                "cms.anonymous_user_id is 0: stock OpenSim-CMS 1.1 rejects it (foreign key); use -1 unless your CMS was patched"
+                    .to_owned(),
+            );
         }
-        text
+        if self.cms.ca_file.is_some() && !self.cms.base_url.starts_with("https:") {
+            warnings.push(
+                "cms.ca_file is set but cms.base_url is not https://: the certificates are not used"
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
+    /// The effective configuration as TOML that loads again (`check-config`): every key, with the
+    /// password replaced by `MASK` (an operator puts it back, or uses `cms.password_file`).
+    pub fn redacted(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string(self).map_err(|err| ConfigError::Print(err.to_string()))?;
+        let mut text = String::from(
+            "# opensim-chat-relay: the effective configuration (built-in defaults < file < RELAY__ environment).\n",
+        );
+        if !self.cms.password.expose_secret().is_empty() {
+            text.push_str(&format!(
+                "# cms.password is masked as {MASK:?}: put the real one back (or use cms.password_file) before loading this.\n"
+            ));
+        }
+        text.push('\n');
+        text.push_str(body.trim_end());
+        text.push('\n');
+        Ok(text)
     }
 }
+
+/// What `check-config` prints instead of a password.
+pub const MASK: &str = "********";
 
 impl CmsSettings {
     /// The part of `[cms]` delivery needs, without the secret.
@@ -469,6 +527,39 @@ impl CmsSettings {
     }
 }
 
+impl CmsSettings {
+    /// The certificates of `ca_file`, trusted for the CMS besides the system's store; none when it
+    /// is not set. A file that cannot be read, or that holds no certificate rustls can use, is an
+    /// error naming the key.
+    pub fn load_ca_certificates(&self) -> Result<Vec<reqwest::Certificate>, ConfigError> {
+        let Some(path) = &self.ca_file else {
+            return Ok(Vec::new());
+        };
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "cms.ca_file",
+            reason: format!("{}: {reason}", path.display()),
+        };
+        let pem = std::fs::read(path).map_err(|err| invalid(format!("cannot read it: {err}")))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|err| invalid(format!("not a PEM bundle: {err}")))?;
+        if certificates.is_empty() {
+            return Err(invalid(
+                "holds no certificate (expected -----BEGIN CERTIFICATE----- blocks)".to_owned(),
+            ));
+        }
+        // The PEM parser checks the armour only: a client built with these roots and no others
+        // checks that each is a certificate rustls can trust, here rather than at the first login.
+        let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+        for certificate in &certificates {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        builder
+            .build()
+            .map_err(|err| invalid(format!("holds a certificate that cannot be used: {err}")))?;
+        Ok(certificates)
+    }
+}
+
 fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     match reqwest::Url::parse(url) {
         Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
@@ -482,6 +573,32 @@ fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
             key,
             reason: format!("{url:?} is not a URL: {err}"),
         }),
+    }
+}
+
+fn masked<S: Serializer>(secret: &SecretString, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        MASK
+    })
+}
+
+fn display<T: std::fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// `None` is printed as the empty string that loads as `None` again.
+fn none_is_empty<T: Serialize, S: Serializer>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => value.serialize(serializer),
+        None => serializer.serialize_str(""),
     }
 }
 
@@ -511,6 +628,126 @@ fn empty_addr_is_none<'de, D: Deserializer<'de>>(
             ))
         }),
     }
+}
+
+/// A whole number: a TOML integer, or the text of one (an environment variable, an override). A
+/// float (`1.5`, `1e2`) or a bool is an error, where `config` would round it or read `true` as 1.
+fn integer<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64> + std::str::FromStr,
+{
+    struct Integer<T>(std::marker::PhantomData<T>);
+    impl<T> serde::de::Visitor<'_> for Integer<T>
+    where
+        T: TryFrom<i64> + TryFrom<u64> + std::str::FromStr,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a whole number in range")
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<T, E> {
+            T::try_from(value).map_err(|_| E::custom(format!("{value} is out of range")))
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<T, E> {
+            T::try_from(value).map_err(|_| E::custom(format!("{value} is out of range")))
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<T, E> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("{value:?} is not a whole number in range")))
+        }
+    }
+    deserializer.deserialize_any(Integer(std::marker::PhantomData))
+}
+
+/// A number: a TOML integer or float, or the text of one. A bool is an error.
+fn float<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    struct Float;
+    impl serde::de::Visitor<'_> for Float {
+        type Value = f64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a number")
+        }
+        fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<f64, E> {
+            Ok(value)
+        }
+        fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<f64, E> {
+            Ok(value as f64)
+        }
+        fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<f64, E> {
+            Ok(value as f64)
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<f64, E> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("{value:?} is not a number")))
+        }
+    }
+    deserializer.deserialize_any(Float)
+}
+
+/// A bool: a TOML bool, or `true`/`false` (also `yes`/`no`, `on`/`off`, `1`/`0`) as text. A TOML
+/// number is an error.
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    struct Boolean;
+    impl serde::de::Visitor<'_> for Boolean {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<bool, E> {
+            Ok(value)
+        }
+        fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<bool, E> {
+            match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Ok(true),
+                "false" | "no" | "off" | "0" => Ok(false),
+                _ => Err(E::custom(format!("{value:?} is not true or false"))),
+            }
+        }
+    }
+    deserializer.deserialize_any(Boolean)
+}
+
+/// A list of strings: a TOML array, or one comma-separated string (`RELAY__FILTER__TYPES=Normal,Shout`).
+fn string_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    struct List;
+    impl<'de> serde::de::Visitor<'de> for List {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of strings, or one string of comma-separated names")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            Ok(text
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+    }
+    deserializer.deserialize_any(List)
+}
+
+/// `mapping.users`: name → user id, each id by the rules of `integer`.
+fn user_map<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<String, i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct UserId(#[serde(deserialize_with = "integer")] i64);
+    let users = BTreeMap::<String, UserId>::deserialize(deserializer)?;
+    Ok(users.into_iter().map(|(name, id)| (name, id.0)).collect())
 }
 
 #[cfg(test)]
@@ -562,8 +799,82 @@ mod tests {
             ],
         )
         .expect("load");
-        let text = settings.redacted();
+        let text = settings.redacted().expect("prints");
         assert!(!text.contains("hunter2-secret"), "{text}");
-        assert!(text.contains("relay"));
+        assert!(text.contains("username = \"relay\""), "{text}");
+        assert!(text.contains("password = \"********\""), "{text}");
+    }
+
+    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, toml).expect("write");
+        Settings::load(Some(&file), &CREDENTIALS)
+    }
+
+    #[test]
+    fn typed_keys_in_a_file_take_only_their_own_type() {
+        for (toml, key) in [
+            ("[cms]\ngrid_id = 1.5\n", "cms.grid_id"),
+            (
+                "[cms]\nbatch_max_messages = true\n",
+                "cms.batch_max_messages",
+            ),
+            ("[inworld]\nenabled = 1\n", "inworld.enabled"),
+            ("[inworld]\nchannel = 99999999999\n", "inworld.channel"),
+            (
+                "[mapping.users]\n\"Alice Resident\" = 3.5\n",
+                "mapping.users",
+            ),
+            ("[filter]\ntypes = [1]\n", "filter.types"),
+        ] {
+            let err = load_toml(toml).unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        let settings = load_toml(
+            "[cms]\nmax_requests_per_second = 3\n[mapping.users]\n\"Alice Resident\" = 3\n",
+        )
+        .expect("loads");
+        assert_eq!(settings.cms.max_requests_per_second, 3.0);
+        assert_eq!(settings.mapping.users["Alice Resident"], 3);
+    }
+
+    #[test]
+    fn typed_keys_parse_their_text_and_strings_keep_theirs() {
+        let mut overrides = vec![
+            ("cms.username", "0123"),
+            ("cms.password", "007"),
+            ("cms.grid_id", "2"),
+            ("inworld.enabled", "off"),
+            ("filter.types", "Normal, Shout"),
+            ("cms.max_requests_per_second", "2.5"),
+        ];
+        let settings = Settings::load(None, &overrides).expect("loads");
+        assert_eq!(settings.cms.username, "0123");
+        assert_eq!(settings.cms.password.expose_secret(), "007");
+        assert_eq!(settings.cms.grid_id, 2);
+        assert!(!settings.inworld.enabled);
+        assert_eq!(settings.filter.types, ["Normal", "Shout"]);
+        assert_eq!(settings.cms.max_requests_per_second, 2.5);
+        overrides.push(("cms.grid_id", "-1"));
+        let err = Settings::load(None, &overrides).unwrap_err().to_string();
+        assert!(err.contains("cms.grid_id"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_id_zero_is_a_warning_not_an_error() {
+        let mut overrides = CREDENTIALS.to_vec();
+        assert!(
+            Settings::load(None, &overrides)
+                .expect("loads")
+                .warnings()
+                .is_empty()
+        );
+        overrides.push(("cms.anonymous_user_id", "0"));
+        let warnings = Settings::load(None, &overrides).expect("loads").warnings();
+        assert!(
+            warnings[0].contains("cms.anonymous_user_id"),
+            "{warnings:?}"
+        );
     }
 }

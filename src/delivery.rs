@@ -206,8 +206,11 @@ impl Delivery {
                     let delay = backoff.next_delay(err.retry_after());
                     let level_error = matches!(
                         err,
-                        DeliveryError::Cms(CmsError::Unauthorized | CmsError::Login(_))
-                            | DeliveryError::Outbox(_)
+                        DeliveryError::Cms(
+                            CmsError::Unauthorized
+                                | CmsError::Login(_)
+                                | CmsError::LoginDeferred { .. }
+                        ) | DeliveryError::Outbox(_)
                     );
                     if level_error {
                         tracing::error!(error = %err, retry_in = ?delay, n_messages, outbox_depth = self.deps.outbox.len(), "delivery failed");

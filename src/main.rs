@@ -28,6 +28,9 @@ fn main() -> ExitCode {
         Command::Run => match settings(cli.config.as_deref()) {
             Ok(settings) => {
                 telemetry::init(&settings.log.level, settings.log.format);
+                for warning in settings.warnings() {
+                    tracing::warn!("{warning}");
+                }
                 run(async move {
                     shutdown::catch_file_size_signal();
                     let relay =
@@ -39,8 +42,24 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig => match settings(cli.config.as_deref()) {
             Ok(settings) => {
-                println!("{}", settings.redacted());
-                Ok(())
+                for warning in settings.warnings() {
+                    eprintln!("warning: {warning}");
+                }
+                // As `run` would: an unreadable password file or CA bundle is an error here too.
+                let loaded = settings.cms.load_password().and_then(|_| {
+                    settings.cms.load_ca_certificates()?;
+                    settings.redacted()
+                });
+                match loaded {
+                    Ok(text) => {
+                        print!("{text}");
+                        Ok(())
+                    }
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return ExitCode::from(EX_CONFIG);
+                    }
+                }
             }
             Err(code) => return code,
         },

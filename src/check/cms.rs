@@ -34,6 +34,17 @@ pub(super) async fn check_cms(settings: &Settings, report: &mut CheckReport) {
             return;
         }
     };
+    let ca_certificates = match cms_settings.load_ca_certificates() {
+        Ok(certificates) => certificates,
+        Err(err) => {
+            report.fail(
+                "cms.ca_file",
+                err.to_string(),
+                "point cms.ca_file at a readable PEM file of the CA (or the CMS's own certificate), or leave it empty",
+            );
+            return;
+        }
+    };
     let client = match CmsClient::new(CmsEndpoint {
         base_url: cms_settings.base_url.clone(),
         grid_id: cms_settings.grid_id,
@@ -41,6 +52,7 @@ pub(super) async fn check_cms(settings: &Settings, report: &mut CheckReport) {
         password,
         timeout: cms_settings.request_timeout.min(PROBE_TIMEOUT),
         max_response_bytes: cms_settings.max_response_bytes,
+        ca_certificates,
     }) {
         Ok(client) => client,
         Err(err) => {

@@ -8,17 +8,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
-use reqwest::header::RETRY_AFTER;
+use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use crate::backoff::RetryPolicy;
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
 use crate::text::snippet;
 
 /// The CMS deletes a token after 30 idle minutes; log in again a little before that.
 const TOKEN_IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
+
+/// The login schedule until `with_login_retry` sets the configured one (`retry.*`'s defaults).
+const DEFAULT_LOGIN_RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+};
+
+/// At most this much of a failed login's answer is shown (in `/readyz`, errors, logs).
+const LOGIN_SNIPPET_CHARS: usize = 200;
 
 /// Where the CMS and how to log in.
 #[derive(Debug, Clone)]
@@ -35,6 +45,8 @@ pub struct CmsEndpoint {
     pub timeout: Duration,
     /// Bodies larger than this are refused.
     pub max_response_bytes: usize,
+    /// Trusted for the CMS's certificate besides the system's store (`cms.ca_file`).
+    pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
 struct Token {
@@ -90,6 +102,47 @@ pub struct CmsClient {
     n_logins: AtomicU64,
     /// Short critical sections, no `.await` while held.
     login_state: std::sync::Mutex<(LoginState, LoginInfo)>,
+    /// When the next login may be tried after failed ones (shared by every task that needs one).
+    login_gate: std::sync::Mutex<LoginGate>,
+}
+
+/// Failed logins back off on the retry schedule, whichever task asks: delivery, each avatar lookup,
+/// in-world's reads and start-up each needed a login, and each asked at once after a junk answer.
+struct LoginGate {
+    policy: RetryPolicy,
+    /// Failed logins in a row.
+    n_failed: u32,
+    /// No login before this.
+    not_before: Option<Instant>,
+    /// The last failure as shown (scrubbed).
+    last: String,
+}
+
+impl LoginGate {
+    /// `Some(wait)` while logins are held back.
+    fn wait(&self) -> Option<Duration> {
+        let left = self.not_before?.checked_duration_since(Instant::now())?;
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// A login failed: the next waits `initial · 2^(n-1)` up to `max`, drawn from its upper half
+    /// (jittered, so relays restarted together do not log in together, and never much shorter).
+    fn failed(&mut self, shown: String) {
+        self.n_failed = self.n_failed.saturating_add(1);
+        let doubled = self
+            .policy
+            .initial
+            .saturating_mul(1u32 << self.n_failed.saturating_sub(1).min(20));
+        let ceiling = doubled.min(self.policy.max);
+        let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
+        self.not_before = Some(Instant::now() + delay);
+        self.last = shown;
+    }
+
+    fn succeeded(&mut self) {
+        self.n_failed = 0;
+        self.not_before = None;
+    }
 }
 
 impl CmsClient {
@@ -101,11 +154,21 @@ impl CmsClient {
             // from the CMS (spec §1.4).
             .http1_title_case_headers()
             .no_proxy()
+            // A redirect would re-send the password (a 307 on login) or the token in the query to
+            // wherever it points: never followed, a 3xx is an error (`redirect_error`).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(endpoint.timeout)
             .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
             // Tokens are bound to the client address: one kept-alive connection keeps it stable.
             .pool_max_idle_per_host(1)
-            .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")));
+        // Trusted: the system's store, the bundled web roots, and `cms.ca_file`.
+        let http = endpoint
+            .ca_certificates
+            .iter()
+            .fold(http, |builder, certificate| {
+                builder.add_root_certificate(certificate.clone())
+            })
             .build()?;
         Ok(CmsClient {
             http,
@@ -113,7 +176,26 @@ impl CmsClient {
             token: Mutex::new(None),
             n_logins: AtomicU64::new(0),
             login_state: std::sync::Mutex::new((LoginState::NotYet, LoginInfo::default())),
+            login_gate: std::sync::Mutex::new(LoginGate {
+                policy: DEFAULT_LOGIN_RETRY,
+                n_failed: 0,
+                not_before: None,
+                last: String::new(),
+            }),
         })
+    }
+
+    /// Failed logins are retried on this schedule (`retry.initial`, `retry.max`), whoever asks for
+    /// one; meanwhile a request that needs a login fails at once with `CmsError::LoginDeferred`.
+    pub fn with_login_retry(self, policy: RetryPolicy) -> CmsClient {
+        self.lock_login_gate().policy = policy;
+        self
+    }
+
+    fn lock_login_gate(&self) -> std::sync::MutexGuard<'_, LoginGate> {
+        self.login_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Successful logins so far.
@@ -292,6 +374,10 @@ impl CmsClient {
                     return Err(CmsError::transport(err));
                 }
             };
+            if let Some(err) = redirect_error(&response) {
+                *token = Some(current);
+                return Err(err);
+            }
             let status = response.status().as_u16();
             let retry_after = response
                 .headers()
@@ -331,15 +417,35 @@ impl CmsClient {
             }
             tracing::info!(attempt, "cms refused the token; logging in again");
         }
+        // Not a failed login: a refusal can mean this route needs a permission the account lacks
+        // (spec §2.2: "no token" and "not allowed" look alike), and other routes may work.
         self.set_login_state(LoginState::Failed(CmsError::Unauthorized.to_string()));
         Err(CmsError::Unauthorized)
     }
 
     async fn fresh_token(&self) -> Result<Token, CmsError> {
+        {
+            let gate = self.lock_login_gate();
+            if let Some(retry_in) = gate.wait() {
+                return Err(CmsError::LoginDeferred {
+                    last: gate.last.clone(),
+                    retry_in,
+                });
+            }
+        }
         let token = self.try_fresh_token().await;
         match &token {
-            Ok(_) => self.set_login_state(LoginState::Valid),
-            Err(err) => self.set_login_state(LoginState::Failed(err.to_string())),
+            Ok(_) => {
+                self.set_login_state(LoginState::Valid);
+                self.lock_login_gate().succeeded();
+            }
+            Err(err) => {
+                self.set_login_state(LoginState::Failed(err.to_string()));
+                self.lock_login_gate().failed(match err {
+                    CmsError::Login(text) => text.clone(),
+                    other => other.to_string(),
+                });
+            }
         }
         token
     }
@@ -357,6 +463,9 @@ impl CmsClient {
             .send()
             .await
             .map_err(CmsError::transport)?;
+        if let Some(err) = redirect_error(&response) {
+            return Err(err);
+        }
         let status = response.status().as_u16();
         let body = self.read_body(response).await?;
         let value = wire::parse_lenient(&body);
@@ -373,19 +482,25 @@ impl CmsClient {
                     last_used: Instant::now(),
                 })
             }
+            // Whatever the CMS said is shown scrubbed: a PHP page can echo the password or a token.
             None => match value.as_ref().and_then(wire::error_of) {
-                Some(error) => Err(CmsError::Login(error.to_owned())),
+                Some(error) => Err(CmsError::Login(self.scrubbed(error.as_bytes()))),
                 None if is_transient_status(status) => Err(CmsError::Http {
                     status,
                     retry_after: None,
-                    snippet: snippet(&body),
+                    snippet: self.scrubbed(&body),
                 }),
                 None => Err(CmsError::Login(format!(
                     "unexpected answer (HTTP {status}): {}",
-                    snippet(&body)
+                    self.scrubbed(&body)
                 ))),
             },
         }
+    }
+
+    /// `scrub` with this client's password.
+    fn scrubbed(&self, body: &[u8]) -> String {
+        scrub(body, self.endpoint.password.expose_secret())
     }
 
     async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, CmsError> {
@@ -407,6 +522,82 @@ impl CmsClient {
     }
 }
 
+/// What may be shown of a CMS answer: its start as one line of text (HTML tags and runs of white
+/// space collapsed), at most `LOGIN_SNIPPET_CHARS` characters, with the password and every
+/// token-shaped word (16+ letters and digits, both present) replaced. Scrubbed before it is cut, so
+/// a secret across the cut cannot leave half of itself.
+fn scrub(body: &[u8], password: &str) -> String {
+    // Enough of the body for the shown part, however many tags collapse, plus one password.
+    const WINDOW: usize = 16 * 1024;
+    let end = body.len().min(WINDOW + password.len());
+    let mut text = String::from_utf8_lossy(&body[..end]).into_owned();
+    if !password.is_empty() {
+        text = text.replace(password, "[password]");
+    }
+    if end < body.len() {
+        // A word cut at the window's end may be a token's head.
+        let kept = text
+            .trim_end_matches(|c: char| c.is_ascii_alphanumeric())
+            .len();
+        text.truncate(kept);
+    }
+    let mut plain = String::with_capacity(text.len().min(4 * LOGIN_SNIPPET_CHARS));
+    let mut in_tag = false;
+    for c in text.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => {
+                in_tag = false;
+                plain.push(' ');
+            }
+            _ if in_tag => {}
+            c if c.is_whitespace() || c.is_control() => plain.push(' '),
+            c => plain.push(c),
+        }
+    }
+    let words: Vec<&str> = plain.split(' ').filter(|w| !w.is_empty()).collect();
+    let mut shown = String::new();
+    for word in words {
+        let masked = mask_tokens(word);
+        if !shown.is_empty() {
+            shown.push(' ');
+        }
+        shown.push_str(&masked);
+        if shown.chars().count() > LOGIN_SNIPPET_CHARS {
+            let cut: String = shown.chars().take(LOGIN_SNIPPET_CHARS).collect();
+            return format!("{cut}…");
+        }
+    }
+    shown
+}
+
+/// `word` with each run of 16+ ASCII letters and digits that has both replaced by `[redacted]`.
+fn mask_tokens(word: &str) -> String {
+    let mut out = String::with_capacity(word.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let token_like = run.len() >= 16
+            && run.chars().any(|c| c.is_ascii_digit())
+            && run.chars().any(|c| c.is_ascii_alphabetic());
+        out.push_str(if token_like {
+            "[redacted]"
+        } else {
+            run.as_str()
+        });
+        run.clear();
+    };
+    for c in word.chars() {
+        if c.is_ascii_alphanumeric() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 /// An answer that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's
 /// or server's page otherwise.
 fn unreadable(answer: &Answer) -> CmsError {
@@ -424,6 +615,98 @@ fn unreadable(answer: &Answer) -> CmsError {
     }
 }
 
+/// A 3xx as an error naming only the host it points to (a relative `Location` points to the CMS
+/// itself). The request's URL, which the `Location` is resolved against, holds the token: only its
+/// host leaves this function.
+fn redirect_error(response: &reqwest::Response) -> Option<CmsError> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let target = response
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|location| response.url().join(location).ok());
+    let host = match target
+        .as_ref()
+        .and_then(|url| Some((url.host_str()?, url.port())))
+    {
+        Some((host, Some(port))) => format!("{host}:{port}"),
+        Some((host, None)) => host.to_owned(),
+        None => "an address it did not give (no usable Location)".to_owned(),
+    };
+    Some(CmsError::Redirect {
+        status: response.status().as_u16(),
+        host,
+    })
+}
+
 fn is_transient_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrubbed_answer_has_no_password_no_token_and_no_markup() {
+        let page = format!(
+            "<br />\n<b>Warning</b>: bad  password 'hunter2-pw' for otwk9ERPQS9ietocskWTS5qTG4ow1qrqTXK2CBStt1LHv9UY{}",
+            "<p>x</p>".repeat(1000)
+        );
+        let shown = scrub(page.as_bytes(), "hunter2-pw");
+        assert!(
+            shown.starts_with("Warning : bad password '[password]' for [redacted] x x"),
+            "{shown}"
+        );
+        assert!(shown.chars().count() <= LOGIN_SNIPPET_CHARS + 1, "{shown}");
+        // Numbers, paths and words stay: they are what an operator needs.
+        let shown = scrub(
+            b"Allowed memory size of 134217728 bytes exhausted in /var/www/api/class.Auth.php",
+            "pw",
+        );
+        assert_eq!(
+            shown,
+            "Allowed memory size of 134217728 bytes exhausted in /var/www/api/class.Auth.php"
+        );
+    }
+
+    #[test]
+    fn a_password_across_the_window_is_masked_whole() {
+        let mut body = vec![b'<'; 16 * 1024 - 3];
+        body.push(b'>');
+        body.extend_from_slice(b"s3cret-password and more");
+        let shown = scrub(&body, "s3cret-password");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("[password]"), "{shown}");
+    }
+
+    #[test]
+    fn failed_logins_wait_longer_each_time_up_to_the_cap() {
+        let mut gate = LoginGate {
+            policy: RetryPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            n_failed: 0,
+            not_before: None,
+            last: String::new(),
+        };
+        assert_eq!(gate.wait(), None);
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            gate.failed("junk".into());
+            waits.push(gate.wait().expect("held back"));
+        }
+        let floors = [50, 100, 200, 200, 200];
+        for (wait, floor) in waits.iter().zip(floors) {
+            assert!(
+                *wait >= Duration::from_millis(floor - 5) && *wait <= Duration::from_millis(400),
+                "{waits:?}"
+            );
+        }
+        gate.succeeded();
+        assert_eq!(gate.wait(), None);
+    }
 }

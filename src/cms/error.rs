@@ -29,6 +29,15 @@ pub enum CmsError {
     /// The login itself failed.
     #[error("cms login failed: {0}")]
     Login(String),
+    /// No login was tried: the last one failed a moment ago and logins follow the retry schedule
+    /// (`retry.initial` doubling to `retry.max`), whoever asks. Carries the last failure's text.
+    #[error("cms login failed: {last} (next login attempt in {}ms)", retry_in.as_millis())]
+    LoginDeferred {
+        /// The last login failure, as shown (scrubbed).
+        last: String,
+        /// How long until a login is tried again.
+        retry_in: Duration,
+    },
     /// A validation error: nothing of the batch was stored.
     #[error("cms rejected the batch: {0}")]
     Invalid(String),
@@ -38,6 +47,17 @@ pub enum CmsError {
     /// `success: false` with another error.
     #[error("cms error: {0}")]
     Failed(String),
+    /// A 3xx: not followed, because the request carries the password (a login) or the token (its
+    /// query). Only the target's host is kept: the rest of the `Location` may hold the token.
+    #[error(
+        "cms answered HTTP {status}, a redirect to {host}: not followed (the password and the token go only to cms.base_url; set it to the address that answers)"
+    )]
+    Redirect {
+        /// The HTTP status.
+        status: u16,
+        /// `host[:port]` of the `Location`, or a note that it had none.
+        host: String,
+    },
     /// The body is not JSON (a PHP fatal error page, a proxy's page).
     #[error("cms sent an unreadable answer (HTTP {status}): {snippet}")]
     Decode {
@@ -59,6 +79,7 @@ impl CmsError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             CmsError::Http { retry_after, .. } => *retry_after,
+            CmsError::LoginDeferred { retry_in, .. } => Some(*retry_in),
             _ => None,
         }
     }
@@ -73,6 +94,11 @@ impl CmsError {
             text.push_str(": ");
             text.push_str(&cause.to_string());
             source = cause.source();
+        }
+        if text.contains("invalid peer certificate") {
+            text.push_str(
+                " (a CMS behind a private CA or with a self-signed certificate: set cms.ca_file to its PEM)",
+            );
         }
         if timeout && !text.contains("timed out") {
             text.push_str(" (timed out)");

@@ -15,7 +15,7 @@ use crate::outbox::store::Store;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
 
 /// What to do when the outbox holds `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
     /// Drop the oldest pending lines to make room (each counted and logged).

@@ -10,6 +10,7 @@ mod disk_full;
 mod faults;
 mod health;
 mod helpers;
+mod hostile_cms;
 mod ingest;
 mod inworld;
 mod notify;
