@@ -125,6 +125,15 @@ readyz="$(answer /readyz) $(curl -s --max-time 2 http://127.0.0.1:9188/readyz | 
 check healthz-readyz "/healthz $healthz, /readyz $readyz" \
     test "$healthz" = "200 ok" -a "$readyz" = '200 [true,{"cms":true,"outbox":true,"viewer":true}]'
 
+# The image's HEALTHCHECK command, against the running relay and against a port nothing listens on.
+probe() { RELAY__CMS__PASSWORD_FILE="$etc/welcome.password" opensim-chat-relay healthcheck --config "$etc/welcome.toml" "$@" >/dev/null 2>&1; }
+probe
+probe_up=$?
+RELAY__HTTP__LISTEN=127.0.0.1:9197 probe
+probe_down=$?
+check healthcheck-command "opensim-chat-relay healthcheck: $probe_up against the relay, $probe_down against a port nothing listens on" \
+    test "$probe_up" = 0 -a "$probe_down" != 0
+
 delivered() { [ "$(cms_rows welcome | wc -l)" -ge "$1" ]; }
 wait_for 40 delivered 5
 check chat-end-to-end "$(cms_rows welcome | wc -l) chatter lines stored in the simulated CMS, first '$(cms_rows welcome | head -1)'" \
