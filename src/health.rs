@@ -159,8 +159,9 @@ impl HealthState {
     }
 
     fn gauges(&self, ready: bool) -> Gauges {
-        // One record read: the oldest pending line (an undecodable one is passed over here and
-        // moved to the quarantine by delivery's next step).
+        // One record read, whatever the outbox holds: the oldest pending line (an undecodable one is
+        // passed over here and moved to the quarantine by delivery's next step); the counts are the
+        // outbox's counters.
         let oldest = self.outbox.oldest_captured_at().unwrap_or_else(|err| {
             tracing::warn!(error = %err, "cannot read the oldest outbox line for the metrics");
             None

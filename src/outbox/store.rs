@@ -86,6 +86,12 @@ impl Store {
             .sum();
         (self.pending.len(), n_bytes)
     }
+
+    /// Dead letters and quarantined records, counted from the records (a read of both trees: at
+    /// open and reopen only).
+    pub(super) fn count_kept(&self) -> (usize, usize) {
+        (self.dead.len(), self.quarantine.len())
+    }
 }
 
 /// The last key of a tree keyed by big-endian ids (0 when it is empty or cannot be read).
