@@ -117,6 +117,7 @@ impl Relay {
                     outbox: outbox.reader(),
                     cms: cms.clone(),
                     poll_interval: settings.viewer.poll_interval,
+                    cms_unready_after: settings.http.cms_unready_after,
                     chat_url: settings.viewer.chat_url.clone(),
                     grid_id: settings.cms.grid_id,
                     username: settings.cms.username.clone(),

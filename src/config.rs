@@ -261,6 +261,10 @@ pub struct HttpSettings {
     /// (an empty string) turns the endpoint off.
     #[serde(deserialize_with = "empty_addr_is_none")]
     pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails its cms check once every delivery attempt has failed for this long, while
+    /// lines wait (0 = at the first failure).
+    #[serde(with = "humantime_serde")]
+    pub cms_unready_after: Duration,
 }
 
 /// `log.format`

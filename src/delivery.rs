@@ -164,6 +164,7 @@ impl Delivery {
             stats.delivery_heartbeat.beat();
             match self.try_deliver_batch().await {
                 Ok(DeliveryOutcome::Idle) => {
+                    stats.readiness.delivery_idle();
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = self.deps.outbox.wait_for_lines() => {}
@@ -184,6 +185,7 @@ impl Delivery {
                     n_dead,
                 }) => {
                     self.deps.stats.readiness.outbox_ok();
+                    stats.readiness.delivery_ok();
                     if failing {
                         tracing::info!("cms reachable again");
                         failing = false;
@@ -199,8 +201,11 @@ impl Delivery {
                 }
                 Err(err) => {
                     Stats::add(&self.deps.stats.delivery_retries, 1);
-                    if let DeliveryError::Outbox(outbox_err) = &err {
-                        self.deps.stats.readiness.outbox_failed(outbox_err);
+                    match &err {
+                        DeliveryError::Outbox(outbox_err) => {
+                            stats.readiness.outbox_failed(outbox_err)
+                        }
+                        DeliveryError::Cms(cms_err) => stats.readiness.delivery_failed(cms_err),
                     }
                     let n_messages = Stats::get(&self.deps.stats.last_batch_size);
                     let delay = backoff.next_delay(err.retry_after());

@@ -10,7 +10,9 @@
 //!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
-//! - **cms**: the last login, or the last request with its token, was accepted.
+//! - **cms**: the last login, or the last request with its token, was accepted, and delivery has
+//!   not failed at every attempt for `http.cms_unready_after` or longer (a CMS that is down, or
+//!   answers every POST with an error, fails this check until a delivery succeeds).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -60,6 +62,8 @@ pub struct HealthState {
     pub cms: Arc<CmsClient>,
     /// `viewer.poll_interval`.
     pub poll_interval: Duration,
+    /// `http.cms_unready_after`.
+    pub cms_unready_after: Duration,
     /// `viewer.chat_url`, shown in `/status`.
     pub chat_url: String,
     /// `cms.grid_id`, shown in `/status`.
@@ -147,7 +151,18 @@ impl HealthState {
             }
         };
         let cms = match self.cms.login_state() {
-            LoginState::Valid => ok,
+            LoginState::Valid => match readiness.delivery_failing() {
+                Some(failing) if failing.since.elapsed() >= self.cms_unready_after => {
+                    failed(format!(
+                        "delivery to the cms has failed for {:.1} s ({} attempts in a row, none succeeded; limit {:.1} s, http.cms_unready_after); last error: {}",
+                        secs(failing.since.elapsed()),
+                        failing.n_failed,
+                        secs(self.cms_unready_after),
+                        failing.last_error
+                    ))
+                }
+                _ => ok,
+            },
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
         };

@@ -154,8 +154,14 @@ async fn the_counts_of_dead_letters_and_quarantined_records_follow_every_write_a
     for line in outbox.oldest(10).expect("read") {
         refuse(&outbox, &line).await;
     }
-    outbox.quarantine_raw("chat", b"not json").await.expect("keep");
-    outbox.quarantine_raw("chat", b"nor this").await.expect("keep");
+    outbox
+        .quarantine_raw("chat", b"not json")
+        .await
+        .expect("keep");
+    outbox
+        .quarantine_raw("chat", b"nor this")
+        .await
+        .expect("keep");
     let counts = |outbox: &Outbox| (outbox.dead_len(), outbox.quarantine_len());
     assert_eq!(counts(&outbox), (3, 2));
 

@@ -101,3 +101,51 @@ async fn a_large_outbox_scraped_many_times_shows_true_counts_without_being_scann
     );
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_is_503_while_deliveries_keep_failing_and_200_again_once_one_succeeds() {
+    // Arrange: a relay that was ready.
+    let env = TestEnv::start().await;
+    let relay = Observed::start(&env, "", &[("http.cms_unready_after", "300ms")]).await;
+    eventually(PATIENCE, "/readyz 200", || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+
+    // Act: the CMS goes away while a line waits.
+    env.db.set_offline(true);
+    env.lg.say("Alice Resident", "is anybody there?");
+
+    // Assert: not ready, and the cms check says why.
+    eventually(PATIENCE, "/readyz 503", || async {
+        relay.get("/readyz").await.0 == 503
+    })
+    .await;
+    let (_, body) = relay.get_json("/readyz").await;
+    assert_eq!(body["checks"]["cms"]["ok"], false, "{body}");
+    let reason = body["checks"]["cms"]["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("delivery to the cms has failed"),
+        "{reason}"
+    );
+    assert!(reason.contains("http.cms_unready_after"), "{reason}");
+    assert!(reason.contains("cms unreachable"), "{reason}");
+    assert_eq!(body["checks"]["viewer"]["ok"], true, "{body}");
+    assert_eq!(body["checks"]["outbox"]["ok"], true, "{body}");
+    let (_, metrics) = relay.get("/metrics").await;
+    assert_eq!(sample(&metrics, "opensim_chat_relay_ready"), 0.0);
+
+    // Act: the CMS is back.
+    env.db.set_offline(false);
+
+    // Assert: the line is delivered and the relay is ready again.
+    eventually(PATIENCE, "/readyz 200 again", || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        env.stored_messages(),
+        ["[Alice Resident] is anybody there?"]
+    );
+    relay.stop().await;
+}
