@@ -5,14 +5,16 @@
 //! talks to either peer, so a scraper polling it every second changes nothing.
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
 //!
-//! Readiness (`/readyz` is 200 only when all three hold):
+//! Readiness (`/readyz` is 200 only when all four hold):
 //! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
 //!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
 //! - **cms**: the last login, or the last request with its token, was accepted, and delivery has
 //!   not failed at every attempt for `http.cms_unready_after` or longer (a CMS that is down, or
-//!   answers every POST with an error, fails this check until a delivery succeeds).
+//!   answers every POST with an error, fails this check until a delivery succeeds);
+//! - **stages**: the poller and delivery loops run (neither ended nor panicked) and came round
+//!   within the stall limit (`app::STALL_LIMIT`), the same rule the systemd watchdog is fed by.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
 use crate::filter::FilterReason;
+use crate::liveness::Heartbeat;
 use crate::metrics::{self, Gauges, Stats};
 use crate::outbox::OutboxReader;
 
@@ -64,6 +67,8 @@ pub struct HealthState {
     pub poll_interval: Duration,
     /// `http.cms_unready_after`.
     pub cms_unready_after: Duration,
+    /// How long a loop may go without coming round (`app::STALL_LIMIT` or `2 × retry.max`).
+    pub stall_limit: Duration,
     /// `viewer.chat_url`, shown in `/status`.
     pub chat_url: String,
     /// `cms.grid_id`, shown in `/status`.
@@ -83,21 +88,23 @@ pub struct Check {
     pub reason: Option<String>,
 }
 
-/// The three readiness conditions.
+/// The four readiness conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadinessReport {
     /// The last outbox write succeeded.
     pub outbox: Check,
     /// The viewer answered recently.
     pub viewer: Check,
-    /// The CMS accepts the account.
+    /// The CMS accepts the account and the lines.
     pub cms: Check,
+    /// The stage loops run and come round.
+    pub stages: Check,
 }
 
 impl ReadinessReport {
     /// Whether every condition holds.
     pub fn is_ready(&self) -> bool {
-        self.outbox.ok && self.viewer.ok && self.cms.ok
+        self.outbox.ok && self.viewer.ok && self.cms.ok && self.stages.ok
     }
 
     fn to_json(&self) -> Value {
@@ -106,6 +113,7 @@ impl ReadinessReport {
             "outbox": check(&self.outbox),
             "viewer": check(&self.viewer),
             "cms": check(&self.cms),
+            "stages": check(&self.stages),
         })
     }
 }
@@ -166,10 +174,44 @@ impl HealthState {
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
         };
+        let loops = [
+            ("poller", &self.stats.poller_heartbeat),
+            ("delivery", &self.stats.delivery_heartbeat),
+        ];
+        let stalled: Vec<String> = loops
+            .into_iter()
+            .filter_map(|(name, heartbeat)| self.loop_trouble(name, heartbeat))
+            .collect();
+        let stages = if stalled.is_empty() {
+            Check {
+                ok: true,
+                reason: None,
+            }
+        } else {
+            failed(stalled.join("; "))
+        };
         ReadinessReport {
             outbox,
             viewer,
             cms,
+            stages,
+        }
+    }
+
+    /// What is wrong with a stage loop, if anything.
+    fn loop_trouble(&self, name: &str, heartbeat: &Heartbeat) -> Option<String> {
+        if !heartbeat.is_running() {
+            return Some(format!(
+                "the {name} loop is not running (the relay is stopping, or the loop panicked and the relay exits to be restarted)"
+            ));
+        }
+        match heartbeat.since_last_beat() {
+            Some(since) if since > self.stall_limit => Some(format!(
+                "the {name} loop has not come round for {:.1} s (limit {:.1} s): it is stuck (under systemd the watchdog restarts the relay)",
+                secs(since),
+                secs(self.stall_limit)
+            )),
+            _ => None,
         }
     }
 
@@ -352,6 +394,68 @@ fn round1(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cms::client::CmsEndpoint;
+    use crate::outbox::Outbox;
+
+    fn state(outbox: &Arc<Outbox>) -> HealthState {
+        let cms = CmsClient::new(CmsEndpoint {
+            base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
+            grid_id: 1,
+            username: "relay".into(),
+            password: "secret".into(),
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+        })
+        .expect("client");
+        HealthState {
+            stats: Arc::new(Stats::default()),
+            outbox: outbox.reader(),
+            cms: Arc::new(cms),
+            poll_interval: Duration::from_millis(500),
+            cms_unready_after: Duration::from_secs(60),
+            stall_limit: Duration::from_secs(300),
+            chat_url: "http://127.0.0.1:9144/api/chat".into(),
+            grid_id: 1,
+            username: "relay".into(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn readiness_names_a_stage_loop_that_stopped_or_is_stuck() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        let mut state = state(&outbox);
+        let stats = state.stats.clone();
+        {
+            let _poller = stats.poller_heartbeat.alive();
+            let _delivery = stats.delivery_heartbeat.alive();
+            assert_eq!(state.readiness().stages.reason, None);
+
+            // Stuck: no turn within the limit.
+            state.stall_limit = Duration::ZERO;
+            std::thread::sleep(Duration::from_millis(2));
+            let stages = state.readiness().stages;
+            let reason = stages.reason.expect("a reason");
+            assert!(!stages.ok && !state.readiness().is_ready());
+            assert!(
+                reason.contains("the poller loop has not come round")
+                    && reason.contains("the delivery loop has not come round")
+                    && reason.contains("stuck"),
+                "{reason}"
+            );
+            stats.poller_heartbeat.beat();
+            state.stall_limit = Duration::from_secs(300);
+            assert_eq!(state.readiness().stages.reason, None);
+        }
+        // Ended (or panicked: the guard is dropped while unwinding).
+        let reason = state.readiness().stages.reason.expect("a reason");
+        assert!(
+            reason.contains("the poller loop is not running")
+                && reason.contains("the delivery loop is not running"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn credentials_in_a_url_are_not_shown() {

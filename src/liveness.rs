@@ -123,8 +123,20 @@ impl Heartbeat {
 
     /// Whether the loop runs and came round within `stall_limit`.
     pub fn is_healthy(&self, stall_limit: Duration) -> bool {
+        self.is_running()
+            && self
+                .since_last_beat()
+                .is_some_and(|since| since <= stall_limit)
+    }
+
+    /// Whether the loop runs: it started and has neither ended nor panicked.
+    pub fn is_running(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
-            && lock(&self.last).is_some_and(|last| last.elapsed() <= stall_limit)
+    }
+
+    /// How long ago the loop last came round (`None` before it first did).
+    pub fn since_last_beat(&self) -> Option<Duration> {
+        lock(&self.last).map(|last| last.elapsed())
     }
 }
 

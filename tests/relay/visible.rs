@@ -2,9 +2,13 @@
 //! without scanning it, `/readyz` while the CMS keeps failing or a stage died, the exit codes of
 //! start-up errors, the outbox's permission errors, and dead-letter reasons that name the CMS's cause.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use chrono::Utc;
 use opensim_chat_relay::model::CapturedLine;
 use opensim_chat_relay::outbox::Outbox;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
 use crate::health::{Observed, sample};
 use crate::helpers::{GHOST, PATIENCE, TestEnv, eventually};
@@ -148,4 +152,61 @@ async fn readyz_is_503_while_deliveries_keep_failing_and_200_again_once_one_succ
         ["[Alice Resident] is anybody there?"]
     );
     relay.stop().await;
+}
+
+/// A log layer that panics inside the first event with this message, and only there: a stand-in for
+/// a bug anywhere in the code a stage runs (the panic unwinds through the stage's task as a real one
+/// would). No hook in the relay: the test installs it on its own thread, where the relay's tasks run.
+struct PanicAt {
+    message: &'static str,
+    fired: AtomicBool,
+}
+
+impl<S: tracing::Subscriber> Layer<S> for PanicAt {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        struct Message(Option<String>);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+        }
+        let mut message = Message(None);
+        event.record(&mut message);
+        if message.0.as_deref() == Some(self.message) && !self.fired.swap(true, Ordering::SeqCst) {
+            panic!("a bug in the stage (test)");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stage_that_panics_stops_the_relay_with_an_error_that_names_it() {
+    // Arrange: a panic in delivery, right after its first batch.
+    let env = TestEnv::start().await;
+    let layer = PanicAt {
+        message: "delivered batch",
+        fired: AtomicBool::new(false),
+    };
+    let _logs = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let relay = Observed::start(&env, "", &[]).await;
+
+    // Act
+    env.lg.say("Alice Resident", "the last words");
+
+    // Assert: the relay stops by itself with an error (the binary exits non-zero with it), once.
+    let result = tokio::time::timeout(PATIENCE, relay.task)
+        .await
+        .expect("the relay stops by itself")
+        .expect("the relay's own task does not panic");
+    let err = result.expect_err("a stage panicked");
+    let text = format!("{err:#}");
+    assert!(text.contains("delivery"), "{text}");
+    assert!(text.contains("panicked"), "{text}");
+    assert!(text.contains("a bug in the stage (test)"), "{text}");
+    assert_eq!(env.stored_messages(), ["[Alice Resident] the last words"]);
+    assert!(
+        !relay.token.is_cancelled(),
+        "the caller's token is the caller's"
+    );
 }
