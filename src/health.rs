@@ -45,13 +45,13 @@ pub const VIEWER_STALE_MIN: Duration = Duration::from_secs(5);
 pub enum HealthError {
     /// The address is taken or not ours.
     #[error(
-        "cannot listen on {addr} for http.listen: {source} (another relay on the same port? give each its own http.listen, or set it to \"\" to turn the endpoint off)"
+        "cannot listen on {addr} for http.listen: {cause} (another relay on the same port? give each its own http.listen, or set it to \"\" to turn the endpoint off)"
     )]
     Bind {
         /// `http.listen`
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, so not also a `source` that `{:#}` would print twice).
+        cause: std::io::Error,
     },
 }
 
@@ -250,7 +250,7 @@ pub struct HealthServer {
 impl HealthServer {
     /// Binds `addr` now (so a taken port fails start-up, and port 0 is resolved at once).
     pub fn bind(addr: SocketAddr, state: HealthState) -> Result<HealthServer, HealthError> {
-        let bind_error = |source| HealthError::Bind { addr, source };
+        let bind_error = |cause| HealthError::Bind { addr, cause };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;

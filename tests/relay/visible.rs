@@ -2,6 +2,7 @@
 //! without scanning it, `/readyz` while the CMS keeps failing or a stage died, the exit codes of
 //! start-up errors, the outbox's permission errors, and dead-letter reasons that name the CMS's cause.
 
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::Utc;
@@ -208,5 +209,33 @@ async fn a_stage_that_panics_stops_the_relay_with_an_error_that_names_it() {
     assert!(
         !relay.token.is_cancelled(),
         "the caller's token is the caller's"
+    );
+}
+
+/// The relay binary's exit code and stderr, run with these overrides until it exits by itself.
+fn run_until_exit(env: &TestEnv, overrides: &[(&str, &str)]) -> (Option<i32>, String) {
+    let child = env.spawn_relay_process(overrides, Stdio::piped());
+    let output = child.wait_with_output().expect("the relay exits");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_taken_health_port_stops_start_up_with_exit_78_naming_http_listen() {
+    // Arrange: another process holds the port.
+    let env = TestEnv::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+
+    // Act
+    let (code, stderr) = run_until_exit(&env, &[("http.listen", &addr)]);
+
+    // Assert: EX_CONFIG, which systemd does not restart (RestartPreventExitStatus=78).
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("http.listen") && stderr.contains(&addr),
+        "{stderr}"
     );
 }
