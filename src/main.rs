@@ -94,7 +94,12 @@ fn main() -> ExitCode {
             // An outbox that cannot be opened, or a health port that is taken, needs an operator,
             // not a restart loop.
             let needs_operator = err.downcast_ref::<OutboxError>().is_some_and(|e| {
-                matches!(e, OutboxError::Locked { .. } | OutboxError::Open { .. })
+                matches!(
+                    e,
+                    OutboxError::Locked { .. }
+                        | OutboxError::Open { .. }
+                        | OutboxError::NotWritable { .. }
+                )
             }) || err.downcast_ref::<ConfigError>().is_some()
                 || err.downcast_ref::<HealthError>().is_some();
             if needs_operator {

@@ -58,6 +58,20 @@ pub enum OutboxError {
         /// The directory.
         path: String,
     },
+    /// The relay's user may not write the directory or its files (permissions, ownership, a
+    /// read-only file system). The database is not damaged: the fix is access, and moving the
+    /// directory aside would strand the lines waiting in it.
+    #[error(
+        "outbox {path} cannot be opened by {user}: {detail}; keep the directory where it is: it holds the lines not yet delivered"
+    )]
+    NotWritable {
+        /// The directory.
+        path: String,
+        /// Who the relay runs as (`user NAME (uid N)`).
+        user: String,
+        /// What the OS refused and how to fix it.
+        detail: String,
+    },
     /// The database cannot be opened (damaged, unreadable).
     #[error(
         "outbox {path} cannot be opened: {source}; to recover, stop the relay, move the directory aside (mv {path} {path}.broken) and start again"

@@ -239,3 +239,69 @@ async fn a_taken_health_port_stops_start_up_with_exit_78_naming_http_listen() {
         "{stderr}"
     );
 }
+
+/// The output of `id` with these arguments (`-u`, `-un`).
+fn id(args: &[&str]) -> String {
+    let output = std::process::Command::new("id")
+        .args(args)
+        .output()
+        .expect("id runs");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn an_outbox_the_relay_may_not_write_is_named_with_its_user_and_never_to_be_moved_aside() {
+    // Arrange: an outbox with a line waiting, which the relay may not write. Permissions do not stop
+    // root, so as root the relay runs as nobody (as a relay once started as root and now run as its
+    // service user would find it: a directory owned by root, 0755).
+    let env = TestEnv::start().await;
+    let path = env.dir.path().join("outbox");
+    {
+        let outbox = Outbox::open(&path, 1 << 20).expect("open");
+        outbox.append(&captured_lines(1)).await.expect("append");
+    }
+    let as_root = id(&["-u"]) == "0";
+    let (wrapper, user): (&[&str], String) = if as_root {
+        set_mode(env.dir.path(), 0o755);
+        (
+            &[
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+            ],
+            "nobody".to_owned(),
+        )
+    } else {
+        set_mode(&path, 0o000);
+        (&[], id(&["-un"]))
+    };
+
+    // Act
+    let output = env
+        .relay_command(wrapper, &[("http.listen", "")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("the relay runs");
+    set_mode(&path, 0o755);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    // Assert: an operator's error naming the path, the cause and the user, and no advice to move the
+    // directory aside, which would strand the waiting line.
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(stderr.contains(&format!("user {user}")), "{stderr}");
+    assert!(
+        !stderr.contains("aside") && !stderr.contains("mv "),
+        "{stderr}"
+    );
+    let outbox = Outbox::open(&path, 1 << 20).expect("open");
+    assert_eq!(outbox.len(), 1);
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
