@@ -146,7 +146,7 @@ impl Delivery {
             }
             Err(DeliveryError::Cms(err)) if batch.len() == 1 && !err.is_retryable() => {
                 // A batch of one is unambiguous: the CMS will not take this line.
-                self.dead_letter(&batch[0], &err.to_string(), &mut tally)
+                self.dead_letter(&batch[0], &refusal(&err, &batch[0]), &mut tally)
                     .await?;
             }
             Err(err) => return Err(err),
@@ -400,7 +400,8 @@ impl Delivery {
             match Box::pin(self.send(vec![line.clone()], tally)).await {
                 Ok(()) => {}
                 Err(DeliveryError::Cms(err)) if !err.is_retryable() => {
-                    self.dead_letter(&line, &err.to_string(), tally).await?
+                    self.dead_letter(&line, &refusal(&err, &line), tally)
+                        .await?
                 }
                 Err(err) => return Err(err),
             }
@@ -483,6 +484,11 @@ impl Tally {
             n_dead: self.n_dead,
         }
     }
+}
+
+/// Why the CMS refused `line`, for its dead letter (`CmsError::refusal_reason`).
+fn refusal(err: &CmsError, line: &PendingLine) -> String {
+    err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id))
 }
 
 /// The row of a prepared line.

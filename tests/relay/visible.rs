@@ -11,6 +11,7 @@ use opensim_chat_relay::outbox::Outbox;
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 
+use crate::admin::outbox_cli;
 use crate::health::{Observed, sample};
 use crate::helpers::{GHOST, PATIENCE, TestEnv, eventually};
 
@@ -304,4 +305,37 @@ async fn an_outbox_the_relay_may_not_write_is_named_with_its_user_and_never_to_b
 fn set_mode(path: &std::path::Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[tokio::test]
+async fn a_dead_letter_names_what_the_cms_refused_and_what_to_change() {
+    // Arrange: an unmapped speaker posted as user 0 (which stock OpenSim-CMS 1.1 rejects) and the
+    // ghost as user 999 (which this CMS does not have). The CMS answers both with
+    // {"success":false,"id":0}, which names no cause.
+    let env = TestEnv::start().await;
+    env.lg.say("Alice Resident", "nobody is user 0");
+    env.lg.say(GHOST, "I do not exist");
+    let relay = env
+        .start_relay_with_a_ghost(&[("cms.anonymous_user_id", "0")])
+        .await;
+    relay.dead_letters_reach(2).await;
+    relay.stop().await;
+
+    // Act
+    let (ok, stdout, stderr) = outbox_cli(&env, &["dead"]);
+
+    // Assert: each reason names the row's user id, the foreign key it fails, and the fix.
+    assert!(ok, "{stderr}");
+    let reason_of = |text: &str| {
+        let mut lines = stdout.lines().skip_while(|line| !line.contains(text));
+        lines.nth(1).unwrap_or_default().to_owned()
+    };
+    let anonymous = reason_of("Alice Resident: nobody is user 0");
+    assert!(anonymous.contains("user id 0"), "{stdout}");
+    assert!(anonymous.contains("foreign key"), "{stdout}");
+    assert!(anonymous.contains("cms.anonymous_user_id = -1"), "{stdout}");
+    let ghost = reason_of("Ghost Avatar: I do not exist");
+    assert!(ghost.contains("user id 999"), "{stdout}");
+    assert!(ghost.contains("foreign key"), "{stdout}");
+    assert!(ghost.contains("mapping.users"), "{stdout}");
 }
