@@ -2,7 +2,9 @@
 //!
 //! The only module that knows every component and spawns tasks. Shutdown: the token is cancelled, the
 //! poller finishes the GET it has in flight and stores it, delivery finishes the POST it has in flight,
-//! both within `SHUTDOWN_GRACE`; then the outbox is flushed.
+//! both within `SHUTDOWN_GRACE`; then the outbox is flushed. A task that panics (or a stage loop that
+//! ends before the stop) starts the same shutdown, and `run_until_stopped` then returns an error
+//! naming it, so the process exits non-zero and its supervisor (systemd, Docker) restarts it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -115,6 +117,7 @@ impl Relay {
             },
             stats: stats.clone(),
         });
+        let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
                 addr,
@@ -123,6 +126,8 @@ impl Relay {
                     outbox: outbox.reader(),
                     cms: cms.clone(),
                     poll_interval: settings.viewer.poll_interval,
+                    cms_unready_after: settings.http.cms_unready_after,
+                    stall_limit,
                     chat_url: settings.viewer.chat_url.clone(),
                     grid_id: settings.cms.grid_id,
                     username: settings.cms.username.clone(),
@@ -150,7 +155,7 @@ impl Relay {
             delivery,
             health,
             notifier: None,
-            stall_limit: STALL_LIMIT.max(settings.retry.max * 2),
+            stall_limit,
             inworld,
         })
     }
@@ -183,19 +188,46 @@ impl Relay {
         self.cms.clone()
     }
 
-    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`.
+    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`. A stage that panics (or
+    /// a loop that ends before the stop) stops the others the same way, and the relay returns an
+    /// error naming it after the outbox is flushed: the binary exits non-zero, so that systemd or
+    /// Docker restarts it, and the restart resumes from the outbox.
     pub async fn run_until_stopped(self, token: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
-        tracker.spawn(self.poller.run_until_stopped(token.clone()));
-        tracker.spawn(self.delivery.run_until_stopped(token.clone()));
+        // Cancelled by the caller's token or by a stage's failure; the caller's token is theirs.
+        let stop = token.child_token();
+        let failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        let supervisor = Supervisor {
+            tracker: &tracker,
+            stop: &stop,
+            failure: &failure,
+        };
+        supervisor.spawn(
+            "poller",
+            Ends::OnStop,
+            self.poller.run_until_stopped(stop.clone()),
+        );
+        supervisor.spawn(
+            "delivery",
+            Ends::OnStop,
+            self.delivery.run_until_stopped(stop.clone()),
+        );
         if let Some(inworld) = self.inworld {
-            tracker.spawn(inworld.run_until_stopped(token.clone()));
+            supervisor.spawn(
+                "inworld",
+                Ends::OnStop,
+                inworld.run_until_stopped(stop.clone()),
+            );
         }
         if let Some(health) = self.health {
-            tracker.spawn(health.run_until_stopped(token.clone()));
+            supervisor.spawn(
+                "health",
+                Ends::OnStop,
+                health.run_until_stopped(stop.clone()),
+            );
         }
-        let (cms, login_token) = (self.cms.clone(), token.clone());
-        tracker.spawn(async move {
+        let (cms, login_token) = (self.cms.clone(), stop.clone());
+        supervisor.spawn("start-up login", Ends::Whenever, async move {
             // Readiness should not wait for the first chat line to learn whether the CMS takes us;
             // a CMS that is down at start is tried again until it answers (a wrong password too,
             // slowly, so /readyz turns ready once it is fixed in the CMS).
@@ -214,8 +246,8 @@ impl Relay {
         if let Some(notifier) = &self.notifier {
             notifier.send_logged("READY=1\nSTATUS=relaying chat");
             let (notifier, stats) = (notifier.clone(), self.stats.clone());
-            let (stall_limit, watchdog_token) = (self.stall_limit, token.clone());
-            tracker.spawn(async move {
+            let (stall_limit, watchdog_token) = (self.stall_limit, stop.clone());
+            supervisor.spawn("watchdog", Ends::Whenever, async move {
                 let healthy = || {
                     stats.poller_heartbeat.is_healthy(stall_limit)
                         && stats.delivery_heartbeat.is_healthy(stall_limit)
@@ -224,8 +256,15 @@ impl Relay {
             });
         }
         tracker.close();
-        token.cancelled().await;
-        tracing::info!("stopping: finishing requests in flight");
+        stop.cancelled().await;
+        let failed = lock(&failure).clone();
+        match &failed {
+            Some(failed) => tracing::error!(
+                error = %failed,
+                "stopping: a relay stage failed; finishing the other stages' requests, then exiting with an error so that the relay is restarted"
+            ),
+            None => tracing::info!("stopping: finishing requests in flight"),
+        }
         if let Some(notifier) = &self.notifier {
             notifier.send_logged("STOPPING=1\nSTATUS=stopping: finishing requests in flight");
         }
@@ -235,8 +274,79 @@ impl Relay {
         {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "a request was still in flight at the shutdown deadline; its lines stay in the outbox");
         }
-        self.outbox.flush().await.context("flushing the outbox")?;
+        let flushed = self.outbox.flush().await.context("flushing the outbox");
+        if let Some(failed) = failed {
+            if let Err(err) = flushed {
+                tracing::error!(error = %format!("{err:#}"), "the outbox could not be flushed after the failure");
+            }
+            anyhow::bail!("{failed}; the relay stopped so that it is restarted");
+        }
+        flushed?;
         tracing::info!(outbox_depth = self.outbox.len(), "stopped");
         Ok(())
     }
+}
+
+/// When a supervised task may end without that being a failure.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    /// Only once the relay is stopping (a stage loop).
+    OnStop,
+    /// Whenever its work is done (the start-up login, the watchdog without systemd).
+    Whenever,
+}
+
+/// Spawns the relay's tasks so that a panic, or a loop ending before the stop, is noticed at once:
+/// the first failure is kept and the stop is cancelled.
+struct Supervisor<'a> {
+    tracker: &'a TaskTracker,
+    stop: &'a CancellationToken,
+    failure: &'a Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Supervisor<'_> {
+    fn spawn(
+        &self,
+        name: &'static str,
+        ends: Ends,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let handle = tokio::spawn(task);
+        let (stop, failure) = (self.stop.clone(), self.failure.clone());
+        // The tracker waits for the watcher, which waits for the task: the shutdown grace covers both.
+        self.tracker.spawn(async move {
+            let failed = match handle.await {
+                Ok(()) if ends == Ends::Whenever || stop.is_cancelled() => return,
+                Ok(()) => format!("the {name} stage ended unexpectedly"),
+                Err(err) if err.is_panic() => {
+                    format!(
+                        "the {name} stage panicked: {}",
+                        panic_message(err.into_panic())
+                    )
+                }
+                // Cancelled: the runtime is going away.
+                Err(_) => return,
+            };
+            lock(&failure).get_or_insert(failed);
+            stop.cancel();
+        });
+    }
+}
+
+/// The text a panic was raised with.
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => (*text).to_owned(),
+            Err(_) => "(no message)".to_owned(),
+        },
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this mutex leaves a plain value behind; keep using it.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

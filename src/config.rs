@@ -296,6 +296,10 @@ pub struct HttpSettings {
         serialize_with = "none_is_empty"
     )]
     pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails its cms check once every delivery attempt has failed for this long, while
+    /// lines wait (0 = at the first failure).
+    #[serde(with = "humantime_serde")]
+    pub cms_unready_after: Duration,
 }
 
 /// `log.format`

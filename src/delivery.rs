@@ -146,7 +146,7 @@ impl Delivery {
             }
             Err(DeliveryError::Cms(err)) if batch.len() == 1 && !err.is_retryable() => {
                 // A batch of one is unambiguous: the CMS will not take this line.
-                self.dead_letter(&batch[0], &err.to_string(), &mut tally)
+                self.dead_letter(&batch[0], &refusal(&err, &batch[0]), &mut tally)
                     .await?;
             }
             Err(err) => return Err(err),
@@ -164,6 +164,7 @@ impl Delivery {
             stats.delivery_heartbeat.beat();
             match self.try_deliver_batch().await {
                 Ok(DeliveryOutcome::Idle) => {
+                    stats.readiness.delivery_idle();
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = self.deps.outbox.wait_for_lines() => {}
@@ -184,6 +185,7 @@ impl Delivery {
                     n_dead,
                 }) => {
                     self.deps.stats.readiness.outbox_ok();
+                    stats.readiness.delivery_ok();
                     if failing {
                         tracing::info!("cms reachable again");
                         failing = false;
@@ -199,8 +201,11 @@ impl Delivery {
                 }
                 Err(err) => {
                     Stats::add(&self.deps.stats.delivery_retries, 1);
-                    if let DeliveryError::Outbox(outbox_err) = &err {
-                        self.deps.stats.readiness.outbox_failed(outbox_err);
+                    match &err {
+                        DeliveryError::Outbox(outbox_err) => {
+                            stats.readiness.outbox_failed(outbox_err)
+                        }
+                        DeliveryError::Cms(cms_err) => stats.readiness.delivery_failed(cms_err),
                     }
                     let n_messages = Stats::get(&self.deps.stats.last_batch_size);
                     let delay = backoff.next_delay(err.retry_after());
@@ -398,7 +403,8 @@ impl Delivery {
             match Box::pin(self.send(vec![line.clone()], tally)).await {
                 Ok(()) => {}
                 Err(DeliveryError::Cms(err)) if !err.is_retryable() => {
-                    self.dead_letter(&line, &err.to_string(), tally).await?
+                    self.dead_letter(&line, &refusal(&err, &line), tally)
+                        .await?
                 }
                 Err(err) => return Err(err),
             }
@@ -481,6 +487,11 @@ impl Tally {
             n_dead: self.n_dead,
         }
     }
+}
+
+/// Why the CMS refused `line`, for its dead letter (`CmsError::refusal_reason`).
+fn refusal(err: &CmsError, line: &PendingLine) -> String {
+    err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id))
 }
 
 /// The row of a prepared line.

@@ -5,12 +5,16 @@
 //! talks to either peer, so a scraper polling it every second changes nothing.
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
 //!
-//! Readiness (`/readyz` is 200 only when all three hold):
+//! Readiness (`/readyz` is 200 only when all four hold):
 //! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
 //!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
-//! - **cms**: the last login, or the last request with its token, was accepted.
+//! - **cms**: the last login, or the last request with its token, was accepted, and delivery has
+//!   not failed at every attempt for `http.cms_unready_after` or longer (a CMS that is down, or
+//!   answers every POST with an error, fails this check until a delivery succeeds);
+//! - **stages**: the poller and delivery loops run (neither ended nor panicked) and came round
+//!   within the stall limit (`app::STALL_LIMIT`), the same rule the systemd watchdog is fed by.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
 use crate::filter::FilterReason;
+use crate::liveness::Heartbeat;
 use crate::metrics::{self, Gauges, Stats};
 use crate::outbox::OutboxReader;
 
@@ -40,13 +45,13 @@ pub const VIEWER_STALE_MIN: Duration = Duration::from_secs(5);
 pub enum HealthError {
     /// The address is taken or not ours.
     #[error(
-        "cannot listen on {addr} for http.listen: {source} (another relay on the same port? give each its own http.listen, or set it to \"\" to turn the endpoint off)"
+        "cannot listen on {addr} for http.listen: {cause} (another relay on the same port? give each its own http.listen, or set it to \"\" to turn the endpoint off)"
     )]
     Bind {
         /// `http.listen`
         addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error (in the message, so not also a `source` that `{:#}` would print twice).
+        cause: std::io::Error,
     },
 }
 
@@ -60,6 +65,10 @@ pub struct HealthState {
     pub cms: Arc<CmsClient>,
     /// `viewer.poll_interval`.
     pub poll_interval: Duration,
+    /// `http.cms_unready_after`.
+    pub cms_unready_after: Duration,
+    /// How long a loop may go without coming round (`app::STALL_LIMIT` or `2 × retry.max`).
+    pub stall_limit: Duration,
     /// `viewer.chat_url`, shown in `/status`.
     pub chat_url: String,
     /// `cms.grid_id`, shown in `/status`.
@@ -79,21 +88,23 @@ pub struct Check {
     pub reason: Option<String>,
 }
 
-/// The three readiness conditions.
+/// The four readiness conditions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadinessReport {
     /// The last outbox write succeeded.
     pub outbox: Check,
     /// The viewer answered recently.
     pub viewer: Check,
-    /// The CMS accepts the account.
+    /// The CMS accepts the account and the lines.
     pub cms: Check,
+    /// The stage loops run and come round.
+    pub stages: Check,
 }
 
 impl ReadinessReport {
     /// Whether every condition holds.
     pub fn is_ready(&self) -> bool {
-        self.outbox.ok && self.viewer.ok && self.cms.ok
+        self.outbox.ok && self.viewer.ok && self.cms.ok && self.stages.ok
     }
 
     fn to_json(&self) -> Value {
@@ -102,6 +113,7 @@ impl ReadinessReport {
             "outbox": check(&self.outbox),
             "viewer": check(&self.viewer),
             "cms": check(&self.cms),
+            "stages": check(&self.stages),
         })
     }
 }
@@ -147,20 +159,66 @@ impl HealthState {
             }
         };
         let cms = match self.cms.login_state() {
-            LoginState::Valid => ok,
+            LoginState::Valid => match readiness.delivery_failing() {
+                Some(failing) if failing.since.elapsed() >= self.cms_unready_after => {
+                    failed(format!(
+                        "delivery to the cms has failed for {:.1} s ({} attempts in a row, none succeeded; limit {:.1} s, http.cms_unready_after); last error: {}",
+                        secs(failing.since.elapsed()),
+                        failing.n_failed,
+                        secs(self.cms_unready_after),
+                        failing.last_error
+                    ))
+                }
+                _ => ok,
+            },
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
+        };
+        let loops = [
+            ("poller", &self.stats.poller_heartbeat),
+            ("delivery", &self.stats.delivery_heartbeat),
+        ];
+        let stalled: Vec<String> = loops
+            .into_iter()
+            .filter_map(|(name, heartbeat)| self.loop_trouble(name, heartbeat))
+            .collect();
+        let stages = if stalled.is_empty() {
+            Check {
+                ok: true,
+                reason: None,
+            }
+        } else {
+            failed(stalled.join("; "))
         };
         ReadinessReport {
             outbox,
             viewer,
             cms,
+            stages,
+        }
+    }
+
+    /// What is wrong with a stage loop, if anything.
+    fn loop_trouble(&self, name: &str, heartbeat: &Heartbeat) -> Option<String> {
+        if !heartbeat.is_running() {
+            return Some(format!(
+                "the {name} loop is not running (the relay is stopping, or the loop panicked and the relay exits to be restarted)"
+            ));
+        }
+        match heartbeat.since_last_beat() {
+            Some(since) if since > self.stall_limit => Some(format!(
+                "the {name} loop has not come round for {:.1} s (limit {:.1} s): it is stuck (under systemd the watchdog restarts the relay)",
+                secs(since),
+                secs(self.stall_limit)
+            )),
+            _ => None,
         }
     }
 
     fn gauges(&self, ready: bool) -> Gauges {
-        // One record read: the oldest pending line (an undecodable one is passed over here and
-        // moved to the quarantine by delivery's next step).
+        // One record read, whatever the outbox holds: the oldest pending line (an undecodable one is
+        // passed over here and moved to the quarantine by delivery's next step); the counts are the
+        // outbox's counters.
         let oldest = self.outbox.oldest_captured_at().unwrap_or_else(|err| {
             tracing::warn!(error = %err, "cannot read the oldest outbox line for the metrics");
             None
@@ -192,7 +250,7 @@ pub struct HealthServer {
 impl HealthServer {
     /// Binds `addr` now (so a taken port fails start-up, and port 0 is resolved at once).
     pub fn bind(addr: SocketAddr, state: HealthState) -> Result<HealthServer, HealthError> {
-        let bind_error = |source| HealthError::Bind { addr, source };
+        let bind_error = |cause| HealthError::Bind { addr, cause };
         let listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
@@ -336,6 +394,69 @@ fn round1(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cms::client::CmsEndpoint;
+    use crate::outbox::Outbox;
+
+    fn state(outbox: &Arc<Outbox>) -> HealthState {
+        let cms = CmsClient::new(CmsEndpoint {
+            base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
+            grid_id: 1,
+            username: "relay".into(),
+            password: "secret".into(),
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+            ca_certificates: Vec::new(),
+        })
+        .expect("client");
+        HealthState {
+            stats: Arc::new(Stats::default()),
+            outbox: outbox.reader(),
+            cms: Arc::new(cms),
+            poll_interval: Duration::from_millis(500),
+            cms_unready_after: Duration::from_secs(60),
+            stall_limit: Duration::from_secs(300),
+            chat_url: "http://127.0.0.1:9144/api/chat".into(),
+            grid_id: 1,
+            username: "relay".into(),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn readiness_names_a_stage_loop_that_stopped_or_is_stuck() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
+        let mut state = state(&outbox);
+        let stats = state.stats.clone();
+        {
+            let _poller = stats.poller_heartbeat.alive();
+            let _delivery = stats.delivery_heartbeat.alive();
+            assert_eq!(state.readiness().stages.reason, None);
+
+            // Stuck: no turn within the limit.
+            state.stall_limit = Duration::ZERO;
+            std::thread::sleep(Duration::from_millis(2));
+            let stages = state.readiness().stages;
+            let reason = stages.reason.expect("a reason");
+            assert!(!stages.ok && !state.readiness().is_ready());
+            assert!(
+                reason.contains("the poller loop has not come round")
+                    && reason.contains("the delivery loop has not come round")
+                    && reason.contains("stuck"),
+                "{reason}"
+            );
+            stats.poller_heartbeat.beat();
+            state.stall_limit = Duration::from_secs(300);
+            assert_eq!(state.readiness().stages.reason, None);
+        }
+        // Ended (or panicked: the guard is dropped while unwinding).
+        let reason = state.readiness().stages.reason.expect("a reason");
+        assert!(
+            reason.contains("the poller loop is not running")
+                && reason.contains("the delivery loop is not running"),
+            "{reason}"
+        );
+    }
 
     #[test]
     fn credentials_in_a_url_are_not_shown() {

@@ -1,6 +1,6 @@
 //! The signals that decide whether the relay is ready and alive: `Readiness` (what the stages last
-//! saw of the viewer and the outbox, read by `/readyz`) and each loop's `Heartbeat` (read by the
-//! systemd watchdog, through `notify`, to decide a restart).
+//! saw of the viewer, the outbox and delivery to the CMS, read by `/readyz`) and each loop's
+//! `Heartbeat` (read by the systemd watchdog, through `notify`, to decide a restart).
 //!
 //! The stages write these through `Stats` (`stats.readiness`, `stats.poller_heartbeat`,
 //! `stats.delivery_heartbeat`), so that each stage holds one shared handle; what the signals mean
@@ -12,12 +12,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// What the stages last saw of the viewer and the outbox (the CMS login state is kept by the CMS
-/// client itself). Each mutex is held for one assignment.
+/// What the stages last saw of the viewer, the outbox and delivery to the CMS (the CMS login state
+/// is kept by the CMS client itself). Each mutex is held for one assignment.
 #[derive(Debug, Default)]
 pub struct Readiness {
     viewer: Mutex<ViewerState>,
     outbox_error: Mutex<Option<String>>,
+    delivery: Mutex<Option<DeliveryFailing>>,
+}
+
+/// Delivery attempts that failed in a row, none succeeding since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryFailing {
+    /// When the first of them failed.
+    pub since: Instant,
+    /// How many.
+    pub n_failed: u64,
+    /// The last one's error.
+    pub last_error: String,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -59,6 +71,33 @@ impl Readiness {
     pub fn outbox_error(&self) -> Option<String> {
         lock(&self.outbox_error).clone()
     }
+
+    /// A delivery step made progress: the CMS answered and settled lines.
+    pub fn delivery_ok(&self) {
+        *lock(&self.delivery) = None;
+    }
+
+    /// Nothing was left to deliver: the failures in a row, if any, end without a verdict.
+    pub fn delivery_idle(&self) {
+        *lock(&self.delivery) = None;
+    }
+
+    /// A delivery attempt failed at the CMS.
+    pub fn delivery_failed(&self, error: &dyn std::fmt::Display) {
+        let mut delivery = lock(&self.delivery);
+        let failing = delivery.get_or_insert_with(|| DeliveryFailing {
+            since: Instant::now(),
+            n_failed: 0,
+            last_error: String::new(),
+        });
+        failing.n_failed += 1;
+        failing.last_error = error.to_string();
+    }
+
+    /// The delivery attempts failing in a row since the last success, if the last one failed.
+    pub fn delivery_failing(&self) -> Option<DeliveryFailing> {
+        lock(&self.delivery).clone()
+    }
 }
 
 /// A task loop's pulse: `beat` once per turn, and hold the guard of `alive` for the loop's life so a
@@ -84,8 +123,20 @@ impl Heartbeat {
 
     /// Whether the loop runs and came round within `stall_limit`.
     pub fn is_healthy(&self, stall_limit: Duration) -> bool {
+        self.is_running()
+            && self
+                .since_last_beat()
+                .is_some_and(|since| since <= stall_limit)
+    }
+
+    /// Whether the loop runs: it started and has neither ended nor panicked.
+    pub fn is_running(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
-            && lock(&self.last).is_some_and(|last| last.elapsed() <= stall_limit)
+    }
+
+    /// How long ago the loop last came round (`None` before it first did).
+    pub fn since_last_beat(&self) -> Option<Duration> {
+        lock(&self.last).map(|last| last.elapsed())
     }
 }
 

@@ -6,6 +6,7 @@ use clap::Parser;
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::cli::{Cli, Command, SimCommand};
 use opensim_chat_relay::config::{ConfigError, LogFormat, Settings};
+use opensim_chat_relay::health::HealthError;
 use opensim_chat_relay::outbox::OutboxError;
 use opensim_chat_relay::sim::{cms, lookingglass};
 use opensim_chat_relay::{admin, check, demo, notify, shutdown, telemetry};
@@ -109,10 +110,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            // An outbox that cannot be opened needs an operator, not a restart loop.
+            // An outbox that cannot be opened, or a health port that is taken, needs an operator,
+            // not a restart loop.
             let needs_operator = err.downcast_ref::<OutboxError>().is_some_and(|e| {
-                matches!(e, OutboxError::Locked { .. } | OutboxError::Open { .. })
-            }) || err.downcast_ref::<ConfigError>().is_some();
+                matches!(
+                    e,
+                    OutboxError::Locked { .. }
+                        | OutboxError::Open { .. }
+                        | OutboxError::NotWritable { .. }
+                )
+            }) || err.downcast_ref::<ConfigError>().is_some()
+                || err.downcast_ref::<HealthError>().is_some();
             if needs_operator {
                 ExitCode::from(EX_CONFIG)
             } else {

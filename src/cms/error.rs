@@ -75,6 +75,29 @@ impl CmsError {
         !matches!(self, CmsError::Invalid(_) | CmsError::LastRowFailed)
     }
 
+    /// Why a line the CMS refused on its own (a POST of that one line) is dead-lettered: the text
+    /// `outbox dead` shows. A validation error is the CMS's own words. `{"success":false,"id":0}`
+    /// carries none (spec §3.3: the insert failed), so the reason names what the row points at:
+    /// `chats.userId` and `chats.gridId` are foreign keys, user 0 does not exist in a stock
+    /// OpenSim-CMS 1.1, and -1 is stored as NULL (anonymous), which leaves the grid. `user_id` is
+    /// the row's, when it was decided.
+    pub fn refusal_reason(&self, user_id: Option<i64>) -> String {
+        const NO_CAUSE: &str = "the cms could not store the line and gave no reason ({\"success\":false,\"id\":0}: its insert failed)";
+        match (self, user_id) {
+            (CmsError::Invalid(error), _) => format!("the cms rejected the line: {error}"),
+            (CmsError::LastRowFailed, Some(0)) => format!(
+                "{NO_CAUSE}; it was sent with user id 0, which stock OpenSim-CMS 1.1 rejects (chats.userId is a foreign key to users, and no user 0 exists): set cms.anonymous_user_id = -1 (the default), then requeue it (outbox requeue)"
+            ),
+            (CmsError::LastRowFailed, Some(-1)) => format!(
+                "{NO_CAUSE}; it was sent as anonymous (user id -1, stored as NULL), so the likely cause is the grid: chats.gridId is a foreign key, check that cms.grid_id exists (opensim-chat-relay check); then requeue it (outbox requeue)"
+            ),
+            (CmsError::LastRowFailed, Some(user_id)) => format!(
+                "{NO_CAUSE}; it was sent with user id {user_id}: if the cms has no user {user_id}, the insert fails its foreign key (chats.userId); check mapping.users and the avatar's link in the cms, then requeue it (outbox requeue)"
+            ),
+            (other, _) => other.to_string(),
+        }
+    }
+
     /// The delay the server asked for, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -104,5 +127,28 @@ impl CmsError {
             text.push_str(" (timed out)");
         }
         CmsError::Transport(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_reason_is_the_cms_words_or_names_what_the_row_points_at() {
+        let invalid = CmsError::Invalid(
+            "Missing parameter (string) \"message\" with a minumum length of 1 character".into(),
+        );
+        assert_eq!(
+            invalid.refusal_reason(Some(3)),
+            "the cms rejected the line: Missing parameter (string) \"message\" with a minumum length of 1 character"
+        );
+        let anonymous = CmsError::LastRowFailed.refusal_reason(Some(-1));
+        assert!(
+            anonymous.contains("anonymous") && anonymous.contains("cms.grid_id"),
+            "{anonymous}"
+        );
+        let undecided = CmsError::LastRowFailed.refusal_reason(None);
+        assert_eq!(undecided, CmsError::LastRowFailed.to_string());
     }
 }

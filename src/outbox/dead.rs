@@ -5,7 +5,7 @@
 //! Must not send anything or decide that a line is refused (that is delivery's); a dead letter comes
 //! back to the pending lines only through `requeue`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use chrono::Utc;
 
@@ -19,8 +19,13 @@ impl Outbox {
     pub async fn dead_letter(&self, line: &PendingLine, reason: &str) -> Result<(), OutboxError> {
         let store = self.store()?;
         let value = encode_dead(line, reason, Utc::now());
-        self.db
-            .io(store.dead.insert(line.id.to_be_bytes(), value))?;
+        if self
+            .db
+            .io(store.dead.insert(line.id.to_be_bytes(), value))?
+            .is_none()
+        {
+            self.n_dead.fetch_add(1, Ordering::Relaxed);
+        }
         self.remove_pending(&store, &line.id.to_be_bytes())?;
         self.db.flush(&store).await
     }
@@ -51,7 +56,13 @@ impl Outbox {
                 self.n_pending.fetch_add(1, Ordering::Relaxed);
                 self.n_bytes.fetch_add(n_bytes, Ordering::Relaxed);
             }
-            self.db.io(store.dead.remove(pending.id.to_be_bytes()))?;
+            if self
+                .db
+                .io(store.dead.remove(pending.id.to_be_bytes()))?
+                .is_some()
+            {
+                self.n_dead.fetch_sub(1, Ordering::Relaxed);
+            }
             last_requeued = last_requeued.max(pending.id);
             n_requeued += 1;
         }
@@ -64,20 +75,26 @@ impl Outbox {
 
     /// Deletes every dead letter. Returns how many.
     pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
-        self.purge(|store| &store.dead).await
+        self.purge(|store| &store.dead, &self.n_dead).await
     }
 
     /// Deletes every quarantined record. Returns how many.
     pub async fn purge_quarantine(&self) -> Result<usize, OutboxError> {
-        self.purge(|store| &store.quarantine).await
+        self.purge(|store| &store.quarantine, &self.n_quarantined)
+            .await
     }
 
-    /// Empties one tree and flushes. Returns how many records it held.
-    async fn purge(&self, tree: fn(&Store) -> &sled::Tree) -> Result<usize, OutboxError> {
+    /// Empties one tree (and its counter) and flushes. Returns how many records it held.
+    async fn purge(
+        &self,
+        tree: fn(&Store) -> &sled::Tree,
+        counter: &AtomicUsize,
+    ) -> Result<usize, OutboxError> {
         let store = self.store()?;
         let tree = tree(&store);
         let n = tree.len();
         self.db.io(tree.clear())?;
+        counter.store(0, Ordering::Relaxed);
         self.db.flush(&store).await?;
         Ok(n)
     }
@@ -100,7 +117,9 @@ impl Outbox {
         value: impl Into<sled::IVec>,
     ) -> Result<(), OutboxError> {
         let key = self.db.new_id(store)?.to_be_bytes();
-        self.db.io(store.quarantine.insert(key, value))?;
+        if self.db.io(store.quarantine.insert(key, value))?.is_none() {
+            self.n_quarantined.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -120,13 +139,13 @@ impl Outbox {
         Ok(lines)
     }
 
-    /// Dead letters (0 while the outbox cannot be reopened).
+    /// Dead letters (a counter the writes keep: no record is read).
     pub fn dead_len(&self) -> usize {
-        self.store().map_or(0, |store| store.dead.len())
+        self.n_dead.load(Ordering::Relaxed)
     }
 
-    /// Quarantined records (0 while the outbox cannot be reopened).
+    /// Quarantined records (a counter the writes keep: no record is read).
     pub fn quarantine_len(&self) -> usize {
-        self.store().map_or(0, |store| store.quarantine.len())
+        self.n_quarantined.load(Ordering::Relaxed)
     }
 }

@@ -17,7 +17,8 @@
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
 //! and the quarantine), `cursor` (the stages' persisted cursors), `reader` (the read-only view `health` gets: it
 //! never quarantines or reopens), `tests` (through the facade).
-//! This file holds the types the stages see and the depth counters the others keep true. Must not
+//! This file holds the types the stages see and the counters the others keep true (the depth, the
+//! dead letters and the quarantine: `reader` reads them instead of the trees). Must not
 //! do anything but storage.
 
 mod bounds;
@@ -56,6 +57,20 @@ pub enum OutboxError {
     Locked {
         /// The directory.
         path: String,
+    },
+    /// The relay's user may not write the directory or its files (permissions, ownership, a
+    /// read-only file system). The database is not damaged: the fix is access, and moving the
+    /// directory aside would strand the lines waiting in it.
+    #[error(
+        "outbox {path} cannot be opened by {user}: {detail}; keep the directory where it is: it holds the lines not yet delivered"
+    )]
+    NotWritable {
+        /// The directory.
+        path: String,
+        /// Who the relay runs as (`user NAME (uid N)`).
+        user: String,
+        /// What the OS refused and how to fix it.
+        detail: String,
     },
     /// The database cannot be opened (damaged, unreadable).
     #[error(
@@ -125,7 +140,13 @@ pub struct Outbox {
     committed: AtomicU64,
     n_pending: AtomicUsize,
     n_bytes: AtomicU64,
+    /// Records in the dead letters and in the quarantine, kept with every write to those trees so
+    /// that a scrape never counts them (sled's `len` reads the whole tree).
+    n_dead: AtomicUsize,
+    n_quarantined: AtomicUsize,
     n_dropped: AtomicU64,
+    /// Records read by the read-only views (`OutboxReader::records_read`).
+    n_read_by_views: AtomicU64,
     limits: Limits,
     appended: Notify,
 }
@@ -135,13 +156,17 @@ impl Outbox {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Outbox, OutboxError> {
         let store = Store::open(path, cache_bytes)?;
         let (n_pending, n_bytes) = store.count_pending();
+        let (n_dead, n_quarantined) = store.count_kept();
         let committed = last_key(&store.pending);
         Ok(Outbox {
             db: Database::new(path, cache_bytes, store),
             committed: AtomicU64::new(committed),
             n_pending: AtomicUsize::new(n_pending),
             n_bytes: AtomicU64::new(n_bytes),
+            n_dead: AtomicUsize::new(n_dead),
+            n_quarantined: AtomicUsize::new(n_quarantined),
             n_dropped: AtomicU64::new(0),
+            n_read_by_views: AtomicU64::new(0),
             limits: Limits {
                 max_bytes: u64::MAX,
                 max_age: Duration::MAX,
@@ -158,6 +183,9 @@ impl Outbox {
             let (n_pending, n_bytes) = store.count_pending();
             self.n_pending.store(n_pending, Ordering::Relaxed);
             self.n_bytes.store(n_bytes, Ordering::Relaxed);
+            let (n_dead, n_quarantined) = store.count_kept();
+            self.n_dead.store(n_dead, Ordering::Relaxed);
+            self.n_quarantined.store(n_quarantined, Ordering::Relaxed);
             tracing::debug!(
                 outbox_depth = n_pending,
                 "outbox reopened after a storage error"

@@ -4,15 +4,23 @@
 //! Must not write, in any way, so that a scrape changes nothing: an undecodable pending record is
 //! skipped, not quarantined (delivery's `Outbox::oldest` quarantines it on its next step), and a
 //! database broken by an I/O error is neither marked broken nor reopened (the stages that write find
-//! it broken on their next use and reopen it). While it is broken the trees are not read: the
-//! counts of dead letters and quarantined records read 0, as they do while it cannot be reopened.
+//! it broken on their next use and reopen it). Must not scan a tree either, so that a scrape costs
+//! the same for 20 lines as for 20 million: the depth and the counts of dead letters and quarantined
+//! records are the counters the outbox keeps with its writes (the last known while the database
+//! waits to be reopened), and the oldest line's age is read from at most `OLDEST_MAX_READ` records.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use chrono::{DateTime, Utc};
 
 use crate::outbox::record::decode_pending;
 use crate::outbox::{Outbox, OutboxError};
+
+/// At most this many pending records are read for the oldest line's age. More than one only when the
+/// first are undecodable, which delivery's next step moves to the quarantine; beyond it the age
+/// reads as unknown (`None`) for that scrape.
+pub const OLDEST_MAX_READ: usize = 16;
 
 /// Read-only access to a shared outbox: none of its methods writes.
 #[derive(Clone)]
@@ -55,12 +63,14 @@ impl OutboxReader {
         self.outbox.is_full_and_paused()
     }
 
-    /// When the oldest decodable pending line was captured (an undecodable one is passed over).
-    /// While an I/O error has left the database to be reopened, that error.
+    /// When the oldest decodable pending line was captured (an undecodable one is passed over, up
+    /// to `OLDEST_MAX_READ` records). While an I/O error has left the database to be reopened, that
+    /// error.
     pub fn oldest_captured_at(&self) -> Result<Option<DateTime<Utc>>, OutboxError> {
         let store = self.open_store().map_err(OutboxError::Reopen)?;
-        for entry in self.outbox.committed_pending(&store) {
+        for entry in self.outbox.committed_pending(&store).take(OLDEST_MAX_READ) {
             let (key, value) = entry.map_err(OutboxError::Storage)?;
+            self.count_read(1);
             if let Some(line) = decode_pending(&key, &value) {
                 return Ok(Some(line.line.captured_at));
             }
@@ -68,14 +78,26 @@ impl OutboxReader {
         Ok(None)
     }
 
-    /// Dead letters (0 while the database waits to be reopened).
+    /// Dead letters (the outbox's counter).
     pub fn dead_len(&self) -> usize {
-        self.open_store().map_or(0, |store| store.dead.len())
+        self.outbox.dead_len()
     }
 
-    /// Quarantined records (0 while the database waits to be reopened).
+    /// Quarantined records (the outbox's counter).
     pub fn quarantine_len(&self) -> usize {
-        self.open_store().map_or(0, |store| store.quarantine.len())
+        self.outbox.quarantine_len()
+    }
+
+    /// Records the read-only views of this outbox have read since it was opened: what a scrape
+    /// costs, which must not grow with the outbox.
+    pub fn records_read(&self) -> u64 {
+        self.outbox.n_read_by_views.load(Ordering::Relaxed)
+    }
+
+    fn count_read(&self, n: usize) {
+        self.outbox
+            .n_read_by_views
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// The open database as it is (`Database::peek`): never reopened.

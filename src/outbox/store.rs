@@ -33,29 +33,14 @@ pub(super) struct Store {
 
 impl Store {
     pub(super) fn open(path: &Path, cache_bytes: u64) -> Result<Store, OutboxError> {
-        let shown = path.display().to_string();
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             .open()
-            .map_err(|source| {
-                // sled reports a held file lock as an I/O error "could not acquire lock".
-                if source.to_string().contains("lock") {
-                    OutboxError::Locked {
-                        path: shown.clone(),
-                    }
-                } else {
-                    OutboxError::Open {
-                        path: shown.clone(),
-                        source,
-                    }
-                }
-            })?;
+            .map_err(|source| open_error(path, source))?;
         let open_tree = |name: &str| {
-            db.open_tree(name).map_err(|source| OutboxError::Open {
-                path: shown.clone(),
-                source,
-            })
+            db.open_tree(name)
+                .map_err(|source| open_error(path, source))
         };
         Ok(Store {
             pending: open_tree("pending")?,
@@ -86,6 +71,91 @@ impl Store {
             .sum();
         (self.pending.len(), n_bytes)
     }
+
+    /// Dead letters and quarantined records, counted from the records (a read of both trees: at
+    /// open and reopen only).
+    pub(super) fn count_kept(&self) -> (usize, usize) {
+        (self.dead.len(), self.quarantine.len())
+    }
+}
+
+/// Why the database at `path` cannot be opened, with the fix an operator needs: another process
+/// holds it, the relay's user may not write it, or it is damaged.
+fn open_error(path: &Path, source: sled::Error) -> OutboxError {
+    let shown = path.display().to_string();
+    // sled reports a held file lock as an I/O error "could not acquire lock".
+    if source.to_string().contains("lock") {
+        return OutboxError::Locked { path: shown };
+    }
+    let sled::Error::Io(io) = &source else {
+        return OutboxError::Open {
+            path: shown,
+            source,
+        };
+    };
+    let os_error = io
+        .raw_os_error()
+        .map_or_else(String::new, |code| format!(" (os error {code})"));
+    let (user, name) = current_user();
+    let detail = match io.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            let owner = owner_of(path).map_or_else(String::new, |owner| {
+                format!(", and the directory belongs to {owner}")
+            });
+            format!(
+                "permission denied{os_error}{owner}: give {user} read and write access to the directory and every file in it (chown -R {name} {shown}), or run the relay as its owner"
+            )
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => format!(
+            "the file system is read-only{os_error}: mount it read-write, or under systemd (ProtectSystem=strict) keep outbox.path in the unit's StateDirectory= or add it to ReadWritePaths="
+        ),
+        _ => {
+            return OutboxError::Open {
+                path: shown,
+                source,
+            };
+        }
+    };
+    OutboxError::NotWritable {
+        path: shown,
+        user,
+        detail,
+    }
+}
+
+/// Who this process runs as: `user NAME (uid N)` (or `uid N` when no name is known) and the name
+/// for a command line (the uid when none). Linux: `/proc/self` belongs to the effective uid, and
+/// the name is looked up in `/etc/passwd` (a systemd `DynamicUser` has none there).
+fn current_user() -> (String, String) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|meta| meta.uid()) else {
+        return ("the relay's user".to_owned(), "<user>".to_owned());
+    };
+    match user_name(uid) {
+        Some(name) => (format!("user {name} (uid {uid})"), name),
+        None => (format!("uid {uid}"), uid.to_string()),
+    }
+}
+
+/// Who owns `path`, as `NAME (uid N)`, if it can be seen.
+fn owner_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata(path).ok()?.uid();
+    Some(match user_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    })
+}
+
+/// The name of `uid` in `/etc/passwd`.
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let listed: u32 = fields.nth(1)?.parse().ok()?;
+        (listed == uid).then(|| name.to_owned())
+    })
 }
 
 /// The last key of a tree keyed by big-endian ids (0 when it is empty or cannot be read).

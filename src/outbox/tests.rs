@@ -146,6 +146,41 @@ async fn a_dead_letter_requeued_into_an_empty_outbox_is_deliverable() {
     assert_eq!(texts(&outbox), ["refused"]);
 }
 
+#[tokio::test]
+async fn the_counts_of_dead_letters_and_quarantined_records_follow_every_write_and_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = open(&dir);
+    append(&outbox, &["one", "two", "three"]).await;
+    for line in outbox.oldest(10).expect("read") {
+        refuse(&outbox, &line).await;
+    }
+    outbox
+        .quarantine_raw("chat", b"not json")
+        .await
+        .expect("keep");
+    outbox
+        .quarantine_raw("chat", b"nor this")
+        .await
+        .expect("keep");
+    let counts = |outbox: &Outbox| (outbox.dead_len(), outbox.quarantine_len());
+    assert_eq!(counts(&outbox), (3, 2));
+
+    let first = outbox.dead_letters().expect("dead")[0].pending.id;
+    assert_eq!(outbox.requeue(Some(&[first])).await.expect("requeue"), 1);
+    assert_eq!(counts(&outbox), (2, 2));
+    assert_eq!(outbox.purge_quarantine().await.expect("purge"), 2);
+    assert_eq!(counts(&outbox), (2, 0));
+    let store = outbox.store().expect("open");
+    assert_eq!(store.count_kept(), (2, 0));
+    drop(store);
+    drop(outbox);
+
+    let outbox = open(&dir);
+    assert_eq!(counts(&outbox), (2, 0));
+    assert_eq!(outbox.purge_dead().await.expect("purge"), 2);
+    assert_eq!(counts(&outbox), (0, 0));
+}
+
 // Cursors.
 
 #[tokio::test]

@@ -18,3 +18,4 @@ mod outage;
 mod quirks;
 mod restart;
 mod shutdown;
+mod visible;
