@@ -16,7 +16,7 @@ use opensim_chat_relay::zone::Zone;
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, eventually, peak_memory, sigterm};
 
 const VALID_CHAT: &str = r#"{"20261122014005043":{"Time":"20261122014005043","From":"Alice Resident","Message":"caf\u00E9 \uD83D\uDE00","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"11111111-2222-3333-4444-555555555555"}}"#;
 const VALID_POST_REPLY: &str = r#"{"success":true,"id":17}"#;
@@ -169,18 +169,6 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
         n_quarantined, 4,
         "each unreadable body is kept for an operator"
     );
-}
-
-/// The relay's peak resident memory (`VmHWM`), in bytes.
-fn peak_memory(relay: &std::process::Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .expect("VmHWM in kB");
-    kib * 1024
 }
 
 /// A viewer left alone for a day hands out tens of megabytes at once: the relay reads the answer to

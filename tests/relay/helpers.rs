@@ -3,9 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
@@ -199,6 +200,16 @@ impl TestEnv {
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
+        self.start_relay_with(toml, overrides, |relay| relay).await
+    }
+
+    /// A relay like `start_relay`'s, changed by `adjust` after it is built (e.g. its shutdown grace).
+    pub async fn start_relay_with(
+        &self,
+        toml: &str,
+        overrides: &[(&str, &str)],
+        adjust: impl FnOnce(Relay) -> Relay,
+    ) -> RunningRelay {
         let settings = self.settings(toml, overrides);
         let deadline = Instant::now() + PATIENCE;
         let relay = loop {
@@ -211,6 +222,7 @@ impl TestEnv {
                 Err(err) => panic!("relay builds: {err:#}"),
             }
         };
+        let relay = adjust(relay);
         let token = CancellationToken::new();
         let (stats, outbox) = (relay.stats(), relay.outbox());
         // The relay's threads log to whatever subscriber the test installed (some tests read logs).
@@ -470,4 +482,57 @@ impl TestEnv {
 fn chatter_seq(text: &str) -> Option<(&str, u64)> {
     let (n, speaker) = text.strip_prefix("hello #")?.split_once(" from ")?;
     Some((speaker, n.parse().ok()?))
+}
+
+/// The relay's log lines at info and above, captured from this thread (the relay's runtime threads
+/// log to the subscriber the test installed).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The relay's peak resident memory (`VmHWM`), in bytes.
+pub fn peak_memory(relay: &std::process::Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("VmHWM in kB");
+    kib * 1024
 }
