@@ -161,13 +161,18 @@ impl Inworld {
                         &part,
                         self.deps.settings.channel,
                         self.deps.settings.say_type.as_str(),
+                        token,
                     )
                     .await;
                 if let Err(err) = said {
                     if echoed {
                         self.deps.recently_said.forget_last_awaited();
                     }
-                    return Err(err.into());
+                    return match err {
+                        // Not sent: the relay is stopping.
+                        ViewerError::Stopping => Ok(outcome),
+                        err => Err(err.into()),
+                    };
                 }
                 self.next_slot = Instant::now()
                     + Duration::from_secs_f64(1.0 / self.deps.settings.max_lines_per_second);

@@ -51,6 +51,10 @@ pub struct Stats {
     pub inworld_skipped: AtomicU64,
     /// Viewer lines dropped because they echo what the relay said in-world.
     pub inworld_echoes_dropped: AtomicU64,
+    /// Chat GET answers longer than `viewer.max_response_bytes`.
+    pub viewer_answers_oversized: AtomicU64,
+    /// Bytes of those answers read and not kept.
+    pub viewer_bytes_discarded: AtomicU64,
     /// Lines per chat POST.
     pub batch_size: Histogram<BatchSizeBuckets>,
     /// Duration of each chat POST, answered or failed.
@@ -268,6 +272,8 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
     let families = vec![
         ("opensim_chat_relay_viewer_polls_total", "Chat GETs the viewer answered.", Counter(get(&stats.polls))),
         ("opensim_chat_relay_viewer_poll_errors_total", "Chat GETs that failed (viewer down, wrong host, bad answer).", Counter(get(&stats.poll_errors))),
+        ("opensim_chat_relay_viewer_answers_oversized_total", "Chat GET answers longer than viewer.max_response_bytes: read to their end, only the lines in their first part kept.", Counter(get(&stats.viewer_answers_oversized))),
+        ("opensim_chat_relay_viewer_bytes_discarded_total", "Bytes of those answers read and not kept.", Counter(get(&stats.viewer_bytes_discarded))),
         ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(get(&stats.lines_polled))),
         ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(get(&stats.lines_relayed))),
         ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Labeled(COUNTER, "reason", filtered)),

@@ -17,3 +17,5 @@ mod outage;
 mod quirks;
 mod restart;
 mod shutdown;
+mod viewer_bounds;
+mod viewer_contract;
