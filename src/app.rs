@@ -64,11 +64,13 @@ impl Relay {
     /// Opens the outbox and builds the clients. Fails on anything an operator must fix.
     pub fn build(settings: &Settings) -> anyhow::Result<Relay> {
         let outbox = Arc::new(
-            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?.with_limits(Limits {
-                max_bytes: settings.outbox.max_bytes,
-                max_age: settings.outbox.max_age,
-                when_full: settings.outbox.when_full,
-            }),
+            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?
+                .with_limits(Limits {
+                    max_bytes: settings.outbox.max_bytes,
+                    max_age: settings.outbox.max_age,
+                    when_full: settings.outbox.when_full,
+                })
+                .with_max_quarantine_bytes(settings.outbox.max_quarantine_bytes),
         );
         let stats = Arc::new(Stats::default());
         let viewer = LookingGlassClient::new(ViewerEndpoint {

@@ -231,6 +231,8 @@ pub struct OutboxSettings {
     pub max_age: Duration,
     /// What happens at `max_bytes`.
     pub when_full: crate::outbox::WhenFull,
+    /// Bytes of quarantined records at most; unusable bodies beyond it are counted, not kept.
+    pub max_quarantine_bytes: u64,
 }
 
 /// `[retry]`

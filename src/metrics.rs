@@ -55,6 +55,10 @@ pub struct Stats {
     pub viewer_answers_oversized: AtomicU64,
     /// Bytes of those answers read and not kept.
     pub viewer_bytes_discarded: AtomicU64,
+    /// Unreadable viewer answers not quarantined: the same body was kept before.
+    pub quarantine_repeats: AtomicU64,
+    /// Unreadable viewer answers not quarantined: the quarantine holds `outbox.max_quarantine_bytes`.
+    pub quarantine_full: AtomicU64,
     /// Lines per chat POST.
     pub batch_size: Histogram<BatchSizeBuckets>,
     /// Duration of each chat POST, answered or failed.
@@ -265,6 +269,10 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("unstored", get(&stats.lines_unstored)),
         ("outbox_limit", gauges.outbox_dropped),
     ];
+    let not_quarantined = vec![
+        ("repeat", get(&stats.quarantine_repeats)),
+        ("full", get(&stats.quarantine_full)),
+    ];
     let version = vec![(env!("CARGO_PKG_VERSION"), 1)];
     let ready = if gauges.ready { 1.0 } else { 0.0 };
     // A gauge that counts (lines, bytes) is shown as a float, like every gauge.
@@ -292,6 +300,7 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
         ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
         ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),
+        ("opensim_chat_relay_unreadable_answers_not_quarantined_total", "Unreadable viewer answers not kept: the same body was kept before (repeat), or the quarantine holds outbox.max_quarantine_bytes (full).", Labeled(COUNTER, "reason", not_quarantined)),
         ("opensim_chat_relay_batch_size", "Lines per chat POST.", Histogram(stats.batch_size.snapshot())),
         ("opensim_chat_relay_post_seconds", "Duration of each chat POST.", Histogram(stats.post_seconds.snapshot())),
         ("opensim_chat_relay_capture_to_cms_seconds", "From the viewer answer carrying a line to the CMS confirming it.", Histogram(stats.capture_to_cms_seconds.snapshot())),

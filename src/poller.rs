@@ -1,6 +1,7 @@
 //! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
 //! to the outbox before the next GET is sent. An answer longer than `viewer.max_response_bytes`
-//! gives the lines in its first part (the client keeps no more).
+//! gives the lines in its first part (the client keeps no more), and one that is not chat goes to
+//! the outbox quarantine (once, however often the viewer repeats it).
 //!
 //! Must not: deliver anything, read the viewer's status itself (`lookingglass::facts` does, off this
 //! path), or cancel a GET in flight (an aborted response kills the viewer). The shutdown token is
@@ -17,7 +18,7 @@ use crate::filter::{Filter, FilterReason};
 use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, ViewerLine};
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, Quarantined};
 use crate::zone::Zone;
 
 /// How long to wait before retrying a failed outbox write (disk full). Polling pauses meanwhile, so
@@ -97,6 +98,8 @@ pub struct Poller {
     unstored: Option<Unstored>,
     /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
     warned_other_consumer: bool,
+    /// Unreadable answers in a row: the first of a run is logged at error, the rest at debug.
+    n_unreadable_in_a_row: u64,
     /// A GET is not sent once this is cancelled (`run_until_stopped`'s token).
     stop: CancellationToken,
 }
@@ -109,6 +112,7 @@ impl Poller {
             own_name: None,
             unstored: None,
             warned_other_consumer: false,
+            n_unreadable_in_a_row: 0,
             stop: CancellationToken::new(),
         }
     }
@@ -156,6 +160,13 @@ impl Poller {
             // The break is where the client stopped keeping the answer: nothing to quarantine.
             Err(_) if cut => false,
             Ok(tally) => {
+                if self.n_unreadable_in_a_row > 0 {
+                    tracing::info!(
+                        n_unreadable = self.n_unreadable_in_a_row,
+                        "the viewer answers readable chat again"
+                    );
+                    self.n_unreadable_in_a_row = 0;
+                }
                 for skipped in &tally.skipped {
                     tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
                 }
@@ -173,7 +184,12 @@ impl Poller {
             }
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
-                tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the whole body is kept in the outbox quarantine");
+                if self.n_unreadable_in_a_row == 0 {
+                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the body is kept in the outbox quarantine (once, however often it comes)");
+                } else {
+                    tracing::debug!(error = %err, n_bytes = body.len(), "viewer chat response unreadable again");
+                }
+                self.n_unreadable_in_a_row += 1;
                 Stats::add(&self.deps.stats.lines_unreadable, 1);
                 true
             }
@@ -255,15 +271,20 @@ impl Poller {
             }
         }
         if unstored.quarantine {
-            if let Err(err) = self
+            match self
                 .deps
                 .outbox
                 .quarantine_raw("unreadable viewer chat response", &unstored.body)
                 .await
             {
-                unstored.relayed.clear();
-                self.unstored = Some(unstored);
-                return Err(err);
+                Ok(Quarantined::Kept) => {}
+                Ok(Quarantined::Repeat) => Stats::add(&self.deps.stats.quarantine_repeats, 1),
+                Ok(Quarantined::Full) => Stats::add(&self.deps.stats.quarantine_full, 1),
+                Err(err) => {
+                    unstored.relayed.clear();
+                    self.unstored = Some(unstored);
+                    return Err(err);
+                }
             }
         }
         Ok(())

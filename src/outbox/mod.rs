@@ -43,6 +43,7 @@ use crate::outbox::store::{Database, Store, last_key};
 
 pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
+pub use dead::{QUARANTINE_BODY_BYTES, Quarantined};
 pub use ingest::Ingest;
 pub use reader::OutboxReader;
 
@@ -128,6 +129,8 @@ pub struct Outbox {
     n_dropped: AtomicU64,
     limits: Limits,
     appended: Notify,
+    /// The quarantine's bound (`dead`).
+    quarantine: dead::QuarantineBound,
 }
 
 impl Outbox {
@@ -136,6 +139,7 @@ impl Outbox {
         let store = Store::open(path, cache_bytes)?;
         let (n_pending, n_bytes) = store.count_pending();
         let committed = last_key(&store.pending);
+        let quarantine = dead::QuarantineBound::of(&store);
         Ok(Outbox {
             db: Database::new(path, cache_bytes, store),
             committed: AtomicU64::new(committed),
@@ -148,6 +152,7 @@ impl Outbox {
                 when_full: WhenFull::DropOldest,
             },
             appended: Notify::new(),
+            quarantine,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Hostile and huge viewer answers: an answer is read to its end (cutting it would kill the real
-//! viewer) but never held beyond `viewer.max_response_bytes`, and an endless one is given up within
-//! a memory bound.
+//! viewer) but never held beyond `viewer.max_response_bytes`, an endless one is given up within a
+//! memory bound, and unreadable answers repeated every poll keep the quarantine within
+//! `outbox.max_quarantine_bytes`.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::outbox::Outbox;
+use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -231,4 +233,68 @@ async fn a_viewer_answer_over_the_limit_is_read_to_its_end_and_the_lines_before_
     assert_eq!(kept[n_backlog], "after the backlog");
     assert_eq!(Stats::get(&stats.viewer_answers_oversized), 1);
     assert!(Stats::get(&stats.viewer_bytes_discarded) > 3 * LIMIT as u64);
+}
+
+#[tokio::test]
+async fn unreadable_viewer_answers_repeated_every_poll_keep_the_quarantine_bounded() {
+    // Arrange: a "viewer" that answers the same 100 KB HTML page 20 times, then 20 different ones,
+    // then good chat.
+    let env = TestEnv::start().await;
+    let page = |n: usize| format!("<html><body>{n} {}</body></html>", "x".repeat(100_000));
+    let mut bodies: Vec<Vec<u8>> = (0..20).map(|_| page(0).into_bytes()).collect();
+    bodies.extend((1..=20).map(|n| page(n).into_bytes()));
+    bodies.push(
+        br#"{"20261122014005043":{"Time":"20261122014005043","From":"Alice Resident","Message":"readable again","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"11111111-2222-3333-4444-555555555555"}}"#
+            .to_vec(),
+    );
+    let bodies = Arc::new(bodies);
+    let n_served = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let handler = {
+        let (bodies, n_served) = (bodies.clone(), n_served.clone());
+        move |_request: http::Request| {
+            let (bodies, n_served) = (bodies.clone(), n_served.clone());
+            async move {
+                let idx = n_served.fetch_add(1, Ordering::SeqCst);
+                let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
+                Reply::Respond(Response::new(200, "text/json", body))
+            }
+        }
+    };
+    tokio::spawn(http::serve(listener, handler, stop.clone()));
+
+    // Act
+    let chat_url = format!("http://{addr}/api/chat");
+    let relay = env
+        .start_relay(
+            "",
+            &[
+                ("viewer.chat_url", &chat_url),
+                ("viewer.status_url", ""),
+                ("viewer.avatars_url", ""),
+                ("outbox.max_quarantine_bytes", "1048576"),
+            ],
+        )
+        .await;
+    eventually(PATIENCE, "the readable line delivered", || async {
+        env.stored().len() == 1
+    })
+    .await;
+    let (stats, outbox) = (relay.stats.clone(), relay.outbox.clone());
+    relay.stop().await;
+    stop.cancel();
+
+    // Assert: the repeated page kept once, the quarantine within its bound, every answer counted.
+    assert!(
+        outbox.quarantine_bytes() <= 1 << 20,
+        "{} bytes quarantined",
+        outbox.quarantine_bytes()
+    );
+    let n_kept = outbox.quarantine_len() as u64;
+    assert!((2..=11).contains(&n_kept), "{n_kept} records kept");
+    assert_eq!(Stats::get(&stats.quarantine_repeats), 19);
+    assert_eq!(n_kept - 1 + Stats::get(&stats.quarantine_full), 20);
+    assert_eq!(env.stored_messages(), ["[Alice Resident] readable again"]);
 }
