@@ -1,20 +1,15 @@
 //! Bad input from either peer: no panic, and nothing already persisted is lost.
 
-use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
 use opensim_chat_relay::cms::wire as cms_wire;
 use opensim_chat_relay::lookingglass::wire as viewer_wire;
 use opensim_chat_relay::outbox::Outbox;
-use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use opensim_chat_relay::zone::Zone;
 use proptest::prelude::*;
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{PATIENCE, TestEnv, eventually, peak_memory, sigterm};
 
@@ -103,7 +98,7 @@ fn a_ten_megabyte_viewer_response_parses_in_order() {
 async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_bodies() {
     // A "viewer" that answers, in turn: a good line, HTML, invalid UTF-8, truncated JSON, a good line.
     let env = TestEnv::start().await;
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(vec![
+    let bodies = vec![
         VALID_CHAT
             .replace("caf\\u00E9 \\uD83D\\uDE00", "first")
             .into_bytes(),
@@ -118,37 +113,8 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
         VALID_CHAT
             .replace("caf\\u00E9 \\uD83D\\uDE00", "second")
             .into_bytes(),
-    ]);
-    let n_served = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr: SocketAddr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let handler = {
-        let (bodies, n_served) = (bodies.clone(), n_served.clone());
-        move |_request: http::Request| {
-            let (bodies, n_served) = (bodies.clone(), n_served.clone());
-            async move {
-                let idx = n_served.fetch_add(1, Ordering::SeqCst);
-                let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
-                Reply::Respond(Response::new(200, "text/json", body))
-            }
-        }
-    };
-    tokio::spawn(http::serve(listener, handler, stop.clone()));
-
-    let chat_url = format!("http://{addr}/api/chat");
-    let relay = env
-        .start_relay(
-            "",
-            &[
-                ("viewer.chat_url", &chat_url),
-                ("viewer.status_url", ""),
-                ("viewer.avatars_url", ""),
-            ],
-        )
-        .await;
+    ];
+    let (relay, stop) = env.start_relay_on_scripted_viewer(bodies, &[]).await;
     eventually(PATIENCE, "the three good lines delivered", || async {
         env.stored().len() == 3
     })

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
 };
+use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -535,4 +537,45 @@ pub fn peak_memory(relay: &std::process::Child) -> u64 {
         .and_then(|kib| kib.trim().parse().ok())
         .expect("VmHWM in kB");
     kib * 1024
+}
+
+impl TestEnv {
+    /// A relay like `start_relay`'s (with `overrides`) whose viewer is `scripted_viewer(bodies)`,
+    /// without status and avatar URLs; and the token that stops that viewer.
+    pub async fn start_relay_on_scripted_viewer(
+        &self,
+        bodies: Vec<Vec<u8>>,
+        overrides: &[(&str, &str)],
+    ) -> (RunningRelay, CancellationToken) {
+        let (chat_url, stop) = scripted_viewer(bodies).await;
+        let mut all = vec![
+            ("viewer.chat_url", chat_url.as_str()),
+            ("viewer.status_url", ""),
+            ("viewer.avatars_url", ""),
+        ];
+        all.extend_from_slice(overrides);
+        (self.start_relay("", &all).await, stop)
+    }
+}
+
+/// A "viewer" on the simulators' HTTP server that answers each request with the next of `bodies`
+/// (`200`, `text/json`), then with `{}`: its chat URL, and the token that stops it.
+async fn scripted_viewer(bodies: Vec<Vec<u8>>) -> (String, CancellationToken) {
+    let bodies = Arc::new(bodies);
+    let n_served = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let handler = move |_request: http::Request| {
+        let (bodies, n_served) = (bodies.clone(), n_served.clone());
+        async move {
+            let idx = n_served.fetch_add(1, Ordering::SeqCst);
+            let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
+            Reply::Respond(Response::new(200, "text/json", body))
+        }
+    };
+    tokio::spawn(http::serve(listener, handler, stop.clone()));
+    (format!("http://{addr}/api/chat"), stop)
 }

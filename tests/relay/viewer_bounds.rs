@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::outbox::Outbox;
-use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -247,36 +246,10 @@ async fn unreadable_viewer_answers_repeated_every_poll_keep_the_quarantine_bound
         br#"{"20261122014005043":{"Time":"20261122014005043","From":"Alice Resident","Message":"readable again","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"11111111-2222-3333-4444-555555555555"}}"#
             .to_vec(),
     );
-    let bodies = Arc::new(bodies);
-    let n_served = Arc::new(AtomicUsize::new(0));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let handler = {
-        let (bodies, n_served) = (bodies.clone(), n_served.clone());
-        move |_request: http::Request| {
-            let (bodies, n_served) = (bodies.clone(), n_served.clone());
-            async move {
-                let idx = n_served.fetch_add(1, Ordering::SeqCst);
-                let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
-                Reply::Respond(Response::new(200, "text/json", body))
-            }
-        }
-    };
-    tokio::spawn(http::serve(listener, handler, stop.clone()));
 
     // Act
-    let chat_url = format!("http://{addr}/api/chat");
-    let relay = env
-        .start_relay(
-            "",
-            &[
-                ("viewer.chat_url", &chat_url),
-                ("viewer.status_url", ""),
-                ("viewer.avatars_url", ""),
-                ("outbox.max_quarantine_bytes", "1048576"),
-            ],
-        )
+    let (relay, stop) = env
+        .start_relay_on_scripted_viewer(bodies, &[("outbox.max_quarantine_bytes", "1048576")])
         .await;
     eventually(PATIENCE, "the readable line delivered", || async {
         env.stored().len() == 1
