@@ -199,7 +199,8 @@ impl Relay {
         self.cms.clone()
     }
 
-    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`.
+    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`, or later when a viewer
+    /// answer is still arriving then (it is never cut).
     pub async fn run_until_stopped(self, token: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let poller = tokio::spawn(self.poller.run_until_stopped(token.clone()));
@@ -258,7 +259,7 @@ impl Relay {
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?self.shutdown_grace, "the viewer is still sending an answer at the shutdown deadline: waiting for its end (cutting it would kill the viewer or lose its lines)");
+            tracing::warn!(grace = ?self.shutdown_grace, "a viewer request is still in flight at the shutdown deadline: waiting for its answer to end (cutting it would kill the viewer or lose its lines; it ends at the latest after viewer.request_timeout without a byte)");
             viewer_done.await;
         }
         if tokio::time::timeout_at(deadline, tracker.wait())

@@ -86,7 +86,8 @@ pub struct PollerDeps {
     /// What the relay said in-world lately (shared with `inworld`): its echo is dropped when the
     /// viewer gives no own name.
     pub recently_said: Arc<RecentlySaid>,
-    /// The viewer's own name, as `lookingglass::facts` last read it.
+    /// The viewer's own name, as `lookingglass::facts` last read it (its `FactsReader` must run:
+    /// the first GET waits for its first status read).
     pub facts: Arc<ViewerFacts>,
 }
 
