@@ -236,7 +236,7 @@ started=$(now_ms)
 systemctl stop opensim-chat-relay@hang
 stop_rc=$?
 took=$(($(now_ms) - started))
-check stop-with-post-hanging "$in_flight; systemctl stop returned $stop_rc after $took ms (TimeoutStopSec 20 s), Result=$(prop opensim-chat-relay@hang Result), exit status $(prop opensim-chat-relay@hang ExecMainStatus)" \
+check stop-with-post-hanging "$in_flight; systemctl stop returned $stop_rc after $took ms (the relay's own grace 9 s; TimeoutStopSec 90 s), Result=$(prop opensim-chat-relay@hang Result), exit status $(prop opensim-chat-relay@hang ExecMainStatus)" \
     test "$stop_rc" = 0 -a "$took" -lt 20000 -a "$(prop opensim-chat-relay@hang Result)" = success \
     -a "$(prop opensim-chat-relay@hang ExecMainStatus)" = 0
 

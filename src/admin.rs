@@ -29,7 +29,11 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                 None => println!("oldest       -"),
             }
             println!("dead         {} lines", outbox.dead_len());
-            println!("quarantine   {} records", outbox.quarantine_len());
+            println!(
+                "quarantine   {} records, {} bytes",
+                outbox.quarantine_len(),
+                outbox.quarantine_bytes()
+            );
         }
         OutboxAction::List { limit } => {
             for line in outbox.oldest(limit)? {

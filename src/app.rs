@@ -1,10 +1,12 @@
 //! `Relay`: builds every component from `Settings` and runs the stages until stopped.
 //!
-//! The only module that knows every component and spawns tasks. Shutdown: the token is cancelled, the
-//! poller finishes the GET it has in flight and stores it, delivery finishes the POST it has in flight,
-//! both within `SHUTDOWN_GRACE`; then the outbox is flushed. A task that panics (or a stage loop that
-//! ends before the stop) starts the same shutdown, and `run_until_stopped` then returns an error
-//! naming it, so the process exits non-zero and its supervisor (systemd, Docker) restarts it.
+//! The only module that knows every component and spawns tasks. Shutdown: the token is cancelled; no
+//! new viewer request is sent; the poller finishes the GET it has in flight and stores it, and any
+//! viewer request in flight is awaited to its end however long it takes (cutting it would kill the
+//! viewer or lose its lines); the other stages (delivery's POST) get `SHUTDOWN_GRACE`; then the
+//! outbox is flushed. A task that panics (or a stage loop that ends before the stop) starts the same
+//! shutdown, and `run_until_stopped` then returns an error naming it, so the process exits non-zero
+//! and its supervisor (systemd, Docker) restarts it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,14 +26,16 @@ use crate::echo::RecentlySaid;
 use crate::filter::Filter;
 use crate::health::{HealthServer, HealthState};
 use crate::inworld::{Inworld, InworldDeps};
-use crate::lookingglass::LookingGlassClient;
+use crate::lookingglass::{FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts};
 use crate::metrics::Stats;
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
-/// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not).
+/// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not). A viewer request
+/// still in flight then is waited for beyond it: it ends with its answer, or after
+/// `viewer.request_timeout` without a byte.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(9);
 
 /// How often a start-up login that failed is tried again (until one succeeds).
@@ -49,30 +53,37 @@ pub struct Relay {
     cms: Arc<CmsClient>,
     poller: Poller,
     delivery: Delivery,
+    viewer: LookingGlassClient,
+    facts: FactsReader,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
     inworld: Option<Inworld>,
+    shutdown_grace: Duration,
 }
 
 impl Relay {
     /// Opens the outbox and builds the clients. Fails on anything an operator must fix.
     pub fn build(settings: &Settings) -> anyhow::Result<Relay> {
         let outbox = Arc::new(
-            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?.with_limits(Limits {
-                max_bytes: settings.outbox.max_bytes,
-                max_age: settings.outbox.max_age,
-                when_full: settings.outbox.when_full,
-            }),
+            Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?
+                .with_limits(Limits {
+                    max_bytes: settings.outbox.max_bytes,
+                    max_age: settings.outbox.max_age,
+                    when_full: settings.outbox.when_full,
+                })
+                .with_max_quarantine_bytes(settings.outbox.max_quarantine_bytes),
         );
         let stats = Arc::new(Stats::default());
-        let viewer = LookingGlassClient::new(
-            settings.viewer.chat_url.clone(),
-            settings.viewer.avatars_url.clone(),
-            settings.viewer.status_url.clone(),
-            settings.viewer.request_timeout,
-        )
+        let viewer = LookingGlassClient::new(ViewerEndpoint {
+            chat_url: settings.viewer.chat_url.clone(),
+            avatars_url: settings.viewer.avatars_url.clone(),
+            status_url: settings.viewer.status_url.clone(),
+            inactivity: settings.viewer.request_timeout,
+            max_response_bytes: settings.viewer.max_response_bytes,
+        })
         .context("building the viewer client")?;
+        let facts = Arc::new(ViewerFacts::default());
         let cms = Arc::new(
             CmsClient::new(CmsEndpoint {
                 base_url: settings.cms.base_url.clone(),
@@ -92,7 +103,7 @@ impl Relay {
         );
         let mapper = Arc::new(AvatarMapper::new(
             &settings.mapping.users,
-            viewer.clone(),
+            facts.clone(),
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
@@ -105,6 +116,7 @@ impl Relay {
             poll_interval: settings.viewer.poll_interval,
             stats: stats.clone(),
             recently_said: recently_said.clone(),
+            facts: facts.clone(),
         });
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
@@ -139,7 +151,7 @@ impl Relay {
         let inworld = settings.inworld.enabled.then(|| {
             Inworld::new(InworldDeps {
                 cms: cms.clone(),
-                viewer,
+                viewer: viewer.clone(),
                 outbox: outbox.clone(),
                 settings: settings.inworld.clone(),
                 cms_zone: settings.cms.timezone,
@@ -153,10 +165,13 @@ impl Relay {
             cms,
             poller,
             delivery,
+            facts: FactsReader::new(viewer.clone(), facts),
+            viewer,
             health,
             notifier: None,
             stall_limit,
             inworld,
+            shutdown_grace: SHUTDOWN_GRACE,
         })
     }
 
@@ -170,6 +185,13 @@ impl Relay {
     /// says `STOPPING=1` at shutdown (`Notifier::from_env()` in production).
     pub fn with_notifier(mut self, notifier: Option<Notifier>) -> Relay {
         self.notifier = notifier.map(Arc::new);
+        self
+    }
+
+    /// How long the stages get to finish their requests after a stop (`SHUTDOWN_GRACE` unless
+    /// changed here, e.g. by a test that needs a stop to outlast it).
+    pub fn with_shutdown_grace(mut self, grace: Duration) -> Relay {
+        self.shutdown_grace = grace;
         self
     }
 
@@ -188,10 +210,11 @@ impl Relay {
         self.cms.clone()
     }
 
-    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`. A stage that panics (or
-    /// a loop that ends before the stop) stops the others the same way, and the relay returns an
-    /// error naming it after the outbox is flushed: the binary exits non-zero, so that systemd or
-    /// Docker restarts it, and the restart resumes from the outbox.
+    /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`, or later when a viewer
+    /// answer is still arriving then (it is never cut). A stage that panics (or a loop that ends
+    /// before the stop) stops the others the same way, and the relay returns an error naming it after
+    /// the outbox is flushed: the binary exits non-zero, so that systemd or Docker restarts it, and the
+    /// restart resumes from the outbox.
     pub async fn run_until_stopped(self, token: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         // Cancelled by the caller's token or by a stage's failure; the caller's token is theirs.
@@ -202,10 +225,15 @@ impl Relay {
             stop: &stop,
             failure: &failure,
         };
-        supervisor.spawn(
+        let poller = supervisor.spawn(
             "poller",
             Ends::OnStop,
             self.poller.run_until_stopped(stop.clone()),
+        );
+        supervisor.spawn(
+            "viewer facts",
+            Ends::OnStop,
+            self.facts.run_until_stopped(stop.clone()),
         );
         supervisor.spawn(
             "delivery",
@@ -268,11 +296,26 @@ impl Relay {
         if let Some(notifier) = &self.notifier {
             notifier.send_logged("STOPPING=1\nSTATUS=stopping: finishing requests in flight");
         }
-        if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        let deadline = tokio::time::Instant::now() + self.shutdown_grace;
+        // The poller stops at once between GETs; a GET in flight (or any viewer request) ends with
+        // its answer read to its end, or after viewer.request_timeout without a byte.
+        let viewer_done = async {
+            let _ = poller.await;
+            self.viewer.idle().await;
+        };
+        tokio::pin!(viewer_done);
+        if tokio::time::timeout(self.shutdown_grace, &mut viewer_done)
             .await
             .is_err()
         {
-            tracing::warn!(grace = ?SHUTDOWN_GRACE, "a request was still in flight at the shutdown deadline; its lines stay in the outbox");
+            tracing::warn!(grace = ?self.shutdown_grace, "a viewer request is still in flight at the shutdown deadline: waiting for its answer to end (cutting it would kill the viewer or lose its lines; it ends at the latest after viewer.request_timeout without a byte)");
+            viewer_done.await;
+        }
+        if tokio::time::timeout_at(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.shutdown_grace, "a request was still in flight at the shutdown deadline; its lines stay in the outbox");
         }
         let flushed = self.outbox.flush().await.context("flushing the outbox");
         if let Some(failed) = failed {
@@ -310,7 +353,7 @@ impl Supervisor<'_> {
         name: &'static str,
         ends: Ends,
         task: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let handle = tokio::spawn(task);
         let (stop, failure) = (self.stop.clone(), self.failure.clone());
         // The tracker waits for the watcher, which waits for the task: the shutdown grace covers both.
@@ -329,7 +372,7 @@ impl Supervisor<'_> {
             };
             lock(&failure).get_or_insert(failed);
             stop.cancel();
-        });
+        })
     }
 }
 

@@ -3,8 +3,9 @@
 //! Order: `mapping.users`; else the avatar's UUID (from the viewer's avatar list, or the line's
 //! `OwnerID`, which on OpenSim is the avatar's own UUID) looked up in the CMS, where only a confirmed
 //! link on this grid counts. Results, found or not, are cached for `mapping.cache_ttl`. A failed lookup
-//! never blocks delivery: the line goes out anonymous and the failure is cached briefly. It does not
-//! touch the outbox.
+//! never blocks delivery: the line goes out anonymous and the failure is cached briefly. The avatar
+//! list is the last one `lookingglass::facts` read: a name missing from it asks for a fresh one
+//! without waiting, so the viewer never delays delivery. It does not touch the outbox or the viewer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,31 +13,28 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::cms::CmsClient;
-use crate::lookingglass::LookingGlassClient;
+use crate::lookingglass::ViewerFacts;
 use crate::model::ZERO_UUID;
 
 /// How long a failed lookup is remembered, so a CMS that is slow to answer costs one timeout per
-/// speaker per half minute, not one per line.
+/// speaker per half minute, not one per line; also how long a speaker whose avatar nobody named (not
+/// in the avatar list, no `OwnerID`) stays anonymous before the list, read again meanwhile, is asked.
 const FAILURE_TTL: Duration = Duration::from_secs(30);
-
-/// How often the viewer's avatar list may be fetched again for a name it did not know.
-const AVATAR_LIST_REFRESH: Duration = Duration::from_secs(5);
 
 /// Maps speakers to CMS users.
 pub struct AvatarMapper {
     configured: HashMap<String, i64>,
-    viewer: LookingGlassClient,
+    facts: Arc<ViewerFacts>,
     cms: Arc<CmsClient>,
     ttl: Duration,
     cache: Mutex<HashMap<String, (Option<i64>, Instant)>>,
-    avatar_list: Mutex<(HashMap<String, String>, Option<Instant>)>,
 }
 
 impl AvatarMapper {
     /// Builds the mapper; `configured` is `mapping.users`.
     pub fn new(
         configured: &std::collections::BTreeMap<String, i64>,
-        viewer: LookingGlassClient,
+        facts: Arc<ViewerFacts>,
         cms: Arc<CmsClient>,
         ttl: Duration,
     ) -> AvatarMapper {
@@ -45,11 +43,10 @@ impl AvatarMapper {
                 .iter()
                 .map(|(name, id)| (name.trim().to_lowercase(), *id))
                 .collect(),
-            viewer,
+            facts,
             cms,
             ttl,
             cache: Mutex::new(HashMap::new()),
-            avatar_list: Mutex::new((HashMap::new(), None)),
         }
     }
 
@@ -68,14 +65,17 @@ impl AvatarMapper {
         {
             return *user;
         }
-        let uuid = match self.uuid_of(&name).await {
+        let uuid = match self.facts.avatar_uuid(&name) {
             Some(uuid) => Some(uuid),
-            None => owner_id
-                .filter(|o| *o != ZERO_UUID && o.len() == 36)
-                .map(str::to_lowercase),
+            None => {
+                self.facts.want_avatars();
+                owner_id
+                    .filter(|o| *o != ZERO_UUID && o.len() == 36)
+                    .map(str::to_lowercase)
+            }
         };
         let (user, ttl) = match uuid {
-            None => (None, self.ttl),
+            None => (None, FAILURE_TTL.min(self.ttl)),
             Some(uuid) => match self.cms.avatar_user(&uuid).await {
                 Ok(user) => (user, self.ttl),
                 Err(err) => {
@@ -89,40 +89,5 @@ impl AvatarMapper {
             .expect("cache lock is never poisoned")
             .insert(name, (user, Instant::now() + ttl));
         user
-    }
-
-    async fn uuid_of(&self, name: &str) -> Option<String> {
-        let stale = {
-            let list = self
-                .avatar_list
-                .lock()
-                .expect("avatar list lock is never poisoned");
-            if let Some(uuid) = list.0.get(name) {
-                return Some(uuid.clone());
-            }
-            list.1
-                .is_none_or(|fetched| fetched.elapsed() >= AVATAR_LIST_REFRESH)
-        };
-        if !stale {
-            return None;
-        }
-        match self.viewer.avatars().await {
-            Ok(avatars) => {
-                let uuid = avatars.get(name).cloned();
-                *self
-                    .avatar_list
-                    .lock()
-                    .expect("avatar list lock is never poisoned") = (avatars, Some(Instant::now()));
-                uuid
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, "viewer avatar list unavailable");
-                self.avatar_list
-                    .lock()
-                    .expect("avatar list lock is never poisoned")
-                    .1 = Some(Instant::now());
-                None
-            }
-        }
     }
 }

@@ -81,6 +81,8 @@ pub struct ViewerSettings {
     /// Inactivity limit on a viewer request (never below 30 s).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The most of one viewer answer held; the rest is read and discarded.
+    pub max_response_bytes: usize,
 }
 
 /// `[cms]`
@@ -261,6 +263,8 @@ pub struct OutboxSettings {
     pub max_age: Duration,
     /// What happens at `max_bytes`.
     pub when_full: crate::outbox::WhenFull,
+    /// Bytes of quarantined records at most; unusable bodies beyond it are counted, not kept.
+    pub max_quarantine_bytes: u64,
 }
 
 /// `[retry]`
@@ -436,6 +440,12 @@ impl Settings {
         }
         if self.outbox.max_bytes < 4096 {
             return Err(invalid("outbox.max_bytes", "must be at least 4096"));
+        }
+        if self.viewer.max_response_bytes < 4096 {
+            return Err(invalid(
+                "viewer.max_response_bytes",
+                "must be at least 4096",
+            ));
         }
         if self.outbox.max_age.is_zero() {
             return Err(invalid("outbox.max_age", "must be more than 0"));

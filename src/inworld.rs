@@ -2,7 +2,8 @@
 //! avatar, once each, in order.
 //!
 //! Owns the persisted cursor (the highest CMS chat id handled, an outbox `Cursor`, so a
-//! restart neither repeats nor skips), the splitting of long lines and the flood limit. Each text it
+//! restart neither repeats nor skips), the splitting of long lines (a part that fails is said again
+//! without the parts before it) and the flood limit. Each text it
 //! says goes into the echo memory (`echo::RecentlySaid`, which `app` shares with the poller) before
 //! the POST. Must not touch the outbox's pending lines. It never calls the CMS chat GET without a
 //! timestamp (that returns the whole history).
@@ -77,6 +78,10 @@ pub struct Inworld {
     /// The highest CMS id said or skipped by this process. The persisted cursor lags it when writing
     /// the cursor failed (disk full): a line is not said twice for that.
     handled_up_to: Option<i64>,
+    /// The row being said in parts and how many of its parts the viewer took, so that after a
+    /// failed part the retry starts at that part. In memory only: a restart in the middle of a
+    /// split line says all of it again, as it says again a line whose cursor was not yet written.
+    parts_said: Option<(i64, usize)>,
 }
 
 impl Inworld {
@@ -87,6 +92,7 @@ impl Inworld {
             last_read: None,
             next_slot: Instant::now(),
             handled_up_to: None,
+            parts_said: None,
         }
     }
 
@@ -143,7 +149,15 @@ impl Inworld {
                     .await?;
                 continue;
             }
-            for part in split_message(&self.render(&row)) {
+            let n_said_before = match self.parts_said {
+                Some((id, n_parts)) if id == row.id => n_parts,
+                _ => 0,
+            };
+            for (index, part) in split_message(&self.render(&row))
+                .into_iter()
+                .enumerate()
+                .skip(n_said_before)
+            {
                 tokio::select! {
                     _ = token.cancelled() => return Ok(outcome),
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
@@ -161,19 +175,26 @@ impl Inworld {
                         &part,
                         self.deps.settings.channel,
                         self.deps.settings.say_type.as_str(),
+                        token,
                     )
                     .await;
                 if let Err(err) = said {
                     if echoed {
                         self.deps.recently_said.forget_last_awaited();
                     }
-                    return Err(err.into());
+                    return match err {
+                        // Not sent: the relay is stopping.
+                        ViewerError::Stopping => Ok(outcome),
+                        err => Err(err.into()),
+                    };
                 }
+                self.parts_said = Some((row.id, index + 1));
                 self.next_slot = Instant::now()
                     + Duration::from_secs_f64(1.0 / self.deps.settings.max_lines_per_second);
                 Stats::add(&self.deps.stats.inworld_said, 1);
             }
             self.advance(row.id).await?;
+            self.parts_said = None;
             outcome.n_said += 1;
         }
         Ok(outcome)

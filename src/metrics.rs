@@ -51,6 +51,14 @@ pub struct Stats {
     pub inworld_skipped: AtomicU64,
     /// Viewer lines dropped because they echo what the relay said in-world.
     pub inworld_echoes_dropped: AtomicU64,
+    /// Chat GET answers longer than `viewer.max_response_bytes`.
+    pub viewer_answers_oversized: AtomicU64,
+    /// Bytes of those answers read and not kept.
+    pub viewer_bytes_discarded: AtomicU64,
+    /// Unreadable viewer answers not quarantined: the same body was kept before.
+    pub quarantine_repeats: AtomicU64,
+    /// Unreadable viewer answers not quarantined: the quarantine holds `outbox.max_quarantine_bytes`.
+    pub quarantine_full: AtomicU64,
     /// Lines per chat POST.
     pub batch_size: Histogram<BatchSizeBuckets>,
     /// Duration of each chat POST, answered or failed.
@@ -261,6 +269,10 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("unstored", get(&stats.lines_unstored)),
         ("outbox_limit", gauges.outbox_dropped),
     ];
+    let not_quarantined = vec![
+        ("repeat", get(&stats.quarantine_repeats)),
+        ("full", get(&stats.quarantine_full)),
+    ];
     let version = vec![(env!("CARGO_PKG_VERSION"), 1)];
     let ready = if gauges.ready { 1.0 } else { 0.0 };
     // A gauge that counts (lines, bytes) is shown as a float, like every gauge.
@@ -268,6 +280,8 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
     let families = vec![
         ("opensim_chat_relay_viewer_polls_total", "Chat GETs the viewer answered.", Counter(get(&stats.polls))),
         ("opensim_chat_relay_viewer_poll_errors_total", "Chat GETs that failed (viewer down, wrong host, bad answer).", Counter(get(&stats.poll_errors))),
+        ("opensim_chat_relay_viewer_answers_oversized_total", "Chat GET answers longer than viewer.max_response_bytes: read to their end, only the lines in their first part kept.", Counter(get(&stats.viewer_answers_oversized))),
+        ("opensim_chat_relay_viewer_bytes_discarded_total", "Bytes of those answers read and not kept.", Counter(get(&stats.viewer_bytes_discarded))),
         ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(get(&stats.lines_polled))),
         ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(get(&stats.lines_relayed))),
         ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Labeled(COUNTER, "reason", filtered)),
@@ -286,6 +300,7 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
         ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
         ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),
+        ("opensim_chat_relay_unreadable_answers_not_quarantined_total", "Unreadable viewer answers not kept: the same body was kept before (repeat), or the quarantine holds outbox.max_quarantine_bytes (full).", Labeled(COUNTER, "reason", not_quarantined)),
         ("opensim_chat_relay_batch_size", "Lines per chat POST.", Histogram(stats.batch_size.snapshot())),
         ("opensim_chat_relay_post_seconds", "Duration of each chat POST.", Histogram(stats.post_seconds.snapshot())),
         ("opensim_chat_relay_capture_to_cms_seconds", "From the viewer answer carrying a line to the CMS confirming it.", Histogram(stats.capture_to_cms_seconds.snapshot())),

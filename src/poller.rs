@@ -1,8 +1,11 @@
 //! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
-//! to the outbox before the next GET is sent.
+//! to the outbox before the next GET is sent. An answer longer than `viewer.max_response_bytes`
+//! gives the lines in its first part (the client keeps no more), and one that is not chat goes to
+//! the outbox quarantine (once, however often the viewer repeats it).
 //!
-//! Must not: deliver anything, or cancel a GET in flight (an aborted response kills the viewer). The
-//! shutdown token is looked at only between requests.
+//! Must not: deliver anything, read the viewer's status itself (`lookingglass::facts` does, off this
+//! path), or cancel a GET in flight (an aborted response kills the viewer). The shutdown token is
+//! looked at only between requests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,15 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::echo::{self, RecentlySaid};
 use crate::filter::{Filter, FilterReason};
-use crate::lookingglass::{LookingGlassClient, ViewerError, wire};
+use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, ViewerLine};
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, Quarantined};
 use crate::zone::Zone;
-
-/// How often the viewer's own name is read again (it changes only when the viewer logs in as
-/// someone else).
-const OWN_NAME_REFRESH: Duration = Duration::from_secs(60);
 
 /// How long to wait before retrying a failed outbox write (disk full). Polling pauses meanwhile, so
 /// the viewer keeps what is said; the outbox reopens its database at the retry once writing works.
@@ -87,17 +86,23 @@ pub struct PollerDeps {
     /// What the relay said in-world lately (shared with `inworld`): its echo is dropped when the
     /// viewer gives no own name.
     pub recently_said: Arc<RecentlySaid>,
+    /// The viewer's own name, as `lookingglass::facts` last read it (its `FactsReader` must run:
+    /// the first GET waits for its first status read).
+    pub facts: Arc<ViewerFacts>,
 }
 
 /// The ingest stage.
 pub struct Poller {
     deps: PollerDeps,
     own_name: Option<String>,
-    own_name_read: Option<Instant>,
     /// A response a failed write has not stored yet.
     unstored: Option<Unstored>,
     /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
     warned_other_consumer: bool,
+    /// Unreadable answers in a row: the first of a run is logged at error, the rest at debug.
+    n_unreadable_in_a_row: u64,
+    /// A GET is not sent once this is cancelled (`run_until_stopped`'s token).
+    stop: CancellationToken,
 }
 
 impl Poller {
@@ -106,9 +111,10 @@ impl Poller {
         Poller {
             deps,
             own_name: None,
-            own_name_read: None,
             unstored: None,
             warned_other_consumer: false,
+            n_unreadable_in_a_row: 0,
+            stop: CancellationToken::new(),
         }
     }
 
@@ -123,12 +129,24 @@ impl Poller {
                 ..PollOutcome::default()
             });
         }
-        self.refresh_own_name().await;
+        // The first GET waits for the first status read, so it knows the own name if the viewer
+        // tells it (its queue may hold the relay's own lines from before a restart).
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return Ok(PollOutcome::default()),
+            _ = self.deps.facts.first_status_read() => {}
+        }
+        self.note_own_name();
         let poll_started = Instant::now();
-        let body = self.deps.viewer.poll().await?;
+        let answer = match self.deps.viewer.poll(&self.stop).await {
+            Err(ViewerError::Stopping) => return Ok(PollOutcome::default()),
+            answer => answer?,
+        };
         let polled_at = Utc::now();
         Stats::add(&self.deps.stats.polls, 1);
         self.deps.stats.readiness.viewer_ok();
+        let cut = self.note_oversized(&answer);
+        let body = answer.body;
         let mut relayed = Vec::new();
         let (parsed, stored) = self
             .ingest(&body, polled_at, Vec::new(), |line| {
@@ -140,7 +158,16 @@ impl Poller {
         let n_polled = relayed.len();
         Stats::add(&self.deps.stats.lines_polled, n_polled as u64);
         let quarantine = match parsed {
+            // The break is where the client stopped keeping the answer: nothing to quarantine.
+            Err(_) if cut => false,
             Ok(tally) => {
+                if self.n_unreadable_in_a_row > 0 {
+                    tracing::info!(
+                        n_unreadable = self.n_unreadable_in_a_row,
+                        "the viewer answers readable chat again"
+                    );
+                    self.n_unreadable_in_a_row = 0;
+                }
                 for skipped in &tally.skipped {
                     tracing::warn!(key = %skipped.key, reason = %skipped.reason, "viewer chat entry unreadable; skipped");
                 }
@@ -158,7 +185,12 @@ impl Poller {
             }
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
-                tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the whole body is kept in the outbox quarantine");
+                if self.n_unreadable_in_a_row == 0 {
+                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the body is kept in the outbox quarantine (once, however often it comes)");
+                } else {
+                    tracing::debug!(error = %err, n_bytes = body.len(), "viewer chat response unreadable again");
+                }
+                self.n_unreadable_in_a_row += 1;
                 Stats::add(&self.deps.stats.lines_unreadable, 1);
                 true
             }
@@ -240,18 +272,51 @@ impl Poller {
             }
         }
         if unstored.quarantine {
-            if let Err(err) = self
+            match self
                 .deps
                 .outbox
                 .quarantine_raw("unreadable viewer chat response", &unstored.body)
                 .await
             {
-                unstored.relayed.clear();
-                self.unstored = Some(unstored);
-                return Err(err);
+                Ok(Quarantined::Kept) => {}
+                Ok(Quarantined::Repeat) => Stats::add(&self.deps.stats.quarantine_repeats, 1),
+                Ok(Quarantined::Full) => Stats::add(&self.deps.stats.quarantine_full, 1),
+                Err(err) => {
+                    unstored.relayed.clear();
+                    self.unstored = Some(unstored);
+                    return Err(err);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Counts and logs an answer longer than `viewer.max_response_bytes`; whether it was one.
+    fn note_oversized(&self, answer: &ChatAnswer) -> bool {
+        let n_discarded = answer.n_discarded();
+        if n_discarded == 0 {
+            return false;
+        }
+        Stats::add(&self.deps.stats.viewer_answers_oversized, 1);
+        Stats::add(&self.deps.stats.viewer_bytes_discarded, n_discarded);
+        let n_kept = answer.body.len();
+        if answer.given_up {
+            tracing::error!(
+                n_bytes_read = answer.n_bytes,
+                n_kept,
+                "viewer chat answer did not end: given up after {} bytes, {} times viewer.max_response_bytes (no viewer sends that); the lines in its first {n_kept} bytes are relayed, the rest is lost",
+                answer.n_bytes,
+                crate::lookingglass::client::DISCARD_FACTOR
+            );
+        } else {
+            tracing::error!(
+                n_bytes = answer.n_bytes,
+                n_kept,
+                n_discarded,
+                "viewer chat answer larger than viewer.max_response_bytes: read to its end (cutting it would kill the viewer), the lines in its first {n_kept} bytes are relayed, the other {n_discarded} bytes and their lines are lost; raise viewer.max_response_bytes if the memory allows"
+            );
+        }
+        true
     }
 
     /// Whether a viewer line is relayed: the filter, then (without the own name) the echo memory.
@@ -276,6 +341,7 @@ impl Poller {
     /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
         tracing::info!(chat_url = %self.deps.viewer.chat_url(), "polling the viewer");
+        self.stop = token.clone();
         let stats = self.deps.stats.clone();
         let _alive = stats.poller_heartbeat.alive();
         let mut failing = false;
@@ -378,23 +444,8 @@ impl Poller {
         );
     }
 
-    async fn refresh_own_name(&mut self) {
-        if self
-            .own_name_read
-            .is_some_and(|read| read.elapsed() < OWN_NAME_REFRESH)
-        {
-            return;
-        }
-        self.own_name_read = Some(Instant::now());
-        match self.deps.viewer.own_name().await {
-            Ok(Some(name)) => {
-                if self.own_name.as_deref() != Some(name.as_str()) {
-                    tracing::info!(own_name = %name, "the viewer's own avatar will not be relayed");
-                }
-                self.own_name = Some(name);
-            }
-            Ok(None) => {}
-            Err(err) => tracing::debug!(error = %err, "viewer status unavailable"),
-        }
+    /// Takes the own name `lookingglass::facts` last read (kept while its reads fail).
+    fn note_own_name(&mut self) {
+        self.own_name = self.deps.facts.own_name();
     }
 }

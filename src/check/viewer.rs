@@ -7,17 +7,18 @@
 use crate::check::PROBE_TIMEOUT;
 use crate::check::report::{CheckReport, Outcome};
 use crate::config::Settings;
-use crate::lookingglass::{LookingGlassClient, ViewerError};
+use crate::lookingglass::{LookingGlassClient, ViewerEndpoint, ViewerError};
 
 /// Probes the viewer named in `settings.viewer`.
 pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) {
     let viewer = &settings.viewer;
-    let client = match LookingGlassClient::new(
-        viewer.chat_url.clone(),
-        viewer.avatars_url.clone(),
-        viewer.status_url.clone(),
-        PROBE_TIMEOUT,
-    ) {
+    let client = match LookingGlassClient::new(ViewerEndpoint {
+        chat_url: viewer.chat_url.clone(),
+        avatars_url: viewer.avatars_url.clone(),
+        status_url: viewer.status_url.clone(),
+        inactivity: PROBE_TIMEOUT,
+        max_response_bytes: viewer.max_response_bytes,
+    }) {
         Ok(client) => client,
         Err(err) => {
             report.fail(
@@ -31,8 +32,10 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
     let chat_origin = host_port(&viewer.chat_url);
     // Whether a probe reached the chat URL's host and port and the viewer accepted the Host header.
     let mut origin_answered = None;
+    // check is never stopped half-way: nothing cancels this.
+    let stop = tokio_util::sync::CancellationToken::new();
     if let Some(url) = &viewer.status_url {
-        match client.own_name().await {
+        match client.own_name(&stop).await {
             Ok(Some(name)) => {
                 report.ok(
                     "viewer.status",
@@ -55,7 +58,7 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
         );
     }
     if let Some(url) = &viewer.avatars_url {
-        match client.avatars().await {
+        match client.avatars(&stop).await {
             Ok(avatars) => report.ok(
                 "viewer.avatars",
                 format!("{url} answers; {} avatars in view", avatars.len()),
@@ -152,12 +155,20 @@ fn fail_viewer(report: &mut CheckReport, name: &'static str, url: &str, err: &Vi
             format!("{url}: no answer within {PROBE_TIMEOUT:?}: the viewer never answers a path it does not serve"),
             "check the path (LookingGlass: /api/LLLP/status and /api/avatars); a viewer in Radegast plugin mode serves no chat API",
         ),
+        ViewerError::Unanswered { waited } => report.fail(
+            name,
+            format!("{url}: no answer within {waited:?}: the viewer never answers a path it does not serve"),
+            "check the path (LookingGlass: /api/LLLP/status and /api/avatars); a viewer in Radegast plugin mode serves no chat API",
+        ),
         ViewerError::Transport(_) => report.fail(
             name,
             format!("{url}: nothing answers on {host}: {err}"),
             "start the viewer (LookingGlass) on this machine; check RestManager.Port in its LookingGlass.json against the URL",
         ),
-        ViewerError::Status { .. } | ViewerError::Decode { .. } => report.fail(
+        ViewerError::Status { .. }
+        | ViewerError::Decode { .. }
+        | ViewerError::TooLarge { .. }
+        | ViewerError::Stopping => report.fail(
             name,
             format!("{url}: {err}"),
             "check that the URL points at a LookingGlass viewer's REST interface",

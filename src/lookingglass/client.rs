@@ -1,13 +1,22 @@
 //! `LookingGlassClient`: the HTTP side of the viewer chat interface.
 //!
-//! Invariant: a request is never aborted while the viewer may be writing its answer (an aborted
-//! response kills the real viewer, spec §1.4). There is no total timeout, only a long inactivity
-//! limit, and callers never drop a `poll` future: shutdown waits for it.
+//! Invariants (spec §1.2, §1.4, §9): one request at a time across every task that holds a clone
+//! (the chat GET, the in-world POST, the status and avatars reads take turns at one gate, since the
+//! viewer serves one request at a time and a request waiting behind another may outwait its
+//! client); a request is never aborted while the viewer may be writing its answer (an aborted
+//! response kills the real viewer or loses its lines), so there is no total timeout, only a long
+//! inactivity limit, and every answer is read to its end, but never held beyond
+//! `viewer.max_response_bytes` (the rest is read and discarded, up to `DISCARD_FACTOR` times the
+//! limit). A stop is honoured only before a request is sent, and by a status or avatars read only
+//! while no byte of its answer has come. Must not know the CMS or the outbox.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
 
 use crate::text::snippet;
 
@@ -35,40 +44,118 @@ pub enum ViewerError {
         /// The start of the body.
         snippet: String,
     },
+    /// A status or avatars answer larger than `viewer.max_response_bytes`.
+    #[error(
+        "viewer sent a {what} of {n_bytes} bytes, more than viewer.max_response_bytes ({limit})"
+    )]
+    TooLarge {
+        /// Which endpoint.
+        what: &'static str,
+        /// The answer's size.
+        n_bytes: u64,
+        /// `viewer.max_response_bytes`.
+        limit: usize,
+    },
+    /// A status or avatars read whose answer did not begin within `SIDE_READ_LIMIT`: the viewer
+    /// never answers a path it has no handler for (spec §1.4), so the URL is probably wrong.
+    #[error(
+        "the viewer did not begin to answer within {waited:?}: it never answers a path it does not serve (or it is busy)"
+    )]
+    Unanswered {
+        /// How long it was given.
+        waited: Duration,
+    },
+    /// The relay is stopping: the request was not sent (or, for a status or avatars read, given up
+    /// before its answer began).
+    #[error("the relay is stopping")]
+    Stopping,
 }
 
-/// The most a response's `Content-Length` reserves in advance; a longer body grows the buffer.
-const MAX_RESERVE: u64 = 1 << 30;
+/// Beyond `viewer.max_response_bytes` an answer is read and discarded up to this many times the
+/// limit (1 GiB with the default 64 MiB), then given up: LookingGlass always sends a
+/// `Content-Length` of what it drained, so only a broken or hostile peer sends more, or never ends.
+pub const DISCARD_FACTOR: usize = 16;
 
-/// Talks to one viewer. Requests go one at a time (the viewer serves one at a time anyway).
+/// How long a status or avatars read waits for its answer to begin. The viewer answers both at once
+/// from memory, and no request of the relay's own is ahead of it (they take turns), so an answer
+/// that has not begun after this long is one that never comes: a path the viewer does not serve
+/// hangs for ever (spec §1.4). Nothing of an answer has been written then, so giving the request up
+/// cuts nothing; a chat GET or POST is never given up so (the viewer may be building a large
+/// answer, or saying the line).
+pub const SIDE_READ_LIMIT: Duration = Duration::from_secs(3);
+
+/// A chat GET's answer, read to its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatAnswer {
+    /// The body, or its first `viewer.max_response_bytes` when it was longer.
+    pub body: Vec<u8>,
+    /// Bytes the viewer sent in all, those kept included.
+    pub n_bytes: u64,
+    /// The answer had not ended after `DISCARD_FACTOR` times the limit and was given up.
+    pub given_up: bool,
+}
+
+impl ChatAnswer {
+    /// Bytes read and not kept.
+    pub fn n_discarded(&self) -> u64 {
+        self.n_bytes.saturating_sub(self.body.len() as u64)
+    }
+}
+
+/// Where the viewer is and how it is read.
+#[derive(Debug, Clone)]
+pub struct ViewerEndpoint {
+    /// `viewer.chat_url`.
+    pub chat_url: String,
+    /// `viewer.avatars_url`, `None` when off.
+    pub avatars_url: Option<String>,
+    /// `viewer.status_url`, `None` when off.
+    pub status_url: Option<String>,
+    /// The longest wait for each read, never for a whole answer (`viewer.request_timeout`).
+    pub inactivity: Duration,
+    /// `viewer.max_response_bytes`.
+    pub max_response_bytes: usize,
+}
+
+/// Talks to one viewer. Clones share one gate: their requests go one at a time.
 #[derive(Debug, Clone)]
 pub struct LookingGlassClient {
     http: reqwest::Client,
     chat_url: String,
     avatars_url: Option<String>,
     status_url: Option<String>,
+    max_response_bytes: usize,
+    /// The viewer's one turn: held from before a request is sent until its answer is read to its end.
+    gate: Arc<Mutex<()>>,
+}
+
+/// How a request may end before its answer is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Patience {
+    /// A chat GET or POST: never given up (only the inactivity limit ends it).
+    Whole,
+    /// A status or avatars read: given up when its answer has not begun within `SIDE_READ_LIMIT`
+    /// or at a stop before it began.
+    SideRead,
 }
 
 impl LookingGlassClient {
-    /// Builds the client. `inactivity` bounds the wait for each read, never the whole response.
-    pub fn new(
-        chat_url: String,
-        avatars_url: Option<String>,
-        status_url: Option<String>,
-        inactivity: Duration,
-    ) -> Result<LookingGlassClient, reqwest::Error> {
+    /// Builds the client.
+    pub fn new(endpoint: ViewerEndpoint) -> Result<LookingGlassClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             // The viewer is on this host; a proxy would at best add a hop and at worst see the chat.
             .no_proxy()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(inactivity)
+            .read_timeout(endpoint.inactivity)
             .pool_max_idle_per_host(1)
             .build()?;
         Ok(LookingGlassClient {
             http,
-            chat_url,
-            avatars_url,
-            status_url,
+            chat_url: endpoint.chat_url,
+            avatars_url: endpoint.avatars_url,
+            status_url: endpoint.status_url,
+            max_response_bytes: endpoint.max_response_bytes,
+            gate: Arc::new(Mutex::new(())),
         })
     }
 
@@ -77,18 +164,37 @@ impl LookingGlassClient {
         &self.chat_url
     }
 
-    /// GETs the chat URL and reads the whole body. This drains the viewer's queue: whatever it returns
-    /// exists nowhere else any more.
-    pub async fn poll(&self) -> Result<Vec<u8>, ViewerError> {
-        self.exchange(self.http.get(&self.chat_url)).await
+    /// The status URL, `None` when off (for logs; it holds no secret).
+    pub fn status_url(&self) -> Option<&str> {
+        self.status_url.as_deref()
+    }
+
+    /// The avatars URL, `None` when off (for logs; it holds no secret).
+    pub fn avatars_url(&self) -> Option<&str> {
+        self.avatars_url.as_deref()
+    }
+
+    /// GETs the chat URL and reads the answer to its end. This drains the viewer's queue: whatever it
+    /// returns exists nowhere else any more. Not sent when `stop` is cancelled while it waits for
+    /// its turn; never given up once sent.
+    pub async fn poll(&self, stop: &CancellationToken) -> Result<ChatAnswer, ViewerError> {
+        self.exchange(self.http.get(&self.chat_url), Patience::Whole, stop)
+            .await
     }
 
     /// Says `text` in-world through the viewer's chat POST. The viewer decodes `+` and `%XX` in
     /// `Message` even in JSON, so every byte outside `[A-Za-z0-9]` is percent-encoded (pure ASCII, no
     /// JSON escaping needed); `Channel` and `Type` are always sent (without either the viewer says
     /// nothing and still answers `200 {}`); the body starts with `{` (else it is read as a form). The
-    /// answer never reports failure, so success here only means the viewer took the request.
-    pub async fn say(&self, text: &str, channel: i32, say_type: &str) -> Result<(), ViewerError> {
+    /// answer never reports failure, so success here only means the viewer took the request. Not
+    /// sent when `stop` is cancelled while it waits for its turn.
+    pub async fn say(
+        &self,
+        text: &str,
+        channel: i32,
+        say_type: &str,
+        stop: &CancellationToken,
+    ) -> Result<(), ViewerError> {
         let message =
             percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC);
         let body =
@@ -98,17 +204,17 @@ impl LookingGlassClient {
             .post(&self.chat_url)
             .header("Content-Type", "application/json")
             .body(body);
-        self.exchange(request).await?;
+        self.exchange(request, Patience::Whole, stop).await?;
         Ok(())
     }
 
     /// The viewer's own avatar name from `status_url` (`first` + `last`), `None` when it is off or the
     /// viewer is not logged in.
-    pub async fn own_name(&self) -> Result<Option<String>, ViewerError> {
+    pub async fn own_name(&self, stop: &CancellationToken) -> Result<Option<String>, ViewerError> {
         let Some(url) = &self.status_url else {
             return Ok(None);
         };
-        let value = self.get_json(url, "status").await?;
+        let value = self.get_json(url, "status", stop).await?;
         let part = |key: &str| {
             value
                 .get(key)
@@ -125,11 +231,14 @@ impl LookingGlassClient {
     }
 
     /// Avatar names (lower-cased) to UUIDs from `avatars_url`; empty when it is off.
-    pub async fn avatars(&self) -> Result<HashMap<String, String>, ViewerError> {
+    pub async fn avatars(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<HashMap<String, String>, ViewerError> {
         let Some(url) = &self.avatars_url else {
             return Ok(HashMap::new());
         };
-        let value = self.get_json(url, "avatar list").await?;
+        let value = self.get_json(url, "avatar list", stop).await?;
         let Some(map) = value.as_object() else {
             return Err(ViewerError::Decode {
                 what: "avatar list",
@@ -147,35 +256,108 @@ impl LookingGlassClient {
             .collect())
     }
 
-    async fn get_json(&self, url: &str, what: &'static str) -> Result<Value, ViewerError> {
-        let body = self.exchange(self.http.get(url)).await?;
-        serde_json::from_slice(&body).map_err(|_| ViewerError::Decode {
+    /// Waits until no request is in flight (the gate is free). A shutdown waits for this: an answer
+    /// still arriving is never cut.
+    pub async fn idle(&self) {
+        drop(self.gate.lock().await);
+    }
+
+    async fn get_json(
+        &self,
+        url: &str,
+        what: &'static str,
+        stop: &CancellationToken,
+    ) -> Result<Value, ViewerError> {
+        let answer = self
+            .exchange(self.http.get(url), Patience::SideRead, stop)
+            .await?;
+        if answer.n_discarded() > 0 {
+            return Err(ViewerError::TooLarge {
+                what,
+                n_bytes: answer.n_bytes,
+                limit: self.max_response_bytes,
+            });
+        }
+        serde_json::from_slice(&answer.body).map_err(|_| ViewerError::Decode {
             what,
-            snippet: snippet(&body),
+            snippet: snippet(&answer.body),
         })
     }
 }
 
 impl LookingGlassClient {
-    /// Sends a request and reads the answer to its end, whatever its status: dropping a response
-    /// half-read would abort it, which kills the real viewer.
-    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, ViewerError> {
-        let mut response = request.send().await.map_err(ViewerError::Transport)?;
+    /// Takes the viewer's turn, then sends a request and reads the answer to its end, whatever its
+    /// status: dropping a response half-read would abort it, which kills the real viewer.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+        patience: Patience,
+        stop: &CancellationToken,
+    ) -> Result<ChatAnswer, ViewerError> {
+        let _turn = self.turn(stop).await?;
+        let sent = request.send();
+        let mut response = match patience {
+            Patience::Whole => sent.await,
+            Patience::SideRead => tokio::select! {
+                biased;
+                sent = sent => sent,
+                _ = tokio::time::sleep(SIDE_READ_LIMIT) => {
+                    return Err(ViewerError::Unanswered { waited: SIDE_READ_LIMIT });
+                }
+                _ = stop.cancelled() => return Err(ViewerError::Stopping),
+            },
+        }
+        .map_err(ViewerError::Transport)?;
         let status = response.status().as_u16();
-        // Read into one buffer of the announced size (the viewer always sends Content-Length), so a
-        // response of tens of megabytes is held once, not as its chunks plus their concatenation.
+        let answer = self.read_to_end(&mut response).await?;
+        if status != 200 {
+            return Err(status_error(status, &answer.body));
+        }
+        Ok(answer)
+    }
+
+    /// Waits for the viewer's turn; `Stopping` when `stop` comes first (nothing was sent).
+    async fn turn(&self, stop: &CancellationToken) -> Result<OwnedMutexGuard<()>, ViewerError> {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => Err(ViewerError::Stopping),
+            turn = self.gate.clone().lock_owned() => Ok(turn),
+        }
+    }
+
+    /// Reads the body to its end, keeping at most `max_response_bytes` of it, in one buffer of the
+    /// announced size (the viewer always sends `Content-Length`), so a response of tens of megabytes
+    /// is held once, not as its chunks plus their concatenation.
+    async fn read_to_end(
+        &self,
+        response: &mut reqwest::Response,
+    ) -> Result<ChatAnswer, ViewerError> {
+        let limit = self.max_response_bytes;
+        let discard_bound = limit.saturating_mul(DISCARD_FACTOR) as u64;
         let mut body = Vec::new();
         if let Some(len) = response.content_length() {
-            // A reservation that cannot be had (an absurd length) is not an error: the buffer grows.
-            let _ = body.try_reserve_exact(len.min(MAX_RESERVE) as usize);
+            // A reservation that cannot be had is not an error: the buffer grows.
+            let _ = body.try_reserve_exact(len.min(limit as u64) as usize);
         }
+        let mut n_bytes = 0u64;
         while let Some(chunk) = response.chunk().await.map_err(ViewerError::Transport)? {
-            body.extend_from_slice(&chunk);
+            n_bytes += chunk.len() as u64;
+            let room = limit.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if n_bytes > discard_bound {
+                // Dropping the response closes the connection: no viewer sends this much.
+                return Ok(ChatAnswer {
+                    body,
+                    n_bytes,
+                    given_up: true,
+                });
+            }
         }
-        if status != 200 {
-            return Err(status_error(status, &body));
-        }
-        Ok(body)
+        Ok(ChatAnswer {
+            body,
+            n_bytes,
+            given_up: false,
+        })
     }
 }
 

@@ -1,9 +1,12 @@
 //! The LookingGlass viewer chat interface (`../shared/specs/lookingglass-chat-api.md`).
 //!
-//! `client` speaks HTTP to the viewer; `wire` turns its bodies into `model` types. Nothing here knows
-//! about the CMS or the outbox.
+//! `client` speaks HTTP to the viewer, one request at a time; `wire` turns its bodies into `model`
+//! types; `facts` reads the viewer's status and avatar list off the ingest and delivery paths.
+//! Nothing here knows about the CMS or the outbox.
 
 pub mod client;
+pub mod facts;
 pub mod wire;
 
-pub use client::{LookingGlassClient, ViewerError};
+pub use client::{ChatAnswer, LookingGlassClient, ViewerEndpoint, ViewerError};
+pub use facts::{FactsReader, ViewerFacts};

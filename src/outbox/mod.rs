@@ -44,6 +44,7 @@ use crate::outbox::store::{Database, Store, last_key};
 
 pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
+pub use dead::{QUARANTINE_BODY_BYTES, Quarantined};
 pub use ingest::Ingest;
 pub use reader::OutboxReader;
 
@@ -149,6 +150,8 @@ pub struct Outbox {
     n_read_by_views: AtomicU64,
     limits: Limits,
     appended: Notify,
+    /// The quarantine's bound (`dead`).
+    quarantine: dead::QuarantineBound,
 }
 
 impl Outbox {
@@ -158,6 +161,7 @@ impl Outbox {
         let (n_pending, n_bytes) = store.count_pending();
         let (n_dead, n_quarantined) = store.count_kept();
         let committed = last_key(&store.pending);
+        let quarantine = dead::QuarantineBound::of(&store);
         Ok(Outbox {
             db: Database::new(path, cache_bytes, store),
             committed: AtomicU64::new(committed),
@@ -173,6 +177,7 @@ impl Outbox {
                 when_full: WhenFull::DropOldest,
             },
             appended: Notify::new(),
+            quarantine,
         })
     }
 

@@ -1,22 +1,17 @@
 //! Bad input from either peer: no panic, and nothing already persisted is lost.
 
-use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
 use opensim_chat_relay::cms::wire as cms_wire;
 use opensim_chat_relay::lookingglass::wire as viewer_wire;
 use opensim_chat_relay::outbox::Outbox;
-use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use opensim_chat_relay::zone::Zone;
 use proptest::prelude::*;
-use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, eventually, peak_memory, sigterm};
 
 const VALID_CHAT: &str = r#"{"20261122014005043":{"Time":"20261122014005043","From":"Alice Resident","Message":"caf\u00E9 \uD83D\uDE00","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"11111111-2222-3333-4444-555555555555"}}"#;
 const VALID_POST_REPLY: &str = r#"{"success":true,"id":17}"#;
@@ -103,7 +98,7 @@ fn a_ten_megabyte_viewer_response_parses_in_order() {
 async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_bodies() {
     // A "viewer" that answers, in turn: a good line, HTML, invalid UTF-8, truncated JSON, a good line.
     let env = TestEnv::start().await;
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(vec![
+    let bodies = vec![
         VALID_CHAT
             .replace("caf\\u00E9 \\uD83D\\uDE00", "first")
             .into_bytes(),
@@ -118,37 +113,8 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
         VALID_CHAT
             .replace("caf\\u00E9 \\uD83D\\uDE00", "second")
             .into_bytes(),
-    ]);
-    let n_served = Arc::new(AtomicUsize::new(0));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr: SocketAddr = listener.local_addr().expect("addr");
-    let stop = CancellationToken::new();
-    let handler = {
-        let (bodies, n_served) = (bodies.clone(), n_served.clone());
-        move |_request: http::Request| {
-            let (bodies, n_served) = (bodies.clone(), n_served.clone());
-            async move {
-                let idx = n_served.fetch_add(1, Ordering::SeqCst);
-                let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
-                Reply::Respond(Response::new(200, "text/json", body))
-            }
-        }
-    };
-    tokio::spawn(http::serve(listener, handler, stop.clone()));
-
-    let chat_url = format!("http://{addr}/api/chat");
-    let relay = env
-        .start_relay(
-            "",
-            &[
-                ("viewer.chat_url", &chat_url),
-                ("viewer.status_url", ""),
-                ("viewer.avatars_url", ""),
-            ],
-        )
-        .await;
+    ];
+    let (relay, stop) = env.start_relay_on_scripted_viewer(bodies, &[]).await;
     eventually(PATIENCE, "the three good lines delivered", || async {
         env.stored().len() == 3
     })
@@ -169,18 +135,6 @@ async fn a_viewer_answering_garbage_loses_nothing_already_stored_and_keeps_the_b
         n_quarantined, 4,
         "each unreadable body is kept for an operator"
     );
-}
-
-/// The relay's peak resident memory (`VmHWM`), in bytes.
-fn peak_memory(relay: &std::process::Child) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).expect("status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().strip_suffix("kB"))
-        .and_then(|kib| kib.trim().parse().ok())
-        .expect("VmHWM in kB");
-    kib * 1024
 }
 
 /// A viewer left alone for a day hands out tens of megabytes at once: the relay reads the answer to

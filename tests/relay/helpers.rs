@@ -3,9 +3,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, LazyLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
@@ -15,6 +17,7 @@ use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
 };
+use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -215,6 +218,16 @@ impl TestEnv {
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {
+        self.start_relay_with(toml, overrides, |relay| relay).await
+    }
+
+    /// A relay like `start_relay`'s, changed by `adjust` after it is built (e.g. its shutdown grace).
+    pub async fn start_relay_with(
+        &self,
+        toml: &str,
+        overrides: &[(&str, &str)],
+        adjust: impl FnOnce(Relay) -> Relay,
+    ) -> RunningRelay {
         let settings = self.settings(toml, overrides);
         let deadline = Instant::now() + PATIENCE;
         let relay = loop {
@@ -227,6 +240,7 @@ impl TestEnv {
                 Err(err) => panic!("relay builds: {err:#}"),
             }
         };
+        let relay = adjust(relay);
         let token = CancellationToken::new();
         let (stats, outbox) = (relay.stats(), relay.outbox());
         // The relay's threads log to whatever subscriber the test installed (some tests read logs).
@@ -486,4 +500,98 @@ impl TestEnv {
 fn chatter_seq(text: &str) -> Option<(&str, u64)> {
     let (n, speaker) = text.strip_prefix("hello #")?.split_once(" from ")?;
     Some((speaker, n.parse().ok()?))
+}
+
+/// The relay's log lines at info and above, captured from this thread (the relay's runtime threads
+/// log to the subscriber the test installed).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
+    }
+
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.text()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The relay's peak resident memory (`VmHWM`), in bytes.
+pub fn peak_memory(relay: &std::process::Child) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.id())).expect("status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("VmHWM in kB");
+    kib * 1024
+}
+
+impl TestEnv {
+    /// A relay like `start_relay`'s (with `overrides`) whose viewer is `scripted_viewer(bodies)`,
+    /// without status and avatar URLs; and the token that stops that viewer.
+    pub async fn start_relay_on_scripted_viewer(
+        &self,
+        bodies: Vec<Vec<u8>>,
+        overrides: &[(&str, &str)],
+    ) -> (RunningRelay, CancellationToken) {
+        let (chat_url, stop) = scripted_viewer(bodies).await;
+        let mut all = vec![
+            ("viewer.chat_url", chat_url.as_str()),
+            ("viewer.status_url", ""),
+            ("viewer.avatars_url", ""),
+        ];
+        all.extend_from_slice(overrides);
+        (self.start_relay("", &all).await, stop)
+    }
+}
+
+/// A "viewer" on the simulators' HTTP server that answers each request with the next of `bodies`
+/// (`200`, `text/json`), then with `{}`: its chat URL, and the token that stops it.
+async fn scripted_viewer(bodies: Vec<Vec<u8>>) -> (String, CancellationToken) {
+    let bodies = Arc::new(bodies);
+    let n_served = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = CancellationToken::new();
+    let handler = move |_request: http::Request| {
+        let (bodies, n_served) = (bodies.clone(), n_served.clone());
+        async move {
+            let idx = n_served.fetch_add(1, Ordering::SeqCst);
+            let body = bodies.get(idx).cloned().unwrap_or_else(|| b"{}".to_vec());
+            Reply::Respond(Response::new(200, "text/json", body))
+        }
+    };
+    tokio::spawn(http::serve(listener, handler, stop.clone()));
+    (format!("http://{addr}/api/chat"), stop)
 }

@@ -250,3 +250,30 @@ async fn the_in_world_direction_can_be_turned_off() {
             .all(|r| r.method != "GET" || !r.path.contains("/chats/"))
     );
 }
+
+#[tokio::test]
+async fn a_failed_part_of_a_split_line_is_said_again_without_the_parts_before_it() {
+    // Arrange: a CMS line of three parts; the viewer fails the POST of the second.
+    let env = TestEnv::start().await;
+    let dora = cms_user(&env);
+    let relay = start(&env, &[("inworld.format", "{message}")]).await;
+    env.lg.fail_chat_post(2);
+    let long = "word ".repeat(450);
+
+    // Act
+    env.db.add_cms_line(1, dora, long.trim());
+    env.db.add_cms_line(1, dora, "after the long line");
+    eventually(PATIENCE, "the line after it said", || async {
+        said(&env)
+            .last()
+            .is_some_and(|s| s == "after the long line")
+    })
+    .await;
+    relay.stop().await;
+
+    // Assert: each part once, in order, then the next line.
+    let said = said(&env);
+    assert_eq!(said.len(), 4, "{said:#?}");
+    assert_eq!(said[..3].join(" "), long.trim());
+    assert_eq!(said[3], "after the long line");
+}

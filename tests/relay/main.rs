@@ -18,4 +18,6 @@ mod outage;
 mod quirks;
 mod restart;
 mod shutdown;
+mod viewer_bounds;
+mod viewer_contract;
 mod visible;

@@ -2,8 +2,6 @@
 //! against the simulators. Each test fails when the relay's handling of its quirk is removed;
 //! `docs/COMPATIBILITY.md` lists every quirk with what the relay does about it and where it is tested.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Offset, TimeZone, Timelike, Utc};
@@ -15,7 +13,7 @@ use opensim_chat_relay::sim::lookingglass::{Dialect, SimChatLine};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{CMS_ZONE, GHOST, PATIENCE, SimOptions, TestEnv, eventually};
+use crate::helpers::{CMS_ZONE, GHOST, Logs, PATIENCE, SimOptions, TestEnv, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // The viewer
@@ -580,47 +578,6 @@ async fn the_documented_cms_dialect_works_with_anonymous_user_id_0() {
 fn cms_user(env: &TestEnv) -> i64 {
     env.db
         .add_user("dora", "pw", "Dora", "Admin", Permissions::all())
-}
-
-/// The relay's log lines, captured on this thread (a `#[tokio::test]` runs the relay's tasks on the
-/// test's own thread).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Logs {
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
-    }
-
-    fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.text()
-            .lines()
-            .filter(|line| line.contains(needle))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("log lock").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Another client of the viewer's chat GET, as the ViewChat window is (every 1.5 s), only faster.

@@ -49,3 +49,42 @@ async fn sigterm_stops_the_binary_with_exit_code_0_within_10_seconds() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_stop_never_cuts_a_viewer_answer_that_outlasts_the_shutdown_grace() {
+    // Arrange: 400 lines wait in the viewer; its answer comes in 4 KiB pieces 100 ms apart (about
+    // two seconds), four times the relay's shutdown grace.
+    const N_LINES: usize = 400;
+    let env = TestEnv::start().await;
+    env.db.set_offline(true); // keep the lines in the outbox, where the test can see them
+    let padding = "word ".repeat(20);
+    for i in 0..N_LINES {
+        env.lg.say("Alice Resident", &format!("line {i} {padding}"));
+    }
+    env.lg.set_trickle(Some((4096, Duration::from_millis(100))));
+    let relay = env
+        .start_relay_with("", &[], |relay| {
+            relay.with_shutdown_grace(Duration::from_millis(500))
+        })
+        .await;
+    eventually(PATIENCE, "the viewer answering the first GET", || async {
+        env.lg.queue_len() == 0
+    })
+    .await;
+
+    // Act: the stop arrives while the answer is arriving.
+    let outbox = relay.outbox.clone();
+    relay.stop().await;
+
+    // Assert: the viewer reports the write's end (or the client gone) just after the last byte.
+    eventually(PATIENCE, "the answer written or cut", || async {
+        env.lg.handed_out().len() == N_LINES || env.lg.n_aborted() > 0
+    })
+    .await;
+    assert_eq!(
+        env.lg.n_aborted(),
+        0,
+        "the answer was cut: the real viewer would have crashed or lost its lines"
+    );
+    assert_eq!(outbox.len(), N_LINES, "every line of the answer stored");
+}

@@ -46,9 +46,10 @@ async fn a_large_outbox_scraped_many_times_shows_true_counts_without_being_scann
                 .await
                 .expect("dead letter");
         }
-        for _ in 0..100 {
+        // Distinct bodies: the quarantine keeps a repeated one once.
+        for i in 0..100 {
             outbox
-                .quarantine_raw("chat", b"not json")
+                .quarantine_raw("chat", format!("not json {i}").as_bytes())
                 .await
                 .expect("quarantine");
         }

@@ -820,6 +820,54 @@ async fn a_post_without_channel_or_type_or_with_bad_json_says_nothing_but_answer
 }
 
 #[tokio::test]
+async fn a_chat_post_made_to_fail_answers_500_and_says_nothing_and_the_next_one_works() {
+    let sim = lookingglass().await;
+    sim.handle().fail_chat_post(1);
+    let body = r#"{"Message":"hello","Channel":"0","Type":"Normal"}"#;
+
+    let failed = post_chat(&sim, body).await;
+    let next = post_chat(&sim, body).await;
+
+    assert_eq!(failed.status, 500);
+    assert!(
+        failed.text().contains("FAILED GETTING"),
+        "{}",
+        failed.text()
+    );
+    assert_eq!((next.status, next.text()), (200, "{}".to_owned()));
+    assert_eq!(sim.handle().said(), [said("hello", 0, "Normal")]);
+}
+
+#[tokio::test]
+async fn requests_are_recorded_and_those_in_flight_at_once_are_counted() {
+    // Arrange: a chat GET that takes a while; a status GET sent meanwhile waits for the REST thread.
+    let sim = lookingglass().await;
+    sim.handle().set_response_delay(Duration::from_millis(300));
+    let (addr, request) = (sim.addr(), get_request(&sim, "/api/chat"));
+    let slow = tokio::spawn(async move { exchange(addr, &request).await });
+    eventually("the chat GET arrived", || {
+        sim.handle().requests().len() == 1
+    })
+    .await;
+
+    // Act
+    let status = exchange(sim.addr(), &get_request(&sim, "/api/LLLP/status")).await;
+    let chat = slow.await.expect("join");
+    let after = exchange(sim.addr(), &get_request(&sim, "/api/avatars")).await;
+
+    // Assert
+    assert_eq!((chat.status, status.status, after.status), (200, 200, 200));
+    assert_eq!(sim.handle().max_concurrent_requests(), 2);
+    let paths: Vec<String> = sim
+        .handle()
+        .requests()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(paths, ["/api/chat", "/api/LLLP/status", "/api/avatars"]);
+}
+
+#[tokio::test]
 async fn a_form_post_is_split_trimmed_and_only_message_is_decoded() {
     let sim = lookingglass().await;
 

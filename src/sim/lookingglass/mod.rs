@@ -398,6 +398,27 @@ impl ViewerHandle {
     pub fn set_logged_in(&self, logged_in: bool) {
         self.shared.state().logged_in = logged_in;
     }
+
+    /// Every request that reached the viewer (its `Host` accepted or not), as (method, path), in
+    /// the order they arrived.
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.shared.state().requests.clone()
+    }
+
+    /// The most requests the viewer had at once, each counted from its arrival until its answer
+    /// was completely written (a request it never answers counts only at its arrival). The real
+    /// viewer serves one at a time: every one beyond the first waited behind another.
+    pub fn max_concurrent_requests(&self) -> u64 {
+        self.shared.state().max_in_flight
+    }
+
+    /// The `k`-th chat POST from now (1 for the next) is answered `500` by the handler, as an
+    /// exception outside LLChat's own try block would be, and nothing is said.
+    pub fn fail_chat_post(&self, k: u64) {
+        let mut state = self.shared.state();
+        let n_post = state.n_posts + k;
+        state.failing_posts.push(n_post);
+    }
 }
 
 /// An IP as it appears in a URL or a `Host` header.

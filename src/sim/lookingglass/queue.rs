@@ -1,6 +1,7 @@
 //! The simulated viewer's state: its one global chat queue (drained by any GET, each line stamped
-//! with its receive time), the avatars it sees, what it said and handed out, the counters, the
-//! test switches (delay, trickle, login), the one "REST Input" thread, and the crash and shutdown
+//! with its receive time), the avatars it sees, what it said and handed out, the requests and the
+//! counters (how many were in flight at once), the test switches (delay, trickle, login, failing
+//! POSTs), the one "REST Input" thread, and the crash and shutdown
 //! tokens, behind one short-held lock ([`Shared`]). Also the stable UUIDs of simulated avatars.
 //!
 //! It must not write JSON or answer requests: `routes` reads and changes this state to do that.
@@ -38,6 +39,16 @@ pub(super) struct ViewerState {
     pub(super) response_delay: Duration,
     pub(super) trickle: Option<(usize, Duration)>,
     pub(super) logged_in: bool,
+    /// Every request that reached the REST server, as (method, path), in arrival order.
+    pub(super) requests: Vec<(String, String)>,
+    /// Requests arrived and not yet completely answered.
+    pub(super) n_in_flight: u64,
+    /// The most requests that were in flight at once.
+    pub(super) max_in_flight: u64,
+    /// Chat POSTs received.
+    pub(super) n_posts: u64,
+    /// The chat POSTs (by their `n_posts` number) answered 500 without saying anything.
+    pub(super) failing_posts: Vec<u64>,
 }
 
 /// The simulator's shared core.
@@ -98,6 +109,11 @@ impl Shared {
                 response_delay: Duration::ZERO,
                 trickle: None,
                 logged_in: true,
+                requests: Vec::new(),
+                n_in_flight: 0,
+                max_in_flight: 0,
+                n_posts: 0,
+                failing_posts: Vec::new(),
             }),
             rest_thread: Arc::new(tokio::sync::Mutex::new(())),
             server_shutdown: CancellationToken::new(),

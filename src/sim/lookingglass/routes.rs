@@ -2,8 +2,9 @@
 //! routing (an unknown path or method is never answered), the one request at a time of the "REST
 //! Input" thread, and the handlers: the chat GET (drain the queue, `1`-suffixed keys, handed out
 //! only when completely written, the crash when a client abandons it), the chat POST (body
-//! sniffing, the required `Channel` and `Type`, the simulator's echo of channel 0), the avatars and
-//! the login status.
+//! sniffing, the required `Channel` and `Type`, the simulator's echo of channel 0, a 500 when a
+//! test asks for one), the avatars and the login status; and, for the tests, the record of every
+//! request and of how many were in flight at once.
 //!
 //! It must not touch the HTTP wire (`crate::sim::http` reads requests and writes responses) nor
 //! format JSON by hand outside `json`.
@@ -51,11 +52,49 @@ fn route(shared: &Shared, path: &str) -> Route {
     }
 }
 
-/// Serves one request the way the viewer's REST server does.
+/// Serves one request the way the viewer's REST server does, and counts it as in flight from its
+/// arrival until its answer is completely written (or it is closed, or left unanswered: a request
+/// the viewer never answers counts as ended at once, since the server does not learn when its
+/// client gives up).
 pub(super) async fn handle_request(shared: Arc<Shared>, request: Request) -> Reply {
     if shared.crashed.is_cancelled() {
         return Reply::Close;
     }
+    {
+        let mut state = shared.state();
+        state
+            .requests
+            .push((request.method.clone(), request.path.clone()));
+        state.n_in_flight += 1;
+        state.max_in_flight = state.max_in_flight.max(state.n_in_flight);
+    }
+    match serve(&shared, request).await {
+        Reply::Respond(response) => Reply::Respond(in_flight_until_written(shared, response)),
+        other => {
+            shared.state().n_in_flight -= 1;
+            other
+        }
+    }
+}
+
+/// Keeps `response` counted as in flight until the server reports it written (or not), then
+/// passes the report on to whoever asked for it.
+fn in_flight_until_written(shared: Arc<Shared>, mut response: Response) -> Response {
+    let (written_tx, written_rx) = oneshot::channel();
+    let asked = response.written.replace(written_tx);
+    tokio::spawn(async move {
+        let written = written_rx.await;
+        shared.state().n_in_flight -= 1;
+        if let (Some(asked), Ok(written)) = (asked, written) {
+            // The asker may have stopped listening; that is its choice.
+            let _ = asked.send(written);
+        }
+    });
+    response
+}
+
+/// The REST server's own handling of one request.
+async fn serve(shared: &Arc<Shared>, request: Request) -> Reply {
     // The HTTP stack checks the Host header against the listener prefix before LookingGlass sees
     // anything (spec §1.1).
     if let Some(accepted) = &shared.accepted_host {
@@ -70,7 +109,7 @@ pub(super) async fn handle_request(shared: Arc<Shared>, request: Request) -> Rep
             );
         }
     }
-    let route = route(&shared, &request.path);
+    let route = route(shared, &request.path);
     let is_get = request.method.eq_ignore_ascii_case("GET");
     let is_post = request.method.eq_ignore_ascii_case("POST");
     if matches!(route, Route::Unknown) || !(is_get || is_post) {
@@ -81,20 +120,20 @@ pub(super) async fn handle_request(shared: Arc<Shared>, request: Request) -> Rep
 
     let rest_thread = shared.rest_thread.clone().lock_owned().await;
     match route {
-        Route::Chat if is_get => chat_get(&shared, rest_thread).await,
-        Route::Chat => chat_post(&shared, &request.body),
-        Route::Avatars if is_get => Reply::Respond(ok_response(&shared, avatars_body(&shared))),
+        Route::Chat if is_get => chat_get(shared, rest_thread).await,
+        Route::Chat => chat_post(shared, &request.body),
+        Route::Avatars if is_get => Reply::Respond(ok_response(shared, avatars_body(shared))),
         Route::Status { suffix } if is_get => {
             let body = if suffix {
                 "{}".to_owned()
             } else {
-                status_body(&shared)
+                status_body(shared)
             };
-            Reply::Respond(ok_response(&shared, body))
+            Reply::Respond(ok_response(shared, body))
         }
         // POSTs to the avatars and status handlers change nothing and answer `{}`.
         Route::Avatars | Route::Status { .. } => {
-            Reply::Respond(ok_response(&shared, "{}".to_owned()))
+            Reply::Respond(ok_response(shared, "{}".to_owned()))
         }
         Route::Unknown => Reply::NoAnswer,
     }
@@ -215,6 +254,23 @@ async fn chat_get(shared: &Arc<Shared>, rest_thread: tokio::sync::OwnedMutexGuar
 /// `POST /api/chat`: sniff and parse the body, send the chat if `Channel` and `Type` are usable,
 /// and answer `200 {}` whatever happened (KeeKee: an empty body, or no answer on failure).
 fn chat_post(shared: &Shared, raw_body: &[u8]) -> Reply {
+    let failing = {
+        let mut state = shared.state();
+        state.n_posts += 1;
+        let n_post = state.n_posts;
+        state.failing_posts.contains(&n_post)
+    };
+    if failing {
+        // A handler exception outside LLChat's try block: RestHandler's 500 page, nothing said.
+        return Reply::Respond(
+            Response::new(
+                500,
+                "text/html",
+                "<body>\r\n<div>FAILED GETTING '/api/chat'</div><div>ERROR = 'System.IO.IOException'</div></body>\r\n</html>\r\n\r\n",
+            )
+            .with_header("Server", "LookingGlass"),
+        );
+    }
     let text = String::from_utf8_lossy(raw_body);
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let map = if text.starts_with('{') {
