@@ -3,9 +3,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::io::Read;
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
@@ -16,6 +17,7 @@ use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
 };
 use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -386,6 +388,67 @@ pub fn send_sigterm(pid: u32) {
         .status()
         .expect("kill runs");
     assert!(sent.success(), "kill -TERM");
+}
+
+/// Reads a relay process's stderr to its end on a thread of its own, into the returned buffer (so
+/// the relay never blocks on a full pipe). The child must have been spawned with `Stdio::piped()`.
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("log")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
+
+/// Sets the soft file size limit of `pid` ("0" or "unlimited"), leaving the hard limit alone: at 0
+/// every write to the outbox fails with EFBIG as it would with ENOSPC on a full disk.
+pub fn set_file_size_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}:")])
+        .status()
+        .expect("prlimit runs (util-linux)");
+    assert!(status.success(), "prlimit --fsize={soft}: failed");
+}
+
+/// The health endpoint's port, from the start-up line of a relay logging JSON (`log.format = json`).
+pub async fn health_port(log: &Mutex<String>) -> u16 {
+    let mut port = None;
+    eventually(PATIENCE, "the health endpoint listens", || {
+        port = log.lock().expect("log").lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            if !line["message"].as_str()?.starts_with("serving /healthz") {
+                return None;
+            }
+            let addr = line["addr"].as_str()?;
+            addr.rsplit_once(':')?.1.parse().ok()
+        });
+        std::future::ready(port.is_some())
+    })
+    .await;
+    port.expect("a port")
+}
+
+/// The body of the relay's `/readyz` on `port` (whatever its status), `None` when it cannot be read.
+pub async fn readyz(port: u16) -> Option<Value> {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
 }
 
 /// The CMS's rows judged against the lines the viewer handed out, for runs driven by the simulator's
