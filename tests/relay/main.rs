@@ -12,6 +12,7 @@ mod health;
 mod helpers;
 mod ingest;
 mod inworld;
+mod mixed_faults;
 mod notify;
 mod outage;
 mod quirks;
