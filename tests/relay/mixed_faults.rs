@@ -19,7 +19,7 @@
 //! Left out on purpose: `Fault::FailLastElement`, a row the CMS refuses, whose right outcome is a
 //! dead letter, not a stored row (`faults.rs` and `delivery.rs` cover it).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
@@ -61,7 +61,9 @@ enum Step {
     CmsDown(Outage),
     /// The CMS answers again.
     CmsUp,
-    /// The next `n` chat POSTs get `fault`.
+    /// The next `n` chat POSTs get `fault`, unless faults queued earlier still wait for their POST
+    /// (then the step is skipped: the queue would outgrow the relay's POSTs and turn the end of
+    /// the run into minutes of faults).
     PostFaults { n: usize, fault: Fault },
 }
 
@@ -158,13 +160,14 @@ struct Tally {
     n_post_failures: usize,
     n_after_store: usize,
     n_slow: usize,
+    /// `PostFaults` steps skipped because earlier faults still waited.
+    n_post_faults_skipped: usize,
     /// The relay exited without being killed (it must not).
     unexpected_exits: Vec<String>,
 }
 
 impl Tally {
     fn count(&mut self, step: &Step) {
-        self.n_steps += 1;
         match step {
             Step::Kill { .. } => self.n_kills += 1,
             Step::FillDisk => self.n_fills += 1,
@@ -184,7 +187,7 @@ impl fmt::Display for Tally {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} steps: {} SIGKILLs, {} disk fills ({} seen on /readyz), {} CMS outages ({} closing connections, {} answering 5xx), POST faults: {} storing nothing, {} after the store, {} slow",
+            "{} steps: {} SIGKILLs, {} disk fills ({} seen on /readyz), {} CMS outages ({} closing connections, {} answering 5xx), POST faults: {} storing nothing, {} after the store, {} slow ({} such steps skipped: faults still queued)",
             self.n_steps,
             self.n_kills,
             self.n_fills,
@@ -194,8 +197,31 @@ impl fmt::Display for Tally {
             self.n_outages_5xx,
             self.n_post_failures,
             self.n_after_store,
-            self.n_slow
+            self.n_slow,
+            self.n_post_faults_skipped
         )
+    }
+}
+
+/// The CMS's queue of POST faults as the run sees it: while faults are queued, every chat POST
+/// takes one.
+#[derive(Default)]
+struct FaultQueue {
+    /// Queued at the last push.
+    pending: u64,
+    /// The CMS's chat POST count at the last push.
+    posts_then: u64,
+}
+
+impl FaultQueue {
+    fn pending(&self, posts_now: u64) -> u64 {
+        self.pending
+            .saturating_sub(posts_now.saturating_sub(self.posts_then))
+    }
+
+    fn push(&mut self, n: usize, posts_now: u64) {
+        self.pending = self.pending(posts_now) + n as u64;
+        self.posts_then = posts_now;
     }
 }
 
@@ -261,7 +287,11 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
     let chatter = spawn_chatter(env.lg.clone(), 250.0, chatting.clone());
 
     let mut relay = Relay::start(&env);
-    let mut windows = HashSet::new();
+    // The GET of each kill's window, and whether the disk was full then (the poller held that
+    // answer in memory, unstored, since the fill).
+    let mut windows: HashMap<u64, bool> = HashMap::new();
+    let mut disk_full = false;
+    let mut queue = FaultQueue::default();
     let mut tally = Tally::default();
     for Planned { step, then } in &plan {
         if let Some(status) = relay.child.try_wait().expect("wait") {
@@ -271,21 +301,30 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
                 relay.log_tail(20)
             ));
             relay = Relay::start(&env);
+            disk_full = false;
         }
-        tally.count(step);
+        tally.n_steps += 1;
+        let posts_now = env.db.n_chat_posts();
+        if matches!(step, Step::PostFaults { .. }) && queue.pending(posts_now) > 0 {
+            tally.n_post_faults_skipped += 1;
+        } else {
+            tally.count(step);
+        }
         match step {
             Step::Kill { down } => {
                 relay.child.kill().expect("SIGKILL");
                 relay.child.wait().expect("reaped");
                 // No GET can start once the relay is dead: the last one counted is the only
                 // response that may have been read but not flushed.
-                windows.insert(env.lg.n_gets());
+                windows.insert(env.lg.n_gets(), disk_full);
+                disk_full = false;
                 tokio::time::sleep(*down).await;
                 relay = Relay::start(&env);
             }
             Step::FillDisk => {
                 let port = relay.port().await;
                 set_file_size_limit(relay.child.id(), "0");
+                disk_full = true;
                 let seen = tokio::time::timeout(Duration::from_secs(5), async {
                     loop {
                         let body = readyz(port).await;
@@ -299,14 +338,22 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
                 .is_ok();
                 tally.n_fills_seen += usize::from(seen);
             }
-            Step::FreeDisk => set_file_size_limit(relay.child.id(), "unlimited"),
+            Step::FreeDisk => {
+                set_file_size_limit(relay.child.id(), "unlimited");
+                disk_full = false;
+            }
             Step::CmsDown(Outage::Offline) => env.db.set_offline(true),
             Step::CmsDown(Outage::Status(status)) => env.db.set_unavailable(Some(*status)),
             Step::CmsUp => {
                 env.db.set_offline(false);
                 env.db.set_unavailable(None);
             }
-            Step::PostFaults { n, fault } => env.db.fault_next(*n, fault.clone()),
+            Step::PostFaults { n, fault } => {
+                if queue.pending(posts_now) == 0 {
+                    env.db.fault_next(*n, fault.clone());
+                    queue.push(*n, posts_now);
+                }
+            }
         }
         tokio::time::sleep(*then).await;
     }
@@ -317,12 +364,11 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
     chatting.cancel();
     chatter.await.expect("chatter stops");
     env.viewer_drained(Duration::from_secs(60)).await;
-    let must_arrive: HashSet<String> = env
-        .lg
-        .handed_out()
-        .into_iter()
-        .filter(|h| !windows.contains(&h.response))
-        .map(|h| h.message)
+    let handed = env.lg.handed_out();
+    let must_arrive: HashSet<String> = handed
+        .iter()
+        .filter(|h| !windows.contains_key(&h.response))
+        .map(|h| h.message.clone())
         .collect();
     let all_arrived = until_done_or_stalled(CMS_TIMEOUT * 15, || {
         let stored: HashSet<String> = env.stored_texts().into_iter().collect();
@@ -345,13 +391,19 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
         .iter()
         .filter(|m| must_arrive.contains(*m))
         .collect();
+    let lost: HashSet<&String> = verdict.lost.iter().collect();
+    let n_lost_held_while_full = handed
+        .iter()
+        .filter(|h| windows.get(&h.response) == Some(&true) && lost.contains(&h.message))
+        .count();
     eprintln!(
-        "mixed faults, seed {seed}: {tally}; {:.0} s of faults, {:.0} s in all; {} lines handed out, {} stored, {} lost in the read-but-not-flushed window, {} lost otherwise, {} duplicated, {} reordered, {} phantom, {} responses abandoned mid-write, {} unexpected exits",
+        "mixed faults, seed {seed}: {tally}; {:.0} s of faults, {:.0} s in all; {} lines handed out, {} stored, {} lost in the read-but-not-flushed window ({} of them held in memory while the disk was full), {} lost otherwise, {} duplicated, {} reordered, {} phantom, {} responses abandoned mid-write, {} unexpected exits",
         faulted_for.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         verdict.n_handed,
         verdict.n_stored,
         verdict.lost.len() - lost_outside_windows.len(),
+        n_lost_held_while_full,
         lost_outside_windows.len(),
         verdict.duplicated.len(),
         verdict.n_reordered,
