@@ -529,6 +529,64 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// The lines the viewer handed out outside `windows` (response numbers: each the last response
+    /// before a kill, which may have been read but not yet flushed): every one of them must arrive.
+    pub fn must_arrive(&self, windows: &HashSet<u64>) -> HashSet<String> {
+        self.lg
+            .handed_out()
+            .into_iter()
+            .filter(|h| !windows.contains(&h.response))
+            .map(|h| h.message)
+            .collect()
+    }
+
+    /// Waits until every line of `must_arrive` is stored, for as long as the stored rows keep
+    /// growing (`until_done_or_stalled`, 30 s without growth). Whether all arrived.
+    pub async fn until_arrived(&self, must_arrive: &HashSet<String>) -> bool {
+        until_done_or_stalled(Duration::from_secs(30), || {
+            let stored: HashSet<String> = self.stored_texts().into_iter().collect();
+            (must_arrive.is_subset(&stored), stored.len())
+        })
+        .await
+    }
+}
+
+impl Verdict {
+    /// The lost lines that were not in a kill window.
+    pub fn lost_outside<'a>(&'a self, must_arrive: &HashSet<String>) -> Vec<&'a String> {
+        self.lost
+            .iter()
+            .filter(|m| must_arrive.contains(*m))
+            .collect()
+    }
+
+    /// The oracle of the fault runs: nothing duplicated, nothing lost outside the kill windows, no
+    /// reordering within a speaker, no row the viewer never handed out, and real traffic. `run`
+    /// names the run (and its seed) in each failure.
+    pub fn assert_kept(&self, must_arrive: &HashSet<String>, run: &str) {
+        assert!(
+            self.duplicated.is_empty(),
+            "{run}: duplicates: {:?}",
+            self.duplicated
+        );
+        let lost = self.lost_outside(must_arrive);
+        assert!(
+            lost.is_empty(),
+            "{run}: {} lines lost outside the kill windows: {:?}",
+            lost.len(),
+            lost.iter().take(20).collect::<Vec<_>>()
+        );
+        assert_eq!(self.n_reordered, 0, "{run}: reordered");
+        assert!(
+            self.phantom.is_empty(),
+            "{run}: stored but never handed out: {:?}",
+            self.phantom
+        );
+        assert!(self.n_handed > 100, "{run}: the run carried real traffic");
+    }
+}
+
 /// The speaker of a chatter line and its number.
 fn chatter_seq(text: &str) -> Option<(&str, u64)> {
     let (n, speaker) = text.strip_prefix("hello #")?.split_once(" from ")?;
