@@ -13,7 +13,7 @@ use std::time::Duration;
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{PATIENCE, TestEnv, cycles, sigterm, until_done_or_stalled};
+use crate::helpers::{PATIENCE, TestEnv, cycles, sigterm};
 
 fn start_relay_process(env: &TestEnv) -> Child {
     env.spawn_relay_process(
@@ -53,50 +53,21 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
     chatter.await.expect("chatter stops");
     let last = start_relay_process(&env);
     env.viewer_drained(PATIENCE).await;
-    let handed = env.lg.handed_out();
-    let must_arrive: HashSet<String> = handed
-        .iter()
-        .filter(|h| !windows.contains(&h.response))
-        .map(|h| h.message.clone())
-        .collect();
-    until_done_or_stalled(Duration::from_secs(30), || {
-        let stored: HashSet<String> = env.stored_texts().into_iter().collect();
-        (must_arrive.is_subset(&stored), stored.len())
-    })
-    .await;
+    let must_arrive = env.must_arrive(&windows);
+    env.until_arrived(&must_arrive).await;
     sigterm(last);
 
     // The oracle.
     let verdict = env.verdict();
-    let lost_outside_windows: Vec<&String> = verdict
-        .lost
-        .iter()
-        .filter(|m| must_arrive.contains(*m))
-        .collect();
+    let n_lost_outside_windows = verdict.lost_outside(&must_arrive).len();
     eprintln!(
-        "crash run: {n_cycles} SIGKILLs, {} lines handed out, {} stored, {} lost in the read-but-not-flushed window, {} lost otherwise, {} duplicated, {} reordered, {} responses abandoned mid-write",
+        "crash run: {n_cycles} SIGKILLs, {} lines handed out, {} stored, {} lost in the read-but-not-flushed window, {n_lost_outside_windows} lost otherwise, {} duplicated, {} reordered, {} responses abandoned mid-write",
         verdict.n_handed,
         verdict.n_stored,
-        verdict.lost.len() - lost_outside_windows.len(),
-        lost_outside_windows.len(),
+        verdict.lost.len() - n_lost_outside_windows,
         verdict.duplicated.len(),
         verdict.n_reordered,
         env.lg.n_aborted()
     );
-    assert!(
-        verdict.duplicated.is_empty(),
-        "duplicates: {:?}",
-        verdict.duplicated
-    );
-    assert!(
-        lost_outside_windows.is_empty(),
-        "lost outside the kill windows: {lost_outside_windows:?}"
-    );
-    assert_eq!(verdict.n_reordered, 0);
-    assert!(
-        verdict.phantom.is_empty(),
-        "stored but never handed out: {:?}",
-        verdict.phantom
-    );
-    assert!(verdict.n_handed > 100, "the run carried real traffic");
+    verdict.assert_kept(&must_arrive, "crash run");
 }

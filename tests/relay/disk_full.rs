@@ -14,18 +14,19 @@
 //! disk) loses the log lines and nothing else.
 
 use std::collections::HashSet;
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::sim::cms::Permissions;
 
-use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm, until_done_or_stalled};
+use crate::helpers::{
+    PATIENCE, TestEnv, collect_stderr, cycles, eventually, health_port, readyz,
+    set_file_size_limit, sigterm, until_done_or_stalled,
+};
 
 const SPEAKER: &str = "Alice Resident";
 
@@ -40,63 +41,12 @@ fn start_relay_process(env: &TestEnv, capture_log: bool) -> (Child, Arc<Mutex<St
         ],
         Stdio::piped(),
     );
-    let mut stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(String::new()));
     if !capture_log {
-        return (child, log);
+        drop(child.stderr.take());
+        return (child, Arc::default());
     }
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = stderr.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .expect("log")
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let log = collect_stderr(&mut child);
     (child, log)
-}
-
-/// Sets the soft file size limit of `pid` ("0" or "unlimited"), leaving the hard limit alone.
-fn set_file_size_limit(pid: u32, soft: &str) {
-    let status = Command::new("prlimit")
-        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}:")])
-        .status()
-        .expect("prlimit runs (util-linux)");
-    assert!(status.success(), "prlimit --fsize={soft}: failed");
-}
-
-/// The health endpoint's port, from the relay's start-up log line.
-async fn health_port(log: &Mutex<String>) -> u16 {
-    let mut port = None;
-    eventually(PATIENCE, "the health endpoint listens", || {
-        port = log.lock().expect("log").lines().find_map(|line| {
-            let line: Value = serde_json::from_str(line).ok()?;
-            if !line["message"].as_str()?.starts_with("serving /healthz") {
-                return None;
-            }
-            let addr = line["addr"].as_str()?;
-            addr.rsplit_once(':')?.1.parse().ok()
-        });
-        std::future::ready(port.is_some())
-    })
-    .await;
-    port.expect("a port")
-}
-
-async fn readyz(port: u16) -> Option<Value> {
-    let response = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .ok()?
-        .get(format!("http://127.0.0.1:{port}/readyz"))
-        .send()
-        .await
-        .ok()?;
-    response.json().await.ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +19,7 @@ use opensim_chat_relay::sim::cms::{
 };
 use opensim_chat_relay::sim::http::{self, Reply, Response};
 use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -418,6 +419,67 @@ pub fn send_sigterm(pid: u32) {
     assert!(sent.success(), "kill -TERM");
 }
 
+/// Reads a relay process's stderr to its end on a thread of its own, into the returned buffer (so
+/// the relay never blocks on a full pipe). The child must have been spawned with `Stdio::piped()`.
+pub fn collect_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("log")
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    log
+}
+
+/// Sets the soft file size limit of `pid` ("0" or "unlimited"), leaving the hard limit alone: at 0
+/// every write to the outbox fails with EFBIG as it would with ENOSPC on a full disk.
+pub fn set_file_size_limit(pid: u32, soft: &str) {
+    let status = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--fsize={soft}:")])
+        .status()
+        .expect("prlimit runs (util-linux)");
+    assert!(status.success(), "prlimit --fsize={soft}: failed");
+}
+
+/// The health endpoint's port, from the start-up line of a relay logging JSON (`log.format = json`).
+pub async fn health_port(log: &Mutex<String>) -> u16 {
+    let mut port = None;
+    eventually(PATIENCE, "the health endpoint listens", || {
+        port = log.lock().expect("log").lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            if !line["message"].as_str()?.starts_with("serving /healthz") {
+                return None;
+            }
+            let addr = line["addr"].as_str()?;
+            addr.rsplit_once(':')?.1.parse().ok()
+        });
+        std::future::ready(port.is_some())
+    })
+    .await;
+    port.expect("a port")
+}
+
+/// The body of the relay's `/readyz` on `port` (whatever its status), `None` when it cannot be read.
+pub async fn readyz(port: u16) -> Option<Value> {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .ok()?
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .ok()?;
+    response.json().await.ok()
+}
+
 /// The CMS's rows judged against the lines the viewer handed out, for runs driven by the simulator's
 /// chatter (`spawn_chatter`: "hello #<n> from <speaker>", `n` rising).
 #[derive(Debug)]
@@ -493,6 +555,64 @@ impl TestEnv {
                 .cloned()
                 .collect(),
         }
+    }
+}
+
+impl TestEnv {
+    /// The lines the viewer handed out outside `windows` (response numbers: each the last response
+    /// before a kill, which may have been read but not yet flushed): every one of them must arrive.
+    pub fn must_arrive(&self, windows: &HashSet<u64>) -> HashSet<String> {
+        self.lg
+            .handed_out()
+            .into_iter()
+            .filter(|h| !windows.contains(&h.response))
+            .map(|h| h.message)
+            .collect()
+    }
+
+    /// Waits until every line of `must_arrive` is stored, for as long as the stored rows keep
+    /// growing (`until_done_or_stalled`, 30 s without growth). Whether all arrived.
+    pub async fn until_arrived(&self, must_arrive: &HashSet<String>) -> bool {
+        until_done_or_stalled(Duration::from_secs(30), || {
+            let stored: HashSet<String> = self.stored_texts().into_iter().collect();
+            (must_arrive.is_subset(&stored), stored.len())
+        })
+        .await
+    }
+}
+
+impl Verdict {
+    /// The lost lines that were not in a kill window.
+    pub fn lost_outside<'a>(&'a self, must_arrive: &HashSet<String>) -> Vec<&'a String> {
+        self.lost
+            .iter()
+            .filter(|m| must_arrive.contains(*m))
+            .collect()
+    }
+
+    /// The oracle of the fault runs: nothing duplicated, nothing lost outside the kill windows, no
+    /// reordering within a speaker, no row the viewer never handed out, and real traffic. `run`
+    /// names the run (and its seed) in each failure.
+    pub fn assert_kept(&self, must_arrive: &HashSet<String>, run: &str) {
+        assert!(
+            self.duplicated.is_empty(),
+            "{run}: duplicates: {:?}",
+            self.duplicated
+        );
+        let lost = self.lost_outside(must_arrive);
+        assert!(
+            lost.is_empty(),
+            "{run}: {} lines lost outside the kill windows: {:?}",
+            lost.len(),
+            lost.iter().take(20).collect::<Vec<_>>()
+        );
+        assert_eq!(self.n_reordered, 0, "{run}: reordered");
+        assert!(
+            self.phantom.is_empty(),
+            "{run}: stored but never handed out: {:?}",
+            self.phantom
+        );
+        assert!(self.n_handed > 100, "{run}: the run carried real traffic");
     }
 }
 

@@ -13,6 +13,7 @@ mod helpers;
 mod hostile_cms;
 mod ingest;
 mod inworld;
+mod mixed_faults;
 mod notify;
 mod outage;
 mod quirks;

@@ -1327,6 +1327,38 @@ async fn offline_closes_every_connection_until_back_online() {
     assert_eq!(cms.cms.requests().len(), 2);
 }
 
+#[tokio::test]
+async fn unavailable_answers_every_request_with_that_status_and_stores_nothing() {
+    let cms = spawn_cms().await;
+    let token = cms.token().await;
+    cms.cms.set_unavailable(Some(503));
+
+    let login = client()
+        .post(format!("{}/auth/username/", cms.base))
+        .body(format!("username=relay&password={PASSWORD}"))
+        .send()
+        .await
+        .expect("login answered");
+    let read = cms.get(&format!("/grid/1/chats/0/?token={token}")).await;
+    let post = cms
+        .post_chats(&token, &cms.line("not now", "2026-01-01 12:00:05"))
+        .await;
+    cms.cms.set_unavailable(None);
+    let after = cms
+        .post_chats(&token, &cms.line("now", "2026-01-01 12:00:06"))
+        .await;
+
+    assert_eq!(login.status().as_u16(), 503);
+    assert_eq!(read.0, 503);
+    assert!(read.1.contains("Service Unavailable"), "{}", read.1);
+    assert_eq!(post.0, 503);
+    assert_eq!(
+        (after.0, parse(&after.1)),
+        (200, json!({"success": true, "id": 1}))
+    );
+    assert_eq!(messages(&cms.cms.chats()), ["now"]);
+}
+
 // ------------------------------------------------------------------------------------------
 // Command line
 // ------------------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ pub(super) struct State {
     /// Pending faults: how many more chat POSTs get each one.
     pub(super) faults: VecDeque<(usize, Fault)>,
     pub(super) offline: bool,
+    /// While set, every request is answered with this status (see `CmsHandle::set_unavailable`).
+    pub(super) unavailable: Option<u16>,
     pub(super) n_logins: u64,
     pub(super) n_chat_posts: u64,
     /// The newest `routes::MAX_RECORDED_REQUESTS` requests, oldest first.
@@ -122,6 +124,7 @@ impl Shared {
             tokens: Vec::new(),
             faults: VecDeque::new(),
             offline: false,
+            unavailable: None,
             n_logins: 0,
             n_chat_posts: 0,
             requests: VecDeque::new(),

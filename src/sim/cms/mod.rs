@@ -360,6 +360,13 @@ impl CmsHandle {
         self.shared.lock().offline = offline;
     }
 
+    /// While `Some(status)`, every request (login, reads, chat POSTs) is answered with that status
+    /// and the error page of the web server in front of PHP, and nothing is stored: the CMS's PHP or
+    /// database is down behind a web server that still answers (500, 503). `None` ends it.
+    pub fn set_unavailable(&self, status: Option<u16>) {
+        self.shared.lock().unavailable = status;
+    }
+
     /// Every token expires now, as after 30 idle minutes.
     pub fn expire_tokens(&self) {
         // Expired tokens are deleted at the start of the next request anyway, so deleting them

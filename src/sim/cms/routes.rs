@@ -1,8 +1,8 @@
 //! The front controller of the simulated CMS, `api/index.php` behind Apache: the request log and
-//! the offline and fault switches, the `RewriteRule` that turns the path into `_url`, the token
-//! check that runs before routing, the anchored route table with each route's permission, and the
-//! writing of an answer (`json_encode`, pretty with an exact-case `User-Agent`, the status of each
-//! kind of error per dialect, PHP's debug noise and its "headers already sent").
+//! the offline, unavailable and fault switches, the `RewriteRule` that turns the path into `_url`,
+//! the token check that runs before routing, the anchored route table with each route's permission,
+//! and the writing of an answer (`json_encode`, pretty with an exact-case `User-Agent`, the status
+//! of each kind of error per dialect, PHP's debug noise and its "headers already sent").
 //!
 //! It must not implement an endpoint (`auth`, `chat` and `users` do) nor touch the HTTP wire
 //! (`crate::sim::http` reads requests and writes responses).
@@ -57,6 +57,9 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
     });
     if state.offline {
         return Plan::Now(Reply::Close);
+    }
+    if let Some(status) = state.unavailable {
+        return Plan::Now(Reply::Respond(proxy_error(status)));
     }
     let Some(url) = api_url(request) else {
         return Plan::Now(Reply::Respond(Response::new(
