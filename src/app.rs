@@ -2,13 +2,16 @@
 //!
 //! The only module that knows every component and spawns tasks. Shutdown: the token is cancelled, the
 //! poller finishes the GET it has in flight and stores it, delivery finishes the POST it has in flight,
-//! both within `SHUTDOWN_GRACE`; then the outbox is flushed.
+//! both within `SHUTDOWN_GRACE`; then the outbox is flushed. With `with_reload`, SIGHUP reloads the
+//! live part of the configuration (`reload`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -19,14 +22,17 @@ use crate::cms::client::CmsEndpoint;
 use crate::config::Settings;
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
-use crate::filter::Filter;
+use crate::filter::FilterReason;
 use crate::health::{HealthServer, HealthState};
 use crate::inworld::{Inworld, InworldDeps};
 use crate::lookingglass::LookingGlassClient;
 use crate::metrics::Stats;
+use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
+use crate::privacy::Privacy;
+use crate::reload::{Live, Reloader};
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
 /// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not).
@@ -51,6 +57,14 @@ pub struct Relay {
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
     inworld: Option<Inworld>,
+    notice: Notice,
+    /// The live part of the configuration, read by the poller and the notice task.
+    live: watch::Sender<Arc<Live>>,
+    mapper: Arc<AvatarMapper>,
+    /// What the relay was built from, for a reload to compare against.
+    settings: Settings,
+    /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
+    reload_from: Option<Option<PathBuf>>,
 }
 
 impl Relay {
@@ -95,9 +109,22 @@ impl Relay {
             settings.mapping.cache_ttl,
         ));
         let recently_said = Arc::new(RecentlySaid::default());
+        let live = watch::Sender::new(Arc::new(Live::new(settings)));
+        let privacy = Arc::new(Privacy::load(&outbox)?);
+        let (confirmations, confirmations_rx) = mpsc::channel(crate::notice::QUEUE);
+        let notice = Notice::new(NoticeDeps {
+            viewer: viewer.clone(),
+            live: live.subscribe(),
+            privacy: privacy.clone(),
+            recently_said: recently_said.clone(),
+            confirmations: confirmations_rx,
+            say_type: settings.inworld.say_type,
+        });
         let poller = Poller::new(PollerDeps {
             viewer: viewer.clone(),
-            filter: Filter::new(&settings.filter),
+            live: live.subscribe(),
+            privacy,
+            confirmations,
             outbox: outbox.clone(),
             zone: settings.viewer.timezone,
             poll_interval: settings.viewer.poll_interval,
@@ -107,7 +134,7 @@ impl Relay {
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
             cms: cms.clone(),
-            mapper,
+            mapper: mapper.clone(),
             settings: settings.cms.delivery(),
             retry: RetryPolicy {
                 initial: settings.retry.initial,
@@ -152,7 +179,19 @@ impl Relay {
             notifier: None,
             stall_limit: STALL_LIMIT.max(settings.retry.max * 2),
             inworld,
+            notice,
+            live,
+            mapper,
+            settings: settings.clone(),
+            reload_from: None,
         })
+    }
+
+    /// Reloads `file` (the `--config` file, if any, under the `RELAY__…` environment) at every
+    /// SIGHUP: `mapping.users`, `filter.*` and `privacy.*` apply from the next line.
+    pub fn with_reload(mut self, file: Option<PathBuf>) -> Relay {
+        self.reload_from = Some(file);
+        self
     }
 
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (`None` when `http.listen`
@@ -186,6 +225,36 @@ impl Relay {
     /// Runs until `token` is cancelled, then stops within `SHUTDOWN_GRACE`.
     pub async fn run_until_stopped(self, token: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
+        // Opt-outs a crash interrupted, or `privacy add` made while the relay was stopped.
+        match self.outbox.drop_opted_out().await {
+            Ok(0) => {}
+            Ok(n_dropped) => {
+                for _ in 0..n_dropped {
+                    self.stats.filtered(FilterReason::OptedOut);
+                }
+                tracing::info!(
+                    n_dropped,
+                    "lines of speakers who opted out dropped from the outbox"
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
+            }
+        }
+        // Listened to before READY=1: SIGHUP's default action would end the relay.
+        #[cfg(unix)]
+        let _live = match self.reload_from {
+            Some(file) => {
+                let hangup = crate::reload::on_hangup().context("listening for SIGHUP")?;
+                let reloader = Reloader::new(file, self.settings, self.live, self.mapper);
+                tracker.spawn(reloader.run_until_stopped(hangup, token.clone()));
+                None
+            }
+            None => Some(self.live),
+        };
+        #[cfg(not(unix))]
+        let _live = (self.live, self.reload_from, self.settings, self.mapper);
+        tracker.spawn(self.notice.run_until_stopped(token.clone()));
         tracker.spawn(self.poller.run_until_stopped(token.clone()));
         tracker.spawn(self.delivery.run_until_stopped(token.clone()));
         if let Some(inworld) = self.inworld {

@@ -3,12 +3,12 @@
 //! Order: `mapping.users`; else the avatar's UUID (from the viewer's avatar list, or the line's
 //! `OwnerID`, which on OpenSim is the avatar's own UUID) looked up in the CMS, where only a confirmed
 //! link on this grid counts. Results, found or not, are cached for `mapping.cache_ttl`. A failed lookup
-//! never blocks delivery: the line goes out anonymous and the failure is cached briefly. It does not
-//! touch the outbox.
+//! never blocks delivery: the line goes out anonymous and the failure is cached briefly. A reload
+//! replaces `mapping.users` (`set_users`) for the next line prepared. It does not touch the outbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::cms::CmsClient;
@@ -24,7 +24,7 @@ const AVATAR_LIST_REFRESH: Duration = Duration::from_secs(5);
 
 /// Maps speakers to CMS users.
 pub struct AvatarMapper {
-    configured: HashMap<String, i64>,
+    configured: RwLock<HashMap<String, i64>>,
     viewer: LookingGlassClient,
     cms: Arc<CmsClient>,
     ttl: Duration,
@@ -41,10 +41,7 @@ impl AvatarMapper {
         ttl: Duration,
     ) -> AvatarMapper {
         AvatarMapper {
-            configured: configured
-                .iter()
-                .map(|(name, id)| (name.trim().to_lowercase(), *id))
-                .collect(),
+            configured: RwLock::new(lower_cased(configured)),
             viewer,
             cms,
             ttl,
@@ -53,11 +50,25 @@ impl AvatarMapper {
         }
     }
 
+    /// Replaces `mapping.users` (a reload).
+    pub fn set_users(&self, configured: &std::collections::BTreeMap<String, i64>) {
+        *self
+            .configured
+            .write()
+            .expect("mapping lock is never poisoned") = lower_cased(configured);
+    }
+
     /// The CMS user of `speaker`, or `None` (anonymous).
     pub async fn resolve(&self, speaker: &str, owner_id: Option<&str>) -> Option<i64> {
         let name = speaker.trim().to_lowercase();
-        if let Some(id) = self.configured.get(&name) {
-            return Some(*id);
+        let configured = self
+            .configured
+            .read()
+            .expect("mapping lock is never poisoned")
+            .get(&name)
+            .copied();
+        if let Some(id) = configured {
+            return Some(id);
         }
         if let Some((user, expires)) = self
             .cache
@@ -125,4 +136,12 @@ impl AvatarMapper {
             }
         }
     }
+}
+
+/// `mapping.users` with its names trimmed and lower-cased, as speakers are looked up.
+fn lower_cased(configured: &std::collections::BTreeMap<String, i64>) -> HashMap<String, i64> {
+    configured
+        .iter()
+        .map(|(name, id)| (name.trim().to_lowercase(), *id))
+        .collect()
 }

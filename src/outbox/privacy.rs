@@ -337,4 +337,43 @@ mod tests {
         );
         assert!(outbox.opt_outs().expect("read").is_empty());
     }
+
+    #[tokio::test]
+    async fn delivery_is_not_handed_a_line_whose_speaker_opted_out_after_it_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[line("Bob Builder", None, "delivered already")])
+            .await
+            .expect("append");
+        let delivered = outbox.oldest(1).expect("read");
+        outbox.remove(&[delivered[0].id]).await.expect("confirmed");
+        let watermark = outbox.pending_watermark();
+        outbox
+            .append(&[
+                line("Alice Resident", Some(ALICE), "read before the opt-out"),
+                line("Bob Builder", None, "bob's"),
+            ])
+            .await
+            .expect("append");
+        let read = outbox.oldest(10).expect("read");
+        let (unchanged, n_dropped) = outbox
+            .withhold_opted_out(read.clone())
+            .await
+            .expect("withhold");
+        assert_eq!((unchanged.len(), n_dropped), (2, 0), "nobody opted out");
+
+        // The opt-out is stored, but its drop stopped short of the line (a watermark from before it
+        // was stored: as after a crash between the two writes).
+        outbox
+            .opt_out(&alice_opts_out(), watermark)
+            .await
+            .expect("opt out");
+        let (to_send, n_dropped) = outbox.withhold_opted_out(read).await.expect("withhold");
+
+        assert_eq!(n_dropped, 1);
+        assert_eq!(to_send.len(), 1);
+        assert_eq!(to_send[0].line.message, "bob's");
+        assert_eq!(outbox.len(), 1, "the line left the outbox");
+    }
 }

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -181,9 +182,23 @@ impl TestEnv {
     /// The relay binary (`run`) as a child process, with the settings of `settings` and `overrides`
     /// given as `RELAY__SECTION__KEY` environment variables, and its stderr sent to `stderr`.
     pub fn spawn_relay_process(&self, overrides: &[(&str, &str)], stderr: Stdio) -> Child {
+        self.spawn_relay_process_with_config(None, overrides, stderr)
+    }
+
+    /// Like `spawn_relay_process`, with `--config FILE` when `config` is given (the environment
+    /// still wins over it).
+    pub fn spawn_relay_process_with_config(
+        &self,
+        config: Option<&Path>,
+        overrides: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Child {
         let base = self.base_overrides();
         let mut command = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"));
         command.arg("run").stdout(Stdio::null()).stderr(stderr);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
         command.env_remove("RELAY_CONFIG");
         for (key, value) in base
             .iter()
@@ -381,11 +396,16 @@ pub fn sigterm(mut relay: Child) -> ExitStatus {
 /// Sends SIGTERM to process `pid` (`kill -TERM`, which returns at once), without waiting for it to
 /// exit: for a `tokio::process::Child` whose exit the test awaits itself.
 pub fn send_sigterm(pid: u32) {
+    send_signal(pid, "TERM");
+}
+
+/// Sends the signal `name` (`TERM`, `HUP`) to process `pid`, without waiting for anything.
+pub fn send_signal(pid: u32, name: &str) {
     let sent = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([format!("-{name}"), pid.to_string()])
         .status()
         .expect("kill runs");
-    assert!(sent.success(), "kill -TERM");
+    assert!(sent.success(), "kill -{name}");
 }
 
 /// The CMS's rows judged against the lines the viewer handed out, for runs driven by the simulator's
