@@ -824,61 +824,68 @@ fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error>
 
 /// A list of strings: a TOML array, or one comma-separated string (`RELAY__FILTER__TYPES=Normal,Shout`).
 fn string_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    struct List;
-    impl<'de> serde::de::Visitor<'de> for List {
-        type Value = Vec<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a list of strings, or one string of comma-separated names")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut items = Vec::new();
-            while let Some(item) = seq.next_element::<String>()? {
-                items.push(item);
-            }
-            Ok(items)
-        }
-        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+    list_or_text(
+        deserializer,
+        "a list of strings, or one string of comma-separated names",
+        |text| {
             Ok(text
                 .split(',')
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .collect())
-        }
-    }
-    deserializer.deserialize_any(List)
+        },
+    )
 }
 
 /// A list of `Pattern`s: a TOML array, or one string holding one pattern (an environment variable;
 /// never split at commas, which regular expressions use).
 fn pattern_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Pattern>, D::Error> {
-    struct List;
-    impl<'de> serde::de::Visitor<'de> for List {
-        type Value = Vec<Pattern>;
+    list_or_text(
+        deserializer,
+        "a list of regular expressions, or one as a string",
+        |text| match text {
+            "" => Ok(Vec::new()),
+            text => Ok(vec![Pattern::parse(text)?]),
+        },
+    )
+}
+
+/// A list: a TOML array of `T`, or one string (an environment variable, an override) that `parse`
+/// turns into the list.
+fn list_or_text<'de, D, T>(
+    deserializer: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct List<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<Vec<T>, String>,
+    }
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for List<T> {
+        type Value = Vec<T>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a list of regular expressions, or one as a string")
+            f.write_str(self.expecting)
         }
         fn visit_seq<A: serde::de::SeqAccess<'de>>(
             self,
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
-            let mut patterns = Vec::new();
-            while let Some(pattern) = seq.next_element::<Pattern>()? {
-                patterns.push(pattern);
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<T>()? {
+                items.push(item);
             }
-            Ok(patterns)
+            Ok(items)
         }
         fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
-            if text.is_empty() {
-                return Ok(Vec::new());
-            }
-            Ok(vec![Pattern::parse(text).map_err(E::custom)?])
+            (self.parse)(text).map_err(E::custom)
         }
     }
-    deserializer.deserialize_any(List)
+    deserializer.deserialize_any(List { expecting, parse })
 }
 
 /// `mapping.users`: name → user id, each id by the rules of `integer`.
