@@ -1,13 +1,14 @@
-//! `opensim-chat-relay outbox …`: look into and repair the outbox while the relay is stopped.
+//! `opensim-chat-relay outbox …`: look into and repair the outbox while the relay is stopped; and
+//! `opensim-chat-relay privacy …`: the avatars who opted out of recording, kept in the outbox.
 //!
 //! Owns only the printing and the choice of operation; the storage work is `Outbox`'s. It refuses to
 //! run while a relay holds the outbox (sled's lock), with a message that says so.
 
 use chrono::Utc;
 
-use crate::cli::OutboxAction;
+use crate::cli::{OutboxAction, PrivacyAction};
 use crate::config::Settings;
-use crate::outbox::Outbox;
+use crate::outbox::{OptOut, Outbox, SpeakerKey};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
@@ -75,6 +76,52 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                     "purged {} quarantined records",
                     outbox.purge_quarantine().await?
                 );
+            }
+        }
+    }
+    outbox.flush().await?;
+    Ok(())
+}
+
+/// Runs one privacy action and prints its result on stdout.
+pub async fn privacy(settings: &Settings, action: PrivacyAction) -> anyhow::Result<()> {
+    let outbox = Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?;
+    match action {
+        PrivacyAction::List => {
+            let opt_outs = outbox.opt_outs()?;
+            for opt_out in &opt_outs {
+                let by = match &opt_out.key {
+                    SpeakerKey::Uuid(uuid) => format!("avatar {uuid}"),
+                    SpeakerKey::Name(_) => "name".to_owned(),
+                };
+                println!(
+                    "{:<32}  by {:<44}  since {}",
+                    opt_out.name, by, opt_out.since
+                );
+            }
+            println!("{} opted out", opt_outs.len());
+        }
+        PrivacyAction::Add { name } => {
+            let name = name.join(" ");
+            let opt_out = OptOut {
+                key: SpeakerKey::of(&name, None),
+                name: name.trim().to_owned(),
+                since: Utc::now(),
+            };
+            let n_dropped = outbox.opt_out(&opt_out, u64::MAX).await?;
+            println!(
+                "{} opted out: not relayed from the next start on; {n_dropped} waiting lines dropped",
+                opt_out.name
+            );
+        }
+        PrivacyAction::Remove { name } => {
+            let name = name.join(" ");
+            match outbox.opt_in(&name, None).await? {
+                0 => println!("{} had not opted out", name.trim()),
+                n => println!(
+                    "{} opted in again ({n} opt-outs forgotten): relayed from the next start on",
+                    name.trim()
+                ),
             }
         }
     }

@@ -6,13 +6,16 @@
 //! viewer or lose its lines); the other stages (delivery's POST) get `SHUTDOWN_GRACE`; then the
 //! outbox is flushed. A task that panics (or a stage loop that ends before the stop) starts the same
 //! shutdown, and `run_until_stopped` then returns an error naming it, so the process exits non-zero
-//! and its supervisor (systemd, Docker) restarts it.
+//! and its supervisor (systemd, Docker) restarts it. With `with_reload`, SIGHUP
+//! reloads the live part of the configuration (`reload`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,14 +26,17 @@ use crate::cms::client::CmsEndpoint;
 use crate::config::Settings;
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
-use crate::filter::Filter;
+use crate::filter::FilterReason;
 use crate::health::{HealthServer, HealthState};
 use crate::inworld::{Inworld, InworldDeps};
 use crate::lookingglass::{FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts};
 use crate::metrics::Stats;
+use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
+use crate::privacy::Privacy;
+use crate::reload::{Live, Reloader};
 
 /// How long the stages get to finish their requests after a stop: the process must exit within 10 s
 /// of SIGTERM (systemd's and Docker's patience is longer, an operator's is not). A viewer request
@@ -60,6 +66,14 @@ pub struct Relay {
     stall_limit: Duration,
     inworld: Option<Inworld>,
     shutdown_grace: Duration,
+    notice: Notice,
+    /// The live part of the configuration, read by the poller and the notice task.
+    live: watch::Sender<Arc<Live>>,
+    mapper: Arc<AvatarMapper>,
+    /// What the relay was built from, for a reload to compare against.
+    settings: Settings,
+    /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
+    reload_from: Option<Option<PathBuf>>,
 }
 
 impl Relay {
@@ -108,9 +122,23 @@ impl Relay {
             settings.mapping.cache_ttl,
         ));
         let recently_said = Arc::new(RecentlySaid::default());
+        let live = watch::Sender::new(Arc::new(Live::new(settings)));
+        let privacy = Arc::new(Privacy::load(&outbox)?);
+        let (confirmations, confirmations_rx) = mpsc::channel(crate::notice::QUEUE);
+        let notice = Notice::new(NoticeDeps {
+            viewer: viewer.clone(),
+            facts: facts.clone(),
+            live: live.subscribe(),
+            privacy: privacy.clone(),
+            recently_said: recently_said.clone(),
+            confirmations: confirmations_rx,
+            say_type: settings.inworld.say_type,
+        });
         let poller = Poller::new(PollerDeps {
             viewer: viewer.clone(),
-            filter: Filter::new(&settings.filter),
+            live: live.subscribe(),
+            privacy,
+            confirmations,
             outbox: outbox.clone(),
             zone: settings.viewer.timezone,
             poll_interval: settings.viewer.poll_interval,
@@ -121,7 +149,7 @@ impl Relay {
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
             cms: cms.clone(),
-            mapper,
+            mapper: mapper.clone(),
             settings: settings.cms.delivery(),
             retry: RetryPolicy {
                 initial: settings.retry.initial,
@@ -172,7 +200,19 @@ impl Relay {
             stall_limit,
             inworld,
             shutdown_grace: SHUTDOWN_GRACE,
+            notice,
+            live,
+            mapper,
+            settings: settings.clone(),
+            reload_from: None,
         })
+    }
+
+    /// Reloads `file` (the `--config` file, if any, under the `RELAY__…` environment) at every
+    /// SIGHUP: `mapping.users`, `filter.*` and `privacy.*` apply from the next line.
+    pub fn with_reload(mut self, file: Option<PathBuf>) -> Relay {
+        self.reload_from = Some(file);
+        self
     }
 
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served (`None` when `http.listen`
@@ -225,6 +265,44 @@ impl Relay {
             stop: &stop,
             failure: &failure,
         };
+        // Opt-outs a crash interrupted, or `privacy add` made while the relay was stopped.
+        match self.outbox.drop_opted_out().await {
+            Ok(0) => {}
+            Ok(n_dropped) => {
+                for _ in 0..n_dropped {
+                    self.stats.filtered(FilterReason::OptedOut);
+                }
+                tracing::info!(
+                    n_dropped,
+                    "lines of speakers who opted out dropped from the outbox"
+                );
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
+            }
+        }
+        // Listened to before READY=1: SIGHUP's default action would end the relay.
+        #[cfg(unix)]
+        let _live = match self.reload_from {
+            Some(file) => {
+                let hangup = crate::reload::on_hangup().context("listening for SIGHUP")?;
+                let reloader = Reloader::new(file, self.settings, self.live, self.mapper);
+                supervisor.spawn(
+                    "reload",
+                    Ends::Whenever,
+                    reloader.run_until_stopped(hangup, stop.clone()),
+                );
+                None
+            }
+            None => Some(self.live),
+        };
+        #[cfg(not(unix))]
+        let _live = (self.live, self.reload_from, self.settings, self.mapper);
+        supervisor.spawn(
+            "notice",
+            Ends::Whenever,
+            self.notice.run_until_stopped(stop.clone()),
+        );
         let poller = supervisor.spawn(
             "poller",
             Ends::OnStop,

@@ -5,11 +5,12 @@
 //! link on this grid counts. Results, found or not, are cached for `mapping.cache_ttl`. A failed lookup
 //! never blocks delivery: the line goes out anonymous and the failure is cached briefly. The avatar
 //! list is the last one `lookingglass::facts` read: a name missing from it asks for a fresh one
-//! without waiting, so the viewer never delays delivery. It does not touch the outbox or the viewer.
+//! without waiting, so the viewer never delays delivery. A reload replaces `mapping.users`
+//! (`set_users`) for the next line prepared. It does not touch the outbox or the viewer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::cms::CmsClient;
@@ -23,7 +24,7 @@ const FAILURE_TTL: Duration = Duration::from_secs(30);
 
 /// Maps speakers to CMS users.
 pub struct AvatarMapper {
-    configured: HashMap<String, i64>,
+    configured: RwLock<HashMap<String, i64>>,
     facts: Arc<ViewerFacts>,
     cms: Arc<CmsClient>,
     ttl: Duration,
@@ -39,10 +40,7 @@ impl AvatarMapper {
         ttl: Duration,
     ) -> AvatarMapper {
         AvatarMapper {
-            configured: configured
-                .iter()
-                .map(|(name, id)| (name.trim().to_lowercase(), *id))
-                .collect(),
+            configured: RwLock::new(lower_cased(configured)),
             facts,
             cms,
             ttl,
@@ -50,11 +48,25 @@ impl AvatarMapper {
         }
     }
 
+    /// Replaces `mapping.users` (a reload).
+    pub fn set_users(&self, configured: &std::collections::BTreeMap<String, i64>) {
+        *self
+            .configured
+            .write()
+            .expect("mapping lock is never poisoned") = lower_cased(configured);
+    }
+
     /// The CMS user of `speaker`, or `None` (anonymous).
     pub async fn resolve(&self, speaker: &str, owner_id: Option<&str>) -> Option<i64> {
         let name = speaker.trim().to_lowercase();
-        if let Some(id) = self.configured.get(&name) {
-            return Some(*id);
+        let configured = self
+            .configured
+            .read()
+            .expect("mapping lock is never poisoned")
+            .get(&name)
+            .copied();
+        if let Some(id) = configured {
+            return Some(id);
         }
         if let Some((user, expires)) = self
             .cache
@@ -90,4 +102,12 @@ impl AvatarMapper {
             .insert(name, (user, Instant::now() + ttl));
         user
     }
+}
+
+/// `mapping.users` with its names trimmed and lower-cased, as speakers are looked up.
+fn lower_cased(configured: &std::collections::BTreeMap<String, i64>) -> HashMap<String, i64> {
+    configured
+        .iter()
+        .map(|(name, id)| (name.trim().to_lowercase(), *id))
+        .collect()
 }

@@ -23,7 +23,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the relay until SIGINT or SIGTERM (the default).
+    /// Run the relay until SIGINT or SIGTERM (the default); SIGHUP reloads mapping.users, filter.*
+    /// and privacy.* from the configuration.
     Run,
     /// Print the effective configuration as TOML that loads again (the password masked), and exit;
     /// fails like `run` on a bad key or an unreadable `cms.password_file`.
@@ -39,6 +40,9 @@ pub enum Command {
     /// Inspect and repair the outbox while the relay is stopped.
     #[command(subcommand)]
     Outbox(OutboxAction),
+    /// List, add or remove the avatars who opted out of recording, while the relay is stopped.
+    #[command(subcommand)]
+    Privacy(PrivacyAction),
     /// Run a simulator of one of the peers (for tests, demos and compose stacks).
     #[command(subcommand)]
     Sim(SimCommand),
@@ -70,6 +74,27 @@ pub enum OutboxAction {
         /// Also delete the quarantined records.
         #[arg(long)]
         quarantine: bool,
+    },
+}
+
+/// `privacy` actions.
+#[derive(Debug, Subcommand)]
+pub enum PrivacyAction {
+    /// Who opted out, by avatar UUID or by name, and since when.
+    List,
+    /// Opt an avatar out by name (e.g. `privacy add Alice Resident`); its lines waiting in the
+    /// outbox are dropped.
+    Add {
+        /// The avatar's name.
+        #[arg(required = true, num_args = 1..)]
+        name: Vec<String>,
+    },
+    /// Opt an avatar in again by name: every opt-out of that name is forgotten (by name, and by
+    /// UUID where the avatar opted out in-world).
+    Remove {
+        /// The avatar's name.
+        #[arg(required = true, num_args = 1..)]
+        name: Vec<String>,
     },
 }
 

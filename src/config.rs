@@ -46,8 +46,10 @@ pub struct Settings {
     pub cms: CmsSettings,
     /// Avatar name to CMS user mapping.
     pub mapping: MappingSettings,
-    /// Which viewer lines are relayed.
+    /// Which viewer lines are relayed, and what is redacted in them.
     pub filter: FilterSettings,
+    /// Opting out in-world, and the notice that chat is recorded.
+    pub privacy: PrivacySettings,
     /// CMS → in-world.
     pub inworld: InworldSettings,
     /// The durable outbox.
@@ -190,6 +192,91 @@ pub struct FilterSettings {
     /// Relay lines said by objects too.
     #[serde(deserialize_with = "boolean")]
     pub objects: bool,
+    /// Speakers never relayed (other bots, the region owner's scripts); names compare
+    /// case-insensitively.
+    #[serde(deserialize_with = "string_list")]
+    pub ignore_speakers: Vec<String>,
+    /// Lines whose text matches one of these regular expressions are not relayed.
+    #[serde(deserialize_with = "pattern_list")]
+    pub ignore_messages: Vec<Pattern>,
+    /// Rewrites of the text before it is stored, applied in order (e-mail addresses, phone numbers).
+    pub redact: Vec<Redaction>,
+}
+
+/// One `filter.redact` entry: every match of `pattern` in a line's text becomes `replacement`
+/// (`$1` or `${name}` insert a group; `$$` is a dollar sign).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redaction {
+    /// What to find.
+    pub pattern: Pattern,
+    /// What it becomes.
+    pub replacement: String,
+}
+
+/// A regular expression of the configuration (`regex` syntax), compiled when it is loaded, so that a
+/// bad one stops start-up (and a reload) naming its key and the pattern's error.
+#[derive(Debug, Clone)]
+pub struct Pattern(regex::Regex);
+
+impl Pattern {
+    /// Compiles `text`; the error is one line: the pattern and what is wrong with it.
+    pub fn parse(text: &str) -> Result<Pattern, String> {
+        regex::Regex::new(text).map(Pattern).map_err(|err| {
+            // regex's syntax errors span several lines (the pattern, a caret, `error: …`): the
+            // last line says what is wrong.
+            let shown = err.to_string();
+            let reason = shown
+                .lines()
+                .rev()
+                .find_map(|line| line.trim().strip_prefix("error: "))
+                .map_or_else(
+                    || shown.split_whitespace().collect::<Vec<_>>().join(" "),
+                    str::to_owned,
+                );
+            format!("{text:?} is not a regular expression: {reason}")
+        })
+    }
+
+    /// The compiled expression.
+    pub fn regex(&self) -> &regex::Regex {
+        &self.0
+    }
+}
+
+impl Serialize for Pattern {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Pattern, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Pattern::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[privacy]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySettings {
+    /// What a speaker says to stop being relayed (compared with the whole line, trimmed,
+    /// case-insensitively); empty turns opting out off.
+    pub optout_command: String,
+    /// What a speaker says to be relayed again; empty turns it off.
+    pub optin_command: String,
+    /// The in-world confirmation of either command, with `{name}`, `{state}` (`not recorded` or
+    /// `recorded`), `{optout}` and `{optin}`; empty says nothing.
+    pub confirm_format: String,
+    /// Said in-world at start and every `notice_interval`, with `{optout}` and `{optin}`; empty is off.
+    pub notice: String,
+    /// How often the notice is said again (0 = only at start).
+    #[serde(with = "humantime_serde")]
+    pub notice_interval: Duration,
+    /// Say the notice when an avatar arrives in the viewer's avatar list (once a day each).
+    #[serde(deserialize_with = "boolean")]
+    pub greet: bool,
 }
 
 /// `[inworld]`
@@ -416,6 +503,18 @@ impl Settings {
                 ),
             });
         }
+        let privacy = &self.privacy;
+        if !privacy.optout_command.trim().is_empty()
+            && privacy
+                .optout_command
+                .trim()
+                .eq_ignore_ascii_case(privacy.optin_command.trim())
+        {
+            return Err(invalid(
+                "privacy.optin_command",
+                "must differ from privacy.optout_command",
+            ));
+        }
         if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
             return Err(invalid("retry.max", "need 0 < retry.initial <= retry.max"));
         }
@@ -478,6 +577,17 @@ impl Settings {
             warnings.push(
                 "cms.ca_file is set but cms.base_url is not https://: the certificates are not used"
                     .to_owned(),
+            );
+        }
+        if self.privacy.optout_command.trim().is_empty() {
+            warnings.push(
+                "privacy.optout_command is empty: speakers cannot opt out of recording in-world"
+                    .to_owned(),
+            );
+        }
+        if self.privacy.greet && self.privacy.notice.trim().is_empty() {
+            warnings.push(
+                "privacy.greet is on but privacy.notice is empty: nobody is greeted".to_owned(),
             );
         }
         warnings
@@ -728,32 +838,68 @@ fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error>
 
 /// A list of strings: a TOML array, or one comma-separated string (`RELAY__FILTER__TYPES=Normal,Shout`).
 fn string_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    struct List;
-    impl<'de> serde::de::Visitor<'de> for List {
-        type Value = Vec<String>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a list of strings, or one string of comma-separated names")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut items = Vec::new();
-            while let Some(item) = seq.next_element::<String>()? {
-                items.push(item);
-            }
-            Ok(items)
-        }
-        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+    list_or_text(
+        deserializer,
+        "a list of strings, or one string of comma-separated names",
+        |text| {
             Ok(text
                 .split(',')
                 .map(str::trim)
                 .filter(|t| !t.is_empty())
                 .map(str::to_owned)
                 .collect())
+        },
+    )
+}
+
+/// A list of `Pattern`s: a TOML array, or one string holding one pattern (an environment variable;
+/// never split at commas, which regular expressions use).
+fn pattern_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Pattern>, D::Error> {
+    list_or_text(
+        deserializer,
+        "a list of regular expressions, or one as a string",
+        |text| match text {
+            "" => Ok(Vec::new()),
+            text => Ok(vec![Pattern::parse(text)?]),
+        },
+    )
+}
+
+/// A list: a TOML array of `T`, or one string (an environment variable, an override) that `parse`
+/// turns into the list.
+fn list_or_text<'de, D, T>(
+    deserializer: D,
+    expecting: &'static str,
+    parse: fn(&str) -> Result<Vec<T>, String>,
+) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct List<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Result<Vec<T>, String>,
+    }
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for List<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<T>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            (self.parse)(text).map_err(E::custom)
         }
     }
-    deserializer.deserialize_any(List)
+    deserializer.deserialize_any(List { expecting, parse })
 }
 
 /// `mapping.users`: name → user id, each id by the rules of `integer`.

@@ -19,6 +19,7 @@ use crate::backoff::RetryPolicy;
 use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::cms::{CmsChat, CmsClient, CmsError};
 use crate::config::DeliverySettings;
+use crate::filter::FilterReason;
 use crate::metrics::Stats;
 use crate::model::fill_template;
 use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine, Prepared};
@@ -324,6 +325,15 @@ impl Delivery {
             .outbox
             .cursor(Cursor::LastConfirmedId)?
             .unwrap_or(0);
+        // A line whose speaker opted out since it was read is not sent, nor sent again after a
+        // read-back that did not find it.
+        let (batch, n_withheld) = self.deps.outbox.withhold_opted_out(batch).await?;
+        for _ in 0..n_withheld {
+            self.deps.stats.filtered(FilterReason::OptedOut);
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
         self.mark_in_flight(&batch).await?;
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         self.pace().await;

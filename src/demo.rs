@@ -1,7 +1,8 @@
 //! `opensim-chat-relay demo`: both simulators and the relay in one process on free loopback ports,
 //! with a temporary outbox, a few avatars chatting (one linked in the CMS, one mapped in the config,
-//! one unknown), and every line printed as the CMS stores it; a CMS user types lines in the CMS, and
-//! each is printed as the relay says it in-world.
+//! one unknown, who opts out of recording with `!nolog`), and every line printed as the CMS stores
+//! it; a CMS user types lines in the CMS, and each is printed as the relay says it in-world, as are
+//! the privacy notice and the opt-out's confirmation.
 //!
 //! Demo wiring only: it uses the same `Relay` as `run`, configured through the same `Settings`.
 
@@ -16,8 +17,9 @@ use crate::config::Settings;
 use crate::sim::cms::{CmsDialect, CmsSim, CmsSimSettings, Permissions};
 use crate::sim::lookingglass::{Dialect, ViewerSim, ViewerSimSettings};
 
-/// What the demo avatars say, in turn.
-const SCRIPT: [(&str, &str); 6] = [
+/// What the demo avatars say, in turn. Carol opts out after her first line: nothing she says
+/// afterwards reaches the CMS.
+const SCRIPT: [(&str, &str); 8] = [
     ("Alice Resident", "Hello everyone!"),
     ("Bob Builder", "Hi Alice, building a tower today."),
     ("Carol Visitor", "First time here, what is this place?"),
@@ -25,9 +27,21 @@ const SCRIPT: [(&str, &str); 6] = [
         "Alice Resident",
         "Welcome Carol! This chat is mirrored to the CMS <3",
     ),
+    ("Carol Visitor", OPT_OUT),
+    (
+        "Carol Visitor",
+        "Then this stays between us: I am scouting for a plot.",
+    ),
     ("Bob Builder", "Prices went up 100% + tax, by the way."),
     ("Carol Visitor", "Nice 😀"),
 ];
+
+/// The opt-out command (`privacy.optout_command`'s default).
+const OPT_OUT: &str = "!nolog";
+
+/// The privacy notice the relay says at start.
+const NOTICE: &str =
+    "Local chat here is copied to the CMS. Say {optout} to opt out, {optin} to opt in again.";
 
 /// What a CMS user types in the CMS's chat page, in turn.
 const CMS_SCRIPT: [&str; 3] = [
@@ -108,11 +122,12 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             ("outbox.path", &outbox),
             ("http.listen", "127.0.0.1:0"),
             ("inworld.poll_interval", "500ms"),
+            ("privacy.notice", NOTICE),
         ],
     )?;
     println!("viewer simulator  {chat_url}");
     println!(
-        "cms simulator     {base_url}  (Alice is linked in the CMS, Bob is in mapping.users, Carol is unknown)"
+        "cms simulator     {base_url}  (Alice is linked in the CMS, Bob is in mapping.users, Carol is unknown and says {OPT_OUT})"
     );
     println!("outbox            {outbox}");
     println!(
@@ -126,6 +141,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let (mut n_ticks, mut n_said, mut n_printed) = (0u64, 0usize, 0usize);
     let (mut n_typed, mut n_heard) = (0usize, 0usize);
+    let (mut carol_opted_out, mut n_kept_private) = (false, 0usize);
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
@@ -139,6 +155,13 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             let (speaker, text) = SCRIPT[n_said % SCRIPT.len()];
             lg.say(speaker, text);
             n_said += 1;
+            if speaker == "Carol Visitor" {
+                if text == OPT_OUT {
+                    carol_opted_out = true;
+                } else if carol_opted_out {
+                    n_kept_private += 1;
+                }
+            }
         }
         // Dora types in the CMS every 3 s, starting once the relay has read the CMS once.
         if n_ticks % 15 == 14 {
@@ -156,8 +179,13 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             n_printed += 1;
         }
         for said in lg.said().iter().skip(n_heard) {
+            let from = if CMS_SCRIPT.iter().any(|typed| said.message.ends_with(typed)) {
+                "cms -> grid "
+            } else {
+                "relay       "
+            };
             println!(
-                "cms -> grid  said in-world on channel {}: {}",
+                "{from} said in-world on channel {}: {}",
                 said.channel, said.message
             );
             n_heard += 1;
@@ -166,7 +194,7 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
     relay_token.cancel();
     relay_task.await.context("relay task")??;
     println!(
-        "--- grid -> cms: {n_said} lines said by avatars, {n_printed} stored by the CMS; cms -> grid: {n_typed} typed, {n_heard} said in-world ---"
+        "--- grid -> cms: {n_said} lines said by avatars, {n_printed} stored by the CMS ({n_kept_private} of Carol's after {OPT_OUT} kept out); cms -> grid: {n_typed} typed; {n_heard} lines said in-world ---"
     );
     viewer.stop().await;
     cms.stop().await;

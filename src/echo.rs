@@ -1,9 +1,9 @@
 //! `RecentlySaid`: the relay's short memory of what it said in-world, shared by both directions.
 //!
-//! `inworld` records each text it hands to the viewer (and, on channel 0, that an echo is due);
-//! `poller` asks it whether a viewer line is such an echo (when the viewer gives no own name) and
-//! which echoes never came back (another client drained the viewer's queue). `app` creates the one
-//! memory and hands it to both stages. Must not do I/O or know either peer: it holds texts and
+//! `inworld` and `notice` record each text they hand to the viewer (and, on channel 0, that an echo
+//! is due); `poller` asks it whether a viewer line is such an echo (when the viewer gives no own
+//! name) and which echoes never came back (another client drained the viewer's queue). `app` creates
+//! the one memory and hands it to all three. Must not do I/O or know either peer: it holds texts and
 //! instants only.
 
 use std::collections::VecDeque;

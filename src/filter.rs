@@ -1,9 +1,15 @@
 //! Which viewer lines are relayed: avatar chat of the configured types, never the viewer's own avatar,
-//! system lines, OwnerSay or (unless `filter.objects`) objects.
+//! system lines, OwnerSay or (unless `filter.objects`) objects; and the operator's moderation:
+//! speakers and messages ignored (`filter.ignore_speakers`, `filter.ignore_messages`) and the
+//! rewrites of `filter.redact`.
 //!
-//! Pure: no I/O. The viewer's own name is passed in by the poller, which learns it.
+//! Pure: no I/O. The viewer's own name is passed in by the poller, which learns it; the poller also
+//! decides the order of the checks (the echo memory and the privacy commands come between them).
 
-use crate::config::FilterSettings;
+use std::borrow::Cow;
+use std::collections::HashSet;
+
+use crate::config::{FilterSettings, Redaction};
 use crate::model::{ChatType, EntryType, ViewerLine, ZERO_UUID};
 
 /// Why a line was not relayed (the `reason` label of the filtered metric).
@@ -19,19 +25,32 @@ pub enum FilterReason {
     System,
     /// The viewer's own avatar: relaying it would echo what the relay itself said.
     OwnAvatar,
-    /// No text.
+    /// No text (or none left after `filter.redact`).
     Empty,
+    /// The speaker is in `filter.ignore_speakers`.
+    IgnoredSpeaker,
+    /// The text matches `filter.ignore_messages`.
+    IgnoredMessage,
+    /// The speaker opted out (`privacy.optout_command`), or the line was waiting in the outbox when
+    /// they did.
+    OptedOut,
+    /// `privacy.optout_command` or `privacy.optin_command` itself.
+    PrivacyCommand,
 }
 
 impl FilterReason {
     /// Every reason, for metrics.
-    pub const ALL: [FilterReason; 6] = [
+    pub const ALL: [FilterReason; 10] = [
         FilterReason::Object,
         FilterReason::OwnerSay,
         FilterReason::Type,
         FilterReason::System,
         FilterReason::OwnAvatar,
         FilterReason::Empty,
+        FilterReason::IgnoredSpeaker,
+        FilterReason::IgnoredMessage,
+        FilterReason::OptedOut,
+        FilterReason::PrivacyCommand,
     ];
 
     /// The label value.
@@ -43,6 +62,10 @@ impl FilterReason {
             FilterReason::System => "system",
             FilterReason::OwnAvatar => "own_avatar",
             FilterReason::Empty => "empty",
+            FilterReason::IgnoredSpeaker => "ignored_speaker",
+            FilterReason::IgnoredMessage => "ignored_message",
+            FilterReason::OptedOut => "opted_out",
+            FilterReason::PrivacyCommand => "privacy_command",
         }
     }
 }
@@ -52,10 +75,14 @@ impl FilterReason {
 pub struct Filter {
     types: Vec<ChatType>,
     objects: bool,
+    /// `filter.ignore_speakers`, trimmed and lower-cased.
+    ignore_speakers: HashSet<String>,
+    ignore_messages: Vec<regex::Regex>,
+    redact: Vec<Redaction>,
 }
 
 impl Filter {
-    /// Builds the filter from its settings (validated by `config`).
+    /// Builds the filter from its settings (validated by `config`, the patterns compiled there).
     pub fn new(settings: &FilterSettings) -> Filter {
         let types = settings
             .types
@@ -65,7 +92,44 @@ impl Filter {
         Filter {
             types,
             objects: settings.objects,
+            ignore_speakers: settings
+                .ignore_speakers
+                .iter()
+                .map(|name| name.trim().to_lowercase())
+                .collect(),
+            ignore_messages: settings
+                .ignore_messages
+                .iter()
+                .map(|pattern| pattern.regex().clone())
+                .collect(),
+            redact: settings.redact.clone(),
         }
+    }
+
+    /// Whether `speaker` is in `filter.ignore_speakers`.
+    pub fn ignores_speaker(&self, speaker: &str) -> bool {
+        !self.ignore_speakers.is_empty()
+            && self
+                .ignore_speakers
+                .contains(&speaker.trim().to_lowercase())
+    }
+
+    /// Whether `text` matches one of `filter.ignore_messages`.
+    pub fn ignores_message(&self, text: &str) -> bool {
+        self.ignore_messages.iter().any(|re| re.is_match(text))
+    }
+
+    /// `text` with every `filter.redact` rewrite applied in order; borrowed when none matched.
+    pub fn redact<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let mut text = Cow::Borrowed(text);
+        for redaction in &self.redact {
+            let regex = redaction.pattern.regex();
+            if let Cow::Owned(rewritten) = regex.replace_all(&text, redaction.replacement.as_str())
+            {
+                text = Cow::Owned(rewritten);
+            }
+        }
+        text
     }
 
     /// `Ok` when `line` is to be relayed. `own_name` is the viewer's own avatar, when known.
@@ -120,11 +184,22 @@ mod tests {
         }
     }
 
+    fn settings(types: &[&str], objects: bool) -> FilterSettings {
+        FilterSettings {
+            types: types.iter().map(|t| (*t).to_owned()).collect(),
+            objects,
+            ignore_speakers: Vec::new(),
+            ignore_messages: Vec::new(),
+            redact: Vec::new(),
+        }
+    }
+
     fn default_filter() -> Filter {
-        Filter::new(&FilterSettings {
-            types: vec!["Normal".into(), "Whisper".into(), "Shout".into()],
-            objects: false,
-        })
+        Filter::new(&settings(&["Normal", "Whisper", "Shout"], false))
+    }
+
+    fn pattern(text: &str) -> crate::config::Pattern {
+        crate::config::Pattern::parse(text).expect("a valid pattern")
     }
 
     const AVATAR: Option<&str> = Some("11111111-2222-3333-4444-555555555555");
@@ -210,10 +285,7 @@ mod tests {
 
     #[test]
     fn objects_pass_when_enabled_but_debug_needs_its_type() {
-        let filter = Filter::new(&FilterSettings {
-            types: vec!["Normal".into()],
-            objects: true,
-        });
+        let filter = Filter::new(&settings(&["Normal"], true));
         assert_eq!(
             filter.check(
                 &line(Some("Box"), ChatType::Normal, EntryType::ObjectChat, AVATAR),
@@ -228,5 +300,50 @@ mod tests {
             ),
             Err(FilterReason::Type)
         );
+    }
+
+    #[test]
+    fn ignored_speakers_compare_without_case_and_messages_match_their_patterns() {
+        let filter = Filter::new(&FilterSettings {
+            ignore_speakers: vec![" Greeter Bot ".into()],
+            ignore_messages: vec![pattern(r"^\(\(.*\)\)$"), pattern("^/")],
+            ..settings(&["Normal"], false)
+        });
+        assert!(filter.ignores_speaker("greeter bot"));
+        assert!(!filter.ignores_speaker("Alice Resident"));
+        assert!(filter.ignores_message("((brb, dinner))"));
+        assert!(filter.ignores_message("/me waves"));
+        assert!(!filter.ignores_message("hello (really) ((not ooc)) here"));
+        assert!(!default_filter().ignores_message("anything"));
+    }
+
+    #[test]
+    fn redactions_apply_in_order_and_leave_other_text_borrowed() {
+        let filter = Filter::new(&FilterSettings {
+            redact: vec![
+                Redaction {
+                    pattern: pattern(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"),
+                    replacement: "[e-mail]".into(),
+                },
+                Redaction {
+                    pattern: pattern(r"\+?\d[\d ()/-]{7,}\d"),
+                    replacement: "[phone]".into(),
+                },
+                Redaction {
+                    pattern: pattern(r"(?i)secret (\w+)"),
+                    replacement: "secret ${1}-redacted $$".into(),
+                },
+            ],
+            ..settings(&["Normal"], false)
+        });
+        assert_eq!(
+            filter.redact("mail alice.r@example.co.uk or call +31 (0)20 123 4567"),
+            "mail [e-mail] or call [phone]"
+        );
+        assert_eq!(
+            filter.redact("the Secret door"),
+            "the secret door-redacted $"
+        );
+        assert!(matches!(filter.redact("nothing here"), Cow::Borrowed(_)));
     }
 }

@@ -9,8 +9,10 @@
 //!   the body snippet both clients quote in errors.
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
-//!   relay said in-world, which `inworld` records and `poller` recognises.
-//! - `admin`: the `outbox` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
+//!   relay said in-world, which `inworld` and `notice` record and `poller` recognises.
+//! - `privacy`: opting out in-world and who did; `notice`: what the relay says in-world on its own
+//!   (the privacy notice, greetings, confirmations); `reload`: SIGHUP and the live configuration.
+//! - `admin`: the `outbox` and `privacy` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `liveness`: the readiness signals and loop heartbeats
 //!   it and the systemd watchdog decide on; `notify`: systemd notifications; `check`: the `check`
 //!   probe of both peers.
@@ -36,9 +38,12 @@ pub mod liveness;
 pub mod lookingglass;
 pub mod metrics;
 pub mod model;
+pub mod notice;
 pub mod notify;
 pub mod outbox;
 pub mod poller;
+pub mod privacy;
+pub mod reload;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

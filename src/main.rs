@@ -32,10 +32,12 @@ fn main() -> ExitCode {
                 for warning in settings.warnings() {
                     tracing::warn!("{warning}");
                 }
+                let config_file = cli.config.clone();
                 run(async move {
                     shutdown::catch_file_size_signal();
-                    let relay =
-                        Relay::build(&settings)?.with_notifier(notify::Notifier::from_env());
+                    let relay = Relay::build(&settings)?
+                        .with_notifier(notify::Notifier::from_env())
+                        .with_reload(config_file);
                     relay.run_until_stopped(shutdown::on_signal()).await
                 })
             }
@@ -91,6 +93,10 @@ fn main() -> ExitCode {
         },
         Command::Outbox(action) => match settings(cli.config.as_deref()) {
             Ok(settings) => run(async move { admin::run(&settings, action).await }),
+            Err(code) => return code,
+        },
+        Command::Privacy(action) => match settings(cli.config.as_deref()) {
+            Ok(settings) => run(async move { admin::privacy(&settings, action).await }),
             Err(code) => return code,
         },
         Command::Demo(args) => {

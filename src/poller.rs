@@ -1,24 +1,30 @@
 //! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
 //! to the outbox before the next GET is sent. An answer longer than `viewer.max_response_bytes`
 //! gives the lines in its first part (the client keeps no more), and one that is not chat goes to
-//! the outbox quarantine (once, however often the viewer repeats it).
+//! the outbox quarantine (once, however often the viewer repeats it). The privacy commands are
+//! recognised here, before a line is stored: the command line is never stored, a speaker who opted
+//! out is not stored from that line on (nor are their lines earlier in the same answer), and each
+//! change is recorded in the outbox (which drops their waiting lines) once the answer is stored.
 //!
-//! Must not: deliver anything, read the viewer's status itself (`lookingglass::facts` does, off this
-//! path), or cancel a GET in flight (an aborted response kills the viewer). The shutdown token is
-//! looked at only between requests.
+//! Must not: deliver anything, say anything in-world (confirmations go to the notice task), read the
+//! viewer's status itself (`lookingglass::facts` does, off this path), or cancel a GET in flight (an
+//! aborted response kills the viewer). The shutdown token is looked at only between requests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::echo::{self, RecentlySaid};
 use crate::filter::{Filter, FilterReason};
 use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
-use crate::model::{CapturedLine, ViewerLine};
-use crate::outbox::{Outbox, OutboxError, Quarantined};
+use crate::model::{CapturedLine, ViewerLine, ZERO_UUID};
+use crate::outbox::{OptOut, Outbox, OutboxError, Quarantined, SpeakerKey};
+use crate::privacy::{self, Change, Command, Privacy};
+use crate::reload::Live;
 use crate::zone::Zone;
 
 /// How long to wait before retrying a failed outbox write (disk full). Polling pauses meanwhile, so
@@ -54,6 +60,8 @@ pub struct PollOutcome {
 struct Unstored {
     body: Vec<u8>,
     polled_at: DateTime<Utc>,
+    /// The configuration the verdicts were made with: its redactions are applied again.
+    live: Arc<Live>,
     /// For each line of the body, in order, whether it is relayed.
     relayed: Vec<bool>,
     /// The outbox keys given so far.
@@ -69,12 +77,38 @@ impl Unstored {
     }
 }
 
+/// Whether a line is stored, and with which text.
+enum Verdict {
+    /// Not stored.
+    Drop,
+    /// Stored as said.
+    Keep,
+    /// Stored with `filter.redact` applied.
+    Redacted(String),
+}
+
+impl Verdict {
+    /// The verdict on a line that passed every check: redacted when a rewrite matched, dropped when
+    /// nothing is left of it.
+    fn redacted(filter: &Filter, line: &ViewerLine) -> Verdict {
+        match filter.redact(&line.message) {
+            text if text.trim().is_empty() => Verdict::Drop,
+            std::borrow::Cow::Borrowed(_) => Verdict::Keep,
+            std::borrow::Cow::Owned(text) => Verdict::Redacted(text),
+        }
+    }
+}
+
 /// What the poller is built from.
 pub struct PollerDeps {
     /// The viewer it drains.
     pub viewer: LookingGlassClient,
-    /// Which lines are relayed.
-    pub filter: Filter,
+    /// Which lines are relayed, and the privacy commands (reloaded with the configuration).
+    pub live: watch::Receiver<Arc<Live>>,
+    /// Who opted out.
+    pub privacy: Arc<Privacy>,
+    /// Where the confirmations of privacy commands go to be said in-world (the notice task).
+    pub confirmations: mpsc::Sender<String>,
     /// Where they are stored.
     pub outbox: Arc<Outbox>,
     /// The viewer machine's clock (`viewer.timezone`), to rebuild each line's time.
@@ -97,6 +131,8 @@ pub struct Poller {
     own_name: Option<String>,
     /// A response a failed write has not stored yet.
     unstored: Option<Unstored>,
+    /// Privacy commands read but not yet recorded in the outbox, oldest first.
+    unsaved_changes: Vec<Change>,
     /// Whether the "another client drains the viewer's queue" warning was given (it is given once).
     warned_other_consumer: bool,
     /// Unreadable answers in a row: the first of a run is logged at error, the rest at debug.
@@ -112,6 +148,7 @@ impl Poller {
             deps,
             own_name: None,
             unstored: None,
+            unsaved_changes: Vec::new(),
             warned_other_consumer: false,
             n_unreadable_in_a_row: 0,
             stop: CancellationToken::new(),
@@ -123,6 +160,7 @@ impl Poller {
         if let Some(unstored) = self.unstored.take() {
             self.store_again(unstored).await?;
         }
+        self.save_changes().await?;
         if self.deps.outbox.is_full_and_paused() {
             return Ok(PollOutcome {
                 paused: true,
@@ -147,14 +185,27 @@ impl Poller {
         self.deps.stats.readiness.viewer_ok();
         let cut = self.note_oversized(&answer);
         let body = answer.body;
+        let live = self.deps.live.borrow().clone();
+        // Everything stored so far is committed (a failed write was stored again above): an opt-out
+        // read in this answer drops the speaker's lines up to here.
+        let watermark = self.deps.outbox.pending_watermark();
+        let opt_outs_ahead = self.opt_outs_ahead(&body, polled_at, &live);
         let mut relayed = Vec::new();
+        let mut changes = Vec::new();
         let (parsed, stored) = self
             .ingest(&body, polled_at, Vec::new(), |line| {
-                let keep = self.keep(line);
-                relayed.push(keep);
-                keep
+                let verdict = self.keep(line, relayed.len(), &live, &opt_outs_ahead);
+                if let Some(change) = verdict.1 {
+                    changes.push(Change {
+                        watermark,
+                        ..change
+                    });
+                }
+                relayed.push(!matches!(verdict.0, Verdict::Drop));
+                verdict.0
             })
             .await;
+        self.unsaved_changes.extend(changes);
         let n_polled = relayed.len();
         Stats::add(&self.deps.stats.lines_polled, n_polled as u64);
         let quarantine = match parsed {
@@ -198,6 +249,7 @@ impl Poller {
         let mut unstored = Unstored {
             body,
             polled_at,
+            live,
             relayed,
             keys: Vec::new(),
             quarantine,
@@ -217,6 +269,7 @@ impl Poller {
             self.store_again(unstored).await?;
         }
         self.check_echoes(poll_started);
+        self.save_changes().await?;
         Ok(PollOutcome {
             n_polled,
             n_relayed,
@@ -224,29 +277,33 @@ impl Poller {
         })
     }
 
-    /// Parses `body` and stores, line by line as they are read, the lines `keep` accepts, under
-    /// `keys` first (those of an earlier try). Returns the parse's outcome and the store's.
+    /// Parses `body` and stores, line by line as they are read, the lines `keep` accepts (with the
+    /// text it gives), under `keys` first (those of an earlier try). Returns the parse's outcome and
+    /// the store's.
     async fn ingest(
         &self,
         body: &[u8],
         polled_at: DateTime<Utc>,
         keys: Vec<u64>,
-        mut keep: impl FnMut(&ViewerLine) -> bool,
+        mut keep: impl FnMut(&ViewerLine) -> Verdict,
     ) -> (
         Result<wire::ChatTally, wire::ChatParseError>,
         Result<usize, (OutboxError, Vec<u64>)>,
     ) {
         let mut ingest = self.deps.outbox.ingest(keys);
         let parsed = wire::for_each_line(body, polled_at, self.deps.zone, |line| {
-            if keep(&line) {
-                ingest.push(&CapturedLine {
-                    speaker: line.from.unwrap_or_default(),
-                    owner_id: line.owner_id.filter(|o| o != crate::model::ZERO_UUID),
-                    message: line.message,
-                    spoken_at: line.spoken_at,
-                    captured_at: polled_at,
-                });
-            }
+            let message = match keep(&line) {
+                Verdict::Drop => return,
+                Verdict::Keep => line.message,
+                Verdict::Redacted(text) => text,
+            };
+            ingest.push(&CapturedLine {
+                speaker: line.from.unwrap_or_default(),
+                owner_id: line.owner_id.filter(|o| o != ZERO_UUID),
+                message,
+                spoken_at: line.spoken_at,
+                captured_at: polled_at,
+            });
         });
         (parsed, ingest.commit().await)
     }
@@ -257,9 +314,14 @@ impl Poller {
         if unstored.n_lines() > 0 {
             let keys = std::mem::take(&mut unstored.keys);
             let mut verdicts = unstored.relayed.iter().copied();
+            let filter = &unstored.live.filter;
             let (_, stored) = self
-                .ingest(&unstored.body, unstored.polled_at, keys, |_| {
-                    verdicts.next().unwrap_or(false)
+                .ingest(&unstored.body, unstored.polled_at, keys, |line| {
+                    if verdicts.next().unwrap_or(false) {
+                        Verdict::redacted(filter, line)
+                    } else {
+                        Verdict::Drop
+                    }
                 })
                 .await;
             match stored {
@@ -319,23 +381,132 @@ impl Poller {
         true
     }
 
-    /// Whether a viewer line is relayed: the filter, then (without the own name) the echo memory.
-    /// Asked once per line: the echo memory forgets what it matched.
-    fn keep(&self, line: &ViewerLine) -> bool {
-        if let Err(reason) = self.deps.filter.check(line, self.own_name.as_deref()) {
+    /// Whether a viewer line is relayed, and with which text, in this order: the filter, (without
+    /// the own name) the echo memory, `filter.ignore_speakers`, the privacy commands, the opt-outs
+    /// (also one the speaker says later in this answer: `opt_outs_ahead`), `filter.ignore_messages`,
+    /// then `filter.redact`. A privacy command is applied at once and returned, to be recorded.
+    /// Asked once per line, with its index in the answer: the echo memory forgets what it matched.
+    fn keep(
+        &self,
+        line: &ViewerLine,
+        index: usize,
+        live: &Live,
+        opt_outs_ahead: &[(usize, OptOut)],
+    ) -> (Verdict, Option<Change>) {
+        if let Err(reason) = live.filter.check(line, self.own_name.as_deref()) {
             if reason == FilterReason::OwnAvatar {
                 self.deps.recently_said.echo_arrived();
             }
             self.deps.stats.filtered(reason);
-            return false;
+            return (Verdict::Drop, None);
         }
         if self.own_name.is_none() && self.deps.recently_said.take_echo(&line.message) {
             self.deps.recently_said.echo_arrived();
             self.deps.stats.filtered(FilterReason::OwnAvatar);
             Stats::add(&self.deps.stats.inworld_echoes_dropped, 1);
-            return false;
+            return (Verdict::Drop, None);
         }
-        true
+        let drop = |reason| {
+            self.deps.stats.filtered(reason);
+            (Verdict::Drop, None)
+        };
+        let speaker = line.from.as_deref().unwrap_or_default();
+        let uuid = line.owner_id.as_deref().filter(|o| *o != ZERO_UUID);
+        if live.filter.ignores_speaker(speaker) {
+            return drop(FilterReason::IgnoredSpeaker);
+        }
+        if let Some(command) = privacy::command(&live.privacy, &line.message) {
+            let change = Change {
+                speaker: speaker.to_owned(),
+                uuid: uuid.map(str::to_owned),
+                command,
+                at: line.spoken_at,
+                watermark: 0,
+            };
+            self.deps.privacy.apply(&change);
+            return (drop(FilterReason::PrivacyCommand).0, Some(change));
+        }
+        let opts_out_later = opt_outs_ahead
+            .iter()
+            .any(|(at, opt_out)| *at > index && opt_out.matches(speaker, uuid));
+        if opts_out_later || self.deps.privacy.is_opted_out(speaker, uuid) {
+            return drop(FilterReason::OptedOut);
+        }
+        if live.filter.ignores_message(&line.message) {
+            return drop(FilterReason::IgnoredMessage);
+        }
+        match Verdict::redacted(&live.filter, line) {
+            Verdict::Drop => drop(FilterReason::Empty),
+            verdict => (verdict, None),
+        }
+    }
+
+    /// The opt-out commands in `body`, with each line's index: a speaker's lines before their
+    /// opt-out in the same answer were waiting when they opted out, and are not stored either. The
+    /// body is read for them only when it may hold one (`privacy::may_contain`); the checks are
+    /// `keep`'s up to the command, except the echo memory, which only `keep` may consume.
+    fn opt_outs_ahead(
+        &self,
+        body: &[u8],
+        polled_at: DateTime<Utc>,
+        live: &Live,
+    ) -> Vec<(usize, OptOut)> {
+        let mut ahead = Vec::new();
+        if !privacy::may_contain(body, &live.privacy.optout_command) {
+            return ahead;
+        }
+        let mut index = 0;
+        // A body that breaks off is `ingest`'s to report; the commands before the break count.
+        let _ = wire::for_each_line(body, polled_at, self.deps.zone, |line| {
+            let at = index;
+            index += 1;
+            let Some(speaker) = line.from.as_deref() else {
+                return;
+            };
+            let is_opt_out = live.filter.check(&line, self.own_name.as_deref()).is_ok()
+                && !live.filter.ignores_speaker(speaker)
+                && privacy::command(&live.privacy, &line.message) == Some(Command::OptOut);
+            if is_opt_out {
+                let uuid = line.owner_id.as_deref().filter(|o| *o != ZERO_UUID);
+                ahead.push((
+                    at,
+                    OptOut {
+                        key: SpeakerKey::of(speaker, uuid),
+                        name: speaker.to_owned(),
+                        since: line.spoken_at,
+                    },
+                ));
+            }
+        });
+        ahead
+    }
+
+    /// Records in the outbox the privacy commands read so far, oldest first, counting the waiting
+    /// lines an opt-out drops, and hands each confirmation to the notice task. What a write error
+    /// leaves is tried again before the next GET.
+    async fn save_changes(&mut self) -> Result<(), OutboxError> {
+        while let Some(change) = self.unsaved_changes.first() {
+            let n_dropped = Privacy::save(&self.deps.outbox, change).await?;
+            for _ in 0..n_dropped {
+                self.deps.stats.filtered(FilterReason::OptedOut);
+            }
+            // The speaker's name stays out of the log: `privacy list` shows who opted out.
+            match change.command {
+                Command::OptOut => tracing::info!(
+                    n_dropped,
+                    "a speaker opted out of recording; their lines waiting in the outbox were dropped"
+                ),
+                Command::OptIn => tracing::info!("a speaker opted in to recording again"),
+            }
+            let live = self.deps.live.borrow().clone();
+            if let Some(text) = self.deps.privacy.confirmation(&live.privacy, change)
+                && let Err(err) = self.deps.confirmations.try_send(text)
+            {
+                tracing::warn!(error = %err, "privacy confirmation not said: the in-world queue is full or closed");
+            }
+            self.unsaved_changes.remove(0);
+        }
+        Ok(())
     }
 
     /// Polls until `token` is cancelled. A GET in flight is always answered and stored first.

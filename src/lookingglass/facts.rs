@@ -35,6 +35,8 @@ pub struct ViewerFacts {
     own_name: Mutex<Option<String>>,
     /// Lower-cased avatar name → UUID, from the last avatar list read.
     avatars: Mutex<HashMap<String, String>>,
+    /// Set once an avatar list was read.
+    avatars_read: std::sync::atomic::AtomicBool,
     /// Set once the first status read has ended, whatever its outcome.
     status_settled: watch::Sender<bool>,
     /// Asks the reader for a fresh avatar list.
@@ -46,6 +48,7 @@ impl Default for ViewerFacts {
         ViewerFacts {
             own_name: Mutex::new(None),
             avatars: Mutex::new(HashMap::new()),
+            avatars_read: std::sync::atomic::AtomicBool::new(false),
             status_settled: watch::Sender::new(false),
             want_avatars: Notify::new(),
         }
@@ -69,6 +72,13 @@ impl ViewerFacts {
     /// The UUID of the avatar `name` (lower-cased) in the last avatar list, if it was in view.
     pub fn avatar_uuid(&self, name: &str) -> Option<String> {
         lock(&self.avatars).get(name).cloned()
+    }
+
+    /// The last avatar list read (lower-cased name → UUID), `None` before the first one.
+    pub fn avatar_list(&self) -> Option<HashMap<String, String>> {
+        self.avatars_read
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| lock(&self.avatars).clone())
     }
 
     /// Asks for a fresh avatar list (a name was missing); does not wait for it.
@@ -262,6 +272,9 @@ impl FactsReader {
                     );
                 }
                 *lock(&self.facts.avatars) = list;
+                self.facts
+                    .avatars_read
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
             Err(ViewerError::Stopping) => {}
             Err(err) => {

@@ -4,7 +4,8 @@
 //! Trees: `pending` (lines not yet confirmed by the CMS, keyed by a big-endian id from
 //! `Database::new_id`, so key order is capture order), `dead` (lines the CMS refused, with the
 //! reason), `quarantine` (records that could not be decoded and viewer bodies that could not be
-//! parsed, kept raw for an operator), `meta` (the cursors, `Cursor`).
+//! parsed, kept raw for an operator), `meta` (the cursors, `Cursor`), `privacy` (the speakers who
+//! opted out, `OptOut`).
 //!
 //! Invariants: `Ingest::commit` (and `append`, built on it) returns only after the lines are flushed
 //! to disk; readers see pending lines only up to the last committed key, so the lines of an ingest
@@ -15,7 +16,8 @@
 //! The files, one concern each: `store` (the database, its ids, reopening it after an I/O error),
 //! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
-//! and the quarantine), `cursor` (the stages' persisted cursors), `reader` (the read-only view `health` gets: it
+//! and the quarantine), `cursor` (the stages' persisted cursors), `privacy` (the opt-outs and the
+//! dropping of their waiting lines), `reader` (the read-only view `health` gets: it
 //! never quarantines or reopens), `tests` (through the facade).
 //! This file holds the types the stages see and the counters the others keep true (the depth, the
 //! dead letters and the quarantine: `reader` reads them instead of the trees). Must not
@@ -25,6 +27,7 @@ mod bounds;
 mod cursor;
 mod dead;
 mod ingest;
+mod privacy;
 mod queue;
 mod reader;
 mod record;
@@ -46,6 +49,7 @@ pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
 pub use dead::{QUARANTINE_BODY_BYTES, Quarantined};
 pub use ingest::Ingest;
+pub use privacy::{OptOut, SpeakerKey};
 pub use reader::OutboxReader;
 
 /// Why the outbox failed.

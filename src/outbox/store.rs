@@ -29,6 +29,8 @@ pub(super) struct Store {
     pub(super) quarantine: sled::Tree,
     /// The cursors (`Cursor`).
     pub(super) meta: sled::Tree,
+    /// The speakers who opted out (`privacy`).
+    pub(super) privacy: sled::Tree,
 }
 
 impl Store {
@@ -47,6 +49,7 @@ impl Store {
             dead: open_tree("dead")?,
             quarantine: open_tree("quarantine")?,
             meta: open_tree("meta")?,
+            privacy: open_tree("privacy")?,
             db,
         })
     }

@@ -13,11 +13,16 @@ pub fn outbox_cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
 
 /// Like `outbox_cli`, with the exit code.
 fn outbox_cli_code(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    admin_cli(env, "outbox", args)
+}
+
+/// Runs `opensim-chat-relay <command> <args>` on the test outbox; (exit code, stdout, stderr).
+pub fn admin_cli(env: &TestEnv, command: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let file = env.dir.path().join("admin.toml");
     let outbox = env.dir.path().join("outbox");
     write_config(&file, &outbox);
     let output = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
-        .args(["outbox", "--config"])
+        .args([command, "--config"])
         .arg(&file)
         .args(args)
         .output()

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -185,7 +186,21 @@ impl TestEnv {
     /// The relay binary (`run`) as a child process, with the settings of `settings` and `overrides`
     /// given as `RELAY__SECTION__KEY` environment variables, and its stderr sent to `stderr`.
     pub fn spawn_relay_process(&self, overrides: &[(&str, &str)], stderr: Stdio) -> Child {
+        self.spawn_relay_process_with_config(None, overrides, stderr)
+    }
+
+    /// Like `spawn_relay_process`, with `--config FILE` when `config` is given (the environment
+    /// still wins over it).
+    pub fn spawn_relay_process_with_config(
+        &self,
+        config: Option<&Path>,
+        overrides: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Child {
         let mut command = self.relay_command(&[], overrides);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
         command.stdout(Stdio::null()).stderr(stderr);
         command.spawn().expect("relay starts")
     }
@@ -412,11 +427,16 @@ pub fn sigterm(mut relay: Child) -> ExitStatus {
 /// Sends SIGTERM to process `pid` (`kill -TERM`, which returns at once), without waiting for it to
 /// exit: for a `tokio::process::Child` whose exit the test awaits itself.
 pub fn send_sigterm(pid: u32) {
+    send_signal(pid, "TERM");
+}
+
+/// Sends the signal `name` (`TERM`, `HUP`) to process `pid`, without waiting for anything.
+pub fn send_signal(pid: u32, name: &str) {
     let sent = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([format!("-{name}"), pid.to_string()])
         .status()
         .expect("kill runs");
-    assert!(sent.success(), "kill -TERM");
+    assert!(sent.success(), "kill -{name}");
 }
 
 /// Reads a relay process's stderr to its end on a thread of its own, into the returned buffer (so

@@ -1,0 +1,379 @@
+//! The opt-outs: who asked not to be recorded (`privacy.optout_command`, `opensim-chat-relay privacy
+//! add`), kept in the `privacy` tree so that they survive restarts, and the dropping of their lines
+//! still pending.
+//!
+//! Owns the tree, its keys (`uuid:<avatar uuid>` or `name:<lower-cased name>`) and its record (JSON,
+//! `v` = 1). Must not decide who opted out (the poller and the `privacy` subcommand do) or touch lines
+//! that are not committed yet (a failed ingest's retry writes them again).
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::outbox::record::decode_pending;
+use crate::outbox::store::Store;
+use crate::outbox::{Outbox, OutboxError, PendingLine};
+
+/// Who an opt-out is remembered by: the avatar's UUID where the viewer gave one (it survives a
+/// change of name), else its name. Both lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SpeakerKey {
+    /// The avatar's UUID (a line's `OwnerID`).
+    Uuid(String),
+    /// The avatar's name.
+    Name(String),
+}
+
+impl SpeakerKey {
+    /// The key of a speaker: by `uuid` when given, else by `name`.
+    pub fn of(name: &str, uuid: Option<&str>) -> SpeakerKey {
+        match uuid {
+            Some(uuid) => SpeakerKey::Uuid(uuid.trim().to_lowercase()),
+            None => SpeakerKey::Name(name.trim().to_lowercase()),
+        }
+    }
+
+    fn encode(&self) -> String {
+        match self {
+            SpeakerKey::Uuid(uuid) => format!("uuid:{uuid}"),
+            SpeakerKey::Name(name) => format!("name:{name}"),
+        }
+    }
+
+    fn decode(key: &[u8]) -> Option<SpeakerKey> {
+        let key = std::str::from_utf8(key).ok()?;
+        if let Some(uuid) = key.strip_prefix("uuid:") {
+            return Some(SpeakerKey::Uuid(uuid.to_owned()));
+        }
+        key.strip_prefix("name:")
+            .map(|name| SpeakerKey::Name(name.to_owned()))
+    }
+}
+
+/// One speaker who opted out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptOut {
+    /// Who.
+    pub key: SpeakerKey,
+    /// The name as it was said or typed, for `privacy list`.
+    pub name: String,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+impl OptOut {
+    /// Whether a line of `speaker` (with the avatar UUID `uuid`, when the viewer gave one) is theirs:
+    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID).
+    pub fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
+        let same_name = || self.name.trim().eq_ignore_ascii_case(speaker.trim());
+        match &self.key {
+            SpeakerKey::Uuid(key) => match uuid {
+                Some(uuid) => key.eq_ignore_ascii_case(uuid.trim()),
+                None => same_name(),
+            },
+            SpeakerKey::Name(key) => *key == speaker.trim().to_lowercase(),
+        }
+    }
+}
+
+/// The stored form of an opt-out.
+#[derive(Serialize, Deserialize)]
+struct OptOutV1 {
+    v: u8,
+    name: String,
+    since_ms: i64,
+}
+
+impl Outbox {
+    /// Every opt-out, in key order. A record that cannot be read is skipped.
+    pub fn opt_outs(&self) -> Result<Vec<OptOut>, OutboxError> {
+        let store = self.store()?;
+        let mut opt_outs = Vec::new();
+        for entry in store.privacy.iter() {
+            let (key, value) = self.db.io(entry)?;
+            let Some(key) = SpeakerKey::decode(&key) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<OptOutV1>(&value) else {
+                continue;
+            };
+            if record.v != 1 {
+                continue;
+            }
+            opt_outs.push(OptOut {
+                key,
+                name: record.name,
+                since: Utc
+                    .timestamp_millis_opt(record.since_ms)
+                    .single()
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(opt_outs)
+    }
+
+    /// The highest pending key that is committed: every line stored so far lies at or below it, and
+    /// every line stored from now on above it.
+    pub fn pending_watermark(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Remembers `opt_out` and drops the committed pending lines of that speaker up to the key
+    /// `up_to` (a `pending_watermark` taken when the command was read: lines stored after it are
+    /// not the ones waiting when the speaker opted out), then flushes. Returns how many lines were
+    /// dropped. The opt-out is written first: sled keeps write order, so a crash may leave it without
+    /// the drop (which the next start makes, `drop_opted_out`), never the drop without it.
+    ///
+    /// A line in flight is dropped too: a POST that ends later cannot bring the record back (`save`
+    /// rewrites only records still pending), and delivery sends no line of a speaker who opted out
+    /// (`withhold_opted_out`).
+    pub async fn opt_out(&self, opt_out: &OptOut, up_to: u64) -> Result<usize, OutboxError> {
+        let store = self.store()?;
+        let record = OptOutV1 {
+            v: 1,
+            name: opt_out.name.clone(),
+            since_ms: opt_out.since.timestamp_millis(),
+        };
+        let value =
+            serde_json::to_vec(&record).expect("serializing strings and integers cannot fail");
+        self.db
+            .io(store.privacy.insert(opt_out.key.encode(), value))?;
+        let n_dropped = self.drop_pending_of(&store, std::slice::from_ref(opt_out), up_to)?;
+        self.db.flush(&store).await?;
+        Ok(n_dropped)
+    }
+
+    /// Forgets every opt-out of the speaker (`OptOut::matches`), and flushes. Returns how many.
+    pub async fn opt_in(&self, speaker: &str, uuid: Option<&str>) -> Result<usize, OutboxError> {
+        let store = self.store()?;
+        let mut n_removed = 0;
+        for opt_out in self.opt_outs()? {
+            if opt_out.matches(speaker, uuid) {
+                self.db.io(store.privacy.remove(opt_out.key.encode()))?;
+                n_removed += 1;
+            }
+        }
+        self.db.flush(&store).await?;
+        Ok(n_removed)
+    }
+
+    /// Drops every committed pending line of a speaker who opted out, and flushes. Returns how many.
+    /// Run at start, it completes an opt-out a crash interrupted, and one `privacy add` made while
+    /// the relay was stopped.
+    pub async fn drop_opted_out(&self) -> Result<usize, OutboxError> {
+        let opt_outs = self.opt_outs()?;
+        if opt_outs.is_empty() {
+            return Ok(0);
+        }
+        let store = self.store()?;
+        let n_dropped = self.drop_pending_of(&store, &opt_outs, u64::MAX)?;
+        self.db.flush(&store).await?;
+        Ok(n_dropped)
+    }
+
+    /// Splits `lines` (read to be sent) into those to send and those of a speaker who opted out
+    /// since they were read, which are dropped from the outbox (and flushed) if still there. Returns
+    /// the lines to send and how many were dropped now. For a line in flight when its speaker opted
+    /// out, whose POST's outcome is unknown: a read-back that does not find it must not send it again.
+    pub async fn withhold_opted_out(
+        &self,
+        lines: Vec<PendingLine>,
+    ) -> Result<(Vec<PendingLine>, usize), OutboxError> {
+        let opt_outs = self.opt_outs()?;
+        if opt_outs.is_empty() {
+            return Ok((lines, 0));
+        }
+        let store = self.store()?;
+        let (mut kept, mut n_dropped) = (Vec::with_capacity(lines.len()), 0);
+        for pending in lines {
+            let line = &pending.line;
+            if !opt_outs
+                .iter()
+                .any(|o| o.matches(&line.speaker, line.owner_id.as_deref()))
+            {
+                kept.push(pending);
+            } else if self.remove_pending(&store, &pending.id.to_be_bytes())? {
+                n_dropped += 1;
+            }
+        }
+        if n_dropped > 0 {
+            self.db.flush(&store).await?;
+        }
+        Ok((kept, n_dropped))
+    }
+
+    /// Removes the committed pending lines, with keys up to `up_to`, that one of `opt_outs` matches.
+    /// A record that cannot be decoded is left for delivery to quarantine.
+    fn drop_pending_of(
+        &self,
+        store: &Store,
+        opt_outs: &[OptOut],
+        up_to: u64,
+    ) -> Result<usize, OutboxError> {
+        let mut theirs = Vec::new();
+        for entry in self.committed_pending(store) {
+            let (key, value) = self.db.io(entry)?;
+            let Some(pending) = decode_pending(&key, &value) else {
+                continue;
+            };
+            if pending.id > up_to {
+                break;
+            }
+            let line = &pending.line;
+            if opt_outs
+                .iter()
+                .any(|o| o.matches(&line.speaker, line.owner_id.as_deref()))
+            {
+                theirs.push(key);
+            }
+        }
+        let mut n_dropped = 0;
+        for key in theirs {
+            if self.remove_pending(store, &key)? {
+                n_dropped += 1;
+            }
+        }
+        Ok(n_dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CapturedLine;
+
+    fn line(speaker: &str, uuid: Option<&str>, text: &str) -> CapturedLine {
+        let now = Utc
+            .timestamp_millis_opt(Utc::now().timestamp_millis())
+            .single()
+            .expect("now");
+        CapturedLine {
+            speaker: speaker.into(),
+            owner_id: uuid.map(str::to_owned),
+            message: text.into(),
+            spoken_at: now,
+            captured_at: now,
+        }
+    }
+
+    const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+
+    fn alice_opts_out() -> OptOut {
+        OptOut {
+            key: SpeakerKey::of("Alice Resident", Some(ALICE)),
+            name: "Alice Resident".into(),
+            since: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn an_opt_out_by_uuid_matches_that_avatar_and_its_name_without_a_uuid() {
+        let by_uuid = alice_opts_out();
+        assert!(by_uuid.matches("Someone Renamed", Some(&ALICE.to_uppercase())));
+        assert!(by_uuid.matches("alice resident", None));
+        assert!(!by_uuid.matches(
+            "Alice Resident",
+            Some("bbbbbbbb-0000-4000-8000-000000000002")
+        ));
+        let by_name = OptOut {
+            key: SpeakerKey::of(" Alice Resident ", None),
+            ..alice_opts_out()
+        };
+        assert!(by_name.matches("ALICE RESIDENT", Some(ALICE)));
+        assert!(!by_name.matches("Bob Builder", None));
+    }
+
+    #[tokio::test]
+    async fn opting_out_drops_the_speakers_waiting_lines_up_to_the_watermark_and_survives_a_reopen()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[
+                line("Alice Resident", Some(ALICE), "before"),
+                line("Bob Builder", None, "bob's"),
+                line("alice resident", None, "before, no uuid"),
+            ])
+            .await
+            .expect("append");
+        let watermark = outbox.pending_watermark();
+        outbox
+            .append(&[line("Alice Resident", Some(ALICE), "after the command")])
+            .await
+            .expect("append");
+
+        let n_dropped = outbox
+            .opt_out(&alice_opts_out(), watermark)
+            .await
+            .expect("opt out");
+
+        assert_eq!(n_dropped, 2);
+        let texts: Vec<String> = outbox
+            .oldest(10)
+            .expect("read")
+            .into_iter()
+            .map(|p| p.line.message)
+            .collect();
+        assert_eq!(texts, ["bob's", "after the command"]);
+        assert_eq!(outbox.len(), 2);
+        drop(outbox);
+
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("reopen");
+        assert_eq!(
+            outbox.opt_outs().expect("read").len(),
+            1,
+            "remembered on disk"
+        );
+        assert_eq!(
+            outbox.drop_opted_out().await.expect("drop"),
+            1,
+            "the rest at start"
+        );
+        assert_eq!(
+            outbox
+                .opt_in("Alice Resident", Some(ALICE))
+                .await
+                .expect("opt in"),
+            1
+        );
+        assert!(outbox.opt_outs().expect("read").is_empty());
+    }
+
+    #[tokio::test]
+    async fn delivery_is_not_handed_a_line_whose_speaker_opted_out_after_it_was_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[line("Bob Builder", None, "delivered already")])
+            .await
+            .expect("append");
+        let delivered = outbox.oldest(1).expect("read");
+        outbox.remove(&[delivered[0].id]).await.expect("confirmed");
+        let watermark = outbox.pending_watermark();
+        outbox
+            .append(&[
+                line("Alice Resident", Some(ALICE), "read before the opt-out"),
+                line("Bob Builder", None, "bob's"),
+            ])
+            .await
+            .expect("append");
+        let read = outbox.oldest(10).expect("read");
+        let (unchanged, n_dropped) = outbox
+            .withhold_opted_out(read.clone())
+            .await
+            .expect("withhold");
+        assert_eq!((unchanged.len(), n_dropped), (2, 0), "nobody opted out");
+
+        // The opt-out is stored, but its drop stopped short of the line (a watermark from before it
+        // was stored: as after a crash between the two writes).
+        outbox
+            .opt_out(&alice_opts_out(), watermark)
+            .await
+            .expect("opt out");
+        let (to_send, n_dropped) = outbox.withhold_opted_out(read).await.expect("withhold");
+
+        assert_eq!(n_dropped, 1);
+        assert_eq!(to_send.len(), 1);
+        assert_eq!(to_send[0].line.message, "bob's");
+        assert_eq!(outbox.len(), 1, "the line left the outbox");
+    }
+}
