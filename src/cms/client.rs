@@ -1,4 +1,6 @@
 //! `CmsClient`: login, token upkeep, chat POST and GET, and the avatar lookup.
+//! Longer than 600 lines on purpose: one concern, the secrets and the token's rules, which must stay
+//! in one place so that nothing else holds the password (`scrub`, redirects and TLS included).
 //!
 //! Owns the token and the rules around it (query string only, bound to our address, 30-minute sliding
 //! expiry, log in again on a refusal). The token and the password never leave this module: URLs are
