@@ -33,13 +33,28 @@ pub(super) struct Store {
     pub(super) privacy: sled::Tree,
 }
 
+/// How long an open waits for a file lock that this process may still hold. sled's flusher thread
+/// keeps a dropped database's lock until it next wakes (every 500 ms by default), so an outbox
+/// dropped and opened again in one process (the reopen after an I/O error, `outbox` tests) can find
+/// it held for a moment; another process holding it is reported once this has passed.
+const OWN_LOCK_WAIT: Duration = Duration::from_secs(2);
+
 impl Store {
     pub(super) fn open(path: &Path, cache_bytes: u64) -> Result<Store, OutboxError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|source| open_error(path, source))?;
+        let started = Instant::now();
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                .open()
+                .map_err(|source| open_error(path, source))
+            {
+                Err(OutboxError::Locked { .. }) if started.elapsed() < OWN_LOCK_WAIT => {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                opened => break opened?,
+            }
+        };
         let open_tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|source| open_error(path, source))
