@@ -162,26 +162,16 @@ impl Inworld {
                     _ = token.cancelled() => return Ok(outcome),
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
                 }
-                self.deps.recently_said.remember(&part);
-                // Only channel 0 is echoed back to the speaker (spec §2.8).
-                let echoed = self.deps.settings.channel == 0;
-                if echoed {
-                    self.deps.recently_said.await_echo();
-                }
-                let said = self
-                    .deps
-                    .viewer
-                    .say(
-                        &part,
-                        self.deps.settings.channel,
-                        self.deps.settings.say_type.as_str(),
-                        token,
-                    )
-                    .await;
+                let said = say_part(
+                    &self.deps.viewer,
+                    &self.deps.recently_said,
+                    &part,
+                    self.deps.settings.channel,
+                    self.deps.settings.say_type.as_str(),
+                    token,
+                )
+                .await;
                 if let Err(err) = said {
-                    if echoed {
-                        self.deps.recently_said.forget_last_awaited();
-                    }
                     return match err {
                         // Not sent: the relay is stopping.
                         ViewerError::Stopping => Ok(outcome),
@@ -267,6 +257,29 @@ impl Inworld {
             ],
         )
     }
+}
+
+/// Says one `part` through the viewer on `channel`, recording it in the echo memory first (and, on
+/// channel 0, awaiting its echo: only channel 0 is echoed back to the speaker, spec §2.8), so that
+/// the poller drops it when the viewer hands it back. A part that was not said is not awaited.
+pub async fn say_part(
+    viewer: &LookingGlassClient,
+    recently_said: &RecentlySaid,
+    part: &str,
+    channel: i32,
+    say_type: &str,
+    stop: &CancellationToken,
+) -> Result<(), ViewerError> {
+    recently_said.remember(part);
+    let echoed = channel == 0;
+    if echoed {
+        recently_said.await_echo();
+    }
+    let said = viewer.say(part, channel, say_type, stop).await;
+    if said.is_err() && echoed {
+        recently_said.forget_last_awaited();
+    }
+    said
 }
 
 /// Splits `text` into parts of at most 1000 characters and 1023 UTF-8 bytes, at the last white space

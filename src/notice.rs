@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SayType;
 use crate::echo::RecentlySaid;
-use crate::inworld::split_message;
+use crate::inworld::{say_part, split_message};
 use crate::lookingglass::{LookingGlassClient, ViewerError, ViewerFacts};
 use crate::privacy::{self, Privacy};
 use crate::reload::Live;
@@ -212,17 +212,15 @@ impl Notice {
     /// its POST.
     async fn say(&self, text: &str) -> Result<(), ViewerError> {
         for part in split_message(text) {
-            self.deps.recently_said.remember(&part);
-            self.deps.recently_said.await_echo();
-            let said = self
-                .deps
-                .viewer
-                .say(&part, 0, self.deps.say_type.as_str(), &self.stop)
-                .await;
-            if let Err(err) = said {
-                self.deps.recently_said.forget_last_awaited();
-                return Err(err);
-            }
+            say_part(
+                &self.deps.viewer,
+                &self.deps.recently_said,
+                &part,
+                0,
+                self.deps.say_type.as_str(),
+                &self.stop,
+            )
+            .await?;
             tokio::time::sleep(SAY_PACE).await;
         }
         Ok(())
