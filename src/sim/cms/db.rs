@@ -95,6 +95,9 @@ pub(super) struct State {
     /// Pending faults: how many more chat POSTs get each one.
     pub(super) faults: VecDeque<(usize, Fault)>,
     pub(super) offline: bool,
+    /// PHP's `memory_limit` as a number of rows: a chat GET that would return more fails with
+    /// PHP's fatal error page (`CmsHandle::set_memory_limit_rows`). `None`: no limit.
+    pub(super) memory_limit_rows: Option<usize>,
     pub(super) n_logins: u64,
     pub(super) n_chat_posts: u64,
     /// The newest `routes::MAX_RECORDED_REQUESTS` requests, oldest first.
@@ -122,6 +125,7 @@ impl Shared {
             tokens: Vec::new(),
             faults: VecDeque::new(),
             offline: false,
+            memory_limit_rows: None,
             n_logins: 0,
             n_chat_posts: 0,
             requests: VecDeque::new(),

@@ -360,6 +360,14 @@ impl CmsHandle {
         self.shared.lock().offline = offline;
     }
 
+    /// PHP's `memory_limit` counted in rows: a chat GET that would return more than `rows` rows
+    /// answers PHP's fatal error page instead (HTTP 200, HTML: "Allowed memory size of 134217728
+    /// bytes exhausted"), as a live OpenSim-CMS with 128M does beyond about 50 000 rows (spec
+    /// §10.1). `None` (the default) is no limit.
+    pub fn set_memory_limit_rows(&self, rows: Option<usize>) {
+        self.shared.lock().memory_limit_rows = rows;
+    }
+
     /// Every token expires now, as after 30 idle minutes.
     pub fn expire_tokens(&self) {
         // Expired tokens are deleted at the start of the next request anyway, so deleting them
