@@ -7,7 +7,7 @@ use chrono::Utc;
 
 use crate::cli::OutboxAction;
 use crate::config::Settings;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, PendingLine};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
@@ -42,6 +42,9 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                     "{:>20}  {}  {}: {}{state}",
                     line.id, line.line.captured_at, line.line.speaker, line.line.message
                 );
+                if line.attempts > 0 {
+                    println!("{:>20}  {}", "", tries(&line));
+                }
             }
         }
         OutboxAction::Dead => {
@@ -52,6 +55,7 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                     dead.pending.id, line.captured_at, line.speaker, line.message
                 );
                 println!("{:>20}  dead since {}: {}", "", dead.dead_at, dead.reason);
+                println!("{:>20}  {}", "", tries(&dead.pending));
             }
         }
         OutboxAction::Requeue { ids, all } => {
@@ -76,6 +80,15 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
     }
     outbox.flush().await?;
     Ok(())
+}
+
+/// "N attempts, M failures" and the last failure's error: what delivery tried with a line.
+fn tries(line: &PendingLine) -> String {
+    let mut text = format!("{} attempts, {} failures", line.attempts, line.failures);
+    if let Some(error) = &line.last_error {
+        text.push_str(&format!(" (last: {error})"));
+    }
+    text
 }
 
 fn age(at: chrono::DateTime<Utc>) -> std::time::Duration {

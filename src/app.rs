@@ -108,6 +108,7 @@ impl Relay {
                 max: settings.retry.max,
             },
             stats: stats.clone(),
+            max_line_failures: settings.retry.max_line_failures,
         });
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(

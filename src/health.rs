@@ -10,7 +10,9 @@
 //!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
-//! - **cms**: the last login, or the last request with its token, was accepted.
+//! - **cms**: the last login, or the last request with its token, was accepted;
+//! - **delivery**: no line waits for a retry after the CMS failed it while answering other requests
+//!   (a read-back it cannot answer, a line it keeps failing).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -88,12 +90,14 @@ pub struct ReadinessReport {
     pub viewer: Check,
     /// The CMS accepts the account.
     pub cms: Check,
+    /// No line is held back after failures of its own.
+    pub delivery: Check,
 }
 
 impl ReadinessReport {
     /// Whether every condition holds.
     pub fn is_ready(&self) -> bool {
-        self.outbox.ok && self.viewer.ok && self.cms.ok
+        self.outbox.ok && self.viewer.ok && self.cms.ok && self.delivery.ok
     }
 
     fn to_json(&self) -> Value {
@@ -102,6 +106,7 @@ impl ReadinessReport {
             "outbox": check(&self.outbox),
             "viewer": check(&self.viewer),
             "cms": check(&self.cms),
+            "delivery": check(&self.delivery),
         })
     }
 }
@@ -147,14 +152,16 @@ impl HealthState {
             }
         };
         let cms = match self.cms.login_state() {
-            LoginState::Valid => ok,
+            LoginState::Valid => ok.clone(),
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
         };
+        let delivery = readiness.delivery_held_reason().map_or(ok, failed);
         ReadinessReport {
             outbox,
             viewer,
             cms,
+            delivery,
         }
     }
 

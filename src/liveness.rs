@@ -1,5 +1,5 @@
 //! The signals that decide whether the relay is ready and alive: `Readiness` (what the stages last
-//! saw of the viewer and the outbox, read by `/readyz`) and each loop's `Heartbeat` (read by the
+//! saw of the viewer and the outbox, and the lines delivery holds back, read by `/readyz`) and each loop's `Heartbeat` (read by the
 //! systemd watchdog, through `notify`, to decide a restart).
 //!
 //! The stages write these through `Stats` (`stats.readiness`, `stats.poller_heartbeat`,
@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// What the stages last saw of the viewer and the outbox (the CMS login state is kept by the CMS
-/// client itself). Each mutex is held for one assignment.
+/// What the stages last saw of the viewer and the outbox, and why delivery holds lines back (the
+/// CMS login state is kept by the CMS client itself). Each mutex is held for one assignment.
 #[derive(Debug, Default)]
 pub struct Readiness {
     viewer: Mutex<ViewerState>,
     outbox_error: Mutex<Option<String>>,
+    delivery_held: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -58,6 +59,16 @@ impl Readiness {
     /// The error of the last outbox write, if it failed.
     pub fn outbox_error(&self) -> Option<String> {
         lock(&self.outbox_error).clone()
+    }
+
+    /// Delivery holds lines back after failures of their own (why), or holds none (`None`).
+    pub fn delivery_held(&self, reason: Option<String>) {
+        *lock(&self.delivery_held) = reason;
+    }
+
+    /// Why delivery holds lines back, if it does.
+    pub fn delivery_held_reason(&self) -> Option<String> {
+        lock(&self.delivery_held).clone()
     }
 }
 

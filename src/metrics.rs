@@ -39,6 +39,10 @@ pub struct Stats {
     pub lines_reconciled: AtomicU64,
     /// Lines moved to the dead letters.
     pub lines_dead_lettered: AtomicU64,
+    /// Of those, lines whose outcome no read-back could settle (the CMS could not answer it).
+    pub lines_unresolved: AtomicU64,
+    /// Lines that wait for their own retry after the CMS failed them (a gauge, set by delivery).
+    pub lines_held_back: AtomicU64,
     /// Failed delivery attempts.
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
@@ -275,6 +279,8 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(get(&stats.lines_reconciled))),
         ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(get(&stats.delivery_retries))),
         ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
+        ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(get(&stats.lines_unresolved))),
+        ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(get(&stats.lines_held_back) as f64)),
         ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
         ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),
         ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(gauges.cms_logins)),

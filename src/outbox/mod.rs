@@ -95,12 +95,22 @@ pub struct PendingLine {
     pub id: u64,
     /// The line.
     pub line: CapturedLine,
-    /// Failed delivery attempts so far.
+    /// Delivery attempts so far: each POST that carried the line and each read-back that looked
+    /// for it, counted before it is made (so an attempt a crash cut short counts too).
     pub attempts: u32,
     /// The row as it will be sent, once decided.
     pub prepared: Option<Prepared>,
     /// A POST carrying this line was sent and its outcome is not known: read back before resending.
     pub in_flight: bool,
+    /// The attempts that failed while the CMS answered other requests: an error page, HTTP 500 or
+    /// `success: false` for its POST, or a read-back it could not answer. Delivery moves the line
+    /// to the dead letters when they reach `retry.max_line_failures`; an outage does not count.
+    pub failures: u32,
+    /// The error of the last of those failures, for the dead-letter reason.
+    pub last_error: Option<String>,
+    /// Delivery's last confirmed CMS id when the line's last POST went out: its row, if stored,
+    /// is above it, whatever delivery confirmed since.
+    pub sent_after: Option<i64>,
 }
 
 /// A line the CMS refused.

@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::helpers::{GHOST, PATIENCE, TestEnv, eventually};
 
 /// Runs `opensim-chat-relay outbox <args>` on the test outbox; (success, stdout, stderr).
-fn outbox_cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+pub fn outbox_cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
     let (code, stdout, stderr) = outbox_cli_code(env, args);
     (code == Some(0), stdout, stderr)
 }

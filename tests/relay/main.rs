@@ -17,3 +17,4 @@ mod outage;
 mod quirks;
 mod restart;
 mod shutdown;
+mod unresolved;

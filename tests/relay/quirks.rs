@@ -585,10 +585,10 @@ fn cms_user(env: &TestEnv) -> i64 {
 /// The relay's log lines, captured on this thread (a `#[tokio::test]` runs the relay's tasks on the
 /// test's own thread).
 #[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
 
 impl Logs {
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -603,7 +603,7 @@ impl Logs {
         String::from_utf8_lossy(&self.0.lock().expect("log lock")).into_owned()
     }
 
-    fn lines_with(&self, needle: &str) -> Vec<String> {
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
         self.text()
             .lines()
             .filter(|line| line.contains(needle))

@@ -98,6 +98,8 @@ pub(super) struct State {
     /// PHP's `memory_limit` as a number of rows: a chat GET that would return more fails with
     /// PHP's fatal error page (`CmsHandle::set_memory_limit_rows`). `None`: no limit.
     pub(super) memory_limit_rows: Option<usize>,
+    /// Chat POSTs whose body carries this text fail (`CmsHandle::fail_posts_carrying`).
+    pub(super) poison: Option<String>,
     pub(super) n_logins: u64,
     pub(super) n_chat_posts: u64,
     /// The newest `routes::MAX_RECORDED_REQUESTS` requests, oldest first.
@@ -126,6 +128,7 @@ impl Shared {
             faults: VecDeque::new(),
             offline: false,
             memory_limit_rows: None,
+            poison: None,
             n_logins: 0,
             n_chat_posts: 0,
             requests: VecDeque::new(),

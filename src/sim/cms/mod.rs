@@ -368,6 +368,13 @@ impl CmsHandle {
         self.shared.lock().memory_limit_rows = rows;
     }
 
+    /// While set, every chat POST whose body carries `text` answers HTTP 500 with Apache's error
+    /// page and stores nothing: a line this CMS cannot take however often it is sent, while it
+    /// takes every other. `None` lifts it.
+    pub fn fail_posts_carrying(&self, text: Option<&str>) {
+        self.shared.lock().poison = text.map(str::to_owned);
+    }
+
     /// Every token expires now, as after 30 idle minutes.
     pub fn expire_tokens(&self) {
         // Expired tokens are deleted at the start of the next request anyway, so deleting them
