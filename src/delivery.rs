@@ -428,10 +428,12 @@ impl Delivery {
         };
         Stats::add(&self.deps.stats.batches_delivered, 1);
         let n = batch.len() as i64;
-        if last_id > 0 && before > 0 && last_id <= before {
-            // Every insert takes a new id above the last: an id at or below ours means the CMS
-            // database went back (restored from a backup). The rows above it that a read-back
-            // would ignore are gone with it, so it reads from the start of its window again.
+        if last_id > 0 && before > 0 && last_id - before < n {
+            // Each of the `n` inserts took a new id above every earlier one, ours included: a last
+            // id less than `n` above ours means the CMS database went back (restored from a
+            // backup), and rows of this batch may lie at or below the cursor, where a read-back
+            // would not look. The rows the cursor stood for are gone with the restore, so it
+            // starts again from 0 and is raised by this batch.
             tracing::warn!(
                 last_confirmed_id = before,
                 cms_last_id = last_id,

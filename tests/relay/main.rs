@@ -15,6 +15,7 @@ mod inworld;
 mod notify;
 mod outage;
 mod quirks;
+mod readback;
 mod restart;
 mod shutdown;
 mod unresolved;

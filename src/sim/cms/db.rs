@@ -285,6 +285,13 @@ impl State {
         Ok(id)
     }
 
+    /// The `chats` table as a backup taken when its last id was `last_id` restores it: later rows
+    /// are gone and the auto-increment counter is back at `last_id + 1` (a dump records it).
+    pub(super) fn restore_chats(&mut self, last_id: i64) {
+        self.chats.retain(|row| row.id <= last_id);
+        self.next_chat_id = last_id.max(0) + 1;
+    }
+
     /// A failed insert consumes an auto-increment value (InnoDB allocates it before the row is
     /// rejected), which leaves a gap in the ids (spec §10).
     fn failed_insert(&mut self, explicit_id: Option<i64>) -> InsertError {

@@ -355,6 +355,12 @@ impl CmsHandle {
         }
     }
 
+    /// Restores the chat table from a backup taken when its last id was `last_id`: the later rows
+    /// are gone and new rows get the ids they had (a restored database's ids go backwards).
+    pub fn restore_chats(&self, last_id: i64) {
+        self.shared.lock().restore_chats(last_id);
+    }
+
     /// While offline, every request on every connection is answered by closing the connection.
     pub fn set_offline(&self, offline: bool) {
         self.shared.lock().offline = offline;
