@@ -61,6 +61,7 @@ impl Relay {
                 max_bytes: settings.outbox.max_bytes,
                 max_age: settings.outbox.max_age,
                 when_full: settings.outbox.when_full,
+                reserve_bytes: settings.outbox.reserve_bytes,
             }),
         );
         let stats = Arc::new(Stats::default());

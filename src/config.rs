@@ -229,6 +229,8 @@ pub struct OutboxSettings {
     pub max_age: Duration,
     /// What happens at `max_bytes`.
     pub when_full: crate::outbox::WhenFull,
+    /// Disk space the outbox keeps in reserve, given back when its disk is full (0 = none).
+    pub reserve_bytes: u64,
 }
 
 /// `[retry]`

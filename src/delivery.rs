@@ -178,6 +178,9 @@ impl Delivery {
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
         self.deps.outbox.drop_expired().await?;
+        // After a full disk, the room delivery freed by removing lines goes back to the reserve
+        // first, and then to new lines.
+        self.deps.outbox.restore_reserve();
         self.forget_gone_holds()?;
         let lines = self.due_lines()?;
         if lines.is_empty() {
@@ -550,7 +553,8 @@ impl Delivery {
         uncertain: Vec<PendingLine>,
         tally: &mut Tally,
     ) -> Result<Vec<PendingLine>, DeliveryError> {
-        // The read-back is an attempt of each line, counted before it is made.
+        // The read-back is an attempt of each line, stored with the write that follows an answer
+        // (an outage adds no write: a disk the outbox filled has little room to spare).
         let uncertain: Vec<PendingLine> = uncertain
             .into_iter()
             .map(|l| PendingLine {
@@ -558,7 +562,6 @@ impl Delivery {
                 ..l
             })
             .collect();
-        self.deps.outbox.save(&uncertain).await?;
         let since = uncertain
             .iter()
             .map(|l| l.line.spoken_at.timestamp())

@@ -130,6 +130,10 @@ impl HealthState {
         let readiness = &self.stats.readiness;
         let outbox = match readiness.outbox_error() {
             Some(error) => failed(format!("the last outbox write failed: {error}")),
+            None if self.outbox.is_disk_full() => failed(
+                "the outbox's disk is full: viewer polling is paused (the viewer keeps the lines) while delivery removes confirmed lines in the room of its reserve (outbox.reserve_bytes), and after that while the outbox holds a third of what filled the disk"
+                    .to_owned(),
+            ),
             None if self.outbox.is_full_and_paused() => failed(format!(
                 "the outbox is full ({} bytes, outbox.max_bytes): viewer polling is paused until delivery makes room",
                 self.outbox.bytes()
@@ -178,6 +182,7 @@ impl HealthState {
         Gauges {
             outbox_lines: self.outbox.len() as u64,
             outbox_bytes: self.outbox.bytes(),
+            outbox_disk_bytes: self.outbox.disk_bytes(),
             outbox_dropped: self.outbox.n_dropped(),
             oldest_age_seconds,
             dead_letters: self.outbox.dead_len() as u64,

@@ -223,6 +223,8 @@ pub struct Gauges {
     pub outbox_lines: u64,
     /// Bytes of those lines.
     pub outbox_bytes: u64,
+    /// The outbox's space on disk (its database and its reserve).
+    pub outbox_disk_bytes: u64,
     /// Lines the outbox dropped for `outbox.max_bytes` or `outbox.max_age` since start.
     pub outbox_dropped: u64,
     /// Age of the oldest waiting line, 0 when none waits.
@@ -289,6 +291,7 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(get(&stats.inworld_echoes_dropped))),
         ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(gauges.outbox_lines as f64)),
         ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(gauges.outbox_bytes as f64)),
+        ("opensim_chat_relay_outbox_disk_bytes", "Disk space of the outbox's directory (its database, which never shrinks, and its reserve): up to 4 x outbox.max_bytes + 12 MiB + outbox.reserve_bytes.", Gauge(gauges.outbox_disk_bytes as f64)),
         ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
         ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
         ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),

@@ -16,7 +16,8 @@
 //! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
 //! and the quarantine), `cursor` (the stages' persisted cursors), `reader` (the read-only view `health` gets: it
-//! never quarantines or reopens), `tests` (through the facade).
+//! never quarantines or reopens), `reserve` (disk space given back when the disk is full, so that
+//! delivery can still remove lines), `tests` (through the facade).
 //! This file holds the types the stages see and the depth counters the others keep true. Must not
 //! do anything but storage.
 
@@ -27,6 +28,7 @@ mod ingest;
 mod queue;
 mod reader;
 mod record;
+mod reserve;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -95,8 +97,8 @@ pub struct PendingLine {
     pub id: u64,
     /// The line.
     pub line: CapturedLine,
-    /// Delivery attempts so far: each POST that carried the line and each read-back that looked
-    /// for it, counted before it is made (so an attempt a crash cut short counts too).
+    /// Delivery attempts so far: each POST that carried the line (counted before it is sent, so a
+    /// POST a crash cut short counts too) and each read-back the CMS answered.
     pub attempts: u32,
     /// The row as it will be sent, once decided.
     pub prepared: Option<Prepared>,
@@ -156,6 +158,7 @@ impl Outbox {
                 max_bytes: u64::MAX,
                 max_age: Duration::MAX,
                 when_full: WhenFull::DropOldest,
+                reserve_bytes: 0,
             },
             appended: Notify::new(),
         })

@@ -125,6 +125,7 @@ impl Outbox {
         };
         self.n_pending.fetch_sub(1, Ordering::Relaxed);
         self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        self.db.reserve().freed(old.len() as u64);
         Ok(true)
     }
 }

@@ -40,11 +40,18 @@ fn start_relay_process(env: &TestEnv, capture_log: bool) -> (Child, Arc<Mutex<St
         ],
         Stdio::piped(),
     );
+    if !capture_log {
+        drop(child.stderr.take());
+        return (child, Arc::new(Mutex::new(String::new())));
+    }
+    let log = collect_log(&mut child);
+    (child, log)
+}
+
+/// The child's stderr as it arrives, collected by a thread.
+pub fn collect_log(child: &mut Child) -> Arc<Mutex<String>> {
     let mut stderr = child.stderr.take().expect("stderr");
     let log = Arc::new(Mutex::new(String::new()));
-    if !capture_log {
-        return (child, log);
-    }
     let sink = log.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 8192];
@@ -57,7 +64,7 @@ fn start_relay_process(env: &TestEnv, capture_log: bool) -> (Child, Arc<Mutex<St
                 .push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     });
-    (child, log)
+    log
 }
 
 /// Sets the soft file size limit of `pid` ("0" or "unlimited"), leaving the hard limit alone.
@@ -70,7 +77,7 @@ fn set_file_size_limit(pid: u32, soft: &str) {
 }
 
 /// The health endpoint's port, from the relay's start-up log line.
-async fn health_port(log: &Mutex<String>) -> u16 {
+pub async fn health_port(log: &Mutex<String>) -> u16 {
     let mut port = None;
     eventually(PATIENCE, "the health endpoint listens", || {
         port = log.lock().expect("log").lines().find_map(|line| {
@@ -87,7 +94,7 @@ async fn health_port(log: &Mutex<String>) -> u16 {
     port.expect("a port")
 }
 
-async fn readyz(port: u16) -> Option<Value> {
+pub async fn readyz(port: u16) -> Option<Value> {
     let response = reqwest::Client::builder()
         .no_proxy()
         .build()

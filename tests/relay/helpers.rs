@@ -181,9 +181,16 @@ impl TestEnv {
     /// The relay binary (`run`) as a child process, with the settings of `settings` and `overrides`
     /// given as `RELAY__SECTION__KEY` environment variables, and its stderr sent to `stderr`.
     pub fn spawn_relay_process(&self, overrides: &[(&str, &str)], stderr: Stdio) -> Child {
+        let mut command = self.relay_command(overrides);
+        command.stderr(stderr);
+        command.spawn().expect("relay starts")
+    }
+
+    /// The command `spawn_relay_process` runs (stdout to null), for a test that wraps it.
+    pub fn relay_command(&self, overrides: &[(&str, &str)]) -> Command {
         let base = self.base_overrides();
         let mut command = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"));
-        command.arg("run").stdout(Stdio::null()).stderr(stderr);
+        command.arg("run").stdout(Stdio::null());
         command.env_remove("RELAY_CONFIG");
         for (key, value) in base
             .iter()
@@ -195,7 +202,7 @@ impl TestEnv {
                 value,
             );
         }
-        command.spawn().expect("relay starts")
+        command
     }
 
     pub async fn start_relay(&self, toml: &str, overrides: &[(&str, &str)]) -> RunningRelay {

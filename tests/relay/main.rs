@@ -14,6 +14,7 @@ mod ingest;
 mod inworld;
 mod notify;
 mod outage;
+mod own_disk;
 mod quirks;
 mod readback;
 mod restart;
