@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::metrics::Stats;
+use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::Fault;
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 use serde_json::Value;
@@ -17,29 +18,31 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually, send_sigterm};
 
 /// A relay with its health endpoint, started in this process.
-struct Observed {
+pub struct Observed {
     addr: SocketAddr,
-    stats: Arc<Stats>,
+    pub stats: Arc<Stats>,
+    pub outbox: Arc<Outbox>,
     token: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Observed {
-    async fn start(env: &TestEnv, toml: &str, overrides: &[(&str, &str)]) -> Observed {
+    pub async fn start(env: &TestEnv, toml: &str, overrides: &[(&str, &str)]) -> Observed {
         let relay = Relay::build(&env.settings(toml, overrides)).expect("relay builds");
         let addr = relay.health_addr().expect("the endpoint is on");
-        let stats = relay.stats();
+        let (stats, outbox) = (relay.stats(), relay.outbox());
         let token = CancellationToken::new();
         let task = tokio::spawn(relay.run_until_stopped(token.clone()));
         Observed {
             addr,
             stats,
+            outbox,
             token,
             task,
         }
     }
 
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub async fn get(&self, path: &str) -> (u16, String) {
         let response = reqwest::Client::builder()
             .no_proxy()
             .build()
@@ -52,12 +55,12 @@ impl Observed {
         (status, response.text().await.expect("body"))
     }
 
-    async fn get_json(&self, path: &str) -> (u16, Value) {
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let (status, body) = self.get(path).await;
         (status, serde_json::from_str(&body).expect("a JSON body"))
     }
 
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.token.cancel();
         self.task
             .await

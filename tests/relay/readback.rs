@@ -6,16 +6,27 @@ use opensim_chat_relay::model::CapturedLine;
 use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::Fault;
 
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{PATIENCE, RunningRelay, TestEnv, eventually};
 use crate::quirks::Logs;
 
 const ALICE: &str = "Alice Resident";
 
-async fn stored(env: &TestEnv, n: usize) {
-    eventually(PATIENCE, &format!("{n} rows stored"), || async {
-        env.stored().len() >= n
-    })
+/// Waits until the CMS holds `n` rows and the outbox is empty.
+async fn settled(env: &TestEnv, relay: &RunningRelay, n: usize) {
+    eventually(
+        PATIENCE,
+        &format!("{n} rows stored, the outbox empty"),
+        || async { env.stored().len() >= n && relay.outbox.is_empty() },
+    )
     .await;
+}
+
+/// Then one more line through the same steps, so that a wrong resend would have arrived before
+/// it, and stops the relay.
+async fn marker_then_stop(env: &TestEnv, relay: RunningRelay, n_before: usize) {
+    env.lg.say(ALICE, "marker");
+    settled(env, &relay, n_before + 1).await;
+    relay.stop().await;
 }
 
 #[tokio::test]
@@ -27,15 +38,8 @@ async fn a_nul_in_a_line_is_sent_as_the_cms_stores_it_so_its_read_back_finds_it(
     env.lg.say(ALICE, "nul\u{0}inside");
     let relay = env.start_relay("", &[]).await;
 
-    stored(&env, 1).await;
-    eventually(PATIENCE, "the outbox empty", || async {
-        relay.outbox.is_empty()
-    })
-    .await;
-    // Another line through the same steps, so that a wrong resend would have arrived before it.
-    env.lg.say(ALICE, "marker");
-    stored(&env, 2).await;
-    relay.stop().await;
+    settled(&env, &relay, 1).await;
+    marker_then_stop(&env, relay, 1).await;
 
     assert_eq!(
         env.stored_messages(),
@@ -68,14 +72,8 @@ async fn a_stored_record_in_flight_without_its_row_is_read_back_and_delivered_on
     }
     let relay = env.start_relay("", &[]).await;
 
-    stored(&env, 1).await;
-    eventually(PATIENCE, "the outbox empty", || async {
-        relay.outbox.is_empty()
-    })
-    .await;
-    env.lg.say(ALICE, "marker");
-    stored(&env, 2).await;
-    relay.stop().await;
+    settled(&env, &relay, 1).await;
+    marker_then_stop(&env, relay, 1).await;
 
     assert_eq!(
         env.stored_messages(),
@@ -91,11 +89,7 @@ async fn a_cms_database_restored_to_lower_ids_makes_no_line_be_sent_twice() {
     for n in 0..3 {
         env.lg.say(ALICE, &format!("before {n}"));
     }
-    stored(&env, 3).await;
-    eventually(PATIENCE, "the outbox empty", || async {
-        relay.outbox.is_empty()
-    })
-    .await;
+    settled(&env, &relay, 3).await;
 
     // The CMS's database is restored from a backup taken when its last chat id was 1: the
     // relay's last confirmed id (3) is now above the ids the CMS hands out.
@@ -103,20 +97,12 @@ async fn a_cms_database_restored_to_lower_ids_makes_no_line_be_sent_twice() {
     for n in 0..3 {
         env.lg.say(ALICE, &format!("after {n}"));
     }
-    stored(&env, 4).await;
-    eventually(PATIENCE, "the outbox empty again", || async {
-        relay.outbox.is_empty()
-    })
-    .await;
+    settled(&env, &relay, 4).await;
     // And later batches go on as usual.
     for n in 0..3 {
         env.lg.say(ALICE, &format!("later {n}"));
     }
-    stored(&env, 7).await;
-    eventually(PATIENCE, "the outbox empty at the end", || async {
-        relay.outbox.is_empty()
-    })
-    .await;
+    settled(&env, &relay, 7).await;
     relay.stop().await;
 
     let expected: Vec<String> = std::iter::once("before 0".to_owned())

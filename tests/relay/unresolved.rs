@@ -4,82 +4,28 @@
 //! then end in the dead letters with a reason that says what to check; nothing is resent blindly,
 //! and `/readyz`, the metrics and `outbox dead` show it.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::metrics::Stats;
-use opensim_chat_relay::outbox::Outbox;
 use opensim_chat_relay::sim::cms::{Fault, Permissions};
-use serde_json::Value;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::admin::outbox_cli;
+use crate::health::Observed;
 use crate::helpers::{PATIENCE, TestEnv, eventually};
 
 const ALICE: &str = "Alice Resident";
 const BOB: &str = "Bob Resident";
 
-/// A relay with its health endpoint, its counters and its outbox.
-struct Watched {
-    addr: SocketAddr,
-    stats: Arc<Stats>,
-    outbox: Arc<Outbox>,
-    token: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+/// A relay with its health endpoint, the in-world direction off.
+async fn start(env: &TestEnv, overrides: &[(&str, &str)]) -> Observed {
+    let mut all = vec![("inworld.enabled", "false")];
+    all.extend_from_slice(overrides);
+    Observed::start(env, "", &all).await
 }
 
-impl Watched {
-    async fn start(env: &TestEnv, overrides: &[(&str, &str)]) -> Watched {
-        let mut all = vec![("inworld.enabled", "false")];
-        all.extend_from_slice(overrides);
-        let relay = Relay::build(&env.settings("", &all)).expect("relay builds");
-        let addr = relay.health_addr().expect("the endpoint is on");
-        let (stats, outbox) = (relay.stats(), relay.outbox());
-        let token = CancellationToken::new();
-        let task = tokio::spawn(relay.run_until_stopped(token.clone()));
-        Watched {
-            addr,
-            stats,
-            outbox,
-            token,
-            task,
-        }
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        let response = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client")
-            .get(format!("http://{}{path}", self.addr))
-            .send()
-            .await
-            .expect("the endpoint answers");
-        let status = response.status().as_u16();
-        (status, response.text().await.expect("body"))
-    }
-
-    async fn readyz(&self) -> (u16, Value) {
-        let (status, body) = self.get("/readyz").await;
-        (status, serde_json::from_str(&body).expect("a JSON body"))
-    }
-
-    async fn dead_letters_reach(&self, n: usize) {
-        eventually(PATIENCE, &format!("{n} dead letters"), || async {
-            self.outbox.dead_len() == n
-        })
-        .await;
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        self.task
-            .await
-            .expect("relay task joins")
-            .expect("relay stops cleanly");
-    }
+async fn dead_letters_reach(relay: &Observed, n: usize) {
+    eventually(PATIENCE, &format!("{n} dead letters"), || async {
+        relay.outbox.dead_len() == n
+    })
+    .await;
 }
 
 /// The chat GETs the CMS has received (with the in-world direction off: delivery's read-backs and
@@ -123,7 +69,7 @@ fn busy_grid_that_loses_the_next_answer(env: &TestEnv) {
 async fn a_read_back_the_cms_cannot_answer_blocks_no_newer_line_and_ends_in_the_dead_letters() {
     let env = TestEnv::start().await;
     busy_grid_that_loses_the_next_answer(&env);
-    let relay = Watched::start(&env, &[("retry.max_line_failures", "3")]).await;
+    let relay = start(&env, &[("retry.max_line_failures", "3")]).await;
 
     env.lg.say(ALICE, "uncertain");
     stored(&env, "[Alice Resident] uncertain").await;
@@ -132,14 +78,14 @@ async fn a_read_back_the_cms_cannot_answer_blocks_no_newer_line_and_ends_in_the_
         env.lg.say(BOB, &format!("newer {n}"));
         stored(&env, &format!("[Bob Resident] newer {n}")).await;
     }
-    relay.dead_letters_reach(1).await;
+    dead_letters_reach(&relay, 1).await;
     // Given up: no more read-backs, while delivery goes on.
     let n_gets = chat_gets(&env);
     env.lg.say(BOB, "after");
     stored(&env, "[Bob Resident] after").await;
     let (_, metrics) = relay.get("/metrics").await;
     let dead = relay.outbox.dead_letters().expect("dead letters");
-    let (_, readyz) = relay.readyz().await;
+    let (_, readyz) = relay.get_json("/readyz").await;
     relay.stop().await;
     let (listed, dead_listing, _) = outbox_cli(&env, &["dead"]);
 
@@ -195,23 +141,23 @@ async fn a_read_back_the_cms_cannot_answer_blocks_no_newer_line_and_ends_in_the_
 async fn a_line_waiting_for_its_read_back_shows_in_readyz_and_is_settled_once_the_cms_can_answer() {
     let env = TestEnv::start().await;
     busy_grid_that_loses_the_next_answer(&env);
-    let relay = Watched::start(&env, &[("retry.max_line_failures", "1000")]).await;
+    let relay = start(&env, &[("retry.max_line_failures", "1000")]).await;
 
     env.lg.say(ALICE, "uncertain");
     stored(&env, "[Alice Resident] uncertain").await;
     eventually(PATIENCE, "readyz names the held line", || async {
-        let (status, body) = relay.readyz().await;
+        let (status, body) = relay.get_json("/readyz").await;
         status == 503 && body["checks"]["delivery"]["ok"] == false
     })
     .await;
-    let (_, held) = relay.readyz().await;
+    let (_, held) = relay.get_json("/readyz").await;
     let (_, metrics) = relay.get("/metrics").await;
     env.lg.say(BOB, "newer");
     stored(&env, "[Bob Resident] newer").await;
     // The grid quietens down (or the CMS gets more memory): the next read-back finds the line.
     env.db.set_memory_limit_rows(None);
     eventually(PATIENCE, "the outbox empty and ready", || async {
-        relay.outbox.is_empty() && relay.readyz().await.0 == 200
+        relay.outbox.is_empty() && relay.get_json("/readyz").await.0 == 200
     })
     .await;
     let n_dead = relay.outbox.dead_len();
@@ -248,10 +194,10 @@ async fn a_line_the_cms_keeps_failing_holds_back_only_its_speaker_and_ends_in_th
     env.lg.say(ALICE, "poison pill");
     env.lg.say(BOB, "bob's line");
     env.lg.say(ALICE, "alice after");
-    let relay = Watched::start(&env, &[("retry.max_line_failures", "3")]).await;
+    let relay = start(&env, &[("retry.max_line_failures", "3")]).await;
 
     stored(&env, "[Bob Resident] bob's line").await;
-    relay.dead_letters_reach(1).await;
+    dead_letters_reach(&relay, 1).await;
     stored(&env, "[Alice Resident] alice after").await;
     let dead = relay.outbox.dead_letters().expect("dead letters");
     relay.stop().await;
