@@ -123,7 +123,7 @@ answer() { curl -s --max-time 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1
 healthz="$(answer /healthz) $(curl -s --max-time 2 http://127.0.0.1:9188/healthz)"
 readyz="$(answer /readyz) $(curl -s --max-time 2 http://127.0.0.1:9188/readyz | jq -cS '[.ready, (.checks | map_values(.ok))]')"
 check healthz-readyz "/healthz $healthz, /readyz $readyz" \
-    test "$healthz" = "200 ok" -a "$readyz" = '200 [true,{"cms":true,"outbox":true,"stages":true,"viewer":true}]'
+    test "$healthz" = "200 ok" -a "$readyz" = '200 [true,{"cms":true,"delivery":true,"outbox":true,"stages":true,"viewer":true}]'
 
 # The image's HEALTHCHECK command, against the running relay and against a port nothing listens on.
 probe() { RELAY__CMS__PASSWORD_FILE="$etc/welcome.password" opensim-chat-relay healthcheck --config "$etc/welcome.toml" "$@" >/dev/null 2>&1; }

@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use crate::cli::{OutboxAction, PrivacyAction};
 use crate::config::Settings;
-use crate::outbox::{OptOut, Outbox, SpeakerKey};
+use crate::outbox::{OptOut, Outbox, PendingLine, SpeakerKey};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
@@ -47,6 +47,9 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                     "{:>20}  {}  {}: {}{state}",
                     line.id, line.line.captured_at, line.line.speaker, line.line.message
                 );
+                if line.attempts > 0 {
+                    println!("{:>20}  {}", "", tries(&line));
+                }
             }
         }
         OutboxAction::Dead => {
@@ -57,6 +60,7 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                     dead.pending.id, line.captured_at, line.speaker, line.message
                 );
                 println!("{:>20}  dead since {}: {}", "", dead.dead_at, dead.reason);
+                println!("{:>20}  {}", "", tries(&dead.pending));
             }
         }
         OutboxAction::Requeue { ids, all } => {
@@ -127,6 +131,15 @@ pub async fn privacy(settings: &Settings, action: PrivacyAction) -> anyhow::Resu
     }
     outbox.flush().await?;
     Ok(())
+}
+
+/// "N attempts, M failures" and the last failure's error: what delivery tried with a line.
+fn tries(line: &PendingLine) -> String {
+    let mut text = format!("{} attempts, {} failures", line.attempts, line.failures);
+    if let Some(error) = &line.last_error {
+        text.push_str(&format!(" (last: {error})"));
+    }
+    text
 }
 
 fn age(at: chrono::DateTime<Utc>) -> std::time::Duration {

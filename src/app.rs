@@ -85,6 +85,7 @@ impl Relay {
                     max_bytes: settings.outbox.max_bytes,
                     max_age: settings.outbox.max_age,
                     when_full: settings.outbox.when_full,
+                    reserve_bytes: settings.outbox.reserve_bytes,
                 })
                 .with_max_quarantine_bytes(settings.outbox.max_quarantine_bytes),
         );
@@ -156,6 +157,7 @@ impl Relay {
                 max: settings.retry.max,
             },
             stats: stats.clone(),
+            max_line_failures: settings.retry.max_line_failures,
         });
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {

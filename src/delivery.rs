@@ -6,10 +6,19 @@
 //! the CMS before anything is resent: rows already stored are confirmed, the rest go out one line per
 //! POST so each gets an unambiguous answer. A line the CMS refuses on its own goes to the dead letters;
 //! a batch that is refused is first retried line by line so one bad line does not take its neighbours
-//! with it. Must not: remove a line before the CMS confirmed it (or a read-back found it).
+//! with it.
+//!
+//! A failure is the lines' own when the CMS answered it with an error (an error page or HTTP 500
+//! for their POST or their read-back) and answers a probe right after it: those lines wait for their own retry, with
+//! their own backoff, while newer lines go on (the newer lines of a speaker whose POST failed wait
+//! behind it, so that a speaker's order holds), and after `retry.max_line_failures` such failures
+//! they go to the dead letters with a reason that says what to check. Any other failure is an
+//! outage: the lines keep their place and the loop backs off, for as long as it lasts.
+//! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
+//! line whose outcome no read-back could settle.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -30,6 +39,15 @@ const READ_BACK_MARGIN_SECS: i64 = 60;
 
 /// How often an idle delivery loop looks at the outbox even without being woken.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// How many pending records one step looks at to find lines it may send past those that wait
+/// for a retry (and the newer lines of their speakers): a few thousand records are read in
+/// milliseconds; beyond them the step waits for the held lines.
+const SCAN_LIMIT: usize = 10_000;
+
+/// The probe's time: a day ahead, so that the GET returns no row and costs the CMS nothing but
+/// the request.
+const PROBE_AHEAD_SECS: i64 = 86_400;
 
 /// Why a delivery step failed; the lines stay in the outbox.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +82,8 @@ pub enum DeliveryOutcome {
         n_reconciled: usize,
         /// Lines moved to the dead letters.
         n_dead: usize,
+        /// Lines that failed on their own and now wait for their retry.
+        n_held: usize,
     },
 }
 
@@ -81,13 +101,18 @@ pub struct DeliveryDeps {
     pub retry: RetryPolicy,
     /// The counters.
     pub stats: Arc<Stats>,
+    /// `retry.max_line_failures`: failures of a line's own after which it is dead-lettered.
+    pub max_line_failures: u32,
 }
 
 /// The delivery stage.
 pub struct Delivery {
     deps: DeliveryDeps,
     /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
-    next_request: std::sync::Mutex<tokio::time::Instant>,
+    next_request: Mutex<tokio::time::Instant>,
+    /// The lines that wait for their own retry. In memory: after a restart they are tried in their
+    /// place again, and their persisted `failures` keep the bound.
+    holds: Mutex<Holds>,
 }
 
 #[derive(Default)]
@@ -95,6 +120,50 @@ struct Tally {
     n_delivered: usize,
     n_reconciled: usize,
     n_dead: usize,
+    n_held: usize,
+}
+
+/// What failed: a POST, or the read-back of lines of unknown outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Post,
+    ReadBack,
+}
+
+/// A line that failed on its own, passed over until `not_before`.
+struct Held {
+    not_before: tokio::time::Instant,
+    /// The speaker whose newer lines wait behind it: after a failed POST, the line is resent once a
+    /// read-back finds it missing, and must not arrive after them. `None` after a read-back the CMS
+    /// could not answer: such a line is resent only if a later read-back finds it missing.
+    speaker: Option<String>,
+}
+
+#[derive(Default)]
+struct Holds {
+    lines: HashMap<u64, Held>,
+    /// CMS ids this process confirmed for other lines while lines were held: their read-back must
+    /// not take one of those rows for theirs (a speaker saying the same words twice in a second).
+    claimed: HashSet<i64>,
+    /// The error of the last failure that held lines, for `/readyz`.
+    last_error: String,
+}
+
+impl Holds {
+    /// Whether `line` may be sent now: it does not wait for a retry, and no older line of its
+    /// speaker waits behind a failed POST.
+    fn may_send(&self, line: &PendingLine, now: tokio::time::Instant) -> bool {
+        if self
+            .lines
+            .get(&line.id)
+            .is_some_and(|held| held.not_before > now)
+        {
+            return false;
+        }
+        !self.lines.iter().any(|(id, held)| {
+            *id < line.id && held.speaker.as_deref() == Some(line.line.speaker.as_str())
+        })
+    }
 }
 
 impl Delivery {
@@ -102,37 +171,55 @@ impl Delivery {
     pub fn new(deps: DeliveryDeps) -> Delivery {
         Delivery {
             deps,
-            next_request: std::sync::Mutex::new(tokio::time::Instant::now()),
+            next_request: Mutex::new(tokio::time::Instant::now()),
+            holds: Mutex::new(Holds::default()),
         }
     }
 
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
         self.deps.outbox.drop_expired().await?;
-        let mut lines = self
-            .deps
-            .outbox
-            .oldest(self.deps.settings.batch_max_messages)?;
+        // After a full disk, the room delivery freed by removing lines goes back to the reserve
+        // first, and then to new lines.
+        self.deps.outbox.restore_reserve();
+        self.forget_gone_holds()?;
+        let lines = self.due_lines()?;
         if lines.is_empty() {
+            self.publish_holds();
             return Ok(DeliveryOutcome::Idle);
         }
         let mut tally = Tally::default();
+        let stepped = self.step(lines, &mut tally).await;
+        self.publish_holds();
+        stepped.map(|()| tally.into_outcome())
+    }
+
+    async fn step(
+        &self,
+        mut lines: Vec<PendingLine>,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
         if lines.iter().any(|l| l.in_flight) {
-            let uncertain: Vec<PendingLine> =
-                lines.iter().filter(|l| l.in_flight).cloned().collect();
-            let unsent = self.reconcile(uncertain, &mut tally).await?;
+            let mut uncertain: Vec<PendingLine> =
+                lines.into_iter().filter(|l| l.in_flight).collect();
+            // A record in flight without its row (written by another tool, or damaged) cannot
+            // have been sent as it is: its row is decided now, as before a first POST, and the
+            // read-back looks for that row.
+            self.prepare(&mut uncertain).await;
+            let unsent = self.reconcile(uncertain, tally).await?;
             // What was not found goes out one line per POST, so each answer is unambiguous.
-            self.deliver_singly(unsent, &mut tally).await?;
-            return Ok(tally.into_outcome());
+            return self.deliver_singly(unsent, tally).await;
         }
         self.prepare(&mut lines).await;
         let batch = self.cut_batch(lines);
-        match self.send(batch.clone(), &mut tally).await {
+        // The error arms below go on with the lines as marked in flight, as they are on disk.
+        let batch = self.mark_in_flight(&batch).await?;
+        match self.send(batch.clone(), tally).await {
             Ok(()) => {}
             Err(DeliveryError::Cms(CmsError::Invalid(reason))) if batch.len() > 1 => {
                 // Nothing of the batch was stored: find the culprit line by line.
                 tracing::warn!(n_messages = batch.len(), outbox_depth = self.deps.outbox.len(), reason = %reason, "cms rejected a batch; retrying it line by line");
-                self.deliver_singly(batch, &mut tally).await?;
+                self.deliver_singly(batch, tally).await?;
             }
             Err(DeliveryError::Cms(CmsError::LastRowFailed)) if batch.len() > 1 => {
                 // The last row failed; earlier rows may be stored. Read back, then send the rest
@@ -142,17 +229,17 @@ impl Delivery {
                     outbox_depth = self.deps.outbox.len(),
                     "cms could not store the last line of a batch; reading it back"
                 );
-                let unsent = self.reconcile(batch, &mut tally).await?;
-                self.deliver_singly(unsent, &mut tally).await?;
+                let unsent = self.reconcile(batch, tally).await?;
+                self.deliver_singly(unsent, tally).await?;
             }
             Err(DeliveryError::Cms(err)) if batch.len() == 1 && !err.is_retryable() => {
                 // A batch of one is unambiguous: the CMS will not take this line.
-                self.dead_letter(&batch[0], &refusal(&err, &batch[0]), &mut tally)
+                self.dead_letter(&batch[0], &refusal(&err, &batch[0]), tally)
                     .await?;
             }
             Err(err) => return Err(err),
         }
-        Ok(tally.into_outcome())
+        Ok(())
     }
 
     /// Delivers until `token` is cancelled. A POST in flight is not cancelled by the token.
@@ -166,10 +253,13 @@ impl Delivery {
             match self.try_deliver_batch().await {
                 Ok(DeliveryOutcome::Idle) => {
                     stats.readiness.delivery_idle();
+                    let until_due = self
+                        .next_due()
+                        .map_or(IDLE_CHECK, |due| due.min(IDLE_CHECK));
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = self.deps.outbox.wait_for_lines() => {}
-                        _ = tokio::time::sleep(IDLE_CHECK) => {}
+                        _ = tokio::time::sleep(until_due) => {}
                     }
                     if !self.deps.settings.batch_linger.is_zero()
                         && self.deps.outbox.len() < self.deps.settings.batch_max_messages
@@ -184,6 +274,7 @@ impl Delivery {
                     n_delivered,
                     n_reconciled,
                     n_dead,
+                    n_held,
                 }) => {
                     self.deps.stats.readiness.outbox_ok();
                     stats.readiness.delivery_ok();
@@ -192,13 +283,16 @@ impl Delivery {
                         failing = false;
                         backoff = self.deps.retry.schedule();
                     }
-                    tracing::info!(
-                        n_messages = n_delivered,
-                        n_reconciled,
-                        n_dead,
-                        outbox_depth = self.deps.outbox.len(),
-                        "delivered batch"
-                    );
+                    if n_delivered + n_reconciled + n_dead > 0 {
+                        tracing::info!(
+                            n_messages = n_delivered,
+                            n_reconciled,
+                            n_dead,
+                            n_held,
+                            outbox_depth = self.deps.outbox.len(),
+                            "delivered batch"
+                        );
+                    }
                 }
                 Err(err) => {
                     Stats::add(&self.deps.stats.delivery_retries, 1);
@@ -245,10 +339,7 @@ impl Delivery {
         }
         let interval = Duration::from_secs_f64(1.0 / self.deps.settings.max_requests_per_second);
         let slot = {
-            let mut next = self
-                .next_request
-                .lock()
-                .expect("pacing lock is never poisoned");
+            let mut next = lock(&self.next_request);
             let slot = (*next).max(tokio::time::Instant::now());
             *next = slot + interval;
             slot
@@ -304,27 +395,33 @@ impl Delivery {
         batch
     }
 
-    async fn mark_in_flight(&self, batch: &[PendingLine]) -> Result<(), OutboxError> {
+    /// Marks the batch in flight, counts the attempt and notes the last confirmed id it goes out
+    /// after, in one write (flushed) before its POST; returns the lines as marked.
+    async fn mark_in_flight(&self, batch: &[PendingLine]) -> Result<Vec<PendingLine>, OutboxError> {
+        let sent_after = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
         let marked: Vec<PendingLine> = batch
             .iter()
             .map(|l| PendingLine {
                 in_flight: true,
+                attempts: l.attempts.saturating_add(1),
+                sent_after: Some(sent_after),
                 ..l.clone()
             })
             .collect();
-        self.deps.outbox.save(&marked).await
+        self.deps.outbox.save(&marked).await?;
+        Ok(marked)
     }
 
     /// POSTs a batch and settles it. A `success: true` proves every row stored only when the ids
     /// show no gap: each insert, failed or not, consumes one auto-increment id, so `n` rows ending at
     /// `last_id` right after the last confirmed id are all ours. Otherwise (another writer, a failed
     /// middle row, `cms.verify`) the batch is read back and what is missing is sent line by line.
+    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id.
     async fn send(&self, batch: Vec<PendingLine>, tally: &mut Tally) -> Result<(), DeliveryError> {
-        let before = self
-            .deps
-            .outbox
-            .cursor(Cursor::LastConfirmedId)?
-            .unwrap_or(0);
         // A line whose speaker opted out since it was read is not sent, nor sent again after a
         // read-back that did not find it.
         let (batch, n_withheld) = self.deps.outbox.withhold_opted_out(batch).await?;
@@ -334,7 +431,7 @@ impl Delivery {
         if batch.is_empty() {
             return Ok(());
         }
-        self.mark_in_flight(&batch).await?;
+        let mut before = batch.first().and_then(|l| l.sent_after).unwrap_or(0);
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         self.pace().await;
         self.deps.stats.batch_attempted(batch.len());
@@ -344,12 +441,36 @@ impl Delivery {
             .stats
             .post_seconds
             .observe_duration(started.elapsed());
-        let last_id = posted?;
+        let last_id = match posted {
+            Ok(last_id) => last_id,
+            Err(err) if answered_with_error(&err) => {
+                return self.failed(&batch, err, Attempt::Post, tally).await;
+            }
+            Err(err) => return Err(err.into()),
+        };
         Stats::add(&self.deps.stats.batches_delivered, 1);
         let n = batch.len() as i64;
+        if last_id > 0 && before > 0 && last_id - before < n {
+            // Each of the `n` inserts took a new id above every earlier one, ours included: a last
+            // id less than `n` above ours means the CMS database went back (restored from a
+            // backup), and rows of this batch may lie at or below the cursor, where a read-back
+            // would not look. The rows the cursor stood for are gone with the restore, so it
+            // starts again from 0 and is raised by this batch.
+            tracing::warn!(
+                last_confirmed_id = before,
+                cms_last_id = last_id,
+                "cms ids went backwards (a restored database?); the read-back cursor starts again from 0"
+            );
+            self.deps
+                .outbox
+                .set_cursor(Cursor::LastConfirmedId, 0)
+                .await?;
+            before = 0;
+        }
         let proven = n == 1 || (!self.deps.settings.verify && before > 0 && last_id - before == n);
         if proven {
             let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
+            self.claim(last_id - n + 1..=last_id);
             self.confirm(&ids, Some(last_id)).await?;
             Stats::add(&self.deps.stats.lines_delivered, batch.len() as u64);
             batch
@@ -385,7 +506,9 @@ impl Delivery {
         let raise = last_id
             .filter(|last_id| *last_id > known)
             .map(|last_id| (Cursor::LastConfirmedId, last_id));
-        self.deps.outbox.remove_with_cursor(ids, raise).await
+        self.deps.outbox.remove_with_cursor(ids, raise).await?;
+        self.forget_holds(ids);
+        Ok(())
     }
 
     async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
@@ -410,10 +533,15 @@ impl Delivery {
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         for line in lines {
-            match Box::pin(self.send(vec![line.clone()], tally)).await {
+            if !lock(&self.holds).may_send(&line, tokio::time::Instant::now()) {
+                // An older line of the speaker failed just now: this one waits behind it.
+                continue;
+            }
+            let marked = self.mark_in_flight(std::slice::from_ref(&line)).await?;
+            match Box::pin(self.send(marked.clone(), tally)).await {
                 Ok(()) => {}
                 Err(DeliveryError::Cms(err)) if !err.is_retryable() => {
-                    self.dead_letter(&line, &refusal(&err, &line), tally)
+                    self.dead_letter(&marked[0], &refusal(&err, &marked[0]), tally)
                         .await?
                 }
                 Err(err) => return Err(err),
@@ -431,17 +559,28 @@ impl Delivery {
         tracing::error!(outbox_id = line.id, speaker = %line.line.speaker, reason, n_messages = 1, outbox_depth = self.deps.outbox.len(), "line moved to the dead letters");
         self.deps.outbox.dead_letter(line, reason).await?;
         Stats::add(&self.deps.stats.lines_dead_lettered, 1);
+        self.forget_holds(&[line.id]);
         tally.n_dead += 1;
         Ok(())
     }
 
     /// Reads back the CMS over the window of `uncertain` lines; confirms those found and returns the
-    /// rest with their in-flight mark cleared.
+    /// rest with their in-flight mark cleared, but for lines that failed `retry.max_line_failures`
+    /// times, which go to the dead letters. A read-back that fails is handled by `failed`.
     async fn reconcile(
         &self,
         uncertain: Vec<PendingLine>,
         tally: &mut Tally,
     ) -> Result<Vec<PendingLine>, DeliveryError> {
+        // The read-back is an attempt of each line, stored with the write that follows an answer
+        // (an outage adds no write: a disk the outbox filled has little room to spare).
+        let uncertain: Vec<PendingLine> = uncertain
+            .into_iter()
+            .map(|l| PendingLine {
+                attempts: l.attempts.saturating_add(1),
+                ..l
+            })
+            .collect();
         let since = uncertain
             .iter()
             .map(|l| l.line.spoken_at.timestamp())
@@ -449,43 +588,220 @@ impl Delivery {
             .unwrap_or(0)
             - READ_BACK_MARGIN_SECS;
         self.pace().await;
-        let rows = self.deps.cms.chats_since(since).await?;
-        let after = self
+        let rows = match self.deps.cms.chats_since(since).await {
+            Ok(rows) => rows,
+            Err(err) if answered_with_error(&err) => {
+                self.failed(&uncertain, err, Attempt::ReadBack, tally)
+                    .await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let cursor = self
             .deps
             .outbox
             .cursor(Cursor::LastConfirmedId)?
             .unwrap_or(0);
+        // A line's row, if stored, is above the id confirmed when it went out, whatever was
+        // confirmed since; below the cursor only if the cursor started again (`send`).
+        let after = |line: &PendingLine| line.sent_after.map_or(cursor, |sent| sent.min(cursor));
+        let claimed = lock(&self.holds).claimed.clone();
         let (found, unsent) = match_rows(
             &uncertain,
             &rows,
             after,
+            &claimed,
             self.deps.settings.anonymous_user_id,
         );
         if !found.is_empty() {
-            self.confirm(&found, None).await?;
+            let ids: Vec<u64> = found.iter().map(|(id, _)| *id).collect();
+            self.claim(found.iter().map(|(_, row_id)| *row_id));
+            self.confirm(&ids, None).await?;
             Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
             uncertain
                 .iter()
-                .filter(|l| found.contains(&l.id))
+                .filter(|l| ids.contains(&l.id))
                 .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
             tally.n_reconciled += found.len();
         }
-        let unsent: Vec<PendingLine> = unsent
+        let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent
             .into_iter()
             .map(|l| PendingLine {
                 in_flight: false,
                 ..l
             })
-            .collect();
+            .partition(|l| l.failures >= self.deps.max_line_failures);
+        for line in &exhausted {
+            let reason = format!(
+                "the cms failed this line {} times (last: {}); a read-back found it not stored: fix the cause, then `outbox requeue`",
+                line.failures,
+                line.last_error.as_deref().unwrap_or("unknown")
+            );
+            self.dead_letter(line, &reason, tally).await?;
+        }
         self.deps.outbox.save(&unsent).await?;
         tracing::info!(
             n_found = found.len(),
             n_resend = unsent.len(),
-            n_messages = found.len() + unsent.len(),
+            n_dead = exhausted.len(),
+            n_messages = uncertain.len(),
             outbox_depth = self.deps.outbox.len(),
             "read back lines of unknown outcome"
         );
         Ok(unsent)
+    }
+
+    /// An attempt of `lines` (as stored, in flight) that the CMS answered with an error
+    /// (`answered_with_error`). If the CMS answers a probe, the failure is theirs: each counts it,
+    /// waits for its own retry, and the lines that can no longer be settled (a read-back that failed
+    /// `retry.max_line_failures` times) go to the dead letters. Otherwise the CMS fails everything
+    /// (its database is down, say): an outage, and the error goes back to the loop, the lines in
+    /// their place.
+    async fn failed(
+        &self,
+        lines: &[PendingLine],
+        err: CmsError,
+        attempt: Attempt,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
+        if !self.cms_answers_a_probe().await {
+            return Err(err.into());
+        }
+        Stats::add(&self.deps.stats.delivery_retries, 1);
+        let error = err.to_string();
+        let max = self.deps.max_line_failures;
+        let mut kept = Vec::with_capacity(lines.len());
+        let mut n_unresolved = 0;
+        for line in lines {
+            let line = PendingLine {
+                failures: line.failures.saturating_add(1),
+                last_error: Some(error.clone()),
+                ..line.clone()
+            };
+            if attempt == Attempt::ReadBack && line.failures >= max {
+                let reason = format!(
+                    "outcome unknown: the cms could not answer the read-back ({error}) {} times; check the cms chat for this line before `outbox requeue`",
+                    line.failures
+                );
+                self.dead_letter(&line, &reason, tally).await?;
+                n_unresolved += 1;
+            } else {
+                kept.push(line);
+            }
+        }
+        Stats::add(&self.deps.stats.lines_unresolved, n_unresolved);
+        self.deps.outbox.save(&kept).await?;
+        let n_failures = kept.iter().map(|l| l.failures).max().unwrap_or(1);
+        let delay = self.hold_delay(n_failures);
+        let not_before = tokio::time::Instant::now() + delay;
+        {
+            let mut holds = lock(&self.holds);
+            for line in &kept {
+                let speaker = (attempt == Attempt::Post).then(|| line.line.speaker.clone());
+                holds.lines.insert(
+                    line.id,
+                    Held {
+                        not_before,
+                        speaker,
+                    },
+                );
+            }
+            holds.last_error = error.clone();
+        }
+        tally.n_held += kept.len();
+        let attempt = match attempt {
+            Attempt::Post => "post",
+            Attempt::ReadBack => "read-back",
+        };
+        // The loop's message, with what tells this failure apart: the lines wait on their own.
+        tracing::warn!(error = %error, retry_in = ?delay, n_messages = lines.len(), outbox_depth = self.deps.outbox.len(), attempt, n_failures, n_unresolved, held = true, "delivery failed");
+        Ok(())
+    }
+
+    /// Whether the CMS answers a chat GET that returns no row: after a failure, it tells an outage
+    /// from a failure of the lines' own.
+    async fn cms_answers_a_probe(&self) -> bool {
+        self.pace().await;
+        let ahead = chrono::Utc::now().timestamp() + PROBE_AHEAD_SECS;
+        self.deps.cms.chats_since(ahead).await.is_ok()
+    }
+
+    /// The wait after a line's `n_failures`-th failure: the delivery schedule's, full jitter.
+    fn hold_delay(&self, n_failures: u32) -> Duration {
+        let mut schedule = self.deps.retry.schedule();
+        (1..n_failures.clamp(1, 32)).for_each(|_| {
+            schedule.next_delay(None);
+        });
+        schedule.next_delay(None)
+    }
+
+    /// The committed lines this step may send, oldest first.
+    fn due_lines(&self) -> Result<Vec<PendingLine>, OutboxError> {
+        let now = tokio::time::Instant::now();
+        let holds = lock(&self.holds);
+        self.deps
+            .outbox
+            .oldest_where(self.deps.settings.batch_max_messages, SCAN_LIMIT, |line| {
+                holds.may_send(line, now)
+            })
+    }
+
+    /// How long until the next held line may be tried.
+    fn next_due(&self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        lock(&self.holds)
+            .lines
+            .values()
+            .map(|held| held.not_before.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Notes CMS ids confirmed for our lines while others are held.
+    fn claim(&self, row_ids: impl IntoIterator<Item = i64>) {
+        let mut holds = lock(&self.holds);
+        if !holds.lines.is_empty() {
+            holds.claimed.extend(row_ids);
+        }
+    }
+
+    fn forget_holds(&self, ids: &[u64]) {
+        let mut holds = lock(&self.holds);
+        for id in ids {
+            holds.lines.remove(id);
+        }
+        if holds.lines.is_empty() {
+            holds.claimed.clear();
+        }
+    }
+
+    /// Forgets held lines that left the outbox otherwise (dropped by its bounds).
+    fn forget_gone_holds(&self) -> Result<(), OutboxError> {
+        let held: Vec<u64> = lock(&self.holds).lines.keys().copied().collect();
+        let mut gone = Vec::new();
+        for id in held {
+            if !self.deps.outbox.is_pending(id)? {
+                gone.push(id);
+            }
+        }
+        self.forget_holds(&gone);
+        Ok(())
+    }
+
+    /// Tells `/readyz` and the metrics how many lines wait for their own retry, and why.
+    fn publish_holds(&self) {
+        let holds = lock(&self.holds);
+        let n_held = holds.lines.len();
+        self.deps
+            .stats
+            .lines_held_back
+            .store(n_held as u64, std::sync::atomic::Ordering::Relaxed);
+        let reason = (n_held > 0).then(|| {
+            format!(
+                "{n_held} lines wait for a retry after the cms failed them while it answered other requests (last error: {}); each is tried up to retry.max_line_failures = {} times, then moved to the dead letters (`outbox dead`)",
+                holds.last_error, self.deps.max_line_failures
+            )
+        });
+        self.deps.stats.readiness.delivery_held(reason);
     }
 }
 
@@ -495,6 +811,7 @@ impl Tally {
             n_delivered: self.n_delivered,
             n_reconciled: self.n_reconciled,
             n_dead: self.n_dead,
+            n_held: self.n_held,
         }
     }
 }
@@ -504,12 +821,29 @@ fn refusal(err: &CmsError, line: &PendingLine) -> String {
     err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id))
 }
 
+/// Whether the CMS itself answered a request with an error (not an outage): a page that is not its
+/// JSON with HTTP 200 (a PHP fatal error, such as its memory limit on a large chat GET) or an answer
+/// too large to read, HTTP 500, or `success: false` with an error of its own. Validation errors and
+/// a failed last row have their own handling; no answer (a timeout, a reset, a refused
+/// connection), a proxy's 502/503/504 or a refused account are outages.
+fn answered_with_error(err: &CmsError) -> bool {
+    matches!(
+        err,
+        CmsError::Decode { .. } | CmsError::Failed(_) | CmsError::Http { status: 500, .. }
+    )
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each of these mutexes guards plain values assigned whole: a panic elsewhere leaves them usable.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The row of a prepared line.
 fn item_of(line: &PendingLine) -> ChatItem {
     let prepared = line
         .prepared
         .as_ref()
-        .expect("lines are prepared before they are sent");
+        .expect("every path prepares its lines (`prepare`) before it sends them");
     ChatItem {
         user_id: prepared.user_id,
         message: prepared.message.clone(),
@@ -518,15 +852,17 @@ fn item_of(line: &PendingLine) -> ChatItem {
     }
 }
 
-/// Splits `uncertain` into the ids found among `rows` (relay rows newer than `after_id`, each row
-/// matching at most one line) and the lines not found.
+/// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows above the
+/// line's `after_id`, not `claimed` by another line, each row matching at most one line) and the
+/// lines not found.
 fn match_rows(
     uncertain: &[PendingLine],
     rows: &[CmsChat],
-    after_id: i64,
+    after_id: impl Fn(&PendingLine) -> i64,
+    claimed: &HashSet<i64>,
     anonymous_user_id: i64,
-) -> (Vec<u64>, Vec<PendingLine>) {
-    let mut used = HashSet::new();
+) -> (Vec<(u64, i64)>, Vec<PendingLine>) {
+    let mut used = claimed.clone();
     let mut found = Vec::new();
     let mut unsent = Vec::new();
     for line in uncertain {
@@ -534,9 +870,10 @@ fn match_rows(
             unsent.push(line.clone());
             continue;
         };
+        let after = after_id(line);
         let hit = rows.iter().find(|row| {
             !row.from_cms
-                && row.id > after_id
+                && row.id > after
                 && !used.contains(&row.id)
                 && row.message == prepared.message
                 && row.timestamp == prepared.timestamp
@@ -546,7 +883,7 @@ fn match_rows(
         match hit {
             Some(row) => {
                 used.insert(row.id);
-                found.push(line.id);
+                found.push((line.id, row.id));
             }
             None => unsent.push(line.clone()),
         }
@@ -578,6 +915,9 @@ mod tests {
                 timestamp: timestamp.into(),
             }),
             in_flight: true,
+            failures: 0,
+            last_error: None,
+            sent_after: None,
         }
     }
 
@@ -608,8 +948,28 @@ mod tests {
             row(7, 3, "hi", t),
             row(8, -1, "[C] yo", t),
         ];
-        let (found, unsent) = match_rows(&uncertain, &rows, 6, -1);
-        assert_eq!(found, [1, 3]);
+        let (found, unsent) = match_rows(&uncertain, &rows, |_| 6, &HashSet::new(), -1);
+        assert_eq!(found, [(1, 7), (3, 8)]);
         assert_eq!(unsent.iter().map(|l| l.id).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn a_read_back_uses_each_lines_own_cursor_and_skips_rows_claimed_by_other_lines() {
+        let t = "2026-11-22 12:00:00";
+        // Line 1 went out when the cursor was 4; lines confirmed since raised it to 9, and row 9
+        // is the same words by the same speaker, confirmed for another line.
+        let mut held = pending(1, 3, "lol", t);
+        held.sent_after = Some(4);
+        let rows = [row(5, 3, "lol", t), row(9, 3, "lol", t)];
+
+        let (found, _) = match_rows(
+            std::slice::from_ref(&held),
+            &rows,
+            |line| line.sent_after.unwrap_or(9),
+            &HashSet::from([9]),
+            -1,
+        );
+
+        assert_eq!(found, [(1, 5)]);
     }
 }

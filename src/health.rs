@@ -15,6 +15,9 @@
 //!   answers every POST with an error, fails this check until a delivery succeeds);
 //! - **stages**: the poller and delivery loops run (neither ended nor panicked) and came round
 //!   within the stall limit (`app::STALL_LIMIT`), the same rule the systemd watchdog is fed by.
+//! - **cms**: the last login, or the last request with its token, was accepted;
+//! - **delivery**: no line waits for a retry after the CMS failed it while answering other requests
+//!   (a read-back it cannot answer, a line it keeps failing).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -99,12 +102,14 @@ pub struct ReadinessReport {
     pub cms: Check,
     /// The stage loops run and come round.
     pub stages: Check,
+    /// No line is held back after failures of its own.
+    pub delivery: Check,
 }
 
 impl ReadinessReport {
     /// Whether every condition holds.
     pub fn is_ready(&self) -> bool {
-        self.outbox.ok && self.viewer.ok && self.cms.ok && self.stages.ok
+        self.outbox.ok && self.viewer.ok && self.cms.ok && self.stages.ok && self.delivery.ok
     }
 
     fn to_json(&self) -> Value {
@@ -113,6 +118,7 @@ impl ReadinessReport {
             "outbox": check(&self.outbox),
             "viewer": check(&self.viewer),
             "cms": check(&self.cms),
+            "delivery": check(&self.delivery),
             "stages": check(&self.stages),
         })
     }
@@ -137,6 +143,10 @@ impl HealthState {
         let readiness = &self.stats.readiness;
         let outbox = match readiness.outbox_error() {
             Some(error) => failed(format!("the last outbox write failed: {error}")),
+            None if self.outbox.is_disk_full() => failed(
+                "the outbox's disk is full: viewer polling is paused (the viewer keeps the lines) while delivery removes confirmed lines in the room of its reserve (outbox.reserve_bytes), and after that while the outbox holds a third of what filled the disk"
+                    .to_owned(),
+            ),
             None if self.outbox.is_full_and_paused() => failed(format!(
                 "the outbox is full ({} bytes, outbox.max_bytes): viewer polling is paused until delivery makes room",
                 self.outbox.bytes()
@@ -169,7 +179,7 @@ impl HealthState {
                         failing.last_error
                     ))
                 }
-                _ => ok,
+                _ => ok.clone(),
             },
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
@@ -190,10 +200,12 @@ impl HealthState {
         } else {
             failed(stalled.join("; "))
         };
+        let delivery = readiness.delivery_held_reason().map_or(ok, failed);
         ReadinessReport {
             outbox,
             viewer,
             cms,
+            delivery,
             stages,
         }
     }
@@ -229,6 +241,7 @@ impl HealthState {
         Gauges {
             outbox_lines: self.outbox.len() as u64,
             outbox_bytes: self.outbox.bytes(),
+            outbox_disk_bytes: self.outbox.disk_bytes(),
             outbox_dropped: self.outbox.n_dropped(),
             oldest_age_seconds,
             dead_letters: self.outbox.dead_len() as u64,

@@ -1,6 +1,7 @@
 //! The signals that decide whether the relay is ready and alive: `Readiness` (what the stages last
-//! saw of the viewer, the outbox and delivery to the CMS, read by `/readyz`) and each loop's
-//! `Heartbeat` (read by the systemd watchdog, through `notify`, to decide a restart).
+//! saw of the viewer, the outbox and delivery to the CMS, and the lines delivery holds back, read
+//! by `/readyz`) and each loop's `Heartbeat` (read by the systemd watchdog, through `notify`, to
+//! decide a restart).
 //!
 //! The stages write these through `Stats` (`stats.readiness`, `stats.poller_heartbeat`,
 //! `stats.delivery_heartbeat`), so that each stage holds one shared handle; what the signals mean
@@ -12,13 +13,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// What the stages last saw of the viewer, the outbox and delivery to the CMS (the CMS login state
-/// is kept by the CMS client itself). Each mutex is held for one assignment.
+/// What the stages last saw of the viewer, the outbox and delivery to the CMS, and why delivery
+/// holds lines back (the CMS login state is kept by the CMS client itself). Each mutex is held for
+/// one assignment.
 #[derive(Debug, Default)]
 pub struct Readiness {
     viewer: Mutex<ViewerState>,
     outbox_error: Mutex<Option<String>>,
     delivery: Mutex<Option<DeliveryFailing>>,
+    delivery_held: Mutex<Option<String>>,
 }
 
 /// Delivery attempts that failed in a row, none succeeding since.
@@ -97,6 +100,16 @@ impl Readiness {
     /// The delivery attempts failing in a row since the last success, if the last one failed.
     pub fn delivery_failing(&self) -> Option<DeliveryFailing> {
         lock(&self.delivery).clone()
+    }
+
+    /// Delivery holds lines back after failures of their own (why), or holds none (`None`).
+    pub fn delivery_held(&self, reason: Option<String>) {
+        *lock(&self.delivery_held) = reason;
+    }
+
+    /// Why delivery holds lines back, if it does.
+    pub fn delivery_held_reason(&self) -> Option<String> {
+        lock(&self.delivery_held).clone()
     }
 }
 

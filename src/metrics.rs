@@ -39,6 +39,10 @@ pub struct Stats {
     pub lines_reconciled: AtomicU64,
     /// Lines moved to the dead letters.
     pub lines_dead_lettered: AtomicU64,
+    /// Of those, lines whose outcome no read-back could settle (the CMS could not answer it).
+    pub lines_unresolved: AtomicU64,
+    /// Lines that wait for their own retry after the CMS failed them (a gauge, set by delivery).
+    pub lines_held_back: AtomicU64,
     /// Failed delivery attempts.
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
@@ -227,6 +231,8 @@ pub struct Gauges {
     pub outbox_lines: u64,
     /// Bytes of those lines.
     pub outbox_bytes: u64,
+    /// The outbox's space on disk (its database and its reserve).
+    pub outbox_disk_bytes: u64,
     /// Lines the outbox dropped for `outbox.max_bytes` or `outbox.max_age` since start.
     pub outbox_dropped: u64,
     /// Age of the oldest waiting line, 0 when none waits.
@@ -289,6 +295,8 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(get(&stats.lines_reconciled))),
         ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(get(&stats.delivery_retries))),
         ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
+        ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(get(&stats.lines_unresolved))),
+        ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(get(&stats.lines_held_back) as f64)),
         ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
         ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),
         ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(gauges.cms_logins)),
@@ -297,6 +305,7 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(get(&stats.inworld_echoes_dropped))),
         ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(gauges.outbox_lines as f64)),
         ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(gauges.outbox_bytes as f64)),
+        ("opensim_chat_relay_outbox_disk_bytes", "Disk space of the outbox's directory (its database, which never shrinks, and its reserve): up to 4 x outbox.max_bytes + 12 MiB + outbox.reserve_bytes.", Gauge(gauges.outbox_disk_bytes as f64)),
         ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
         ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
         ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),

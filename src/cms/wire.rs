@@ -56,15 +56,18 @@ pub struct CmsChat {
     pub from_cms: bool,
 }
 
-/// Makes text survive the stock database unchanged in meaning: characters outside the Basic
+/// Makes text survive the stock database unchanged in meaning, and sends it as the CMS will store
+/// it (a read-back compares the stored text with what was sent): characters outside the Basic
 /// Multilingual Plane (emoji) fail the insert under utf8mb3, silently inside a batch, so they become
 /// U+FFFD; a `<` that PHP's `strip_tags` would take as the start of a tag (`I <3 you` → `I `) becomes
-/// the full-width `＜`, which reads the same and is kept.
+/// the full-width `＜`, which reads the same and is kept; a U+0000, which `strip_tags` drops
+/// wherever it is, is dropped here.
 pub fn sanitize_message(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
+            '\0' => {}
             '<' if chars.peek().is_none_or(|next| !next.is_ascii_whitespace()) => out.push('＜'),
             c if u32::from(c) > 0xFFFF => out.push('\u{FFFD}'),
             c => out.push(c),
@@ -253,6 +256,7 @@ mod tests {
         assert_eq!(sanitize_message("x<y and a < b"), "x＜y and a < b");
         assert_eq!(sanitize_message("end <"), "end ＜");
         assert_eq!(sanitize_message("hi 😀 café"), "hi \u{FFFD} café");
+        assert_eq!(sanitize_message("nul\0inside\0"), "nulinside");
     }
 
     #[test]

@@ -361,6 +361,8 @@ pub struct OutboxSettings {
     pub when_full: crate::outbox::WhenFull,
     /// Bytes of quarantined records at most; unusable bodies beyond it are counted, not kept.
     pub max_quarantine_bytes: u64,
+    /// Disk space the outbox keeps in reserve, given back when its disk is full (0 = none).
+    pub reserve_bytes: u64,
 }
 
 /// `[retry]`
@@ -373,6 +375,9 @@ pub struct RetrySettings {
     /// Largest delay between attempts.
     #[serde(with = "humantime_serde")]
     pub max: Duration,
+    /// Failures of a line's own (the CMS failing its POST, or its read-back, while it answers other
+    /// requests) after which the line goes to the dead letters. An outage does not count.
+    pub max_line_failures: u32,
 }
 
 /// `[log]`
@@ -526,6 +531,9 @@ impl Settings {
         }
         if self.retry.initial.is_zero() || self.retry.max < self.retry.initial {
             return Err(invalid("retry.max", "need 0 < retry.initial <= retry.max"));
+        }
+        if self.retry.max_line_failures == 0 {
+            return Err(invalid("retry.max_line_failures", "must be at least 1"));
         }
         if self.inworld.enabled {
             if self.inworld.poll_interval.is_zero() {

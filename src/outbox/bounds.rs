@@ -1,5 +1,6 @@
 //! The bounds of the outbox: `outbox.max_bytes`, `outbox.max_age` and `outbox.when_full`. Oldest
-//! lines are dropped first, each counted and logged, or polling pauses while the outbox is full.
+//! lines are dropped first, each counted and logged, or polling pauses while the outbox is full (and,
+//! whatever `when_full` says, while its disk is full: `reserve`).
 //!
 //! Must not drop a line that is not committed yet (it reads only up to the committed watermark), and
 //! must not pause anything itself: the poller asks `is_full_and_paused`.
@@ -33,21 +34,28 @@ pub struct Limits {
     pub max_age: Duration,
     /// What happens at `max_bytes`.
     pub when_full: WhenFull,
+    /// Disk space kept in reserve for a full disk (`outbox.reserve_bytes`, `reserve`); 0 is none.
+    pub reserve_bytes: u64,
 }
 
 /// At most this many dropped lines are logged one by one per drop; the rest are summed up.
 const MAX_DROPS_LOGGED: usize = 100;
 
 impl Outbox {
-    /// Sets the bounds (`outbox.max_bytes`, `outbox.max_age`, `outbox.when_full`).
+    /// Sets the bounds (`outbox.max_bytes`, `outbox.max_age`, `outbox.when_full`) and writes the
+    /// reserve (`outbox.reserve_bytes`).
     pub fn with_limits(mut self, limits: Limits) -> Outbox {
         self.limits = limits;
+        self.db.reserve().keep(limits.reserve_bytes);
         self
     }
 
-    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    /// Whether polling is to pause: the outbox holds `max_bytes` or more under `pause_polling`, or
+    /// its disk is full (`is_disk_full`), under either setting.
     pub fn is_full_and_paused(&self) -> bool {
-        self.limits.when_full == WhenFull::PausePolling && self.bytes() >= self.limits.max_bytes
+        self.is_disk_full()
+            || (self.limits.when_full == WhenFull::PausePolling
+                && self.bytes() >= self.limits.max_bytes)
     }
 
     /// Lines dropped for space or age since the outbox was opened.

@@ -49,6 +49,9 @@ impl Outbox {
                 attempts: 0,
                 prepared: None,
                 in_flight: false,
+                failures: 0,
+                last_error: None,
+                sent_after: None,
                 ..dead.pending
             };
             let value = encode_pending(&pending);

@@ -103,6 +103,9 @@ impl Ingest<'_> {
             attempts: 0,
             prepared: None,
             in_flight: false,
+            failures: 0,
+            last_error: None,
+            sent_after: None,
         };
         let value = encode_pending(&pending);
         let n_bytes = value.len() as u64;

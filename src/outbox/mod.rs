@@ -18,7 +18,8 @@
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
 //! and the quarantine), `cursor` (the stages' persisted cursors), `privacy` (the opt-outs and the
 //! dropping of their waiting lines), `reader` (the read-only view `health` gets: it
-//! never quarantines or reopens), `tests` (through the facade).
+//! never quarantines or reopens), `reserve` (disk space given back when the disk is full, so that
+//! delivery can still remove lines), `tests` (through the facade).
 //! This file holds the types the stages see and the counters the others keep true (the depth, the
 //! dead letters and the quarantine: `reader` reads them instead of the trees). Must not
 //! do anything but storage.
@@ -31,6 +32,7 @@ mod privacy;
 mod queue;
 mod reader;
 mod record;
+mod reserve;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -115,12 +117,22 @@ pub struct PendingLine {
     pub id: u64,
     /// The line.
     pub line: CapturedLine,
-    /// Failed delivery attempts so far.
+    /// Delivery attempts so far: each POST that carried the line (counted before it is sent, so a
+    /// POST a crash cut short counts too) and each read-back the CMS answered.
     pub attempts: u32,
     /// The row as it will be sent, once decided.
     pub prepared: Option<Prepared>,
     /// A POST carrying this line was sent and its outcome is not known: read back before resending.
     pub in_flight: bool,
+    /// The attempts that failed while the CMS answered other requests: an error page, HTTP 500 or
+    /// `success: false` for its POST, or a read-back it could not answer. Delivery moves the line
+    /// to the dead letters when they reach `retry.max_line_failures`; an outage does not count.
+    pub failures: u32,
+    /// The error of the last of those failures, for the dead-letter reason.
+    pub last_error: Option<String>,
+    /// Delivery's last confirmed CMS id when the line's last POST went out: its row, if stored,
+    /// is above it, whatever delivery confirmed since.
+    pub sent_after: Option<i64>,
 }
 
 /// A line the CMS refused.
@@ -179,6 +191,7 @@ impl Outbox {
                 max_bytes: u64::MAX,
                 max_age: Duration::MAX,
                 when_full: WhenFull::DropOldest,
+                reserve_bytes: 0,
             },
             appended: Notify::new(),
             quarantine,

@@ -28,15 +28,28 @@ impl Outbox {
     /// Up to `max` pending lines, oldest first. A record that cannot be decoded is moved to the
     /// quarantine (and logged) so the rest keeps flowing.
     pub fn oldest(&self, max: usize) -> Result<Vec<PendingLine>, OutboxError> {
+        self.oldest_where(max, usize::MAX, |_| true)
+    }
+
+    /// Up to `max` pending lines that `keep` accepts, oldest first, looking at no more than
+    /// `scan_limit` records (delivery passes over the lines that wait for a retry). Undecodable
+    /// records are quarantined as in `oldest`.
+    pub fn oldest_where(
+        &self,
+        max: usize,
+        scan_limit: usize,
+        mut keep: impl FnMut(&PendingLine) -> bool,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
         let store = self.store()?;
         let mut lines = Vec::with_capacity(max.min(1024));
-        for entry in self.committed_pending(&store) {
+        for entry in self.committed_pending(&store).take(scan_limit) {
             if lines.len() >= max {
                 break;
             }
             let (key, value) = self.db.io(entry)?;
             match decode_pending(&key, &value) {
-                Some(line) => lines.push(line),
+                Some(line) if keep(&line) => lines.push(line),
+                Some(_) => {}
                 None => {
                     tracing::error!(key = ?key.as_ref(), "outbox record cannot be decoded; moved to the quarantine");
                     self.put_in_quarantine(&store, value)?;
@@ -45,6 +58,12 @@ impl Outbox {
             }
         }
         Ok(lines)
+    }
+
+    /// Whether line `id` is still pending (not confirmed, dead-lettered or dropped).
+    pub fn is_pending(&self, id: u64) -> Result<bool, OutboxError> {
+        let store = self.store()?;
+        self.db.io(store.pending.contains_key(id.to_be_bytes()))
     }
 
     /// When the oldest pending line was captured.
@@ -106,6 +125,7 @@ impl Outbox {
         };
         self.n_pending.fetch_sub(1, Ordering::Relaxed);
         self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
+        self.db.reserve().freed(old.len() as u64);
         Ok(true)
     }
 }

@@ -58,9 +58,14 @@ impl OutboxReader {
         self.outbox.n_dropped()
     }
 
-    /// Whether the outbox holds `max_bytes` or more and polling is to pause.
+    /// Whether polling is to pause (the outbox or its disk is full).
     pub fn is_full_and_paused(&self) -> bool {
         self.outbox.is_full_and_paused()
+    }
+
+    /// Whether its disk is full and its reserve given back.
+    pub fn is_disk_full(&self) -> bool {
+        self.outbox.is_disk_full()
     }
 
     /// When the oldest decodable pending line was captured (an undecodable one is passed over, up
@@ -76,6 +81,12 @@ impl OutboxReader {
             }
         }
         Ok(None)
+    }
+
+    /// The disk space of the outbox's directory, its reserve included: the allocated blocks of
+    /// its files (one directory listing, no record read).
+    pub fn disk_bytes(&self) -> u64 {
+        disk_usage(&self.outbox.path())
     }
 
     /// Dead letters (the outbox's counter).
@@ -104,4 +115,20 @@ impl OutboxReader {
     fn open_store(&self) -> Result<Arc<crate::outbox::store::Store>, String> {
         self.outbox.db.peek()
     }
+}
+
+/// The allocated blocks of the files below `dir`, in bytes (sled's file can be sparse).
+pub(super) fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => disk_usage(&entry.path()),
+            Ok(meta) => meta.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }

@@ -25,6 +25,12 @@ struct RecordV1 {
     prepared: Option<Prepared>,
     #[serde(default)]
     in_flight: bool,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent_after: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dead_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +50,9 @@ impl RecordV1 {
             attempts: pending.attempts,
             prepared: pending.prepared.clone(),
             in_flight: pending.in_flight,
+            failures: pending.failures,
+            last_error: pending.last_error.clone(),
+            sent_after: pending.sent_after,
             dead_reason: None,
             dead_at_ms: None,
         }
@@ -65,12 +74,19 @@ impl RecordV1 {
             attempts: self.attempts,
             prepared: self.prepared,
             in_flight: self.in_flight,
+            failures: self.failures,
+            last_error: self.last_error,
+            sent_after: self.sent_after,
         })
     }
 
     fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("serializing strings and integers cannot fail")
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The stored value of a pending line.
@@ -125,8 +141,23 @@ mod tests {
         assert_eq!(line.line.captured_at.timestamp_millis(), 1_700_000_001_000);
         assert_eq!((line.attempts, line.in_flight), (2, true));
         assert_eq!(
+            (line.failures, &line.last_error, line.sent_after),
+            (0, &None, None)
+        );
+        assert_eq!(
             decode_pending(&7u64.to_be_bytes(), &encode_pending(&line)),
-            Some(line)
+            Some(line.clone())
+        );
+
+        let failing = PendingLine {
+            failures: 3,
+            last_error: Some("cms sent an unreadable answer (HTTP 200)".into()),
+            sent_after: Some(41),
+            ..line.clone()
+        };
+        assert_eq!(
+            decode_pending(&7u64.to_be_bytes(), &encode_pending(&failing)),
+            Some(failing)
         );
 
         let newer = br#"{"v":2,"speaker":"A","message":"hi","spoken_at_ms":0,"captured_at_ms":0,"attempts":0}"#;

@@ -7,6 +7,8 @@
 //! failed returned its error to the caller, which still has the data (the poller keeps the lines it
 //! read, delivery's marks and removals are redone or reconciled).
 //!
+//! A write that fails for want of space also gives the outbox's reserve back (`reserve`).
+//!
 //! Must not know what a record holds or what the trees mean to the stages: the record is
 //! `record`'s, the depth counters and the watermark are `Outbox`'s (a reopen hands it the new
 //! database to count them again).
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::outbox::OutboxError;
+use crate::outbox::reserve::{Reserve, is_no_space};
 
 /// The open sled database and its trees. Replaced as a whole when the database is reopened.
 pub(super) struct Store {
@@ -215,6 +218,8 @@ pub(super) struct Database {
     broken: AtomicBool,
     /// No id this process hands out is below this (`new_id`).
     next_id: AtomicU64,
+    /// The room given back to the file system when a write fails for want of it.
+    reserve: Reserve,
 }
 
 impl Database {
@@ -233,7 +238,13 @@ impl Database {
             }),
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(next_id),
+            reserve: Reserve::new(path),
         }
+    }
+
+    /// The outbox's reserve of disk space.
+    pub(super) fn reserve(&self) -> &Reserve {
+        &self.reserve
     }
 
     /// The directory.
@@ -351,9 +362,15 @@ impl Database {
         }
     }
 
-    /// Converts a sled error, noting an I/O error so that the next use reopens the database.
+    /// Converts a sled error, noting an I/O error so that the next use reopens the database, and
+    /// giving the reserve back when the disk is full.
     pub(super) fn io<T>(&self, result: sled::Result<T>) -> Result<T, OutboxError> {
         result.map_err(|err| {
+            if let sled::Error::Io(io) = &err
+                && is_no_space(io)
+            {
+                self.reserve.release();
+            }
             if matches!(err, sled::Error::Io(_)) && !self.broken.swap(true, Ordering::AcqRel) {
                 let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
                 slot.cause = err.to_string();

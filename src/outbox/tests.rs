@@ -6,7 +6,8 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 
 use crate::model::CapturedLine;
-use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine};
+use crate::outbox::reader::disk_usage;
+use crate::outbox::{Cursor, Limits, Outbox, OutboxError, PendingLine, Prepared, WhenFull};
 
 /// A line captured now (to the millisecond, as stored).
 fn line(text: &str) -> CapturedLine {
@@ -303,4 +304,54 @@ async fn a_scrape_leaves_a_broken_outbox_to_be_reopened_by_a_stage() {
     append(&outbox, &["two"]).await;
     assert!(reader.oldest_captured_at().expect("read").is_some());
     assert_eq!(reader.len(), 2);
+}
+
+// The space on disk.
+
+#[tokio::test]
+async fn an_outbox_churning_at_its_bound_takes_at_most_4_times_max_bytes_plus_12_mib_on_disk() {
+    // Delivery falls behind while lines arrive: at the bound, lines are appended, marked in flight
+    // with their row (a rewrite that grows them), confirmed or left, and the oldest dropped.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let max_bytes = 2 << 20;
+    let outbox = open(&dir).with_limits(Limits {
+        max_bytes,
+        max_age: std::time::Duration::MAX,
+        when_full: WhenFull::DropOldest,
+        reserve_bytes: 0,
+    });
+    let mut peak = 0;
+    for round in 0..400 {
+        let text = format!("hello #{round} {}", "x".repeat(fastrand::usize(0..120)));
+        let lines: Vec<CapturedLine> = (0..200).map(|_| line(&text)).collect();
+        outbox.append(&lines).await.expect("append");
+        let marked: Vec<PendingLine> = outbox
+            .oldest(120)
+            .expect("read")
+            .into_iter()
+            .map(|pending| PendingLine {
+                in_flight: true,
+                attempts: 1,
+                prepared: Some(Prepared {
+                    user_id: -1,
+                    message: format!("[Alice Resident] {}", pending.line.message),
+                    timestamp: "2026-01-01 12:00:00".into(),
+                }),
+                sent_after: Some(123_456),
+                ..pending
+            })
+            .collect();
+        outbox.save(&marked).await.expect("mark");
+        if round % 3 != 0 {
+            let ids: Vec<u64> = marked.iter().map(|p| p.id).collect();
+            outbox.remove(&ids).await.expect("remove");
+        }
+        peak = peak.max(disk_usage(dir.path()));
+    }
+
+    assert!(outbox.bytes() <= max_bytes && outbox.n_dropped() > 0);
+    assert!(
+        peak <= 4 * max_bytes + (12 << 20),
+        "{peak} bytes on disk for outbox.max_bytes = {max_bytes}"
+    );
 }

@@ -49,6 +49,34 @@ fn start_relay_process(env: &TestEnv, capture_log: bool) -> (Child, Arc<Mutex<St
     (child, log)
 }
 
+/// Waits until `/readyz` says the outbox check holds again.
+pub async fn outbox_ready_again(port: u16) {
+    eventually(PATIENCE, "the outbox ready again", || async {
+        readyz(port)
+            .await
+            .is_some_and(|body| body["checks"]["outbox"]["ok"] == true)
+    })
+    .await;
+}
+
+/// Waits until the viewer handed out everything and the CMS stored as many rows (or storing
+/// stalls for 30 s, when the relay's last log lines are printed): a fault run's catch-up, judged
+/// by the oracle afterwards.
+pub async fn catch_up(env: &TestEnv, log: &Mutex<String>) {
+    env.viewer_drained(Duration::from_secs(60)).await;
+    let handed = env.lg.handed_out().len();
+    let all_stored = until_done_or_stalled(Duration::from_secs(30), || {
+        let n_stored = env.stored().len();
+        (n_stored >= handed, n_stored)
+    })
+    .await;
+    if !all_stored {
+        let log = log.lock().expect("log");
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("relay log, last lines (newest first):\n{}", tail.join("\n"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_error_pauses_polling_and_writing_resumes_without_a_restart() {
     let env = TestEnv::start().await;
@@ -150,12 +178,7 @@ async fn a_write_error_pauses_polling_and_writing_resumes_without_a_restart() {
         env.lg.said().len() >= 4
     })
     .await;
-    eventually(PATIENCE, "ready again", || async {
-        readyz(port)
-            .await
-            .is_some_and(|body| body["checks"]["outbox"]["ok"] == true)
-    })
-    .await;
+    outbox_ready_again(port).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stored = relayed();
@@ -231,19 +254,8 @@ async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
     }
     chatting.cancel();
     chatter.await.expect("chatter stops");
-    env.viewer_drained(Duration::from_secs(60)).await;
-    let handed = env.lg.handed_out().len();
-    let all_stored = until_done_or_stalled(Duration::from_secs(30), || {
-        let n_stored = env.stored().len();
-        (n_stored >= handed, n_stored)
-    })
-    .await;
+    catch_up(&env, &log).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if !all_stored {
-        let log = log.lock().expect("log");
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        eprintln!("relay log, last lines (newest first):\n{}", tail.join("\n"));
-    }
     assert!(sigterm(relay).success(), "clean stop");
 
     let verdict = env.verdict();

@@ -980,6 +980,40 @@ async fn get_without_a_timestamp_returns_the_whole_history() {
 }
 
 #[tokio::test]
+async fn a_chat_get_of_more_rows_than_the_memory_limit_is_a_php_fatal_error_page() {
+    let cms = spawn_cms().await;
+    let token = cms.token().await;
+    let batch: Vec<Value> = (0..5)
+        .map(|index| cms.line(&format!("line {index}"), "2026-01-01 12:00:05"))
+        .collect();
+    cms.post_chats(&token, &json!(batch)).await;
+    cms.cms.set_memory_limit_rows(Some(4));
+
+    let (status, too_many) = cms.get(&format!("/grid/1/chats/0/?token={token}")).await;
+    let recent = cms
+        .get_json(&format!(
+            "/grid/1/chats/{}/?token={token}",
+            NOON_05_UNIX + 1
+        ))
+        .await;
+    cms.cms.set_memory_limit_rows(None);
+    let unlimited = cms
+        .get_json(&format!("/grid/1/chats/0/?token={token}"))
+        .await;
+
+    assert_eq!(status, 200);
+    assert!(
+        too_many.contains("<b>Fatal error</b>")
+            && too_many.contains("Allowed memory size of 134217728 bytes exhausted")
+            && too_many.contains("chat.php</b> on line <b>77</b>"),
+        "{too_many}"
+    );
+    assert!(serde_json::from_str::<Value>(&too_many).is_err());
+    assert_eq!(recent, json!([]), "a read under the limit is answered");
+    assert_eq!(unlimited.as_array().map(Vec::len), Some(5));
+}
+
+#[tokio::test]
 async fn a_cms_line_is_stored_with_from_cms_1_at_the_cms_time() {
     let cms = spawn_cms().await;
     let token = cms.token().await;
@@ -1388,6 +1422,8 @@ fn the_command_line_has_the_documented_defaults() {
         "503",
         "--slow",
         "250",
+        "--memory-limit-rows",
+        "50000",
     ])
     .cms;
 
@@ -1401,6 +1437,10 @@ fn the_command_line_has_the_documented_defaults() {
     assert_eq!(custom.users, ["a:b", "c:d"]);
     assert_eq!((custom.fail_next, custom.fail_status), (3, 503));
     assert_eq!(custom.slow, Some(250));
+    assert_eq!(
+        (defaults.memory_limit_rows, custom.memory_limit_rows),
+        (None, Some(50_000))
+    );
     assert!(TestCli::try_parse_from(["sim", "--timezone", "Mars/Base"]).is_err());
 }
 

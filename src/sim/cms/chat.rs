@@ -2,7 +2,8 @@
 //! a list, `urldecode` and `date()` for numeric timestamps, the validation where the first invalid
 //! element aborts the batch, one insert per element with no transaction and the last result
 //! answering) and the chat GET (`timestamp >=` the cursor in the CMS zone, newest first with
-//! same-second rows in no stable order, the whole history without a cursor).
+//! same-second rows in no stable order, the whole history without a cursor, and PHP's fatal error
+//! page when the rows exceed `memory_limit`).
 //!
 //! It must not decide the columns' conversions or the ids (`db` does, as MySQL would) nor write
 //! JSON text (it answers a `Json` value).
@@ -13,7 +14,8 @@ use indexmap::IndexMap;
 use crate::sim::cms::db::{ChatRow, DATE_FORMAT, InsertError, Shared, State};
 use crate::sim::cms::json::Json;
 use crate::sim::cms::php::{
-    Php, php_date, php_is_numeric, php_loose_eq_int, php_numeric_value, php_string, unix_seconds,
+    Php, php_date, php_error_html, php_is_numeric, php_loose_eq_int, php_numeric_value, php_string,
+    unix_seconds,
 };
 use crate::sim::cms::php_input::{get_input, strip_tags, urldecode};
 use crate::sim::cms::routes::{Answer, failure};
@@ -202,6 +204,17 @@ pub(super) fn contains_datetime(text: &[u8]) -> bool {
     })
 }
 
+/// The page PHP prints when `getChats` builds more rows than `memory_limit` holds (seen live with
+/// 128M at about 50 000 rows, spec §10.1): HTTP 200, HTML, no JSON.
+fn memory_exhausted() -> String {
+    php_error_html(
+        "Fatal error",
+        "Allowed memory size of 134217728 bytes exhausted (tried to allocate 20480 bytes)",
+        "modules/chat.php",
+        77,
+    )
+}
+
 /// `getChats` (spec §3.2): `timestamp >= date(<unix>)`, newest first, same-second order not
 /// stable; without a timestamp the whole history (the `$args[1] > 0` bug).
 pub(super) fn get_chats(shared: &Shared, state: &State, grid: i64, since: Option<&str>) -> Answer {
@@ -236,6 +249,11 @@ pub(super) fn get_chats(shared: &Shared, state: &State, grid: i64, since: Option
     if since.is_none() {
         // The "latest 50" limit applies only where no starting timestamp was set (grid 0).
         rows.truncate(50);
+    }
+    if let Some(limit) = state.memory_limit_rows
+        && rows.len() > limit
+    {
+        return Answer::Fatal(memory_exhausted());
     }
     let items = rows
         .into_iter()

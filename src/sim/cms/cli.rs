@@ -49,6 +49,11 @@ pub struct CmsArgs {
     /// Hold every other chat POST's answer this many milliseconds.
     #[arg(long, value_name = "DURATION_MS")]
     pub slow: Option<u64>,
+    /// A chat GET that would return more than N rows answers PHP's "Allowed memory size
+    /// exhausted" fatal error page, as PHP's `memory_limit` does (the stock 128M: about 50000).
+    /// Off by default.
+    #[arg(long, value_name = "N")]
+    pub memory_limit_rows: Option<usize>,
     /// Print `stored N` (the number of chat rows so far) instead of every row: for load tests,
     /// where printing each row would cost more than storing it.
     #[arg(long)]
@@ -79,6 +84,7 @@ pub async fn run_cli(args: CmsArgs, shutdown: CancellationToken) -> anyhow::Resu
     }
     handle.fault_next(args.fail_next, Fault::Status(args.fail_status));
     handle.fault_next(args.hang_next, Fault::Hang);
+    handle.set_memory_limit_rows(args.memory_limit_rows);
     if let Some(millis) = args.slow {
         handle.fault_next(usize::MAX, Fault::Slow(Duration::from_millis(millis)));
     }

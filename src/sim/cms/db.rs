@@ -97,6 +97,11 @@ pub(super) struct State {
     pub(super) offline: bool,
     /// While set, every request is answered with this status (see `CmsHandle::set_unavailable`).
     pub(super) unavailable: Option<u16>,
+    /// PHP's `memory_limit` as a number of rows: a chat GET that would return more fails with
+    /// PHP's fatal error page (`CmsHandle::set_memory_limit_rows`). `None`: no limit.
+    pub(super) memory_limit_rows: Option<usize>,
+    /// Chat POSTs whose body carries this text fail (`CmsHandle::fail_posts_carrying`).
+    pub(super) poison: Option<String>,
     pub(super) n_logins: u64,
     pub(super) n_chat_posts: u64,
     /// The newest `routes::MAX_RECORDED_REQUESTS` requests, oldest first.
@@ -125,6 +130,8 @@ impl Shared {
             faults: VecDeque::new(),
             offline: false,
             unavailable: None,
+            memory_limit_rows: None,
+            poison: None,
             n_logins: 0,
             n_chat_posts: 0,
             requests: VecDeque::new(),
@@ -279,6 +286,13 @@ impl State {
         };
         self.chats.push(ChatRow { id, ..row });
         Ok(id)
+    }
+
+    /// The `chats` table as a backup taken when its last id was `last_id` restores it: later rows
+    /// are gone and the auto-increment counter is back at `last_id + 1` (a dump records it).
+    pub(super) fn restore_chats(&mut self, last_id: i64) {
+        self.chats.retain(|row| row.id <= last_id);
+        self.next_chat_id = last_id.max(0) + 1;
     }
 
     /// A failed insert consumes an auto-increment value (InnoDB allocates it before the row is

@@ -355,6 +355,12 @@ impl CmsHandle {
         }
     }
 
+    /// Restores the chat table from a backup taken when its last id was `last_id`: the later rows
+    /// are gone and new rows get the ids they had (a restored database's ids go backwards).
+    pub fn restore_chats(&self, last_id: i64) {
+        self.shared.lock().restore_chats(last_id);
+    }
+
     /// While offline, every request on every connection is answered by closing the connection.
     pub fn set_offline(&self, offline: bool) {
         self.shared.lock().offline = offline;
@@ -365,6 +371,21 @@ impl CmsHandle {
     /// database is down behind a web server that still answers (500, 503). `None` ends it.
     pub fn set_unavailable(&self, status: Option<u16>) {
         self.shared.lock().unavailable = status;
+    }
+
+    /// PHP's `memory_limit` counted in rows: a chat GET that would return more than `rows` rows
+    /// answers PHP's fatal error page instead (HTTP 200, HTML: "Allowed memory size of 134217728
+    /// bytes exhausted"), as a live OpenSim-CMS with 128M does beyond about 50 000 rows (spec
+    /// §10.1). `None` (the default) is no limit.
+    pub fn set_memory_limit_rows(&self, rows: Option<usize>) {
+        self.shared.lock().memory_limit_rows = rows;
+    }
+
+    /// While set, every chat POST whose body carries `text` answers HTTP 500 with Apache's error
+    /// page and stores nothing: a line this CMS cannot take however often it is sent, while it
+    /// takes every other. `None` lifts it.
+    pub fn fail_posts_carrying(&self, text: Option<&str>) {
+        self.shared.lock().poison = text.map(str::to_owned);
     }
 
     /// Every token expires now, as after 30 idle minutes.

@@ -1,8 +1,8 @@
 //! The front controller of the simulated CMS, `api/index.php` behind Apache: the request log and
-//! the offline, unavailable and fault switches, the `RewriteRule` that turns the path into `_url`,
-//! the token check that runs before routing, the anchored route table with each route's permission,
-//! and the writing of an answer (`json_encode`, pretty with an exact-case `User-Agent`, the status
-//! of each kind of error per dialect, PHP's debug noise and its "headers already sent").
+//! the offline, unavailable, fault and poison switches, the `RewriteRule` that turns the path into
+//! `_url`, the token check that runs before routing, the anchored route table with each route's
+//! permission, and the writing of an answer (`json_encode`, pretty with an exact-case `User-Agent`,
+//! the status of each kind of error per dialect, PHP's debug noise and its "headers already sent").
 //!
 //! It must not implement an endpoint (`auth`, `chat` and `users` do) nor touch the HTTP wire
 //! (`crate::sim::http` reads requests and writes responses).
@@ -73,6 +73,15 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
     if matches!(route, Some((Route::PostChats { .. }, _, _))) {
         state.n_chat_posts += 1;
         fault = state.take_fault();
+    }
+    let poisoned = state.poison.as_ref().is_some_and(|text| {
+        request
+            .body
+            .windows(text.len().max(1))
+            .any(|window| window == text.as_bytes())
+    });
+    if poisoned && matches!(route, Some((Route::PostChats { .. }, _, _))) {
+        return Plan::Now(Reply::Respond(proxy_error(500)));
     }
     match fault {
         Some(Fault::Status(status)) => return Plan::Now(Reply::Respond(proxy_error(status))),
