@@ -1,0 +1,120 @@
+//! What the relay asks of the CMS: its requests do not wait for each other (a chat POST is never
+//! held behind a slow chat GET), a login is shared by whoever needs it at the same time, and the
+//! in-world reads follow the new rows instead of re-reading two minutes of the grid. Checked through
+//! the simulator's busy spans and request log (counts and order), not through timing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use opensim_chat_relay::cms::client::CmsEndpoint;
+use opensim_chat_relay::cms::{ChatItem, CmsClient};
+use opensim_chat_relay::sim::cms::{BusySpan, CostModel, Permissions, RequestKind};
+use secrecy::SecretString;
+
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+
+fn client(env: &TestEnv) -> Arc<CmsClient> {
+    Arc::new(
+        CmsClient::new(CmsEndpoint {
+            base_url: env.cms.base_url(),
+            grid_id: 1,
+            username: RELAY_USER.to_owned(),
+            password: SecretString::from(RELAY_PASSWORD),
+            timeout: Duration::from_secs(30),
+            max_response_bytes: 16 << 20,
+            ca_certificates: Vec::new(),
+        })
+        .expect("client builds"),
+    )
+}
+
+fn spans(env: &TestEnv, kind: RequestKind) -> Vec<BusySpan> {
+    env.db
+        .busy_spans()
+        .into_iter()
+        .filter(|span| span.work.kind == kind)
+        .collect()
+}
+
+fn is_chat_get(method: &str, path: &str) -> bool {
+    method == "GET" && path.contains("/chats/")
+}
+
+#[tokio::test]
+async fn a_chat_post_is_not_held_behind_a_slow_chat_get() {
+    let env = TestEnv::start().await;
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    for n in 0..200 {
+        env.db
+            .add_cms_line(1, dora, &format!("typed in the cms {n}"));
+    }
+    // A GET of these 200 rows takes a PHP worker 2 s; there are workers to spare.
+    env.db.set_cost_model(Some(CostModel {
+        per_row_read: Duration::from_millis(10),
+        ..CostModel::php().with_workers(4)
+    }));
+    let cms = client(&env);
+    cms.ensure_logged_in().await.expect("logged in");
+
+    let reader = Arc::clone(&cms);
+    let read = tokio::spawn(async move { reader.chats_since(0).await });
+    eventually(PATIENCE, "the slow GET sent", || async {
+        env.db
+            .requests()
+            .iter()
+            .any(|r| is_chat_get(&r.method, &r.path))
+    })
+    .await;
+    let posted = cms
+        .post_chats(&[ChatItem {
+            user_id: -1,
+            message: "said while the CMS reads".to_owned(),
+            timestamp: "2026-01-01 12:00:05".to_owned(),
+            from_cms: 0,
+        }])
+        .await;
+    let rows = read.await.expect("the read task ends");
+
+    assert!(posted.is_ok(), "{posted:?}");
+    assert_eq!(rows.expect("the read succeeds").len(), 200);
+    let (get, post) = (
+        spans(&env, RequestKind::ChatGet),
+        spans(&env, RequestKind::ChatPost),
+    );
+    assert_eq!((get.len(), post.len()), (1, 1));
+    // The POST was sent, worked on and answered while the GET was still being worked on.
+    assert!(post[0].started > get[0].started, "{get:?} {post:?}");
+    assert!(post[0].ended < get[0].ended, "{get:?} {post:?}");
+}
+
+#[tokio::test]
+async fn requests_that_need_a_login_at_the_same_time_share_one() {
+    let env = TestEnv::start().await;
+    // Every request takes a little while, so the five overlap.
+    env.db.set_cost_model(Some(CostModel {
+        per_request: Duration::from_millis(50),
+        ..CostModel::php().with_workers(8)
+    }));
+    let cms = client(&env);
+
+    let read = || {
+        let cms = Arc::clone(&cms);
+        tokio::spawn(async move { cms.chats_since(0).await })
+    };
+    let first: Vec<_> = (0..5).map(|_| read()).collect();
+    for task in first {
+        assert!(task.await.expect("task ends").is_ok());
+    }
+    let logins_first = (env.db.n_logins(), cms.n_logins());
+    env.db.expire_tokens();
+    let second: Vec<_> = (0..5).map(|_| read()).collect();
+    for task in second {
+        assert!(task.await.expect("task ends").is_ok());
+    }
+
+    assert_eq!(logins_first, (1, 1));
+    // Each refused request logs in again only if nobody else has meanwhile.
+    assert_eq!((env.db.n_logins(), cms.n_logins()), (2, 2));
+}
