@@ -6,6 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
 use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::cms::{ChatItem, CmsClient};
 use opensim_chat_relay::sim::cms::{BusySpan, CostModel, Permissions, RequestKind};
@@ -117,4 +120,104 @@ async fn requests_that_need_a_login_at_the_same_time_share_one() {
     assert_eq!(logins_first, (1, 1));
     // Each refused request logs in again only if nobody else has meanwhile.
     assert_eq!((env.db.n_logins(), cms.n_logins()), (2, 2));
+}
+
+/// Another writer on the grid (a second relay): `per_tick` rows every 50 ms, dated now in the
+/// CMS's zone, until `stop` is cancelled.
+fn spawn_other_relay(
+    env: &TestEnv,
+    per_tick: usize,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let cms = client(env);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while !stop.is_cancelled() {
+            let now = Utc::now().with_timezone(&chrono_tz::Europe::Amsterdam);
+            let batch: Vec<ChatItem> = (0..per_tick)
+                .map(|_| {
+                    n += 1;
+                    ChatItem {
+                        user_id: -1,
+                        message: format!("[Bob Resident] elsewhere on the grid {n}"),
+                        timestamp: now.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        from_cms: 0,
+                    }
+                })
+                .collect();
+            cms.post_chats(&batch).await.expect("the other relay posts");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn in_world_reads_follow_the_new_rows_not_two_minutes_of_the_grid() {
+    let env = TestEnv::start().await;
+    let relay = env
+        .start_relay("", &[("inworld.poll_interval", "1s")])
+        .await;
+    let stop = CancellationToken::new();
+    // 100 lines/s from elsewhere on the grid.
+    let writer = spawn_other_relay(&env, 5, stop.clone());
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    stop.cancel();
+    writer.await.expect("the writer ends");
+    relay.stop().await;
+
+    let gets = spans(&env, RequestKind::ChatGet);
+    let posts = spans(&env, RequestKind::ChatPost);
+    assert!(gets.len() >= 6, "{} reads", gets.len());
+    // Per read: the rows it returned, and the rows stored since the read before it began.
+    let per_read: Vec<(usize, usize)> = gets
+        .windows(2)
+        .map(|pair| {
+            let added = posts
+                .iter()
+                .filter(|post| post.ended > pair[0].started && post.ended <= pair[1].started)
+                .map(|post| post.work.rows_stored)
+                .sum();
+            (pair[1].work.rows_read, added)
+        })
+        .collect();
+    // The first reads start the stage (the wide read back over max_age) and meet the writer's start.
+    // Each later one returns the rows since 2 s before the newest seen, in whole seconds: about 3.4
+    // times the new rows at this poll interval (by the same count about 2.3 at the default 2 s).
+    // Reading `look_back` each time
+    // returned 1, 2, 3 … times them, growing to about 120 after two minutes.
+    for &(read, added) in &per_read[2..] {
+        assert!(added > 0, "{per_read:?}");
+        assert!(
+            read <= 5 * added,
+            "read {read} rows for {added} new: {per_read:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cms_line_dated_behind_the_newest_rows_is_still_said_once() {
+    let env = TestEnv::start().await;
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    let relay = crate::inworld::start(&env, &[("inworld.look_back", "6s")]).await;
+    let stop = CancellationToken::new();
+    let writer = spawn_other_relay(&env, 1, stop.clone());
+    // The narrow reads start 2 s before the newest row; the browser's clock is 4 s behind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.db
+        .add_cms_line_dated(1, dora, "typed with a slow clock", Duration::from_secs(4));
+
+    eventually(PATIENCE, "the back-dated line said", || async {
+        !env.lg.said().is_empty()
+    })
+    .await;
+    // Another wide read (every 6 s) reads the line again: it is not said twice.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    stop.cancel();
+    writer.await.expect("the writer ends");
+    relay.stop().await;
+
+    let said: Vec<String> = env.lg.said().into_iter().map(|s| s.message).collect();
+    assert_eq!(said, ["[Dora Admin] typed with a slow clock"]);
 }

@@ -329,8 +329,23 @@ impl CmsHandle {
     /// new id, or 0 when the insert fails (unknown user or grid, text outside the BMP), as the API
     /// would answer.
     pub fn add_cms_line(&self, grid_id: i64, user_id: i64, message: &str) -> i64 {
+        self.add_cms_line_dated(grid_id, user_id, message, Duration::ZERO)
+    }
+
+    /// [`CmsHandle::add_cms_line`], dated `behind` before now: typed in a browser whose clock is
+    /// behind (the CMS page sends the browser's time).
+    pub fn add_cms_line_dated(
+        &self,
+        grid_id: i64,
+        user_id: i64,
+        message: &str,
+        behind: Duration,
+    ) -> i64 {
         let shared = &self.shared;
-        let timestamp = now_in(shared.timezone).format(DATE_FORMAT).to_string();
+        let behind = chrono::Duration::from_std(behind).unwrap_or_default();
+        let timestamp = (now_in(shared.timezone) - behind)
+            .format(DATE_FORMAT)
+            .to_string();
         let mut element = IndexMap::new();
         element.insert("userId".to_owned(), Php::Int(user_id));
         element.insert("message".to_owned(), Php::Str(message.as_bytes().to_vec()));
