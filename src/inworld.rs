@@ -82,6 +82,9 @@ pub struct Inworld {
     /// When the last wide read was made: every `look_back` one read reaches `look_back` before
     /// it, for CMS lines dated behind the newest rows (a browser's clock behind).
     last_wide: Option<DateTime<Utc>>,
+    /// The last read was a wide one and failed (its answer too large for the CMS's memory limit or
+    /// `cms.max_response_bytes`, say): the next read is narrow, so the stage goes on meanwhile.
+    wide_failed: bool,
     /// The earliest moment the next line may be said (flood control).
     next_slot: Instant,
     /// The highest CMS id said or skipped by this process. The persisted cursor lags it when writing
@@ -97,6 +100,7 @@ impl Inworld {
             last_read: None,
             newest_seen: None,
             last_wide: None,
+            wide_failed: false,
             next_slot: Instant::now(),
             handled_up_to: None,
         }
@@ -112,12 +116,19 @@ impl Inworld {
         let look_back =
             chrono::Duration::from_std(self.deps.settings.look_back).unwrap_or_default();
         let max_age = chrono::Duration::from_std(self.deps.settings.max_age).unwrap_or_default();
-        let since = self.since(now, look_back, max_age);
-        let rows = self.deps.cms.chats_since(since.timestamp()).await?;
+        let (since, wide) = self.since(now, look_back, max_age);
+        let rows = match self.deps.cms.chats_since(since.timestamp()).await {
+            Ok(rows) => rows,
+            Err(err) => {
+                self.wide_failed = wide;
+                return Err(err.into());
+            }
+        };
         self.last_read = Some(now);
-        if self.last_wide.is_none_or(|at| now - at >= look_back) {
+        if wide {
             self.last_wide = Some(now);
         }
+        self.wide_failed = false;
         let newest = rows.iter().filter_map(|row| self.dated(row)).max();
         self.newest_seen = self.newest_seen.max(newest);
         let Some(cursor) = self
@@ -195,28 +206,33 @@ impl Inworld {
         Ok(outcome)
     }
 
-    /// Where the next read starts. Most reads are narrow: they follow the new rows, from a little
-    /// before the newest row seen (or the previous read, if that is earlier: a writer whose clock is
-    /// ahead cannot push the reads past the present), so a read returns about the rows added since
-    /// the previous one, not `look_back` of the whole grid. Every `look_back` a wide read reaches
-    /// `look_back` before the previous wide one, which catches every row dated at most `look_back`
-    /// behind its insertion. The first read after a start reaches back over `max_age` as well
-    /// (lines typed while the relay was down).
+    /// Where the next read starts, and whether it is a wide one. Most reads are narrow: they follow
+    /// the new rows, from a little before the newest row seen (or the previous read, if that is
+    /// earlier: a writer whose clock is ahead cannot push the reads past the present), so a read
+    /// returns about the rows added since the previous one, not `look_back` of the whole grid.
+    /// Every `look_back` a wide read reaches `look_back` before the previous wide one, which catches
+    /// every row dated at most `look_back` behind its insertion; the first one after a start reaches
+    /// back over `max_age` too (lines typed while the relay was down), and none reaches further.
+    /// After a failed wide read the next is narrow, then the wide one is tried again.
     fn since(
         &self,
         now: DateTime<Utc>,
         look_back: chrono::Duration,
         max_age: chrono::Duration,
-    ) -> DateTime<Utc> {
-        match (self.last_wide, self.last_read) {
-            (None, _) | (_, None) => now - max_age - look_back,
-            (Some(wide), Some(_)) if now - wide >= look_back => wide - look_back,
-            // Never further back than `look_back` before the previous read: after old-dated rows
-            // (a backlog drained), the newest row seen may be far behind the present.
-            (Some(_), Some(read)) => (self.newest_seen.map_or(read, |newest| newest.min(read))
-                - NARROW_MARGIN)
-                .max(read - look_back),
+    ) -> (DateTime<Utc>, bool) {
+        let oldest = now - max_age - look_back;
+        let wide_due = self.last_wide.is_none_or(|at| now - at >= look_back);
+        if wide_due && !self.wide_failed {
+            let since = self
+                .last_wide
+                .map_or(oldest, |at| (at - look_back).max(oldest));
+            return (since, true);
         }
+        let read = self.last_read.unwrap_or(now);
+        let newest = self.newest_seen.map_or(read, |newest| newest.min(read));
+        // Never further back than `look_back` before the previous read: after old-dated rows
+        // (a backlog drained), the newest row seen may be far behind the present.
+        ((newest - NARROW_MARGIN).max(read - look_back), false)
     }
 
     /// Polls until `token` is cancelled.

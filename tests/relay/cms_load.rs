@@ -221,3 +221,41 @@ async fn a_cms_line_dated_behind_the_newest_rows_is_still_said_once() {
     let said: Vec<String> = env.lg.said().into_iter().map(|s| s.message).collect();
     assert_eq!(said, ["[Dora Admin] typed with a slow clock"]);
 }
+
+#[tokio::test]
+async fn a_wide_read_that_keeps_failing_does_not_stop_the_narrow_reads() {
+    let env = TestEnv::start().await;
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    // Five minutes ago another relay stored 500 lines: the wide read (back over max_age) gets them
+    // all, more than the relay accepts in one answer; the narrow reads do not reach them.
+    let five_minutes_ago = (Utc::now() - chrono::Duration::minutes(5))
+        .with_timezone(&chrono_tz::Europe::Amsterdam)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let old: Vec<ChatItem> = (0..500)
+        .map(|n| ChatItem {
+            user_id: -1,
+            message: format!("[Bob Resident] an old line of some length, number {n}"),
+            timestamp: five_minutes_ago.clone(),
+            from_cms: 0,
+        })
+        .collect();
+    client(&env).post_chats(&old).await.expect("stored");
+    let relay = crate::inworld::start(&env, &[("cms.max_response_bytes", "65536")]).await;
+
+    env.db
+        .add_cms_line(1, dora, "typed while the wide reads fail");
+    eventually(PATIENCE, "the line said", || async {
+        !env.lg.said().is_empty()
+    })
+    .await;
+    relay.stop().await;
+
+    let said: Vec<String> = env.lg.said().into_iter().map(|s| s.message).collect();
+    assert_eq!(said, ["[Dora Admin] typed while the wide reads fail"]);
+    // The wide read was tried again between the narrow ones, and failed each time.
+    let gets = spans(&env, RequestKind::ChatGet);
+    assert!(gets.iter().filter(|get| get.work.rows_read >= 500).count() >= 2);
+}
