@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::cms::{ChatItem, CmsClient};
-use opensim_chat_relay::sim::cms::{BusySpan, CostModel, Permissions, RequestKind};
+use opensim_chat_relay::sim::cms::{BusySpan, CostModel, RequestKind};
 use secrecy::SecretString;
 
 use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+use crate::inworld::cms_user;
 
 fn client(env: &TestEnv) -> Arc<CmsClient> {
     Arc::new(
@@ -46,9 +47,7 @@ fn is_chat_get(method: &str, path: &str) -> bool {
 #[tokio::test]
 async fn a_chat_post_is_not_held_behind_a_slow_chat_get() {
     let env = TestEnv::start().await;
-    let dora = env
-        .db
-        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    let dora = cms_user(&env);
     for n in 0..200 {
         env.db
             .add_cms_line(1, dora, &format!("typed in the cms {n}"));
@@ -197,9 +196,7 @@ async fn in_world_reads_follow_the_new_rows_not_two_minutes_of_the_grid() {
 #[tokio::test]
 async fn a_cms_line_dated_behind_the_newest_rows_is_still_said_once() {
     let env = TestEnv::start().await;
-    let dora = env
-        .db
-        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    let dora = cms_user(&env);
     let relay = crate::inworld::start(&env, &[("inworld.look_back", "6s")]).await;
     let stop = CancellationToken::new();
     let writer = spawn_other_relay(&env, 1, stop.clone());
@@ -225,9 +222,7 @@ async fn a_cms_line_dated_behind_the_newest_rows_is_still_said_once() {
 #[tokio::test]
 async fn a_wide_read_that_keeps_failing_does_not_stop_the_narrow_reads() {
     let env = TestEnv::start().await;
-    let dora = env
-        .db
-        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    let dora = cms_user(&env);
     // Five minutes ago another relay stored 500 lines: the wide read (back over max_age) gets them
     // all, more than the relay accepts in one answer; the narrow reads do not reach them.
     let five_minutes_ago = (Utc::now() - chrono::Duration::minutes(5))

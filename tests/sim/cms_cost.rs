@@ -42,15 +42,11 @@ async fn spawn_cms() -> Cms {
         .timeout(Duration::from_secs(20))
         .build()
         .expect("a client builds");
-    let login: Value = http
-        .post(format!("{base}/auth/username/"))
-        .form(&[("username", "relay"), ("password", PASSWORD)])
-        .send()
-        .await
-        .expect("login answered")
-        .json()
-        .await
-        .expect("login JSON");
+    let login = json(
+        http.post(format!("{base}/auth/username/"))
+            .form(&[("username", "relay"), ("password", PASSWORD)]),
+    )
+    .await;
     let token = login["token"].as_str().expect("a token").to_owned();
     Cms {
         _sim: sim,
@@ -71,32 +67,22 @@ impl Cms {
                        "timestamp": "2026-01-01 12:00:05", "fromCMS": 0})
             })
             .collect();
-        self.http
-            .post(format!("{}/grid/1/chats/?token={}", self.base, self.token))
-            .header("Content-Type", "application/json")
-            .body(Value::Array(batch).to_string())
-            .send()
-            .await
-            .expect("post answered")
-            .json()
-            .await
-            .expect("post JSON")
+        json(
+            self.http
+                .post(format!("{}/grid/1/chats/?token={}", self.base, self.token))
+                .header("Content-Type", "application/json")
+                .body(Value::Array(batch).to_string()),
+        )
+        .await
     }
 
     /// Every row (the cursor 1 is 1970, before any row).
     async fn get_all(&self) -> Vec<Value> {
-        let value: Value = self
-            .http
-            .get(format!(
-                "{}/grid/1/chats/1/?token={}",
-                self.base, self.token
-            ))
-            .send()
-            .await
-            .expect("get answered")
-            .json()
-            .await
-            .expect("get JSON");
+        let value = json(self.http.get(format!(
+            "{}/grid/1/chats/1/?token={}",
+            self.base, self.token
+        )))
+        .await;
         value.as_array().expect("a list of rows").clone()
     }
 
@@ -110,6 +96,12 @@ impl Cms {
         spans.sort_by_key(|span| span.started);
         spans
     }
+}
+
+/// Sends `request` and reads its JSON answer.
+async fn json(request: reqwest::RequestBuilder) -> Value {
+    let response = request.send().await.expect("answered");
+    response.json().await.expect("a JSON answer")
 }
 
 fn model(per_request_ms: u64, workers: usize) -> CostModel {
@@ -222,15 +214,7 @@ async fn busy_time_is_accounted_by_kind_in_the_handle_and_at_sim_busy() {
 
     let busy = cms.handle.busy();
     let root = cms.base.trim_end_matches("/OpenSim-CMS/api");
-    let served: Value = cms
-        .http
-        .get(format!("{root}/sim/busy"))
-        .send()
-        .await
-        .expect("/sim/busy answered")
-        .json()
-        .await
-        .expect("/sim/busy JSON");
+    let served = json(cms.http.get(format!("{root}/sim/busy"))).await;
 
     let counts = |kind: RequestKind| (busy.of(kind).n_requests, busy.of(kind).n_rows);
     assert_eq!(counts(RequestKind::Login), (1, 0));
