@@ -89,11 +89,15 @@ struct Args {
     #[arg(long, default_value_t = 30.0)]
     idle_secs: f64,
     /// Leave the relay's CMS → in-world stage on in the throughput and drain phases. Off by default
-    /// there: it re-reads every CMS row of the last `inworld.look_back` (2 min) every 2 s, so at these
-    /// rates its answers pass `cms.max_response_bytes` and it measures that, not the relay path.
+    /// there: once every `inworld.look_back` it reads twice that of the grid's rows, so at these
+    /// rates that answer passes `cms.max_response_bytes` and it measures that, not the relay path.
     /// The latency and idle phases always run it.
     #[arg(long)]
     inworld: bool,
+    /// Run the simulated CMS at PHP speed with this many PHP workers (`sim cms --cost-model php
+    /// --workers N`); 0 runs it fast, which measures the relay's own cost.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    php_workers: u16,
     /// Highest offered load in the throughput phase, lines/s (what the viewer simulator can say).
     #[arg(long, default_value_t = 50_000.0)]
     max_offered: f64,
@@ -303,6 +307,10 @@ impl Bench {
         }
         if quiet {
             command.arg("--quiet");
+        }
+        if self.args.php_workers > 0 {
+            let workers = self.args.php_workers.to_string();
+            command.args(["--cost-model", "php", "--workers", &workers]);
         }
         let (proc, mut lines) = spawn(command, "sim cms")?;
         let mut users = HashMap::new();

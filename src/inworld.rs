@@ -27,6 +27,10 @@ use crate::zone::Zone;
 const MAX_PART_CHARS: usize = 1000;
 const MAX_PART_BYTES: usize = 1023;
 
+/// How far before the newest row seen a narrow read starts: the CMS stores whole seconds, and
+/// rows of the same moment may be inserted a little out of order by different writers.
+const NARROW_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
+
 /// Why a step failed; the cursor did not move past anything unsaid.
 #[derive(Debug, thiserror::Error)]
 pub enum InworldError {
@@ -71,8 +75,17 @@ pub struct InworldDeps {
 /// The CMS → in-world stage.
 pub struct Inworld {
     deps: InworldDeps,
-    /// When the previous successful read was made; the next starts `look_back` before it.
+    /// When the previous successful read was made (this host's clock).
     last_read: Option<DateTime<Utc>>,
+    /// The newest row timestamp seen on the grid, as an instant in the CMS's zone: narrow reads
+    /// start `NARROW_MARGIN` before it (or before `last_read`, whichever is earlier).
+    newest_seen: Option<DateTime<Utc>>,
+    /// When the last wide read was made: every `look_back` one read reaches `look_back` before
+    /// it, for CMS lines dated behind the newest rows (a browser's clock behind).
+    last_wide: Option<DateTime<Utc>>,
+    /// The last read was a wide one and failed (its answer too large for the CMS's memory limit or
+    /// `cms.max_response_bytes`, say): the next read is narrow, so the stage goes on meanwhile.
+    wide_failed: bool,
     /// The earliest moment the next line may be said (flood control).
     next_slot: Instant,
     /// The highest CMS id said or skipped by this process. The persisted cursor lags it when writing
@@ -90,6 +103,9 @@ impl Inworld {
         Inworld {
             deps,
             last_read: None,
+            newest_seen: None,
+            last_wide: None,
+            wide_failed: false,
             next_slot: Instant::now(),
             handled_up_to: None,
             parts_said: None,
@@ -106,10 +122,21 @@ impl Inworld {
         let look_back =
             chrono::Duration::from_std(self.deps.settings.look_back).unwrap_or_default();
         let max_age = chrono::Duration::from_std(self.deps.settings.max_age).unwrap_or_default();
-        // After a start, reach back over the whole max_age (lines typed while the relay was down).
-        let since = self.last_read.map_or(now - max_age, |t| t) - look_back;
-        let rows = self.deps.cms.chats_since(since.timestamp()).await?;
+        let (since, wide) = self.since(now, look_back, max_age);
+        let rows = match self.deps.cms.chats_since(since.timestamp()).await {
+            Ok(rows) => rows,
+            Err(err) => {
+                self.wide_failed = wide;
+                return Err(err.into());
+            }
+        };
         self.last_read = Some(now);
+        if wide {
+            self.last_wide = Some(now);
+        }
+        self.wide_failed = false;
+        let newest = rows.iter().filter_map(|row| self.dated(row)).max();
+        self.newest_seen = self.newest_seen.max(newest);
         let Some(cursor) = self
             .deps
             .outbox
@@ -190,6 +217,35 @@ impl Inworld {
         Ok(outcome)
     }
 
+    /// Where the next read starts, and whether it is a wide one. Most reads are narrow: they follow
+    /// the new rows, from a little before the newest row seen (or the previous read, if that is
+    /// earlier: a writer whose clock is ahead cannot push the reads past the present), so a read
+    /// returns about the rows added since the previous one, not `look_back` of the whole grid.
+    /// Every `look_back` a wide read reaches `look_back` before the previous wide one, which catches
+    /// every row dated at most `look_back` behind its insertion; the first one after a start reaches
+    /// back over `max_age` too (lines typed while the relay was down), and none reaches further.
+    /// After a failed wide read the next is narrow, then the wide one is tried again.
+    fn since(
+        &self,
+        now: DateTime<Utc>,
+        look_back: chrono::Duration,
+        max_age: chrono::Duration,
+    ) -> (DateTime<Utc>, bool) {
+        let oldest = now - max_age - look_back;
+        let wide_due = self.last_wide.is_none_or(|at| now - at >= look_back);
+        if wide_due && !self.wide_failed {
+            let since = self
+                .last_wide
+                .map_or(oldest, |at| (at - look_back).max(oldest));
+            return (since, true);
+        }
+        let read = self.last_read.unwrap_or(now);
+        let newest = self.newest_seen.map_or(read, |newest| newest.min(read));
+        // Never further back than `look_back` before the previous read: after old-dated rows
+        // (a backlog drained), the newest row seen may be far behind the present.
+        ((newest - NARROW_MARGIN).max(read - look_back), false)
+    }
+
     /// Polls until `token` is cancelled.
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
         tracing::info!("saying CMS lines in-world");
@@ -241,9 +297,13 @@ impl Inworld {
     /// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,
     /// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
     fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        Some(now - self.dated(row)? - chrono::Duration::seconds(1))
+    }
+
+    /// A row's timestamp as an instant (the later one in a repeated hour); `None` when unreadable.
+    fn dated(&self, row: &CmsChat) -> Option<DateTime<Utc>> {
         let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-        let at = self.deps.cms_zone.resolve(naive).into_iter().max()?;
-        Some(now - at - chrono::Duration::seconds(1))
+        self.deps.cms_zone.resolve(naive).into_iter().max()
     }
 
     fn render(&self, row: &CmsChat) -> String {

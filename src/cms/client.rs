@@ -13,7 +13,6 @@ use reqwest::Method;
 use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use tokio::sync::Mutex;
 
 use crate::backoff::RetryPolicy;
 use crate::cms::error::CmsError;
@@ -54,6 +53,9 @@ pub struct CmsEndpoint {
 struct Token {
     value: SecretString,
     last_used: Instant,
+    /// Which login issued it (1 upward): a request that saw it refused logs in again only if no
+    /// other task has done so meanwhile.
+    generation: u64,
 }
 
 /// One CMS answer, read to its end and parsed once (`wire::parse_lenient` tries up to 64 offsets
@@ -100,7 +102,14 @@ pub struct OwnAccount {
 pub struct CmsClient {
     http: reqwest::Client,
     endpoint: CmsEndpoint,
-    token: Mutex<Option<Token>>,
+    /// The token every request uses. Only read and replaced here, never held across a request, so
+    /// delivery, the in-world reads and the avatar lookups do not wait for each other.
+    token: std::sync::Mutex<Option<Token>>,
+    /// Held while logging in: tasks that find no usable token queue here, and all but the first
+    /// find the token the first one got (one login however many need it at once).
+    login_lock: tokio::sync::Mutex<()>,
+    /// The last token's `generation`.
+    n_generations: AtomicU64,
     n_logins: AtomicU64,
     /// Short critical sections, no `.await` while held.
     login_state: std::sync::Mutex<(LoginState, LoginInfo)>,
@@ -161,8 +170,9 @@ impl CmsClient {
             .redirect(reqwest::redirect::Policy::none())
             .timeout(endpoint.timeout)
             .connect_timeout(endpoint.timeout.min(Duration::from_secs(10)))
-            // Tokens are bound to the client address: one kept-alive connection keeps it stable.
-            .pool_max_idle_per_host(1)
+            // Requests run side by side (delivery, in-world reads, avatar lookups), each kept alive
+            // on its own connection; the token is bound to the address, not to a connection.
+            .pool_max_idle_per_host(4)
             .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")));
         // Trusted: the system's store, the bundled web roots, and `cms.ca_file`.
         let http = endpoint
@@ -175,7 +185,9 @@ impl CmsClient {
         Ok(CmsClient {
             http,
             endpoint,
-            token: Mutex::new(None),
+            token: std::sync::Mutex::new(None),
+            login_lock: tokio::sync::Mutex::new(()),
+            n_generations: AtomicU64::new(0),
             n_logins: AtomicU64::new(0),
             login_state: std::sync::Mutex::new((LoginState::NotYet, LoginInfo::default())),
             login_gate: std::sync::Mutex::new(LoginGate {
@@ -258,22 +270,61 @@ impl CmsClient {
     /// Logs in unless a token that has not idled out is held (start-up, so readiness is known
     /// before the first chat line).
     pub async fn ensure_logged_in(&self) -> Result<(), CmsError> {
-        let mut token = self.token.lock().await;
-        if token
-            .as_ref()
-            .is_some_and(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
-        {
-            return Ok(());
-        }
-        *token = Some(self.fresh_token().await?);
-        Ok(())
+        self.token_for_request(None).await.map(|_| ())
     }
 
     /// Logs in now, replacing any token.
     pub async fn login(&self) -> Result<(), CmsError> {
-        let mut token = self.token.lock().await;
-        *token = Some(self.fresh_token().await?);
+        let _login = self.login_lock.lock().await;
+        let value = self.fresh_token().await?;
+        self.store_token(value);
         Ok(())
+    }
+
+    fn lock_token(&self) -> std::sync::MutexGuard<'_, Option<Token>> {
+        self.token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The token and its generation, unless none is held or it has idled out.
+    fn usable_token(&self) -> Option<(SecretString, u64)> {
+        self.lock_token()
+            .as_ref()
+            .filter(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
+            .map(|t| (t.value.clone(), t.generation))
+    }
+
+    fn store_token(&self, value: SecretString) -> u64 {
+        let generation = self.n_generations.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.lock_token() = Some(Token {
+            value,
+            last_used: Instant::now(),
+            generation,
+        });
+        generation
+    }
+
+    /// A token for the next request: the one held, or a fresh login when there is none, it idled
+    /// out, or the CMS just refused generation `refused`. One login at a time: a task that waited
+    /// for another's login uses its token.
+    async fn token_for_request(
+        &self,
+        refused: Option<u64>,
+    ) -> Result<(SecretString, u64), CmsError> {
+        let usable = |held: Option<(SecretString, u64)>| {
+            held.filter(|(_, generation)| Some(*generation) != refused)
+        };
+        if let Some(held) = usable(self.usable_token()) {
+            return Ok(held);
+        }
+        let _login = self.login_lock.lock().await;
+        if let Some(held) = usable(self.usable_token()) {
+            return Ok(held);
+        }
+        let value = self.fresh_token().await?;
+        let generation = self.store_token(value.clone());
+        Ok((value, generation))
     }
 
     /// POSTs a batch to `/grid/<g>/chats/`; the id of the last row on success.
@@ -348,17 +399,14 @@ impl CmsClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CmsError> {
-        let mut token = self.token.lock().await;
+        let mut refused_generation = None;
         for attempt in 0..2 {
-            let current = match token.take() {
-                Some(t) if t.last_used.elapsed() < TOKEN_IDLE_LIMIT => t,
-                _ => self.fresh_token().await?,
-            };
+            let (current, generation) = self.token_for_request(refused_generation).await?;
             let url = format!(
                 "{}{}?token={}",
                 self.endpoint.base_url,
                 path,
-                current.value.expose_secret()
+                current.expose_secret()
             );
             let mut request = self.http.request(method.clone(), url);
             if let Some(body) = &body {
@@ -367,17 +415,10 @@ impl CmsClient {
                     .header("Content-Type", "application/json")
                     .body(body.clone());
             }
-            // A request that fails in transport says nothing about the token: keep it for the retry
-            // rather than logging in again each time.
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(err) => {
-                    *token = Some(current);
-                    return Err(CmsError::transport(err));
-                }
-            };
+            // A request that fails in transport says nothing about the token: it stays for the
+            // retry rather than logging in again each time.
+            let response = request.send().await.map_err(CmsError::transport)?;
             if let Some(err) = redirect_error(&response) {
-                *token = Some(current);
                 return Err(err);
             }
             let status = response.status().as_u16();
@@ -387,22 +428,18 @@ impl CmsClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let body = match self.read_body(response).await {
-                Ok(body) => body,
-                Err(err) => {
-                    *token = Some(current);
-                    return Err(err);
-                }
-            };
+            let body = self.read_body(response).await?;
             let value = wire::parse_lenient(&body);
             let refused = status == 401
                 || value.as_ref().and_then(wire::error_of) == Some(wire::UNAUTHORIZED);
             if !refused {
                 self.set_login_state(LoginState::Valid);
-                *token = Some(Token {
-                    value: current.value,
-                    last_used: Instant::now(),
-                });
+                // The CMS extended the token's idle expiry (unless a newer login replaced it).
+                if let Some(held) = self.lock_token().as_mut()
+                    && held.generation == generation
+                {
+                    held.last_used = Instant::now();
+                }
                 if is_transient_status(status) {
                     return Err(CmsError::Http {
                         status,
@@ -418,6 +455,7 @@ impl CmsClient {
                 });
             }
             tracing::info!(attempt, "cms refused the token; logging in again");
+            refused_generation = Some(generation);
         }
         // Not a failed login: a refusal can mean this route needs a permission the account lacks
         // (spec §2.2: "no token" and "not allowed" look alike), and other routes may work.
@@ -425,7 +463,7 @@ impl CmsClient {
         Err(CmsError::Unauthorized)
     }
 
-    async fn fresh_token(&self) -> Result<Token, CmsError> {
+    async fn fresh_token(&self) -> Result<SecretString, CmsError> {
         {
             let gate = self.lock_login_gate();
             if let Some(retry_in) = gate.wait() {
@@ -452,7 +490,7 @@ impl CmsClient {
         token
     }
 
-    async fn try_fresh_token(&self) -> Result<Token, CmsError> {
+    async fn try_fresh_token(&self) -> Result<SecretString, CmsError> {
         let url = format!("{}/auth/username/", self.endpoint.base_url);
         let form = [
             ("username", self.endpoint.username.as_str()),
@@ -479,10 +517,7 @@ impl CmsClient {
                     self.lock_login_state().1 = LoginInfo { user_id, ip };
                 }
                 tracing::info!(username = %self.endpoint.username, "logged in to the cms");
-                Ok(Token {
-                    value: SecretString::from(token.to_owned()),
-                    last_used: Instant::now(),
-                })
+                Ok(SecretString::from(token.to_owned()))
             }
             // Whatever the CMS said is shown scrubbed: a PHP page can echo the password or a token.
             None => match value.as_ref().and_then(wire::error_of) {

@@ -298,7 +298,8 @@ pub struct InworldSettings {
     /// Pause between CMS reads.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// How far before the previous read each read starts.
+    /// How far back a CMS line may be dated and still be said: every `look_back` one read reaches
+    /// this far before the previous such read (the others follow the newest row seen).
     #[serde(with = "humantime_serde")]
     pub look_back: Duration,
     /// The said text, with `{first}`, `{last}`, `{username}`, `{message}`.

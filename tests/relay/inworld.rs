@@ -32,7 +32,8 @@ fn said(env: &TestEnv) -> Vec<String> {
     env.lg.said().into_iter().map(|s| s.message).collect()
 }
 
-fn cms_user(env: &TestEnv) -> i64 {
+/// Dora, a CMS user who types in the CMS.
+pub fn cms_user(env: &TestEnv) -> i64 {
     env.db
         .add_user("dora", "pw", "Dora", "Admin", Permissions::all())
 }

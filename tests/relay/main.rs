@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod check;
+mod cms_load;
 mod config;
 mod crash;
 mod delivery;

@@ -1,4 +1,5 @@
 //! Tests of the simulators themselves.
 
 mod cms;
+mod cms_cost;
 mod viewer;

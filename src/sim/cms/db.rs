@@ -16,6 +16,7 @@ use chrono_tz::Tz;
 use indexmap::IndexMap;
 use tokio::sync::Notify;
 
+use crate::sim::cms::cost::Meter;
 use crate::sim::cms::php::{Php, parse_decimal, php_error_html, php_string};
 use crate::sim::cms::{
     CmsDialect, CmsSimSettings, Fault, Permissions, RecordedRequest, StoredChat,
@@ -115,6 +116,9 @@ pub(super) struct Shared {
     state: Mutex<State>,
     /// Woken whenever a chat row is stored (for `run_cli`).
     pub(super) stored: Notify,
+    /// The cost model, its workers and the busy time (kept out of `state`: a request waits for a
+    /// worker without holding the tables).
+    pub(super) meter: Meter,
 }
 
 impl Shared {
@@ -152,6 +156,7 @@ impl Shared {
             debug_noise: settings.debug_noise,
             state: Mutex::new(state),
             stored: Notify::new(),
+            meter: Meter::default(),
         }
     }
 

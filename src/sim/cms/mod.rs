@@ -4,8 +4,9 @@
 //!
 //! This file owns the public face: [`CmsSim`] (start, address, stop), [`CmsHandle`] (seed, inspect
 //! and steer it, fault switches for tests) and the types they speak. The rest is split by seam:
-//! `cli` (the `sim cms` entry point, [`run_cli`]), `db` (the in-memory MySQL tables, their insert
-//! and the token lookup), `routes` (`api/index.php`: routing, permissions, writing the answer),
+//! `cli` (the `sim cms` entry point, [`run_cli`]), `cost` (the PHP-speed cost model, its workers and
+//! the busy time by kind of request), `db` (the in-memory MySQL tables, their insert and the token
+//! lookup), `routes` (`api/index.php`: routing, permissions, writing the answer),
 //! the endpoints `auth`, `chat` and `users`, `php` (PHP's values and error pages), `php_input`
 //! (`getInput`, `parse_str`, `urldecode`, `strip_tags`) and `json` (`json_encode`).
 //!
@@ -21,6 +22,7 @@
 mod auth;
 mod chat;
 mod cli;
+mod cost;
 mod db;
 mod json;
 mod php;
@@ -37,7 +39,8 @@ use indexmap::IndexMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::sim::cms::chat::controller_prepare;
-pub use crate::sim::cms::cli::{CmsArgs, run_cli};
+pub use crate::sim::cms::cli::{CmsArgs, CostMode, run_cli};
+pub use crate::sim::cms::cost::{BusySpan, BusyTime, CostModel, KindBusy, RequestKind, Work};
 use crate::sim::cms::db::{AvatarLink, ChatRow, DATE_FORMAT, Grid, Shared, now_in};
 use crate::sim::cms::php::Php;
 use crate::sim::cms::routes::Module;
@@ -326,8 +329,23 @@ impl CmsHandle {
     /// new id, or 0 when the insert fails (unknown user or grid, text outside the BMP), as the API
     /// would answer.
     pub fn add_cms_line(&self, grid_id: i64, user_id: i64, message: &str) -> i64 {
+        self.add_cms_line_dated(grid_id, user_id, message, Duration::ZERO)
+    }
+
+    /// [`CmsHandle::add_cms_line`], dated `behind` before now: typed in a browser whose clock is
+    /// behind (the CMS page sends the browser's time).
+    pub fn add_cms_line_dated(
+        &self,
+        grid_id: i64,
+        user_id: i64,
+        message: &str,
+        behind: Duration,
+    ) -> i64 {
         let shared = &self.shared;
-        let timestamp = now_in(shared.timezone).format(DATE_FORMAT).to_string();
+        let behind = chrono::Duration::from_std(behind).unwrap_or_default();
+        let timestamp = (now_in(shared.timezone) - behind)
+            .format(DATE_FORMAT)
+            .to_string();
         let mut element = IndexMap::new();
         element.insert("userId".to_owned(), Php::Int(user_id));
         element.insert("message".to_owned(), Php::Str(message.as_bytes().to_vec()));
@@ -403,6 +421,24 @@ impl CmsHandle {
     /// Every request received, in order (the newest 100 000 of them).
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.iter().cloned().collect()
+    }
+
+    /// Puts a cost model in force for the requests that start from now: each waits for one of
+    /// `model.workers` PHP workers and holds it as long as the live CMS would take. `None` (the
+    /// default) is fast mode: answered as soon as done, to measure the relay's own cost.
+    pub fn set_cost_model(&self, model: Option<CostModel>) {
+        self.shared.meter.set(model);
+    }
+
+    /// The CMS's busy time by kind of request so far (also served as JSON at `GET /sim/busy`,
+    /// outside the API).
+    pub fn busy(&self) -> BusyTime {
+        self.shared.meter.totals()
+    }
+
+    /// Each request PHP worked on, in the order workers finished them (the newest 100 000).
+    pub fn busy_spans(&self) -> Vec<BusySpan> {
+        self.shared.meter.spans()
     }
 
     /// Requests that matched the chat POST route, whatever their outcome.

@@ -8,8 +8,9 @@
 //! (`crate::sim::http` reads requests and writes responses).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::sim::cms::cost::{RequestKind, Work};
 use crate::sim::cms::db::{Shared, State, now_in};
 use crate::sim::cms::json::Json;
 use crate::sim::cms::php::{PHP_ROOT, php_error_html};
@@ -32,8 +33,24 @@ enum Plan {
     After(Duration, Response),
 }
 
+/// The sim-only path of the busy time by kind (`CmsHandle::busy` as JSON); not PHP, never costed.
+pub(super) const BUSY_PATH: &str = "/sim/busy";
+
 pub(super) async fn handle(shared: Arc<Shared>, request: Request) -> Reply {
-    match plan(&shared, &request) {
+    if request.method == "GET" && request.path == BUSY_PATH {
+        let body = shared.meter.totals().to_json();
+        return Reply::Respond(Response::new(200, "application/json", body));
+    }
+    record(&shared, &request);
+    // A request waits for a PHP worker (only under a cost model), then holds it for its cost.
+    let worker = shared.meter.worker().await;
+    let started = Instant::now();
+    let (plan, work) = plan(&shared, &request);
+    if let Some(work) = work {
+        shared.meter.spend(&worker, work, started).await;
+    }
+    drop(worker);
+    match plan {
         Plan::Now(reply) => reply,
         Plan::After(delay, response) => {
             tokio::time::sleep(delay).await;
@@ -42,7 +59,8 @@ pub(super) async fn handle(shared: Arc<Shared>, request: Request) -> Reply {
     }
 }
 
-fn plan(shared: &Shared, request: &Request) -> Plan {
+/// The request log, in the order requests arrive (before any waits for a worker).
+fn record(shared: &Shared, request: &Request) {
     let mut state = shared.lock();
     if state.requests.len() == MAX_RECORDED_REQUESTS {
         state.requests.pop_front();
@@ -55,18 +73,21 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
         body: request.body.clone(),
         peer: request.peer,
     });
+}
+
+/// What to answer, and the work PHP did for it (`None` when PHP never ran: offline, outside the
+/// API, a proxy's error or hang in front of it).
+fn plan(shared: &Shared, request: &Request) -> (Plan, Option<Work>) {
+    let mut state = shared.lock();
     if state.offline {
-        return Plan::Now(Reply::Close);
+        return (Plan::Now(Reply::Close), None);
     }
     if let Some(status) = state.unavailable {
-        return Plan::Now(Reply::Respond(proxy_error(status)));
+        return (Plan::Now(Reply::Respond(proxy_error(status))), None);
     }
     let Some(url) = api_url(request) else {
-        return Plan::Now(Reply::Respond(Response::new(
-            404,
-            "text/plain",
-            "Not Found\n",
-        )));
+        let not_found = Response::new(404, "text/plain", "Not Found\n");
+        return (Plan::Now(Reply::Respond(not_found)), None);
     };
     let route = route(&request.method, &url);
     let mut fault = None;
@@ -81,13 +102,22 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
             .any(|window| window == text.as_bytes())
     });
     if poisoned && matches!(route, Some((Route::PostChats { .. }, _, _))) {
-        return Plan::Now(Reply::Respond(proxy_error(500)));
+        return (Plan::Now(Reply::Respond(proxy_error(500))), None);
     }
     match fault {
-        Some(Fault::Status(status)) => return Plan::Now(Reply::Respond(proxy_error(status))),
-        Some(Fault::Hang) => return Plan::Now(Reply::NoAnswer),
+        Some(Fault::Status(status)) => {
+            return (Plan::Now(Reply::Respond(proxy_error(status))), None);
+        }
+        Some(Fault::Hang) => return (Plan::Now(Reply::NoAnswer), None),
         _ => {}
     }
+    let kind = match &route {
+        Some((Route::Login(_), _, _)) => RequestKind::Login,
+        Some((Route::PostChats { .. }, _, _)) => RequestKind::ChatPost,
+        Some((Route::GetChats { .. }, _, _)) => RequestKind::ChatGet,
+        Some((Route::GetAvatar { .. }, _, _)) => RequestKind::AvatarLookup,
+        _ => RequestKind::Other,
+    };
     let n_rows_before = state.chats.len();
     let answer = answer(
         shared,
@@ -96,8 +126,16 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
         route,
         fault == Some(Fault::FailLastElement),
     );
-    let stored = state.chats.len() > n_rows_before;
+    let n_stored = state.chats.len() - n_rows_before;
+    let stored = n_stored > 0;
     drop(state);
+    let work = match (&answer, kind) {
+        (Answer::Json(rows), RequestKind::ChatGet) => Work::chat_get(rows),
+        _ => Work {
+            rows_stored: n_stored,
+            ..Work::of(kind)
+        },
+    };
     if stored {
         shared.stored.notify_one();
     }
@@ -109,13 +147,14 @@ fn plan(shared: &Shared, request: &Request) -> Plan {
         fault = ?fault,
         "sim cms request"
     );
-    match fault {
+    let plan = match fault {
         Some(Fault::HangAfterStore) => Plan::Now(Reply::NoAnswer),
         Some(Fault::CloseAfterStore) => Plan::Now(Reply::Close),
         Some(Fault::StatusAfterStore(status)) => Plan::Now(Reply::Respond(proxy_error(status))),
         Some(Fault::Slow(delay)) => Plan::After(delay, response),
         _ => Plan::Now(Reply::Respond(response)),
-    }
+    };
+    (plan, Some(work))
 }
 
 /// An error page such as Apache or a proxy in front of PHP writes.
