@@ -14,7 +14,9 @@
 //! so a failure can be replayed with the same schedule; the timing of the machine is not replayed)
 //! and has `RELAY_MIXED_FAULT_STEPS` steps (default 30, about 15 s). The long run of
 //! docs/RELIABILITY.md: `RELAY_MIXED_FAULT_STEPS=500 cargo test --test relay mixed_faults --
-//! --nocapture`.
+//! --nocapture`. With `RELAY_MIXED_FAULT_LOGS=<dir>`, the relays log delivery and the outbox at
+//! info and a failed run writes the schedule as it ran, every relay's log and the CMS's rows of
+//! the duplicated lines there.
 //!
 //! Left out on purpose: `Fault::FailLastElement`, a row the CMS refuses, whose right outcome is a
 //! dead letter, not a stored row (`faults.rs` and `delivery.rs` cover it).
@@ -233,15 +235,20 @@ struct Relay {
 }
 
 impl Relay {
-    fn start(env: &TestEnv) -> Relay {
+    fn start(env: &TestEnv, verbose: bool) -> Relay {
         let timeout = humantime::format_duration(CMS_TIMEOUT).to_string();
+        let level = if verbose {
+            "warn,opensim_chat_relay::health=info,opensim_chat_relay::delivery=info,opensim_chat_relay::outbox=info,opensim_chat_relay::poller=info"
+        } else {
+            "warn,opensim_chat_relay::health=info"
+        };
         let mut child = env.spawn_relay_process(
             &[
                 ("cms.batch_max_messages", "20"),
                 ("cms.request_timeout", &timeout),
                 ("inworld.enabled", "false"),
                 // The start-up line with the health port, and every warning.
-                ("log.level", "warn,opensim_chat_relay::health=info"),
+                ("log.level", level),
                 ("log.format", "json"),
             ],
             Stdio::piped(),
@@ -278,6 +285,10 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
     eprintln!("mixed faults: seed {seed} (replay: RELAY_MIXED_FAULT_SEED={seed}), {n_steps} steps");
     let plan = schedule(seed, n_steps);
     let started = Instant::now();
+    let logs_dir = std::env::var_os("RELAY_MIXED_FAULT_LOGS").map(std::path::PathBuf::from);
+    let verbose = logs_dir.is_some();
+    let mut ran = Vec::new();
+    let mut logs = Vec::new();
 
     let env = TestEnv::start().await;
     // One of the three speakers is a linked CMS user, so its lookups meet the faults too.
@@ -285,7 +296,8 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
     let chatting = CancellationToken::new();
     let chatter = spawn_chatter(env.lg.clone(), 250.0, chatting.clone());
 
-    let mut relay = Relay::start(&env);
+    let mut relay = Relay::start(&env, verbose);
+    logs.push(relay.log.clone());
     // The GET of each kill's window, and those of kills while the disk was full (the poller held
     // that answer in memory, unstored, since the fill).
     let mut windows = HashSet::new();
@@ -300,9 +312,16 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
                 tally.n_steps,
                 relay.log_tail(20)
             ));
-            relay = Relay::start(&env);
+            relay = Relay::start(&env, verbose);
+            logs.push(relay.log.clone());
             disk_full = false;
         }
+        ran.push(format!(
+            "{} ({:>7.3} s)  relay {}: {step:?} then {then:?}",
+            chrono::Utc::now().format("%H:%M:%S%.3f"),
+            started.elapsed().as_secs_f64(),
+            logs.len() - 1
+        ));
         tally.n_steps += 1;
         let posts_now = env.db.n_chat_posts();
         if matches!(step, Step::PostFaults { .. }) && queue.pending(posts_now) > 0 {
@@ -322,7 +341,8 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
                 }
                 disk_full = false;
                 tokio::time::sleep(*down).await;
-                relay = Relay::start(&env);
+                relay = Relay::start(&env, verbose);
+                logs.push(relay.log.clone());
             }
             Step::FillDisk => {
                 let port = relay.port().await;
@@ -403,6 +423,11 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
         env.lg.n_aborted(),
         tally.unexpected_exits.len()
     );
+    if let Some(dir) = &logs_dir
+        && (!verdict.duplicated.is_empty() || n_lost_outside_windows > 0 || verdict.n_reordered > 0)
+    {
+        keep_logs(dir, seed, &ran, &logs, &env, &verdict.duplicated);
+    }
     assert!(
         tally.unexpected_exits.is_empty(),
         "the relay exited by itself (seed {seed}): {:?}",
@@ -411,6 +436,33 @@ async fn mixed_faults_from_a_seed_lose_and_duplicate_nothing_persisted() {
     assert!(still_running, "the last relay ran to the end (seed {seed})");
     assert!(stopped.success(), "clean stop (seed {seed}): {stopped}");
     verdict.assert_kept(&must_arrive, &format!("mixed faults, seed {seed}"));
+}
+
+/// Writes a failed run's schedule as it ran, every relay's log and the CMS's rows of the
+/// `duplicated` lines under `dir/<seed>/`.
+fn keep_logs(
+    dir: &std::path::Path,
+    seed: u64,
+    ran: &[String],
+    logs: &[Arc<Mutex<String>>],
+    env: &TestEnv,
+    duplicated: &[String],
+) {
+    let dir = dir.join(seed.to_string());
+    std::fs::create_dir_all(&dir).expect("logs dir");
+    std::fs::write(dir.join("schedule.txt"), ran.join("\n")).expect("schedule");
+    for (i, log) in logs.iter().enumerate() {
+        let log = log.lock().expect("log").clone();
+        std::fs::write(dir.join(format!("relay-{i:03}.log")), log).expect("relay log");
+    }
+    let rows: Vec<String> = env
+        .stored()
+        .iter()
+        .filter(|row| duplicated.iter().any(|d| row.message.ends_with(d.as_str())))
+        .map(|row| format!("{row:?}"))
+        .collect();
+    std::fs::write(dir.join("duplicated-rows.txt"), rows.join("\n")).expect("rows");
+    eprintln!("mixed faults: the run's logs are in {}", dir.display());
 }
 
 #[test]
