@@ -797,6 +797,10 @@ mod tests {
                 "cms.batch_max_messages",
             ),
             ("[inworld]\nenabled = 1\n", "inworld.enabled"),
+            (
+                "[cms]\nadaptive_pacing = \"often\"\n",
+                "cms.adaptive_pacing",
+            ),
             ("[inworld]\nchannel = 99999999999\n", "inworld.channel"),
             (
                 "[mapping.users]\n\"Alice Resident\" = 3.5\n",
@@ -824,6 +828,7 @@ mod tests {
             ("inworld.enabled", "off"),
             ("filter.types", "Normal, Shout"),
             ("cms.max_requests_per_second", "2.5"),
+            ("cms.adaptive_pacing", "false"),
         ];
         let settings = Settings::load(None, &overrides).expect("loads");
         assert_eq!(settings.cms.username, "0123");
@@ -832,6 +837,7 @@ mod tests {
         assert!(!settings.inworld.enabled);
         assert_eq!(settings.filter.types, ["Normal", "Shout"]);
         assert_eq!(settings.cms.max_requests_per_second, 2.5);
+        assert!(!settings.cms.adaptive_pacing);
         overrides.push(("cms.grid_id", "-1"));
         let err = Settings::load(None, &overrides).unwrap_err().to_string();
         assert!(err.contains("cms.grid_id"), "{err}");
