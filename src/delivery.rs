@@ -32,6 +32,7 @@ use crate::filter::FilterReason;
 use crate::metrics::Stats;
 use crate::model::fill_template;
 use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine, Prepared};
+use crate::pacing::{Answer, Pacer};
 
 /// How far before the oldest uncertain line a read-back starts, for clock rounding between the relay
 /// and the CMS.
@@ -108,8 +109,8 @@ pub struct DeliveryDeps {
 /// The delivery stage.
 pub struct Delivery {
     deps: DeliveryDeps,
-    /// The earliest moment of the next CMS request (`cms.max_requests_per_second`).
-    next_request: Mutex<tokio::time::Instant>,
+    /// The time left between CMS requests (`cms.adaptive_pacing`, `cms.max_requests_per_second`).
+    pacer: Pacer,
     /// The lines that wait for their own retry. In memory: after a restart they are tried in their
     /// place again, and their persisted `failures` keep the bound.
     holds: Mutex<Holds>,
@@ -170,8 +171,8 @@ impl Delivery {
     /// Builds the stage.
     pub fn new(deps: DeliveryDeps) -> Delivery {
         Delivery {
+            pacer: Pacer::new(deps.settings.pacing),
             deps,
-            next_request: Mutex::new(tokio::time::Instant::now()),
             holds: Mutex::new(Holds::default()),
         }
     }
@@ -332,19 +333,18 @@ impl Delivery {
         tracing::info!(outbox_depth = self.deps.outbox.len(), "delivery stopped");
     }
 
-    /// Waits for the next request slot under `cms.max_requests_per_second`.
-    async fn pace(&self) {
-        if self.deps.settings.max_requests_per_second <= 0.0 {
-            return;
-        }
-        let interval = Duration::from_secs_f64(1.0 / self.deps.settings.max_requests_per_second);
-        let slot = {
-            let mut next = lock(&self.next_request);
-            let slot = (*next).max(tokio::time::Instant::now());
-            *next = slot + interval;
-            slot
+    /// Tells the pacer how a request that started at `started` ended; publishes the gap.
+    fn paced<T>(&self, started: Instant, result: &Result<T, CmsError>, answer: Answer) {
+        let answer = if result.is_ok() {
+            answer
+        } else {
+            Answer::Failed
         };
-        tokio::time::sleep_until(slot).await;
+        let gap = self.pacer.answered(started, answer);
+        self.deps.stats.cms_pacing_gap_micros.store(
+            u64::try_from(gap.as_micros()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Fixes the row of every line that has none yet. The decision is stored with the in-flight mark
@@ -433,14 +433,15 @@ impl Delivery {
         }
         let mut before = batch.first().and_then(|l| l.sent_after).unwrap_or(0);
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
-        self.pace().await;
+        let started = self.pacer.wait().await;
         self.deps.stats.batch_attempted(batch.len());
-        let started = Instant::now();
         let posted = self.deps.cms.post_chats(&items).await;
         self.deps
             .stats
             .post_seconds
             .observe_duration(started.elapsed());
+        let n_rows = batch.len();
+        self.paced(started, &posted, Answer::Stored { n_rows });
         let last_id = match posted {
             Ok(last_id) => last_id,
             Err(err) if answered_with_error(&err) => {
@@ -587,8 +588,10 @@ impl Delivery {
             .min()
             .unwrap_or(0)
             - READ_BACK_MARGIN_SECS;
-        self.pace().await;
-        let rows = match self.deps.cms.chats_since(since).await {
+        let started = self.pacer.wait().await;
+        let read = self.deps.cms.chats_since(since).await;
+        self.paced(started, &read, Answer::Read);
+        let rows = match read {
             Ok(rows) => rows,
             Err(err) if answered_with_error(&err) => {
                 self.failed(&uncertain, err, Attempt::ReadBack, tally)
@@ -721,9 +724,11 @@ impl Delivery {
     /// Whether the CMS answers a chat GET that returns no row: after a failure, it tells an outage
     /// from a failure of the lines' own.
     async fn cms_answers_a_probe(&self) -> bool {
-        self.pace().await;
+        let started = self.pacer.wait().await;
         let ahead = chrono::Utc::now().timestamp() + PROBE_AHEAD_SECS;
-        self.deps.cms.chats_since(ahead).await.is_ok()
+        let probe = self.deps.cms.chats_since(ahead).await;
+        self.paced(started, &probe, Answer::Read);
+        probe.is_ok()
     }
 
     /// The wait after a line's `n_failures`-th failure: the delivery schedule's, full jitter.

@@ -359,6 +359,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "username": state.username,
             "login": login,
             "logins": gauges.cms_logins,
+            "pacing_gap_seconds": get(&stats.cms_pacing_gap_micros) as f64 / 1e6,
         },
         "outbox": {
             "lines": gauges.outbox_lines,

@@ -41,6 +41,7 @@ pub mod model;
 pub mod notice;
 pub mod notify;
 pub mod outbox;
+pub mod pacing;
 pub mod poller;
 pub mod privacy;
 pub mod reload;

@@ -47,6 +47,8 @@ pub struct Stats {
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
     pub batches_delivered: AtomicU64,
+    /// The idle time delivery leaves between its CMS requests, microseconds (a gauge, `pacing`).
+    pub cms_pacing_gap_micros: AtomicU64,
     /// Lines in the last chat POST tried (for the failure logs).
     pub last_batch_size: AtomicU64,
     /// CMS lines said in-world (each part of a split line counts).
@@ -296,6 +298,7 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(get(&stats.delivery_retries))),
         ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
         ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(get(&stats.lines_unresolved))),
+        ("opensim_chat_relay_cms_pacing_gap_seconds", "Idle time delivery leaves the CMS between its requests (0: back to back), set by the adaptive pacing from the CMS's answer times.", Gauge(get(&stats.cms_pacing_gap_micros) as f64 / 1e6)),
         ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(get(&stats.lines_held_back) as f64)),
         ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
         ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),

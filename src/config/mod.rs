@@ -15,6 +15,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::pacing::PacingSettings;
 use crate::zone::Zone;
 
 mod fields;
@@ -146,10 +147,14 @@ pub struct CmsSettings {
     /// A CMS answer larger than this is refused.
     #[serde(deserialize_with = "integer")]
     pub max_response_bytes: usize,
-    /// CMS requests of the delivery per second at most (0 = unpaced), so a backlog after an outage
-    /// does not flatten a small PHP server.
+    /// CMS requests of the delivery per second at most (0 = no cap): a hard cap on top of the
+    /// adaptive pacing.
     #[serde(deserialize_with = "float")]
     pub max_requests_per_second: f64,
+    /// Delivery finds the pace the CMS can take from its answer times (`pacing`); off, only
+    /// `max_requests_per_second` paces it.
+    #[serde(deserialize_with = "boolean")]
+    pub adaptive_pacing: bool,
     /// Read back every batch after `success: true` (OpenSim-CMS 1.1 can report success for a batch
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
     #[serde(deserialize_with = "boolean")]
@@ -173,8 +178,8 @@ pub struct DeliverySettings {
     pub batch_max_bytes: usize,
     /// `cms.batch_linger`
     pub batch_linger: Duration,
-    /// `cms.max_requests_per_second` (0 = unpaced).
-    pub max_requests_per_second: f64,
+    /// `cms.adaptive_pacing` and `cms.max_requests_per_second` (0 = no cap).
+    pub pacing: PacingSettings,
     /// `cms.verify`
     pub verify: bool,
 }
@@ -572,7 +577,7 @@ impl Settings {
         {
             return Err(invalid(
                 "cms.max_requests_per_second",
-                "must be 0 (unpaced) or more",
+                "must be 0 (no cap) or more",
             ));
         }
         if self.outbox.path.as_os_str().is_empty() {
@@ -643,7 +648,10 @@ impl CmsSettings {
             batch_max_messages: self.batch_max_messages,
             batch_max_bytes: self.batch_max_bytes,
             batch_linger: self.batch_linger,
-            max_requests_per_second: self.max_requests_per_second,
+            pacing: PacingSettings {
+                adaptive: self.adaptive_pacing,
+                max_requests_per_second: self.max_requests_per_second,
+            },
             verify: self.verify,
         }
     }
@@ -789,6 +797,10 @@ mod tests {
                 "cms.batch_max_messages",
             ),
             ("[inworld]\nenabled = 1\n", "inworld.enabled"),
+            (
+                "[cms]\nadaptive_pacing = \"often\"\n",
+                "cms.adaptive_pacing",
+            ),
             ("[inworld]\nchannel = 99999999999\n", "inworld.channel"),
             (
                 "[mapping.users]\n\"Alice Resident\" = 3.5\n",
@@ -816,6 +828,7 @@ mod tests {
             ("inworld.enabled", "off"),
             ("filter.types", "Normal, Shout"),
             ("cms.max_requests_per_second", "2.5"),
+            ("cms.adaptive_pacing", "false"),
         ];
         let settings = Settings::load(None, &overrides).expect("loads");
         assert_eq!(settings.cms.username, "0123");
@@ -824,6 +837,7 @@ mod tests {
         assert!(!settings.inworld.enabled);
         assert_eq!(settings.filter.types, ["Normal", "Shout"]);
         assert_eq!(settings.cms.max_requests_per_second, 2.5);
+        assert!(!settings.cms.adaptive_pacing);
         overrides.push(("cms.grid_id", "-1"));
         let err = Settings::load(None, &overrides).unwrap_err().to_string();
         assert!(err.contains("cms.grid_id"), "{err}");

@@ -148,6 +148,7 @@ fn environment_strings_stay_verbatim_and_typed_keys_still_parse() {
             ("RELAY__CMS__BATCH_MAX_MESSAGES", "50"),
             ("RELAY__CMS__ANONYMOUS_USER_ID", "-1"),
             ("RELAY__CMS__MAX_REQUESTS_PER_SECOND", "2.5"),
+            ("RELAY__CMS__ADAPTIVE_PACING", "false"),
             ("RELAY__CMS__VERIFY", "true"),
             ("RELAY__INWORLD__ENABLED", "false"),
             ("RELAY__INWORLD__CHANNEL", "-7"),
@@ -165,6 +166,7 @@ fn environment_strings_stay_verbatim_and_typed_keys_still_parse() {
     assert_eq!(get("cms", "batch_max_messages").as_integer(), Some(50));
     assert_eq!(get("cms", "anonymous_user_id").as_integer(), Some(-1));
     assert_eq!(get("cms", "max_requests_per_second").as_float(), Some(2.5));
+    assert_eq!(get("cms", "adaptive_pacing").as_bool(), Some(false));
     assert_eq!(get("cms", "verify").as_bool(), Some(true));
     assert_eq!(get("inworld", "enabled").as_bool(), Some(false));
     assert_eq!(get("inworld", "channel").as_integer(), Some(-7));

@@ -324,6 +324,10 @@ async fn status_summarises_and_no_endpoint_shows_the_password_or_the_token() {
     assert_eq!(status["ready"], true);
     assert_eq!(status["cms"]["username"], RELAY_USER);
     assert_eq!(status["cms"]["login"], "valid");
+    assert_eq!(
+        status["cms"]["pacing_gap_seconds"], 0.0,
+        "alone, back to back"
+    );
     assert_eq!(status["lines"]["delivered"], 1);
     assert_eq!(status["outbox"]["lines"], 0);
     assert_eq!(
