@@ -408,8 +408,7 @@ username = "relay"
 password = "{RELAY_PASSWORD}"
 timezone = "{CMS_ZONE}"
 batch_max_messages = {batch}
-# Pacing off: the benchmark measures the relay, not `cms.max_requests_per_second` (whose default,
-# 10 requests per second, would make every drain take backlog / 1000 seconds).
+# No hard cap (the default): delivery is paced by its adaptive controller (`cms.adaptive_pacing`).
 max_requests_per_second = 0.0
 
 [http]
