@@ -3,6 +3,7 @@
 //! table compares the relay with the simulated CMS measured in the same run.
 //!
 //! ```sh
+//! cargo run --release --example loadtest -- --report # issue 13's PHP-speed report (≈ 10 min)
 //! cargo run --release --example loadtest            # the full run (a few minutes)
 //! cargo run --release --example loadtest -- --help  # sizes, batch size, line size
 //! cargo run --example loadtest -- --smoke           # seconds; checks that it runs and reports
@@ -21,6 +22,15 @@
 //! - latency: 100 lines/s stamped with the moment they are said; the CMS prints each stored row and
 //!   this process reads it: capture → CMS latency.
 //! - idle: no chat; the relay's CPU time from /proc/<pid>/stat over a window, and its VmRSS.
+//! - grid: 1 relay, then `--grid-relays` relays (each with its own simulated viewer region chatting
+//!   `--grid-rate` lines/s) against one simulated CMS, one grid; the CMS's busy time on chat GETs
+//!   (in-world reads and read-backs) in a window, read from its `GET /sim/busy` before and after,
+//!   as a share of its workers' time.
+//! - third party: this process does a chat GET every `--third-party-ms` like a web user, first with
+//!   the CMS idle, then while a relay drains a `--backlog-lines` backlog; the answer times compared.
+//!
+//! `--report` is the run of issue 13: the CMS at PHP speed (one worker), the relay with its default
+//! configuration (pacing and in-world stage included), every phase except the million-line drain.
 //!
 //! Timings are never asserted: only ratios measured in one run mean something on a shared machine.
 
@@ -104,7 +114,28 @@ struct Args {
     /// Copy the relay's log lines to stderr.
     #[arg(long)]
     verbose: bool,
-    /// Run only these phases (repeatable; default: all).
+    /// Issue 13's report: the simulated CMS at PHP speed (`--php-workers 1` unless given), the
+    /// relay with its default configuration (its own pacing, the in-world stage on in every phase),
+    /// and the phases throughput, backlog, latency, grid, third-party and idle.
+    #[arg(long)]
+    report: bool,
+    /// Relays on one grid in the grid phase's second run (the first runs 1).
+    #[arg(long, default_value_t = 20)]
+    grid_relays: usize,
+    /// Lines per second each grid relay's viewer region says.
+    #[arg(long, default_value_t = 2.0)]
+    grid_rate: f64,
+    /// Seconds of each grid window (after a warm-up); at least `inworld.look_back` (2 min) to
+    /// include the in-world reader's wide read.
+    #[arg(long, default_value_t = 120.0)]
+    grid_secs: f64,
+    /// Milliseconds between the third party's chat GETs.
+    #[arg(long, default_value_t = 100)]
+    third_party_ms: u64,
+    /// Seconds of the third party's GETs against the idle CMS, before the drain.
+    #[arg(long, default_value_t = 10.0)]
+    third_party_idle_secs: f64,
+    /// Run only these phases (repeatable; default: all, or the report's with `--report`).
     #[arg(long, value_enum)]
     phase: Vec<Phase>,
 }
@@ -116,6 +147,8 @@ enum Phase {
     Drain,
     Latency,
     Idle,
+    Grid,
+    ThirdParty,
 }
 
 #[tokio::main]
@@ -129,6 +162,22 @@ async fn main() -> anyhow::Result<()> {
         args.drain_lines = 2_000;
         args.latency_secs = 3.0;
         args.idle_secs = 2.0;
+        args.grid_relays = args.grid_relays.min(3);
+        args.grid_secs = 2.0;
+        args.third_party_idle_secs = 1.0;
+    }
+    if args.report && args.php_workers == 0 {
+        args.php_workers = 1;
+    }
+    if args.report && args.phase.is_empty() {
+        args.phase = vec![
+            Phase::Throughput,
+            Phase::Backlog,
+            Phase::Latency,
+            Phase::Grid,
+            Phase::ThirdParty,
+            Phase::Idle,
+        ];
     }
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     let bin = match &args.bin {
@@ -189,6 +238,20 @@ async fn main() -> anyhow::Result<()> {
             met: (drain.hwm_bytes as f64) <= 48.0 * MIB,
         });
     }
+    if run(Phase::Grid) {
+        let mut sizes = vec![1, bench.args.grid_relays.max(1)];
+        sizes.dedup();
+        for n_relays in sizes {
+            eprintln!("== grid, {n_relays} relays");
+            let grid = bench.grid(n_relays).await?;
+            rows.push(grid.row(&bench.args));
+        }
+    }
+    if run(Phase::ThirdParty) {
+        eprintln!("== third party while draining");
+        let third = bench.third_party().await?;
+        rows.push(third.row(&bench.args));
+    }
     if run(Phase::Idle) {
         eprintln!("== idle");
         let idle = bench.idle().await?;
@@ -203,10 +266,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "\nopensim-chat-relay load test: batch {} lines, lines of ~{} bytes, {} cores{}\n",
+        "\nopensim-chat-relay load test: batch {} lines, lines of ~{} bytes, {} cores, CMS {}, relay {}{}\n",
         bench.args.batch,
         line_len(&bench.args),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match bench.args.php_workers {
+            0 => "fast".to_owned(),
+            n => format!("at PHP speed ({n} worker{})", if n == 1 { "" } else { "s" }),
+        },
+        if bench.args.report {
+            "default configuration"
+        } else {
+            "unpaced"
+        },
         if bench.args.smoke {
             " (smoke run: sizes too small to mean anything)"
         } else {
@@ -408,8 +480,7 @@ username = "relay"
 password = "{RELAY_PASSWORD}"
 timezone = "{CMS_ZONE}"
 batch_max_messages = {batch}
-# No hard cap (the default): delivery is paced by its adaptive controller (`cms.adaptive_pacing`).
-max_requests_per_second = 0.0
+{pacing}
 
 [http]
 # A free port: several relays start one after another.
@@ -434,6 +505,14 @@ format = "json"
             status = viewer.status_url,
             base = cms.base_url,
             batch = self.args.batch,
+            // `--report` keeps the relay's own pacing (adaptive, no cap); otherwise pacing is off,
+            // so that the run measures the relay, not its controller.
+            pacing = if self.args.report {
+                "# The default pacing (--report)."
+            } else {
+                "adaptive_pacing = false\nmax_requests_per_second = 0.0"
+            },
+            inworld = inworld || self.args.report,
             alice = cms.users.get("alice").copied().unwrap_or(-1),
             bob = cms.users.get("bob").copied().unwrap_or(-1),
             outbox = outbox.display(),
@@ -486,9 +565,8 @@ format = "json"
         })
     }
 
-    /// Lines per second the simulated CMS takes from one client posting relay-shaped batches back
-    /// to back over one connection.
-    async fn ceiling(&self, cms: &CmsProc) -> anyhow::Result<f64> {
+    /// This process's own client of the simulated CMS, logged in (with a token of its own).
+    async fn cms_client(&self, cms: &CmsProc) -> anyhow::Result<CmsClient> {
         let client = CmsClient::new(CmsEndpoint {
             base_url: cms.base_url.clone(),
             grid_id: 1,
@@ -499,6 +577,13 @@ format = "json"
             max_response_bytes: 16 << 20,
         })?;
         client.login().await?;
+        Ok(client)
+    }
+
+    /// Lines per second the simulated CMS takes from one client posting relay-shaped batches back
+    /// to back over one connection.
+    async fn ceiling(&self, cms: &CmsProc) -> anyhow::Result<f64> {
+        let client = self.cms_client(cms).await?;
         let alice = cms.users.get("alice").copied().unwrap_or(-1);
         let bob = cms.users.get("bob").copied().unwrap_or(-1);
         // Rows dated long ago cost the CMS the same to store, but stay out of the windows the relay
@@ -587,32 +672,101 @@ format = "json"
         let relay = self
             .start_relay(name, &viewer, &cms, &outbox_dir, self.args.inworld)
             .await?;
-        let deadline = Duration::from_secs(3600);
-        let mut peak_rss = 0;
-        while cms.n_stored.load(Ordering::Relaxed) - stored_0 < n_lines {
-            if started.elapsed() > deadline {
-                bail!("the {name} drain did not finish within {deadline:?}");
-            }
-            if let Some(status) = relay_exited(&relay) {
-                bail!("the relay exited during the {name} drain: {status}");
-            }
-            peak_rss = peak_rss.max(memory(relay.proc.pid)?.rss);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let peak_rss = wait_drained(&cms, &relay, stored_0, n_lines, name).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let memory = memory(relay.proc.pid)?;
-        let n_stored = cms.n_stored.load(Ordering::Relaxed) - stored_0;
         relay.proc.stop().await?;
         viewer.proc.stop().await?;
         cms.proc.stop().await?;
-        if n_stored != n_lines {
-            eprintln!("warning: the CMS stored {n_stored} rows for {n_lines} lines");
-        }
         Ok(Drain {
             n_lines,
             seconds: elapsed,
             ceiling,
             hwm_bytes: memory.hwm.max(peak_rss),
+        })
+    }
+
+    /// `n_relays` relays, each with its own viewer region saying `--grid-rate` lines/s, against one
+    /// CMS (one grid): the CMS's busy time in a window after a warm-up.
+    async fn grid(&self, n_relays: usize) -> anyhow::Result<Grid> {
+        let cms = self.start_cms(true).await?;
+        let mut regions = Vec::with_capacity(n_relays);
+        for i in 0..n_relays {
+            let viewer = self.start_viewer(self.args.grid_rate, false).await?;
+            let name = format!("grid{n_relays}-{i}");
+            let outbox = self.work.join(format!("{name}-outbox"));
+            let relay = self
+                .start_relay(&name, &viewer, &cms, &outbox, true)
+                .await?;
+            regions.push((relay, viewer));
+        }
+        // Past the first reads (each relay's first in-world read is a wide one).
+        let warm_up = if self.args.smoke { 1.0 } else { 10.0 };
+        tokio::time::sleep(Duration::from_secs_f64(warm_up)).await;
+        let http = reqwest::Client::new();
+        let busy_0 = cms_busy(&http, &cms.base_url).await?;
+        let started = Instant::now();
+        tokio::time::sleep(Duration::from_secs_f64(self.args.grid_secs)).await;
+        let busy_1 = cms_busy(&http, &cms.base_url).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut rss_bytes = 0;
+        let mut n_failures = 0;
+        for (relay, _) in &regions {
+            rss_bytes += memory(relay.proc.pid)?.rss;
+            n_failures += relay.log.n_failures.load(Ordering::Relaxed);
+        }
+        for (relay, viewer) in regions {
+            relay.proc.stop().await?;
+            viewer.proc.stop().await?;
+        }
+        cms.proc.stop().await?;
+        if n_failures > 0 {
+            eprintln!("warning: {n_failures} delivery failures with {n_relays} relays");
+        }
+        let workers = f64::from(self.args.php_workers.max(1));
+        Ok(Grid {
+            n_relays,
+            busy: busy_1.since(&busy_0),
+            window_ms: elapsed * 1000.0 * workers,
+            rss_bytes,
+        })
+    }
+
+    /// A third party's chat GET every `--third-party-ms`: against the idle CMS, then while the relay
+    /// drains `--backlog-lines` lines.
+    async fn third_party(&self) -> anyhow::Result<ThirdParty> {
+        let n_lines = self.args.backlog_lines;
+        let outbox_dir = self.work.join("third-party-outbox");
+        fill_outbox(&outbox_dir, n_lines, self.args.line_bytes).await?;
+        let cms = self.start_cms(true).await?;
+        let viewer = self.start_viewer(0.0, false).await?;
+        let client = Arc::new(self.cms_client(&cms).await?);
+        // Newer than every backlog row: the same empty answer before and during the drain, so the
+        // answer time is the CMS's own (its workers' queue), not the size of the answer.
+        let since = Utc::now().timestamp() + 1;
+        let every = Duration::from_millis(self.args.third_party_ms.max(1));
+        let idle_for = Duration::from_secs_f64(self.args.third_party_idle_secs);
+        let idle = answer_times(&client, since, every, Some(idle_for), None).await?;
+        let stored_0 = cms.n_stored.load(Ordering::Relaxed);
+        let relay = self
+            .start_relay("third-party", &viewer, &cms, &outbox_dir, self.args.inworld)
+            .await?;
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = tokio::spawn({
+            let (client, done) = (client.clone(), done.clone());
+            async move { answer_times(&client, since, every, None, Some(&done)).await }
+        });
+        let drained = wait_drained(&cms, &relay, stored_0, n_lines, "third-party").await;
+        done.store(true, Ordering::Relaxed);
+        let busy = sampler.await.context("the third party's GETs")??;
+        relay.proc.stop().await?;
+        viewer.proc.stop().await?;
+        cms.proc.stop().await?;
+        drained?;
+        Ok(ThirdParty {
+            n_lines,
+            idle: Answers::of(idle),
+            busy: Answers::of(busy),
         })
     }
 
@@ -651,12 +805,11 @@ format = "json"
             "no stamped line reached the CMS in the latency phase"
         );
         latencies.sort_by(f64::total_cmp);
-        let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
         Ok(Latency {
             n_lines: latencies.len(),
-            p50: quantile(0.5),
-            p99: quantile(0.99),
-            max: quantile(1.0),
+            p50: quantile(&latencies, 0.5),
+            p99: quantile(&latencies, 0.99),
+            max: quantile(&latencies, 1.0),
             rss_bytes: memory.rss,
         })
     }
@@ -759,6 +912,191 @@ impl Latency {
             met: self.p99 <= POLL_INTERVAL_MS + 25.0,
         }]
     }
+}
+
+struct Grid {
+    n_relays: usize,
+    /// The CMS's busy time by kind in the window.
+    busy: Busy,
+    /// The window times the CMS's workers: the worker time there was.
+    window_ms: f64,
+    /// The relays' VmRSS, summed.
+    rss_bytes: u64,
+}
+
+impl Grid {
+    fn row(&self, args: &Args) -> Row {
+        let reads = self.busy.get("chat_get");
+        let share = 100.0 * reads.busy_ms / self.window_ms;
+        let posts = 100.0 * self.busy.get("chat_post").busy_ms / self.window_ms;
+        Row {
+            measure: format!(
+                "CMS time on chat GETs (in-world reads, read-backs), {} relay{} on one grid at {} lines/s each ({} GETs, {} rows read; POSTs {posts:.1} %; relays' RSS {:.0} MiB)",
+                self.n_relays,
+                if self.n_relays == 1 { "" } else { "s" },
+                args.grid_rate,
+                reads.requests,
+                reads.rows,
+                self.rss_bytes as f64 / MIB,
+            ),
+            relay: format!("{:.0} ms", reads.busy_ms),
+            reference: format!("{:.0} s of CMS worker time", self.window_ms / 1000.0),
+            ratio: format!("{share:.1} %"),
+            target: "≤ 5 %".into(),
+            met: share <= 5.0,
+        }
+    }
+}
+
+struct ThirdParty {
+    n_lines: u64,
+    idle: Answers,
+    busy: Answers,
+}
+
+impl ThirdParty {
+    fn row(&self, args: &Args) -> Row {
+        let ratio = self.busy.mean / self.idle.mean;
+        Row {
+            measure: format!(
+                "a third party's chat GET every {} ms while the relay drains {} lines: mean / p50 / p99 ({} GETs)",
+                args.third_party_ms, self.n_lines, self.busy.n
+            ),
+            relay: format!(
+                "{:.1} / {:.1} / {:.1} ms",
+                self.busy.mean, self.busy.p50, self.busy.p99
+            ),
+            reference: format!(
+                "idle {:.1} / {:.1} / {:.1} ms",
+                self.idle.mean, self.idle.p50, self.idle.p99
+            ),
+            ratio: format!("{ratio:.2}× (mean)"),
+            target: "≤ 2×".into(),
+            met: ratio <= 2.0,
+        }
+    }
+}
+
+/// Answer times in milliseconds, summarised.
+struct Answers {
+    n: usize,
+    mean: f64,
+    p50: f64,
+    p99: f64,
+}
+
+impl Answers {
+    fn of(mut ms: Vec<f64>) -> Answers {
+        ms.sort_by(f64::total_cmp);
+        Answers {
+            n: ms.len(),
+            mean: ms.iter().sum::<f64>() / ms.len().max(1) as f64,
+            p50: quantile(&ms, 0.5),
+            p99: quantile(&ms, 0.99),
+        }
+    }
+}
+
+/// The `q` quantile of `sorted` (nearest rank; 0 when empty).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+/// A chat GET for rows since `since` every `every`, for `duration` or until `done`; the answer times
+/// in milliseconds.
+async fn answer_times(
+    client: &CmsClient,
+    since: i64,
+    every: Duration,
+    duration: Option<Duration>,
+    done: Option<&std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Vec<f64>> {
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut times = Vec::new();
+    loop {
+        ticks.tick().await;
+        if duration.is_some_and(|d| started.elapsed() >= d)
+            || done.is_some_and(|d| d.load(Ordering::Relaxed))
+        {
+            return Ok(times);
+        }
+        let asked = Instant::now();
+        client.chats_since(since).await?;
+        times.push(asked.elapsed().as_secs_f64() * 1000.0);
+    }
+}
+
+/// Waits until the CMS stored `n_lines` rows more than `stored_0`; the relay's peak VmRSS meanwhile.
+async fn wait_drained(
+    cms: &CmsProc,
+    relay: &RelayProc,
+    stored_0: u64,
+    n_lines: u64,
+    name: &str,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    let deadline = Duration::from_secs(3600);
+    let mut peak_rss = 0;
+    while cms.n_stored.load(Ordering::Relaxed) - stored_0 < n_lines {
+        if started.elapsed() > deadline {
+            bail!("the {name} drain did not finish within {deadline:?}");
+        }
+        if let Some(status) = relay_exited(relay) {
+            bail!("the relay exited during the {name} drain: {status}");
+        }
+        peak_rss = peak_rss.max(memory(relay.proc.pid)?.rss);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n_stored = cms.n_stored.load(Ordering::Relaxed) - stored_0;
+    if n_stored != n_lines {
+        eprintln!("warning: the CMS stored {n_stored} rows for {n_lines} lines");
+    }
+    Ok(peak_rss)
+}
+
+/// One kind's account in the simulated CMS's `GET /sim/busy`.
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+struct KindBusy {
+    requests: u64,
+    rows: u64,
+    busy_ms: f64,
+}
+
+/// The simulated CMS's busy time by kind of request (`GET /sim/busy`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct Busy(HashMap<String, KindBusy>);
+
+impl Busy {
+    fn get(&self, kind: &str) -> KindBusy {
+        self.0.get(kind).copied().unwrap_or_default()
+    }
+
+    /// What was spent between `before` and this.
+    fn since(&self, before: &Busy) -> Busy {
+        let kinds = self.0.iter().map(|(kind, now)| {
+            let then = before.get(kind);
+            let spent = KindBusy {
+                requests: now.requests.saturating_sub(then.requests),
+                rows: now.rows.saturating_sub(then.rows),
+                busy_ms: now.busy_ms - then.busy_ms,
+            };
+            (kind.clone(), spent)
+        });
+        Busy(kinds.collect())
+    }
+}
+
+async fn cms_busy(http: &reqwest::Client, base_url: &str) -> anyhow::Result<Busy> {
+    // Served at the simulator's root, outside the API (`/OpenSim-CMS/api`).
+    let root = base_url.split("/OpenSim-CMS").next().unwrap_or(base_url);
+    let url = format!("{}/sim/busy", root.trim_end_matches('/'));
+    let response = http.get(&url).send().await?.error_for_status()?;
+    response.json().await.context("decoding /sim/busy")
 }
 
 struct Idle {
