@@ -74,19 +74,22 @@ impl Outbox {
             return Ok(0);
         };
         let store = self.store()?;
-        self.drop_while(&store, "older than outbox.max_age", |line, _| {
+        self.drop_while(&store, "older than outbox.max_age", false, |line, _| {
             line.line.captured_at < cutoff
         })
         .await
     }
 
     /// Under `drop_oldest`, drops the oldest lines while the outbox holds more than `max_bytes`. Run
-    /// after every write that can grow it (an append, a rewrite). A line dropped while its batch is in
-    /// flight may still reach the CMS; it is counted as dropped all the same.
+    /// after every write that can grow it (an append, a rewrite). Lines in flight are passed over:
+    /// their POST may store them whatever the outbox does, so dropping them would free nothing for
+    /// long and count as dropped a line the CMS has (and marking a batch in flight, which writes its
+    /// prepared rows, grows exactly the oldest records). The bound can thus be passed by at most one
+    /// batch while it is in flight.
     pub(super) async fn enforce_max_bytes(&self, store: &Store) -> Result<(), OutboxError> {
         let max_bytes = self.limits.max_bytes;
         if self.limits.when_full == WhenFull::DropOldest && self.bytes() > max_bytes {
-            self.drop_while(store, "outbox.max_bytes reached", |_, outbox| {
+            self.drop_while(store, "outbox.max_bytes reached", true, |_, outbox| {
                 outbox.bytes() > max_bytes
             })
             .await?;
@@ -94,11 +97,13 @@ impl Outbox {
         Ok(())
     }
 
-    /// Drops pending lines from the oldest on while `condition` holds, logging each at warn.
+    /// Drops pending lines from the oldest on while `condition` holds, logging each at warn; with
+    /// `spare_in_flight`, lines in flight are passed over, neither dropped nor ending the walk.
     async fn drop_while(
         &self,
         store: &Store,
         reason: &str,
+        spare_in_flight: bool,
         condition: impl Fn(&PendingLine, &Outbox) -> bool,
     ) -> Result<usize, OutboxError> {
         let mut n_dropped = 0;
@@ -109,6 +114,9 @@ impl Outbox {
             let Some(line) = decode_pending(&key, &value) else {
                 continue;
             };
+            if spare_in_flight && line.in_flight {
+                continue;
+            }
             if !condition(&line, self) {
                 break;
             }
