@@ -10,8 +10,8 @@
 //!
 //! A failure is the lines' own when the CMS answered it with an error (an error page or HTTP 500
 //! for their POST or their read-back) and answers a probe right after it: those lines wait for their own retry, with
-//! their own backoff, while newer lines go on (the newer lines of a speaker whose POST failed wait
-//! behind it, so that a speaker's order holds), and after `retry.max_line_failures` such failures
+//! their own backoff, while newer lines go on (the newer lines of their speakers wait behind them,
+//! so that a speaker's order holds), and after `retry.max_line_failures` such failures
 //! they go to the dead letters with a reason that says what to check. Any other failure is an
 //! outage: the lines keep their place and the loop backs off, for as long as it lasts.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
@@ -134,10 +134,11 @@ enum Attempt {
 /// A line that failed on its own, passed over until `not_before`.
 struct Held {
     not_before: tokio::time::Instant,
-    /// The speaker whose newer lines wait behind it: after a failed POST, the line is resent once a
-    /// read-back finds it missing, and must not arrive after them. `None` after a read-back the CMS
-    /// could not answer: such a line is resent only if a later read-back finds it missing.
-    speaker: Option<String>,
+    /// The speaker whose newer lines wait behind it: after a failed POST or a read-back the CMS
+    /// could not answer, the line is resent if a later read-back finds it missing, and must not
+    /// arrive after them. The wait is bounded: after `retry.max_line_failures` the line goes to the
+    /// dead letters and its speaker goes on.
+    speaker: String,
 }
 
 #[derive(Default)]
@@ -152,7 +153,7 @@ struct Holds {
 
 impl Holds {
     /// Whether `line` may be sent now: it does not wait for a retry, and no older line of its
-    /// speaker waits behind a failed POST.
+    /// speaker is held.
     fn may_send(&self, line: &PendingLine, now: tokio::time::Instant) -> bool {
         if self
             .lines
@@ -161,9 +162,10 @@ impl Holds {
         {
             return false;
         }
-        !self.lines.iter().any(|(id, held)| {
-            *id < line.id && held.speaker.as_deref() == Some(line.line.speaker.as_str())
-        })
+        !self
+            .lines
+            .iter()
+            .any(|(id, held)| *id < line.id && held.speaker == line.line.speaker)
     }
 }
 
@@ -700,12 +702,11 @@ impl Delivery {
         {
             let mut holds = lock(&self.holds);
             for line in &kept {
-                let speaker = (attempt == Attempt::Post).then(|| line.line.speaker.clone());
                 holds.lines.insert(
                     line.id,
                     Held {
                         not_before,
-                        speaker,
+                        speaker: line.line.speaker.clone(),
                     },
                 );
             }

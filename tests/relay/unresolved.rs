@@ -1,6 +1,7 @@
-//! Lines the CMS cannot settle hold back only themselves: a read-back the CMS cannot answer (a
-//! live OpenSim-CMS runs out of PHP memory on a chat GET of more than about 50 000 rows) and a line
-//! whose POST it keeps failing wait for their own bounded retries while newer lines are delivered,
+//! Lines the CMS cannot settle hold back only themselves and their speaker's newer lines: a
+//! read-back the CMS cannot answer (a live OpenSim-CMS runs out of PHP memory on a chat GET of more
+//! than about 50 000 rows) and a line whose POST it keeps failing wait for their own bounded retries
+//! while other speakers' lines are delivered,
 //! then end in the dead letters with a reason that says what to check; nothing is resent blindly,
 //! and `/readyz`, the metrics and `outbox dead` show it.
 
@@ -184,6 +185,62 @@ async fn a_line_waiting_for_its_read_back_shows_in_readyz_and_is_settled_once_th
         "each once"
     );
     assert_eq!((n_dead, n_reconciled), (0, 1), "found by the read-back");
+}
+
+#[tokio::test]
+async fn a_line_whose_read_back_fails_keeps_its_speakers_order_when_it_turns_out_unsent() {
+    let env = TestEnv::start().await;
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    env.db.set_memory_limit_rows(Some(20));
+    for n in 0..30 {
+        env.db.add_cms_line(1, dora, &format!("busy {n}"));
+    }
+    // The POST is lost before the CMS stores it: its outcome is unknown, and its read-back fails
+    // on the memory limit while the CMS answers the probe.
+    env.db.fault_next(1, Fault::Hang);
+    let relay = start(
+        &env,
+        &[
+            ("retry.max_line_failures", "1000"),
+            ("cms.request_timeout", "300ms"),
+        ],
+    )
+    .await;
+
+    env.lg.say(ALICE, "first");
+    eventually(PATIENCE, "the line held after its read-back", || async {
+        relay
+            .get("/metrics")
+            .await
+            .1
+            .contains("opensim_chat_relay_lines_held_back 1\n")
+    })
+    .await;
+    env.lg.say(ALICE, "second");
+    env.lg.say(BOB, "bob's line");
+    // Another speaker is not held back.
+    stored(&env, "[Bob Resident] bob's line").await;
+    env.db.set_memory_limit_rows(None);
+    eventually(PATIENCE, "the outbox empty", || async {
+        relay.outbox.is_empty()
+    })
+    .await;
+    relay.stop().await;
+
+    let alice: Vec<String> = env
+        .relayed_rows()
+        .into_iter()
+        .map(|(_, message)| message)
+        .filter(|m| m.starts_with("[Alice"))
+        .collect();
+    // The read-back finds the first line missing and resends it; the second waited behind it.
+    assert_eq!(
+        alice,
+        ["[Alice Resident] first", "[Alice Resident] second"],
+        "each once, in order"
+    );
 }
 
 #[tokio::test]
