@@ -202,17 +202,20 @@ async fn main() -> anyhow::Result<()> {
     if run(Phase::Backlog) {
         eprintln!("== backlog drain");
         let backlog = bench.drain(bench.args.backlog_lines, "backlog").await?;
-        rows.push(backlog.row(&format!(
-            "backlog drain, {} lines",
-            bench.args.backlog_lines
-        )));
+        rows.push(backlog.row(
+            &format!("backlog drain, {} lines", bench.args.backlog_lines),
+            &bench.args,
+        ));
         drained = Some(backlog);
     }
     let reuse = drained.is_some() && bench.args.drain_lines == bench.args.backlog_lines;
     if run(Phase::Drain) && !reuse && bench.args.drain_lines > 0 {
         eprintln!("== drain memory");
         let drain = bench.drain(bench.args.drain_lines, "drain").await?;
-        rows.push(drain.row(&format!("drain, {} lines", bench.args.drain_lines)));
+        rows.push(drain.row(
+            &format!("drain, {} lines", bench.args.drain_lines),
+            &bench.args,
+        ));
         drained = Some(drain);
     }
     if run(Phase::Latency) {
@@ -862,10 +865,16 @@ impl Throughput {
             relay: format!("{:.0} lines/s", self.delivered),
             reference: format!("ceiling {:.0} lines/s", self.ceiling),
             ratio: format!("{ratio:.2}"),
-            target: "≥ 0.8".into(),
-            met: ratio >= 0.8,
+            target: format!("≥ {:.1}", ceiling_target(args)),
+            met: ratio >= ceiling_target(args),
         }]
     }
+}
+
+/// The share of the direct ceiling the relay is to reach: 0.9 against the PHP-speed CMS (issue
+/// 13, where the CMS's time dominates), 0.8 against the fast one (where the relay's own cost shows).
+fn ceiling_target(args: &Args) -> f64 {
+    if args.php_workers > 0 { 0.9 } else { 0.8 }
 }
 
 struct Drain {
@@ -876,7 +885,7 @@ struct Drain {
 }
 
 impl Drain {
-    fn row(&self, measure: &str) -> Row {
+    fn row(&self, measure: &str, args: &Args) -> Row {
         let rate = self.n_lines as f64 / self.seconds;
         let ratio = rate / self.ceiling;
         Row {
@@ -884,8 +893,8 @@ impl Drain {
             relay: format!("{:.1} s = {rate:.0} lines/s", self.seconds),
             reference: format!("ceiling {:.0} lines/s", self.ceiling),
             ratio: format!("{ratio:.2}"),
-            target: "≥ 0.8".into(),
-            met: ratio >= 0.8,
+            target: format!("≥ {:.1}", ceiling_target(args)),
+            met: ratio >= ceiling_target(args),
         }
     }
 }

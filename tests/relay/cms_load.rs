@@ -1,7 +1,9 @@
 //! What the relay asks of the CMS: its requests do not wait for each other (a chat POST is never
 //! held behind a slow chat GET), a login is shared by whoever needs it at the same time, and the
-//! in-world reads follow the new rows instead of re-reading two minutes of the grid. Checked through
-//! the simulator's busy spans and request log (counts and order), not through timing.
+//! in-world reads follow the new rows instead of re-reading two minutes of the grid, and delivery
+//! leaves a CMS that slows down idle between its requests until it is fast again. Checked through
+//! the simulator's busy spans and request log (counts and order) and the relay's metrics, not
+//! through timing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::cms::{ChatItem, CmsClient};
-use opensim_chat_relay::sim::cms::{BusySpan, CostModel, RequestKind};
+use opensim_chat_relay::sim::cms::{BusySpan, CostModel, Fault, RequestKind};
 use secrecy::SecretString;
 
-use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually};
+use crate::health::Observed;
+use crate::helpers::{PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, eventually, metric};
 use crate::inworld::cms_user;
 
 fn client(env: &TestEnv) -> Arc<CmsClient> {
@@ -253,4 +256,63 @@ async fn a_wide_read_that_keeps_failing_does_not_stop_the_narrow_reads() {
     // The wide read was tried again between the narrow ones, and failed each time.
     let gets = spans(&env, RequestKind::ChatGet);
     assert!(gets.iter().filter(|get| get.work.rows_read >= 500).count() >= 2);
+}
+
+const PACING_GAP: &str = "opensim_chat_relay_cms_pacing_gap_seconds";
+
+async fn pacing_gap(relay: &Observed) -> f64 {
+    metric(&relay.get("/metrics").await.1, PACING_GAP).expect("the pacing gauge")
+}
+
+/// Alice says lines `from..from + n`; returns once the CMS stored them.
+async fn say_and_wait(env: &TestEnv, from: usize, n: usize) {
+    for i in from..from + n {
+        env.lg.say("Alice Resident", &format!("line {i}"));
+    }
+    eventually(PATIENCE, "every line stored", || async {
+        env.stored().len() >= from + n
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delivery_backs_off_a_cms_that_slows_down_and_is_back_to_back_once_it_is_fast_again() {
+    let env = TestEnv::start().await;
+    // One line per POST, so that each line is an answer the controller sees.
+    let relay = Observed::start(
+        &env,
+        "",
+        &[
+            ("inworld.enabled", "false"),
+            ("cms.batch_max_messages", "1"),
+        ],
+    )
+    .await;
+    // Fast answers set the baselines and leave no gap.
+    say_and_wait(&env, 0, 5).await;
+    assert_eq!(pacing_gap(&relay).await, 0.0);
+
+    // Three answers of half a second, far above a loopback POST's baseline: each halves the share
+    // of time the relay keeps the CMS busy, and the idle gap after an answer grows.
+    env.db
+        .fault_next(3, Fault::Slow(Duration::from_millis(500)));
+    say_and_wait(&env, 5, 3).await;
+    let gap_when_slow = pacing_gap(&relay).await;
+
+    // Fast again: the duty cycle grows back by additive steps to back-to-back requests (from 1/8
+    // in 18 answers; 40 leave room for an answer a busy machine makes look slow).
+    say_and_wait(&env, 8, 40).await;
+    eventually(PATIENCE, "no gap once the CMS is fast again", || async {
+        pacing_gap(&relay).await == 0.0
+    })
+    .await;
+    relay.stop().await;
+
+    // The eighth line stored, the second slow answer has come: the duty cycle is 1/4 or less, a
+    // gap of at least 3 x 0.5 s (after the third, 1/8: 7 x 0.5 s, capped at 2 s).
+    assert!(
+        gap_when_slow >= 1.0,
+        "a gap of {gap_when_slow} s after three slow answers"
+    );
+    assert_eq!(env.stored().len(), 48, "each line once");
 }

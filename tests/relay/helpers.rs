@@ -409,6 +409,13 @@ pub async fn until_done_or_stalled(
 /// A generous limit for conditions that take milliseconds on an idle machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The value of the unlabelled metric `name` in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
 /// The size of a long fault run: the environment variable `var` (an operator's long run), else
 /// `default` (the suite's short run).
 pub fn cycles(var: &str, default: usize) -> usize {

@@ -15,7 +15,9 @@ use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
 use crate::disk_full::{catch_up, outbox_ready_again};
-use crate::helpers::{PATIENCE, TestEnv, collect_stderr, eventually, health_port, readyz, sigterm};
+use crate::helpers::{
+    PATIENCE, TestEnv, collect_stderr, eventually, health_port, metric, readyz, sigterm,
+};
 
 /// The relay binary in a mount namespace of its own, with a tmpfs of `size` on `disk`.
 fn relay_on_small_disk(
@@ -73,12 +75,6 @@ fn du(dir: &Path) -> u64 {
 /// `dir` as the process `pid` sees it.
 fn seen_by(pid: u32, dir: &Path) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(dir.strip_prefix("/").expect("absolute"))
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.parse().ok())
 }
 
 async fn metrics(port: u16) -> String {
