@@ -437,13 +437,20 @@ impl Delivery {
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         let started = self.pacer.wait().await;
         self.deps.stats.batch_attempted(batch.len());
+        let mark = self.deps.cms.activity_mark();
         let posted = self.deps.cms.post_chats(&items).await;
         self.deps
             .stats
             .post_seconds
             .observe_duration(started.elapsed());
-        let n_rows = batch.len();
-        self.paced(started, &posted, Answer::Stored { n_rows });
+        let answer = if self.deps.cms.overlapped_since(mark) {
+            Answer::Read
+        } else {
+            Answer::Stored {
+                n_rows: batch.len(),
+            }
+        };
+        self.paced(started, &posted, answer);
         let last_id = match posted {
             Ok(last_id) => last_id,
             Err(err) if answered_with_error(&err) => {

@@ -3,6 +3,8 @@
 //! can take from its answer times, as Vector's adaptive request concurrency does: additive increase
 //! of the relay's duty cycle while answers stay near their baseline, multiplicative decrease at once
 //! when an answer is slower than `SLOW_FACTOR` x its baseline, fails or times out.
+//! Delivery passes a POST that shared the CMS with another request of the relay's own (an in-world
+//! read queued in front of it on a one-worker PHP) as a read: the relay does not yield to itself.
 //! `cms.max_requests_per_second` (0 = none) is a hard cap on top; `cms.adaptive_pacing = false`
 //! leaves only that cap.
 //! Must not: send, sleep in the controller, or know what a request carries beyond its row count.
@@ -54,7 +56,9 @@ pub enum Answer {
         /// The rows the POST carried.
         n_rows: usize,
     },
-    /// A chat GET (a read-back or a probe) was answered.
+    /// A chat GET (a read-back or a probe) was answered, or a chat POST that shared the CMS with
+    /// another of the relay's requests (an in-world read, an avatar lookup): its time depends on
+    /// that request, not only on the CMS, so it only sets the gap.
     Read,
     /// The request failed or timed out.
     Failed,

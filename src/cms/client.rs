@@ -6,7 +6,7 @@
 //! expiry, log in again on a refusal). The token and the password never leave this module: URLs are
 //! stripped from errors and nothing here logs a URL with a query.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -115,6 +115,26 @@ pub struct CmsClient {
     login_state: std::sync::Mutex<(LoginState, LoginInfo)>,
     /// When the next login may be tried after failed ones (shared by every task that needs one).
     login_gate: std::sync::Mutex<LoginGate>,
+    /// Requests begun and still in flight, by every task: whether two of them shared the CMS.
+    n_begun: AtomicU64,
+    n_in_flight: AtomicUsize,
+}
+
+/// The client's requests at one moment (`CmsClient::activity_mark`), to tell afterwards whether
+/// another request shared the CMS with one (`CmsClient::overlapped_since`).
+#[derive(Debug, Clone, Copy)]
+pub struct ActivityMark {
+    n_begun: u64,
+    n_in_flight: usize,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Failed logins back off on the retry schedule, whichever task asks: delivery, each avatar lookup,
@@ -196,7 +216,24 @@ impl CmsClient {
                 not_before: None,
                 last: String::new(),
             }),
+            n_begun: AtomicU64::new(0),
+            n_in_flight: AtomicUsize::new(0),
         })
+    }
+
+    /// The requests begun so far and in flight now, taken right before a request.
+    pub fn activity_mark(&self) -> ActivityMark {
+        ActivityMark {
+            n_begun: self.n_begun.load(Ordering::Relaxed),
+            n_in_flight: self.n_in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether a request other than the one begun right after `mark` was in flight at the mark
+    /// or began since: a CMS with few PHP workers answered the two one after the other, so the
+    /// time of one says as much about the other as about the CMS.
+    pub fn overlapped_since(&self, mark: ActivityMark) -> bool {
+        mark.n_in_flight > 0 || self.n_begun.load(Ordering::Relaxed) > mark.n_begun + 1
     }
 
     /// Failed logins are retried on this schedule (`retry.initial`, `retry.max`), whoever asks for
@@ -399,6 +436,9 @@ impl CmsClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CmsError> {
+        self.n_begun.fetch_add(1, Ordering::Relaxed);
+        self.n_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.n_in_flight);
         let mut refused_generation = None;
         for attempt in 0..2 {
             let (current, generation) = self.token_for_request(refused_generation).await?;

@@ -316,3 +316,43 @@ async fn delivery_backs_off_a_cms_that_slows_down_and_is_back_to_back_once_it_is
     );
     assert_eq!(env.stored().len(), 48, "each line once");
 }
+
+#[tokio::test]
+async fn a_post_queued_behind_the_relays_own_in_world_read_opens_no_pacing_gap() {
+    let env = TestEnv::start().await;
+    // One PHP worker, and rows expensive to read: each in-world read of the relay's own rows (the
+    // API returns every row of the grid) keeps the worker busy for a few hundred milliseconds,
+    // and a POST that comes meanwhile waits for it.
+    env.db.set_cost_model(Some(CostModel {
+        per_row_read: Duration::from_millis(10),
+        ..CostModel::php()
+    }));
+    let relay = Observed::start(&env, "", &[("inworld.poll_interval", "1s")]).await;
+    let mut gaps = Vec::new();
+    for i in 0..60 {
+        env.lg.say("Alice Resident", &format!("line {i}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gaps.push(pacing_gap(&relay).await);
+    }
+    eventually(PATIENCE, "every line stored", || async {
+        env.stored().len() >= 60
+    })
+    .await;
+    relay.stop().await;
+
+    let posts = spans(&env, RequestKind::ChatPost);
+    let gets = spans(&env, RequestKind::ChatGet);
+    // The premise: POSTs waited for a read (the one worker took them up the moment it finished
+    // one; a POST sent to an idle CMS would be taken up at some other moment).
+    let queued = posts
+        .iter()
+        .filter(|post| {
+            gets.iter().any(|get| {
+                post.started >= get.ended && post.started - get.ended < Duration::from_millis(1)
+            })
+        })
+        .count();
+    assert!(queued > 0, "no POST waited for a read: {gets:?}");
+    // Those answers were slow because of the relay's own read, not the CMS: no gap.
+    assert!(gaps.iter().all(|gap| *gap == 0.0), "{gaps:?}");
+}
