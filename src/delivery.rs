@@ -34,9 +34,11 @@ use crate::model::fill_template;
 use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine, Prepared};
 use crate::pacing::{Answer, Pacer};
 
-/// How far before the oldest uncertain line a read-back starts, for clock rounding between the relay
-/// and the CMS.
-const READ_BACK_MARGIN_SECS: i64 = 60;
+/// How far before the oldest uncertain line a read-back starts. The relay dates its rows itself
+/// (`cms.timezone`, whole seconds) from the line's spoken time, which is also where the read-back
+/// starts, so the margin only covers rounding; each second of it reads a second of the grid's rows
+/// (60 s read 2 400 rows a read-back on a grid of 20 regions at 2 lines/s).
+const READ_BACK_MARGIN_SECS: i64 = 5;
 
 /// How often an idle delivery loop looks at the outbox even without being woken.
 const IDLE_CHECK: Duration = Duration::from_secs(5);

@@ -1,10 +1,12 @@
 //! The read-back recognises each line as the CMS stored it, whatever the text, the outbox record or
 //! the CMS's ids: a line of unknown outcome that the CMS stored is never sent again.
 
+use std::time::Duration;
+
 use chrono::Utc;
 use opensim_chat_relay::model::CapturedLine;
 use opensim_chat_relay::outbox::Outbox;
-use opensim_chat_relay::sim::cms::Fault;
+use opensim_chat_relay::sim::cms::{CostModel, Fault, Permissions, RequestKind};
 
 use crate::helpers::{Logs, PATIENCE, RunningRelay, TestEnv, eventually};
 
@@ -116,4 +118,48 @@ async fn a_cms_database_restored_to_lower_ids_makes_no_line_be_sent_twice() {
         "warned once"
     );
     assert!(logs.lines_with("cms ids went backwards")[0].contains("WARN"));
+}
+
+#[tokio::test]
+async fn a_read_back_reads_the_rows_around_its_line_not_a_minute_of_the_grid() {
+    let env = TestEnv::start().await;
+    // The grid was busy half a minute ago: 50 rows by another writer.
+    let dora = env
+        .db
+        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
+    for n in 0..50 {
+        env.db
+            .add_cms_line_dated(1, dora, &format!("busy {n}"), Duration::from_secs(30));
+    }
+    // The cost model accounts every request's rows (at no cost worth waiting for).
+    env.db.set_cost_model(Some(CostModel {
+        per_request: Duration::ZERO,
+        per_row_stored: Duration::ZERO,
+        per_row_read: Duration::ZERO,
+        per_user_joined: Duration::ZERO,
+        workers: 4,
+    }));
+    env.db.fault_next(1, Fault::CloseAfterStore);
+    env.lg.say(ALICE, "uncertain");
+    let relay = env.start_relay("", &[("inworld.enabled", "false")]).await;
+    settled(&env, &relay, 51).await;
+    marker_then_stop(&env, relay, 51).await;
+
+    let rows_read: Vec<usize> = env
+        .db
+        .busy_spans()
+        .iter()
+        .filter(|span| span.work.kind == RequestKind::ChatGet)
+        .map(|span| span.work.rows_read)
+        .collect();
+    // The read-back found the line (stored once) and returned only it: the rows of half a minute
+    // ago cost the CMS nothing. (The probes after failures return none.)
+    assert_eq!(
+        env.stored_messages()
+            .iter()
+            .filter(|m| *m == "[Alice Resident] uncertain")
+            .count(),
+        1
+    );
+    assert_eq!(rows_read.iter().max(), Some(&1), "{rows_read:?}");
 }
