@@ -636,8 +636,19 @@ format = "json"
             relay.log.outbox_depth.load(Ordering::Relaxed),
         );
         let cpu_0 = cpu_ticks(relay.proc.pid)?;
+        let http = reqwest::Client::new();
+        let php = self.args.php_workers > 0;
+        let busy_0 = if php {
+            Some(cms_busy(&http, &cms.base_url).await?)
+        } else {
+            None
+        };
         let started = Instant::now();
         tokio::time::sleep(Duration::from_secs_f64(self.args.throughput_secs)).await;
+        let busy = match &busy_0 {
+            Some(before) => Some(cms_busy(&http, &cms.base_url).await?.since(before)),
+            None => None,
+        };
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = (cpu_ticks(relay.proc.pid)? - cpu_0) as f64 / clock_ticks().await / elapsed;
         let (stored_1, depth_1) = (
@@ -654,6 +665,7 @@ format = "json"
         if n_failures > 0 {
             eprintln!("warning: {n_failures} delivery failures during the throughput phase");
         }
+        let workers = f64::from(self.args.php_workers.max(1));
         Ok(Throughput {
             ceiling,
             offered,
@@ -661,6 +673,7 @@ format = "json"
             stored,
             cpu,
             hwm_bytes: rss.hwm,
+            cms_time: busy.map(|busy| (busy, elapsed * 1000.0 * workers)),
         })
     }
 
@@ -848,14 +861,32 @@ struct Throughput {
     stored: f64,
     cpu: f64,
     hwm_bytes: u64,
+    /// At PHP speed: the CMS's busy time in the window, and the worker time there was.
+    cms_time: Option<(Busy, f64)>,
 }
 
 impl Throughput {
     fn rows(&self, args: &Args) -> Vec<Row> {
         let ratio = self.delivered / self.ceiling;
+        // Where the CMS's workers spent the window: the profile behind the ratio.
+        let profile = self
+            .cms_time
+            .as_ref()
+            .map_or(String::new(), |(busy, window_ms)| {
+                let share = |kind: &str| 100.0 * busy.get(kind).busy_ms / window_ms;
+                format!(
+                    "; CMS busy: POSTs {:.0} %, chat GETs {:.0} % ({} GETs, {} rows), idle {:.0} %",
+                    share("chat_post"),
+                    share("chat_get"),
+                    busy.get("chat_get").requests,
+                    busy.get("chat_get").rows,
+                    100.0
+                        - busy.0.values().map(|kind| kind.busy_ms).sum::<f64>() * 100.0 / window_ms
+                )
+            });
         vec![Row {
             measure: format!(
-                "throughput, batch {} (offered {:.0}/s; {:.0}/s flushed to the outbox; relay CPU {:.0} %, peak RSS {:.1} MiB)",
+                "throughput, batch {} (offered {:.0}/s; {:.0}/s flushed to the outbox; relay CPU {:.0} %, peak RSS {:.1} MiB{profile})",
                 args.batch,
                 self.offered,
                 self.stored,

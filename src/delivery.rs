@@ -205,15 +205,30 @@ impl Delivery {
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         if lines.iter().any(|l| l.in_flight) {
-            let mut uncertain: Vec<PendingLine> =
-                lines.into_iter().filter(|l| l.in_flight).collect();
+            let (mut uncertain, rest): (Vec<PendingLine>, Vec<PendingLine>) =
+                lines.into_iter().partition(|l| l.in_flight);
             // A record in flight without its row (written by another tool, or damaged) cannot
             // have been sent as it is: its row is decided now, as before a first POST, and the
             // read-back looks for that row.
             self.prepare(&mut uncertain).await;
             let unsent = self.reconcile(uncertain, tally).await?;
+            // A pending line older than an unsent one of its speaker goes before it: a crash or a
+            // full disk in the middle of the save that clears in-flight marks (oldest first) leaves
+            // the older lines cleared and the newer still marked.
+            let mut older: Vec<PendingLine> = rest
+                .into_iter()
+                .filter(|l| {
+                    unsent
+                        .iter()
+                        .any(|u| u.id > l.id && u.line.speaker == l.line.speaker)
+                })
+                .collect();
+            self.prepare(&mut older).await;
+            let mut resend = unsent;
+            resend.extend(older);
+            resend.sort_by_key(|l| l.id);
             // What was not found goes out one line per POST, so each answer is unambiguous.
-            return self.deliver_singly(unsent, tally).await;
+            return self.deliver_singly(resend, tally).await;
         }
         self.prepare(&mut lines).await;
         let batch = self.cut_batch(lines);

@@ -521,6 +521,8 @@ pub struct Verdict {
     pub duplicated: Vec<String>,
     /// Rows stored after a later line of the same speaker.
     pub n_reordered: usize,
+    /// The first few of them, each with the line it came after.
+    pub reordered: Vec<String>,
     /// Stored, never handed out.
     pub phantom: Vec<String>,
 }
@@ -557,12 +559,16 @@ impl TestEnv {
             .collect();
         let mut last_seq: HashMap<&str, u64> = HashMap::new();
         let mut n_reordered = 0;
+        let mut reordered = Vec::new();
         for text in &stored {
             let Some((speaker, seq)) = chatter_seq(text) else {
                 continue;
             };
-            if last_seq.get(speaker).is_some_and(|prev| *prev > seq) {
+            if let Some(prev) = last_seq.get(speaker).filter(|prev| **prev > seq) {
                 n_reordered += 1;
+                if reordered.len() < 10 {
+                    reordered.push(format!("{text:?} after #{prev}"));
+                }
             }
             last_seq.insert(speaker, seq);
         }
@@ -576,6 +582,7 @@ impl TestEnv {
                 .collect(),
             duplicated,
             n_reordered,
+            reordered,
             phantom: stored
                 .iter()
                 .filter(|m| !handed.contains(*m))
@@ -633,7 +640,11 @@ impl Verdict {
             lost.len(),
             lost.iter().take(20).collect::<Vec<_>>()
         );
-        assert_eq!(self.n_reordered, 0, "{run}: reordered");
+        assert_eq!(
+            self.n_reordered, 0,
+            "{run}: reordered: {:?}",
+            self.reordered
+        );
         assert!(
             self.phantom.is_empty(),
             "{run}: stored but never handed out: {:?}",

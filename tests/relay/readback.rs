@@ -163,3 +163,42 @@ async fn a_read_back_reads_the_rows_around_its_line_not_a_minute_of_the_grid() {
     );
     assert_eq!(rows_read.iter().max(), Some(&1), "{rows_read:?}");
 }
+
+#[tokio::test]
+async fn a_crash_in_the_middle_of_clearing_in_flight_marks_sends_nothing_out_of_order() {
+    // A read-back found two lines not stored and cleared their in-flight marks; the process died
+    // (or the disk filled) after the first record was written: the older line is pending, the
+    // newer still marked in flight.
+    let env = TestEnv::start().await;
+    {
+        let outbox = Outbox::open(&env.dir.path().join("outbox"), 8 << 20).expect("outbox opens");
+        let now = Utc::now();
+        let line = |message: &str| CapturedLine {
+            speaker: ALICE.into(),
+            owner_id: None,
+            message: message.into(),
+            spoken_at: now,
+            captured_at: now,
+        };
+        outbox
+            .append(&[line("older"), line("newer")])
+            .await
+            .expect("appended");
+        let mut newer = outbox.oldest(2).expect("read")[1].clone();
+        newer.in_flight = true;
+        outbox.save(&[newer]).await.expect("saved");
+    }
+    let relay = env.start_relay("", &[]).await;
+
+    settled(&env, &relay, 2).await;
+    marker_then_stop(&env, relay, 2).await;
+
+    assert_eq!(
+        env.stored_messages(),
+        [
+            "[Alice Resident] older",
+            "[Alice Resident] newer",
+            "[Alice Resident] marker"
+        ]
+    );
+}
