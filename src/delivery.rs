@@ -497,8 +497,10 @@ impl Delivery {
         let proven = n == 1 || (!self.deps.settings.verify && before > 0 && last_id - before == n);
         if proven {
             let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
-            self.claim(last_id - n + 1..=last_id);
             self.confirm(&ids, Some(last_id)).await?;
+            // Claimed once the lines are gone: if their removal fails (a full disk), they stay
+            // pending and their own read-back must still find these rows.
+            self.claim(last_id - n + 1..=last_id);
             Stats::add(&self.deps.stats.lines_delivered, batch.len() as u64);
             batch
                 .iter()
@@ -644,8 +646,8 @@ impl Delivery {
         );
         if !found.is_empty() {
             let ids: Vec<u64> = found.iter().map(|(id, _)| *id).collect();
-            self.claim(found.iter().map(|(_, row_id)| *row_id));
             self.confirm(&ids, None).await?;
+            self.claim(found.iter().map(|(_, row_id)| *row_id));
             Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
             uncertain
                 .iter()

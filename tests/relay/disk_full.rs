@@ -21,10 +21,10 @@ use std::time::Duration;
 use opensim_chat_relay::sim::lookingglass::spawn_chatter;
 use tokio_util::sync::CancellationToken;
 
-use opensim_chat_relay::sim::cms::Permissions;
+use opensim_chat_relay::sim::cms::{Fault, Permissions};
 
 use crate::helpers::{
-    PATIENCE, TestEnv, collect_stderr, cycles, eventually, health_port, readyz,
+    PATIENCE, TestEnv, collect_stderr, cycles, eventually, health_port, metric, metrics, readyz,
     set_file_size_limit, sigterm, until_done_or_stalled,
 };
 
@@ -281,4 +281,73 @@ async fn disk_fills_at_random_moments_lose_and_duplicate_nothing() {
     assert_eq!(verdict.n_reordered, 0);
     assert!(verdict.phantom.is_empty(), "{:?}", verdict.phantom);
     assert!(verdict.n_handed > 100, "the run carried real traffic");
+}
+
+#[tokio::test]
+async fn a_line_the_cms_stored_while_its_removal_failed_is_found_by_its_read_back() {
+    let env = TestEnv::start().await;
+    // Alice's line is refused while the CMS takes others: it waits for its own retry (a minute
+    // away), and meanwhile the rows confirmed for other lines are kept apart from its read-back.
+    env.db.fail_posts_carrying(Some("poison"));
+    let mut relay = env.spawn_relay_process(
+        &[
+            ("inworld.enabled", "false"),
+            ("retry.initial", "60s"),
+            ("retry.max", "60s"),
+            ("retry.max_line_failures", "1000"),
+            ("log.format", "json"),
+        ],
+        Stdio::piped(),
+    );
+    let log = collect_stderr(&mut relay);
+    let port = health_port(&log).await;
+    env.lg.say(SPEAKER, "poison pill");
+    eventually(
+        PATIENCE,
+        "the refused POST checked with a probe",
+        || async {
+            env.db
+                .requests()
+                .iter()
+                .any(|r| r.method == "GET" && r.path.contains("/chats/"))
+        },
+    )
+    .await;
+
+    // Bob's line is stored and answered two seconds later; the disk fills meanwhile, so its
+    // removal from the outbox fails.
+    env.db.fault_next(1, Fault::Slow(Duration::from_secs(2)));
+    env.lg.say("Bob Resident", "bob's line");
+    let bobs = || {
+        env.stored_messages()
+            .iter()
+            .filter(|m| *m == "[Bob Resident] bob's line")
+            .count()
+    };
+    eventually(PATIENCE, "bob's line stored", || async { bobs() == 1 }).await;
+    set_file_size_limit(relay.id(), "0");
+    eventually(PATIENCE, "delivery failed to remove the line", || async {
+        log.lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("delivery failed") && l.contains("outbox storage error"))
+    })
+    .await;
+    set_file_size_limit(relay.id(), "unlimited");
+    // Room again: the next line's write reopens the outbox and wakes delivery, which reads Bob's
+    // line back and finds its row.
+    env.lg.say("Bob Resident", "after");
+    eventually(
+        PATIENCE,
+        "the next line stored, only the refused one left",
+        || async {
+            env.stored_messages()
+                .contains(&"[Bob Resident] after".to_owned())
+                && metric(&metrics(port).await, "opensim_chat_relay_outbox_lines") == Some(1.0)
+        },
+    )
+    .await;
+    sigterm(relay);
+
+    assert_eq!(bobs(), 1, "stored once: {:?}", env.stored_messages());
 }

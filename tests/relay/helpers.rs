@@ -409,6 +409,21 @@ pub async fn until_done_or_stalled(
 /// A generous limit for conditions that take milliseconds on an idle machine.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The `/metrics` text of a relay whose health endpoint is on `port`; empty when it does not answer.
+pub async fn metrics(port: u16) -> String {
+    let Ok(client) = reqwest::Client::builder().no_proxy().build() else {
+        return String::new();
+    };
+    match client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+    {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 /// The value of the unlabelled metric `name` in a `/metrics` text.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()

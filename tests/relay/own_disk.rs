@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::disk_full::{catch_up, outbox_ready_again};
 use crate::helpers::{
-    PATIENCE, TestEnv, collect_stderr, eventually, health_port, metric, readyz, sigterm,
+    PATIENCE, TestEnv, collect_stderr, eventually, health_port, metric, metrics, readyz, sigterm,
 };
 
 /// The relay binary in a mount namespace of its own, with a tmpfs of `size` on `disk`.
@@ -75,20 +75,6 @@ fn du(dir: &Path) -> u64 {
 /// `dir` as the process `pid` sees it.
 fn seen_by(pid: u32, dir: &Path) -> PathBuf {
     Path::new(&format!("/proc/{pid}/root")).join(dir.strip_prefix("/").expect("absolute"))
-}
-
-async fn metrics(port: u16) -> String {
-    let Ok(client) = reqwest::Client::builder().no_proxy().build() else {
-        return String::new();
-    };
-    match client
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .send()
-        .await
-    {
-        Ok(response) => response.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
