@@ -53,9 +53,8 @@ async fn stored(env: &TestEnv, message: &str) {
     .await;
 }
 
-/// The grid is busy: more rows than the CMS can read in one answer were stored in the last minute,
-/// and the answer to the next chat POST is lost after the CMS stored it.
-fn busy_grid_that_loses_the_next_answer(env: &TestEnv) {
+/// The grid is busy: more rows than the CMS can read in one answer were stored just now.
+fn busy_grid(env: &TestEnv) {
     let dora = env
         .db
         .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
@@ -63,6 +62,11 @@ fn busy_grid_that_loses_the_next_answer(env: &TestEnv) {
     for n in 0..30 {
         env.db.add_cms_line(1, dora, &format!("busy {n}"));
     }
+}
+
+/// `busy_grid`, and the answer to the next chat POST is lost after the CMS stored it.
+fn busy_grid_that_loses_the_next_answer(env: &TestEnv) {
+    busy_grid(env);
     env.db.fault_next(1, Fault::CloseAfterStore);
 }
 
@@ -190,13 +194,7 @@ async fn a_line_waiting_for_its_read_back_shows_in_readyz_and_is_settled_once_th
 #[tokio::test]
 async fn a_line_whose_read_back_fails_keeps_its_speakers_order_when_it_turns_out_unsent() {
     let env = TestEnv::start().await;
-    let dora = env
-        .db
-        .add_user("dora", "pw", "Dora", "Admin", Permissions::all());
-    env.db.set_memory_limit_rows(Some(20));
-    for n in 0..30 {
-        env.db.add_cms_line(1, dora, &format!("busy {n}"));
-    }
+    busy_grid(&env);
     // The POST is lost before the CMS stores it: its outcome is unknown, and its read-back fails
     // on the memory limit while the CMS answers the probe.
     env.db.fault_next(1, Fault::Hang);
