@@ -2,7 +2,8 @@
 //! controller (`Controller`, pure: every call takes the `Instant` it is about) finds what the CMS
 //! can take from its answer times, as Vector's adaptive request concurrency does: additive increase
 //! of the relay's duty cycle while answers stay near their baseline, multiplicative decrease at once
-//! when an answer is slower than `SLOW_FACTOR` x its baseline, fails or times out.
+//! when an answer is slower than `SLOW_FACTOR` x its baseline (and `SLOW_DEVIATIONS` mean deviations
+//! above it), fails or times out.
 //! Delivery passes a POST that shared the CMS with another request of the relay's own (an in-world
 //! read queued in front of it on a one-worker PHP) as a read: the relay does not yield to itself.
 //! `cms.max_requests_per_second` (0 = none) is a hard cap on top; `cms.adaptive_pacing = false`
@@ -20,8 +21,8 @@ const N_CLASSES: usize = 9;
 pub const SLOW_FACTOR: f64 = 1.5;
 
 /// ... and slower than its baseline by this many mean deviations: on a CMS whose answer times
-/// vary (a busy PHP host, another process on its disk) a third of ordinary answers pass 1.5x their
-/// mean, and halving at each kept the relay at a third of the CMS's speed. Vector's adaptive
+/// vary (a busy PHP host, another process on its disk) about a fifth of ordinary answers pass 1.5x
+/// their mean, and halving at each kept the relay at about a third of the CMS's speed. Vector's adaptive
 /// request concurrency uses 2.5 standard deviations; three mean absolute deviations are about that.
 pub const SLOW_DEVIATIONS: f64 = 3.0;
 
@@ -37,9 +38,8 @@ pub const DUTY_DECREASE: f64 = 0.5;
 pub const DUTY_FLOOR: f64 = 1.0 / 16.0;
 
 /// How much of each answer goes into its class's baseline and deviation (exponential means over
-/// ~50 answers):
-/// slow enough that a burst of slow answers is a signal, fast enough that a CMS that stays slower
-/// becomes the new baseline after a few dozen answers.
+/// ~50 answers): slow enough that a burst of slow answers is a signal, fast enough that a CMS that
+/// stays slower becomes the new baseline after a few dozen answers.
 pub const BASELINE_WEIGHT: f64 = 0.02;
 
 /// The longest gap: after a request that timed out (`cms.request_timeout`, 30 s) the gap would
