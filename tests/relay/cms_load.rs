@@ -288,9 +288,10 @@ async fn delivery_backs_off_a_cms_that_slows_down_and_is_back_to_back_once_it_is
         ],
     )
     .await;
-    // Fast answers set the baselines and leave no gap.
+    // Fast answers set the baselines and leave no gap worth the name (a busy machine may answer
+    // one late).
     say_and_wait(&env, 0, 5).await;
-    assert_eq!(pacing_gap(&relay).await, 0.0);
+    assert!(pacing_gap(&relay).await < 0.1);
 
     // Three answers of half a second, far above a loopback POST's baseline: each halves the share
     // of time the relay keeps the CMS busy, and the idle gap after an answer grows.
@@ -353,6 +354,9 @@ async fn a_post_queued_behind_the_relays_own_in_world_read_opens_no_pacing_gap()
         })
         .count();
     assert!(queued > 0, "no POST waited for a read: {gets:?}");
-    // Those answers were slow because of the relay's own read, not the CMS: no gap.
-    assert!(gaps.iter().all(|gap| *gap == 0.0), "{gaps:?}");
+    // Those answers were slow because of the relay's own read, not the CMS: they open no gap.
+    // (A POST that waited for a read of a few hundred milliseconds would open one that long or
+    // longer; a few milliseconds come from a POST a busy machine answered late, which the
+    // controller may take for a slower CMS.)
+    assert!(gaps.iter().all(|gap| *gap < 0.1), "{gaps:?}");
 }
