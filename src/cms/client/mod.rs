@@ -1,6 +1,7 @@
-//! `CmsClient`: login, token upkeep, chat POST and GET, and the avatar lookup.
-//! Longer than 600 lines on purpose: one concern, the secrets and the token's rules, which must stay
-//! in one place so that nothing else holds the password (`scrub`, redirects and TLS included).
+//! `CmsClient`: chat POST and GET, the avatar lookup and the grid, each request with the token. The
+//! token's rules and the login are `login`'s; what may be shown of an answer that can echo a secret is
+//! `scrub`'s. The three files are one room: nothing outside `cms::client` holds the password or the
+//! token (redirects and TLS included).
 //!
 //! Owns the token and the rules around it (query string only, bound to our address, 30-minute sliding
 //! expiry, log in again on a refusal). The token and the password never leave this module: URLs are
@@ -14,22 +15,15 @@ use reqwest::header::{LOCATION, RETRY_AFTER};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use crate::backoff::RetryPolicy;
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
 use crate::text::snippet;
 
-/// The CMS deletes a token after 30 idle minutes; log in again a little before that.
-const TOKEN_IDLE_LIMIT: Duration = Duration::from_secs(25 * 60);
+mod login;
+mod scrub;
 
-/// The login schedule until `with_login_retry` sets the configured one (`retry.*`'s defaults).
-const DEFAULT_LOGIN_RETRY: RetryPolicy = RetryPolicy {
-    initial: Duration::from_secs(1),
-    max: Duration::from_secs(60),
-};
-
-/// At most this much of a failed login's answer is shown (in `/readyz`, errors, logs).
-const LOGIN_SNIPPET_CHARS: usize = 200;
+use login::{DEFAULT_LOGIN_RETRY, LoginGate, Token};
+pub use login::{LoginInfo, LoginState};
 
 /// Where the CMS and how to log in.
 #[derive(Debug, Clone)]
@@ -50,14 +44,6 @@ pub struct CmsEndpoint {
     pub ca_certificates: Vec<reqwest::Certificate>,
 }
 
-struct Token {
-    value: SecretString,
-    last_used: Instant,
-    /// Which login issued it (1 upward): a request that saw it refused logs in again only if no
-    /// other task has done so meanwhile.
-    generation: u64,
-}
-
 /// One CMS answer, read to its end and parsed once (`wire::parse_lenient` tries up to 64 offsets
 /// on a body with PHP noise in front, so it is not run again by the caller).
 struct Answer {
@@ -67,26 +53,6 @@ struct Answer {
     body: Vec<u8>,
     /// The body as JSON; `None` when it is none (a PHP fatal error page, a proxy's page).
     value: Option<Value>,
-}
-
-/// Whether the CMS accepts the relay's account, as last seen (for `/readyz`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoginState {
-    /// No login tried yet.
-    NotYet,
-    /// The last login, or the last request with its token, was accepted.
-    Valid,
-    /// The last login failed, or the CMS refused a fresh token; the error says why (no secret).
-    Failed(String),
-}
-
-/// What the last successful login answered besides the token.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LoginInfo {
-    /// The account's `users.id` (`userId`, a string in the answer).
-    pub user_id: Option<i64>,
-    /// The address the CMS bound the token to (`ip`): requests from any other address are refused.
-    pub ip: Option<String>,
 }
 
 /// The relay account's own record, read by `check`.
@@ -134,45 +100,6 @@ struct InFlight<'a>(&'a AtomicUsize);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Failed logins back off on the retry schedule, whichever task asks: delivery, each avatar lookup,
-/// in-world's reads and start-up each needed a login, and each asked at once after a junk answer.
-struct LoginGate {
-    policy: RetryPolicy,
-    /// Failed logins in a row.
-    n_failed: u32,
-    /// No login before this.
-    not_before: Option<Instant>,
-    /// The last failure as shown (scrubbed).
-    last: String,
-}
-
-impl LoginGate {
-    /// `Some(wait)` while logins are held back.
-    fn wait(&self) -> Option<Duration> {
-        let left = self.not_before?.checked_duration_since(Instant::now())?;
-        (!left.is_zero()).then_some(left)
-    }
-
-    /// A login failed: the next waits `initial · 2^(n-1)` up to `max`, drawn from its upper half
-    /// (jittered, so relays restarted together do not log in together, and never much shorter).
-    fn failed(&mut self, shown: String) {
-        self.n_failed = self.n_failed.saturating_add(1);
-        let doubled = self
-            .policy
-            .initial
-            .saturating_mul(1u32 << self.n_failed.saturating_sub(1).min(20));
-        let ceiling = doubled.min(self.policy.max);
-        let delay = ceiling.mul_f64(0.5 + fastrand::f64() / 2.0);
-        self.not_before = Some(Instant::now() + delay);
-        self.last = shown;
-    }
-
-    fn succeeded(&mut self) {
-        self.n_failed = 0;
-        self.not_before = None;
     }
 }
 
@@ -236,34 +163,6 @@ impl CmsClient {
         mark.n_in_flight > 0 || self.n_begun.load(Ordering::Relaxed) > mark.n_begun + 1
     }
 
-    /// Failed logins are retried on this schedule (`retry.initial`, `retry.max`), whoever asks for
-    /// one; meanwhile a request that needs a login fails at once with `CmsError::LoginDeferred`.
-    pub fn with_login_retry(self, policy: RetryPolicy) -> CmsClient {
-        self.lock_login_gate().policy = policy;
-        self
-    }
-
-    fn lock_login_gate(&self) -> std::sync::MutexGuard<'_, LoginGate> {
-        self.login_gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Successful logins so far.
-    pub fn n_logins(&self) -> u64 {
-        self.n_logins.load(Ordering::Relaxed)
-    }
-
-    /// Whether the CMS accepts the account, as last seen.
-    pub fn login_state(&self) -> LoginState {
-        self.lock_login_state().0.clone()
-    }
-
-    /// What the last successful login answered (user id, bound address).
-    pub fn login_info(&self) -> LoginInfo {
-        self.lock_login_state().1.clone()
-    }
-
     /// The CMS's base URL (no secret in it).
     pub fn base_url(&self) -> &str {
         &self.endpoint.base_url
@@ -292,76 +191,6 @@ impl CmsClient {
             user_id,
             permissions,
         })
-    }
-
-    fn lock_login_state(&self) -> std::sync::MutexGuard<'_, (LoginState, LoginInfo)> {
-        self.login_state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn set_login_state(&self, state: LoginState) {
-        self.lock_login_state().0 = state;
-    }
-
-    /// Logs in unless a token that has not idled out is held (start-up, so readiness is known
-    /// before the first chat line).
-    pub async fn ensure_logged_in(&self) -> Result<(), CmsError> {
-        self.token_for_request(None).await.map(|_| ())
-    }
-
-    /// Logs in now, replacing any token.
-    pub async fn login(&self) -> Result<(), CmsError> {
-        let _login = self.login_lock.lock().await;
-        let value = self.fresh_token().await?;
-        self.store_token(value);
-        Ok(())
-    }
-
-    fn lock_token(&self) -> std::sync::MutexGuard<'_, Option<Token>> {
-        self.token
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The token and its generation, unless none is held or it has idled out.
-    fn usable_token(&self) -> Option<(SecretString, u64)> {
-        self.lock_token()
-            .as_ref()
-            .filter(|t| t.last_used.elapsed() < TOKEN_IDLE_LIMIT)
-            .map(|t| (t.value.clone(), t.generation))
-    }
-
-    fn store_token(&self, value: SecretString) -> u64 {
-        let generation = self.n_generations.fetch_add(1, Ordering::Relaxed) + 1;
-        *self.lock_token() = Some(Token {
-            value,
-            last_used: Instant::now(),
-            generation,
-        });
-        generation
-    }
-
-    /// A token for the next request: the one held, or a fresh login when there is none, it idled
-    /// out, or the CMS just refused generation `refused`. One login at a time: a task that waited
-    /// for another's login uses its token.
-    async fn token_for_request(
-        &self,
-        refused: Option<u64>,
-    ) -> Result<(SecretString, u64), CmsError> {
-        let usable = |held: Option<(SecretString, u64)>| {
-            held.filter(|(_, generation)| Some(*generation) != refused)
-        };
-        if let Some(held) = usable(self.usable_token()) {
-            return Ok(held);
-        }
-        let _login = self.login_lock.lock().await;
-        if let Some(held) = usable(self.usable_token()) {
-            return Ok(held);
-        }
-        let value = self.fresh_token().await?;
-        let generation = self.store_token(value.clone());
-        Ok((value, generation))
     }
 
     /// POSTs a batch to `/grid/<g>/chats/`; the id of the last row on success.
@@ -503,83 +332,6 @@ impl CmsClient {
         Err(CmsError::Unauthorized)
     }
 
-    async fn fresh_token(&self) -> Result<SecretString, CmsError> {
-        {
-            let gate = self.lock_login_gate();
-            if let Some(retry_in) = gate.wait() {
-                return Err(CmsError::LoginDeferred {
-                    last: gate.last.clone(),
-                    retry_in,
-                });
-            }
-        }
-        let token = self.try_fresh_token().await;
-        match &token {
-            Ok(_) => {
-                self.set_login_state(LoginState::Valid);
-                self.lock_login_gate().succeeded();
-            }
-            Err(err) => {
-                self.set_login_state(LoginState::Failed(err.to_string()));
-                self.lock_login_gate().failed(match err {
-                    CmsError::Login(text) => text.clone(),
-                    other => other.to_string(),
-                });
-            }
-        }
-        token
-    }
-
-    async fn try_fresh_token(&self) -> Result<SecretString, CmsError> {
-        let url = format!("{}/auth/username/", self.endpoint.base_url);
-        let form = [
-            ("username", self.endpoint.username.as_str()),
-            ("password", self.endpoint.password.expose_secret()),
-        ];
-        let response = self
-            .http
-            .post(url)
-            .form(&form)
-            .send()
-            .await
-            .map_err(CmsError::transport)?;
-        if let Some(err) = redirect_error(&response) {
-            return Err(err);
-        }
-        let status = response.status().as_u16();
-        let body = self.read_body(response).await?;
-        let value = wire::parse_lenient(&body);
-        match value.as_ref().and_then(wire::token_of) {
-            Some(token) => {
-                self.n_logins.fetch_add(1, Ordering::Relaxed);
-                if let Some(value) = &value {
-                    let (user_id, ip) = wire::login_info_of(value);
-                    self.lock_login_state().1 = LoginInfo { user_id, ip };
-                }
-                tracing::info!(username = %self.endpoint.username, "logged in to the cms");
-                Ok(SecretString::from(token.to_owned()))
-            }
-            // Whatever the CMS said is shown scrubbed: a PHP page can echo the password or a token.
-            None => match value.as_ref().and_then(wire::error_of) {
-                Some(error) => Err(CmsError::Login(self.scrubbed(error.as_bytes()))),
-                None if is_transient_status(status) => Err(CmsError::Http {
-                    status,
-                    retry_after: None,
-                    snippet: self.scrubbed(&body),
-                }),
-                None => Err(CmsError::Login(format!(
-                    "unexpected answer (HTTP {status}): {}",
-                    self.scrubbed(&body)
-                ))),
-            },
-        }
-    }
-
-    /// `scrub` with this client's password.
-    fn scrubbed(&self, body: &[u8]) -> String {
-        scrub(body, self.endpoint.password.expose_secret())
-    }
-
     async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, CmsError> {
         let status = response.status().as_u16();
         let mut body = Vec::new();
@@ -597,82 +349,6 @@ impl CmsClient {
         }
         Ok(body)
     }
-}
-
-/// What may be shown of a CMS answer: its start as one line of text (HTML tags and runs of white
-/// space collapsed), at most `LOGIN_SNIPPET_CHARS` characters, with the password and every
-/// token-shaped word (16+ letters and digits, both present) replaced. Scrubbed before it is cut, so
-/// a secret across the cut cannot leave half of itself.
-fn scrub(body: &[u8], password: &str) -> String {
-    // Enough of the body for the shown part, however many tags collapse, plus one password.
-    const WINDOW: usize = 16 * 1024;
-    let end = body.len().min(WINDOW + password.len());
-    let mut text = String::from_utf8_lossy(&body[..end]).into_owned();
-    if !password.is_empty() {
-        text = text.replace(password, "[password]");
-    }
-    if end < body.len() {
-        // A word cut at the window's end may be a token's head.
-        let kept = text
-            .trim_end_matches(|c: char| c.is_ascii_alphanumeric())
-            .len();
-        text.truncate(kept);
-    }
-    let mut plain = String::with_capacity(text.len().min(4 * LOGIN_SNIPPET_CHARS));
-    let mut in_tag = false;
-    for c in text.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' if in_tag => {
-                in_tag = false;
-                plain.push(' ');
-            }
-            _ if in_tag => {}
-            c if c.is_whitespace() || c.is_control() => plain.push(' '),
-            c => plain.push(c),
-        }
-    }
-    let words: Vec<&str> = plain.split(' ').filter(|w| !w.is_empty()).collect();
-    let mut shown = String::new();
-    for word in words {
-        let masked = mask_tokens(word);
-        if !shown.is_empty() {
-            shown.push(' ');
-        }
-        shown.push_str(&masked);
-        if shown.chars().count() > LOGIN_SNIPPET_CHARS {
-            let cut: String = shown.chars().take(LOGIN_SNIPPET_CHARS).collect();
-            return format!("{cut}…");
-        }
-    }
-    shown
-}
-
-/// `word` with each run of 16+ ASCII letters and digits that has both replaced by `[redacted]`.
-fn mask_tokens(word: &str) -> String {
-    let mut out = String::with_capacity(word.len());
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        let token_like = run.len() >= 16
-            && run.chars().any(|c| c.is_ascii_digit())
-            && run.chars().any(|c| c.is_ascii_alphabetic());
-        out.push_str(if token_like {
-            "[redacted]"
-        } else {
-            run.as_str()
-        });
-        run.clear();
-    };
-    for c in word.chars() {
-        if c.is_ascii_alphanumeric() {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut run, &mut out);
-    out
 }
 
 /// An answer that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's
@@ -720,70 +396,4 @@ fn redirect_error(response: &reqwest::Response) -> Option<CmsError> {
 
 fn is_transient_status(status: u16) -> bool {
     status == 408 || status == 429 || status >= 500
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_scrubbed_answer_has_no_password_no_token_and_no_markup() {
-        let page = format!(
-            "<br />\n<b>Warning</b>: bad  password 'hunter2-pw' for otwk9ERPQS9ietocskWTS5qTG4ow1qrqTXK2CBStt1LHv9UY{}",
-            "<p>x</p>".repeat(1000)
-        );
-        let shown = scrub(page.as_bytes(), "hunter2-pw");
-        assert!(
-            shown.starts_with("Warning : bad password '[password]' for [redacted] x x"),
-            "{shown}"
-        );
-        assert!(shown.chars().count() <= LOGIN_SNIPPET_CHARS + 1, "{shown}");
-        // Numbers, paths and words stay: they are what an operator needs.
-        let shown = scrub(
-            b"Allowed memory size of 134217728 bytes exhausted in /var/www/api/class.Auth.php",
-            "pw",
-        );
-        assert_eq!(
-            shown,
-            "Allowed memory size of 134217728 bytes exhausted in /var/www/api/class.Auth.php"
-        );
-    }
-
-    #[test]
-    fn a_password_across_the_window_is_masked_whole() {
-        let mut body = vec![b'<'; 16 * 1024 - 3];
-        body.push(b'>');
-        body.extend_from_slice(b"s3cret-password and more");
-        let shown = scrub(&body, "s3cret-password");
-        assert!(!shown.contains("s3cret"), "{shown}");
-        assert!(shown.contains("[password]"), "{shown}");
-    }
-
-    #[test]
-    fn failed_logins_wait_longer_each_time_up_to_the_cap() {
-        let mut gate = LoginGate {
-            policy: RetryPolicy {
-                initial: Duration::from_millis(100),
-                max: Duration::from_millis(400),
-            },
-            n_failed: 0,
-            not_before: None,
-            last: String::new(),
-        };
-        assert_eq!(gate.wait(), None);
-        let mut waits = Vec::new();
-        for _ in 0..5 {
-            gate.failed("junk".into());
-            waits.push(gate.wait().expect("held back"));
-        }
-        let floors = [50, 100, 200, 200, 200];
-        for (wait, floor) in waits.iter().zip(floors) {
-            assert!(
-                *wait >= Duration::from_millis(floor - 5) && *wait <= Duration::from_millis(400),
-                "{waits:?}"
-            );
-        }
-        gate.succeeded();
-        assert_eq!(gate.wait(), None);
-    }
 }
