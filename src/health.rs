@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
-use crate::filter::FilterReason;
 use crate::liveness::Heartbeat;
 use crate::metrics::{self, Gauges, Stats};
+use crate::model::FilterReason;
 use crate::outbox::OutboxReader;
 
 /// The viewer counts as down when no poll was answered for this many poll intervals...

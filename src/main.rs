@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::cli::{Cli, Command, SimCommand};
+use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::config::{ConfigError, LogFormat, Settings};
 use opensim_chat_relay::health::HealthError;
 use opensim_chat_relay::outbox::OutboxError;
@@ -38,6 +39,8 @@ fn main() -> ExitCode {
                     let relay = Relay::build(&settings)?
                         .with_notifier(notify::Notifier::from_env())
                         .with_reload(config_file);
+                    // The password goes on in the CMS client only, not in this task's state.
+                    drop(settings);
                     relay.run_until_stopped(shutdown::on_signal()).await
                 })
             }
@@ -49,10 +52,8 @@ fn main() -> ExitCode {
                     eprintln!("warning: {warning}");
                 }
                 // As `run` would: an unreadable password file or CA bundle is an error here too.
-                let loaded = settings.cms.load_password().and_then(|_| {
-                    settings.cms.load_ca_certificates()?;
-                    settings.redacted()
-                });
+                let loaded =
+                    CmsEndpoint::from_settings(&settings.cms).and_then(|_| settings.redacted());
                 match loaded {
                     Ok(text) => {
                         print!("{text}");

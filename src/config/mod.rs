@@ -1,7 +1,8 @@
 //! The `Settings` tree: layered loading, redacted printing for `check-config`, and the warnings.
 //! One concern a file: `sections` (one struct per section, a `///` on every key), `cms` (`[cms]`,
 //! the part of it delivery gets, and the password and CA files), `pattern` (the regular expressions
-//! of `[filter]`), `validate` (the checks across keys), `fields` (how each value is read from its
+//! of `[filter]`), `validate` (the checks across keys), `snapshot` (what a reload compares, the
+//! password as a digest), `fields` (how each value is read from its
 //! text, and the password masked when printed).
 //!
 //! Layers, lowest first: `config/default.toml` (embedded in the binary), the file named by `--config`
@@ -18,14 +19,16 @@ mod cms;
 mod fields;
 mod pattern;
 mod sections;
+mod snapshot;
 mod validate;
 
 pub use cms::{CmsSettings, DeliverySettings};
 pub use pattern::{Pattern, Redaction};
 pub use sections::{
     FilterSettings, HttpSettings, InworldSettings, LogFormat, LogSettings, MappingSettings,
-    OutboxSettings, PrivacySettings, RetrySettings, SayType, ViewerSettings,
+    OutboxSettings, PrivacySettings, RetrySettings, SayType, ViewerSettings, WhenFull,
 };
+pub use snapshot::Snapshot;
 
 /// The built-in defaults, embedded so the binary runs without any file next to it.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");

@@ -166,11 +166,21 @@ pub struct OutboxSettings {
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
     /// What happens at `max_bytes`.
-    pub when_full: crate::outbox::WhenFull,
+    pub when_full: WhenFull,
     /// Bytes of quarantined records at most; unusable bodies beyond it are counted, not kept.
     pub max_quarantine_bytes: u64,
     /// Disk space the outbox keeps in reserve, given back when its disk is full (0 = none).
     pub reserve_bytes: u64,
+}
+
+/// `outbox.when_full`: what to do when the outbox holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Drop the oldest pending lines to make room (each counted and logged).
+    DropOldest,
+    /// Stop polling the viewer until delivery makes room (the viewer keeps the lines meanwhile).
+    PausePolling,
 }
 
 /// `[retry]`

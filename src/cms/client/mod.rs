@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
+use crate::config::{CmsSettings, ConfigError};
 use crate::text::snippet;
 
 mod login;
@@ -42,6 +43,23 @@ pub struct CmsEndpoint {
     pub max_response_bytes: usize,
     /// Trusted for the CMS's certificate besides the system's store (`cms.ca_file`).
     pub ca_certificates: Vec<reqwest::Certificate>,
+}
+
+impl CmsEndpoint {
+    /// The endpoint `[cms]` names: the password (read from `cms.password_file` when that is set) and
+    /// the certificates of `cms.ca_file` loaded here, so that the password goes from `config`
+    /// straight to the client. An unreadable file is an error naming its key.
+    pub fn from_settings(cms: &CmsSettings) -> Result<CmsEndpoint, ConfigError> {
+        Ok(CmsEndpoint {
+            base_url: cms.base_url.clone(),
+            grid_id: cms.grid_id,
+            username: cms.username.clone(),
+            password: cms.load_password()?,
+            timeout: cms.request_timeout,
+            max_response_bytes: cms.max_response_bytes,
+            ca_certificates: cms.load_ca_certificates()?,
+        })
+    }
 }
 
 /// One CMS answer, read to its end and parsed once (`wire::parse_lenient` tries up to 64 offsets
