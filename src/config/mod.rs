@@ -2,7 +2,8 @@
 //! One concern a file: `sections` (one struct per section, a `///` on every key), `cms` (`[cms]`,
 //! the part of it delivery gets, and the password and CA files), `pattern` (the regular expressions
 //! of `[filter]`), `validate` (the checks across keys), `snapshot` (what a reload compares, the
-//! password as a digest), `fields` (how each value is read from its
+//! password as a digest), `syntax` (the file read and checked as TOML, its errors without
+//! values), `fields` (how each value is read from its
 //! text, and the password masked when printed).
 //!
 //! Layers, lowest first: `config/default.toml` (embedded in the binary), the file named by `--config`
@@ -20,6 +21,7 @@ mod fields;
 mod pattern;
 mod sections;
 mod snapshot;
+mod syntax;
 mod validate;
 
 pub use cms::{CmsSettings, DeliverySettings};
@@ -39,6 +41,28 @@ pub enum ConfigError {
     /// A layer could not be read or parsed, or a value has the wrong type.
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// The configuration file cannot be read.
+    #[error("configuration: cannot read {file}: {reason}")]
+    File {
+        /// The file as given.
+        file: String,
+        /// Why.
+        reason: String,
+    },
+    /// The configuration file is not TOML. Names the place and the key, never a value.
+    #[error("configuration: {file}: line {line}, column {column}{}: {reason}", key_part(key.as_deref()))]
+    Syntax {
+        /// The file as given.
+        file: String,
+        /// From 1.
+        line: usize,
+        /// From 1, in characters.
+        column: usize,
+        /// The dotted key set on that line (or the nearest above it), if any.
+        key: Option<String>,
+        /// What is wrong, without the line's value.
+        reason: String,
+    },
     /// The effective configuration cannot be printed as TOML (e.g. a path that is not UTF-8).
     #[error("configuration: cannot print it as TOML: {0}")]
     Print(String),
@@ -50,6 +74,10 @@ pub enum ConfigError {
         /// What is wrong with it and how to fix it.
         reason: String,
     },
+}
+
+fn key_part(key: Option<&str>) -> String {
+    key.map(|key| format!(" (key `{key}`)")).unwrap_or_default()
 }
 
 /// Everything the relay reads from its configuration.
@@ -87,7 +115,10 @@ impl Settings {
             config::FileFormat::Toml,
         ));
         if let Some(file) = file {
-            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+            // Read and checked here, so that a syntax error names its place and key rather than
+            // quoting a line that may hold the password.
+            let text = syntax::read_file(file)?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("RELAY")
