@@ -25,6 +25,7 @@ mod quirks;
 mod readback;
 mod reload;
 mod restart;
+mod secrets;
 mod shutdown;
 mod unresolved;
 mod viewer_bounds;

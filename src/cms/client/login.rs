@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::scrub::scrub;
 use super::{CmsClient, is_transient_status, redirect_error};
 use crate::backoff::RetryPolicy;
 use crate::cms::error::CmsError;
@@ -246,23 +245,18 @@ impl CmsClient {
             }
             // Whatever the CMS said is shown scrubbed: a PHP page can echo the password or a token.
             None => match value.as_ref().and_then(wire::error_of) {
-                Some(error) => Err(CmsError::Login(self.scrubbed(error.as_bytes()))),
+                Some(error) => Err(CmsError::Login(self.shown(error.as_bytes()))),
                 None if is_transient_status(status) => Err(CmsError::Http {
                     status,
                     retry_after: None,
-                    snippet: self.scrubbed(&body),
+                    snippet: self.shown(&body),
                 }),
                 None => Err(CmsError::Login(format!(
                     "unexpected answer (HTTP {status}): {}",
-                    self.scrubbed(&body)
+                    self.shown(&body)
                 ))),
             },
         }
-    }
-
-    /// `scrub` with this client's password.
-    fn scrubbed(&self, body: &[u8]) -> String {
-        scrub(body, self.endpoint.password.expose_secret())
     }
 }
 

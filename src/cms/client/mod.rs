@@ -18,10 +18,11 @@ use serde_json::Value;
 use crate::cms::error::CmsError;
 use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
 use crate::config::{CmsSettings, ConfigError};
-use crate::text::snippet;
 
 mod login;
 mod scrub;
+
+use scrub::{Secret, scrub};
 
 use login::{DEFAULT_LOGIN_RETRY, LoginGate, Token};
 pub use login::{LoginInfo, LoginState};
@@ -203,7 +204,7 @@ impl CmsClient {
         }
         let permissions = wire::permissions_of(&value).ok_or_else(|| CmsError::Decode {
             status: 200,
-            snippet: snippet(value.to_string().as_bytes()),
+            snippet: self.shown(value.to_string().as_bytes()),
         })?;
         Ok(OwnAccount {
             user_id,
@@ -222,7 +223,7 @@ impl CmsClient {
             Some(PostReply::Invalid(error)) => Err(CmsError::Invalid(error)),
             Some(PostReply::LastRowFailed) => Err(CmsError::LastRowFailed),
             Some(PostReply::Failed(error)) => Err(CmsError::Failed(error)),
-            None => Err(unreadable(&answer)),
+            None => Err(self.unreadable(&answer)),
         }
     }
 
@@ -240,7 +241,7 @@ impl CmsClient {
         }
         wire::parse_chats(&value).ok_or_else(|| CmsError::Decode {
             status: 200,
-            snippet: snippet(value.to_string().as_bytes()),
+            snippet: self.shown(value.to_string().as_bytes()),
         })
     }
 
@@ -271,7 +272,7 @@ impl CmsClient {
         let answer = self.call(Method::GET, path, None).await?;
         match answer.value {
             Some(value) => Ok(value),
-            None => Err(unreadable(&answer)),
+            None => Err(self.unreadable(&answer)),
         }
     }
 
@@ -331,7 +332,7 @@ impl CmsClient {
                     return Err(CmsError::Http {
                         status,
                         retry_after,
-                        snippet: snippet(&body),
+                        snippet: self.shown(&body),
                     });
                 }
                 return Ok(Answer {
@@ -350,6 +351,42 @@ impl CmsClient {
         Err(CmsError::Unauthorized)
     }
 
+    /// An answer that is not the CMS's JSON: a PHP fatal error page when the status says 200, a
+    /// proxy's or server's page otherwise.
+    fn unreadable(&self, answer: &Answer) -> CmsError {
+        if answer.status == 200 {
+            CmsError::Decode {
+                status: answer.status,
+                snippet: self.shown(&answer.body),
+            }
+        } else {
+            CmsError::Http {
+                status: answer.status,
+                retry_after: answer.retry_after,
+                snippet: self.shown(&answer.body),
+            }
+        }
+    }
+
+    /// What may be shown of an answer to this client (`scrub`): an error page can print the
+    /// request, its form body (the password) or its query (the token), in any encoding.
+    fn shown(&self, body: &[u8]) -> String {
+        let token = self.lock_token().as_ref().map(|held| held.value.clone());
+        scrub(
+            body,
+            &[
+                Secret {
+                    value: self.endpoint.password.expose_secret(),
+                    mask: "[password]",
+                },
+                Secret {
+                    value: token.as_ref().map_or("", |t| t.expose_secret()),
+                    mask: "[token]",
+                },
+            ],
+        )
+    }
+
     async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, CmsError> {
         let status = response.status().as_u16();
         let mut body = Vec::new();
@@ -366,23 +403,6 @@ impl CmsClient {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
-    }
-}
-
-/// An answer that is not the CMS's JSON: a PHP fatal error page when the status says 200, a proxy's
-/// or server's page otherwise.
-fn unreadable(answer: &Answer) -> CmsError {
-    if answer.status == 200 {
-        CmsError::Decode {
-            status: answer.status,
-            snippet: snippet(&answer.body),
-        }
-    } else {
-        CmsError::Http {
-            status: answer.status,
-            retry_after: answer.retry_after,
-            snippet: snippet(&answer.body),
-        }
     }
 }
 

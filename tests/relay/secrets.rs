@@ -1,0 +1,175 @@
+//! The CMS password and token as a hostile or broken CMS can echo them back: every encoding a peer
+//! can write them in is masked wherever the relay shows an answer (errors, `check`, `/readyz`).
+
+use std::time::Duration;
+
+use opensim_chat_relay::cms::CmsClient;
+use opensim_chat_relay::cms::client::{CmsEndpoint, LoginState};
+use secrecy::SecretString;
+
+use crate::hostile_cms::{RawPeer, Seen, response};
+
+/// A password with what each encoding changes: `&`, `/`, `!`, a space, `"`, `<`, `>`, `'` and a
+/// letter beyond ASCII.
+const ODD_PASSWORD: &str = "S3cret&Pa55/word! \"q\" <\u{fc}> 'x'";
+
+/// Runs of `ODD_PASSWORD` in the encodings below that must never be shown: each is at least 4
+/// characters of the password's own letters around an encoded character.
+fn shows_the_odd_password(text: &str) -> Option<&'static str> {
+    [
+        "S3cret",
+        "Pa55",
+        "55%2F",
+        "55%2f",
+        "word%21",
+        "word!",
+        "S3cret%26",
+        "%26Pa",
+        "&amp;Pa",
+        "&#38;Pa",
+        "\\/word",
+        "\\u00fc",
+        "\\u00FC",
+        "%C3%BC",
+        "%c3%bc",
+        "Pa55\\/",
+    ]
+    .into_iter()
+    .find(|part| text.contains(part))
+}
+
+/// The form body the relay sent (`username=…&password=…`), in the ways a PHP page can echo it: as
+/// read from `php://input`, with lower-case escapes, through `rawurlencode`, `json_encode`,
+/// `htmlspecialchars` and as numeric entities.
+fn echoes(seen: &Seen) -> Vec<(&'static str, String)> {
+    let raw = seen.body.clone();
+    let json = serde_json::to_string(ODD_PASSWORD)
+        .expect("json")
+        .replace('/', "\\/")
+        .replace('\u{fc}', "\\u00fc");
+    let html = ODD_PASSWORD
+        .replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&#039;");
+    let numeric: String = ODD_PASSWORD
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_string()
+            } else {
+                format!("&#{};", c as u32)
+            }
+        })
+        .collect();
+    vec![
+        ("the raw form body", raw.clone()),
+        ("lower-case escapes", lower_escapes(&raw)),
+        ("rawurlencode", raw.replace('+', "%20")),
+        ("json_encode", format!("{{\"password\":{json}}}")),
+        ("htmlspecialchars", html),
+        ("numeric entities", numeric),
+        ("json inside html", json.replace('"', "&quot;")),
+    ]
+}
+
+/// `%2F` → `%2f`: some servers print escapes in lower case.
+fn lower_escapes(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3).unwrap_or(&rest[at..]);
+        out.push_str(&escape.to_lowercase());
+        rest = &rest[at + escape.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn client_with(base_url: &str, password: &str) -> CmsClient {
+    CmsClient::new(CmsEndpoint {
+        base_url: base_url.to_owned(),
+        grid_id: 1,
+        username: "relay".to_owned(),
+        password: SecretString::from(password.to_owned()),
+        timeout: Duration::from_secs(5),
+        max_response_bytes: 1 << 20,
+        ca_certificates: Vec::new(),
+    })
+    .expect("client builds")
+}
+
+#[tokio::test]
+async fn a_login_page_that_echoes_the_form_body_shows_the_password_in_no_encoding() {
+    for variant in 0..7 {
+        // Arrange: a CMS whose failed login prints what it was sent, the `variant`th way.
+        let peer = RawPeer::start(move |seen| {
+            let (_, echo) = echoes(seen).swap_remove(variant);
+            let page = format!("<b>Warning</b>: login failed for {echo} in class.Auth.php");
+            response(
+                "500 Internal Server Error",
+                &[("Content-Type", "text/html")],
+                &page,
+            )
+        })
+        .await;
+        let client = client_with(&peer.base_url(), ODD_PASSWORD);
+
+        // Act
+        let err = client.login().await.expect_err("no token").to_string();
+        let state = format!("{:?}", client.login_state());
+
+        // Assert: what an error, the log and /readyz show has no trace of the password.
+        let (how, _) = echoes(&peer.seen()[0]).swap_remove(variant);
+        assert!(err.contains("class.Auth.php"), "{how}: {err}");
+        for shown in [&err, &state] {
+            assert_eq!(shows_the_odd_password(shown), None, "{how}: {shown}");
+        }
+        assert!(matches!(client.login_state(), LoginState::Failed(_)));
+    }
+}
+
+/// A token that is not token-shaped (words and dashes), so that only knowing it masks it.
+const ODD_TOKEN: &str = "tok-en/with+odd&chars";
+
+#[tokio::test]
+async fn an_error_page_that_prints_the_request_shows_no_token() {
+    // Arrange: a CMS that logs in and answers every chat read with a page that prints the request
+    // line, its query decoded and escaped, as PHP's error pages do.
+    let peer = RawPeer::start(|seen| {
+        if seen.request_line.contains("/auth/username/") {
+            let body = format!(
+                r#"{{"token":{},"ip":"127.0.0.1","userId":"3"}}"#,
+                serde_json::to_string(ODD_TOKEN).expect("json")
+            );
+            return response("200 OK", &[("Content-Type", "application/json")], &body);
+        }
+        let page = format!(
+            "<b>Fatal error</b>: in {} (token {})",
+            seen.request_line,
+            ODD_TOKEN.replace('&', "&amp;")
+        );
+        let status = if seen.request_line.contains("/chats/") {
+            "503 Service Unavailable"
+        } else {
+            "200 OK"
+        };
+        response(status, &[("Content-Type", "text/html")], &page)
+    })
+    .await;
+    let client = client_with(&peer.base_url(), "pw");
+
+    // Act: a read that fails for its status, and one whose 200 is no JSON.
+    let transient = client.chats_since(0).await.expect_err("503").to_string();
+    let unreadable = client.grid_exists().await.expect_err("no JSON").to_string();
+
+    // Assert
+    for shown in [&transient, &unreadable] {
+        assert!(shown.contains("Fatal error"), "{shown}");
+        for part in ["tok-en", "odd%26", "odd&amp;", "odd&chars"] {
+            assert!(!shown.contains(part), "{part:?} in {shown}");
+        }
+    }
+}
