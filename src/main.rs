@@ -1,4 +1,5 @@
-//! The binary: parse the command line, load the configuration, run. Everything else is in the library.
+//! The binary: parse the command line, load the configuration, run. Everything else is in the
+//! library, but for `process` (system calls the library, which forbids unsafe code, cannot make).
 
 use std::process::ExitCode;
 
@@ -12,11 +13,15 @@ use opensim_chat_relay::outbox::OutboxError;
 use opensim_chat_relay::sim::{cms, lookingglass};
 use opensim_chat_relay::{admin, check, demo, notify, shutdown, telemetry};
 
+mod process;
+
 /// sysexits' EX_CONFIG: the operator must fix something; systemd units say
 /// `RestartPreventExitStatus=78` so this does not become a restart loop.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // Before anything reads the password: a crash from here on writes no core dump.
+    let no_core_dumps = process::forbid_core_dumps();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let settings = |cli_config: Option<&std::path::Path>| match Settings::load(cli_config, &[]) {
@@ -32,6 +37,24 @@ fn main() -> ExitCode {
                 telemetry::init(&settings.log.level, settings.log.format);
                 for warning in settings.warnings() {
                     tracing::warn!("{warning}");
+                }
+                if let Err(err) = &no_core_dumps {
+                    tracing::warn!(error = %err, "cannot forbid core dumps; a crash could write the password to disk");
+                }
+                match process::raise_file_limit() {
+                    Ok((before, after)) if after > before => {
+                        tracing::info!(
+                            before,
+                            after,
+                            "raised the soft open-file limit to the hard limit"
+                        );
+                    }
+                    Ok((limit, _)) => {
+                        tracing::debug!(limit, "the soft open-file limit is the hard limit")
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot raise the soft open-file limit")
+                    }
                 }
                 let config_file = cli.config.clone();
                 run(async move {

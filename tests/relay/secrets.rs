@@ -1,12 +1,15 @@
 //! The CMS password and token as a hostile or broken CMS can echo them back: every encoding a peer
 //! can write them in is masked wherever the relay shows an answer (errors, `check`, `/readyz`).
 
+use std::os::unix::fs::MetadataExt;
+use std::process::Stdio;
 use std::time::Duration;
 
 use opensim_chat_relay::cms::CmsClient;
 use opensim_chat_relay::cms::client::{CmsEndpoint, LoginState};
 use secrecy::SecretString;
 
+use crate::helpers::{PATIENCE, TestEnv, collect_stderr, eventually, sigterm};
 use crate::hostile_cms::{RawPeer, Seen, response};
 
 /// A password with what each encoding changes: `&`, `/`, `!`, a space, `"`, `<`, `>`, `'` and a
@@ -172,4 +175,93 @@ async fn an_error_page_that_prints_the_request_shows_no_token() {
             assert!(!shown.contains(part), "{part:?} in {shown}");
         }
     }
+}
+
+/// `id -u`
+fn running_as_root() -> bool {
+    let output = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id runs");
+    String::from_utf8_lossy(&output.stdout).trim() == "0"
+}
+
+/// The value of `name` in `/proc/<pid>/status` or `/proc/<pid>/limits`'s line that starts with it.
+fn proc_line(pid: u32, file: &str, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .expect("proc readable")
+        .lines()
+        .find(|line| line.starts_with(name))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn the_relay_process_can_write_no_core_dump() {
+    // Arrange: the relay as a service user (nobody when the tests run as root, since root's
+    // /proc entries tell nothing), running and logged in.
+    let env = TestEnv::start().await;
+    let wrapper: &[&str] = if running_as_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]
+    } else {
+        &[]
+    };
+    let mut relay = env
+        .relay_command(wrapper, &[("http.listen", "")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let log = collect_stderr(&mut relay);
+    eventually(PATIENCE, "the relay logged in", || async {
+        log.lock().expect("log").contains("logged in to the cms")
+    })
+    .await;
+    let pid = relay.id();
+
+    // Act: what the kernel says of the running process.
+    let uid_line = proc_line(pid, "status", "Uid:");
+    let core_line = proc_line(pid, "limits", "Max core file size");
+    let proc_owner = std::fs::metadata(format!("/proc/{pid}/status")).map(|m| m.uid());
+    let status = sigterm(relay);
+
+    // Assert: not root itself, yet its /proc entries belong to root (the kernel's sign of a
+    // non-dumpable process), and its core size limit is 0 soft and hard.
+    assert!(status.success(), "{status:?}");
+    let effective_uid = uid_line.split_whitespace().nth(2);
+    assert!(effective_uid.is_some_and(|uid| uid != "0"), "{uid_line}");
+    assert_eq!(
+        proc_owner.expect("proc entry"),
+        0,
+        "dumpable: /proc/{pid}/status is the user's"
+    );
+    let limits: Vec<&str> = core_line.split_whitespace().collect();
+    assert_eq!(limits.get(4..6), Some(&["0", "0"][..]), "{core_line}");
+}
+
+#[test]
+fn every_systemd_unit_forbids_core_dumps() {
+    let units = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    let mut n_units = 0;
+    for entry in std::fs::read_dir(&units).expect("deploy/systemd") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|ext| ext == "service") {
+            let unit = std::fs::read_to_string(&path).expect("unit");
+            assert!(
+                unit.lines().any(|line| line.trim() == "LimitCORE=0"),
+                "{} allows a core dump",
+                path.display()
+            );
+            n_units += 1;
+        }
+    }
+    assert!(n_units >= 2, "{n_units} units");
 }
