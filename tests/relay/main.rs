@@ -1,6 +1,7 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
 mod admin;
+mod admin_port;
 mod architecture;
 mod bad_input;
 mod check;
