@@ -41,9 +41,11 @@ async fn half_open_connections_are_bounded_and_closed_and_readyz_still_answers()
     }
 
     // Act and assert: the relay keeps only a bounded number of them...
-    eventually(PATIENCE, "at most 64 half-open connections held", || async {
-        clients.iter().filter(|c| !is_closed(c)).count() <= 64
-    })
+    eventually(
+        PATIENCE,
+        "at most 64 half-open connections held",
+        || async { clients.iter().filter(|c| !is_closed(c)).count() <= 64 },
+    )
     .await;
     // ...answers /readyz meanwhile (a try may meet the limit: it is tried again)...
     eventually(PATIENCE, "/readyz answers", || async {
@@ -70,7 +72,10 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() {
     // Arrange: a relay started under systemd's default soft limit of 1,024 (and a hard limit above).
     let env = TestEnv::start().await;
     let mut relay = env
-        .relay_command(&["prlimit", "--nofile=1024:4096", "--"], &[("http.listen", "")])
+        .relay_command(
+            &["prlimit", "--nofile=1024:4096", "--"],
+            &[("http.listen", "")],
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -93,7 +98,11 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() {
         .expect("a line")
         .split_whitespace()
         .collect();
-    assert_eq!(open_files.get(3..5), Some(&["4096", "4096"][..]), "{limits}");
+    assert_eq!(
+        open_files.get(3..5),
+        Some(&["4096", "4096"][..]),
+        "{limits}"
+    );
     let log = log.lock().expect("log").clone();
     assert!(log.contains("raised the soft open-file limit"), "{log}");
 }
