@@ -265,3 +265,86 @@ fn every_systemd_unit_forbids_core_dumps() {
     }
     assert!(n_units >= 2, "{n_units} units");
 }
+
+#[tokio::test]
+async fn a_cms_that_refuses_every_fresh_token_gets_backed_off_logins_not_one_per_request() {
+    // Arrange: a CMS whose logins succeed and whose every other answer refuses the token.
+    let peer = RawPeer::start(|seen| {
+        if seen.request_line.contains("/auth/username/") {
+            return crate::hostile_cms::login_ok();
+        }
+        response(
+            "401 Unauthorized",
+            &[("Content-Type", "application/json")],
+            r#"{"error":"Unauthorized to access this API URL"}"#,
+        )
+    })
+    .await;
+    let client = client_with(&peer.base_url(), "pw").with_login_retry(
+        opensim_chat_relay::backoff::RetryPolicy {
+            initial: Duration::from_secs(30),
+            max: Duration::from_secs(60),
+        },
+    );
+
+    // Act: twenty requests, as delivery, in-world and the avatar lookups make them.
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        errors.push(
+            client
+                .chats_since(0)
+                .await
+                .expect_err("refused")
+                .to_string(),
+        );
+    }
+
+    // Assert: one login, then the next waits for the retry schedule (each a token row in the
+    // CMS's database); the errors say so.
+    let n_logins = peer
+        .seen()
+        .iter()
+        .filter(|s| s.request_line.contains("/auth/username/"))
+        .count();
+    assert_eq!(n_logins, 1, "{:?}", peer.seen());
+    assert!(
+        errors[1..]
+            .iter()
+            .all(|e| e.contains("next login attempt in")),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_tokens_the_cms_refuses_logs_in_on_the_retry_schedule() {
+    // Arrange: a running relay reading the CMS for in-world lines every 50 ms, whose CMS then
+    // starts refusing every token (a proxy that changes the relay's address).
+    let env = TestEnv::start().await;
+    let relay = env
+        .start_relay(
+            "",
+            &[
+                ("inworld.poll_interval", "50ms"),
+                ("retry.initial", "20s"),
+                ("retry.max", "60s"),
+            ],
+        )
+        .await;
+    eventually(PATIENCE, "the first login", || async {
+        env.db.n_logins() >= 1
+    })
+    .await;
+    env.db.set_refuse_tokens(true);
+    let (n_logins_before, n_requests_before) = (env.db.n_logins(), env.db.requests().len());
+
+    // Act: twenty requests or more reach the CMS meanwhile.
+    eventually(PATIENCE, "20 more requests at the cms", || async {
+        env.db.requests().len() >= n_requests_before + 20
+    })
+    .await;
+
+    // Assert: at most the one login a refusal of a proven token calls for, not one per request.
+    let n_logins = env.db.n_logins() - n_logins_before;
+    assert!(n_logins <= 1, "{n_logins} logins for 20 requests");
+    relay.stop().await;
+}

@@ -27,6 +27,22 @@ pub(super) struct Token {
     /// Which login issued it (1 upward): a request that saw it refused logs in again only if no
     /// other task has done so meanwhile.
     pub(super) generation: u64,
+    /// Whether a request has used it yet, and how the CMS took it.
+    pub(super) usage: TokenUsage,
+}
+
+/// What the CMS made of a token so far. A token refused before any request accepted it says that
+/// logging in again would only get another the CMS refuses (it binds tokens to an address a proxy
+/// changes, or its token table is broken): that refusal counts as a failed login, so logins follow
+/// the retry schedule instead of one per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TokenUsage {
+    /// No request has used it.
+    Fresh,
+    /// A request with it was answered (not refused).
+    Accepted,
+    /// Refused before any request was accepted with it.
+    Refused,
 }
 
 /// Whether the CMS accepts the relay's account, as last seen (for `/readyz`).
@@ -161,8 +177,54 @@ impl CmsClient {
             value,
             last_used: Instant::now(),
             generation,
+            usage: TokenUsage::Fresh,
         });
         generation
+    }
+
+    /// A request with generation `generation` was answered without a refusal: its idle expiry was
+    /// extended (unless a newer login replaced it) and, on its first such answer, the token has
+    /// proved good, so failed logins are forgotten.
+    pub(super) fn token_answered(&self, generation: u64, proves_token: bool) {
+        let first_acceptance = {
+            let mut held = self.lock_token();
+            match held.as_mut() {
+                Some(token) if token.generation == generation => {
+                    token.last_used = Instant::now();
+                    let first = proves_token && token.usage != TokenUsage::Accepted;
+                    if proves_token {
+                        token.usage = TokenUsage::Accepted;
+                    }
+                    first
+                }
+                _ => false,
+            }
+        };
+        if first_acceptance {
+            self.lock_login_gate().succeeded();
+        }
+    }
+
+    /// The CMS refused generation `generation`. The first refusal of a token no request was
+    /// accepted with counts as a failed login (logins then wait for the retry schedule).
+    pub(super) fn token_refused(&self, generation: u64) {
+        let fresh = {
+            let mut held = self.lock_token();
+            match held.as_mut() {
+                Some(token)
+                    if token.generation == generation && token.usage == TokenUsage::Fresh =>
+                {
+                    token.usage = TokenUsage::Refused;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if fresh {
+            let shown = "the cms refused the token its login had just issued (does a proxy change the relay's address? the cms binds a token to the address it logged in from)".to_owned();
+            self.set_login_state(LoginState::Failed(shown.clone()));
+            self.lock_login_gate().failed(shown);
+        }
     }
 
     /// A token for the next request: the one held, or a fresh login when there is none, it idled
@@ -200,8 +262,9 @@ impl CmsClient {
         let token = self.try_fresh_token().await;
         match &token {
             Ok(_) => {
+                // The gate opens again only once a request is accepted with the token
+                // (`token_answered`): a CMS may issue tokens it then refuses.
                 self.set_login_state(LoginState::Valid);
-                self.lock_login_gate().succeeded();
             }
             Err(err) => {
                 self.set_login_state(LoginState::Failed(err.to_string()));

@@ -8,7 +8,7 @@
 //! stripped from errors and nothing here logs a URL with a query.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use reqwest::header::{LOCATION, RETRY_AFTER};
@@ -322,12 +322,8 @@ impl CmsClient {
                 || value.as_ref().and_then(wire::error_of) == Some(wire::UNAUTHORIZED);
             if !refused {
                 self.set_login_state(LoginState::Valid);
-                // The CMS extended the token's idle expiry (unless a newer login replaced it).
-                if let Some(held) = self.lock_token().as_mut()
-                    && held.generation == generation
-                {
-                    held.last_used = Instant::now();
-                }
+                // A proxy's 502 or 503 says nothing of the token; the CMS's own answers do.
+                self.token_answered(generation, !is_transient_status(status));
                 if is_transient_status(status) {
                     return Err(CmsError::Http {
                         status,
@@ -342,6 +338,7 @@ impl CmsClient {
                     value,
                 });
             }
+            self.token_refused(generation);
             tracing::info!(attempt, "cms refused the token; logging in again");
             refused_generation = Some(generation);
         }
