@@ -9,7 +9,9 @@ use opensim_chat_relay::cms::CmsClient;
 use opensim_chat_relay::cms::client::{CmsEndpoint, LoginState};
 use secrecy::SecretString;
 
-use crate::helpers::{PATIENCE, TestEnv, collect_stderr, eventually, sigterm};
+use crate::helpers::{
+    PATIENCE, RELAY_PASSWORD, RELAY_USER, TestEnv, collect_stderr, eventually, sigterm,
+};
 use crate::hostile_cms::{RawPeer, Seen, response};
 
 /// A password with what each encoding changes: `&`, `/`, `!`, a space, `"`, `<`, `>`, `'` and a
@@ -347,4 +349,38 @@ async fn a_relay_whose_tokens_the_cms_refuses_logs_in_on_the_retry_schedule() {
     let n_logins = env.db.n_logins() - n_logins_before;
     assert!(n_logins <= 1, "{n_logins} logins for 20 requests");
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_idle_for_apaches_keep_alive_timeout_is_not_used_again() {
+    // Arrange: a client of the simulated CMS (which keeps connections alive), logged in, that has
+    // read the grid once.
+    let env = TestEnv::start().await;
+    let client = CmsClient::new(CmsEndpoint {
+        base_url: env.cms.base_url(),
+        grid_id: 1,
+        username: RELAY_USER.to_owned(),
+        password: SecretString::from(RELAY_PASSWORD),
+        timeout: Duration::from_secs(5),
+        max_response_bytes: 1 << 20,
+        ca_certificates: Vec::new(),
+    })
+    .expect("client builds");
+    client.grid_exists().await.expect("first read");
+
+    // Act: the connection idles 4.5 s (Apache closes a kept-alive connection after 5 s idle, spec
+    // §10.1: a request sent on it then may find it closing), then the next read.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    client.grid_exists().await.expect("second read");
+
+    // Assert: the second read came on a new connection (another client port).
+    let ports: Vec<u16> = env
+        .db
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/grid/1/"))
+        .map(|r| r.peer.port())
+        .collect();
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert_ne!(ports[0], ports[1], "the idle connection was used again");
 }

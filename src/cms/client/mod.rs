@@ -27,6 +27,10 @@ use scrub::{Secret, scrub};
 use login::{DEFAULT_LOGIN_RETRY, LoginGate, Token};
 pub use login::{LoginInfo, LoginState};
 
+/// How long an idle connection to the CMS is kept for the next request: below Apache's stock
+/// `KeepAliveTimeout` of 5 s, with a second's margin for a busy machine.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Where the CMS and how to log in.
 #[derive(Debug, Clone)]
 pub struct CmsEndpoint {
@@ -139,6 +143,10 @@ impl CmsClient {
             // Requests run side by side (delivery, in-world reads, avatar lookups), each kept alive
             // on its own connection; the token is bound to the address, not to a connection.
             .pool_max_idle_per_host(4)
+            // Apache closes a kept-alive connection after 5 s idle (spec §10.1); a request sent on
+            // one as it closes fails with no answer, an unknown outcome. Idle ones are dropped
+            // before that (reqwest's default keeps them 90 s).
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .user_agent(concat!("opensim-chat-relay/", env!("CARGO_PKG_VERSION")));
         // Trusted: the system's store, the bundled web roots, and `cms.ca_file`.
         let http = endpoint
