@@ -9,6 +9,7 @@ mod cms_load;
 mod config;
 mod crash;
 mod delivery;
+mod demo;
 mod disk_full;
 mod faults;
 mod health;
