@@ -2,13 +2,12 @@
 //! never finish their request are closed, at most a bounded number are held at once, and `/readyz`
 //! still answers; the process raises its soft open-file limit at start.
 
-use std::process::Stdio;
-
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::health::Observed;
-use crate::helpers::{PATIENCE, TestEnv, collect_stderr, cycles, eventually, sigterm};
+use crate::helpers::{PATIENCE, TestEnv, cycles, eventually, sigterm};
+use crate::secrets::spawn_logged_in;
 
 /// Whether the relay has closed `stream` (an end of file or a reset), without waiting.
 fn is_closed(stream: &TcpStream) -> bool {
@@ -67,24 +66,12 @@ async fn half_open_connections_are_bounded_and_closed_and_readyz_still_answers()
     relay.stop().await;
 }
 
-#[tokio::test]
+// Multi-threaded: `sigterm` blocks while the simulators must go on answering the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_soft_open_file_limit_is_raised_to_the_hard_one_at_start() {
     // Arrange: a relay started under systemd's default soft limit of 1,024 (and a hard limit above).
     let env = TestEnv::start().await;
-    let mut relay = env
-        .relay_command(
-            &["prlimit", "--nofile=1024:4096", "--"],
-            &[("http.listen", "")],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the relay starts");
-    let log = collect_stderr(&mut relay);
-    eventually(PATIENCE, "the relay logged in", || async {
-        log.lock().expect("log").contains("logged in to the cms")
-    })
-    .await;
+    let (relay, log) = spawn_logged_in(&env, &["prlimit", "--nofile=1024:4096", "--"]).await;
 
     // Act
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.id())).expect("limits");

@@ -108,7 +108,8 @@ async fn sighup_applies_the_live_keys_names_the_others_and_keeps_the_running_one
     );
 }
 
-#[tokio::test]
+// Multi-threaded: `sigterm` blocks while the simulators must go on answering the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_of_a_file_whose_password_breaks_the_syntax_logs_where_not_the_password() {
     // Arrange: a relay process reading relay.toml, logging to a file.
     let env = TestEnv::start().await;

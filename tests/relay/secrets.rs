@@ -179,6 +179,29 @@ async fn an_error_page_that_prints_the_request_shows_no_token() {
     }
 }
 
+/// A relay process (behind `wrapper`, if given; no HTTP endpoint) once it has logged in to the
+/// CMS, and its log so far.
+pub(crate) async fn spawn_logged_in(
+    env: &TestEnv,
+    wrapper: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    let mut relay = env
+        .relay_command(wrapper, &[("http.listen", "")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the relay starts");
+    let log = collect_stderr(&mut relay);
+    eventually(PATIENCE, "the relay logged in", || async {
+        log.lock().expect("log").contains("logged in to the cms")
+    })
+    .await;
+    (relay, log)
+}
+
 /// `id -u`
 fn running_as_root() -> bool {
     let output = std::process::Command::new("id")
@@ -198,7 +221,8 @@ fn proc_line(pid: u32, file: &str, name: &str) -> String {
         .to_owned()
 }
 
-#[tokio::test]
+// Multi-threaded: `sigterm` blocks while the simulators must go on answering the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_process_can_write_no_core_dump() {
     // Arrange: the relay as a service user (nobody when the tests run as root, since root's
     // /proc entries tell nothing), running and logged in.
@@ -216,17 +240,7 @@ async fn the_relay_process_can_write_no_core_dump() {
     } else {
         &[]
     };
-    let mut relay = env
-        .relay_command(wrapper, &[("http.listen", "")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the relay starts");
-    let log = collect_stderr(&mut relay);
-    eventually(PATIENCE, "the relay logged in", || async {
-        log.lock().expect("log").contains("logged in to the cms")
-    })
-    .await;
+    let (relay, _log) = spawn_logged_in(&env, wrapper).await;
     let pid = relay.id();
 
     // Act: what the kernel says of the running process.
