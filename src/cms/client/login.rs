@@ -206,8 +206,9 @@ impl CmsClient {
     }
 
     /// The CMS refused generation `generation`. The first refusal of a token no request was
-    /// accepted with counts as a failed login (logins then wait for the retry schedule).
-    pub(super) fn token_refused(&self, generation: u64) {
+    /// accepted with counts as a failed login (logins then wait for the retry schedule); returns
+    /// whether it was that one.
+    pub(super) fn token_refused(&self, generation: u64) -> bool {
         let fresh = {
             let mut held = self.lock_token();
             match held.as_mut() {
@@ -221,10 +222,11 @@ impl CmsClient {
             }
         };
         if fresh {
-            let shown = "the cms refused the token its login had just issued (does a proxy change the relay's address? the cms binds a token to the address it logged in from)".to_owned();
+            let shown = "the cms refused a token its login had just issued: the account may not use this route, or the token is bound to another address (a proxy that changes the relay's address?)".to_owned();
             self.set_login_state(LoginState::Failed(shown.clone()));
             self.lock_login_gate().failed(shown);
         }
+        fresh
     }
 
     /// A token for the next request: the one held, or a fresh login when there is none, it idled

@@ -346,7 +346,11 @@ impl CmsClient {
                     value,
                 });
             }
-            self.token_refused(generation);
+            if self.token_refused(generation) {
+                // A fresh login would get a token the CMS refuses alike (or this route is not
+                // the account's): the refusal is the answer, and the next login waits.
+                return Err(CmsError::Unauthorized);
+            }
             tracing::info!(attempt, "cms refused the token; logging in again");
             refused_generation = Some(generation);
         }
