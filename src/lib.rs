@@ -6,7 +6,7 @@
 //! the viewer's chat POST.
 //!
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types; `text`:
-//!   the body snippet both clients quote in errors.
+//!   the body snippet the viewer client quotes in errors (the CMS client quotes through its scrub).
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
 //!   relay said in-world, which `inworld` and `notice` record and `poller` recognises.
