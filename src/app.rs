@@ -23,7 +23,7 @@ use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
 use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
-use crate::config::Settings;
+use crate::config::{Settings, Snapshot};
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
 use crate::filter::FilterReason;
@@ -70,8 +70,9 @@ pub struct Relay {
     /// The live part of the configuration, read by the poller and the notice task.
     live: watch::Sender<Arc<Live>>,
     mapper: Arc<AvatarMapper>,
-    /// What the relay was built from, for a reload to compare against.
-    settings: Settings,
+    /// What the relay was built from, for a reload to compare against (the password as a digest:
+    /// the relay keeps no `Settings`).
+    running: Snapshot,
     /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
     reload_from: Option<Option<PathBuf>>,
 }
@@ -100,21 +101,13 @@ impl Relay {
         .context("building the viewer client")?;
         let facts = Arc::new(ViewerFacts::default());
         let cms = Arc::new(
-            CmsClient::new(CmsEndpoint {
-                base_url: settings.cms.base_url.clone(),
-                grid_id: settings.cms.grid_id,
-                username: settings.cms.username.clone(),
-                password: settings.cms.load_password()?,
-                timeout: settings.cms.request_timeout,
-                max_response_bytes: settings.cms.max_response_bytes,
-                ca_certificates: settings.cms.load_ca_certificates()?,
-            })
-            .context("building the cms client")?
-            // Failed logins follow the delivery's retry schedule, whichever task asks.
-            .with_login_retry(RetryPolicy {
-                initial: settings.retry.initial,
-                max: settings.retry.max,
-            }),
+            CmsClient::new(CmsEndpoint::from_settings(&settings.cms)?)
+                .context("building the cms client")?
+                // Failed logins follow the delivery's retry schedule, whichever task asks.
+                .with_login_retry(RetryPolicy {
+                    initial: settings.retry.initial,
+                    max: settings.retry.max,
+                }),
         );
         let mapper = Arc::new(AvatarMapper::new(
             &settings.mapping.users,
@@ -205,7 +198,7 @@ impl Relay {
             notice,
             live,
             mapper,
-            settings: settings.clone(),
+            running: settings.snapshot(),
             reload_from: None,
         })
     }
@@ -288,7 +281,7 @@ impl Relay {
         let _live = match self.reload_from {
             Some(file) => {
                 let hangup = crate::reload::on_hangup().context("listening for SIGHUP")?;
-                let reloader = Reloader::new(file, self.settings, self.live, self.mapper);
+                let reloader = Reloader::new(file, self.running, self.live, self.mapper);
                 supervisor.spawn(
                     "reload",
                     Ends::Whenever,
@@ -299,7 +292,7 @@ impl Relay {
             None => Some(self.live),
         };
         #[cfg(not(unix))]
-        let _live = (self.live, self.reload_from, self.settings, self.mapper);
+        let _live = (self.live, self.reload_from, self.running, self.mapper);
         supervisor.spawn(
             "notice",
             Ends::Whenever,

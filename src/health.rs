@@ -4,6 +4,8 @@
 //! record or reopens the database) and the CMS client's login state, and never writes, logs in, or
 //! talks to either peer, so a scraper polling it every second changes nothing.
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
+//! Its connections (`serve`) are bounded: at most `MAX_CONNECTIONS` at once, each closed unless its
+//! request head arrives within `HEADER_READ_TIMEOUT`, so a client cannot hold the port.
 //!
 //! Readiness (`/readyz` is 200 only when all four hold):
 //! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
@@ -33,10 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
-use crate::filter::FilterReason;
 use crate::liveness::Heartbeat;
 use crate::metrics::{self, Gauges, Stats};
+use crate::model::FilterReason;
 use crate::outbox::OutboxReader;
+
+mod serve;
+pub use serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
 /// The viewer counts as down when no poll was answered for this many poll intervals...
 pub const VIEWER_STALE_POLLS: u32 = 5;
@@ -290,12 +295,7 @@ impl HealthServer {
         };
         tracing::info!(addr = %self.addr, "serving /healthz, /readyz, /metrics, /status");
         let app = router(self.state);
-        if let Err(err) = axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %err, "health endpoint stopped");
-        }
+        serve::serve(listener, app, token).await;
     }
 }
 

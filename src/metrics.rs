@@ -12,8 +12,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::filter::FilterReason;
 use crate::liveness::{Heartbeat, Readiness};
+use crate::model::FilterReason;
 
 /// Counters since start, histograms, and (defined in `liveness`) the signals readiness and the
 /// watchdog are decided on.

@@ -1,4 +1,6 @@
-//! Text helpers both peers' clients share: the start of a body, made printable, for error messages.
+//! Text helpers below the peers' clients: the start of a body, made printable, for error messages
+//! (the viewer client's; the CMS client quotes answers only through `cms::client::scrub`, since its
+//! requests carry the password or the token).
 //!
 //! Owns no peer's rules. Must not know either peer's format or do I/O; it sits below `lookingglass`
 //! and `cms` so that neither client imports the other.

@@ -9,21 +9,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::Utc;
-use serde::Deserialize;
 
+pub use crate::config::WhenFull;
 use crate::outbox::record::decode_pending;
 use crate::outbox::store::Store;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
-
-/// What to do when the outbox holds `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Drop the oldest pending lines to make room (each counted and logged).
-    DropOldest,
-    /// Stop polling the viewer until delivery makes room (the viewer keeps the lines meanwhile).
-    PausePolling,
-}
 
 /// The bounds of the outbox.
 #[derive(Debug, Clone, Copy)]

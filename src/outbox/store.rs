@@ -145,11 +145,17 @@ fn open_error(path: &Path, source: sled::Error) -> OutboxError {
 }
 
 /// Who this process runs as: `user NAME (uid N)` (or `uid N` when no name is known) and the name
-/// for a command line (the uid when none). Linux: `/proc/self` belongs to the effective uid, and
-/// the name is looked up in `/etc/passwd` (a systemd `DynamicUser` has none there).
+/// for a command line (the uid when none). Linux: the effective uid from `/proc/self/status` (not
+/// the owner of `/proc/self`, which is root once the process made itself non-dumpable), and the name
+/// looked up in `/etc/passwd` (a systemd `DynamicUser` has none there).
 fn current_user() -> (String, String) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(uid) = std::fs::metadata("/proc/self").map(|meta| meta.uid()) else {
+    let effective_uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+            line.split_whitespace().nth(2)?.parse::<u32>().ok()
+        });
+    let Some(uid) = effective_uid else {
         return ("the relay's user".to_owned(), "<user>".to_owned());
     };
     match user_name(uid) {
