@@ -361,3 +361,58 @@ async fn an_object_named_like_an_avatar_and_owned_by_it_is_stored_anonymously_as
         ]
     );
 }
+
+#[tokio::test]
+async fn a_shouted_or_whispered_opt_out_counts_whatever_filter_types_says() {
+    // Arrange: only normal chat is relayed.
+    let env = TestEnv::start().await;
+    let relay = env
+        .start_relay("[filter]\ntypes = [\"Normal\"]\n", &[])
+        .await;
+    let mut shout = SimChatLine::avatar("Alice Resident", "!nolog");
+    shout.chat_type = "Shout".into();
+    let mut whisper = SimChatLine::avatar("Bob Builder", "!NOLOG");
+    whisper.chat_type = "Whisper".into();
+
+    // Act
+    env.lg.add_avatar("Alice Resident");
+    env.lg.add_avatar("Bob Builder");
+    env.lg.push(shout);
+    env.lg.push(whisper);
+    opt_outs_reach(&relay, 2).await;
+    env.lg.say("Alice Resident", "private now");
+    env.lg.say("Bob Builder", "private too");
+    env.lg.say("Carol Tester", "marker");
+    relayed_eventually(&env, "[Carol Tester] marker").await;
+    relay.stop().await;
+
+    // Assert
+    assert_eq!(relayed(&env), ["[Carol Tester] marker"]);
+}
+
+#[tokio::test]
+async fn an_object_saying_the_opt_in_command_does_not_undo_an_avatars_opt_out() {
+    // Arrange: objects are relayed; Alice opted out; her own object names itself after her.
+    let env = TestEnv::start().await;
+    let relay = env.start_relay("[filter]\nobjects = true\n", &[]).await;
+    env.lg.say("Alice Resident", "!nolog");
+    opt_outs_reach(&relay, 1).await;
+    let mut object = SimChatLine::object("Alice Resident", "!log");
+    object.owner_id = env.lg.avatar_uuid("Alice Resident");
+
+    // Act
+    env.lg.push(object);
+    env.lg.say("Alice Resident", "still private");
+    env.lg.say("Bob Builder", "marker");
+    relayed_eventually(&env, "[Bob Builder] marker").await;
+    let n_opt_outs = relay.outbox.opt_outs().expect("opt-outs").len();
+    relay.stop().await;
+
+    // Assert: the opt-out stands; the object's line is its own chat, not a command.
+    assert_eq!(n_opt_outs, 1);
+    assert!(
+        !relayed(&env).iter().any(|m| m.contains("still private")),
+        "{:?}",
+        relayed(&env)
+    );
+}
