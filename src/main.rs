@@ -11,11 +11,23 @@ use opensim_chat_relay::outbox::OutboxError;
 use opensim_chat_relay::sim::{cms, lookingglass};
 use opensim_chat_relay::{admin, check, demo, notify, shutdown, telemetry};
 
+/// Every file the relay creates is its user's alone (0600, directories 0700), whatever umask it was
+/// started under: the outbox holds chat and who opted out, and sled creates files in it while the
+/// relay runs (snapshots, blobs). `Outbox::open` tightens what exists at open.
+fn private_files() {
+    // SAFETY: umask(2) only replaces the process's file mode creation mask and cannot fail; it is
+    // called before any thread is started.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// sysexits' EX_CONFIG: the operator must fix something; systemd units say
 /// `RestartPreventExitStatus=78` so this does not become a restart loop.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    private_files();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let settings = |cli_config: Option<&std::path::Path>| match Settings::load(cli_config, &[]) {

@@ -416,3 +416,49 @@ async fn an_object_saying_the_opt_in_command_does_not_undo_an_avatars_opt_out() 
         relayed(&env)
     );
 }
+
+/// Every directory and file under `dir` (itself included), with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut to_visit = vec![dir.to_owned()];
+    while let Some(path) = to_visit.pop() {
+        let meta = std::fs::metadata(&path).expect("metadata");
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read_dir") {
+                to_visit.push(entry.expect("entry").path());
+            }
+        }
+        found.push((path, meta.permissions().mode() & 0o777));
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_outbox_is_readable_by_the_relays_user_only_whatever_the_umask() {
+    // Arrange: the relay run by hand, under the usual umask 022.
+    let env = TestEnv::start().await;
+    let mut command = env.relay_command(
+        &["sh", "-c", "umask 022; exec \"$0\" \"$@\""],
+        &[("inworld.enabled", "false"), ("http.listen", "")],
+    );
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = command.spawn().expect("relay starts");
+
+    // Act: chat and an opt-out are stored.
+    env.lg.say("Alice Resident", "!nolog");
+    env.lg.say("Bob Builder", "hello");
+    relayed_eventually(&env, "[Bob Builder] hello").await;
+    crate::helpers::sigterm(child);
+
+    // Assert
+    let outbox = env.dir.path().join("outbox");
+    let modes = modes_under(&outbox);
+    assert!(modes.len() > 2, "{modes:?}");
+    for (path, mode) in modes {
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, expected, "{} is {mode:o}", path.display());
+    }
+}
