@@ -1,10 +1,11 @@
 //! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
 //! to the outbox before the next GET is sent. An answer longer than `viewer.max_response_bytes`
-//! gives the lines in its first part (the client keeps no more), and one that is not chat goes to
-//! the outbox quarantine (once, however often the viewer repeats it). The privacy commands are
-//! recognised here, before a line is stored: the command line is never stored, a speaker who opted
-//! out is not stored from that line on (nor are their lines earlier in the same answer), and each
-//! change is recorded in the outbox (which drops their waiting lines) once the answer is stored.
+//! gives the lines in its first part (the client keeps no more), and one that is not chat is
+//! recorded in the outbox quarantine (its size and hash, never its text; once, however often the
+//! viewer repeats it). Privacy asks come before a line is stored: `privacy` decides (the commands,
+//! who opted out, also later in the same answer); the poller keeps the command lines out of the
+//! outbox and records each change in the outbox (which drops the speaker's waiting lines) once the
+//! answer is stored.
 //!
 //! Must not: deliver anything, say anything in-world (confirmations go to the notice task), read the
 //! viewer's status itself (`lookingglass::facts` does, off this path), or cancel a GET in flight (an
@@ -66,8 +67,11 @@ struct Unstored {
     relayed: Vec<bool>,
     /// The outbox keys given so far.
     keys: Vec<u64>,
-    /// The body broke off part way and is to be kept in the quarantine too.
+    /// The body broke off part way and is to be recorded in the quarantine too (its metadata and
+    /// hash: the body holds what the filters remove, `outbox::dead`).
     quarantine: bool,
+    /// The lines read before the break.
+    n_lines_before: usize,
 }
 
 impl Unstored {
@@ -251,7 +255,7 @@ impl Poller {
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
                 if self.n_unreadable_in_a_row == 0 {
-                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the body is kept in the outbox quarantine (once, however often it comes)");
+                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error went through the filters as usual, the answer is recorded in the outbox quarantine (its size and hash, never its text; once, however often it comes)");
                 } else {
                     tracing::debug!(error = %err, n_bytes = body.len(), "viewer chat response unreadable again");
                 }
@@ -267,6 +271,7 @@ impl Poller {
             relayed,
             keys: Vec::new(),
             quarantine,
+            n_lines_before: n_polled,
         };
         let n_relayed = match stored {
             Ok(n_relayed) => n_relayed,
@@ -352,7 +357,11 @@ impl Poller {
             match self
                 .deps
                 .outbox
-                .quarantine_raw("unreadable viewer chat response", &unstored.body)
+                .quarantine_unreadable(
+                    "unreadable viewer chat response",
+                    &unstored.body,
+                    unstored.n_lines_before,
+                )
                 .await
             {
                 Ok(Quarantined::Kept) => {}

@@ -28,7 +28,8 @@ pub(super) struct Store {
     pub(super) pending: sled::Tree,
     /// Lines the CMS refused, with the reason, under their pending key.
     pub(super) dead: sled::Tree,
-    /// Records that could not be decoded and bodies that could not be used, kept raw.
+    /// Records that could not be decoded and what is known of viewer answers that could not be read
+    /// (`dead`).
     pub(super) quarantine: sled::Tree,
     /// The cursors (`Cursor`).
     pub(super) meta: sled::Tree,

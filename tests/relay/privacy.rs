@@ -462,3 +462,77 @@ async fn the_outbox_is_readable_by_the_relays_user_only_whatever_the_umask() {
         assert_eq!(mode, expected, "{} is {mode:o}", path.display());
     }
 }
+
+/// One viewer chat entry, the `n`th millisecond of a moment, said by `from` with `owner` as its UUID.
+fn viewer_entry(n: u32, from: &str, owner: &str, message: &str) -> String {
+    format!(
+        r#""20261122014005{n:03}":{{"Time":"20261122014005{n:03}","From":"{from}","Message":"{message}","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"{owner}"}}"#
+    )
+}
+
+/// Every byte of every file under `dir`.
+fn all_bytes_under(dir: &std::path::Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (path, _) in modes_under(dir) {
+        if path.is_file() {
+            bytes.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn an_unreadable_viewer_answer_leaves_nothing_on_disk_that_the_filters_removed() {
+    // Arrange: Carol opted out; the operator ignores a bot and redacts e-mail addresses. The viewer
+    // then answers a body that breaks off after lines of all three.
+    let env = TestEnv::start().await;
+    const CAROL: &str = "cccccccc-0000-4000-8000-000000000003";
+    const BOT: &str = "dddddddd-0000-4000-8000-000000000004";
+    const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+    let bodies = vec![
+        format!("{{{}}}", viewer_entry(1, "Carol Tester", CAROL, "!nolog")).into_bytes(),
+        format!(
+            "{{{},{},{},\"20261122014005009\":{{\"Fr",
+            viewer_entry(2, "Carol Tester", CAROL, "carol-private-words"),
+            viewer_entry(3, "Greeter Bot", BOT, "ignored-bot-words"),
+            viewer_entry(4, "Alice Resident", ALICE, "write to alice.r@example.org"),
+        )
+        .into_bytes(),
+        format!("{{{}}}", viewer_entry(5, "Bob Builder", ALICE, "marker")).into_bytes(),
+    ];
+    let filters = r#"
+[filter]
+ignore_speakers = ["Greeter Bot"]
+redact = [{ pattern = '[\w.+-]+@[\w-]+(\.[\w-]+)+', replacement = '[e-mail]' }]
+# The scripted viewer answers a POST with the next body too: the relay says nothing.
+[privacy]
+confirm_format = ""
+notice = ""
+"#;
+
+    // Act
+    let (relay, stop) = env
+        .start_relay_on_scripted_viewer_with(filters, bodies, &[])
+        .await;
+    relayed_eventually(&env, "[Bob Builder] marker").await;
+    let n_quarantined = relay.outbox.quarantine_len();
+    relay.stop().await;
+    stop.cancel();
+
+    // Assert: the answer is on record for an operator, but none of what the filters removed is on
+    // disk, not even in the quarantine.
+    assert_eq!(n_quarantined, 1);
+    assert!(relayed(&env).contains(&"[Alice Resident] write to [e-mail]".to_owned()));
+    let on_disk =
+        String::from_utf8_lossy(&all_bytes_under(&env.dir.path().join("outbox"))).into_owned();
+    for removed in [
+        "carol-private-words",
+        "ignored-bot-words",
+        "alice.r@example.org",
+    ] {
+        assert!(
+            !on_disk.contains(removed),
+            "{removed:?} is in the outbox files"
+        );
+    }
+}
