@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::outbox::record::{decode_dead, encode_dead, encode_pending};
 use crate::outbox::store::Store;
 use crate::outbox::{DeadLine, Outbox, OutboxError, PendingLine};
+use crate::text::fnv1a64;
 
 impl Outbox {
     /// Moves a line to the dead letters with `reason`, and flushes. The dead record is written before
@@ -424,14 +425,6 @@ impl QuarantineBound {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
-}
-
-/// FNV-1a 64 of `body`: a hash that stays the same across versions and machines, so that an
-/// operator can tell two recorded answers apart or alike; also the fingerprint of "recorded before".
-fn fnv1a64(body: &[u8]) -> u64 {
-    body.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]
