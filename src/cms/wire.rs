@@ -1,10 +1,20 @@
 //! The CMS's JSON and the text rules of its stock database.
 //!
 //! Requests carry exactly the keys the CMS inserts (an extra key is a PHP fatal error after the earlier
-//! rows were stored). Responses are read leniently: PHP warnings may come before the JSON, errors
-//! arrive with HTTP 200 and `success: false`, and ids may be strings or numbers.
+//! rows were stored). Responses are read leniently: PHP warnings may come before the JSON
+//! (`json_start` finds it, within a bounded number of scans), errors arrive with HTTP 200 and
+//! `success: false`, and ids may be strings or numbers.
+//!
+//! Memory follows what is kept: the answers that can be large (a chat GET, tens of megabytes on a
+//! busy grid; a POST reply a peer can make as large) are read straight into typed rows, every field
+//! read leniently (`Text`, `Int`, `Flag`: a value of another type is `None`, never an error) and
+//! every field not used skipped without being built; no `serde_json::Value` tree is made of them.
+//! The small answers (login, avatar, grid, the account) are read as a `Value`.
 
-use serde::Serialize;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The five validation errors of `ChatController::validateParametersCreate` (spec §3.3): when one
@@ -88,18 +98,70 @@ pub fn encoded_len(item: &ChatItem) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Reads a CMS body as JSON, skipping PHP warning text in front of it: first the whole body, then
-/// from each `{` or `[` (the first 64) until one parses to the end. Costly on noise, so `CmsClient`
-/// calls it once per answer and keeps the value.
-pub fn parse_lenient(body: &[u8]) -> Option<Value> {
-    if let Ok(value) = serde_json::from_slice(body) {
-        return Some(value);
+/// Where the JSON document of a CMS body starts, skipping PHP warning text in front of it: 0 when
+/// the whole body is JSON, else the first `{` or `[` (of the first 64) from which the rest is one
+/// JSON document. Each try only checks the syntax (nothing is built), and the tries together read
+/// at most `MAX_SCANS` times the body: a body that breaks off (which no start can fix) or a page of
+/// brackets costs a few scans, not 64 parses.
+pub fn json_start(body: &[u8]) -> Option<usize> {
+    /// A long body that is JSON from a later start costs its noise plus one scan; one that breaks
+    /// off costs about one scan (each later start inside it fails at its first element's end).
+    const MAX_SCANS: usize = 3;
+    let mut budget = MAX_SCANS.saturating_mul(body.len()).max(64 * 1024);
+    // Whether the rest of `body` from `start` is one JSON document; a failed try is charged what
+    // it read.
+    let is_json_from = |start: usize, budget: &mut usize| -> bool {
+        let rest = &body[start..];
+        match serde_json::from_slice::<IgnoredAny>(rest) {
+            Ok(_) => true,
+            Err(err) => {
+                *budget = budget.saturating_sub(error_offset(rest, &err));
+                false
+            }
+        }
+    };
+    if is_json_from(0, &mut budget) {
+        return Some(0);
     }
-    body.iter()
+    let candidates = body
+        .iter()
         .enumerate()
-        .filter(|(_, b)| **b == b'{' || **b == b'[')
-        .take(64)
-        .find_map(|(start, _)| serde_json::from_slice(&body[start..]).ok())
+        .filter(|(start, b)| *start > 0 && (**b == b'{' || **b == b'['))
+        .map(|(start, _)| start)
+        .take(64);
+    for start in candidates {
+        if budget == 0 {
+            return None;
+        }
+        if is_json_from(start, &mut budget) {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// How far into `text` serde_json read before `err` (its line and byte column).
+fn error_offset(text: &[u8], err: &serde_json::Error) -> usize {
+    if err.is_eof() || err.line() == 0 {
+        return text.len();
+    }
+    let line_start = if err.line() == 1 {
+        0
+    } else {
+        text.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(err.line() - 2)
+            .map_or(text.len(), |(at, _)| at + 1)
+    };
+    (line_start + err.column()).min(text.len())
+}
+
+/// Reads a CMS body as a JSON `Value`, PHP warning text in front skipped (`json_start`). For the
+/// small answers only: a chat GET and a POST reply are read into typed rows.
+pub fn parse_lenient(body: &[u8]) -> Option<Value> {
+    let start = json_start(body)?;
+    serde_json::from_slice(&body[start..]).ok()
 }
 
 /// What a chat POST answered.
@@ -120,24 +182,40 @@ pub enum PostReply {
 
 /// Interprets a chat POST body; `None` when it is not JSON at all (a PHP fatal error page).
 pub fn parse_post_reply(body: &[u8]) -> Option<PostReply> {
-    post_reply_of(&parse_lenient(body)?)
+    post_reply_in(&body[json_start(body)?..])
 }
 
-/// Interprets a chat POST answer already read by `parse_lenient`; `None` when it is not an object.
-pub fn post_reply_of(value: &Value) -> Option<PostReply> {
-    let object = value.as_object()?;
-    if object.get("success").and_then(Value::as_bool) == Some(true) {
+/// Interprets the JSON document of a chat POST answer (from `json_start`); `None` when it is not
+/// an object.
+pub fn post_reply_in(json: &[u8]) -> Option<PostReply> {
+    let Ok(Object(reply)) = serde_json::from_slice::<Object<Envelope>>(json) else {
+        return None;
+    };
+    if reply.success.0 == Some(true) {
         return Some(PostReply::Stored {
-            last_id: object.get("id").and_then(as_i64).unwrap_or(0),
+            last_id: reply.id.0.unwrap_or(0),
         });
     }
-    Some(match object.get("error").and_then(Value::as_str) {
+    Some(match reply.error.0 {
         Some(error) if VALIDATION_ERRORS.iter().any(|v| error.starts_with(v)) => {
-            PostReply::Invalid(error.to_owned())
+            PostReply::Invalid(error)
         }
-        Some(error) => PostReply::Failed(error.to_owned()),
+        Some(error) => PostReply::Failed(error),
         None => PostReply::LastRowFailed,
     })
+}
+
+/// The `error` string of a `success: false` answer, from its JSON document (`json_start`):
+/// a typed read that skips every other field, whatever the answer's size.
+pub fn error_in(json: &[u8]) -> Option<String> {
+    let Ok(Object(envelope)) = serde_json::from_slice::<Object<Envelope>>(json) else {
+        return None;
+    };
+    if envelope.success.0 == Some(false) {
+        envelope.error.0
+    } else {
+        None
+    }
 }
 
 /// The `error` string of a `success: false` body, if that is what `value` is.
@@ -189,33 +267,334 @@ pub fn confirmed_user(value: &Value, grid_id: u32) -> Option<i64> {
     confirmed.then_some(user_id)
 }
 
-/// The rows of a chat GET.
-pub fn parse_chats(value: &Value) -> Option<Vec<CmsChat>> {
-    let rows = value.as_array()?;
-    let text = |v: &Value, k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    Some(
-        rows.iter()
-            .filter_map(|row| {
-                let user = row.get("user").cloned().unwrap_or(Value::Null);
-                Some(CmsChat {
-                    id: row.get("id").and_then(as_i64)?,
-                    user_id: user.get("id").and_then(as_i64).unwrap_or(-1),
-                    username: text(&user, "username"),
-                    first_name: text(&user, "firstName"),
-                    last_name: text(&user, "lastName"),
-                    message: text(row, "message"),
-                    timestamp: text(row, "timestamp"),
-                    from_cms: row.get("fromCMS").and_then(as_i64) == Some(1),
-                })
-            })
-            .collect(),
-    )
+/// What a chat GET answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatAnswer {
+    /// The rows (an element without an id is passed over).
+    Rows(Vec<CmsChat>),
+    /// An object: `success: false` with this error, if any.
+    Failed(Option<String>),
 }
+
+/// Reads the JSON document of a chat GET answer (from `json_start`) straight into rows, holding
+/// nothing of a row but what `CmsChat` keeps; `None` when it is neither an array nor an object.
+pub fn parse_chat_answer(json: &[u8]) -> Option<ChatAnswer> {
+    serde_json::from_slice::<ChatAnswerWire>(json)
+        .ok()
+        .and_then(|answer| answer.0)
+}
+
+/// A chat GET answer: an array of rows, or an object (an error); anything else is `None`.
+struct ChatAnswerWire(Option<ChatAnswer>);
+
+impl<'de> Deserialize<'de> for ChatAnswerWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnswerVisitor;
+        impl<'de> Visitor<'de> for AnswerVisitor {
+            type Value = ChatAnswerWire;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a chat GET answer")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(row) = seq.next_element::<Object<RowWire>>()? {
+                    let row = row.0;
+                    let Some(id) = row.id.0 else {
+                        continue;
+                    };
+                    rows.push(CmsChat {
+                        id,
+                        user_id: row.user.0.id.0.unwrap_or(-1),
+                        username: row.user.0.username.0.unwrap_or_default(),
+                        first_name: row.user.0.first_name.0.unwrap_or_default(),
+                        last_name: row.user.0.last_name.0.unwrap_or_default(),
+                        message: row.message.0.unwrap_or_default(),
+                        timestamp: row.timestamp.0.unwrap_or_default(),
+                        from_cms: row.from_cms.0 == Some(1),
+                    });
+                }
+                rows.shrink_to_fit();
+                Ok(ChatAnswerWire(Some(ChatAnswer::Rows(rows))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let envelope = Envelope::from_map(map)?;
+                let error = if envelope.success.0 == Some(false) {
+                    envelope.error.0
+                } else {
+                    None
+                };
+                Ok(ChatAnswerWire(Some(ChatAnswer::Failed(error))))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(ChatAnswerWire(None))
+            }
+        }
+        deserializer.deserialize_any(AnswerVisitor)
+    }
+}
+
+/// A JSON object read field by field (`FromMap`); any other value gives `T::default()`, skipped
+/// without being built.
+struct Object<T>(T);
+
+/// A type read from the fields of a JSON object, each key matched without allocating.
+trait FromMap<'de>: Sized + Default {
+    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
+}
+
+impl<'de, T: FromMap<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: FromMap<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::from_map(map).map(Object)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Object(T::default()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Object(T::default()))
+            }
+        }
+        deserializer.deserialize_any(ObjectVisitor(std::marker::PhantomData))
+    }
+}
+
+/// `{"success": …, "error": …, "id": …}`: the envelope of an error or a POST reply.
+#[derive(Default)]
+struct Envelope {
+    success: Flag,
+    error: Text,
+    id: Int,
+}
+
+impl<'de> FromMap<'de> for Envelope {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut envelope = Envelope::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.0.as_ref() {
+                "success" => envelope.success = map.next_value()?,
+                "error" => envelope.error = map.next_value()?,
+                "id" => envelope.id = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(envelope)
+    }
+}
+
+/// One element of a chat GET answer: the fields `CmsChat` keeps.
+#[derive(Default)]
+struct RowWire {
+    id: Int,
+    user: Object<UserWire>,
+    message: Text,
+    timestamp: Text,
+    from_cms: Int,
+}
+
+impl<'de> FromMap<'de> for RowWire {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut row = RowWire::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.0.as_ref() {
+                "id" => row.id = map.next_value()?,
+                "user" => row.user = map.next_value()?,
+                "message" => row.message = map.next_value()?,
+                "timestamp" => row.timestamp = map.next_value()?,
+                "fromCMS" => row.from_cms = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(row)
+    }
+}
+
+/// A row's `user`: the fields `CmsChat` keeps (not `email`, `picture`, `lastLogin`).
+#[derive(Default)]
+struct UserWire {
+    id: Int,
+    username: Text,
+    first_name: Text,
+    last_name: Text,
+}
+
+impl<'de> FromMap<'de> for UserWire {
+    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
+        let mut user = UserWire::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key.0.as_ref() {
+                "id" => user.id = map.next_value()?,
+                "username" => user.username = map.next_value()?,
+                "firstName" => user.first_name = map.next_value()?,
+                "lastName" => user.last_name = map.next_value()?,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(user)
+    }
+}
+
+impl<T: Default> Default for Object<T> {
+    fn default() -> Self {
+        Object(T::default())
+    }
+}
+
+/// An object key, borrowed from the body unless it holds an escape.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(key)))
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Owned(key.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Defines a lenient scalar: the listed `visit_*` give a value, every other JSON value gives
+/// `None` (a container is skipped without being built).
+macro_rules! lenient {
+    ($name:ident, $out:ty, $what:literal, { $($visit:item)* }) => {
+        #[derive(Debug, Default)]
+        struct $name(Option<$out>);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct LenientVisitor;
+                impl<'de> Visitor<'de> for LenientVisitor {
+                    type Value = Option<$out>;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str($what)
+                    }
+                    $($visit)*
+                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                        Ok(None)
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                        while seq.next_element::<IgnoredAny>()?.is_some() {}
+                        Ok(None)
+                    }
+                    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                        Ok(None)
+                    }
+                }
+                deserializer.deserialize_any(LenientVisitor).map($name)
+            }
+        }
+    };
+}
+
+lenient!(Text, String, "a string", {
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(Some(text.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(Some(text))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+});
+
+// PHP hands out ids as numbers or as strings, depending on the code path.
+lenient!(Int, i64, "an integer, or one as a string", {
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Some(n))
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(n).ok())
+    }
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        Ok(text.trim().parse().ok())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+});
+
+lenient!(Flag, bool, "a boolean", {
+    fn visit_bool<E: de::Error>(self, flag: bool) -> Result<Self::Value, E> {
+        Ok(Some(flag))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+});
 
 /// PHP hands out ids as numbers or as strings, depending on the code path.
 fn as_i64(value: &Value) -> Option<i64> {
@@ -298,6 +677,62 @@ mod tests {
             parse_post_reply(b"<b>Fatal error</b>: Unknown column"),
             None
         );
+    }
+
+    #[test]
+    fn chat_rows_are_read_leniently_into_what_is_kept() {
+        let body = br#"<br /><b>Notice</b>: Undefined index [x] in <b>chat.php</b><br />
+[{"id":"7","user":{"id":3,"username":"johndoe","firstName":"John","lastName":"Doe","email":"j@d.com","picture":false},"message":"Hi \u00e9","timestamp":"2014-04-08 13:15:03","fromCMS":"1"},
+ {"id":6,"user":null,"message":["odd"],"timestamp":"2014-04-08 13:15:01","fromCMS":0,"extra":{"a":[1,2]}},
+ {"user":{"id":4},"message":"no id"}, 17, null]"#;
+        let json = &body[json_start(body).expect("json found")..];
+        let Some(ChatAnswer::Rows(rows)) = parse_chat_answer(json) else {
+            panic!("rows expected");
+        };
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0],
+            CmsChat {
+                id: 7,
+                user_id: 3,
+                username: "johndoe".into(),
+                first_name: "John".into(),
+                last_name: "Doe".into(),
+                message: "Hi \u{e9}".into(),
+                timestamp: "2014-04-08 13:15:03".into(),
+                from_cms: true,
+            }
+        );
+        assert_eq!(
+            (rows[1].id, rows[1].user_id, rows[1].message.as_str()),
+            (6, -1, "")
+        );
+        assert!(!rows[1].from_cms);
+        assert_eq!(
+            parse_chat_answer(
+                br#"{"success":false,"error":"Unauthorized to access this API URL"}"#
+            ),
+            Some(ChatAnswer::Failed(Some(UNAUTHORIZED.to_owned())))
+        );
+        assert_eq!(parse_chat_answer(b"\"text\""), None);
+    }
+
+    #[test]
+    fn a_body_that_breaks_off_is_given_up_within_a_few_scans() {
+        let row = r#"{"id":1,"user":{"id":3,"username":"u"},"message":"[x] {y}","timestamp":"t","fromCMS":0},"#;
+        let mut body = b"<b>Warning</b>: [noise] {more}<br />\n[".to_vec();
+        for _ in 0..10_000 {
+            body.extend_from_slice(row.as_bytes());
+        }
+        assert_eq!(json_start(&body), None, "it breaks off");
+        body.pop();
+        body.push(b']');
+        let start = json_start(&body).expect("whole again");
+        assert_eq!(body[start], b'[');
+        let Some(ChatAnswer::Rows(rows)) = parse_chat_answer(&body[start..]) else {
+            panic!("rows expected");
+        };
+        assert_eq!(rows.len(), 10_000);
     }
 
     #[test]

@@ -18,8 +18,11 @@ const VALID_POST_REPLY: &str = r#"{"success":true,"id":17}"#;
 
 fn all_cms_parsers(body: &[u8]) {
     let _ = cms_wire::parse_post_reply(body);
+    if let Some(start) = cms_wire::json_start(body) {
+        let _ = cms_wire::parse_chat_answer(&body[start..]);
+        let _ = cms_wire::error_in(&body[start..]);
+    }
     if let Some(value) = cms_wire::parse_lenient(body) {
-        let _ = cms_wire::parse_chats(&value);
         let _ = cms_wire::confirmed_user(&value, 1);
         let _ = cms_wire::token_of(&value);
         let _ = cms_wire::error_of(&value);
