@@ -125,11 +125,11 @@ pub struct CursorRow {
     pub row: Option<SeenRow>,
 }
 
-/// A row's fingerprint: its user, text and timestamp (what a restored database's new row under
-/// the same id would not share).
+/// A row's fingerprint: its timestamp and text (what a restored database's new row under the same
+/// id would not share). Not its user: a deleted CMS user turns the row's user into -1 (a LEFT JOIN),
+/// which must not look like another row.
 pub fn fingerprint(row: &CmsChat) -> u64 {
-    let mut bytes = Vec::with_capacity(row.message.len() + row.timestamp.len() + 24);
-    bytes.extend_from_slice(&row.user_id.to_be_bytes());
+    let mut bytes = Vec::with_capacity(row.message.len() + row.timestamp.len() + 1);
     bytes.extend_from_slice(row.timestamp.as_bytes());
     bytes.push(0);
     bytes.extend_from_slice(row.message.as_bytes());

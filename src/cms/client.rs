@@ -76,9 +76,9 @@ impl Answer {
         self.json_at.map(|at| &self.body[at..])
     }
 
-    /// The JSON as a `Value`: for the small answers only.
+    /// The JSON as a `Value`: for the small answers only (`wire::MAX_VALUE_BYTES`).
     fn value(&self) -> Option<Value> {
-        serde_json::from_slice(self.json()?).ok()
+        wire::value_of(self.json()?)
     }
 }
 

@@ -9,7 +9,8 @@
 //! busy grid; a POST reply a peer can make as large) are read straight into typed rows, every field
 //! read leniently (`Text`, `Int`, `Flag`: a value of another type is `None`, never an error) and
 //! every field not used skipped without being built; no `serde_json::Value` tree is made of them.
-//! The small answers (login, avatar, grid, the account) are read as a `Value`.
+//! The small answers (login, avatar, grid, the account) are read as a `Value`, up to
+//! `MAX_VALUE_BYTES`.
 
 use std::fmt;
 
@@ -157,11 +158,23 @@ fn error_offset(text: &[u8], err: &serde_json::Error) -> usize {
     (line_start + err.column()).min(text.len())
 }
 
+/// The largest JSON document read as a `Value` tree. A login, avatar, grid or account answer is a
+/// few hundred bytes; a tree costs up to ten times its text, so a larger answer to one of them
+/// (a broken or hostile peer) is not read at all rather than held ten times over.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Reads a JSON document (from `json_start`) as a `Value`, if it is at most `MAX_VALUE_BYTES`.
+pub fn value_of(json: &[u8]) -> Option<Value> {
+    if json.len() > MAX_VALUE_BYTES {
+        return None;
+    }
+    serde_json::from_slice(json).ok()
+}
+
 /// Reads a CMS body as a JSON `Value`, PHP warning text in front skipped (`json_start`). For the
-/// small answers only: a chat GET and a POST reply are read into typed rows.
+/// small answers only (`MAX_VALUE_BYTES`): a chat GET and a POST reply are read into typed rows.
 pub fn parse_lenient(body: &[u8]) -> Option<Value> {
-    let start = json_start(body)?;
-    serde_json::from_slice(&body[start..]).ok()
+    value_of(&body[json_start(body)?..])
 }
 
 /// What a chat POST answered.
@@ -733,6 +746,20 @@ mod tests {
             panic!("rows expected");
         };
         assert_eq!(rows.len(), 10_000);
+    }
+
+    #[test]
+    fn a_small_answer_larger_than_its_bound_is_not_read_as_a_tree() {
+        let padding = "x".repeat(MAX_VALUE_BYTES);
+        let huge = format!(r#"{{"token":"abc","padding":"{padding}"}}"#);
+        assert_eq!(parse_lenient(huge.as_bytes()), None);
+        assert!(parse_lenient(br#"{"token":"abc"}"#).is_some());
+        // A POST reply of any size is read typed, its unused fields skipped.
+        let reply = format!(r#"{{"success":true,"id":"9","padding":"{padding}"}}"#);
+        assert_eq!(
+            parse_post_reply(reply.as_bytes()),
+            Some(PostReply::Stored { last_id: 9 })
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub enum Cursor {
     LastSaidId,
     /// In-world: the time of the row at `LastSaidId` (unix seconds, as read in the CMS's zone).
     LastSaidAt,
-    /// In-world: a fingerprint of the row at `LastSaidId` (its user, text and timestamp).
+    /// In-world: a fingerprint of the row at `LastSaidId` (its text and timestamp).
     LastSaidRow,
 }
 
