@@ -9,7 +9,8 @@ use chrono::Utc;
 
 use crate::cli::{OutboxAction, PrivacyAction};
 use crate::config::Settings;
-use crate::outbox::{OptOut, Outbox, PendingLine, SpeakerKey};
+use crate::outbox::{Outbox, PendingLine};
+use crate::privacy::{OptOut, SpeakerKey};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {

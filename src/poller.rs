@@ -23,8 +23,8 @@ use crate::filter::{Filter, FilterReason};
 use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, LineSource, ViewerLine, ZERO_UUID};
-use crate::outbox::{OptOut, Outbox, OutboxError, Quarantined};
-use crate::privacy::{self, Change, Command, Judgement, Privacy};
+use crate::outbox::{Outbox, OutboxError, Quarantined};
+use crate::privacy::{self, Change, Command, Judgement, OptOut, Privacy};
 use crate::reload::Live;
 use crate::zone::Zone;
 

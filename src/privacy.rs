@@ -26,11 +26,57 @@ use chrono::{DateTime, Utc};
 
 use crate::config::PrivacySettings;
 use crate::model::{ChatType, EntryType, ViewerLine, ZERO_UUID, fill_template};
-use crate::outbox::{OptOut, Outbox, OutboxError, SpeakerKey};
+use crate::outbox::{Outbox, OutboxError};
 
 /// A speaker who repeats a command is confirmed for it at most this often, so that the relay cannot
 /// be made to flood the region.
 const CONFIRM_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Who an opt-out is remembered by: the avatar's UUID where the viewer gave one (it survives a
+/// change of name), else its name. Both lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SpeakerKey {
+    /// The avatar's UUID (a line's `OwnerID`).
+    Uuid(String),
+    /// The avatar's name.
+    Name(String),
+}
+
+impl SpeakerKey {
+    /// The key of a speaker: by `uuid` when given, else by `name`.
+    pub fn of(name: &str, uuid: Option<&str>) -> SpeakerKey {
+        match uuid {
+            Some(uuid) => SpeakerKey::Uuid(uuid.trim().to_lowercase()),
+            None => SpeakerKey::Name(name.trim().to_lowercase()),
+        }
+    }
+}
+
+/// One speaker who opted out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptOut {
+    /// Who.
+    pub key: SpeakerKey,
+    /// The name as it was said or typed, for `privacy list`.
+    pub name: String,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+impl OptOut {
+    /// Whether a line of `speaker` (with the avatar UUID `uuid`, when the viewer gave one) is theirs:
+    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID).
+    pub fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
+        let same_name = || self.name.trim().eq_ignore_ascii_case(speaker.trim());
+        match &self.key {
+            SpeakerKey::Uuid(key) => match uuid {
+                Some(uuid) => key.eq_ignore_ascii_case(uuid.trim()),
+                None => same_name(),
+            },
+            SpeakerKey::Name(key) => *key == speaker.trim().to_lowercase(),
+        }
+    }
+}
 
 /// A privacy command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -317,6 +363,29 @@ mod tests {
             at: Utc::now(),
             watermark: 0,
         }
+    }
+
+    const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+
+    #[test]
+    fn an_opt_out_by_uuid_matches_that_avatar_and_its_name_without_a_uuid() {
+        let by_uuid = OptOut {
+            key: SpeakerKey::of("Alice Resident", Some(ALICE)),
+            name: "Alice Resident".into(),
+            since: Utc::now(),
+        };
+        assert!(by_uuid.matches("Someone Renamed", Some(&ALICE.to_uppercase())));
+        assert!(by_uuid.matches("alice resident", None));
+        assert!(!by_uuid.matches(
+            "Alice Resident",
+            Some("bbbbbbbb-0000-4000-8000-000000000002")
+        ));
+        let by_name = OptOut {
+            key: SpeakerKey::of(" Alice Resident ", None),
+            ..by_uuid.clone()
+        };
+        assert!(by_name.matches("ALICE RESIDENT", Some(ALICE)));
+        assert!(!by_name.matches("Bob Builder", None));
     }
 
     #[test]

@@ -51,7 +51,6 @@ pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
 pub use dead::{Quarantined, QuarantinedRecord};
 pub use ingest::Ingest;
-pub use privacy::{OptOut, SpeakerKey};
 pub use reader::OutboxReader;
 
 /// Why the outbox failed.
