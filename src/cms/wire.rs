@@ -1,22 +1,24 @@
 //! The CMS's JSON and the text rules of its stock database.
 //!
 //! Requests carry exactly the keys the CMS inserts (an extra key is a PHP fatal error after the earlier
-//! rows were stored). Responses are read leniently: PHP warnings may come before the JSON
-//! (`json_start` finds it, within a bounded number of scans), errors arrive with HTTP 200 and
+//! rows were stored). Responses are read leniently (`cms::lenient`): PHP warnings may come before the
+//! JSON (`json_start` finds it, within a bounded number of scans), errors arrive with HTTP 200 and
 //! `success: false`, and ids may be strings or numbers.
 //!
 //! Memory follows what is kept: the answers that can be large (a chat GET, tens of megabytes on a
-//! busy grid; a POST reply a peer can make as large) are read straight into typed rows, every field
-//! read leniently (`Text`, `Int`, `Flag`: a value of another type is `None`, never an error) and
-//! every field not used skipped without being built; no `serde_json::Value` tree is made of them.
+//! busy grid; a POST reply a peer can make as large) are read straight into typed rows, only the
+//! fields used, each lenient; no `serde_json::Value` tree is made of them.
 //! The small answers (login, avatar, grid, the account) are read as a `Value`, up to
 //! `MAX_VALUE_BYTES`.
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use crate::cms::lenient::json_start;
+use crate::cms::lenient::{Flag, FromMap, Int, Object, Text, from_map, give};
 
 /// The five validation errors of `ChatController::validateParametersCreate` (spec §3.3): when one
 /// comes back, nothing of the batch was stored.
@@ -97,65 +99,6 @@ pub fn encoded_len(item: &ChatItem) -> usize {
     serde_json::to_vec(item)
         .map(|v| v.len() + 1)
         .unwrap_or(usize::MAX)
-}
-
-/// Where the JSON document of a CMS body starts, skipping PHP warning text in front of it: 0 when
-/// the whole body is JSON, else the first `{` or `[` (of the first 64) from which the rest is one
-/// JSON document. Each try only checks the syntax (nothing is built), and the tries together read
-/// at most `MAX_SCANS` times the body: a body that breaks off (which no start can fix) or a page of
-/// brackets costs a few scans, not 64 parses.
-pub fn json_start(body: &[u8]) -> Option<usize> {
-    /// A long body that is JSON from a later start costs its noise plus one scan; one that breaks
-    /// off costs about one scan (each later start inside it fails at its first element's end).
-    const MAX_SCANS: usize = 3;
-    let mut budget = MAX_SCANS.saturating_mul(body.len()).max(64 * 1024);
-    // Whether the rest of `body` from `start` is one JSON document; a failed try is charged what
-    // it read.
-    let is_json_from = |start: usize, budget: &mut usize| -> bool {
-        let rest = &body[start..];
-        match serde_json::from_slice::<IgnoredAny>(rest) {
-            Ok(_) => true,
-            Err(err) => {
-                *budget = budget.saturating_sub(error_offset(rest, &err));
-                false
-            }
-        }
-    };
-    if is_json_from(0, &mut budget) {
-        return Some(0);
-    }
-    let candidates = body
-        .iter()
-        .enumerate()
-        .filter(|(start, b)| *start > 0 && (**b == b'{' || **b == b'['))
-        .map(|(start, _)| start)
-        .take(64);
-    for start in candidates {
-        if budget == 0 {
-            return None;
-        }
-        if is_json_from(start, &mut budget) {
-            return Some(start);
-        }
-    }
-    None
-}
-
-/// How far into `text` serde_json read before `err` (its line and byte column).
-fn error_offset(text: &[u8], err: &serde_json::Error) -> usize {
-    if err.is_eof() || err.line() == 0 {
-        return text.len();
-    }
-    let line_start = if err.line() == 1 {
-        0
-    } else {
-        text.iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'\n')
-            .nth(err.line() - 2)
-            .map_or(text.len(), |(at, _)| at + 1)
-    };
-    (line_start + err.column()).min(text.len())
 }
 
 /// The largest JSON document read as a `Value` tree. A login, avatar, grid or account answer is a
@@ -310,17 +253,17 @@ impl<'de> Deserialize<'de> for ChatAnswerWire {
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
-                while let Some(row) = seq.next_element::<Object<RowWire>>()? {
-                    let row = row.0;
+                while let Some(Object(row)) = seq.next_element::<Object<RowWire>>()? {
                     let Some(id) = row.id.0 else {
                         continue;
                     };
+                    let user = row.user.0;
                     rows.push(CmsChat {
                         id,
-                        user_id: row.user.0.id.0.unwrap_or(-1),
-                        username: row.user.0.username.0.unwrap_or_default(),
-                        first_name: row.user.0.first_name.0.unwrap_or_default(),
-                        last_name: row.user.0.last_name.0.unwrap_or_default(),
+                        user_id: user.id.0.unwrap_or(-1),
+                        username: user.username.0.unwrap_or_default(),
+                        first_name: user.first_name.0.unwrap_or_default(),
+                        last_name: user.last_name.0.unwrap_or_default(),
                         message: row.message.0.unwrap_or_default(),
                         timestamp: row.timestamp.0.unwrap_or_default(),
                         from_cms: row.from_cms.0 == Some(1),
@@ -338,73 +281,9 @@ impl<'de> Deserialize<'de> for ChatAnswerWire {
                 };
                 Ok(ChatAnswerWire(Some(ChatAnswer::Failed(error))))
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(ChatAnswerWire(None))
-            }
+            give!(ChatAnswerWire(None); bool, i64, u64, f64, str, unit);
         }
         deserializer.deserialize_any(AnswerVisitor)
-    }
-}
-
-/// A JSON object read field by field (`FromMap`); any other value gives `T::default()`, skipped
-/// without being built.
-struct Object<T>(T);
-
-/// A type read from the fields of a JSON object, each key matched without allocating.
-trait FromMap<'de>: Sized + Default {
-    fn from_map<A: MapAccess<'de>>(map: A) -> Result<Self, A::Error>;
-}
-
-impl<'de, T: FromMap<'de>> Deserialize<'de> for Object<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ObjectVisitor<T>(std::marker::PhantomData<T>);
-        impl<'de, T: FromMap<'de>> Visitor<'de> for ObjectVisitor<T> {
-            type Value = Object<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                T::from_map(map).map(Object)
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Object(T::default()))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(Object(T::default()))
-            }
-        }
-        deserializer.deserialize_any(ObjectVisitor(std::marker::PhantomData))
     }
 }
 
@@ -416,22 +295,11 @@ struct Envelope {
     id: Int,
 }
 
-impl<'de> FromMap<'de> for Envelope {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut envelope = Envelope::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            match key.0.as_ref() {
-                "success" => envelope.success = map.next_value()?,
-                "error" => envelope.error = map.next_value()?,
-                "id" => envelope.id = map.next_value()?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(envelope)
-    }
-}
+from_map!(Envelope {
+    "success" => success,
+    "error" => error,
+    "id" => id,
+});
 
 /// One element of a chat GET answer: the fields `CmsChat` keeps.
 #[derive(Default)]
@@ -443,24 +311,13 @@ struct RowWire {
     from_cms: Int,
 }
 
-impl<'de> FromMap<'de> for RowWire {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut row = RowWire::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            match key.0.as_ref() {
-                "id" => row.id = map.next_value()?,
-                "user" => row.user = map.next_value()?,
-                "message" => row.message = map.next_value()?,
-                "timestamp" => row.timestamp = map.next_value()?,
-                "fromCMS" => row.from_cms = map.next_value()?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(row)
-    }
-}
+from_map!(RowWire {
+    "id" => id,
+    "user" => user,
+    "message" => message,
+    "timestamp" => timestamp,
+    "fromCMS" => from_cms,
+});
 
 /// A row's `user`: the fields `CmsChat` keeps (not `email`, `picture`, `lastLogin`).
 #[derive(Default)]
@@ -471,142 +328,11 @@ struct UserWire {
     last_name: Text,
 }
 
-impl<'de> FromMap<'de> for UserWire {
-    fn from_map<A: MapAccess<'de>>(mut map: A) -> Result<Self, A::Error> {
-        let mut user = UserWire::default();
-        while let Some(key) = map.next_key::<Key>()? {
-            match key.0.as_ref() {
-                "id" => user.id = map.next_value()?,
-                "username" => user.username = map.next_value()?,
-                "firstName" => user.first_name = map.next_value()?,
-                "lastName" => user.last_name = map.next_value()?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(user)
-    }
-}
-
-impl<T: Default> Default for Object<T> {
-    fn default() -> Self {
-        Object(T::default())
-    }
-}
-
-/// An object key, borrowed from the body unless it holds an escape.
-struct Key<'de>(std::borrow::Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, key: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(key)))
-            }
-            fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
-                Ok(Key(std::borrow::Cow::Owned(key.to_owned())))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
-/// Defines a lenient scalar: the listed `visit_*` give a value, every other JSON value gives
-/// `None` (a container is skipped without being built).
-macro_rules! lenient {
-    ($name:ident, $out:ty, $what:literal, { $($visit:item)* }) => {
-        #[derive(Debug, Default)]
-        struct $name(Option<$out>);
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                struct LenientVisitor;
-                impl<'de> Visitor<'de> for LenientVisitor {
-                    type Value = Option<$out>;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str($what)
-                    }
-                    $($visit)*
-                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                        Ok(None)
-                    }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                        while seq.next_element::<IgnoredAny>()?.is_some() {}
-                        Ok(None)
-                    }
-                    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                        Ok(None)
-                    }
-                }
-                deserializer.deserialize_any(LenientVisitor).map($name)
-            }
-        }
-    };
-}
-
-lenient!(Text, String, "a string", {
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(Some(text.to_owned()))
-    }
-    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
-        Ok(Some(text))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-});
-
-// PHP hands out ids as numbers or as strings, depending on the code path.
-lenient!(Int, i64, "an integer, or one as a string", {
-    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Self::Value, E> {
-        Ok(Some(n))
-    }
-    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Self::Value, E> {
-        Ok(i64::try_from(n).ok())
-    }
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
-        Ok(text.trim().parse().ok())
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-});
-
-lenient!(Flag, bool, "a boolean", {
-    fn visit_bool<E: de::Error>(self, flag: bool) -> Result<Self::Value, E> {
-        Ok(Some(flag))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+from_map!(UserWire {
+    "id" => id,
+    "username" => username,
+    "firstName" => first_name,
+    "lastName" => last_name,
 });
 
 /// PHP hands out ids as numbers or as strings, depending on the code path.

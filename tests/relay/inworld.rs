@@ -279,14 +279,8 @@ async fn a_failed_part_of_a_split_line_is_said_again_without_the_parts_before_it
     assert_eq!(said[3], "after the long line");
 }
 
-#[tokio::test]
-async fn after_a_cms_database_restore_in_world_goes_on_with_the_new_lines() {
-    // Arrange: three CMS lines said; then the CMS database is restored from a backup taken after the
-    // first, so the next line gets the id of the second.
-    let (logs, _guard) = Logs::capture();
-    let env = TestEnv::start().await;
-    let dora = cms_user(&env);
-    let relay = start(&env, &[]).await;
+/// Dora types "one", "two" and "three" in the CMS; returns the id of "one" once all three are said.
+async fn three_lines_said(env: &TestEnv, dora: i64) -> i64 {
     let first = env.db.add_cms_line(1, dora, "one");
     for text in ["two", "three"] {
         env.db.add_cms_line(1, dora, text);
@@ -295,6 +289,18 @@ async fn after_a_cms_database_restore_in_world_goes_on_with_the_new_lines() {
         env.lg.said().len() == 3
     })
     .await;
+    first
+}
+
+#[tokio::test]
+async fn after_a_cms_database_restore_in_world_goes_on_with_the_new_lines() {
+    // Arrange: three CMS lines said; then the CMS database is restored from a backup taken after the
+    // first, so the next line gets the id of the second.
+    let (logs, _guard) = Logs::capture();
+    let env = TestEnv::start().await;
+    let dora = cms_user(&env);
+    let relay = start(&env, &[]).await;
+    let first = three_lines_said(&env, dora).await;
 
     // Act
     env.db.restore_chats(first);
@@ -334,15 +340,8 @@ async fn a_cms_database_restored_while_the_relay_was_stopped_does_not_silence_in
     let env = TestEnv::start().await;
     let dora = cms_user(&env);
     let relay = start(&env, &[]).await;
-    let first = env.db.add_cms_line(1, dora, "one");
-    for text in ["two", "three"] {
-        env.db.add_cms_line(1, dora, text);
-    }
+    let first = three_lines_said(&env, dora).await;
     let typed_at = chrono::Utc::now().timestamp();
-    eventually(PATIENCE, "three lines said", || async {
-        env.lg.said().len() == 3
-    })
-    .await;
     relay.stop().await;
     env.db.restore_chats(first);
     // A restore takes longer than the rest of a second: the next line is typed in a later one.
