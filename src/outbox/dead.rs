@@ -89,6 +89,28 @@ impl Outbox {
         Ok(n_requeued)
     }
 
+    /// Deletes the dead letters `is_theirs` picks (those of a speaker who opted out), without
+    /// flushing. Returns how many.
+    pub(super) fn remove_dead_where(
+        &self,
+        store: &Store,
+        is_theirs: impl Fn(&PendingLine) -> bool,
+    ) -> Result<usize, OutboxError> {
+        let mut n_removed = 0;
+        for dead in self.dead_letters_in(store)? {
+            if is_theirs(&dead.pending)
+                && self
+                    .db
+                    .io(store.dead.remove(dead.pending.id.to_be_bytes()))?
+                    .is_some()
+            {
+                self.n_dead.fetch_sub(1, Ordering::Relaxed);
+                n_removed += 1;
+            }
+        }
+        Ok(n_removed)
+    }
+
     /// Deletes every dead letter. Returns how many.
     pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
         self.purge(|store| &store.dead, &self.n_dead).await

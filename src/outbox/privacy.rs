@@ -77,8 +77,8 @@ impl Outbox {
 
     /// Remembers `opt_out` and drops the committed pending lines of that speaker up to the key
     /// `up_to` (a `pending_watermark` taken when the command was read: lines stored after it are
-    /// not the ones waiting when the speaker opted out), then flushes. Returns how many lines were
-    /// dropped. The opt-out is written first: sled keeps write order, so a crash may leave it without
+    /// not the ones waiting when the speaker opted out) and their dead letters, then flushes.
+    /// Returns how many lines were dropped. The opt-out is written first: sled keeps write order, so a crash may leave it without
     /// the drop (which the next start makes, `drop_opted_out`), never the drop without it.
     ///
     /// A line in flight is dropped too: a POST that ends later cannot bring the record back (`save`
@@ -159,8 +159,9 @@ impl Outbox {
         Ok((kept, n_dropped))
     }
 
-    /// Removes the committed pending lines, with keys up to `up_to`, that one of `opt_outs` matches.
-    /// A record that cannot be decoded is left for delivery to quarantine.
+    /// Removes the committed pending lines, with keys up to `up_to`, that one of `opt_outs` matches,
+    /// and their dead letters (kept for an operator until requeued or purged: an opt-out removes
+    /// them too). A record that cannot be decoded is left for delivery to quarantine.
     fn drop_pending_of(
         &self,
         store: &Store,
@@ -184,7 +185,12 @@ impl Outbox {
                 theirs.push(key);
             }
         }
-        let mut n_dropped = 0;
+        let mut n_dropped = self.remove_dead_where(store, |pending| {
+            let line = &pending.line;
+            opt_outs
+                .iter()
+                .any(|o| o.matches(&line.speaker, line.owner_id.as_deref()))
+        })?;
         for key in theirs {
             if self.remove_pending(store, &key)? {
                 n_dropped += 1;
@@ -278,6 +284,41 @@ mod tests {
             1
         );
         assert!(outbox.opt_outs().expect("read").is_empty());
+    }
+
+    #[tokio::test]
+    async fn opting_out_removes_the_speakers_dead_letters_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[
+                line("Alice Resident", Some(ALICE), "refused by the cms"),
+                line("Bob Builder", None, "refused too"),
+            ])
+            .await
+            .expect("append");
+        for pending in outbox.oldest(10).expect("read") {
+            outbox
+                .dead_letter(&pending, "refused")
+                .await
+                .expect("dead letter");
+        }
+        assert_eq!(outbox.dead_len(), 2);
+
+        let n_dropped = outbox
+            .opt_out(&alice_opts_out(), outbox.pending_watermark())
+            .await
+            .expect("opt out");
+
+        assert_eq!(n_dropped, 1);
+        let left: Vec<String> = outbox
+            .dead_letters()
+            .expect("read")
+            .into_iter()
+            .map(|dead| dead.pending.line.message)
+            .collect();
+        assert_eq!(left, ["refused too"]);
+        assert_eq!(outbox.dead_len(), 1);
     }
 
     #[tokio::test]
