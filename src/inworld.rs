@@ -3,8 +3,8 @@
 //!
 //! Owns the persisted cursor (the highest CMS chat id handled, with the time and a fingerprint of
 //! its row: outbox `Cursor`s, so a restart neither repeats nor skips), noticing that the CMS's ids
-//! went backwards (its database restored from a backup: `went_back`), the splitting of long lines (a part that fails is said again
-//! without the parts before it) and the flood limit. Each text it
+//! went backwards (its database restored from a backup: `went_back`), the splitting of long lines
+//! (a part that fails is said again without the parts before it) and the flood limit. Each text it
 //! says goes into the echo memory (`echo::RecentlySaid`, which `app` shares with the poller) before
 //! the POST. Must not touch the outbox's pending lines. It never calls the CMS chat GET without a
 //! timestamp (that returns the whole history).
@@ -402,8 +402,12 @@ impl Inworld {
             .await
     }
 
-    /// The row at the persisted cursor `id`, as stored with it.
+    /// The row at the cursor `id`, as stored with it; unknown when the stored cursor is another
+    /// (a write that failed left it behind the one in memory).
     fn cursor_row(&self, id: i64) -> Result<CursorRow, OutboxError> {
+        if self.deps.outbox.cursor(Cursor::LastSaidId)? != Some(id) {
+            return Ok(CursorRow { id, row: None });
+        }
         let fingerprint = self.deps.outbox.cursor(Cursor::LastSaidRow)?.unwrap_or(0);
         let at = self.deps.outbox.cursor(Cursor::LastSaidAt)?.unwrap_or(0);
         let row = (fingerprint != 0).then(|| SeenRow {

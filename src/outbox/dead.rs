@@ -1,5 +1,6 @@
 //! Dead letters (lines the CMS refused, kept with the reason until an operator requeues or purges
-//! them) and the quarantine (what could not be used, on record for an operator).
+//! them, or their speaker opts out) and the quarantine (what could not be used, on record for an
+//! operator).
 //!
 //! The quarantine keeps only what may be kept: a viewer answer that cannot be read is never stored
 //! as it came (it holds what the filters would have removed: an ignored speaker's line, an opted-out
