@@ -22,6 +22,7 @@ const EX_CONFIG: u8 = 78;
 fn main() -> ExitCode {
     // Before anything reads the password: a crash from here on writes no core dump.
     let no_core_dumps = process::forbid_core_dumps();
+    process::private_files();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let settings = |cli_config: Option<&std::path::Path>| match Settings::load(cli_config, &[]) {

@@ -1,8 +1,9 @@
 //! What the relay process sets for itself at start, before the configuration (and so the password)
-//! is read: no core dump, and the soft open-file limit raised to the hard one.
+//! is read: no core dump, the soft open-file limit raised to the hard one, and files private to the
+//! relay's user whatever the umask.
 //!
 //! Part of the binary, not the library: the library forbids unsafe code, and these are three system
-//! calls (`setrlimit`, `getrlimit`, `prctl`) that std does not wrap, called through `libc`. Must not:
+//! calls (`setrlimit`, `getrlimit`, `prctl`, `umask`) that std does not wrap, called through `libc`. Must not:
 //! read the configuration or log (logging starts later; the caller logs what this returns).
 
 use std::io;
@@ -67,4 +68,15 @@ pub fn raise_file_limit() -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     Ok((before, target))
+}
+
+/// Every file the relay creates is its user's alone (0600, directories 0700), whatever umask it was
+/// started under: the outbox holds chat and who opted out, and sled creates files in it while the
+/// relay runs (snapshots, blobs). `Outbox::open` tightens what exists at open.
+pub fn private_files() {
+    // SAFETY: umask(2) only replaces the process's file mode creation mask and cannot fail; it is
+    // called before any thread is started.
+    unsafe {
+        libc::umask(0o077);
+    }
 }

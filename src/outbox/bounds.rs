@@ -53,10 +53,13 @@ impl Outbox {
         self.n_dropped.load(Ordering::Relaxed)
     }
 
-    /// Drops pending lines captured more than `max_age` ago. Returns how many. A line in flight may
-    /// be dropped too: `save` never brings a removed record back, so a POST that ends later cannot
-    /// resurrect it (at worst a dropped line was in fact stored by the CMS).
+    /// Drops pending lines captured more than `max_age` ago, and quarantine records older than that
+    /// (`drop_expired_quarantine`: nothing the outbox keeps outlives `outbox.max_age`). Returns how
+    /// many lines. A line in flight may be dropped too: `save` never brings a removed record back,
+    /// so a POST that ends later cannot resurrect it (at worst a dropped line was in fact stored by
+    /// the CMS).
     pub async fn drop_expired(&self) -> Result<usize, OutboxError> {
+        self.drop_expired_quarantine(self.limits.max_age).await?;
         let Ok(max_age) = chrono::Duration::from_std(self.limits.max_age) else {
             return Ok(0);
         };

@@ -15,6 +15,10 @@ pub enum Cursor {
     LastConfirmedId,
     /// In-world: the highest CMS chat id said in the region (or passed over).
     LastSaidId,
+    /// In-world: the time of the row at `LastSaidId` (unix seconds, as read in the CMS's zone).
+    LastSaidAt,
+    /// In-world: a fingerprint of the row at `LastSaidId` (its text and timestamp).
+    LastSaidRow,
 }
 
 impl Cursor {
@@ -23,6 +27,8 @@ impl Cursor {
         match self {
             Cursor::LastConfirmedId => "delivery.last_confirmed_id",
             Cursor::LastSaidId => "inworld.last_said_id",
+            Cursor::LastSaidAt => "inworld.last_said_at",
+            Cursor::LastSaidRow => "inworld.last_said_row",
         }
     }
 }
@@ -42,6 +48,17 @@ impl Outbox {
     pub async fn set_cursor(&self, cursor: Cursor, value: i64) -> Result<(), OutboxError> {
         let store = self.store()?;
         self.write_cursor(&store, cursor, value)?;
+        self.db.flush(&store).await
+    }
+
+    /// Sets several cursors in one atomic batch and flushes: a crash leaves all of them or none.
+    pub async fn set_cursors(&self, cursors: &[(Cursor, i64)]) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        let mut batch = sled::Batch::default();
+        for (cursor, value) in cursors {
+            batch.insert(cursor.key(), &value.to_be_bytes());
+        }
+        self.db.io(store.meta.apply_batch(batch))?;
         self.db.flush(&store).await
     }
 

@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::cms::error::CmsError;
-use crate::cms::wire::{self, ChatItem, CmsChat, PostReply};
+use crate::cms::wire::{self, ChatAnswer, ChatItem, CmsChat, PostReply};
 use crate::config::{CmsSettings, ConfigError};
 
 mod login;
@@ -67,15 +67,28 @@ impl CmsEndpoint {
     }
 }
 
-/// One CMS answer, read to its end and parsed once (`wire::parse_lenient` tries up to 64 offsets
-/// on a body with PHP noise in front, so it is not run again by the caller).
+/// One CMS answer, read to its end, its JSON found once (`wire::json_start` skips PHP noise in
+/// front). Held as its body only: each caller reads the JSON into what it keeps (typed rows for a
+/// chat GET, a `Value` for the small answers), so an answer costs a small multiple of its size.
 struct Answer {
     status: u16,
     retry_after: Option<Duration>,
     /// The raw body, for error snippets.
     body: Vec<u8>,
-    /// The body as JSON; `None` when it is none (a PHP fatal error page, a proxy's page).
-    value: Option<Value>,
+    /// Where its JSON starts; `None` when it is none (a PHP fatal error page, a proxy's page).
+    json_at: Option<usize>,
+}
+
+impl Answer {
+    /// The JSON document of the body.
+    fn json(&self) -> Option<&[u8]> {
+        self.json_at.map(|at| &self.body[at..])
+    }
+
+    /// The JSON as a `Value`: for the small answers only (`wire::MAX_VALUE_BYTES`).
+    fn value(&self) -> Option<Value> {
+        wire::value_of(self.json()?)
+    }
 }
 
 /// The relay account's own record, read by `check`.
@@ -226,7 +239,7 @@ impl CmsClient {
         let answer = self
             .call(Method::POST, &path, Some(wire::encode_batch(items)))
             .await?;
-        match answer.value.as_ref().and_then(wire::post_reply_of) {
+        match answer.json().and_then(wire::post_reply_in) {
             Some(PostReply::Stored { last_id }) => Ok(last_id),
             Some(PostReply::Invalid(error)) => Err(CmsError::Invalid(error)),
             Some(PostReply::LastRowFailed) => Err(CmsError::LastRowFailed),
@@ -243,14 +256,16 @@ impl CmsClient {
             self.endpoint.grid_id,
             since_unix.max(0)
         );
-        let value = self.get_json(&path).await?;
-        if let Some(error) = wire::error_of(&value) {
-            return Err(CmsError::Failed(error.to_owned()));
+        let answer = self.call(Method::GET, &path, None).await?;
+        match answer.json().and_then(wire::parse_chat_answer) {
+            Some(ChatAnswer::Rows(rows)) => Ok(rows),
+            Some(ChatAnswer::Failed(Some(error))) => Err(CmsError::Failed(error)),
+            Some(ChatAnswer::Failed(None)) => Err(CmsError::Decode {
+                status: answer.status,
+                snippet: self.shown(&answer.body),
+            }),
+            None => Err(self.unreadable(&answer)),
         }
-        wire::parse_chats(&value).ok_or_else(|| CmsError::Decode {
-            status: 200,
-            snippet: self.shown(value.to_string().as_bytes()),
-        })
     }
 
     /// The CMS user linked to an avatar by a confirmed link on this grid; `None` when there is none.
@@ -278,7 +293,7 @@ impl CmsClient {
 
     async fn get_json(&self, path: &str) -> Result<Value, CmsError> {
         let answer = self.call(Method::GET, path, None).await?;
-        match answer.value {
+        match answer.value() {
             Some(value) => Ok(value),
             None => Err(self.unreadable(&answer)),
         }
@@ -325,9 +340,12 @@ impl CmsClient {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
             let body = self.read_body(response).await?;
-            let value = wire::parse_lenient(&body);
+            let json_at = wire::json_start(&body);
             let refused = status == 401
-                || value.as_ref().and_then(wire::error_of) == Some(wire::UNAUTHORIZED);
+                || json_at
+                    .and_then(|at| wire::error_in(&body[at..]))
+                    .as_deref()
+                    == Some(wire::UNAUTHORIZED);
             if !refused {
                 self.set_login_state(LoginState::Valid);
                 // A proxy's 502 or 503 says nothing of the token; the CMS's own answers do.
@@ -343,7 +361,7 @@ impl CmsClient {
                     status,
                     retry_after,
                     body,
-                    value,
+                    json_at,
                 });
             }
             if self.token_refused(generation) {
@@ -398,7 +416,12 @@ impl CmsClient {
 
     async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, CmsError> {
         let status = response.status().as_u16();
-        let mut body = Vec::new();
+        // Sized once from Content-Length (within the bound): growing by doubling would hold up to
+        // three times the body while it is copied.
+        let expected = response.content_length().map_or(0, |n| {
+            n.min(self.endpoint.max_response_bytes as u64) as usize
+        });
+        let mut body = Vec::with_capacity(expected);
         while let Some(chunk) = response.chunk().await.map_err(CmsError::transport)? {
             if body.len() + chunk.len() > self.endpoint.max_response_bytes {
                 return Err(CmsError::Decode {
