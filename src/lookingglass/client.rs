@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
+use crate::lookingglass::presence::{CommCounters, SeenAvatar, ViewerStatus, seen_avatars};
 use crate::text::snippet;
 
 /// Why a viewer request failed.
@@ -124,6 +125,10 @@ pub struct LookingGlassClient {
     chat_url: String,
     avatars_url: Option<String>,
     status_url: Option<String>,
+    /// CommLLLP's counters, `/api/stats/Comm/stats` on the chat URL's host (spec §4, §10).
+    comm_stats_url: Option<String>,
+    /// `/api/LLLP/connect/` on the chat URL's host, for the REST login and logout.
+    connect_url: Option<String>,
     max_response_bytes: usize,
     /// The viewer's one turn: held from before a request is sent until its answer is read to its end.
     gate: Arc<Mutex<()>>,
@@ -149,8 +154,17 @@ impl LookingGlassClient {
             .read_timeout(endpoint.inactivity)
             .pool_max_idle_per_host(1)
             .build()?;
+        // The other LookingGlass endpoints live on the chat URL's host (spec §4).
+        let origin = reqwest::Url::parse(&endpoint.chat_url)
+            .ok()
+            .map(|url| url.origin().ascii_serialization())
+            .filter(|origin| origin.starts_with("http"));
         Ok(LookingGlassClient {
             http,
+            comm_stats_url: origin
+                .as_ref()
+                .map(|origin| format!("{origin}/api/stats/Comm/stats")),
+            connect_url: origin.map(|origin| format!("{origin}/api/LLLP/connect/")),
             chat_url: endpoint.chat_url,
             avatars_url: endpoint.avatars_url,
             status_url: endpoint.status_url,
@@ -254,6 +268,101 @@ impl LookingGlassClient {
                 Some((name, uuid))
             })
             .collect())
+    }
+
+    /// The viewer's login status from `status_url`, `None` when it is off.
+    pub async fn status(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<ViewerStatus>, ViewerError> {
+        let Some(url) = &self.status_url else {
+            return Ok(None);
+        };
+        let value = self.get_json(url, "status", stop).await?;
+        Ok(Some(ViewerStatus::from_json(&value)))
+    }
+
+    /// The counters URL (for logs and `check`).
+    pub fn comm_stats_url(&self) -> Option<&str> {
+        self.comm_stats_url.as_deref()
+    }
+
+    /// CommLLLP's `network_disconnected` and `network_simconnected`; `Decode` when the answer lacks
+    /// them (a viewer other than LookingGlass).
+    pub async fn comm_counters(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<CommCounters, ViewerError> {
+        let Some(url) = &self.comm_stats_url else {
+            return Err(ViewerError::Decode {
+                what: "chat url (no host for the counters)",
+                snippet: snippet(self.chat_url.as_bytes()),
+            });
+        };
+        let value = self.get_json(url, "network counters", stop).await?;
+        CommCounters::from_json(&value).ok_or_else(|| ViewerError::Decode {
+            what: "network counters",
+            snippet: snippet(value.to_string().as_bytes()),
+        })
+    }
+
+    /// The avatar list with regions and positions, `None` when `avatars_url` is off.
+    pub async fn seen_avatars(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<SeenAvatar>>, ViewerError> {
+        let Some(url) = &self.avatars_url else {
+            return Ok(None);
+        };
+        let value = self.get_json(url, "avatar list", stop).await?;
+        seen_avatars(&value)
+            .map(Some)
+            .ok_or_else(|| ViewerError::Decode {
+                what: "avatar list",
+                snippet: snippet(value.to_string().as_bytes()),
+            })
+    }
+
+    /// `POST /api/LLLP/connect/<action>` (`login`, `logout`) with `form` as the body. The viewer
+    /// does not URL-decode form values, so they are sent as they are (the caller refuses `&`, `=`
+    /// and line breaks in them). `Ok(Err(msg))` is the viewer's refusal
+    /// (`{"RESTRequestError":1,"RESTRequestMsg":msg}`). Never given up once sent.
+    pub async fn connect(
+        &self,
+        action: &str,
+        form: &[(&str, &str)],
+        stop: &CancellationToken,
+    ) -> Result<Result<(), String>, ViewerError> {
+        let Some(base) = &self.connect_url else {
+            return Err(ViewerError::Decode {
+                what: "chat url (no host for the login)",
+                snippet: snippet(self.chat_url.as_bytes()),
+            });
+        };
+        let body = form
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let request = self
+            .http
+            .post(format!("{base}{action}"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body);
+        let answer = self.exchange(request, Patience::Whole, stop).await?;
+        let value: Value =
+            serde_json::from_slice(&answer.body).map_err(|_| ViewerError::Decode {
+                what: "login answer",
+                snippet: snippet(&answer.body),
+            })?;
+        match value.get("RESTRequestError") {
+            None => Ok(Ok(())),
+            Some(_) => Ok(Err(value
+                .get("RESTRequestMsg")
+                .and_then(Value::as_str)
+                .unwrap_or("refused without a reason")
+                .to_owned())),
+        }
     }
 
     /// Waits until no request is in flight (the gate is free). A shutdown waits for this: an answer
