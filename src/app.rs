@@ -35,6 +35,7 @@ use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
+use crate::presence::{Presence, PresenceDeps};
 use crate::privacy::Privacy;
 use crate::reload::{Live, Reloader};
 
@@ -61,6 +62,8 @@ pub struct Relay {
     delivery: Delivery,
     viewer: LookingGlassClient,
     facts: FactsReader,
+    /// Whether the viewer hears its region (`None` without `viewer.status_url`).
+    presence: Option<Presence>,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
@@ -159,6 +162,24 @@ impl Relay {
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
         });
+        // Without the status the relay cannot tell a logout or another region, nor whose position
+        // is whose; the counters alone would misjudge a viewer that is not LookingGlass.
+        let presence = match &settings.viewer.status_url {
+            Some(_) => Some(Presence::new(PresenceDeps {
+                viewer: viewer.clone(),
+                outbox: outbox.clone(),
+                stats: stats.clone(),
+                region: settings.viewer.expected_region().map(str::to_owned),
+                login: match &settings.viewer.login {
+                    Some(login) => Some((login.clone(), login.load_password()?)),
+                    None => None,
+                },
+                hearing_range: settings.viewer.hearing_range,
+                gap_markers: settings.cms.gap_markers,
+                cms_zone: settings.cms.timezone,
+            })?),
+            None => None,
+        };
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
@@ -196,6 +217,7 @@ impl Relay {
             poller,
             delivery,
             facts: FactsReader::new(viewer.clone(), facts),
+            presence,
             viewer,
             health,
             notifier: None,
@@ -315,6 +337,13 @@ impl Relay {
             Ends::OnStop,
             self.facts.run_until_stopped(stop.clone()),
         );
+        if let Some(presence) = self.presence {
+            supervisor.spawn(
+                "viewer presence",
+                Ends::OnStop,
+                presence.run_until_stopped(stop.clone()),
+            );
+        }
         supervisor.spawn(
             "delivery",
             Ends::OnStop,

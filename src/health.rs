@@ -155,7 +155,10 @@ impl HealthState {
         };
         let stale_after = self.viewer_stale_after();
         let viewer = match readiness.viewer() {
-            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => ok.clone(),
+            // The viewer answers, but does not hear its region (`presence`).
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => readiness
+                .viewer_place_problem()
+                .map_or_else(|| ok.clone(), failed),
             (last_ok, last_error) => {
                 let since = match last_ok {
                     Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),

@@ -19,10 +19,12 @@ use crate::pacing::PacingSettings;
 use crate::zone::Zone;
 
 mod fields;
+mod viewer_login;
 use fields::{
     boolean, display, empty_addr_is_none, empty_is_none, empty_path_is_none, float, integer,
     masked, none_is_empty, pattern_list, string_list, user_map,
 };
+pub use viewer_login::ViewerLoginSettings;
 
 /// The built-in defaults, embedded so the binary runs without any file next to it.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -95,6 +97,25 @@ pub struct ViewerSettings {
     pub request_timeout: Duration,
     /// The most of one viewer answer held; the rest is read and discarded.
     pub max_response_bytes: usize,
+    /// The region the viewer must be in; empty: `viewer.login.region`, or any region.
+    pub region: String,
+    /// How far the viewer's avatar hears, metres (OpenSim's `say_distance`, 20 by default).
+    #[serde(deserialize_with = "float")]
+    pub hearing_range: f64,
+    /// `[viewer.login]`, optional: the viewer's own login, for the relay to bring it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<ViewerLoginSettings>,
+}
+
+impl ViewerSettings {
+    /// The region the viewer must be in: `viewer.region`, else `viewer.login.region`, else none.
+    pub fn expected_region(&self) -> Option<&str> {
+        let region = self.region.trim();
+        if !region.is_empty() {
+            return Some(region);
+        }
+        self.login.as_ref().map(|login| login.region.trim())
+    }
 }
 
 /// `[cms]`
@@ -159,6 +180,10 @@ pub struct CmsSettings {
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
     #[serde(deserialize_with = "boolean")]
     pub verify: bool,
+    /// Post one `[relay] …` line to the CMS chat for each stretch the relay knows it did not record
+    /// (the viewer out of its region, lines dropped by the outbox bounds, a quarantined answer).
+    #[serde(deserialize_with = "boolean")]
+    pub gap_markers: bool,
 }
 
 /// What delivery takes from `[cms]`: how rows are made, batched and paced. Built by
@@ -466,6 +491,15 @@ impl Settings {
             check_url("viewer.status_url", url)?;
         }
         check_url("cms.base_url", &self.cms.base_url)?;
+        if !(self.viewer.hearing_range.is_finite() && self.viewer.hearing_range > 0.0) {
+            return Err(invalid(
+                "viewer.hearing_range",
+                "must be more than 0 metres (OpenSim's say_distance, 20 by default)",
+            ));
+        }
+        if let Some(login) = &self.viewer.login {
+            login.validate()?;
+        }
         if self.viewer.poll_interval.is_zero() {
             return Err(invalid("viewer.poll_interval", "must be more than 0"));
         }

@@ -1,0 +1,563 @@
+//! The task that knows whether the relay hears the region (issue 20, spec §10): every
+//! `CHECK_INTERVAL` it reads the viewer's network counters and status, decides where the viewer is
+//! (`lookingglass::presence`), tells `/readyz`, `/metrics` and the log (once when a stretch out of
+//! the region starts, once when it ends), brings the viewer back through its REST logout and login
+//! when `[viewer.login]` is set (with backoff, and never past the viewer's one logout), writes one
+//! gap marker for each stretch into the outbox (`cms.gap_markers`), and every `HEARING_INTERVAL`
+//! works out who in the region is beyond hearing range.
+//!
+//! Every request takes its turn at the client's gate. What it remembers across restarts (the last
+//! counters and verdict, when the current stretch began) lives in the outbox's cursors, so a
+//! stretch is marked once. Must not read the chat URL, log a name from the avatar list, or log the
+//! login password.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ViewerLoginSettings;
+use crate::lookingglass::presence::{self, CommCounters, Hearing, LinkMemory, Place, ViewerStatus};
+use crate::lookingglass::{LookingGlassClient, ViewerError};
+use crate::metrics::Stats;
+use crate::model::{CapturedLine, LineSource};
+use crate::outbox::{Cursor, Outbox, OutboxError};
+use crate::zone::Zone;
+
+/// How often the viewer's counters and status are read: two small answers from memory, so a
+/// stretch out of the region is noticed within seconds at a cost the viewer does not feel.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often the avatar list is read for the hearing picture.
+pub const HEARING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long avatars may stay beyond hearing before the log warns (once per stretch).
+pub const BEYOND_HEARING_WARN_AFTER: Duration = Duration::from_secs(600);
+
+/// The first wait between recovery attempts; it doubles up to `RECOVERY_MAX`.
+pub const RECOVERY_FIRST: Duration = Duration::from_secs(5);
+
+/// The longest wait between recovery attempts.
+pub const RECOVERY_MAX: Duration = Duration::from_secs(300);
+
+/// What the task needs.
+pub struct PresenceDeps {
+    /// The viewer (its gate is shared with every other stage).
+    pub viewer: LookingGlassClient,
+    /// Where the memory and the markers go.
+    pub outbox: Arc<Outbox>,
+    /// Gauges, counters and the readiness signal.
+    pub stats: Arc<Stats>,
+    /// The region the viewer must be in (`viewer.region` or `viewer.login.region`).
+    pub region: Option<String>,
+    /// `[viewer.login]` and its password, when set.
+    pub login: Option<(ViewerLoginSettings, SecretString)>,
+    /// `viewer.hearing_range`, metres.
+    pub hearing_range: f64,
+    /// `cms.gap_markers`.
+    pub gap_markers: bool,
+    /// `cms.timezone`: the marker's times are written in it.
+    pub cms_zone: Zone,
+}
+
+/// Where a recovery stands.
+#[derive(Debug, Default)]
+struct Recovery {
+    attempts: u32,
+    next_at: Option<Instant>,
+    /// The viewer cannot log out again (its one logout is spent): only a restart of its process
+    /// brings it back.
+    stuck: bool,
+    /// The last refusal or failure, for `/readyz`.
+    last_failure: Option<String>,
+}
+
+/// The presence task.
+pub struct Presence {
+    deps: PresenceDeps,
+    memory: Option<LinkMemory>,
+    /// When the current stretch out of the region began (persisted).
+    out_since: Option<DateTime<Utc>>,
+    /// Why the current stretch began (not persisted: after a restart the marker says so vaguely).
+    out_place: Option<Place>,
+    /// The last check that found the viewer in its region.
+    last_in: Option<DateTime<Utc>>,
+    /// The region the viewer was last seen in, for the marker when none is configured.
+    seen_region: Option<String>,
+    recovery: Recovery,
+    counters_warned: bool,
+    next_hearing: Instant,
+    beyond_since: Option<Instant>,
+    beyond_warned: bool,
+    last_status: ViewerStatus,
+}
+
+impl Presence {
+    /// Builds the task, loading what the outbox remembers.
+    pub fn new(deps: PresenceDeps) -> Result<Presence, OutboxError> {
+        let outbox = &deps.outbox;
+        let memory = match (
+            outbox.cursor(Cursor::ViewerDisconnects)?,
+            outbox.cursor(Cursor::ViewerConnects)?,
+            outbox.cursor(Cursor::ViewerConnected)?,
+        ) {
+            (Some(disconnected), Some(simconnected), Some(connected)) => Some(LinkMemory {
+                counters: CommCounters {
+                    disconnected: disconnected.max(0) as u64,
+                    simconnected: simconnected.max(0) as u64,
+                },
+                connected: connected == 1,
+            }),
+            _ => None,
+        };
+        let out_since = outbox
+            .cursor(Cursor::ViewerOutSince)?
+            .filter(|millis| *millis > 0)
+            .and_then(DateTime::<Utc>::from_timestamp_millis);
+        Ok(Presence {
+            deps,
+            memory,
+            out_since,
+            out_place: None,
+            last_in: None,
+            seen_region: None,
+            recovery: Recovery::default(),
+            counters_warned: false,
+            next_hearing: Instant::now(),
+            beyond_since: None,
+            beyond_warned: false,
+            last_status: ViewerStatus::default(),
+        })
+    }
+
+    /// Checks every `CHECK_INTERVAL` until `stop`.
+    pub async fn run_until_stopped(mut self, stop: CancellationToken) {
+        while !stop.is_cancelled() {
+            match self.try_check_once(&stop).await {
+                Ok(_) | Err(PresenceError::Viewer(ViewerError::Stopping)) => {}
+                // An unreachable viewer is the poller's to report.
+                Err(PresenceError::Viewer(err)) => {
+                    tracing::debug!(error = %err, "viewer presence check failed")
+                }
+                Err(PresenceError::Outbox(err)) => {
+                    tracing::warn!(error = %err, "cannot store what the relay knows of the viewer's place; it tries again")
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// One check: read, decide, tell, maybe recover, maybe mark a gap, maybe read the avatars.
+    /// Returns the place decided.
+    pub async fn try_check_once(
+        &mut self,
+        stop: &CancellationToken,
+    ) -> Result<Place, PresenceError> {
+        let counters = match self.deps.viewer.comm_counters(stop).await {
+            Ok(counters) => Some(counters),
+            Err(err @ (ViewerError::Transport(_) | ViewerError::Stopping)) => {
+                return Err(err.into());
+            }
+            Err(err) => {
+                if !std::mem::replace(&mut self.counters_warned, true) {
+                    tracing::warn!(
+                        url = self.deps.viewer.comm_stats_url().unwrap_or(""),
+                        error = %err,
+                        "the viewer's network counters cannot be read: a region restart that disconnects it cannot be noticed (only a logout or another region, from its status)"
+                    );
+                }
+                None
+            }
+        };
+        let status = self.deps.viewer.status(stop).await?.unwrap_or_default();
+        let connected = match counters {
+            Some(counters) => presence::connected(self.memory, counters, &status),
+            None => true,
+        };
+        if let Some(counters) = counters {
+            self.remember(counters, connected).await?;
+        }
+        let place = presence::place(connected, &status, self.deps.region.as_deref());
+        if let Some(current) = &status.current_sim {
+            self.seen_region = Some(presence::region_name(current).to_owned());
+        }
+        self.last_status = status;
+        let now = Utc::now();
+        if place.hears_region() {
+            self.back_in(now).await?;
+            self.last_in = Some(now);
+            self.read_hearing(stop).await;
+        } else {
+            self.out(&place, now).await?;
+            self.recover(&place, stop).await;
+            self.tell_readiness(&place);
+        }
+        Ok(place)
+    }
+
+    /// Stores the counters and verdict when they changed.
+    async fn remember(
+        &mut self,
+        counters: CommCounters,
+        connected: bool,
+    ) -> Result<(), OutboxError> {
+        let memory = LinkMemory {
+            counters,
+            connected,
+        };
+        if self.memory == Some(memory) {
+            return Ok(());
+        }
+        if self.memory.is_some_and(|old| {
+            counters.disconnected < old.counters.disconnected
+                || counters.simconnected < old.counters.simconnected
+        }) {
+            // The viewer process was restarted: a spent logout is fresh again.
+            self.recovery = Recovery::default();
+        }
+        let outbox = &self.deps.outbox;
+        outbox
+            .set_cursor(Cursor::ViewerDisconnects, counters.disconnected as i64)
+            .await?;
+        outbox
+            .set_cursor(Cursor::ViewerConnects, counters.simconnected as i64)
+            .await?;
+        outbox
+            .set_cursor(Cursor::ViewerConnected, i64::from(connected))
+            .await?;
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    /// The viewer is out of its region: a new stretch is told and stored once.
+    async fn out(&mut self, place: &Place, now: DateTime<Utc>) -> Result<(), OutboxError> {
+        let stats = &self.deps.stats;
+        stats.viewer_out_of_region.store(1, Ordering::Relaxed);
+        stats.avatars_in_region.store(0, Ordering::Relaxed);
+        stats.avatars_beyond_hearing.store(0, Ordering::Relaxed);
+        if self.out_place.as_ref() == Some(place) {
+            return Ok(());
+        }
+        let new_stretch = self.out_since.is_none();
+        if new_stretch {
+            let since = self.last_in.unwrap_or(now);
+            self.deps
+                .outbox
+                .set_cursor(Cursor::ViewerOutSince, since.timestamp_millis())
+                .await?;
+            self.out_since = Some(since);
+            Stats::add(&stats.viewer_out_of_region_stretches, 1);
+        }
+        tracing::warn!(
+            place = ?place,
+            "the viewer does not hear its region, so its chat is not recorded: {}; {}",
+            place.why_not().unwrap_or_default(),
+            self.what_to_do(place)
+        );
+        self.out_place = Some(place.clone());
+        Ok(())
+    }
+
+    /// The viewer hears its region: a stretch that was out ends, told once and marked once.
+    async fn back_in(&mut self, now: DateTime<Utc>) -> Result<(), OutboxError> {
+        let stats = &self.deps.stats;
+        stats.viewer_out_of_region.store(0, Ordering::Relaxed);
+        stats.readiness.viewer_place(None);
+        let reason = self.out_place.take();
+        self.recovery = Recovery::default();
+        let Some(since) = self.out_since else {
+            return Ok(());
+        };
+        let reason = reason
+            .as_ref()
+            .map_or("the viewer was out of its region", Place::marker_reason);
+        tracing::info!(
+            out_for = ?(now - since).to_std().unwrap_or_default(),
+            "the viewer hears its region again ({reason} before)"
+        );
+        if self.deps.gap_markers {
+            let line = CapturedLine {
+                source: LineSource::Relay,
+                speaker: String::new(),
+                owner_id: None,
+                message: gap_marker(self.region_label(), since, now, reason, self.deps.cms_zone),
+                spoken_at: now,
+                captured_at: now,
+            };
+            self.deps
+                .outbox
+                .append_and_set_cursor(&[line], Cursor::ViewerOutSince, 0)
+                .await?;
+            Stats::add(&stats.gap_markers, 1);
+        } else {
+            self.deps
+                .outbox
+                .set_cursor(Cursor::ViewerOutSince, 0)
+                .await?;
+        }
+        self.out_since = None;
+        Ok(())
+    }
+
+    fn region_label(&self) -> &str {
+        self.deps
+            .region
+            .as_deref()
+            .or(self.seen_region.as_deref())
+            .unwrap_or("the region")
+    }
+
+    /// What the operator does about `place`, given what the relay can do itself.
+    fn what_to_do(&self, place: &Place) -> String {
+        let region = self.region_label();
+        if self.recovery.stuck {
+            return "the viewer cannot log out again (LookingGlass logs out only once per process): restart the viewer process, and it logs in at its start; the relay goes on by itself once it hears the region".to_owned();
+        }
+        match (place, &self.deps.login) {
+            (Place::OtherRegion(_), _) => format!(
+                "teleport the viewer's avatar back to {region} (POST /api/LLLP/connect/teleport, or in the viewer's window)"
+            ),
+            (_, Some(_)) => {
+                let mut text = "the relay logs the viewer out and in again ([viewer.login]), with backoff".to_owned();
+                if let Some(failure) = &self.recovery.last_failure {
+                    text.push_str(&format!("; the last attempt: {failure}"));
+                }
+                text
+            }
+            (Place::Disconnected, None) => "log the viewer out and in again by hand (POST /api/LLLP/connect/logout, then /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it; if the viewer already logged out once since it started, restart the viewer process instead (it logs out only once)".to_owned(),
+            (_, None) => "log the viewer in by hand (POST /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it".to_owned(),
+        }
+    }
+
+    fn tell_readiness(&self, place: &Place) {
+        let problem = format!(
+            "{}; {}",
+            place.why_not().unwrap_or_default(),
+            self.what_to_do(place)
+        );
+        self.deps.stats.readiness.viewer_place(Some(problem));
+    }
+
+    /// Logs the viewer out and in again when `[viewer.login]` is set and it is due.
+    async fn recover(&mut self, place: &Place, stop: &CancellationToken) {
+        let Some((login, password)) = &self.deps.login else {
+            return;
+        };
+        if matches!(place, Place::OtherRegion(_)) || self.recovery.stuck {
+            return;
+        }
+        let now = Instant::now();
+        if self.recovery.next_at.is_some_and(|at| now < at) {
+            return;
+        }
+        self.recovery.attempts += 1;
+        let exponent = self.recovery.attempts.saturating_sub(1).min(16);
+        let wait = RECOVERY_FIRST
+            .saturating_mul(1 << exponent)
+            .min(RECOVERY_MAX);
+        self.recovery.next_at = Some(now + wait);
+        let outcome = recover_once(
+            &self.deps.viewer,
+            &self.last_status,
+            login.form(password),
+            stop,
+        )
+        .await;
+        match outcome {
+            Ok(Recovered::LoggedIn) => {
+                Stats::add(&self.deps.stats.viewer_logins, 1);
+                self.recovery.last_failure = None;
+                tracing::info!(
+                    attempt = self.recovery.attempts,
+                    "logged the viewer out and in again; the next check tells whether it hears its region"
+                );
+            }
+            Ok(Recovered::Stuck) => {
+                self.recovery.stuck = true;
+                tracing::error!(
+                    "the viewer cannot log out again (LookingGlass logs out only once per process): restart the viewer process; the relay stops trying and goes on by itself once it hears the region"
+                );
+            }
+            Ok(Recovered::Refused(message)) => {
+                tracing::warn!(attempt = self.recovery.attempts, ?wait, refusal = %message, "the viewer refused the login; the relay tries again");
+                self.recovery.last_failure =
+                    Some(format!("the viewer refused the login: {message}"));
+            }
+            Err(ViewerError::Stopping) => {}
+            Err(err) => {
+                tracing::warn!(attempt = self.recovery.attempts, ?wait, error = %err, "the viewer's REST login failed; the relay tries again");
+                self.recovery.last_failure = Some(err.to_string());
+            }
+        }
+    }
+
+    /// Reads the avatar list when due and sets the hearing gauges; warns once when avatars stay
+    /// beyond hearing for `BEYOND_HEARING_WARN_AFTER`.
+    async fn read_hearing(&mut self, stop: &CancellationToken) {
+        let now = Instant::now();
+        if now < self.next_hearing {
+            return;
+        }
+        self.next_hearing = now + HEARING_INTERVAL;
+        let avatars = match self.deps.viewer.seen_avatars(stop).await {
+            Ok(Some(avatars)) => avatars,
+            Ok(None) | Err(_) => return,
+        };
+        let picture = self.hearing_from(&avatars);
+        let stats = &self.deps.stats;
+        stats
+            .avatars_in_region
+            .store(picture.in_region as u64, Ordering::Relaxed);
+        stats
+            .avatars_beyond_hearing
+            .store(picture.beyond as u64, Ordering::Relaxed);
+        if picture.beyond == 0 {
+            self.beyond_since = None;
+            self.beyond_warned = false;
+            return;
+        }
+        let since = *self.beyond_since.get_or_insert(now);
+        if !self.beyond_warned && now.duration_since(since) >= BEYOND_HEARING_WARN_AFTER {
+            self.beyond_warned = true;
+            tracing::warn!(
+                n_beyond = picture.beyond,
+                n_in_region = picture.in_region,
+                hearing_range_m = self.deps.hearing_range,
+                "avatars in the region have stayed beyond the viewer's hearing range for {} min: what they say is not recorded; move the viewer's avatar nearer (viewer.login.start_position) or see docs/OPERATIONS.md on chat ranges",
+                BEYOND_HEARING_WARN_AFTER.as_secs() / 60
+            );
+        }
+    }
+
+    fn hearing_from(&self, avatars: &[presence::SeenAvatar]) -> Hearing {
+        hearing_picture(
+            avatars,
+            &self.last_status,
+            self.deps.login.as_ref().map(|(login, _)| login),
+            self.deps.region.as_deref().or(self.seen_region.as_deref()),
+            self.deps.hearing_range,
+        )
+    }
+}
+
+/// The hearing picture from the avatar list and the status, the viewer's own position taken from
+/// the status or else the configured start position (shared with `check`).
+pub fn hearing_picture(
+    avatars: &[presence::SeenAvatar],
+    status: &ViewerStatus,
+    login: Option<&ViewerLoginSettings>,
+    region: Option<&str>,
+    range: f64,
+) -> Hearing {
+    let own_position = status
+        .position
+        .or_else(|| login.and_then(ViewerLoginSettings::start_position));
+    let own_name = status
+        .own_name
+        .clone()
+        .or_else(|| login.map(|login| format!("{} {}", login.first.trim(), login.last.trim())));
+    presence::hearing(avatars, own_name.as_deref(), own_position, region, range)
+}
+
+/// How one recovery attempt ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Recovered {
+    LoggedIn,
+    /// The logout changed nothing: the viewer's one logout is spent.
+    Stuck,
+    Refused(String),
+}
+
+/// Logs out (when the viewer still thinks it is logged in), checks the logout took, then logs in.
+async fn recover_once(
+    viewer: &LookingGlassClient,
+    status: &ViewerStatus,
+    form: Vec<(&'static str, String)>,
+    stop: &CancellationToken,
+) -> Result<Recovered, ViewerError> {
+    if status
+        .login_state
+        .as_deref()
+        .is_none_or(|state| state == "login")
+    {
+        if let Err(message) = viewer.connect("logout", &[], stop).await? {
+            return Ok(Recovered::Refused(format!("logout: {message}")));
+        }
+        let after = viewer.status(stop).await?.unwrap_or_default();
+        if after.login_state.as_deref() == Some("login") {
+            return Ok(Recovered::Stuck);
+        }
+    }
+    let form: Vec<(&str, &str)> = form
+        .iter()
+        .map(|(key, value)| (*key, value.as_str()))
+        .collect();
+    Ok(match viewer.connect("login", &form, stop).await? {
+        Ok(()) => Recovered::LoggedIn,
+        Err(message) => Recovered::Refused(message),
+    })
+}
+
+/// The marker line: what, where, between which times (wall clock in `zone`; with the date when
+/// the two fall on different days) and why; never a missed line's text or speaker.
+pub fn gap_marker(
+    region: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    why: &str,
+    zone: Zone,
+) -> String {
+    let (from, to) = (zone.wall_clock(from), zone.wall_clock(to));
+    let format = if from.date() == to.date() {
+        "%H:%M:%S"
+    } else {
+        "%Y-%m-%d %H:%M:%S"
+    };
+    format!(
+        "[relay] chat in {region} was not recorded between {} and {}: {why}",
+        from.format(format),
+        to.format(format)
+    )
+}
+
+/// Why a check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    /// The viewer did not answer.
+    #[error(transparent)]
+    Viewer(#[from] ViewerError),
+    /// The outbox could not store what was learned.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_says_what_where_when_and_why_in_the_cms_zone() {
+        let from = DateTime::parse_from_rfc3339("2026-12-07T02:00:12Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let to = DateTime::parse_from_rfc3339("2026-12-07T02:04:40Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let zone = Zone::Named(chrono_tz::Europe::Amsterdam);
+        assert_eq!(
+            gap_marker("Welcome", from, to, "the region restarted", zone),
+            "[relay] chat in Welcome was not recorded between 03:00:12 and 03:04:40: the region restarted"
+        );
+        let next_day = to + chrono::Duration::hours(22);
+        assert_eq!(
+            gap_marker("Welcome", from, next_day, "the viewer was logged out", zone),
+            "[relay] chat in Welcome was not recorded between 2026-12-07 03:00:12 and 2026-12-08 01:04:40: the viewer was logged out"
+        );
+    }
+}
