@@ -20,6 +20,7 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ViewerLoginSettings;
+use crate::lookingglass::facts::UNANSWERED_RETRY;
 use crate::lookingglass::presence::{self, CommCounters, Hearing, LinkMemory, Place, ViewerStatus};
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
@@ -89,6 +90,11 @@ pub struct Presence {
     seen_region: Option<String>,
     recovery: Recovery,
     counters_warned: bool,
+    /// When the counters may be read again: a viewer that never answers them (another viewer
+    /// than LookingGlass) costs a `SIDE_READ_LIMIT` at the gate, so it is asked rarely.
+    next_counters: Instant,
+    /// Likewise for the status (`facts` warns about a status URL that is not answered).
+    next_status: Instant,
     next_hearing: Instant,
     beyond_since: Option<Instant>,
     beyond_warned: bool,
@@ -126,6 +132,8 @@ impl Presence {
             seen_region: None,
             recovery: Recovery::default(),
             counters_warned: false,
+            next_counters: Instant::now(),
+            next_status: Instant::now(),
             next_hearing: Instant::now(),
             beyond_since: None,
             beyond_warned: false,
@@ -159,26 +167,44 @@ impl Presence {
         &mut self,
         stop: &CancellationToken,
     ) -> Result<Place, PresenceError> {
-        let counters = match self.deps.viewer.comm_counters(stop).await {
-            Ok(counters) => Some(counters),
-            Err(err @ (ViewerError::Transport(_) | ViewerError::Stopping)) => {
+        let now = Instant::now();
+        if now < self.next_status {
+            return Ok(self.out_place.clone().unwrap_or(Place::InRegion));
+        }
+        let status = match self.deps.viewer.status(stop).await {
+            Ok(status) => status.unwrap_or_default(),
+            Err(err) => {
+                if !matches!(err, ViewerError::Transport(_) | ViewerError::Stopping) {
+                    self.next_status = now + UNANSWERED_RETRY;
+                }
                 return Err(err.into());
             }
-            Err(err) => {
-                if !std::mem::replace(&mut self.counters_warned, true) {
-                    tracing::warn!(
-                        url = self.deps.viewer.comm_stats_url().unwrap_or(""),
-                        error = %err,
-                        "the viewer's network counters cannot be read: a region restart that disconnects it cannot be noticed (only a logout or another region, from its status)"
-                    );
+        };
+        let counters = if now < self.next_counters {
+            None
+        } else {
+            match self.deps.viewer.comm_counters(stop).await {
+                Ok(counters) => Some(counters),
+                Err(err @ (ViewerError::Transport(_) | ViewerError::Stopping)) => {
+                    return Err(err.into());
                 }
-                None
+                Err(err) => {
+                    self.next_counters = now + UNANSWERED_RETRY;
+                    if !std::mem::replace(&mut self.counters_warned, true) {
+                        tracing::warn!(
+                            url = self.deps.viewer.comm_stats_url().unwrap_or(""),
+                            error = %err,
+                            "the viewer's network counters cannot be read: a region restart that disconnects it cannot be noticed (only a logout or another region, from its status); tried again now and then"
+                        );
+                    }
+                    None
+                }
             }
         };
-        let status = self.deps.viewer.status(stop).await?.unwrap_or_default();
         let connected = match counters {
             Some(counters) => presence::connected(self.memory, counters, &status),
-            None => true,
+            // Unread: the last verdict stands (none: the status alone judges).
+            None => self.memory.is_none_or(|memory| memory.connected),
         };
         if let Some(counters) = counters {
             self.remember(counters, connected).await?;
