@@ -341,24 +341,14 @@ impl Presence {
 
     /// What the operator does about `place`, given what the relay can do itself.
     fn what_to_do(&self, place: &Place) -> String {
-        let region = self.region_label();
         if self.recovery.stuck {
-            return "the viewer cannot log out again (LookingGlass logs out only once per process): restart the viewer process, and it logs in at its start; the relay goes on by itself once it hears the region".to_owned();
+            return STUCK_ADVICE.to_owned();
         }
-        match (place, &self.deps.login) {
-            (Place::OtherRegion(_), _) => format!(
-                "teleport the viewer's avatar back to {region} (POST /api/LLLP/connect/teleport, or in the viewer's window)"
-            ),
-            (_, Some(_)) => {
-                let mut text = "the relay logs the viewer out and in again ([viewer.login]), with backoff".to_owned();
-                if let Some(failure) = &self.recovery.last_failure {
-                    text.push_str(&format!("; the last attempt: {failure}"));
-                }
-                text
-            }
-            (Place::Disconnected, None) => "log the viewer out and in again by hand (POST /api/LLLP/connect/logout, then /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it; if the viewer already logged out once since it started, restart the viewer process instead (it logs out only once)".to_owned(),
-            (_, None) => "log the viewer in by hand (POST /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it".to_owned(),
+        let mut text = advice(place, self.region_label(), self.deps.login.is_some());
+        if let Some(failure) = &self.recovery.last_failure {
+            text.push_str(&format!("; the last attempt: {failure}"));
         }
+        text
     }
 
     fn tell_readiness(&self, place: &Place) {
@@ -406,9 +396,7 @@ impl Presence {
             }
             Ok(Recovered::Stuck) => {
                 self.recovery.stuck = true;
-                tracing::error!(
-                    "the viewer cannot log out again (LookingGlass logs out only once per process): restart the viewer process; the relay stops trying and goes on by itself once it hears the region"
-                );
+                tracing::error!("{STUCK_ADVICE} (the relay stops trying)");
             }
             Ok(Recovered::Refused(message)) => {
                 tracing::warn!(attempt = self.recovery.attempts, ?wait, refusal = %message, "the viewer refused the login; the relay tries again");
@@ -489,6 +477,23 @@ pub fn hearing_picture(
         .clone()
         .or_else(|| login.map(|login| format!("{} {}", login.first.trim(), login.last.trim())));
     presence::hearing(avatars, own_name.as_deref(), own_position, region, range)
+}
+
+/// What to do when the viewer's one logout is spent.
+pub const STUCK_ADVICE: &str = "the viewer cannot log out again (LookingGlass logs out only once per process): restart the viewer process, and it logs in at its start; the relay goes on by itself once it hears the region";
+
+/// What the operator does about `place` (shared with `check`): by hand, or nothing while
+/// `[viewer.login]` lets the relay bring the viewer back.
+pub fn advice(place: &Place, region: &str, has_login: bool) -> String {
+    match (place, has_login) {
+        (Place::InRegion, _) => String::new(),
+        (Place::OtherRegion(_), _) => format!(
+            "teleport the viewer's avatar back to {region} (POST /api/LLLP/connect/teleport, or in the viewer's window)"
+        ),
+        (_, true) => "the relay logs the viewer out and in again ([viewer.login]), with backoff".to_owned(),
+        (Place::Disconnected, false) => "log the viewer out and in again by hand (POST /api/LLLP/connect/logout, then /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it; if the viewer already logged out once since it started, restart the viewer process instead (it logs out only once)".to_owned(),
+        (Place::LoggedOut(_), false) => "log the viewer in by hand (POST /api/LLLP/connect/login, or in the viewer's window), or set [viewer.login] for the relay to do it".to_owned(),
+    }
 }
 
 /// How one recovery attempt ended.

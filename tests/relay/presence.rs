@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use opensim_chat_relay::check::Outcome;
+
 use crate::health::{Observed, sample};
 use crate::helpers::{PATIENCE, TestEnv, eventually};
 
@@ -339,4 +341,46 @@ async fn avatars_beyond_hearing_range_are_counted_from_the_viewers_position() {
     })
     .await;
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn check_prints_the_viewers_place_and_whom_it_cannot_hear() {
+    let env = TestEnv::start().await;
+    env.lg
+        .place_avatar("Near Resident", "Sim", [130.0, 128.0, 25.0]);
+    env.lg
+        .place_avatar("Far Resident", "Sim", [20.5, 40.0, 25.0]);
+    let settings = env.settings("", &[("viewer.region", "Sim")]);
+
+    let before = opensim_chat_relay::check::run(&settings).await;
+    env.lg.restart_region();
+    let after = opensim_chat_relay::check::run(&settings).await;
+
+    let region = before.line("viewer.region").expect("a region line");
+    assert_eq!(region.outcome, Outcome::Ok, "{region:?}");
+    let hearing = before.line("viewer.hearing").expect("a hearing line");
+    assert_eq!(hearing.outcome, Outcome::Warn, "{hearing:?}");
+    assert!(
+        hearing.detail.contains("1 of 2 avatars") && hearing.detail.contains("Far Resident 139 m"),
+        "{hearing:?}"
+    );
+    assert!(
+        hearing
+            .fix
+            .as_deref()
+            .unwrap_or("")
+            .contains("say_distance")
+    );
+    let region = after.line("viewer.region").expect("a region line");
+    assert_eq!(region.outcome, Outcome::Fail, "{region:?}");
+    assert!(region.detail.contains("the region restarted"), "{region:?}");
+    assert!(
+        region
+            .fix
+            .as_deref()
+            .unwrap_or("")
+            .contains("POST /api/LLLP/connect/logout"),
+        "{region:?}"
+    );
+    assert!(!after.passed());
 }
