@@ -62,8 +62,8 @@ pub struct Relay {
     delivery: Delivery,
     viewer: LookingGlassClient,
     facts: FactsReader,
-    /// Whether the viewer hears its region (`None` without `viewer.status_url`).
-    presence: Option<Presence>,
+    /// Whether the viewer hears its region; the outbox's gap markers.
+    presence: Presence,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
@@ -162,24 +162,21 @@ impl Relay {
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
         });
-        // Without the status the relay cannot tell a logout or another region, nor whose position
-        // is whose; the counters alone would misjudge a viewer that is not LookingGlass.
-        let presence = match &settings.viewer.status_url {
-            Some(_) => Some(Presence::new(PresenceDeps {
-                viewer: viewer.clone(),
-                outbox: outbox.clone(),
-                stats: stats.clone(),
-                region: settings.viewer.expected_region().map(str::to_owned),
-                login: match &settings.viewer.login {
-                    Some(login) => Some((login.clone(), login.load_password()?)),
-                    None => None,
-                },
-                hearing_range: settings.viewer.hearing_range,
-                gap_markers: settings.cms.gap_markers,
-                cms_zone: settings.cms.timezone,
-            })?),
-            None => None,
-        };
+        // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
+        // region, nor whose position is whose.
+        let presence = Presence::new(PresenceDeps {
+            viewer: viewer.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            region: settings.viewer.expected_region().map(str::to_owned),
+            login: match &settings.viewer.login {
+                Some(login) => Some((login.clone(), login.load_password()?)),
+                None => None,
+            },
+            hearing_range: settings.viewer.hearing_range,
+            gap_markers: settings.cms.gap_markers,
+            cms_zone: settings.cms.timezone,
+        })?;
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
@@ -337,13 +334,11 @@ impl Relay {
             Ends::OnStop,
             self.facts.run_until_stopped(stop.clone()),
         );
-        if let Some(presence) = self.presence {
-            supervisor.spawn(
-                "viewer presence",
-                Ends::OnStop,
-                presence.run_until_stopped(stop.clone()),
-            );
-        }
+        supervisor.spawn(
+            "viewer presence",
+            Ends::OnStop,
+            self.presence.run_until_stopped(stop.clone()),
+        );
         supervisor.spawn(
             "delivery",
             Ends::OnStop,

@@ -3,8 +3,10 @@
 //! (`lookingglass::presence`), tells `/readyz`, `/metrics` and the log (once when a stretch out of
 //! the region starts, once when it ends), brings the viewer back through its REST logout and login
 //! when `[viewer.login]` is set (with backoff, and never past the viewer's one logout), writes one
-//! gap marker for each stretch into the outbox (`cms.gap_markers`), and every `HEARING_INTERVAL`
-//! works out who in the region is beyond hearing range.
+//! gap marker for each stretch into the outbox (`cms.gap_markers`) and one for the losses the
+//! outbox noted (lines dropped by its bounds, answers quarantined unread) once they settle, and
+//! every `HEARING_INTERVAL` works out who in the region is beyond hearing range. Without
+//! `viewer.status_url` only the outbox's gaps are marked.
 //!
 //! Every request takes its turn at the client's gate. What it remembers across restarts (the last
 //! counters and verdict, when the current stretch began) lives in the outbox's cursors, so a
@@ -25,7 +27,7 @@ use crate::lookingglass::presence::{self, CommCounters, Hearing, LinkMemory, Pla
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, LineSource};
-use crate::outbox::{Cursor, Outbox, OutboxError};
+use crate::outbox::{Cursor, GapKind, GapNote, Outbox, OutboxError};
 use crate::zone::Zone;
 
 /// How often the viewer's counters and status are read: two small answers from memory, so a
@@ -43,6 +45,11 @@ pub const RECOVERY_FIRST: Duration = Duration::from_secs(5);
 
 /// The longest wait between recovery attempts.
 pub const RECOVERY_MAX: Duration = Duration::from_secs(300);
+
+/// How long the outbox's gap notes must have stopped coming before their markers are written: a
+/// CMS outage that makes the outbox drop lines at every poll gets one marker when it ends, not one
+/// a poll.
+pub const GAP_SETTLE: Duration = Duration::from_secs(10);
 
 /// What the task needs.
 pub struct PresenceDeps {
@@ -167,6 +174,11 @@ impl Presence {
         &mut self,
         stop: &CancellationToken,
     ) -> Result<Place, PresenceError> {
+        self.mark_settled_gaps().await?;
+        if self.deps.viewer.status_url().is_none() {
+            // Without the status neither a logout nor another region can be told.
+            return Ok(Place::InRegion);
+        }
         let now = Instant::now();
         if now < self.next_status {
             return Ok(self.out_place.clone().unwrap_or(Place::InRegion));
@@ -328,6 +340,43 @@ impl Presence {
                 .await?;
         }
         self.out_since = None;
+        Ok(())
+    }
+
+    /// Writes one marker per kind of loss for the outbox's gap notes once they have settled, and
+    /// removes the notes in the same flush.
+    async fn mark_settled_gaps(&mut self) -> Result<(), OutboxError> {
+        let notes = self.deps.outbox.pending_gaps()?;
+        let Some(newest) = notes.iter().map(|note| note.noted_at).max() else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        if (now - newest).to_std().unwrap_or_default() < GAP_SETTLE {
+            return Ok(());
+        }
+        let markers: Vec<CapturedLine> = if self.deps.gap_markers {
+            outbox_gap_markers(&notes, self.region_label(), self.deps.cms_zone)
+                .into_iter()
+                .map(|message| CapturedLine {
+                    source: LineSource::Relay,
+                    speaker: String::new(),
+                    owner_id: None,
+                    message,
+                    spoken_at: now,
+                    captured_at: now,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.deps.outbox.mark_gaps(&markers, notes.len()).await?;
+        if !markers.is_empty() {
+            Stats::add(&self.deps.stats.gap_markers, markers.len() as u64);
+            tracing::info!(
+                n_markers = markers.len(),
+                "gap markers written for lines the outbox dropped or could not read"
+            );
+        }
         Ok(())
     }
 
@@ -544,16 +593,65 @@ pub fn gap_marker(
     why: &str,
     zone: Zone,
 ) -> String {
+    let (from, to) = wall_clock_pair(from, to, zone);
+    format!("[relay] chat in {region} was not recorded between {from} and {to}: {why}")
+}
+
+/// The markers for the outbox's gap notes: one per kind, spanning its notes, in the order the
+/// kinds first occur.
+pub fn outbox_gap_markers(notes: &[GapNote], region: &str, zone: Zone) -> Vec<String> {
+    let mut spans: Vec<(GapKind, DateTime<Utc>, DateTime<Utc>, u64)> = Vec::new();
+    for note in notes {
+        match spans.iter_mut().find(|(kind, ..)| *kind == note.kind) {
+            Some((_, from, to, n)) => {
+                *from = (*from).min(note.from);
+                *to = (*to).max(note.to);
+                *n += note.n;
+            }
+            None => spans.push((note.kind, note.from, note.to, note.n)),
+        }
+    }
+    spans
+        .into_iter()
+        .map(|(kind, from, to, n)| {
+            let (from, to) = wall_clock_pair(from, to, zone);
+            let lines = if n == 1 {
+                "1 line".to_owned()
+            } else {
+                format!("{n} lines")
+            };
+            let were = if n == 1 { "was" } else { "were" };
+            match kind {
+                GapKind::DroppedForSpace => format!(
+                    "[relay] {lines} of chat in {region} said between {from} and {to} {were} not recorded: the relay's outbox was full (outbox.max_bytes) while the CMS did not take them"
+                ),
+                GapKind::DroppedForAge => format!(
+                    "[relay] {lines} of chat in {region} said between {from} and {to} {were} not recorded: they waited longer than outbox.max_age for the CMS"
+                ),
+                // The lines of the answer before the point where it broke are relayed: "some".
+                GapKind::Unreadable if n == 1 => format!(
+                    "[relay] some chat in {region} received at {to} was not recorded: the viewer's answer could not be read whole (kept in the outbox quarantine)"
+                ),
+                GapKind::Unreadable => format!(
+                    "[relay] some chat in {region} received between {from} and {to} was not recorded: {n} viewer answers could not be read whole (kept in the outbox quarantine)"
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Two instants as wall-clock times in `zone`: `HH:MM:SS`, with the date when they fall on
+/// different days.
+fn wall_clock_pair(from: DateTime<Utc>, to: DateTime<Utc>, zone: Zone) -> (String, String) {
     let (from, to) = (zone.wall_clock(from), zone.wall_clock(to));
     let format = if from.date() == to.date() {
         "%H:%M:%S"
     } else {
         "%Y-%m-%d %H:%M:%S"
     };
-    format!(
-        "[relay] chat in {region} was not recorded between {} and {}: {why}",
-        from.format(format),
-        to.format(format)
+    (
+        from.format(format).to_string(),
+        to.format(format).to_string(),
     )
 }
 
@@ -589,6 +687,62 @@ mod tests {
         assert_eq!(
             gap_marker("Welcome", from, next_day, "the viewer was logged out", zone),
             "[relay] chat in Welcome was not recorded between 2026-12-07 03:00:12 and 2026-12-08 01:04:40: the viewer was logged out"
+        );
+    }
+
+    #[test]
+    fn the_outbox_notes_make_one_marker_per_kind_spanning_its_notes() {
+        let at = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .expect("time")
+                .with_timezone(&Utc)
+        };
+        let note = |kind, from: &str, to: &str, n| GapNote {
+            kind,
+            from: at(from),
+            to: at(to),
+            n,
+            noted_at: at(to),
+        };
+        let notes = [
+            note(
+                GapKind::DroppedForAge,
+                "2026-12-07T02:00:00Z",
+                "2026-12-07T02:00:05Z",
+                2,
+            ),
+            note(
+                GapKind::Unreadable,
+                "2026-12-07T02:01:00Z",
+                "2026-12-07T02:01:00Z",
+                1,
+            ),
+            note(
+                GapKind::DroppedForAge,
+                "2026-12-07T01:59:00Z",
+                "2026-12-07T02:03:00Z",
+                1,
+            ),
+        ];
+        let zone = Zone::Named(chrono_tz::UTC);
+        assert_eq!(
+            outbox_gap_markers(&notes, "Welcome", zone),
+            [
+                "[relay] 3 lines of chat in Welcome said between 01:59:00 and 02:03:00 were not recorded: they waited longer than outbox.max_age for the CMS",
+                "[relay] some chat in Welcome received at 02:01:00 was not recorded: the viewer's answer could not be read whole (kept in the outbox quarantine)",
+            ]
+        );
+        let one = [note(
+            GapKind::DroppedForSpace,
+            "2026-12-07T02:00:00Z",
+            "2026-12-07T02:00:00Z",
+            1,
+        )];
+        assert_eq!(
+            outbox_gap_markers(&one, "Welcome", zone),
+            [
+                "[relay] 1 line of chat in Welcome said between 02:00:00 and 02:00:00 was not recorded: the relay's outbox was full (outbox.max_bytes) while the CMS did not take them"
+            ]
         );
     }
 }

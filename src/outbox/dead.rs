@@ -17,7 +17,7 @@ use chrono::Utc;
 
 use crate::outbox::record::{decode_dead, encode_dead, encode_pending};
 use crate::outbox::store::Store;
-use crate::outbox::{DeadLine, Outbox, OutboxError, PendingLine};
+use crate::outbox::{DeadLine, GapKind, GapNote, Outbox, OutboxError, PendingLine};
 
 impl Outbox {
     /// Moves a line to the dead letters with `reason`, and flushes. The dead record is written before
@@ -121,6 +121,18 @@ impl Outbox {
         body: &[u8],
     ) -> Result<Quarantined, OutboxError> {
         let fingerprint = fingerprint(body);
+        // Whatever becomes of the body, its lines are lost: noted for a gap marker (`gaps`),
+        // flushed with the body (or with the next flush when the body is not kept).
+        let now = chrono::Utc::now();
+        let note = GapNote {
+            kind: GapKind::Unreadable,
+            from: now,
+            to: now,
+            n: 1,
+            noted_at: now,
+        };
+        let store = self.store()?;
+        self.note_gap(&store, note)?;
         if self.quarantine.has_kept(fingerprint) {
             return Ok(Quarantined::Repeat);
         }

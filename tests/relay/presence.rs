@@ -384,3 +384,82 @@ async fn check_prints_the_viewers_place_and_whom_it_cannot_hear() {
     );
     assert!(!after.passed());
 }
+
+#[tokio::test]
+async fn lines_dropped_by_outbox_max_age_get_one_marker_without_their_text_or_speaker() {
+    let env = TestEnv::start().await;
+    env.db.set_offline(true);
+    let relay = env.start_relay("", &[("outbox.max_age", "1s")]).await;
+    for i in 0..3 {
+        env.lg.say("Alice Resident", &format!("stale {i}"));
+    }
+    eventually(PATIENCE, "the stale lines dropped", || async {
+        relay.outbox.n_dropped() == 3
+    })
+    .await;
+
+    env.db.set_offline(false);
+    eventually(LONG_PATIENCE, "a marker at the cms", || async {
+        !markers(&env).is_empty()
+    })
+    .await;
+    let stats = relay.stats.clone();
+    relay.stop().await;
+
+    let markers = markers(&env);
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    let marker = &markers[0];
+    assert!(
+        marker.starts_with("[relay] 3 lines of chat in Sim said between ")
+            && marker
+                .ends_with("were not recorded: they waited longer than outbox.max_age for the CMS"),
+        "{marker}"
+    );
+    assert!(
+        !marker.contains("stale") && !marker.contains("Alice"),
+        "{marker}"
+    );
+    assert_eq!(
+        opensim_chat_relay::metrics::Stats::get(&stats.gap_markers),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_viewer_answer_gets_a_marker_once_across_a_relay_restart() {
+    let env = TestEnv::start().await;
+    let bodies = vec![b"<html><body>Bad Gateway</body></html>".to_vec()];
+    // Kill the relay as soon as the body is quarantined, before any marker: the note must survive.
+    let (relay, stop) = env.start_relay_on_scripted_viewer(bodies, &[]).await;
+    eventually(PATIENCE, "the body quarantined", || async {
+        relay.outbox.quarantine_len() == 1
+    })
+    .await;
+    relay.kill().await;
+    stop.cancel();
+    assert!(
+        markers(&env).is_empty(),
+        "no marker before the notes settle"
+    );
+
+    let (relay, stop) = env.start_relay_on_scripted_viewer(Vec::new(), &[]).await;
+    eventually(LONG_PATIENCE, "a marker at the cms", || async {
+        !markers(&env).is_empty()
+    })
+    .await;
+    // The notes leave the outbox in the flush that stores the marker: none is left to mark again.
+    assert!(relay.outbox.pending_gaps().expect("notes").is_empty());
+    relay.stop().await;
+    stop.cancel();
+
+    let markers = markers(&env);
+    assert_eq!(markers.len(), 1, "{markers:?}");
+    assert!(
+        markers[0].starts_with("[relay] some chat in the region received at ")
+            && markers[0].ends_with(
+                "was not recorded: the viewer's answer could not be read whole (kept in the outbox quarantine)"
+            ),
+        "{}",
+        markers[0]
+    );
+}
