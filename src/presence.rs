@@ -545,6 +545,12 @@ pub fn advice(place: &Place, region: &str, has_login: bool) -> String {
     }
 }
 
+/// Status reads after a logout before it counts as not taken (the one-logout limit).
+const LOGOUT_READS: u32 = 3;
+
+/// The pause between those reads.
+const LOGOUT_READ_GAP: Duration = Duration::from_secs(1);
+
 /// How one recovery attempt ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Recovered {
@@ -569,8 +575,18 @@ async fn recover_once(
         if let Err(message) = viewer.connect("logout", &[], stop).await? {
             return Ok(Recovered::Refused(format!("logout: {message}")));
         }
-        let after = viewer.status(stop).await?.unwrap_or_default();
-        if after.login_state.as_deref() == Some("login") {
+        // The viewer answers the logout before it has acted on it: its status is given a few
+        // reads to leave `login` (spec §10: it says `loggingout` at once on a real region).
+        let mut took = false;
+        for _ in 0..LOGOUT_READS {
+            let after = viewer.status(stop).await?.unwrap_or_default();
+            if after.login_state.as_deref() != Some("login") {
+                took = true;
+                break;
+            }
+            tokio::time::sleep(LOGOUT_READ_GAP).await;
+        }
+        if !took {
             return Ok(Recovered::Stuck);
         }
     }
@@ -669,6 +685,151 @@ pub enum PresenceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lookingglass::ViewerEndpoint;
+    use crate::sim::lookingglass::{Connection, Dialect, ViewerSim, ViewerSimSettings};
+
+    /// The task against the simulated viewer, driven one check at a time.
+    struct Rig {
+        sim: ViewerSim,
+        outbox: Arc<Outbox>,
+        stats: Arc<Stats>,
+        presence: Presence,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn rig(with_login: bool) -> Rig {
+        let sim = ViewerSim::start(ViewerSimSettings {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            dialect: Dialect::Lookingglass,
+            timezone: chrono_tz::UTC,
+            own_name: "Relay Bot".to_owned(),
+            crash_on_abort: true,
+        })
+        .await
+        .expect("viewer simulator");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("outbox"));
+        let stats = Arc::new(Stats::default());
+        let viewer = LookingGlassClient::new(ViewerEndpoint {
+            chat_url: sim.chat_url(),
+            avatars_url: Some(sim.avatars_url()),
+            status_url: Some(sim.status_url()),
+            inactivity: Duration::from_secs(30),
+            max_response_bytes: 1 << 20,
+        })
+        .expect("client");
+        let login = with_login.then(|| {
+            let settings = ViewerLoginSettings {
+                first: "Relay".to_owned(),
+                last: "Bot".to_owned(),
+                password_file: None,
+                grid: "OSGrid".to_owned(),
+                region: "Sim".to_owned(),
+                start_position: "128/128/25".to_owned(),
+            };
+            (settings, SecretString::from("pw".to_owned()))
+        });
+        let presence = Presence::new(PresenceDeps {
+            viewer,
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            region: Some("Sim".to_owned()),
+            login,
+            hearing_range: 20.0,
+            gap_markers: true,
+            cms_zone: Zone::Named(chrono_tz::UTC),
+        })
+        .expect("presence");
+        Rig {
+            sim,
+            outbox,
+            stats,
+            presence,
+            _dir: dir,
+        }
+    }
+
+    async fn check(presence: &mut Presence) -> Place {
+        let stop = CancellationToken::new();
+        presence.try_check_once(&stop).await.expect("checked")
+    }
+
+    fn texts(outbox: &Outbox) -> Vec<String> {
+        outbox
+            .oldest(100)
+            .expect("read")
+            .into_iter()
+            .map(|line| line.line.message)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_restart_is_recovered_and_marked_and_a_second_one_asks_for_a_viewer_restart_once() {
+        let mut rig = rig(true).await;
+        let handle = rig.sim.handle();
+        assert_eq!(check(&mut rig.presence).await, Place::InRegion);
+
+        handle.restart_region();
+        assert_eq!(check(&mut rig.presence).await, Place::Disconnected);
+        assert_eq!(
+            handle.connection(),
+            Connection::Connected,
+            "logged in again at once"
+        );
+        assert_eq!(rig.stats.viewer_out_of_region.load(Ordering::Relaxed), 1);
+        assert_eq!(check(&mut rig.presence).await, Place::InRegion);
+        let markers = texts(&rig.outbox);
+        assert_eq!(markers.len(), 1, "{markers:?}");
+        assert!(
+            markers[0].ends_with(": the region restarted"),
+            "{markers:?}"
+        );
+        assert_eq!(rig.stats.readiness.viewer_place_problem(), None);
+
+        handle.restart_region();
+        assert_eq!(check(&mut rig.presence).await, Place::Disconnected);
+        let problem = rig
+            .stats
+            .readiness
+            .viewer_place_problem()
+            .expect("a problem");
+        assert!(problem.contains("restart the viewer process"), "{problem}");
+        let n_requests = handle.requests().len();
+        assert_eq!(check(&mut rig.presence).await, Place::Disconnected);
+        let posts: Vec<_> = handle.requests()[n_requests..]
+            .iter()
+            .filter(|(method, _)| method == "POST")
+            .cloned()
+            .collect();
+        assert!(posts.is_empty(), "no further attempt: {posts:?}");
+        assert_eq!(handle.n_logouts(), 1);
+        assert_eq!(handle.n_aborted(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_login_nothing_is_posted_and_the_memory_outlives_the_task() {
+        let mut rig = rig(false).await;
+        let handle = rig.sim.handle();
+        let stop = CancellationToken::new();
+        assert_eq!(
+            rig.presence.try_check_once(&stop).await.expect("checked"),
+            Place::InRegion
+        );
+        handle.restart_region();
+        assert_eq!(
+            rig.presence.try_check_once(&stop).await.expect("checked"),
+            Place::Disconnected
+        );
+        // A new task (a relay restart) remembers the verdict: 1 and 1 is still out.
+        let Rig { presence, .. } = rig;
+        let deps = presence.deps;
+        let mut again = Presence::new(deps).expect("presence");
+        assert_eq!(
+            again.try_check_once(&stop).await.expect("checked"),
+            Place::Disconnected
+        );
+        assert!(!handle.requests().iter().any(|(method, _)| method == "POST"));
+    }
 
     #[test]
     fn a_marker_says_what_where_when_and_why_in_the_cms_zone() {
