@@ -89,8 +89,10 @@ pub struct Presence {
     memory: Option<LinkMemory>,
     /// When the current stretch out of the region began (persisted).
     out_since: Option<DateTime<Utc>>,
-    /// Why the current stretch began (not persisted: after a restart the marker says so vaguely).
+    /// Where the viewer was at the last check, while out of its region.
     out_place: Option<Place>,
+    /// Why the current stretch began, as this process first saw it (the marker's reason).
+    stretch_place: Option<Place>,
     /// The last check that found the viewer in its region.
     last_in: Option<DateTime<Utc>>,
     /// The region the viewer was last seen in, for the marker when none is configured.
@@ -135,6 +137,7 @@ impl Presence {
             memory,
             out_since,
             out_place: None,
+            stretch_place: None,
             last_in: None,
             seen_region: None,
             recovery: Recovery::default(),
@@ -259,21 +262,20 @@ impl Presence {
             // The viewer process was restarted: a spent logout is fresh again.
             self.recovery = Recovery::default();
         }
-        let outbox = &self.deps.outbox;
-        outbox
-            .set_cursor(Cursor::ViewerDisconnects, counters.disconnected as i64)
-            .await?;
-        outbox
-            .set_cursor(Cursor::ViewerConnects, counters.simconnected as i64)
-            .await?;
-        outbox
-            .set_cursor(Cursor::ViewerConnected, i64::from(connected))
+        self.deps
+            .outbox
+            .set_cursors(&[
+                (Cursor::ViewerDisconnects, counters.disconnected as i64),
+                (Cursor::ViewerConnects, counters.simconnected as i64),
+                (Cursor::ViewerConnected, i64::from(connected)),
+            ])
             .await?;
         self.memory = Some(memory);
         Ok(())
     }
 
-    /// The viewer is out of its region: a new stretch is told and stored once.
+    /// The viewer is out of its region: a new stretch is told and stored once; a change of why
+    /// within the stretch (disconnected, then logged out by the recovery) is told at info.
     async fn out(&mut self, place: &Place, now: DateTime<Utc>) -> Result<(), OutboxError> {
         let stats = &self.deps.stats;
         stats.viewer_out_of_region.store(1, Ordering::Relaxed);
@@ -282,8 +284,7 @@ impl Presence {
         if self.out_place.as_ref() == Some(place) {
             return Ok(());
         }
-        let new_stretch = self.out_since.is_none();
-        if new_stretch {
+        if self.out_since.is_none() {
             let since = self.last_in.unwrap_or(now);
             self.deps
                 .outbox
@@ -292,12 +293,21 @@ impl Presence {
             self.out_since = Some(since);
             Stats::add(&stats.viewer_out_of_region_stretches, 1);
         }
-        tracing::warn!(
-            place = ?place,
-            "the viewer does not hear its region, so its chat is not recorded: {}; {}",
-            place.why_not().unwrap_or_default(),
-            self.what_to_do(place)
-        );
+        let why = place.why_not().unwrap_or_default();
+        match &self.stretch_place {
+            // The first word of this process on the stretch (after a restart of the relay too).
+            None => {
+                tracing::warn!(
+                    place = ?place,
+                    "the viewer does not hear its region, so its chat is not recorded: {why}; {}",
+                    self.what_to_do(place)
+                );
+                self.stretch_place = Some(place.clone());
+            }
+            Some(_) => {
+                tracing::info!(place = ?place, "the viewer is still out of its region: {why}")
+            }
+        }
         self.out_place = Some(place.clone());
         Ok(())
     }
@@ -307,7 +317,8 @@ impl Presence {
         let stats = &self.deps.stats;
         stats.viewer_out_of_region.store(0, Ordering::Relaxed);
         stats.readiness.viewer_place(None);
-        let reason = self.out_place.take();
+        self.out_place = None;
+        let reason = self.stretch_place.take();
         self.recovery = Recovery::default();
         let Some(since) = self.out_since else {
             return Ok(());

@@ -225,23 +225,7 @@ impl LookingGlassClient {
     /// The viewer's own avatar name from `status_url` (`first` + `last`), `None` when it is off or the
     /// viewer is not logged in.
     pub async fn own_name(&self, stop: &CancellationToken) -> Result<Option<String>, ViewerError> {
-        let Some(url) = &self.status_url else {
-            return Ok(None);
-        };
-        let value = self.get_json(url, "status", stop).await?;
-        let part = |key: &str| {
-            value
-                .get(key)
-                .and_then(|v| v.get("value"))
-                .and_then(Value::as_str)
-                .map(str::trim)
-        };
-        Ok(match (part("first"), part("last")) {
-            (Some(first), Some(last)) if !first.is_empty() => {
-                Some(format!("{first} {last}").trim().to_owned())
-            }
-            _ => None,
-        })
+        Ok(self.status(stop).await?.and_then(|status| status.own_name))
     }
 
     /// Avatar names (lower-cased) to UUIDs from `avatars_url`; empty when it is off.

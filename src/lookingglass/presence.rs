@@ -52,7 +52,7 @@ pub struct LinkMemory {
 /// The viewer's login status, as far as it matters here.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ViewerStatus {
-    /// `first` and `last` joined, when the status names them.
+    /// `first` and `last` joined, when the status names both.
     pub own_name: Option<String>,
     /// `loginstate`: `login`, `loggingin`, `loggingout`, `logout`.
     pub login_state: Option<String>,
@@ -73,10 +73,9 @@ impl ViewerStatus {
                 .map(str::trim)
                 .filter(|text| !text.is_empty())
         };
+        // Both parts, as LookingGlass names always have them (a `{}` last name: not logged in).
         let own_name = match (part("first"), part("last")) {
-            (Some(first), last) => {
-                Some(format!("{first} {}", last.unwrap_or("")).trim().to_owned())
-            }
+            (Some(first), Some(last)) => Some(format!("{first} {last}")),
             _ => None,
         };
         let position = match (

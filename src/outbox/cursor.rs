@@ -58,6 +58,15 @@ impl Outbox {
         self.db.flush(&store).await
     }
 
+    /// Sets several cursors in one flush: values that only make sense together.
+    pub async fn set_cursors(&self, values: &[(Cursor, i64)]) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        for (cursor, value) in values {
+            self.write_cursor(&store, *cursor, *value)?;
+        }
+        self.db.flush(&store).await
+    }
+
     /// Stores `lines` and sets the cursor in one flush: a marker line and the cursor that says it
     /// was written reach the disk together, so a restart neither loses nor repeats it.
     pub async fn append_and_set_cursor(

@@ -27,21 +27,15 @@ fn client() -> reqwest::Client {
 }
 
 async fn get(url: &str) -> Value {
-    let body = client()
-        .get(url)
-        .send()
-        .await
-        .expect("answered")
-        .bytes()
-        .await
-        .expect("body");
-    serde_json::from_slice(&body).expect("json")
+    answer(client().get(url)).await
 }
 
 async fn post(url: &str, body: &str) -> Value {
-    let body = client()
-        .post(url)
-        .body(body.to_owned())
+    answer(client().post(url).body(body.to_owned())).await
+}
+
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    let body = request
         .send()
         .await
         .expect("answered")
