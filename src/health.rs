@@ -355,6 +355,10 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "last_poll_seconds_ago": last_ok.map(|at| round1(secs(at.elapsed()))),
             "polls": get(&stats.polls),
             "poll_errors": get(&stats.poll_errors),
+            "hears_region": get(&stats.viewer_out_of_region) == 0,
+            "avatars_in_region": get(&stats.avatars_in_region),
+            "avatars_beyond_hearing": get(&stats.avatars_beyond_hearing),
+            "gap_markers": get(&stats.gap_markers),
         },
         "cms": {
             "base_url": without_userinfo(state.cms.base_url()),

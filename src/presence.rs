@@ -105,8 +105,7 @@ pub struct Presence {
     /// Likewise for the status (`facts` warns about a status URL that is not answered).
     next_status: Instant,
     next_hearing: Instant,
-    beyond_since: Option<Instant>,
-    beyond_warned: bool,
+    beyond: BeyondWatch,
     last_status: ViewerStatus,
 }
 
@@ -145,8 +144,7 @@ impl Presence {
             next_counters: Instant::now(),
             next_status: Instant::now(),
             next_hearing: Instant::now(),
-            beyond_since: None,
-            beyond_warned: false,
+            beyond: BeyondWatch::default(),
             last_status: ViewerStatus::default(),
         })
     }
@@ -491,14 +489,7 @@ impl Presence {
         stats
             .avatars_beyond_hearing
             .store(picture.beyond as u64, Ordering::Relaxed);
-        if picture.beyond == 0 {
-            self.beyond_since = None;
-            self.beyond_warned = false;
-            return;
-        }
-        let since = *self.beyond_since.get_or_insert(now);
-        if !self.beyond_warned && now.duration_since(since) >= BEYOND_HEARING_WARN_AFTER {
-            self.beyond_warned = true;
+        if self.beyond.warn_now(picture.beyond, now) {
             tracing::warn!(
                 n_beyond = picture.beyond,
                 n_in_region = picture.in_region,
@@ -517,6 +508,30 @@ impl Presence {
             self.deps.region.as_deref().or(self.seen_region.as_deref()),
             self.deps.hearing_range,
         )
+    }
+}
+
+/// Whether avatars have stayed beyond hearing for `BEYOND_HEARING_WARN_AFTER` (once per stretch
+/// with some beyond; a reading with none beyond ends the stretch).
+#[derive(Debug, Default)]
+struct BeyondWatch {
+    since: Option<Instant>,
+    warned: bool,
+}
+
+impl BeyondWatch {
+    /// Notes a reading of `n_beyond` at `now`; true when the warning is due now.
+    fn warn_now(&mut self, n_beyond: usize, now: Instant) -> bool {
+        if n_beyond == 0 {
+            *self = BeyondWatch::default();
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        if self.warned || now.duration_since(since) < BEYOND_HEARING_WARN_AFTER {
+            return false;
+        }
+        self.warned = true;
+        true
     }
 }
 
@@ -840,6 +855,19 @@ mod tests {
             Place::Disconnected
         );
         assert!(!handle.requests().iter().any(|(method, _)| method == "POST"));
+    }
+
+    #[test]
+    fn avatars_beyond_hearing_are_warned_about_once_after_ten_minutes_of_it() {
+        let mut watch = BeyondWatch::default();
+        let start = Instant::now();
+        let at = |minutes: u64| start + Duration::from_secs(60 * minutes);
+        let readings = [(0, 2), (5, 1), (10, 1), (15, 3), (16, 0), (17, 1), (27, 1)];
+        let warned: Vec<bool> = readings
+            .iter()
+            .map(|(minute, n_beyond)| watch.warn_now(*n_beyond, at(*minute)))
+            .collect();
+        assert_eq!(warned, [false, false, true, false, false, false, true]);
     }
 
     #[test]

@@ -340,6 +340,9 @@ async fn avatars_beyond_hearing_range_are_counted_from_the_viewers_position() {
             && sample(&metrics, "opensim_chat_relay_avatars_beyond_hearing") == 1.0
     })
     .await;
+    let (_, status) = relay.get_json("/status").await;
+    assert_eq!(status["viewer"]["hears_region"], true);
+    assert_eq!(status["viewer"]["avatars_beyond_hearing"], 1);
     relay.stop().await;
 }
 
