@@ -134,3 +134,74 @@ impl ViewerLoginSettings {
 fn form_safe(value: &str) -> bool {
     !value.contains(['&', '=', '\n', '\r'])
 }
+
+#[cfg(test)]
+mod tests {
+    use secrecy::ExposeSecret;
+
+    use crate::config::{ConfigError, Settings};
+
+    /// Loads `login` as the `[viewer.login]` section of a file, its password file holding
+    /// `password`.
+    fn load(login: &str, password: &str) -> (Result<Settings, ConfigError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let password_file = dir.path().join("viewer-password");
+        std::fs::write(&password_file, password).expect("write");
+        let file = dir.path().join("relay.toml");
+        let toml = format!(
+            "[viewer.login]\npassword_file = \"{}\"\n{login}",
+            password_file.display()
+        );
+        std::fs::write(&file, toml).expect("write");
+        let credentials = [("cms.username", "relay"), ("cms.password", "pw")];
+        (Settings::load(Some(&file), &credentials), dir)
+    }
+
+    const GOOD: &str = "first = \"Relay\"\nlast = \"Bot\"\ngrid = \"OSGrid\"\nregion = \"Welcome\"\nstart_position = \"128/128.5/25\"\n";
+
+    #[test]
+    fn a_login_section_gives_the_form_the_region_and_the_position() {
+        let (settings, _dir) = load(GOOD, " s3cret\n");
+        let settings = settings.expect("loads");
+        let login = settings.viewer.login.as_ref().expect("a login");
+        assert_eq!(login.start_position(), Some([128.0, 128.5, 25.0]));
+        assert_eq!(settings.viewer.expected_region(), Some("Welcome"));
+        let password = login.load_password().expect("password");
+        assert_eq!(password.expose_secret(), "s3cret");
+        let form = login.form(&password);
+        assert_eq!(form[4], ("LOGINSIM", "uri:Welcome&128&128.5&25".to_owned()));
+        let printed = settings.redacted().expect("prints");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(printed.contains("[viewer.login]"), "{printed}");
+    }
+
+    #[test]
+    fn a_bad_login_value_names_its_key() {
+        let missing_region = GOOD.replace("region = \"Welcome\"\n", "");
+        let cases = [
+            (
+                GOOD.replace("128/128.5/25", "128,128,25"),
+                "viewer.login.start_position",
+            ),
+            (GOOD.replace("Bot", "B&t"), "viewer.login.last"),
+            (
+                GOOD.replace("first = \"Relay\"", "first = \"\""),
+                "viewer.login.first",
+            ),
+        ];
+        for (toml, key) in cases {
+            let (result, _dir) = load(&toml, "pw");
+            let err = result.expect_err("refused").to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let (result, _dir) = load(&missing_region, "pw");
+        assert!(result.expect_err("refused").to_string().contains("region"));
+        let (settings, _dir) = load(GOOD, "a&b");
+        let login = settings.expect("loads").viewer.login.expect("a login");
+        let err = login.load_password().expect_err("refused").to_string();
+        assert!(
+            err.contains("viewer.login.password_file") && !err.contains("a&b"),
+            "{err}"
+        );
+    }
+}
