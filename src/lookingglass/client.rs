@@ -1,14 +1,15 @@
 //! `LookingGlassClient`: the HTTP side of the viewer chat interface.
 //!
 //! Invariants (spec §1.2, §1.4, §9): one request at a time across every task that holds a clone
-//! (the chat GET, the in-world POST, the status and avatars reads take turns at one gate, since the
-//! viewer serves one request at a time and a request waiting behind another may outwait its
-//! client); a request is never aborted while the viewer may be writing its answer (an aborted
-//! response kills the real viewer or loses its lines), so there is no total timeout, only a long
-//! inactivity limit, and every answer is read to its end, but never held beyond
-//! `viewer.max_response_bytes` (the rest is read and discarded, up to `DISCARD_FACTOR` times the
-//! limit). A stop is honoured only before a request is sent, and by a status or avatars read only
-//! while no byte of its answer has come. Must not know the CMS or the outbox.
+//! (the chat GET, the in-world POST, the status, avatars and network-counters reads and the REST
+//! login and logout take turns at one gate, since the viewer serves one request at a time and a
+//! request waiting behind another may outwait its client); a request is never aborted while the
+//! viewer may be writing its answer (an aborted response kills the real viewer or loses its
+//! lines), so there is no total timeout, only a long inactivity limit, and every answer is read to
+//! its end, but never held beyond `viewer.max_response_bytes` (the rest is read and discarded, up
+//! to `DISCARD_FACTOR` times the limit). A stop is honoured only before a request is sent, and by a
+//! status, avatars or counters read only while no byte of its answer has come. Must not know the
+//! CMS or the outbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -139,7 +140,7 @@ pub struct LookingGlassClient {
 enum Patience {
     /// A chat GET or POST: never given up (only the inactivity limit ends it).
     Whole,
-    /// A status or avatars read: given up when its answer has not begun within `SIDE_READ_LIMIT`
+    /// A status, avatars or counters read: given up when its answer has not begun within `SIDE_READ_LIMIT`
     /// or at a stop before it began.
     SideRead,
 }
