@@ -329,14 +329,8 @@ impl Presence {
             "the viewer hears its region again ({reason} before)"
         );
         if self.deps.gap_markers {
-            let line = CapturedLine {
-                source: LineSource::Relay,
-                speaker: String::new(),
-                owner_id: None,
-                message: gap_marker(self.region_label(), since, now, reason, self.deps.cms_zone),
-                spoken_at: now,
-                captured_at: now,
-            };
+            let message = gap_marker(self.region_label(), since, now, reason, self.deps.cms_zone);
+            let line = relay_line(message, now);
             self.deps
                 .outbox
                 .append_and_set_cursor(&[line], Cursor::ViewerOutSince, 0)
@@ -366,14 +360,7 @@ impl Presence {
         let markers: Vec<CapturedLine> = if self.deps.gap_markers {
             outbox_gap_markers(&notes, self.region_label(), self.deps.cms_zone)
                 .into_iter()
-                .map(|message| CapturedLine {
-                    source: LineSource::Relay,
-                    speaker: String::new(),
-                    owner_id: None,
-                    message,
-                    spoken_at: now,
-                    captured_at: now,
-                })
+                .map(|message| relay_line(message, now))
                 .collect()
         } else {
             Vec::new()
@@ -624,6 +611,18 @@ async fn recover_once(
         Ok(()) => Recovered::LoggedIn,
         Err(message) => Recovered::Refused(message),
     })
+}
+
+/// A line of the relay's own, said by no one: delivery stores it anonymously, as it is.
+fn relay_line(message: String, at: DateTime<Utc>) -> CapturedLine {
+    CapturedLine {
+        source: LineSource::Relay,
+        speaker: String::new(),
+        owner_id: None,
+        message,
+        spoken_at: at,
+        captured_at: at,
+    }
 }
 
 /// The marker line: what, where, between which times (wall clock in `zone`; with the date when

@@ -112,7 +112,7 @@ impl Outbox {
         };
         let mut n_dropped = 0;
         // When the lines dropped were said, for the gap marker (`gaps`).
-        let mut said: Option<(DateTime<Utc>, DateTime<Utc>)> = None;
+        let mut said: Option<(DateTime<Utc>, DateTime<Utc>, u64)> = None;
         // Lazily, oldest first: this runs on every delivery step and must stop at the first line
         // that stays.
         for entry in self.committed_pending(store) {
@@ -132,14 +132,19 @@ impl Outbox {
             // Counted with the removal, so that depth + dropped never dips or jumps.
             self.n_dropped.fetch_add(1, Ordering::Relaxed);
             n_dropped += 1;
-            let at = line.line.spoken_at;
-            said = Some(said.map_or((at, at), |(from, to)| (from.min(at), to.max(at))));
+            // A dropped marker (the relay's own line) is not chat: noting it would mark it again
+            // at every max_age of a long outage.
+            if line.line.source != crate::model::LineSource::Relay {
+                let at = line.line.spoken_at;
+                said = Some(said.map_or((at, at, 1), |(from, to, n)| {
+                    (from.min(at), to.max(at), n + 1)
+                }));
+            }
             if n_dropped <= MAX_DROPS_LOGGED {
                 tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
             }
         }
-        if let Some((from, to)) = said {
-            let n = n_dropped as u64;
+        if let Some((from, to, n)) = said {
             let noted_at = Utc::now();
             self.note_gap(
                 store,

@@ -210,4 +210,28 @@ mod tests {
         assert!(outbox.pending_gaps().expect("notes").is_empty());
         assert_eq!(outbox.len(), 2, "the fresh line and the marker");
     }
+
+    #[tokio::test]
+    async fn a_dropped_marker_is_not_noted_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20)
+            .expect("open")
+            .with_limits(crate::outbox::Limits {
+                max_bytes: 1 << 30,
+                max_age: std::time::Duration::from_secs(60),
+                when_full: crate::outbox::WhenFull::DropOldest,
+                reserve_bytes: 0,
+            });
+        let marker = CapturedLine {
+            source: crate::model::LineSource::Relay,
+            speaker: String::new(),
+            ..line(
+                "[relay] chat in Welcome was not recorded …",
+                Utc::now() - chrono::Duration::hours(1),
+            )
+        };
+        outbox.append(&[marker]).await.expect("append");
+        assert_eq!(outbox.drop_expired().await.expect("drop"), 1);
+        assert!(outbox.pending_gaps().expect("notes").is_empty());
+    }
 }
