@@ -8,7 +8,7 @@ use std::time::Duration;
 use opensim_chat_relay::check::Outcome;
 
 use crate::health::{Observed, sample};
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{Logs, PATIENCE, TestEnv, eventually};
 
 /// A check every 5 s (`presence::CHECK_INTERVAL`), a recovery at the first out-of-region check and
 /// the marker at the next: well within this on a busy machine.
@@ -65,6 +65,7 @@ fn login_toml(env: &TestEnv) -> String {
 #[tokio::test]
 async fn a_region_restart_mid_chat_is_noticed_recovered_and_marked_once() {
     // Arrange
+    let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     env.lg.set_login_password("bot-secret");
     let relay = Observed::start(&env, &login_toml(&env), &[]).await;
@@ -143,6 +144,31 @@ async fn a_region_restart_mid_chat_is_noticed_recovered_and_marked_once() {
         "one viewer request at a time"
     );
     assert_eq!(env.lg.n_aborted(), 0);
+    let (_, status) = relay.get("/status").await;
+    let (_, readyz) = relay.get("/readyz").await;
+    let texts = [
+        ("log", logs.text()),
+        ("/status", status),
+        ("/readyz", readyz),
+        ("/metrics", metrics),
+    ];
+    for (what, text) in texts {
+        assert!(
+            !text.contains("bot-secret"),
+            "the viewer's password in the {what}"
+        );
+    }
+    let told = |needle: &str| logs.lines_with(needle).len();
+    assert_eq!(
+        told("the viewer does not hear its region"),
+        1,
+        "told once at the start"
+    );
+    assert_eq!(
+        told("the viewer hears its region again"),
+        1,
+        "and once at the end"
+    );
     relay.stop().await;
 }
 
