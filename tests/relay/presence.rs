@@ -8,7 +8,9 @@ use std::time::Duration;
 use opensim_chat_relay::check::Outcome;
 
 use crate::health::{Observed, sample};
-use crate::helpers::{Logs, PATIENCE, TestEnv, eventually};
+use crate::helpers::{
+    PATIENCE, TestEnv, collect_stderr, eventually, health_port, metric, metrics, sigterm,
+};
 
 /// A check every 5 s (`presence::CHECK_INTERVAL`), a recovery at the first out-of-region check and
 /// the marker at the next: well within this on a busy machine.
@@ -65,7 +67,6 @@ fn login_toml(env: &TestEnv) -> String {
 #[tokio::test]
 async fn a_region_restart_mid_chat_is_noticed_recovered_and_marked_once() {
     // Arrange
-    let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     env.lg.set_login_password("bot-secret");
     let relay = Observed::start(&env, &login_toml(&env), &[]).await;
@@ -147,7 +148,6 @@ async fn a_region_restart_mid_chat_is_noticed_recovered_and_marked_once() {
     let (_, status) = relay.get("/status").await;
     let (_, readyz) = relay.get("/readyz").await;
     let texts = [
-        ("log", logs.text()),
         ("/status", status),
         ("/readyz", readyz),
         ("/metrics", metrics),
@@ -155,20 +155,9 @@ async fn a_region_restart_mid_chat_is_noticed_recovered_and_marked_once() {
     for (what, text) in texts {
         assert!(
             !text.contains("bot-secret"),
-            "the viewer's password in the {what}"
+            "the viewer's password in {what}"
         );
     }
-    let told = |needle: &str| logs.lines_with(needle).len();
-    assert_eq!(
-        told("the viewer does not hear its region"),
-        1,
-        "told once at the start"
-    );
-    assert_eq!(
-        told("the viewer hears its region again"),
-        1,
-        "and once at the end"
-    );
     relay.stop().await;
 }
 
@@ -491,4 +480,41 @@ async fn an_unreadable_viewer_answer_gets_a_marker_once_across_a_relay_restart()
         "{}",
         markers[0]
     );
+}
+
+#[tokio::test]
+async fn the_log_tells_each_end_of_a_stretch_once_and_never_the_viewers_password() {
+    // A real relay process, logging JSON to stderr, with [viewer.login] from the environment.
+    let env = TestEnv::start().await;
+    env.lg.set_login_password("bot-secret");
+    let password_file = env.dir.path().join("viewer-password");
+    std::fs::write(&password_file, "bot-secret\n").expect("write password file");
+    let password_file = password_file.to_string_lossy().into_owned();
+    let overrides = [
+        ("log.format", "json"),
+        ("viewer.login.first", "Relay"),
+        ("viewer.login.last", "Bot"),
+        ("viewer.login.password_file", password_file.as_str()),
+        ("viewer.login.grid", "OSGrid"),
+        ("viewer.login.region", "Sim"),
+        ("viewer.login.start_position", "128/128/25"),
+    ];
+    let mut relay = env.spawn_relay_process(&overrides, std::process::Stdio::piped());
+    let log = collect_stderr(&mut relay);
+    let port = health_port(&log).await;
+
+    env.lg.restart_region();
+    eventually(LONG_PATIENCE, "recovered and marked", || async {
+        metric(&metrics(port).await, "opensim_chat_relay_gap_markers_total") == Some(1.0)
+    })
+    .await;
+    let status = sigterm(relay);
+
+    assert!(status.success(), "{status:?}");
+    let log = log.lock().expect("log").clone();
+    let told = |needle: &str| log.lines().filter(|line| line.contains(needle)).count();
+    assert_eq!(told("the viewer does not hear its region"), 1, "{log}");
+    assert_eq!(told("the viewer hears its region again"), 1, "{log}");
+    assert_eq!(told("logged the viewer out and in again"), 1, "{log}");
+    assert!(!log.contains("bot-secret"), "the password in the log");
 }
