@@ -35,6 +35,7 @@ use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
+use crate::presence::{Presence, PresenceDeps};
 use crate::privacy::Privacy;
 use crate::reload::{Live, Reloader};
 
@@ -61,6 +62,8 @@ pub struct Relay {
     delivery: Delivery,
     viewer: LookingGlassClient,
     facts: FactsReader,
+    /// Whether the viewer hears its region; the outbox's gap markers.
+    presence: Presence,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
@@ -152,6 +155,21 @@ impl Relay {
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
         });
+        // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
+        // region, nor whose position is whose.
+        let presence = Presence::new(PresenceDeps {
+            viewer: viewer.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            region: settings.viewer.expected_region().map(str::to_owned),
+            login: match &settings.viewer.login {
+                Some(login) => Some((login.clone(), login.load_password()?)),
+                None => None,
+            },
+            hearing_range: settings.viewer.hearing_range,
+            gap_markers: settings.cms.gap_markers,
+            cms_zone: settings.cms.timezone,
+        })?;
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
@@ -189,6 +207,7 @@ impl Relay {
             poller,
             delivery,
             facts: FactsReader::new(viewer.clone(), facts),
+            presence,
             viewer,
             health,
             notifier: None,
@@ -307,6 +326,11 @@ impl Relay {
             "viewer facts",
             Ends::OnStop,
             self.facts.run_until_stopped(stop.clone()),
+        );
+        supervisor.spawn(
+            "viewer presence",
+            Ends::OnStop,
+            self.presence.run_until_stopped(stop.clone()),
         );
         supervisor.spawn(
             "delivery",

@@ -160,7 +160,10 @@ impl HealthState {
         };
         let stale_after = self.viewer_stale_after();
         let viewer = match readiness.viewer() {
-            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => ok.clone(),
+            // The viewer answers, but does not hear its region (`presence`).
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => readiness
+                .viewer_place_problem()
+                .map_or_else(|| ok.clone(), failed),
             (last_ok, last_error) => {
                 let since = match last_ok {
                     Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),
@@ -352,6 +355,10 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "last_poll_seconds_ago": last_ok.map(|at| round1(secs(at.elapsed()))),
             "polls": get(&stats.polls),
             "poll_errors": get(&stats.poll_errors),
+            "hears_region": get(&stats.viewer_out_of_region) == 0,
+            "avatars_in_region": get(&stats.avatars_in_region),
+            "avatars_beyond_hearing": get(&stats.avatars_beyond_hearing),
+            "gap_markers": get(&stats.gap_markers),
         },
         "cms": {
             "base_url": without_userinfo(state.cms.base_url()),

@@ -44,6 +44,7 @@ pub mod notify;
 pub mod outbox;
 pub mod pacing;
 pub mod poller;
+pub mod presence;
 pub mod privacy;
 pub mod reload;
 pub mod say;

@@ -74,6 +74,10 @@ pub struct CmsSettings {
     /// that lost a middle line). Off: batches are read back only when the returned id leaves a gap.
     #[serde(deserialize_with = "boolean")]
     pub verify: bool,
+    /// Post one `[relay] …` line to the CMS chat for each stretch the relay knows it did not record
+    /// (the viewer out of its region, lines dropped by the outbox bounds, a quarantined answer).
+    #[serde(deserialize_with = "boolean")]
+    pub gap_markers: bool,
 }
 
 /// What delivery takes from `[cms]`: how rows are made, batched and paced. Built by

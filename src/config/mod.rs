@@ -23,6 +23,7 @@ mod sections;
 mod snapshot;
 mod syntax;
 mod validate;
+mod viewer_login;
 
 pub use cms::{CmsSettings, DeliverySettings};
 pub use pattern::{Pattern, Redaction};
@@ -31,6 +32,7 @@ pub use sections::{
     OutboxSettings, PrivacySettings, RetrySettings, SayType, ViewerSettings, WhenFull,
 };
 pub use snapshot::Snapshot;
+pub use viewer_login::ViewerLoginSettings;
 
 /// The built-in defaults, embedded so the binary runs without any file next to it.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Pattern;
 use super::Redaction;
+use super::ViewerLoginSettings;
 use super::fields::{
     boolean, display, empty_addr_is_none, empty_is_none, float, integer, none_is_empty,
     pattern_list, string_list, user_map,
@@ -38,6 +39,25 @@ pub struct ViewerSettings {
     pub request_timeout: Duration,
     /// The most of one viewer answer held; the rest is read and discarded.
     pub max_response_bytes: usize,
+    /// The region the viewer must be in; empty: `viewer.login.region`, or any region.
+    pub region: String,
+    /// How far the viewer's avatar hears, metres (OpenSim's `say_distance`, 20 by default).
+    #[serde(deserialize_with = "float")]
+    pub hearing_range: f64,
+    /// `[viewer.login]`, optional: the viewer's own login, for the relay to bring it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<ViewerLoginSettings>,
+}
+
+impl ViewerSettings {
+    /// The region the viewer must be in: `viewer.region`, else `viewer.login.region`, else none.
+    pub fn expected_region(&self) -> Option<&str> {
+        let region = self.region.trim();
+        if !region.is_empty() {
+            return Some(region);
+        }
+        self.login.as_ref().map(|login| login.region.trim())
+    }
 }
 
 /// `[mapping]`

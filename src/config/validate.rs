@@ -23,6 +23,15 @@ impl Settings {
             check_url("viewer.status_url", url)?;
         }
         check_url("cms.base_url", &self.cms.base_url)?;
+        if !(self.viewer.hearing_range.is_finite() && self.viewer.hearing_range > 0.0) {
+            return Err(invalid(
+                "viewer.hearing_range",
+                "must be more than 0 metres (OpenSim's say_distance, 20 by default)",
+            ));
+        }
+        if let Some(login) = &self.viewer.login {
+            login.validate()?;
+        }
         if self.viewer.poll_interval.is_zero() {
             return Err(invalid("viewer.poll_interval", "must be more than 0"));
         }

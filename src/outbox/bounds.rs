@@ -8,12 +8,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 pub use crate::config::WhenFull;
 use crate::outbox::record::decode_pending;
 use crate::outbox::store::Store;
-use crate::outbox::{Outbox, OutboxError, PendingLine};
+use crate::outbox::{GapKind, GapNote, Outbox, OutboxError, PendingLine};
 
 /// The bounds of the outbox.
 #[derive(Debug, Clone, Copy)]
@@ -67,7 +67,7 @@ impl Outbox {
             return Ok(0);
         };
         let store = self.store()?;
-        self.drop_while(&store, "older than outbox.max_age", false, |line, _| {
+        self.drop_while(&store, GapKind::DroppedForAge, false, |line, _| {
             line.line.captured_at < cutoff
         })
         .await
@@ -82,7 +82,7 @@ impl Outbox {
     pub(super) async fn enforce_max_bytes(&self, store: &Store) -> Result<(), OutboxError> {
         let max_bytes = self.limits.max_bytes;
         if self.limits.when_full == WhenFull::DropOldest && self.bytes() > max_bytes {
-            self.drop_while(store, "outbox.max_bytes reached", true, |_, outbox| {
+            self.drop_while(store, GapKind::DroppedForSpace, true, |_, outbox| {
                 outbox.bytes() > max_bytes
             })
             .await?;
@@ -95,11 +95,17 @@ impl Outbox {
     async fn drop_while(
         &self,
         store: &Store,
-        reason: &str,
+        kind: GapKind,
         spare_in_flight: bool,
         condition: impl Fn(&PendingLine, &Outbox) -> bool,
     ) -> Result<usize, OutboxError> {
+        let reason = match kind {
+            GapKind::DroppedForAge => "older than outbox.max_age",
+            _ => "outbox.max_bytes reached",
+        };
         let mut n_dropped = 0;
+        // When the lines dropped were said, for the gap marker (`gaps`).
+        let mut said: Option<(DateTime<Utc>, DateTime<Utc>, u64)> = None;
         // Lazily, oldest first: this runs on every delivery step and must stop at the first line
         // that stays.
         for entry in self.committed_pending(store) {
@@ -119,9 +125,30 @@ impl Outbox {
             // Counted with the removal, so that depth + dropped never dips or jumps.
             self.n_dropped.fetch_add(1, Ordering::Relaxed);
             n_dropped += 1;
+            // A dropped marker (the relay's own line) is not chat: noting it would mark it again
+            // at every max_age of a long outage.
+            if line.line.source != crate::model::LineSource::Relay {
+                let at = line.line.spoken_at;
+                said = Some(said.map_or((at, at, 1), |(from, to, n)| {
+                    (from.min(at), to.max(at), n + 1)
+                }));
+            }
             if n_dropped <= MAX_DROPS_LOGGED {
                 tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
             }
+        }
+        if let Some((from, to, n)) = said {
+            let noted_at = Utc::now();
+            self.note_gap(
+                store,
+                GapNote {
+                    kind,
+                    from,
+                    to,
+                    n,
+                    noted_at,
+                },
+            )?;
         }
         if n_dropped > 0 {
             self.db.flush(store).await?;

@@ -19,6 +19,15 @@ pub enum Cursor {
     LastSaidAt,
     /// In-world: a fingerprint of the row at `LastSaidId` (its text and timestamp).
     LastSaidRow,
+    /// Presence: the viewer's `network_disconnected` at the last judgement.
+    ViewerDisconnects,
+    /// Presence: the viewer's `network_simconnected` at the last judgement.
+    ViewerConnects,
+    /// Presence: 1 when the viewer was connected at the last judgement, else 0.
+    ViewerConnected,
+    /// Presence: when the viewer's current stretch out of its region began (Unix milliseconds;
+    /// 0 when it is in), so that the stretch is marked once, across restarts too.
+    ViewerOutSince,
 }
 
 impl Cursor {
@@ -29,6 +38,10 @@ impl Cursor {
             Cursor::LastSaidId => "inworld.last_said_id",
             Cursor::LastSaidAt => "inworld.last_said_at",
             Cursor::LastSaidRow => "inworld.last_said_row",
+            Cursor::ViewerDisconnects => "presence.viewer_disconnects",
+            Cursor::ViewerConnects => "presence.viewer_connects",
+            Cursor::ViewerConnected => "presence.viewer_connected",
+            Cursor::ViewerOutSince => "presence.viewer_out_since",
         }
     }
 }
@@ -60,6 +73,29 @@ impl Outbox {
         }
         self.db.io(store.meta.apply_batch(batch))?;
         self.db.flush(&store).await
+    }
+
+    /// Stores `lines` and sets the cursor in one flush: a marker line and the cursor that says it
+    /// was written reach the disk together, so a restart neither loses nor repeats it.
+    pub async fn append_and_set_cursor(
+        &self,
+        lines: &[crate::model::CapturedLine],
+        cursor: Cursor,
+        value: i64,
+    ) -> Result<(), OutboxError> {
+        let before = self.cursor(cursor)?;
+        let store = self.store()?;
+        self.write_cursor(&store, cursor, value)?;
+        let appended = self.append(lines).await;
+        if appended.is_err() {
+            // The lines did not reach the disk: the cursor must not say they did (a failed write
+            // is retried by the caller as a whole).
+            let _ = match before {
+                Some(before) => self.write_cursor(&store, cursor, before),
+                None => self.db.io(store.meta.remove(cursor.key())).map(drop),
+            };
+        }
+        appended
     }
 
     /// Writes the cursor, without flushing.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::outbox::record::{decode_dead, encode_dead, encode_pending};
 use crate::outbox::store::Store;
-use crate::outbox::{DeadLine, Outbox, OutboxError, PendingLine};
+use crate::outbox::{DeadLine, GapKind, GapNote, Outbox, OutboxError, PendingLine};
 use crate::text::fnv1a64;
 
 impl Outbox {
@@ -152,6 +152,18 @@ impl Outbox {
         n_lines_before: usize,
     ) -> Result<Quarantined, OutboxError> {
         let hash = fnv1a64(body);
+        // Whatever becomes of the body, its lines are lost: noted for a gap marker (`gaps`),
+        // flushed with the body (or with the next flush when the body is not kept).
+        let now = chrono::Utc::now();
+        let note = GapNote {
+            kind: GapKind::Unreadable,
+            from: now,
+            to: now,
+            n: 1,
+            noted_at: now,
+        };
+        let store = self.store()?;
+        self.note_gap(&store, note)?;
         if self.quarantine.has_kept(hash) {
             return Ok(Quarantined::Repeat);
         }
@@ -165,7 +177,6 @@ impl Outbox {
             }
             return Ok(Quarantined::Full);
         }
-        let store = self.store()?;
         self.put_raw_in_quarantine(&store, value)?;
         self.db.flush(&store).await?;
         self.quarantine.kept(hash);

@@ -27,6 +27,7 @@
 mod bounds;
 mod cursor;
 mod dead;
+mod gaps;
 mod ingest;
 mod privacy;
 mod queue;
@@ -50,6 +51,7 @@ use crate::outbox::store::{Database, Store, last_key};
 pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
 pub use dead::{Quarantined, QuarantinedRecord};
+pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;
 pub use reader::OutboxReader;
 

@@ -23,6 +23,7 @@ mod moderation;
 mod notify;
 mod outage;
 mod own_disk;
+mod presence;
 mod privacy;
 mod quirks;
 mod readback;
