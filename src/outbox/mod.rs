@@ -49,7 +49,7 @@ use crate::model::CapturedLine;
 use crate::outbox::store::{Database, Store, last_key};
 
 pub use bounds::{Limits, WhenFull};
-pub use cursor::Cursor;
+pub use cursor::{Cursor, RegionCursor};
 pub use dead::{Quarantined, QuarantinedRecord};
 pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;

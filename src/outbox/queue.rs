@@ -112,7 +112,7 @@ impl Outbox {
             self.remove_pending(&store, &id.to_be_bytes())?;
         }
         if let Some((cursor, value)) = cursor {
-            self.write_cursor(&store, cursor, value)?;
+            self.write_cursor(&store, &cursor.into(), value)?;
         }
         self.db.flush(&store).await
     }

@@ -356,3 +356,38 @@ async fn an_outbox_churning_at_its_bound_takes_at_most_4_times_max_bytes_plus_12
         "{peak} bytes on disk for outbox.max_bytes = {max_bytes}"
     );
 }
+
+#[tokio::test]
+async fn each_region_keeps_its_own_cursor_and_the_only_region_keeps_todays_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("open");
+    outbox
+        .set_cursor(Cursor::LastSaidId, 7)
+        .await
+        .expect("write");
+    outbox
+        .set_cursors(&[
+            (Cursor::LastSaidId.of("Sandbox"), 9),
+            (Cursor::LastSaidAt.of("Sandbox"), 90),
+        ])
+        .await
+        .expect("write");
+    assert_eq!(outbox.cursor(Cursor::LastSaidId).expect("read"), Some(7));
+    assert_eq!(
+        outbox.cursor(Cursor::LastSaidId.of("")).expect("read"),
+        Some(7)
+    );
+    assert_eq!(
+        outbox
+            .cursor(Cursor::LastSaidId.of("Sandbox"))
+            .expect("read"),
+        Some(9)
+    );
+    assert_eq!(
+        outbox
+            .cursor(Cursor::LastSaidId.of("Welcome"))
+            .expect("read"),
+        None
+    );
+    assert_eq!(outbox.cursor(Cursor::LastSaidAt).expect("read"), None);
+}
