@@ -1,8 +1,9 @@
 //! `[[regions]]`: the regions one relay serves, each with its own viewer. An entry holds a `name`
 //! and any key of `[viewer]`; a key it does not give comes from `[viewer]`, which so holds the
 //! defaults every region shares. Without `[[regions]]` the relay serves one region exactly as
-//! before: `[viewer]` itself, named `viewer.region` (else `viewer.login.region`, else empty, "the
-//! only region"). Must not: open anything, or check a viewer key itself (that is `validate`, the
+//! before: `[viewer]` itself, with an empty name ("the only region": no `region` label, today's
+//! cursor keys) and `viewer.region` (else `viewer.login.region`, else "the region") as its
+//! `{region}` text. Must not: open anything, or check a viewer key itself (that is `validate`, the
 //! same checks for `[viewer]` and every entry).
 //!
 //! Two exceptions to the inheritance, written down in README: `region` defaults to the entry's own
@@ -16,9 +17,13 @@ use super::{ConfigError, ViewerSettings};
 /// One region the relay serves: its name and its viewer.
 #[derive(Debug, Clone)]
 pub struct Region {
-    /// The `{region}` value and the `region` label; empty for the only region of a configuration
-    /// without `[[regions]]` when neither `viewer.region` nor `viewer.login.region` names it.
+    /// The `region` label of `/metrics`, the key of its cursors and its part of `/status`: the
+    /// entry's `name`, or empty for the only region of a configuration without `[[regions]]`
+    /// (which so keeps its unlabelled metrics and its cursors' keys).
     pub name: String,
+    /// The `{region}` text: the name, or for the only region `viewer.region`, else
+    /// `viewer.login.region`, else "the region".
+    pub label: String,
     /// Its viewer: the entry's keys over `[viewer]`.
     pub viewer: ViewerSettings,
 }
@@ -35,7 +40,12 @@ pub(super) fn resolve(
 ) -> Result<Vec<Region>, ConfigError> {
     if entries.is_empty() {
         return Ok(vec![Region {
-            name: viewer.expected_region().unwrap_or_default().to_owned(),
+            name: String::new(),
+            label: viewer
+                .expected_region()
+                .filter(|region| !region.is_empty())
+                .unwrap_or("the region")
+                .to_owned(),
             viewer: viewer.clone(),
         }]);
     }
@@ -117,7 +127,11 @@ pub(super) fn resolve(
                 ),
             ));
         }
-        regions.push(Region { name, viewer });
+        regions.push(Region {
+            label: name.clone(),
+            name,
+            viewer,
+        });
     }
     Ok(regions)
 }

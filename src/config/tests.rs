@@ -156,16 +156,19 @@ region = "Sandbox Annex"
 "#;
 
 #[test]
-fn without_regions_the_only_region_is_the_viewer_named_by_its_region() {
+fn without_regions_the_only_region_is_the_viewer_and_its_region_names_it_in_text() {
     let settings = Settings::load(None, &CREDENTIALS).expect("defaults load");
     let regions = settings.regions();
     assert_eq!(regions.len(), 1);
     assert_eq!(regions[0].name, "");
+    assert_eq!(regions[0].label, "the region");
     assert_eq!(regions[0].viewer.chat_url, settings.viewer.chat_url);
     let mut named = CREDENTIALS.to_vec();
     named.push(("viewer.region", "Welcome"));
     let settings = Settings::load(None, &named).expect("loads");
-    assert_eq!(settings.regions()[0].name, "Welcome");
+    // Still the only region (today's keys, no label), but its text names it.
+    assert_eq!(settings.regions()[0].name, "");
+    assert_eq!(settings.regions()[0].label, "Welcome");
 }
 
 #[test]
