@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Presence;
 use crate::config::ViewerLoginSettings;
+use crate::lookingglass::ViewerLogin;
 use crate::lookingglass::presence::{self, Hearing, ViewerStatus};
 
 /// How often the avatar list is read for the hearing picture.
@@ -54,7 +55,7 @@ impl Presence {
         hearing_picture(
             avatars,
             &self.last_status,
-            self.deps.login.as_ref().map(|(login, _)| login),
+            self.deps.login.as_ref().map(ViewerLogin::settings),
             self.deps.region.as_deref().or(self.seen_region.as_deref()),
             self.deps.hearing_range,
         )

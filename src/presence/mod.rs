@@ -12,7 +12,8 @@
 //! `HEARING_INTERVAL`, who in the region is beyond hearing range).
 //!
 //! Every request takes its turn at the client's gate. Must not read the chat URL, log a name from
-//! the avatar list, or log the login password.
+//! the avatar list, or reach the login password (it holds a `lookingglass::ViewerLogin`, which only
+//! the viewer client opens).
 
 mod hearing;
 mod markers;
@@ -23,13 +24,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ViewerLoginSettings;
 use crate::lookingglass::facts::UNANSWERED_RETRY;
 use crate::lookingglass::presence::{self, CommCounters, LinkMemory, Place, ViewerStatus};
-use crate::lookingglass::{LookingGlassClient, ViewerError};
+use crate::lookingglass::{LookingGlassClient, ViewerError, ViewerLogin};
 use crate::metrics::Stats;
 use crate::outbox::{Cursor, Outbox, OutboxError};
 use crate::zone::Zone;
@@ -55,8 +54,8 @@ pub struct PresenceDeps {
     pub stats: Arc<Stats>,
     /// The region the viewer must be in (`viewer.region` or `viewer.login.region`).
     pub region: Option<String>,
-    /// `[viewer.login]` and its password, when set.
-    pub login: Option<(ViewerLoginSettings, SecretString)>,
+    /// `[viewer.login]` with its password, when set.
+    pub login: Option<ViewerLogin>,
     /// `viewer.hearing_range`, metres.
     pub hearing_range: f64,
     /// `cms.gap_markers`.

@@ -2,8 +2,8 @@
 //! is set and it is out of its region (not in another region: that is a teleport), with backoff
 //! between attempts and never past the viewer's one logout (spec §10); and what the operator is
 //! told to do about a stretch out of the region, given what the relay can do itself. Must not
-//! reach the login password (the viewer client builds and sends the login form) or retry once the
-//! one logout is spent.
+//! reach the login password (`LookingGlassClient::login` builds and sends the login form) or try
+//! again once the one logout is spent.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Presence;
 use crate::lookingglass::presence::{Place, ViewerStatus};
-use crate::lookingglass::{LookingGlassClient, ViewerError};
+use crate::lookingglass::{LookingGlassClient, ViewerError, ViewerLogin};
 use crate::metrics::Stats;
 
 /// The first wait between recovery attempts; it doubles up to `RECOVERY_MAX`.
@@ -47,7 +47,7 @@ impl Presence {
 
     /// Logs the viewer out and in again when `[viewer.login]` is set and it is due.
     pub(super) async fn recover(&mut self, place: &Place, stop: &CancellationToken) {
-        let Some((login, password)) = &self.deps.login else {
+        let Some(login) = &self.deps.login else {
             return;
         };
         if matches!(place, Place::OtherRegion(_)) || self.recovery.stuck {
@@ -63,13 +63,7 @@ impl Presence {
             .saturating_mul(1 << exponent)
             .min(RECOVERY_MAX);
         self.recovery.next_at = Some(now + wait);
-        let outcome = recover_once(
-            &self.deps.viewer,
-            &self.last_status,
-            login.form(password),
-            stop,
-        )
-        .await;
+        let outcome = recover_once(&self.deps.viewer, &self.last_status, login, stop).await;
         match outcome {
             Ok(Recovered::LoggedIn) => {
                 Stats::add(&self.deps.stats.viewer_logins, 1);
@@ -133,7 +127,7 @@ enum Recovered {
 async fn recover_once(
     viewer: &LookingGlassClient,
     status: &ViewerStatus,
-    form: Vec<(&'static str, String)>,
+    login: &ViewerLogin,
     stop: &CancellationToken,
 ) -> Result<Recovered, ViewerError> {
     if status
@@ -159,11 +153,7 @@ async fn recover_once(
             return Ok(Recovered::Stuck);
         }
     }
-    let form: Vec<(&str, &str)> = form
-        .iter()
-        .map(|(key, value)| (*key, value.as_str()))
-        .collect();
-    Ok(match viewer.connect("login", &form, stop).await? {
+    Ok(match viewer.login(login, stop).await? {
         Ok(()) => Recovered::LoggedIn,
         Err(message) => Recovered::Refused(message),
     })

@@ -1,6 +1,7 @@
 //! The presence task against the simulated viewer, one check at a time, and its pure parts.
 
 use super::*;
+use crate::config::ViewerLoginSettings;
 use crate::lookingglass::ViewerEndpoint;
 use crate::outbox::{GapKind, GapNote};
 use crate::sim::lookingglass::{Connection, Dialect, ViewerSim, ViewerSimSettings};
@@ -35,16 +36,20 @@ async fn rig(with_login: bool) -> Rig {
         max_response_bytes: 1 << 20,
     })
     .expect("client");
+    // The password comes from its file, as the operator writes it, and the viewer takes no other.
     let login = with_login.then(|| {
-        let settings = ViewerLoginSettings {
+        sim.handle().set_login_password("pw");
+        let password_file = dir.path().join("viewer-password");
+        std::fs::write(&password_file, "pw\n").expect("password file");
+        ViewerLogin::from_settings(&ViewerLoginSettings {
             first: "Relay".to_owned(),
             last: "Bot".to_owned(),
-            password_file: None,
+            password_file: Some(password_file),
             grid: "OSGrid".to_owned(),
             region: "Sim".to_owned(),
             start_position: "128/128/25".to_owned(),
-        };
-        (settings, SecretString::from("pw".to_owned()))
+        })
+        .expect("login")
     });
     let presence = Presence::new(PresenceDeps {
         viewer,
