@@ -29,7 +29,9 @@ use crate::echo::RecentlySaid;
 use crate::filter::FilterReason;
 use crate::health::{HealthServer, HealthState};
 use crate::inworld::{Inworld, InworldDeps};
-use crate::lookingglass::{FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts};
+use crate::lookingglass::{
+    FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts, ViewerLogin,
+};
 use crate::metrics::Stats;
 use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
@@ -162,10 +164,12 @@ impl Relay {
             outbox: outbox.clone(),
             stats: stats.clone(),
             region: settings.viewer.expected_region().map(str::to_owned),
-            login: match &settings.viewer.login {
-                Some(login) => Some((login.clone(), login.load_password()?)),
-                None => None,
-            },
+            login: settings
+                .viewer
+                .login
+                .as_ref()
+                .map(ViewerLogin::from_settings)
+                .transpose()?,
             hearing_range: settings.viewer.hearing_range,
             gap_markers: settings.cms.gap_markers,
             cms_zone: settings.cms.timezone,
