@@ -1,0 +1,216 @@
+//! The lines that wait for their own retry after the CMS failed them while it answered other
+//! requests, the probe that tells such a failure from an outage, and their schedule.
+//!
+//! Must not: count an outage as a failure of the lines' own.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use crate::cms::CmsError;
+use crate::delivery::{
+    ChatApi, Delivery, DeliveryError, PROBE_AHEAD_SECS, SCAN_LIMIT, Tally, lock,
+};
+use crate::metrics::Stats;
+use crate::outbox::{OutboxError, PendingLine};
+use crate::pacing::Answer;
+
+/// What failed: a POST, or the read-back of lines of unknown outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Attempt {
+    Post,
+    ReadBack,
+}
+
+/// A line that failed on its own, passed over until `not_before`.
+pub(super) struct Held {
+    pub(super) not_before: tokio::time::Instant,
+    /// The speaker whose newer lines wait behind it: after a failed POST or a read-back the CMS
+    /// could not answer, the line is resent if a later read-back finds it missing, and must not
+    /// arrive after them. The wait is bounded: after `retry.max_line_failures` the line goes to the
+    /// dead letters and its speaker goes on.
+    pub(super) speaker: String,
+}
+
+#[derive(Default)]
+pub(super) struct Holds {
+    pub(super) lines: HashMap<u64, Held>,
+    /// CMS ids this process confirmed for other lines while lines were held: their read-back must
+    /// not take one of those rows for theirs (a speaker saying the same words twice in a second).
+    pub(super) claimed: HashSet<i64>,
+    /// The error of the last failure that held lines, for `/readyz`.
+    pub(super) last_error: String,
+}
+
+impl Holds {
+    /// Whether `line` may be sent now: it does not wait for a retry, and no older line of its
+    /// speaker is held.
+    pub(super) fn may_send(&self, line: &PendingLine, now: tokio::time::Instant) -> bool {
+        if self
+            .lines
+            .get(&line.id)
+            .is_some_and(|held| held.not_before > now)
+        {
+            return false;
+        }
+        !self
+            .lines
+            .iter()
+            .any(|(id, held)| *id < line.id && held.speaker == line.line.speaker)
+    }
+}
+
+impl<C: ChatApi> Delivery<C> {
+    /// their place.
+    /// An attempt of `lines` (as stored, in flight) that the CMS answered with an error
+    /// (`answered_with_error`). If the CMS answers a probe, the failure is theirs: each counts it,
+    /// waits for its own retry, and the lines that can no longer be settled (a read-back that failed
+    /// `retry.max_line_failures` times) go to the dead letters. Otherwise the CMS fails everything
+    /// (its database is down, say): an outage, and the error goes back to the loop, the lines in
+    pub(super) async fn failed(
+        &self,
+        lines: &[PendingLine],
+        err: CmsError,
+        attempt: Attempt,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
+        if !self.cms_answers_a_probe().await {
+            return Err(err.into());
+        }
+        Stats::add(&self.deps.stats.delivery_retries, 1);
+        let error = err.to_string();
+        let max = self.deps.max_line_failures;
+        let mut kept = Vec::with_capacity(lines.len());
+        let mut n_unresolved = 0;
+        for line in lines {
+            let line = PendingLine {
+                failures: line.failures.saturating_add(1),
+                last_error: Some(error.clone()),
+                ..line.clone()
+            };
+            if attempt == Attempt::ReadBack && line.failures >= max {
+                let reason = format!(
+                    "outcome unknown: the cms could not answer the read-back ({error}) {} times; check the cms chat for this line before `outbox requeue`",
+                    line.failures
+                );
+                self.dead_letter(&line, &reason, tally).await?;
+                n_unresolved += 1;
+            } else {
+                kept.push(line);
+            }
+        }
+        Stats::add(&self.deps.stats.lines_unresolved, n_unresolved);
+        self.deps.outbox.save(&kept).await?;
+        let n_failures = kept.iter().map(|l| l.failures).max().unwrap_or(1);
+        let delay = self.hold_delay(n_failures);
+        let not_before = tokio::time::Instant::now() + delay;
+        {
+            let mut holds = lock(&self.holds);
+            for line in &kept {
+                holds.lines.insert(
+                    line.id,
+                    Held {
+                        not_before,
+                        speaker: line.line.speaker.clone(),
+                    },
+                );
+            }
+            holds.last_error = error.clone();
+        }
+        tally.n_held += kept.len();
+        let attempt = match attempt {
+            Attempt::Post => "post",
+            Attempt::ReadBack => "read-back",
+        };
+        // The loop's message, with what tells this failure apart: the lines wait on their own.
+        tracing::warn!(error = %error, retry_in = ?delay, n_messages = lines.len(), outbox_depth = self.deps.outbox.len(), attempt, n_failures, n_unresolved, held = true, "delivery failed");
+        Ok(())
+    }
+
+    /// Whether the CMS answers a chat GET that returns no row: after a failure, it tells an outage
+    /// from a failure of the lines' own.
+    pub(super) async fn cms_answers_a_probe(&self) -> bool {
+        let started = self.pacer.wait().await;
+        let ahead = chrono::Utc::now().timestamp() + PROBE_AHEAD_SECS;
+        let probe = self.deps.cms.read_since(ahead).await;
+        self.paced(started, &probe, Answer::Read);
+        probe.is_ok()
+    }
+
+    /// The wait after a line's `n_failures`-th failure: the delivery schedule's, full jitter.
+    pub(super) fn hold_delay(&self, n_failures: u32) -> Duration {
+        let mut schedule = self.deps.retry.schedule();
+        (1..n_failures.clamp(1, 32)).for_each(|_| {
+            schedule.next_delay(None);
+        });
+        schedule.next_delay(None)
+    }
+
+    /// The committed lines this step may send, oldest first.
+    pub(super) fn due_lines(&self) -> Result<Vec<PendingLine>, OutboxError> {
+        let now = tokio::time::Instant::now();
+        let holds = lock(&self.holds);
+        self.deps
+            .outbox
+            .oldest_where(self.deps.settings.batch_max_messages, SCAN_LIMIT, |line| {
+                holds.may_send(line, now)
+            })
+    }
+
+    /// How long until the next held line may be tried.
+    pub(super) fn next_due(&self) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        lock(&self.holds)
+            .lines
+            .values()
+            .map(|held| held.not_before.saturating_duration_since(now))
+            .min()
+    }
+
+    /// Notes CMS ids confirmed for our lines while others are held.
+    pub(super) fn claim(&self, row_ids: impl IntoIterator<Item = i64>) {
+        let mut holds = lock(&self.holds);
+        if !holds.lines.is_empty() {
+            holds.claimed.extend(row_ids);
+        }
+    }
+
+    pub(super) fn forget_holds(&self, ids: &[u64]) {
+        let mut holds = lock(&self.holds);
+        for id in ids {
+            holds.lines.remove(id);
+        }
+        if holds.lines.is_empty() {
+            holds.claimed.clear();
+        }
+    }
+
+    /// Forgets held lines that left the outbox otherwise (dropped by its bounds).
+    pub(super) fn forget_gone_holds(&self) -> Result<(), OutboxError> {
+        let held: Vec<u64> = lock(&self.holds).lines.keys().copied().collect();
+        let mut gone = Vec::new();
+        for id in held {
+            if !self.deps.outbox.is_pending(id)? {
+                gone.push(id);
+            }
+        }
+        self.forget_holds(&gone);
+        Ok(())
+    }
+
+    /// Tells `/readyz` and the metrics how many lines wait for their own retry, and why.
+    pub(super) fn publish_holds(&self) {
+        let holds = lock(&self.holds);
+        let n_held = holds.lines.len();
+        self.deps
+            .stats
+            .lines_held_back
+            .store(n_held as u64, std::sync::atomic::Ordering::Relaxed);
+        let reason = (n_held > 0).then(|| {
+            format!(
+                "{n_held} lines wait for a retry after the cms failed them while it answered other requests (last error: {}); each is tried up to retry.max_line_failures = {} times, then moved to the dead letters (`outbox dead`)",
+                holds.last_error, self.deps.max_line_failures
+            )
+        });
+        self.deps.stats.readiness.delivery_held(reason);
+    }
+}

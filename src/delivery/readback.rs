@@ -1,0 +1,230 @@
+//! The read-back: reading the CMS's rows over the window of lines whose outcome is unknown, and
+//! matching them to those lines.
+//!
+//! Must not: take a row for a line's unless it is a relay row above the id confirmed when the line
+//! went out, not claimed by another line, with the line's exact user, text and timestamp.
+
+use std::collections::HashSet;
+
+use crate::cms::CmsChat;
+use crate::delivery::holds::Attempt;
+use crate::delivery::{
+    ChatApi, Delivery, DeliveryError, READ_BACK_MARGIN_SECS, Tally, answered_with_error, lock,
+};
+use crate::metrics::Stats;
+use crate::outbox::{Cursor, PendingLine};
+use crate::pacing::Answer;
+
+impl<C: ChatApi> Delivery<C> {
+    /// Reads back the CMS over the window of `uncertain` lines; confirms those found and returns the
+    /// rest with their in-flight mark cleared, but for lines that failed `retry.max_line_failures`
+    /// times, which go to the dead letters. A read-back that fails is handled by `failed`.
+    pub(super) async fn reconcile(
+        &self,
+        uncertain: Vec<PendingLine>,
+        tally: &mut Tally,
+    ) -> Result<Vec<PendingLine>, DeliveryError> {
+        // The read-back is an attempt of each line, stored with the write that follows an answer
+        // (an outage adds no write: a disk the outbox filled has little room to spare).
+        let uncertain: Vec<PendingLine> = uncertain
+            .into_iter()
+            .map(|l| PendingLine {
+                attempts: l.attempts.saturating_add(1),
+                ..l
+            })
+            .collect();
+        let since = uncertain
+            .iter()
+            .map(|l| l.line.spoken_at.timestamp())
+            .min()
+            .unwrap_or(0)
+            - READ_BACK_MARGIN_SECS;
+        let started = self.pacer.wait().await;
+        let read = self.deps.cms.read_since(since).await;
+        self.paced(started, &read, Answer::Read);
+        let rows = match read {
+            Ok(rows) => rows,
+            Err(err) if answered_with_error(&err) => {
+                self.failed(&uncertain, err, Attempt::ReadBack, tally)
+                    .await?;
+                return Ok(Vec::new());
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let cursor = self
+            .deps
+            .outbox
+            .cursor(Cursor::LastConfirmedId)?
+            .unwrap_or(0);
+        // A line's row, if stored, is above the id confirmed when it went out, whatever was
+        // confirmed since; below the cursor only if the cursor started again (`send`).
+        let after = |line: &PendingLine| line.sent_after.map_or(cursor, |sent| sent.min(cursor));
+        let claimed = lock(&self.holds).claimed.clone();
+        let (found, unsent) = match_rows(
+            &uncertain,
+            &rows,
+            after,
+            &claimed,
+            self.deps.settings.anonymous_user_id,
+        );
+        if !found.is_empty() {
+            let ids: Vec<u64> = found.iter().map(|(id, _)| *id).collect();
+            self.confirm(&ids, None).await?;
+            self.claim(found.iter().map(|(_, row_id)| *row_id));
+            Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
+            uncertain
+                .iter()
+                .filter(|l| ids.contains(&l.id))
+                .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
+            tally.n_reconciled += found.len();
+        }
+        let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent
+            .into_iter()
+            .map(|l| PendingLine {
+                in_flight: false,
+                ..l
+            })
+            .partition(|l| l.failures >= self.deps.max_line_failures);
+        for line in &exhausted {
+            let reason = format!(
+                "the cms failed this line {} times (last: {}); a read-back found it not stored: fix the cause, then `outbox requeue`",
+                line.failures,
+                line.last_error.as_deref().unwrap_or("unknown")
+            );
+            self.dead_letter(line, &reason, tally).await?;
+        }
+        self.deps.outbox.save(&unsent).await?;
+        tracing::info!(
+            n_found = found.len(),
+            n_resend = unsent.len(),
+            n_dead = exhausted.len(),
+            n_messages = uncertain.len(),
+            outbox_depth = self.deps.outbox.len(),
+            "read back lines of unknown outcome"
+        );
+        Ok(unsent)
+    }
+}
+
+/// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows above the
+/// line's `after_id`, not `claimed` by another line, each row matching at most one line) and the
+/// lines not found.
+pub(super) fn match_rows(
+    uncertain: &[PendingLine],
+    rows: &[CmsChat],
+    after_id: impl Fn(&PendingLine) -> i64,
+    claimed: &HashSet<i64>,
+    anonymous_user_id: i64,
+) -> (Vec<(u64, i64)>, Vec<PendingLine>) {
+    let mut used = claimed.clone();
+    let mut found = Vec::new();
+    let mut unsent = Vec::new();
+    for line in uncertain {
+        let Some(prepared) = &line.prepared else {
+            unsent.push(line.clone());
+            continue;
+        };
+        let after = after_id(line);
+        let hit = rows.iter().find(|row| {
+            !row.from_cms
+                && row.id > after
+                && !used.contains(&row.id)
+                && row.message == prepared.message
+                && row.timestamp == prepared.timestamp
+                && (row.user_id == prepared.user_id
+                    || (prepared.user_id == anonymous_user_id && row.user_id == -1))
+        });
+        match hit {
+            Some(row) => {
+                used.insert(row.id);
+                found.push((line.id, row.id));
+            }
+            None => unsent.push(line.clone()),
+        }
+    }
+    (found, unsent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CapturedLine;
+    use crate::outbox::Prepared;
+    use chrono::Utc;
+
+    pub(super) fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
+        let now = Utc::now();
+        PendingLine {
+            id,
+            line: CapturedLine {
+                speaker: "S".into(),
+                owner_id: None,
+                message: message.into(),
+                spoken_at: now,
+                captured_at: now,
+            },
+            attempts: 0,
+            prepared: Some(Prepared {
+                user_id,
+                message: message.into(),
+                timestamp: timestamp.into(),
+            }),
+            in_flight: true,
+            failures: 0,
+            last_error: None,
+            sent_after: None,
+        }
+    }
+
+    pub(super) fn row(id: i64, user_id: i64, message: &str, timestamp: &str) -> CmsChat {
+        CmsChat {
+            id,
+            user_id,
+            username: String::new(),
+            first_name: String::new(),
+            last_name: String::new(),
+            message: message.into(),
+            timestamp: timestamp.into(),
+            from_cms: false,
+        }
+    }
+
+    #[test]
+    pub(super) fn a_read_back_matches_each_row_once_and_ignores_old_rows() {
+        let t = "2026-11-22 12:00:00";
+        let uncertain = [
+            pending(1, 3, "hi", t),
+            pending(2, 3, "hi", t),
+            pending(3, -1, "[C] yo", t),
+        ];
+        // Row 5 is from before the last confirmed id; row 7 matches one of the two "hi" lines.
+        let rows = [
+            row(5, 3, "hi", t),
+            row(7, 3, "hi", t),
+            row(8, -1, "[C] yo", t),
+        ];
+        let (found, unsent) = match_rows(&uncertain, &rows, |_| 6, &HashSet::new(), -1);
+        assert_eq!(found, [(1, 7), (3, 8)]);
+        assert_eq!(unsent.iter().map(|l| l.id).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    pub(super) fn a_read_back_uses_each_lines_own_cursor_and_skips_rows_claimed_by_other_lines() {
+        let t = "2026-11-22 12:00:00";
+        // Line 1 went out when the cursor was 4; lines confirmed since raised it to 9, and row 9
+        // is the same words by the same speaker, confirmed for another line.
+        let mut held = pending(1, 3, "lol", t);
+        held.sent_after = Some(4);
+        let rows = [row(5, 3, "lol", t), row(9, 3, "lol", t)];
+
+        let (found, _) = match_rows(
+            std::slice::from_ref(&held),
+            &rows,
+            |line| line.sent_after.unwrap_or(9),
+            &HashSet::from([9]),
+            -1,
+        );
+
+        assert_eq!(found, [(1, 5)]);
+    }
+}

@@ -1,0 +1,142 @@
+//! The delivery step against a scripted CMS (`scripted`): each test is one thing the world does to
+//! delivery, and checks what an operator would (the CMS's rows, the outbox, the dead letters, the
+//! counters).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Europe::Amsterdam;
+
+use super::scripted::ScriptedCms;
+use super::*;
+use crate::cms::client::CmsEndpoint;
+use crate::config::DeliverySettings;
+use crate::lookingglass::facts::ViewerFacts;
+use crate::model::CapturedLine;
+use crate::pacing::PacingSettings;
+use crate::zone::Zone;
+
+pub(super) const ALICE: &str = "Alice Resident";
+pub(super) const BOB: &str = "Bob Builder";
+pub(super) const CAROL: &str = "Carol Visitor";
+
+/// Delivery wired to a scripted CMS and a real outbox in a temporary directory.
+pub(super) struct Rig {
+    pub delivery: Delivery<ScriptedCms>,
+    pub cms: Arc<ScriptedCms>,
+    pub outbox: Arc<Outbox>,
+    pub stats: Arc<Stats>,
+    _dir: tempfile::TempDir,
+}
+
+/// A rig whose `mapping.users` maps Alice to CMS user 3 and Bob to `bob`; the CMS knows user 3
+/// only. Carol goes out anonymous.
+pub(super) fn rig(bob: i64) -> Rig {
+    rig_with(
+        bob,
+        RetryPolicy {
+            initial: Duration::from_millis(20),
+            max: Duration::from_secs(1),
+        },
+    )
+}
+
+pub(super) fn rig_with(bob: i64, retry: RetryPolicy) -> Rig {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let outbox = Arc::new(Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("outbox opens"));
+    let cms = Arc::new(ScriptedCms::new(Amsterdam, &[3]));
+    // Every speaker of these tests is in `mapping.users` or goes out anonymous, so the mapper's
+    // own CMS (nothing listens at port 9) is never asked.
+    let lookups = CmsClient::new(CmsEndpoint {
+        base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
+        grid_id: 1,
+        username: "relay".into(),
+        password: "secret".into(),
+        timeout: Duration::from_secs(1),
+        max_response_bytes: 1 << 20,
+        ca_certificates: Vec::new(),
+    })
+    .expect("client");
+    let users = [(ALICE.to_owned(), 3), (BOB.to_owned(), bob)]
+        .into_iter()
+        .collect();
+    let mapper = AvatarMapper::new(
+        &users,
+        Arc::new(ViewerFacts::default()),
+        Arc::new(lookups),
+        Duration::from_secs(60),
+    );
+    let stats = Arc::new(Stats::default());
+    let delivery = Delivery::new(DeliveryDeps {
+        outbox: outbox.clone(),
+        cms: cms.clone(),
+        mapper: Arc::new(mapper),
+        settings: DeliverySettings {
+            timezone: Zone::Named(Amsterdam),
+            anonymous_user_id: -1,
+            anonymous_format: "[{name}] {message}".into(),
+            batch_max_messages: 100,
+            batch_max_bytes: 1 << 20,
+            batch_linger: Duration::ZERO,
+            pacing: PacingSettings {
+                adaptive: false,
+                max_requests_per_second: 0.0,
+            },
+            verify: false,
+        },
+        retry,
+        stats: stats.clone(),
+        max_line_failures: 3,
+    });
+    Rig {
+        delivery,
+        cms,
+        outbox,
+        stats,
+        _dir: dir,
+    }
+}
+
+/// A line said at `spoken_at`.
+pub(super) fn said(speaker: &str, message: &str, spoken_at: DateTime<Utc>) -> CapturedLine {
+    CapturedLine {
+        speaker: speaker.into(),
+        owner_id: None,
+        message: message.into(),
+        spoken_at,
+        captured_at: spoken_at,
+    }
+}
+
+fn now_said(speaker: &str, message: &str) -> CapturedLine {
+    said(speaker, message, Utc::now())
+}
+
+impl Rig {
+    pub(super) async fn say(&self, lines: &[CapturedLine]) {
+        self.outbox.append(lines).await.expect("append");
+    }
+
+    /// Steps until nothing is due (at most `n` steps), ignoring failed steps.
+    pub(super) async fn steps(&self, n: usize) {
+        for _ in 0..n {
+            if let Ok(DeliveryOutcome::Idle) = self.delivery.try_deliver_batch().await {
+                return;
+            }
+        }
+    }
+
+    fn counted(&self) -> u64 {
+        Stats::get(&self.stats.lines_delivered) + Stats::get(&self.stats.lines_reconciled)
+    }
+
+    fn dead(&self) -> Vec<String> {
+        self.outbox
+            .dead_letters()
+            .expect("dead letters")
+            .into_iter()
+            .map(|d| d.pending.line.message)
+            .collect()
+    }
+}
