@@ -15,6 +15,14 @@ use crate::metrics::Stats;
 use crate::outbox::{Cursor, PendingLine};
 use crate::pacing::Answer;
 
+/// Why a read-back is made: the lines it finds count as delivered after a `success: true` that
+/// proves nothing of a batch's middle rows, as reconciled after an answer that was lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settle {
+    AfterSuccess,
+    Unknown,
+}
+
 impl<C: ChatApi> Delivery<C> {
     /// Reads back the CMS over the window of `uncertain` lines; confirms those found and returns the
     /// rest with their in-flight mark cleared, but for lines that failed `retry.max_line_failures`
@@ -22,6 +30,7 @@ impl<C: ChatApi> Delivery<C> {
     pub(super) async fn reconcile(
         &self,
         uncertain: Vec<PendingLine>,
+        settle: Settle,
         tally: &mut Tally,
     ) -> Result<Vec<PendingLine>, DeliveryError> {
         // The read-back is an attempt of each line, stored with the write that follows an answer
@@ -71,12 +80,20 @@ impl<C: ChatApi> Delivery<C> {
             let ids: Vec<u64> = found.iter().map(|(id, _)| *id).collect();
             self.confirm(&ids, None).await?;
             self.claim(found.iter().map(|(_, row_id)| *row_id));
-            Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
+            match settle {
+                Settle::AfterSuccess => {
+                    Stats::add(&self.deps.stats.lines_delivered, found.len() as u64);
+                    tally.n_delivered += found.len();
+                }
+                Settle::Unknown => {
+                    Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
+                    tally.n_reconciled += found.len();
+                }
+            }
             uncertain
                 .iter()
                 .filter(|l| ids.contains(&l.id))
                 .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
-            tally.n_reconciled += found.len();
         }
         let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent
             .into_iter()

@@ -7,6 +7,7 @@
 use crate::cms::CmsError;
 use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::delivery::holds::Attempt;
+use crate::delivery::readback::Settle;
 use crate::delivery::{
     ChatApi, Delivery, DeliveryError, Tally, answered_with_error, lock, refusal,
 };
@@ -29,7 +30,7 @@ impl<C: ChatApi> Delivery<C> {
             // have been sent as it is: its row is decided now, as before a first POST, and the
             // read-back looks for that row.
             self.prepare(&mut uncertain).await;
-            let unsent = self.reconcile(uncertain, tally).await?;
+            let unsent = self.reconcile(uncertain, Settle::Unknown, tally).await?;
             // A pending line older than an unsent one of its speaker goes before it: a crash or a
             // full disk in the middle of the save that clears in-flight marks (oldest first) leaves
             // the older lines cleared and the newer still marked.
@@ -67,7 +68,7 @@ impl<C: ChatApi> Delivery<C> {
                     outbox_depth = self.deps.outbox.len(),
                     "cms could not store the last line of a batch; reading it back"
                 );
-                let unsent = self.reconcile(batch, tally).await?;
+                let unsent = self.reconcile(batch, Settle::Unknown, tally).await?;
                 self.deliver_singly(unsent, tally).await?;
             }
             Err(DeliveryError::Cms(err)) if batch.len() == 1 && !err.is_retryable() => {
@@ -151,11 +152,12 @@ impl<C: ChatApi> Delivery<C> {
         Ok(marked)
     }
 
-    /// POSTs a batch and settles it. A `success: true` proves every row stored only when the ids
-    /// show no gap: each insert, failed or not, consumes one auto-increment id, so `n` rows ending at
-    /// `last_id` right after the last confirmed id are all ours. Otherwise (another writer, a failed
-    /// middle row, `cms.verify`) the batch is read back and what is missing is sent line by line.
-    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id.
+    /// POSTs a batch and settles it. A `success: true` proves a row stored only for a batch of one:
+    /// every insert, failed or not, consumes an auto-increment id (spec §10.2), so an id span of
+    /// exactly `n` proves only that no other writer came between, not that a middle row was not
+    /// skipped. A batch of more lines is therefore read back, and what is missing is sent line by
+    /// line (`docs/RELIABILITY.md`, "What proves a batch stored"). `batch` is marked in flight
+    /// (`mark_in_flight`), all after the same confirmed id.
     pub(super) async fn send(
         &self,
         batch: Vec<PendingLine>,
@@ -170,7 +172,7 @@ impl<C: ChatApi> Delivery<C> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut before = batch.first().and_then(|l| l.sent_after).unwrap_or(0);
+        let before = batch.first().and_then(|l| l.sent_after).unwrap_or(0);
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         let started = self.pacer.wait().await;
         self.deps.stats.batch_attempted(batch.len());
@@ -211,10 +213,8 @@ impl<C: ChatApi> Delivery<C> {
                 .outbox
                 .set_cursor(Cursor::LastConfirmedId, 0)
                 .await?;
-            before = 0;
         }
-        let proven = n == 1 || (!self.deps.settings.verify && before > 0 && last_id - before == n);
-        if proven {
+        if n == 1 {
             let ids: Vec<u64> = batch.iter().map(|l| l.id).collect();
             self.confirm(&ids, Some(last_id)).await?;
             // Claimed once the lines are gone: if their removal fails (a full disk), they stay
@@ -227,7 +227,7 @@ impl<C: ChatApi> Delivery<C> {
             tally.n_delivered += batch.len();
             return Ok(());
         }
-        let unsent = self.reconcile(batch, tally).await?;
+        let unsent = self.reconcile(batch, Settle::AfterSuccess, tally).await?;
         if !unsent.is_empty() {
             tracing::warn!(
                 n_missing = unsent.len(),
