@@ -41,10 +41,11 @@ mod tests;
 pub use api::ChatApi;
 use holds::Holds;
 
-/// How far before the oldest uncertain line a read-back starts. The relay dates its rows itself
-/// (`cms.timezone`, whole seconds) from the line's spoken time, which is also where the read-back
-/// starts, so the margin only covers rounding; each second of it reads a second of the grid's rows
-/// (60 s read 2 400 rows a read-back on a grid of 20 regions at 2 lines/s).
+/// How far before the earliest stored timestamp of the uncertain lines a read-back starts. The
+/// relay dates its rows itself (`cms.timezone`, whole seconds) and the start is taken from those
+/// strings (`readback::read_back_start`), so the margin only covers rounding; each second of it
+/// reads a second of the grid's rows (60 s read 2 400 rows a read-back on a grid of 20 regions at
+/// 2 lines/s).
 const READ_BACK_MARGIN_SECS: i64 = 5;
 
 /// How often an idle delivery loop looks at the outbox even without being woken.

@@ -6,6 +6,8 @@
 
 use std::collections::HashSet;
 
+use chrono::NaiveDateTime;
+
 use crate::cms::CmsChat;
 use crate::delivery::holds::Attempt;
 use crate::delivery::{
@@ -14,6 +16,10 @@ use crate::delivery::{
 use crate::metrics::Stats;
 use crate::outbox::{Cursor, PendingLine};
 use crate::pacing::Answer;
+use crate::zone::Zone;
+
+/// The format of a row's timestamp (spec §3.3).
+pub(super) const ROW_TIME: &str = "%Y-%m-%d %H:%M:%S";
 
 /// Why a read-back is made: the lines it finds count as delivered after a `success: true` that
 /// proves nothing of a batch's middle rows, as reconciled after an answer that was lost.
@@ -42,12 +48,7 @@ impl<C: ChatApi> Delivery<C> {
                 ..l
             })
             .collect();
-        let since = uncertain
-            .iter()
-            .map(|l| l.line.spoken_at.timestamp())
-            .min()
-            .unwrap_or(0)
-            - READ_BACK_MARGIN_SECS;
+        let since = read_back_start(&uncertain, self.deps.settings.timezone);
         let started = self.pacer.wait().await;
         let read = self.deps.cms.read_since(since).await;
         self.paced(started, &read, Answer::Read);
@@ -123,6 +124,39 @@ impl<C: ChatApi> Delivery<C> {
     }
 }
 
+/// The `<unix>` of a read-back's `GET /chats/<unix>/`. The CMS turns it into
+/// `date('Y-m-d H:i:s', unix)` in its own zone and compares that string with the stored ones
+/// (spec §3.2, §10.2), so the start is taken from the strings the lines were stored with: the
+/// earliest of them minus `READ_BACK_MARGIN_SECS`, as the first instant whose wall-clock time in
+/// `zone` (`cms.timezone`) is that string. An instant would not do: across the autumn fold a line
+/// said later can carry an earlier string (02:00:01 after 02:59:58), and a window started from the
+/// earliest instant hides it. In a spring gap the string names no instant: the start moves back a
+/// minute at a time to one that exists (at most the gap, an hour). A line with no row yet (or one
+/// that does not parse) falls back to its spoken time.
+pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone) -> i64 {
+    let margin = chrono::Duration::seconds(READ_BACK_MARGIN_SECS);
+    let stored = lines.iter().map(|line| {
+        line.prepared
+            .as_ref()
+            .and_then(|p| NaiveDateTime::parse_from_str(&p.timestamp, ROW_TIME).ok())
+            .unwrap_or_else(|| zone.wall_clock(line.line.spoken_at))
+    });
+    let Some(earliest) = stored.min() else {
+        return 0;
+    };
+    let mut start = earliest - margin;
+    // A spring gap is an hour (half an hour in a few zones); three hours bound the walk.
+    for _ in 0..180 {
+        if let Some(first) = zone.resolve(start).into_iter().min() {
+            return first.timestamp();
+        }
+        start -= chrono::Duration::minutes(1);
+    }
+    // No zone has a gap this long; read from the string taken as UTC, 14 h early (the widest
+    // offset), rather than miss a row.
+    (earliest - margin).and_utc().timestamp() - 14 * 3600
+}
+
 /// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows above the
 /// line's `after_id`, not `claimed` by another line, each row matching at most one line) and the
 /// lines not found.
@@ -169,7 +203,7 @@ mod tests {
     use crate::outbox::Prepared;
     use chrono::Utc;
 
-    pub(super) fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
+    fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
         let now = Utc::now();
         PendingLine {
             id,
@@ -193,7 +227,7 @@ mod tests {
         }
     }
 
-    pub(super) fn row(id: i64, user_id: i64, message: &str, timestamp: &str) -> CmsChat {
+    fn row(id: i64, user_id: i64, message: &str, timestamp: &str) -> CmsChat {
         CmsChat {
             id,
             user_id,
@@ -207,7 +241,25 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_read_back_matches_each_row_once_and_ignores_old_rows() {
+    fn a_read_back_starts_at_the_earliest_stored_string_whatever_the_instants() {
+        let zone = Zone::Named(chrono_tz::Europe::Amsterdam);
+        let at = |t: &str| pending(1, 3, "hi", t);
+        let date = |unix: i64| {
+            zone.wall_clock(chrono::DateTime::from_timestamp(unix, 0).unwrap())
+                .format(ROW_TIME)
+                .to_string()
+        };
+        // The autumn fold: the earlier string wins though it was said later.
+        let fold = [at("2026-10-25 02:59:58"), at("2026-10-25 02:00:01")];
+        assert_eq!(date(read_back_start(&fold, zone)), "2026-10-25 01:59:56");
+        // The spring gap: 03:00:03 - 5 s (02:59:58) names no instant; the start moves back to one
+        // that exists.
+        let gap = [at("2026-03-29 03:00:03")];
+        assert!(date(read_back_start(&gap, zone)).as_str() <= "2026-03-29 02:59:58");
+    }
+
+    #[test]
+    fn a_read_back_matches_each_row_once_and_ignores_old_rows() {
         let t = "2026-11-22 12:00:00";
         let uncertain = [
             pending(1, 3, "hi", t),
@@ -226,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn a_read_back_uses_each_lines_own_cursor_and_skips_rows_claimed_by_other_lines() {
+    fn a_read_back_uses_each_lines_own_cursor_and_skips_rows_claimed_by_other_lines() {
         let t = "2026-11-22 12:00:00";
         // Line 1 went out when the cursor was 4; lines confirmed since raised it to 9, and row 9
         // is the same words by the same speaker, confirmed for another line.

@@ -7,7 +7,7 @@
 use crate::cms::CmsError;
 use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::delivery::holds::Attempt;
-use crate::delivery::readback::Settle;
+use crate::delivery::readback::{ROW_TIME, Settle};
 use crate::delivery::{
     ChatApi, Delivery, DeliveryError, Tally, answered_with_error, lock, refusal,
 };
@@ -107,7 +107,7 @@ impl<C: ChatApi> Delivery<C> {
                     .settings
                     .timezone
                     .wall_clock(line.spoken_at)
-                    .format("%Y-%m-%d %H:%M:%S")
+                    .format(ROW_TIME)
                     .to_string(),
             });
         }

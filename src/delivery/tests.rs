@@ -34,10 +34,13 @@ pub(super) struct Rig {
 /// A rig whose `mapping.users` maps Alice to CMS user 3 and Bob to `bob`; the CMS knows user 3
 /// only. Carol goes out anonymous.
 pub(super) fn rig(bob: i64) -> Rig {
-    rig_with(bob, RetryPolicy {
-        initial: Duration::from_millis(20),
-        max: Duration::from_secs(1),
-    })
+    rig_with(
+        bob,
+        RetryPolicy {
+            initial: Duration::from_millis(20),
+            max: Duration::from_secs(1),
+        },
+    )
 }
 
 pub(super) fn rig_with(bob: i64, retry: RetryPolicy) -> Rig {
@@ -157,11 +160,34 @@ async fn a_batch_whose_middle_row_the_cms_skipped_is_not_counted_stored() {
     .await;
     rig.delivery.try_deliver_batch().await.ok();
 
-    assert_eq!(
-        rig.cms.relay_messages(),
-        ["a1", "a2", "[Carol Visitor] c1"]
-    );
+    assert_eq!(rig.cms.relay_messages(), ["a1", "a2", "[Carol Visitor] c1"]);
     // Counted delivered: only what the CMS holds. Bob's line is still the relay's to settle.
     assert_eq!(rig.counted(), 3);
     assert_eq!(rig.outbox.len() + rig.outbox.dead_len(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_lost_across_the_autumn_fold_is_read_back_whole_and_never_sent_twice() {
+    // Europe/Amsterdam, 2026-10-25: 02:59:58 CEST (first pass) and, three seconds later, 02:00:01
+    // CET (second pass). The CMS compares local strings: a window started from the earlier
+    // instant ("02:59:53") hides the later row ("02:00:01").
+    let rig = rig(3);
+    let first_pass = Utc.with_ymd_and_hms(2026, 10, 25, 0, 59, 58).unwrap();
+    let second_pass = Utc.with_ymd_and_hms(2026, 10, 25, 1, 0, 1).unwrap();
+    rig.say(&[
+        said(ALICE, "before the fold", first_pass),
+        said(CAROL, "after the fold", second_pass),
+    ])
+    .await;
+    rig.cms
+        .with(|m| m.post_faults.push_back(PostFault::LostAfterStore));
+
+    rig.steps(10).await;
+
+    assert_eq!(
+        rig.cms.relay_messages(),
+        ["before the fold", "[Carol Visitor] after the fold"]
+    );
+    assert!(rig.outbox.is_empty());
+    assert_eq!(Stats::get(&rig.stats.lines_reconciled), 2);
 }
