@@ -283,6 +283,7 @@ impl Relay {
                 tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
             }
         }
+        let cms_zone = self.settings.cms.timezone;
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
@@ -349,6 +350,11 @@ impl Relay {
                     _ = login_token.cancelled() => return,
                     _ = tokio::time::sleep(STARTUP_LOGIN_RETRY) => {}
                 }
+            }
+            // The login answer shows the CMS's own zone: a cms.timezone that disagrees dates every
+            // row wrong (read-backs still start early enough, from the CMS's offset).
+            if let Some(disagreement) = crate::delivery::zone_disagreement(cms_zone, &cms) {
+                tracing::warn!("{disagreement}; set cms.timezone to the zone of the cms's php (date.timezone)");
             }
         });
         if let Some(notifier) = &self.notifier {

@@ -87,6 +87,21 @@ pub(super) async fn check_cms(settings: &Settings, report: &mut CheckReport) {
         "cms.login",
         format!("logged in as {username:?}{user_id} at {base_url}{bound}"),
     );
+    match crate::delivery::zone_disagreement(cms_settings.timezone, &client) {
+        Some(disagreement) => report.warn(
+            "cms.timezone",
+            disagreement,
+            "set cms.timezone to the CMS's PHP zone (its php.ini date.timezone, or config.php's date_default_timezone_set)",
+        ),
+        None if info.expires.is_some() => report.ok(
+            "cms.timezone",
+            format!(
+                "{} agrees with the CMS's own clock (its login answer)",
+                cms_settings.timezone
+            ),
+        ),
+        None => {}
+    }
     let ip_hint = match &info.ip {
         Some(ip) => format!(
             "or the CMS bound the token to {ip} and saw this request come from another address (NAT, IPv4 vs IPv6: give cms.base_url a literal IP)"

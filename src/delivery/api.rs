@@ -7,6 +7,7 @@
 use std::future::Future;
 
 use crate::cms::{ChatItem, CmsChat, CmsClient, CmsError};
+use crate::zone::Zone;
 
 /// The chat requests of delivery.
 pub trait ChatApi: Send + Sync + 'static {
@@ -23,6 +24,12 @@ pub trait ChatApi: Send + Sync + 'static {
         &self,
         since_unix: i64,
     ) -> impl Future<Output = Result<Vec<CmsChat>, CmsError>> + Send;
+
+    /// The CMS's UTC offset in seconds as its last login answer showed it, if known: a read-back
+    /// also starts from it, so that a `cms.timezone` that disagrees cannot hide a row.
+    fn offset_seen(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl ChatApi for CmsClient {
@@ -35,4 +42,19 @@ impl ChatApi for CmsClient {
     async fn read_since(&self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
         self.chats_since(since_unix).await
     }
+
+    fn offset_seen(&self) -> Option<i64> {
+        let info = self.login_info();
+        let (expires, answered_at) = info.expires?;
+        crate::zone::cms_offset_seen(&expires, answered_at, info.user_id)
+    }
+}
+
+/// What `run` warns of and `check` reports when `cms.timezone` (`zone`) disagrees with the CMS's own
+/// clock as its last login answer showed it (`zone::cms_zone_disagreement`); `None` when they agree
+/// or no login answered yet.
+pub fn zone_disagreement(zone: Zone, cms: &CmsClient) -> Option<String> {
+    let info = cms.login_info();
+    let (expires, answered_at) = info.expires?;
+    crate::zone::cms_zone_disagreement(zone, &expires, answered_at, info.user_id)
 }

@@ -48,7 +48,11 @@ impl<C: ChatApi> Delivery<C> {
                 ..l
             })
             .collect();
-        let since = read_back_start(&uncertain, self.deps.settings.timezone);
+        let since = read_back_start(
+            &uncertain,
+            self.deps.settings.timezone,
+            self.deps.cms.offset_seen(),
+        );
         let started = self.pacer.wait().await;
         let read = self.deps.cms.read_since(since).await;
         self.paced(started, &read, Answer::Read);
@@ -132,8 +136,10 @@ impl<C: ChatApi> Delivery<C> {
 /// said later can carry an earlier string (02:00:01 after 02:59:58), and a window started from the
 /// earliest instant hides it. In a spring gap the string names no instant: the start moves back a
 /// minute at a time to one that exists (at most the gap, an hour). A line with no row yet (or one
-/// that does not parse) falls back to its spoken time.
-pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone) -> i64 {
+/// that does not parse) falls back to its spoken time. When the CMS's own offset is known
+/// (`offset_seen`, from its login answer) and puts the string earlier, the read starts there: a
+/// `cms.timezone` that disagrees with the CMS (warned at start and by `check`) hides no row either.
+pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone, offset_seen: Option<i64>) -> i64 {
     let margin = chrono::Duration::seconds(READ_BACK_MARGIN_SECS);
     let stored = lines.iter().map(|line| {
         line.prepared
@@ -144,7 +150,17 @@ pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone) -> i64 {
     let Some(earliest) = stored.min() else {
         return 0;
     };
-    let mut start = earliest - margin;
+    let by_cms_clock = offset_seen.map(|offset| (earliest - margin).and_utc().timestamp() - offset);
+    let by_zone = start_in_zone(earliest - margin, zone);
+    match by_cms_clock {
+        Some(by_cms_clock) => by_zone.min(by_cms_clock),
+        None => by_zone,
+    }
+}
+
+/// The first instant whose wall-clock time in `zone` is `start`, or the last before a gap.
+fn start_in_zone(start: NaiveDateTime, zone: Zone) -> i64 {
+    let mut start = start;
     // A spring gap is an hour (half an hour in a few zones); three hours bound the walk.
     for _ in 0..180 {
         if let Some(first) = zone.resolve(start).into_iter().min() {
@@ -154,7 +170,7 @@ pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone) -> i64 {
     }
     // No zone has a gap this long; read from the string taken as UTC, 14 h early (the widest
     // offset), rather than miss a row.
-    (earliest - margin).and_utc().timestamp() - 14 * 3600
+    start.and_utc().timestamp() - 14 * 3600
 }
 
 /// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows above the
@@ -251,11 +267,14 @@ mod tests {
         };
         // The autumn fold: the earlier string wins though it was said later.
         let fold = [at("2026-10-25 02:59:58"), at("2026-10-25 02:00:01")];
-        assert_eq!(date(read_back_start(&fold, zone)), "2026-10-25 01:59:56");
+        assert_eq!(
+            date(read_back_start(&fold, zone, None)),
+            "2026-10-25 01:59:56"
+        );
         // The spring gap: 03:00:03 - 5 s (02:59:58) names no instant; the start moves back to one
         // that exists.
         let gap = [at("2026-03-29 03:00:03")];
-        assert!(date(read_back_start(&gap, zone)).as_str() <= "2026-03-29 02:59:58");
+        assert!(date(read_back_start(&gap, zone, None)).as_str() <= "2026-03-29 02:59:58");
     }
 
     #[test]

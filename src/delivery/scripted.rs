@@ -53,6 +53,8 @@ pub(crate) struct Model {
     pub max_read_rows: usize,
     pub n_posts: usize,
     pub n_reads: usize,
+    /// The UTC offset its login answer showed (`ChatApi::offset_seen`).
+    pub offset_seen: Option<i64>,
 }
 
 /// The scripted CMS.
@@ -76,6 +78,7 @@ impl ScriptedCms {
                 max_read_rows: usize::MAX,
                 n_posts: 0,
                 n_reads: 0,
+                offset_seen: None,
             }),
         }
     }
@@ -208,5 +211,9 @@ impl ChatApi for ScriptedCms {
 
     async fn read_since(&self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
         self.with(|m| m.read(since_unix))
+    }
+
+    fn offset_seen(&self) -> Option<i64> {
+        self.with(|m| m.offset_seen)
     }
 }

@@ -3,7 +3,6 @@
 //! counters).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -34,16 +33,16 @@ pub(super) struct Rig {
 /// A rig whose `mapping.users` maps Alice to CMS user 3 and Bob to `bob`; the CMS knows user 3
 /// only. Carol goes out anonymous.
 pub(super) fn rig(bob: i64) -> Rig {
-    rig_with(
-        bob,
-        RetryPolicy {
-            initial: Duration::from_millis(20),
-            max: Duration::from_secs(1),
-        },
-    )
+    rig_with(bob, FAST_RETRY, Zone::Named(Amsterdam))
 }
 
-pub(super) fn rig_with(bob: i64, retry: RetryPolicy) -> Rig {
+pub(super) const FAST_RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_millis(20),
+    max: Duration::from_secs(1),
+};
+
+/// A rig whose `cms.timezone` is `configured` (the CMS itself is in Europe/Amsterdam).
+pub(super) fn rig_with(bob: i64, retry: RetryPolicy, configured: Zone) -> Rig {
     let dir = tempfile::tempdir().expect("temporary directory");
     let outbox = Arc::new(Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("outbox opens"));
     let cms = Arc::new(ScriptedCms::new(Amsterdam, &[3]));
@@ -74,7 +73,7 @@ pub(super) fn rig_with(bob: i64, retry: RetryPolicy) -> Rig {
         cms: cms.clone(),
         mapper: Arc::new(mapper),
         settings: DeliverySettings {
-            timezone: Zone::Named(Amsterdam),
+            timezone: configured,
             anonymous_user_id: -1,
             anonymous_format: "[{name}] {message}".into(),
             batch_max_messages: 100,
@@ -190,4 +189,24 @@ async fn a_batch_lost_across_the_autumn_fold_is_read_back_whole_and_never_sent_t
     );
     assert!(rig.outbox.is_empty());
     assert_eq!(Stats::get(&rig.stats.lines_reconciled), 2);
+}
+
+#[tokio::test]
+async fn a_cms_timezone_west_of_the_cms_hides_no_row_from_a_read_back() {
+    // cms.timezone = UTC, the CMS in Amsterdam (UTC+1 in winter): rows are stored with UTC strings,
+    // and a read from the UTC instant of the earliest string shows the CMS a string an hour later.
+    // The login answer showed the CMS's own offset, so the read starts early enough.
+    let rig = rig_with(3, FAST_RETRY, Zone::Named(chrono_tz::UTC));
+    rig.cms.with(|m| {
+        m.offset_seen = Some(3600);
+        m.post_faults.push_back(PostFault::LostAfterStore);
+    });
+    let at = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
+    rig.say(&[said(ALICE, "one", at), said(ALICE, "two", at)])
+        .await;
+
+    rig.steps(10).await;
+
+    assert_eq!(rig.cms.relay_messages(), ["one", "two"]);
+    assert!(rig.outbox.is_empty());
 }
