@@ -2,7 +2,7 @@
 //!
 //! Must not: cancel a POST in flight, or wait without its heartbeat beating.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -10,6 +10,10 @@ use crate::cms::CmsError;
 use crate::delivery::{ChatApi, Delivery, DeliveryError, DeliveryOutcome, IDLE_CHECK};
 use crate::metrics::Stats;
 use crate::pacing::Answer;
+
+/// How often the heartbeat beats while the loop waits after a failure (the watchdog's limit is
+/// minutes: `STALL_LIMIT`, at least twice `retry.max`).
+const HEARTBEAT_TICK: Duration = Duration::from_secs(1);
 
 impl<C: ChatApi> Delivery<C> {
     /// Delivers until `token` is cancelled. A POST in flight is not cancelled by the token.
@@ -73,7 +77,11 @@ impl<C: ChatApi> Delivery<C> {
                         DeliveryError::Cms(cms_err) => stats.readiness.delivery_failed(cms_err),
                     }
                     let n_messages = Stats::get(&self.deps.stats.last_batch_size);
-                    let delay = backoff.next_delay(err.retry_after());
+                    let plain = backoff.next_delay(None);
+                    let delay = match err.retry_after() {
+                        Some(asked) => plain.max(asked.min(self.deps.retry.max)),
+                        None => plain,
+                    };
                     let level_error = matches!(
                         err,
                         DeliveryError::Cms(
@@ -91,15 +99,64 @@ impl<C: ChatApi> Delivery<C> {
                     // After a storage error the poller's first good write (the disk has room
                     // again) is the sign to try at once.
                     let storage_failed = matches!(err, DeliveryError::Outbox(_));
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.deps.outbox.wait_for_lines(), if storage_failed => {}
-                    }
+                    self.wait_after_failure(&token, plain, delay, storage_failed)
+                        .await;
                 }
             }
         }
         tracing::info!(outbox_depth = self.deps.outbox.len(), "delivery stopped");
+    }
+
+    /// Waits `delay` after a failed step (`plain`, the schedule's own, lengthened by a server's
+    /// `Retry-After` up to `retry.max`), beating the heartbeat every `HEARTBEAT_TICK` so that the
+    /// watchdog sees a loop that waits, not one that is stuck. Once `plain` has passed, new lines
+    /// end the wait, and so does a CMS that answers a probe again (tried on the retry schedule, so
+    /// a CMS in maintenance gets a GET that returns no row every few seconds at most, up to one
+    /// every `retry.max`). After a storage error, the first new line ends it at once: the disk has
+    /// room again.
+    async fn wait_after_failure(
+        &self,
+        token: &CancellationToken,
+        plain: Duration,
+        delay: Duration,
+        storage_failed: bool,
+    ) {
+        // A wake-up stored by lines appended before the failure is no news: taken here, so that
+        // only lines appended during the wait end it.
+        let _ = tokio::time::timeout(Duration::ZERO, self.deps.outbox.wait_for_lines()).await;
+        let start = tokio::time::Instant::now();
+        let end = start + delay;
+        let earliest = start + plain;
+        // The first probe when the schedule's own wait is over, then on the retry schedule.
+        let mut next_probe = earliest;
+        let mut probes = self.deps.retry.schedule();
+        let mut new_lines = false;
+        loop {
+            self.deps.stats.delivery_heartbeat.beat();
+            let now = tokio::time::Instant::now();
+            if token.is_cancelled() || now >= end || (new_lines && now >= earliest) {
+                return;
+            }
+            if now >= next_probe {
+                if self.cms_answers_a_probe().await {
+                    return;
+                }
+                next_probe = tokio::time::Instant::now() + probes.next_delay(None);
+                continue;
+            }
+            // `next_probe` is never before `earliest`: waking for it covers new lines too.
+            let tick = HEARTBEAT_TICK.min(end - now).min(next_probe - now);
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.deps.outbox.wait_for_lines(), if !new_lines => {
+                    if storage_failed {
+                        return;
+                    }
+                    new_lines = true;
+                }
+            }
+        }
     }
 
     /// Tells the pacer how a request that started at `started` ended; publishes the gap.

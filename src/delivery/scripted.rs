@@ -53,6 +53,13 @@ pub(crate) struct Model {
     pub max_read_rows: usize,
     pub n_posts: usize,
     pub n_reads: usize,
+    /// Every read is answered by a maintenance page (HTTP 503 with this `Retry-After`).
+    pub reads_down: Option<Duration>,
+    /// POSTs too get that page.
+    pub posts_down: bool,
+    /// Reads that start in the future (delivery's probe) get that page too, whatever `reads_down`
+    /// says: a test that must tell a probe's answer from new lines.
+    pub probes_down: bool,
     /// The UTC offset its login answer showed (`ChatApi::offset_seen`).
     pub offset_seen: Option<i64>,
 }
@@ -79,6 +86,9 @@ impl ScriptedCms {
                 n_posts: 0,
                 n_reads: 0,
                 offset_seen: None,
+                reads_down: None,
+                posts_down: false,
+                probes_down: false,
             }),
         }
     }
@@ -138,6 +148,13 @@ impl Model {
                 snippet: "maintenance".into(),
             });
         }
+        if let Some(retry_after) = self.reads_down.filter(|_| self.posts_down) {
+            return Err(CmsError::Http {
+                status: 503,
+                retry_after: Some(retry_after),
+                snippet: "maintenance".into(),
+            });
+        }
         if let Some(PostFault::LostBeforeStore) = fault {
             return Err(CmsError::Transport("connection reset".into()));
         }
@@ -159,6 +176,17 @@ impl Model {
     /// first.
     fn read(&mut self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
         self.n_reads += 1;
+        let probe = since_unix > chrono::Utc::now().timestamp() + 3600;
+        if let Some(retry_after) = self
+            .reads_down
+            .or(Some(Duration::from_secs(3600)).filter(|_| probe && self.probes_down))
+        {
+            return Err(CmsError::Http {
+                status: 503,
+                retry_after: Some(retry_after),
+                snippet: "maintenance".into(),
+            });
+        }
         match self.read_faults.pop_front() {
             Some(ReadFault::MemoryLimit) => return Err(memory_limit()),
             Some(ReadFault::Lost) => return Err(CmsError::Transport("operation timed out".into())),
