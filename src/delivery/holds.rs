@@ -14,11 +14,14 @@ use crate::metrics::Stats;
 use crate::outbox::{OutboxError, PendingLine};
 use crate::pacing::Answer;
 
-/// What failed: a POST, or the read-back of lines of unknown outcome.
+/// What failed: a POST the CMS answered with an error (outcome unknown), the read-back of lines
+/// of unknown outcome, or the insert of one line (`{"success":false,"id":0}` to a POST of that
+/// line alone: proven not stored).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Attempt {
     Post,
     ReadBack,
+    Insert,
 }
 
 /// A line that failed on its own, passed over until `not_before`.
@@ -39,6 +42,10 @@ pub(super) struct Holds {
     pub(super) claimed: HashSet<i64>,
     /// The error of the last failure that held lines, for `/readyz`.
     pub(super) last_error: String,
+    /// The lines whose insert failed on its own (`Attempt::Insert`) since the CMS last stored a
+    /// row of ours: one line is a failure of its own (an unknown user, say); two or more with no
+    /// row stored between is the CMS failing every insert (its database cannot write), an outage.
+    pub(super) failing_inserts: HashSet<u64>,
 }
 
 impl Holds {
@@ -60,12 +67,42 @@ impl Holds {
 }
 
 impl<C: ChatApi> Delivery<C> {
-    /// their place.
-    /// An attempt of `lines` (as stored, in flight) that the CMS answered with an error
-    /// (`answered_with_error`). If the CMS answers a probe, the failure is theirs: each counts it,
-    /// waits for its own retry, and the lines that can no longer be settled (a read-back that failed
-    /// `retry.max_line_failures` times) go to the dead letters. Otherwise the CMS fails everything
-    /// (its database is down, say): an outage, and the error goes back to the loop, the lines in
+    /// A POST of `line` alone answered `{"success":false,"id":0}`: its insert failed, so it is
+    /// proven not stored (spec §3.3) and is sent again, never read back. While other rows of ours
+    /// are stored between, it is the line's own failure (an unknown `userId`, a linked user deleted
+    /// since the lookup), retried on its own schedule up to `retry.max_line_failures`, then
+    /// dead-lettered with the reason. When a second line fails so with no row stored between, the
+    /// CMS fails every insert (a full disk, a lost database connection, a lock wait): an outage,
+    /// counted against no line, that the loop backs off from and `/readyz` reports.
+    pub(super) async fn insert_failed(
+        &self,
+        line: &PendingLine,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
+        let line = PendingLine {
+            in_flight: false,
+            ..line.clone()
+        };
+        let n_failing = {
+            let mut holds = lock(&self.holds);
+            holds.failing_inserts.insert(line.id);
+            holds.failing_inserts.len()
+        };
+        if n_failing > 1 {
+            self.deps.outbox.save(std::slice::from_ref(&line)).await?;
+            return Err(DeliveryError::InsertsFailing { n_lines: n_failing });
+        }
+        self.failed(&[line], CmsError::LastRowFailed, Attempt::Insert, tally)
+            .await
+    }
+
+    /// An attempt of `lines` that the CMS answered with an error (`answered_with_error`), or an
+    /// insert of one line that failed (`insert_failed`). If the CMS answers a probe (an insert's
+    /// failure needs none: the CMS answered), the failure is theirs: each counts it, waits for its
+    /// own retry, and the lines that can no longer be settled (a read-back that failed
+    /// `retry.max_line_failures` times) or stored (an insert that did) go to the dead letters.
+    /// Otherwise the CMS fails everything (its database is down, say): an outage, and the error goes
+    /// back to the loop, the lines in their place.
     pub(super) async fn failed(
         &self,
         lines: &[PendingLine],
@@ -73,7 +110,7 @@ impl<C: ChatApi> Delivery<C> {
         attempt: Attempt,
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
-        if !self.cms_answers_a_probe().await {
+        if attempt != Attempt::Insert && !self.cms_answers_a_probe().await {
             return Err(err.into());
         }
         Stats::add(&self.deps.stats.delivery_retries, 1);
@@ -94,6 +131,13 @@ impl<C: ChatApi> Delivery<C> {
                 );
                 self.dead_letter(&line, &reason, tally).await?;
                 n_unresolved += 1;
+            } else if attempt == Attempt::Insert && line.failures >= max {
+                let reason = format!(
+                    "{} ({} tries, other lines stored meanwhile)",
+                    err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id)),
+                    line.failures
+                );
+                self.dead_letter(&line, &reason, tally).await?;
             } else {
                 kept.push(line);
             }
@@ -120,6 +164,7 @@ impl<C: ChatApi> Delivery<C> {
         let attempt = match attempt {
             Attempt::Post => "post",
             Attempt::ReadBack => "read-back",
+            Attempt::Insert => "insert",
         };
         // The loop's message, with what tells this failure apart: the lines wait on their own.
         tracing::warn!(error = %error, retry_in = ?delay, n_messages = lines.len(), outbox_depth = self.deps.outbox.len(), attempt, n_failures, n_unresolved, held = true, "delivery failed");

@@ -69,13 +69,22 @@ pub enum DeliveryError {
     /// The outbox could not be read or written.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    /// Lines whose POST carried them alone each got `{"success":false,"id":0}`, with no row of
+    /// ours stored between: the CMS fails every insert.
+    #[error(
+        "the cms fails every insert: {n_lines} lines sent alone each answered {{\"success\":false,\"id\":0}} with no line stored between (its database cannot write: a full disk, a lost connection, a lock wait?); the lines wait, none is counted as failing"
+    )]
+    InsertsFailing {
+        /// The lines that failed so.
+        n_lines: usize,
+    },
 }
 
 impl DeliveryError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             DeliveryError::Cms(err) => err.retry_after(),
-            DeliveryError::Outbox(_) => None,
+            DeliveryError::Outbox(_) | DeliveryError::InsertsFailing { .. } => None,
         }
     }
 }

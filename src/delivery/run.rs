@@ -75,6 +75,9 @@ impl<C: ChatApi> Delivery<C> {
                             stats.readiness.outbox_failed(outbox_err)
                         }
                         DeliveryError::Cms(cms_err) => stats.readiness.delivery_failed(cms_err),
+                        DeliveryError::InsertsFailing { .. } => {
+                            stats.readiness.delivery_failed(&err)
+                        }
                     }
                     let n_messages = Stats::get(&self.deps.stats.last_batch_size);
                     let plain = backoff.next_delay(None);

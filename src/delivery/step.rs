@@ -191,6 +191,9 @@ impl<C: ChatApi> Delivery<C> {
         self.paced(started, &posted, answer);
         let last_id = match posted {
             Ok(last_id) => last_id,
+            Err(CmsError::LastRowFailed) if batch.len() == 1 => {
+                return self.insert_failed(&batch[0], tally).await;
+            }
             Err(err) if answered_with_error(&err) => {
                 return self.failed(&batch, err, Attempt::Post, tally).await;
             }
@@ -260,6 +263,10 @@ impl<C: ChatApi> Delivery<C> {
             .map(|last_id| (Cursor::LastConfirmedId, last_id));
         self.deps.outbox.remove_with_cursor(ids, raise).await?;
         self.forget_holds(ids);
+        if !ids.is_empty() {
+            // The CMS stored a row of ours: it can insert, and a line that fails next is its own.
+            lock(&self.holds).failing_inserts.clear();
+        }
         Ok(())
     }
 
