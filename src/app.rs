@@ -284,6 +284,7 @@ impl Relay {
             }
         }
         let cms_zone = self.settings.cms.timezone;
+        let mapped_users = self.settings.mapping.users.clone();
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
@@ -355,6 +356,16 @@ impl Relay {
             // row wrong (read-backs still start early enough, from the CMS's offset).
             if let Some(disagreement) = crate::delivery::zone_disagreement(cms_zone, &cms) {
                 tracing::warn!("{disagreement}; set cms.timezone to the zone of the cms's php (date.timezone)");
+            }
+            match crate::delivery::unknown_mapped_users(&mapped_users, &cms).await {
+                (unknown, _) if !unknown.is_empty() => {
+                    let described = crate::delivery::describe_unknown_users(&unknown);
+                    tracing::warn!("{described}; fix mapping.users");
+                }
+                (_, Some(err)) => {
+                    tracing::info!(error = %err, "cannot look up the users of mapping.users in the cms (the account needs user >= 4)")
+                }
+                _ => {}
             }
         });
         if let Some(notifier) = &self.notifier {

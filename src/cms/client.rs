@@ -297,6 +297,18 @@ impl CmsClient {
         })
     }
 
+    /// Whether the CMS has user `user_id` (`GET /user/<id>/`, needs `user` ≥ 4): a chat row with an
+    /// unknown `userId` fails its foreign key (spec §3.3), so `run` and `check` ask this of every
+    /// `mapping.users` id.
+    pub async fn user_exists(&self, user_id: i64) -> Result<bool, CmsError> {
+        let value = self.get_json(&format!("/user/{user_id}/")).await?;
+        match wire::error_of(&value) {
+            Some("User not found") => Ok(false),
+            Some(error) => Err(CmsError::Failed(error.to_owned())),
+            None => Ok(true),
+        }
+    }
+
     fn lock_login_state(&self) -> std::sync::MutexGuard<'_, (LoginState, LoginInfo)> {
         self.login_state
             .lock()

@@ -58,3 +58,32 @@ pub fn zone_disagreement(zone: Zone, cms: &CmsClient) -> Option<String> {
     let (expires, answered_at) = info.expires?;
     crate::zone::cms_zone_disagreement(zone, &expires, answered_at, info.user_id)
 }
+
+/// The `mapping.users` entries whose CMS user the CMS does not have (name, id), and the error of
+/// the first lookup that failed, if one did. `-1` (anonymous) is never asked about.
+pub async fn unknown_mapped_users(
+    users: &std::collections::BTreeMap<String, i64>,
+    cms: &CmsClient,
+) -> (Vec<(String, i64)>, Option<CmsError>) {
+    let mut unknown = Vec::new();
+    for (name, id) in users.iter().filter(|(_, id)| **id != -1) {
+        match cms.user_exists(*id).await {
+            Ok(true) => {}
+            Ok(false) => unknown.push((name.clone(), *id)),
+            Err(err) => return (unknown, Some(err)),
+        }
+    }
+    (unknown, None)
+}
+
+/// How `run` and `check` name the unknown `mapping.users` entries.
+pub fn describe_unknown_users(unknown: &[(String, i64)]) -> String {
+    let listed: Vec<String> = unknown
+        .iter()
+        .map(|(name, id)| format!("{name:?} = {id}"))
+        .collect();
+    format!(
+        "mapping.users names users the cms does not have ({}): their lines fail their insert (chats.userId is a foreign key) and go to the dead letters after retry.max_line_failures tries",
+        listed.join(", ")
+    )
+}

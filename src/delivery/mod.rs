@@ -38,7 +38,7 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-pub use api::{ChatApi, zone_disagreement};
+pub use api::{ChatApi, describe_unknown_users, unknown_mapped_users, zone_disagreement};
 use holds::Holds;
 
 /// How far before the earliest stored timestamp of the uncertain lines a read-back starts. The

@@ -122,6 +122,24 @@ async fn a_cms_timezone_that_disagrees_with_the_cms_clock_is_named_with_both_off
 }
 
 #[tokio::test]
+async fn a_mapping_users_id_the_cms_does_not_have_is_named() {
+    let env = TestEnv::start().await;
+
+    let checked = check(
+        &env,
+        &format!(
+            "{}[mapping]\nusers = {{ \"Bob Builder\" = 99 }}\n",
+            config(&env, "127.0.0.1", RELAY_USER, RELAY_PASSWORD, "")
+        ),
+    )
+    .await;
+
+    let line = checked.line("mapping.users");
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(line.contains("\"Bob Builder\" = 99"), "{line}");
+}
+
+#[tokio::test]
 async fn a_wrong_password_fails_the_login_with_the_cms_message_and_a_fix() {
     let env = TestEnv::start().await;
 
