@@ -136,6 +136,7 @@ fn cms_batch(c: &mut Criterion) {
 fn captured(n_lines: usize) -> Vec<CapturedLine> {
     (0..n_lines)
         .map(|idx| CapturedLine {
+            source: opensim_chat_relay::model::LineSource::Avatar,
             speaker: SPEAKERS[idx % 3].to_owned(),
             owner_id: Some("11111111-2222-3333-4444-555555555555".to_owned()),
             message: format!("hello #{idx}, nice build over there at the plaza"),

@@ -1198,6 +1198,7 @@ async fn fill_outbox(dir: &Path, n_lines: u64, line_bytes: usize) -> anyhow::Res
                 let spoken_at = now
                     - chrono::Duration::milliseconds(span_ms - span_ms * n as i64 / n_lines as i64);
                 CapturedLine {
+                    source: opensim_chat_relay::model::LineSource::Avatar,
                     speaker: speaker.to_owned(),
                     owner_id: None,
                     message: chat_text(n, speaker, line_bytes),

@@ -90,10 +90,37 @@ pub struct ViewerLine {
     pub spoken_at: DateTime<Utc>,
 }
 
+/// Who a captured line comes from. It decides whether the speaker's name may be mapped to a CMS
+/// account: only an avatar's may. An object can name itself after any avatar ("Alice Resident"),
+/// so its lines are always stored anonymously; the relay's own lines (gap markers) carry no speaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LineSource {
+    /// An avatar (`ChatTypeNormal` or `ChatTypeLindenChat` with a speaker UUID).
+    #[default]
+    Avatar,
+    /// An object (`ChatTypeObjectChat`), relayed only with `filter.objects`.
+    Object,
+    /// The relay itself: a line it composed (a record of chat it missed), said by no one.
+    Relay,
+}
+
+impl LineSource {
+    /// The source of a viewer line that passed the filter.
+    pub fn of(entry_type: EntryType) -> LineSource {
+        match entry_type {
+            EntryType::ObjectChat | EntryType::OwnerSay => LineSource::Object,
+            EntryType::Normal | EntryType::LindenChat => LineSource::Avatar,
+        }
+    }
+}
+
 /// A line that passed the filter: what the outbox stores and the CMS will get.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CapturedLine {
-    /// The speaker's avatar name, e.g. `Alice Resident`.
+    /// Who said it: only an avatar's name is ever mapped to a CMS account.
+    pub source: LineSource,
+    /// The speaker's name as the viewer gave it, e.g. `Alice Resident` (an object's name for an
+    /// object; empty for the relay's own lines).
     pub speaker: String,
     /// The speaker's UUID as the viewer reported it (`OwnerID`), if any and not zero.
     pub owner_id: Option<String>,

@@ -21,7 +21,7 @@ use crate::echo::{self, RecentlySaid};
 use crate::filter::{Filter, FilterReason};
 use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
-use crate::model::{CapturedLine, ViewerLine, ZERO_UUID};
+use crate::model::{CapturedLine, LineSource, ViewerLine, ZERO_UUID};
 use crate::outbox::{OptOut, Outbox, OutboxError, Quarantined, SpeakerKey};
 use crate::privacy::{self, Change, Command, Privacy};
 use crate::reload::Live;
@@ -298,6 +298,7 @@ impl Poller {
                 Verdict::Redacted(text) => text,
             };
             ingest.push(&CapturedLine {
+                source: LineSource::of(line.entry_type),
                 speaker: line.from.unwrap_or_default(),
                 owner_id: line.owner_id.filter(|o| o != ZERO_UUID),
                 message,

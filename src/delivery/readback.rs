@@ -224,6 +224,7 @@ mod tests {
         PendingLine {
             id,
             line: CapturedLine {
+                source: crate::model::LineSource::Avatar,
                 speaker: "S".into(),
                 owner_id: None,
                 message: message.into(),

@@ -13,7 +13,7 @@ use crate::delivery::{
 };
 use crate::filter::FilterReason;
 use crate::metrics::Stats;
-use crate::model::fill_template;
+use crate::model::{LineSource, fill_template};
 use crate::outbox::{Cursor, OutboxError, PendingLine, Prepared};
 use crate::pacing::Answer;
 
@@ -87,16 +87,30 @@ impl<C: ChatApi> Delivery<C> {
     pub(super) async fn prepare(&self, lines: &mut [PendingLine]) {
         for pending in lines.iter_mut().filter(|l| l.prepared.is_none()) {
             let line = &pending.line;
-            let user = self
-                .deps
-                .mapper
-                .resolve(&line.speaker, line.owner_id.as_deref())
-                .await;
-            let message = match user {
-                Some(_) => line.message.clone(),
-                None => fill_template(
+            // Only an avatar's name is looked up: an object may name itself after any avatar, and
+            // the relay's own lines are said by no one.
+            let user = match line.source {
+                LineSource::Avatar => {
+                    self.deps
+                        .mapper
+                        .resolve(&line.speaker, line.owner_id.as_deref())
+                        .await
+                }
+                LineSource::Object | LineSource::Relay => None,
+            };
+            let message = match (user, line.source) {
+                (Some(_), _) => line.message.clone(),
+                (None, LineSource::Relay) => line.message.clone(),
+                (None, LineSource::Avatar) => fill_template(
                     &self.deps.settings.anonymous_format,
                     &[("name", &line.speaker), ("message", &line.message)],
+                ),
+                (None, LineSource::Object) => fill_template(
+                    &self.deps.settings.anonymous_format,
+                    &[
+                        ("name", &format!("{} (object)", line.speaker)),
+                        ("message", &line.message),
+                    ],
                 ),
             };
             pending.prepared = Some(Prepared {

@@ -101,6 +101,7 @@ pub(super) fn rig_with(bob: i64, retry: RetryPolicy, configured: Zone) -> Rig {
 /// A line said at `spoken_at`.
 pub(super) fn said(speaker: &str, message: &str, spoken_at: DateTime<Utc>) -> CapturedLine {
     CapturedLine {
+        source: crate::model::LineSource::Avatar,
         speaker: speaker.into(),
         owner_id: None,
         message: message.into(),

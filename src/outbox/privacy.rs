@@ -247,6 +247,7 @@ mod tests {
             .single()
             .expect("now");
         CapturedLine {
+            source: crate::model::LineSource::Avatar,
             speaker: speaker.into(),
             owner_id: uuid.map(str::to_owned),
             message: text.into(),

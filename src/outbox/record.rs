@@ -7,13 +7,17 @@
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::model::CapturedLine;
+use crate::model::{CapturedLine, LineSource};
 use crate::outbox::{DeadLine, PendingLine, Prepared};
 
 /// The stored form of a pending line. `v` versions the format; unknown versions are quarantined.
 #[derive(Serialize, Deserialize)]
 struct RecordV1 {
     v: u8,
+    /// Absent for an avatar's line (every line written before objects and the relay's own lines
+    /// were told apart was stored as an avatar's).
+    #[serde(default, skip_serializing_if = "StoredSource::is_avatar")]
+    source: StoredSource,
     speaker: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner_id: Option<String>,
@@ -37,11 +41,48 @@ struct RecordV1 {
     dead_at_ms: Option<i64>,
 }
 
+/// `LineSource` as stored: a separate type, so the domain enum carries no serde.
+#[derive(Serialize, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum StoredSource {
+    #[default]
+    Avatar,
+    Object,
+    Relay,
+}
+
+impl StoredSource {
+    fn is_avatar(&self) -> bool {
+        *self == StoredSource::Avatar
+    }
+}
+
+impl From<LineSource> for StoredSource {
+    fn from(source: LineSource) -> StoredSource {
+        match source {
+            LineSource::Avatar => StoredSource::Avatar,
+            LineSource::Object => StoredSource::Object,
+            LineSource::Relay => StoredSource::Relay,
+        }
+    }
+}
+
+impl From<StoredSource> for LineSource {
+    fn from(source: StoredSource) -> LineSource {
+        match source {
+            StoredSource::Avatar => LineSource::Avatar,
+            StoredSource::Object => LineSource::Object,
+            StoredSource::Relay => LineSource::Relay,
+        }
+    }
+}
+
 impl RecordV1 {
     fn from_pending(pending: &PendingLine) -> RecordV1 {
         let line = &pending.line;
         RecordV1 {
             v: 1,
+            source: line.source.into(),
             speaker: line.speaker.clone(),
             owner_id: line.owner_id.clone(),
             message: line.message.clone(),
@@ -65,6 +106,7 @@ impl RecordV1 {
         Some(PendingLine {
             id,
             line: CapturedLine {
+                source: self.source.into(),
                 speaker: self.speaker,
                 owner_id: self.owner_id,
                 message: self.message,
@@ -137,6 +179,7 @@ mod tests {
         let line = decode_pending(&7u64.to_be_bytes(), stored).expect("decoded");
         assert_eq!(line.id, 7);
         assert_eq!(line.line.speaker, "Alice Resident");
+        assert_eq!(line.line.source, LineSource::Avatar);
         assert_eq!(line.line.message, "hi");
         assert_eq!(line.line.captured_at.timestamp_millis(), 1_700_000_001_000);
         assert_eq!((line.attempts, line.in_flight), (2, true));
@@ -158,6 +201,20 @@ mod tests {
         assert_eq!(
             decode_pending(&7u64.to_be_bytes(), &encode_pending(&failing)),
             Some(failing)
+        );
+
+        let object = PendingLine {
+            line: CapturedLine {
+                source: LineSource::Object,
+                ..line.line.clone()
+            },
+            ..line.clone()
+        };
+        let stored_object = encode_pending(&object);
+        assert!(String::from_utf8_lossy(&stored_object).contains(r#""source":"object""#));
+        assert_eq!(
+            decode_pending(&7u64.to_be_bytes(), &stored_object),
+            Some(object)
         );
 
         let newer = br#"{"v":2,"speaker":"A","message":"hi","spoken_at_ms":0,"captured_at_ms":0,"attempts":0}"#;

@@ -16,6 +16,7 @@ fn line(text: &str) -> CapturedLine {
         .single()
         .expect("now");
     CapturedLine {
+        source: crate::model::LineSource::Avatar,
         speaker: "Alice Resident".into(),
         owner_id: None,
         message: text.into(),

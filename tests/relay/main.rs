@@ -6,6 +6,7 @@ mod check;
 mod cms_load;
 mod config;
 mod crash;
+mod dashboards;
 mod delivery;
 mod disk_full;
 mod faults;

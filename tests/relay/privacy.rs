@@ -4,6 +4,7 @@
 use opensim_chat_relay::filter::FilterReason;
 use opensim_chat_relay::metrics::{Gauges, render_prometheus};
 use opensim_chat_relay::sim::cms::Fault;
+use opensim_chat_relay::sim::lookingglass::SimChatLine;
 
 use crate::admin::admin_cli;
 use crate::helpers::{OWN_NAME, PATIENCE, RunningRelay, TestEnv, eventually};
@@ -325,4 +326,38 @@ async fn an_arriving_avatar_hears_the_notice_once() {
 
     // Dave, still there when Eve came, was not greeted again; nobody else was.
     assert_eq!(said(&env), [NOTICE_SAID; 3]);
+}
+
+#[tokio::test]
+async fn an_object_named_like_an_avatar_and_owned_by_it_is_stored_anonymously_as_an_object() {
+    // Arrange: Alice is linked to a CMS account through her avatar UUID and through `mapping.users`;
+    // her own object names itself "Alice Resident", so its OwnerID is her UUID too.
+    let env = TestEnv::start().await;
+    let alice = env.linked_user("Alice Resident", "alice");
+    let mut object = SimChatLine::object("Alice Resident", "I speak for Alice");
+    object.owner_id = env.lg.avatar_uuid("Alice Resident");
+    let relay = env
+        .start_relay(
+            &format!("[filter]\nobjects = true\n[mapping.users]\n\"Alice Resident\" = {alice}\n"),
+            &[],
+        )
+        .await;
+
+    // Act
+    env.lg.push(object);
+    env.lg.say("Alice Resident", "the real Alice");
+    relayed_eventually(&env, "the real Alice").await;
+    relay.stop().await;
+
+    // Assert: the object's line is anonymous and marked, the avatar's is Alice's.
+    assert_eq!(
+        env.relayed_rows(),
+        [
+            (
+                None,
+                "[Alice Resident (object)] I speak for Alice".to_owned()
+            ),
+            (Some(alice), "the real Alice".to_owned()),
+        ]
+    );
 }

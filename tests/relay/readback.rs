@@ -58,6 +58,7 @@ async fn a_stored_record_in_flight_without_its_row_is_read_back_and_delivered_on
         let now = Utc::now();
         outbox
             .append(&[CapturedLine {
+                source: opensim_chat_relay::model::LineSource::Avatar,
                 speaker: ALICE.into(),
                 owner_id: None,
                 message: "half written".into(),
@@ -174,6 +175,7 @@ async fn a_crash_in_the_middle_of_clearing_in_flight_marks_sends_nothing_out_of_
         let outbox = Outbox::open(&env.dir.path().join("outbox"), 8 << 20).expect("outbox opens");
         let now = Utc::now();
         let line = |message: &str| CapturedLine {
+            source: opensim_chat_relay::model::LineSource::Avatar,
             speaker: ALICE.into(),
             owner_id: None,
             message: message.into(),

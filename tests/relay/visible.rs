@@ -20,6 +20,7 @@ fn captured_lines(n: usize) -> Vec<CapturedLine> {
     let now = Utc::now();
     (0..n)
         .map(|i| CapturedLine {
+            source: opensim_chat_relay::model::LineSource::Avatar,
             speaker: "Alice Resident".into(),
             owner_id: None,
             message: format!("line {i}"),
