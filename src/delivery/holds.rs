@@ -32,6 +32,9 @@ pub(super) struct Held {
     /// arrive after them. The wait is bounded: after `retry.max_line_failures` the line goes to the
     /// dead letters and its speaker goes on.
     pub(super) speaker: String,
+    /// It waits for a read-back (its outcome is unknown), not for a POST: such lines share one
+    /// schedule and one read per round (`Holds::readers`).
+    pub(super) reads: bool,
 }
 
 #[derive(Default)]
@@ -49,6 +52,15 @@ pub(super) struct Holds {
 }
 
 impl Holds {
+    /// The held lines that wait for a read-back: they are read back together, in one GET.
+    pub(super) fn readers(&self) -> HashSet<u64> {
+        self.lines
+            .iter()
+            .filter(|(_, held)| held.reads)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Whether `line` may be sent now: it does not wait for a retry, and no older line of its
     /// speaker is held.
     pub(super) fn may_send(&self, line: &PendingLine, now: tokio::time::Instant) -> bool {
@@ -146,7 +158,8 @@ impl<C: ChatApi> Delivery<C> {
         self.deps.outbox.save(&kept).await?;
         let n_failures = kept.iter().map(|l| l.failures).max().unwrap_or(1);
         let delay = self.hold_delay(n_failures);
-        let not_before = tokio::time::Instant::now() + delay;
+        let not_before = tally.now + delay;
+        let reads = attempt != Attempt::Insert;
         {
             let mut holds = lock(&self.holds);
             for line in &kept {
@@ -155,8 +168,17 @@ impl<C: ChatApi> Delivery<C> {
                     Held {
                         not_before,
                         speaker: line.line.speaker.clone(),
+                        reads,
                     },
                 );
+            }
+            if reads {
+                // One schedule for every line that waits for a read-back: they are due together
+                // and read back in one GET, so a CMS that cannot answer reads gets one (and a
+                // probe) per round, however many lines wait (issue 22 item 6).
+                for held in holds.lines.values_mut().filter(|held| held.reads) {
+                    held.not_before = not_before;
+                }
             }
             holds.last_error = error.clone();
         }
@@ -191,8 +213,10 @@ impl<C: ChatApi> Delivery<C> {
     }
 
     /// The committed lines this step may send, oldest first.
-    pub(super) fn due_lines(&self) -> Result<Vec<PendingLine>, OutboxError> {
-        let now = tokio::time::Instant::now();
+    pub(super) fn due_lines(
+        &self,
+        now: tokio::time::Instant,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
         let holds = lock(&self.holds);
         self.deps
             .outbox

@@ -135,8 +135,10 @@ pub struct Delivery<C = CmsClient> {
     holds: Mutex<Holds>,
 }
 
-#[derive(Default)]
+/// What one step did so far, and the time it runs at (an input, so that tests step the holds'
+/// schedule without waiting).
 struct Tally {
+    now: tokio::time::Instant,
     n_delivered: usize,
     n_reconciled: usize,
     n_dead: usize,
@@ -155,17 +157,31 @@ impl<C: ChatApi> Delivery<C> {
 
     /// One step: settle lines of unknown outcome, or send the next batch.
     pub async fn try_deliver_batch(&self) -> Result<DeliveryOutcome, DeliveryError> {
+        self.try_deliver_batch_at(tokio::time::Instant::now()).await
+    }
+
+    /// `try_deliver_batch` as if it ran at `now` (for the held lines' schedule).
+    pub(crate) async fn try_deliver_batch_at(
+        &self,
+        now: tokio::time::Instant,
+    ) -> Result<DeliveryOutcome, DeliveryError> {
         self.deps.outbox.drop_expired().await?;
         // After a full disk, the room delivery freed by removing lines goes back to the reserve
         // first, and then to new lines.
         self.deps.outbox.restore_reserve();
         self.forget_gone_holds()?;
-        let lines = self.due_lines()?;
+        let lines = self.due_lines(now)?;
         if lines.is_empty() {
             self.publish_holds();
             return Ok(DeliveryOutcome::Idle);
         }
-        let mut tally = Tally::default();
+        let mut tally = Tally {
+            now,
+            n_delivered: 0,
+            n_reconciled: 0,
+            n_dead: 0,
+            n_held: 0,
+        };
         let stepped = self.step(lines, &mut tally).await;
         self.publish_holds();
         stepped.map(|()| tally.into_outcome())

@@ -9,7 +9,7 @@ use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
 use crate::delivery::holds::Attempt;
 use crate::delivery::readback::{ROW_TIME, Settle};
 use crate::delivery::{
-    ChatApi, Delivery, DeliveryError, Tally, answered_with_error, lock, refusal,
+    ChatApi, Delivery, DeliveryError, SCAN_LIMIT, Tally, answered_with_error, lock, refusal,
 };
 use crate::filter::FilterReason;
 use crate::metrics::Stats;
@@ -24,8 +24,9 @@ impl<C: ChatApi> Delivery<C> {
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         if lines.iter().any(|l| l.in_flight) {
-            let (mut uncertain, rest): (Vec<PendingLine>, Vec<PendingLine>) =
+            let (uncertain, rest): (Vec<PendingLine>, Vec<PendingLine>) =
                 lines.into_iter().partition(|l| l.in_flight);
+            let mut uncertain = self.this_rounds_read(uncertain)?;
             // A record in flight without its row (written by another tool, or damaged) cannot
             // have been sent as it is: its row is decided now, as before a first POST, and the
             // read-back looks for that row.
@@ -79,6 +80,26 @@ impl<C: ChatApi> Delivery<C> {
             Err(err) => return Err(err),
         }
         Ok(())
+    }
+
+    /// Which of the due lines of unknown outcome this step reads back. Lines that just lost their
+    /// answer are read alone (their window is seconds, the read cheap); otherwise the held lines
+    /// that wait for a read-back are read together, all of them, due or not, in one GET: their
+    /// windows overlap, and a CMS that cannot answer a large read (PHP's memory limit) gets one
+    /// such read per round on one backoff, not one per line on each line's own schedule.
+    fn this_rounds_read(
+        &self,
+        uncertain: Vec<PendingLine>,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        let readers = lock(&self.holds).readers();
+        let (held, fresh): (Vec<PendingLine>, Vec<PendingLine>) =
+            uncertain.into_iter().partition(|l| readers.contains(&l.id));
+        if !fresh.is_empty() || held.len() == readers.len() {
+            return Ok(if fresh.is_empty() { held } else { fresh });
+        }
+        self.deps.outbox.oldest_where(usize::MAX, SCAN_LIMIT, |l| {
+            l.in_flight && readers.contains(&l.id)
+        })
     }
 
     /// Fixes the row of every line that has none yet. The decision is stored with the in-flight mark
@@ -306,7 +327,7 @@ impl<C: ChatApi> Delivery<C> {
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         for line in lines {
-            if !lock(&self.holds).may_send(&line, tokio::time::Instant::now()) {
+            if !lock(&self.holds).may_send(&line, tally.now) {
                 // An older line of the speaker failed just now: this one waits behind it.
                 continue;
             }

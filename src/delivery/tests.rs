@@ -43,6 +43,16 @@ pub(super) const FAST_RETRY: RetryPolicy = RetryPolicy {
 
 /// A rig whose `cms.timezone` is `configured` (the CMS itself is in Europe/Amsterdam).
 pub(super) fn rig_with(bob: i64, retry: RetryPolicy, configured: Zone) -> Rig {
+    rig_full(bob, retry, configured, 3)
+}
+
+/// A rig with `retry.max_line_failures = max_line_failures`.
+pub(super) fn rig_full(
+    bob: i64,
+    retry: RetryPolicy,
+    configured: Zone,
+    max_line_failures: u32,
+) -> Rig {
     let dir = tempfile::tempdir().expect("temporary directory");
     let outbox = Arc::new(Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("outbox opens"));
     let cms = Arc::new(ScriptedCms::new(Amsterdam, &[3]));
@@ -87,7 +97,7 @@ pub(super) fn rig_with(bob: i64, retry: RetryPolicy, configured: Zone) -> Rig {
         },
         retry,
         stats: stats.clone(),
-        max_line_failures: 3,
+        max_line_failures,
     });
     Rig {
         delivery,
@@ -379,4 +389,60 @@ async fn a_line_the_cms_alone_cannot_store_is_retried_then_dead_lettered_with_th
     assert_eq!(dead[0].pending.failures, 3, "retry.max_line_failures tries");
     assert!(dead[0].reason.contains("user id 99"), "{}", dead[0].reason);
     assert!(rig.outbox.is_empty());
+}
+
+/// The chat GETs a CMS whose reads of more than 1 000 rows die of PHP's memory limit gets in two
+/// seconds of steps (run at a virtual time, 5 ms apart) while `n_held` lines, each lost at its own
+/// moment, wait for a read-back that cannot succeed, and a new line comes every step.
+async fn reads_with_held_lines(n_held: usize) -> usize {
+    let rig = rig_full(
+        3,
+        RetryPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+        },
+        Zone::Named(Amsterdam),
+        1_000,
+    );
+    let t0 = Utc::now();
+    let busy = Amsterdam
+        .from_utc_datetime(&(t0 - chrono::Duration::seconds(20)).naive_utc())
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    rig.cms.with(|m| m.max_read_rows = 1_000);
+    for i in 0..2_000 {
+        rig.cms.other_writer(&format!("web user {i}"), &busy);
+    }
+    let mut now = tokio::time::Instant::now();
+    let mut step = async |now: &mut tokio::time::Instant| {
+        let _ = rig.delivery.try_deliver_batch_at(*now).await;
+        *now += Duration::from_millis(5);
+    };
+    for i in 0..n_held {
+        let speaker = format!("Speaker {i}");
+        rig.say(&[said(&speaker, "lost", t0 - chrono::Duration::seconds(30))])
+            .await;
+        rig.cms
+            .with(|m| m.post_faults.push_back(PostFault::LostAfterStore));
+        step(&mut now).await;
+        step(&mut now).await;
+    }
+    assert_eq!(Stats::get(&rig.stats.lines_held_back), n_held as u64);
+    let before = rig.cms.with(|m| m.n_reads);
+    for i in 0..400 {
+        rig.say(&[now_said(ALICE, &format!("new {i}"))]).await;
+        step(&mut now).await;
+    }
+    assert_eq!(Stats::get(&rig.stats.lines_held_back), n_held as u64);
+    rig.cms.with(|m| m.n_reads) - before
+}
+
+#[tokio::test]
+async fn held_lines_share_one_read_per_round_however_many_they_are() {
+    let few = reads_with_held_lines(2).await;
+    let many = reads_with_held_lines(12).await;
+    assert!(
+        many < 2 * few + 5,
+        "chat GETs in 2 s: {few} with 2 held lines, {many} with 12"
+    );
 }
