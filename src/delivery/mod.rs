@@ -30,6 +30,7 @@ use crate::pacing::Pacer;
 
 mod api;
 mod holds;
+mod proof;
 mod readback;
 mod run;
 #[cfg(test)]

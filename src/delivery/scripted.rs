@@ -28,15 +28,6 @@ pub(crate) enum PostFault {
     LostBeforeStore,
 }
 
-/// What the next read meets.
-#[derive(Debug, Clone)]
-pub(crate) enum ReadFault {
-    /// PHP's memory limit: an HTML fatal error with HTTP 200.
-    MemoryLimit,
-    /// No answer.
-    Lost,
-}
-
 /// The CMS's state.
 #[derive(Debug)]
 pub(crate) struct Model {
@@ -48,7 +39,6 @@ pub(crate) struct Model {
     /// The database cannot insert (disk full, lost connection): every insert fails.
     pub inserts_fail: bool,
     pub post_faults: VecDeque<PostFault>,
-    pub read_faults: VecDeque<ReadFault>,
     /// A read that returns more rows than this dies of the memory limit.
     pub max_read_rows: usize,
     pub n_posts: usize,
@@ -81,7 +71,6 @@ impl ScriptedCms {
                 users: users.iter().copied().collect(),
                 inserts_fail: false,
                 post_faults: VecDeque::new(),
-                read_faults: VecDeque::new(),
                 max_read_rows: usize::MAX,
                 n_posts: 0,
                 n_reads: 0,
@@ -186,11 +175,6 @@ impl Model {
                 retry_after: Some(retry_after),
                 snippet: "maintenance".into(),
             });
-        }
-        match self.read_faults.pop_front() {
-            Some(ReadFault::MemoryLimit) => return Err(memory_limit()),
-            Some(ReadFault::Lost) => return Err(CmsError::Transport("operation timed out".into())),
-            None => {}
         }
         let since = self
             .zone

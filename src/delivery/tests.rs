@@ -414,7 +414,7 @@ async fn reads_with_held_lines(n_held: usize) -> usize {
         rig.cms.other_writer(&format!("web user {i}"), &busy);
     }
     let mut now = tokio::time::Instant::now();
-    let mut step = async |now: &mut tokio::time::Instant| {
+    let step = async |now: &mut tokio::time::Instant| {
         let _ = rig.delivery.try_deliver_batch_at(*now).await;
         *now += Duration::from_millis(5);
     };
@@ -445,4 +445,19 @@ async fn held_lines_share_one_read_per_round_however_many_they_are() {
         many < 2 * few + 5,
         "chat GETs in 2 s: {few} with 2 held lines, {many} with 12"
     );
+}
+
+#[tokio::test]
+async fn a_batch_whose_post_died_before_the_cms_read_it_is_read_back_and_sent_once() {
+    let rig = rig(3);
+    rig.cms
+        .with(|m| m.post_faults.push_back(PostFault::LostBeforeStore));
+    rig.say(&[now_said(ALICE, "one"), now_said(CAROL, "two")])
+        .await;
+
+    rig.steps(10).await;
+
+    assert_eq!(rig.cms.relay_messages(), ["one", "[Carol Visitor] two"]);
+    assert!(rig.outbox.is_empty());
+    assert_eq!(rig.counted(), 2);
 }
