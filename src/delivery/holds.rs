@@ -91,17 +91,17 @@ impl<C: ChatApi> Delivery<C> {
         line: &PendingLine,
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
-        let line = PendingLine {
-            in_flight: false,
-            ..line.clone()
-        };
+        let line = line.clone().not_stored();
         let n_failing = {
             let mut holds = lock(&self.holds);
             holds.failing_inserts.insert(line.id);
             holds.failing_inserts.len()
         };
         if n_failing > 1 {
-            self.deps.outbox.save(std::slice::from_ref(&line)).await?;
+            self.deps
+                .outbox
+                .mark_not_stored(std::slice::from_ref(&line))
+                .await?;
             return Err(DeliveryError::InsertsFailing { n_lines: n_failing });
         }
         self.failed(&[line], CmsError::LastRowFailed, Attempt::Insert, tally)
@@ -130,11 +130,12 @@ impl<C: ChatApi> Delivery<C> {
         let max = self.deps.max_line_failures;
         let mut kept = Vec::with_capacity(lines.len());
         let mut n_unresolved = 0;
-        for line in lines {
+        for original in lines {
+            // As the dead letter keeps it: the failure counted.
             let line = PendingLine {
-                failures: line.failures.saturating_add(1),
+                failures: original.failures.saturating_add(1),
                 last_error: Some(error.clone()),
-                ..line.clone()
+                ..original.clone()
             };
             if attempt == Attempt::ReadBack && line.failures >= max {
                 let reason = format!(
@@ -146,16 +147,16 @@ impl<C: ChatApi> Delivery<C> {
             } else if attempt == Attempt::Insert && line.failures >= max {
                 let reason = format!(
                     "{} ({} tries, other lines stored meanwhile)",
-                    err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id)),
+                    err.refusal_reason(line.row().map(|p| p.user_id)),
                     line.failures
                 );
                 self.dead_letter(&line, &reason, tally).await?;
             } else {
-                kept.push(line);
+                kept.push(original.clone());
             }
         }
         Stats::add(&self.deps.stats.lines_unresolved, n_unresolved);
-        self.deps.outbox.save(&kept).await?;
+        let kept = self.deps.outbox.record_failure(&kept, &error).await?;
         let n_failures = kept.iter().map(|l| l.failures).max().unwrap_or(1);
         let delay = self.hold_delay(n_failures);
         let not_before = tally.now + delay;

@@ -202,7 +202,7 @@ impl Tally {
 
 /// Why the CMS refused `line`, for its dead letter (`CmsError::refusal_reason`).
 fn refusal(err: &CmsError, line: &PendingLine) -> String {
-    err.refusal_reason(line.prepared.as_ref().map(|p| p.user_id))
+    err.refusal_reason(line.row().map(|p| p.user_id))
 }
 
 /// Whether the CMS itself answered a request with an error (not an outage): a page that is not its

@@ -72,7 +72,7 @@ impl<C: ChatApi> Delivery<C> {
             .unwrap_or(0);
         // A line's row, if stored, is above the id confirmed when it went out, whatever was
         // confirmed since; below the cursor only if the cursor started again (`send`).
-        let after = |line: &PendingLine| line.sent_after.map_or(cursor, |sent| sent.min(cursor));
+        let after = |line: &PendingLine| line.sent_after().map_or(cursor, |sent| sent.min(cursor));
         let claimed = lock(&self.holds).claimed.clone();
         let (found, unsent) = match_rows(
             &uncertain,
@@ -102,10 +102,7 @@ impl<C: ChatApi> Delivery<C> {
         }
         let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent
             .into_iter()
-            .map(|l| PendingLine {
-                in_flight: false,
-                ..l
-            })
+            .map(PendingLine::not_stored)
             .partition(|l| l.failures >= self.deps.max_line_failures);
         for line in &exhausted {
             let reason = format!(
@@ -115,7 +112,7 @@ impl<C: ChatApi> Delivery<C> {
             );
             self.dead_letter(line, &reason, tally).await?;
         }
-        self.deps.outbox.save(&unsent).await?;
+        let unsent = self.deps.outbox.mark_not_stored(&unsent).await?;
         tracing::info!(
             n_found = found.len(),
             n_resend = unsent.len(),
@@ -142,8 +139,7 @@ impl<C: ChatApi> Delivery<C> {
 pub(super) fn read_back_start(lines: &[PendingLine], zone: Zone, offset_seen: Option<i64>) -> i64 {
     let margin = chrono::Duration::seconds(READ_BACK_MARGIN_SECS);
     let stored = lines.iter().map(|line| {
-        line.prepared
-            .as_ref()
+        line.row()
             .and_then(|p| NaiveDateTime::parse_from_str(&p.timestamp, ROW_TIME).ok())
             .unwrap_or_else(|| zone.wall_clock(line.line.spoken_at))
     });
@@ -187,7 +183,7 @@ pub(super) fn match_rows(
     let mut found = Vec::new();
     let mut unsent = Vec::new();
     for line in uncertain {
-        let Some(prepared) = &line.prepared else {
+        let Some(prepared) = line.row() else {
             unsent.push(line.clone());
             continue;
         };
@@ -216,7 +212,7 @@ pub(super) fn match_rows(
 mod tests {
     use super::*;
     use crate::model::CapturedLine;
-    use crate::outbox::Prepared;
+    use crate::outbox::{LineState, Prepared};
     use chrono::Utc;
 
     fn pending(id: u64, user_id: i64, message: &str, timestamp: &str) -> PendingLine {
@@ -232,15 +228,16 @@ mod tests {
                 captured_at: now,
             },
             attempts: 0,
-            prepared: Some(Prepared {
-                user_id,
-                message: message.into(),
-                timestamp: timestamp.into(),
-            }),
-            in_flight: true,
+            state: LineState::InFlight {
+                row: Some(Prepared {
+                    user_id,
+                    message: message.into(),
+                    timestamp: timestamp.into(),
+                }),
+                after: None,
+            },
             failures: 0,
             last_error: None,
-            sent_after: None,
         }
     }
 
@@ -303,13 +300,16 @@ mod tests {
         // Line 1 went out when the cursor was 4; lines confirmed since raised it to 9, and row 9
         // is the same words by the same speaker, confirmed for another line.
         let mut held = pending(1, 3, "lol", t);
-        held.sent_after = Some(4);
+        held.state = LineState::InFlight {
+            row: held.row().cloned(),
+            after: Some(4),
+        };
         let rows = [row(5, 3, "lol", t), row(9, 3, "lol", t)];
 
         let (found, _) = match_rows(
             std::slice::from_ref(&held),
             &rows,
-            |line| line.sent_after.unwrap_or(9),
+            |line| line.sent_after().unwrap_or(9),
             &HashSet::from([9]),
             -1,
         );

@@ -15,7 +15,7 @@ use crate::delivery::{
 use crate::filter::FilterReason;
 use crate::metrics::Stats;
 use crate::model::{LineSource, fill_template};
-use crate::outbox::{Cursor, OutboxError, PendingLine, Prepared};
+use crate::outbox::{Cursor, LineState, OutboxError, PendingLine, Prepared};
 use crate::pacing::Answer;
 
 impl<C: ChatApi> Delivery<C> {
@@ -24,9 +24,9 @@ impl<C: ChatApi> Delivery<C> {
         mut lines: Vec<PendingLine>,
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
-        if lines.iter().any(|l| l.in_flight) {
+        if lines.iter().any(PendingLine::is_in_flight) {
             let (uncertain, rest): (Vec<PendingLine>, Vec<PendingLine>) =
-                lines.into_iter().partition(|l| l.in_flight);
+                lines.into_iter().partition(PendingLine::is_in_flight);
             let mut uncertain = self.this_rounds_read(uncertain)?;
             // A record in flight without its row (written by another tool, or damaged) cannot
             // have been sent as it is: its row is decided now, as before a first POST, and the
@@ -99,7 +99,7 @@ impl<C: ChatApi> Delivery<C> {
             return Ok(if fresh.is_empty() { held } else { fresh });
         }
         self.deps.outbox.oldest_where(usize::MAX, SCAN_LIMIT, |l| {
-            l.in_flight && readers.contains(&l.id)
+            l.is_in_flight() && readers.contains(&l.id)
         })
     }
 
@@ -108,7 +108,7 @@ impl<C: ChatApi> Delivery<C> {
     /// time was never sent, so deciding it again later is harmless, and one write and one flush per
     /// batch fewer is a third of delivery's outbox work.
     pub(super) async fn prepare(&self, lines: &mut [PendingLine]) {
-        for pending in lines.iter_mut().filter(|l| l.prepared.is_none()) {
+        for pending in lines.iter_mut().filter(|l| l.row().is_none()) {
             let line = &pending.line;
             // Only an avatar's name is looked up: an object may name itself after any avatar, and
             // the relay's own lines are said by no one.
@@ -136,7 +136,7 @@ impl<C: ChatApi> Delivery<C> {
                     ],
                 ),
             };
-            pending.prepared = Some(Prepared {
+            let row = Prepared {
                 user_id: user.unwrap_or(self.deps.settings.anonymous_user_id),
                 message: sanitize_message(&message),
                 timestamp: self
@@ -146,7 +146,16 @@ impl<C: ChatApi> Delivery<C> {
                     .wall_clock(line.spoken_at)
                     .format(ROW_TIME)
                     .to_string(),
-            });
+            };
+            // In memory: written with the in-flight mark. A record in flight without its row keeps
+            // its place in flight, to be read back for the row decided now.
+            pending.state = match &pending.state {
+                LineState::InFlight { after, .. } => LineState::InFlight {
+                    row: Some(row),
+                    after: *after,
+                },
+                _ => LineState::Prepared(row),
+            };
         }
     }
 
@@ -176,17 +185,7 @@ impl<C: ChatApi> Delivery<C> {
             .outbox
             .cursor(Cursor::LastConfirmedId)?
             .unwrap_or(0);
-        let marked: Vec<PendingLine> = batch
-            .iter()
-            .map(|l| PendingLine {
-                in_flight: true,
-                attempts: l.attempts.saturating_add(1),
-                sent_after: Some(sent_after),
-                ..l.clone()
-            })
-            .collect();
-        self.deps.outbox.save(&marked).await?;
-        Ok(marked)
+        self.deps.outbox.mark_in_flight(batch, sent_after).await
     }
 
     /// POSTs a batch and settles it. A `success: true` proves a row stored only for a batch of one:
@@ -209,7 +208,7 @@ impl<C: ChatApi> Delivery<C> {
         if batch.is_empty() {
             return Ok(());
         }
-        let before = batch.first().and_then(|l| l.sent_after).unwrap_or(0);
+        let before = batch.first().and_then(PendingLine::sent_after).unwrap_or(0);
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         let started = self.pacer.wait().await;
         self.deps.stats.batch_attempted(batch.len());
@@ -367,8 +366,7 @@ impl<C: ChatApi> Delivery<C> {
 /// The row of a prepared line.
 pub(super) fn item_of(line: &PendingLine) -> ChatItem {
     let prepared = line
-        .prepared
-        .as_ref()
+        .row()
         .expect("every path prepares its lines (`prepare`) before it sends them");
     ChatItem {
         user_id: prepared.user_id,
