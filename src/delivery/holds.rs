@@ -45,10 +45,13 @@ pub(super) struct Holds {
     pub(super) claimed: HashSet<i64>,
     /// The error of the last failure that held lines, for `/readyz`.
     pub(super) last_error: String,
-    /// The lines whose insert failed on its own (`Attempt::Insert`) since the CMS last stored a
-    /// row of ours: one line is a failure of its own (an unknown user, say); two or more with no
-    /// row stored between is the CMS failing every insert (its database cannot write), an outage.
-    pub(super) failing_inserts: HashSet<u64>,
+    /// Inserts of lines sent alone that failed (`Attempt::Insert`) since the CMS last stored a row
+    /// of ours. The first is a failure of the line's own (an unknown user, say); a second with no
+    /// row stored between is the CMS failing every insert (its database cannot write), an
+    /// outage that counts against no line, even when it is the same line again: a line is
+    /// counted a failure of its own only when the CMS showed since its previous failure that it
+    /// can store rows.
+    pub(super) inserts_failed_since_stored: usize,
 }
 
 impl Holds {
@@ -80,12 +83,14 @@ impl Holds {
 
 impl<C: ChatApi> Delivery<C> {
     /// A POST of `line` alone answered `{"success":false,"id":0}`: its insert failed, so it is
-    /// proven not stored (spec §3.3) and is sent again, never read back. While other rows of ours
-    /// are stored between, it is the line's own failure (an unknown `userId`, a linked user deleted
-    /// since the lookup), retried on its own schedule up to `retry.max_line_failures`, then
-    /// dead-lettered with the reason. When a second line fails so with no row stored between, the
-    /// CMS fails every insert (a full disk, a lost database connection, a lock wait): an outage,
-    /// counted against no line, that the loop backs off from and `/readyz` reports.
+    /// proven not stored (spec §3.3) and is sent again, never read back. When the CMS stored a row of
+    /// ours since the last such failure, it is the line's own (an unknown `userId`, a linked user
+    /// deleted since the lookup): retried on its own schedule up to `retry.max_line_failures`, then
+    /// dead-lettered with the reason. Otherwise the CMS fails every insert (a full disk, a lost
+    /// database connection, a lock wait): an outage, counted against no line, that the loop backs
+    /// off from and `/readyz` reports. A bad line on a grid where no one else speaks therefore waits
+    /// (reported as that outage) until someone's line is stored, rather than risk dead-lettering a
+    /// speaker's every line while the database is down.
     pub(super) async fn insert_failed(
         &self,
         line: &PendingLine,
@@ -94,8 +99,8 @@ impl<C: ChatApi> Delivery<C> {
         let line = line.clone().not_stored();
         let n_failing = {
             let mut holds = lock(&self.holds);
-            holds.failing_inserts.insert(line.id);
-            holds.failing_inserts.len()
+            holds.inserts_failed_since_stored += 1;
+            holds.inserts_failed_since_stored
         };
         if n_failing > 1 {
             self.deps

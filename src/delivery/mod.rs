@@ -30,6 +30,8 @@ use crate::pacing::Pacer;
 
 mod api;
 mod holds;
+#[cfg(test)]
+mod model;
 mod proof;
 mod readback;
 mod run;
@@ -70,13 +72,13 @@ pub enum DeliveryError {
     /// The outbox could not be read or written.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-    /// Lines whose POST carried them alone each got `{"success":false,"id":0}`, with no row of
-    /// ours stored between: the CMS fails every insert.
+    /// Inserts of lines sent alone each got `{"success":false,"id":0}`, with no row of ours stored
+    /// between: the CMS fails every insert.
     #[error(
-        "the cms fails every insert: {n_lines} lines sent alone each answered {{\"success\":false,\"id\":0}} with no line stored between (its database cannot write: a full disk, a lost connection, a lock wait?); the lines wait, none is counted as failing"
+        "the cms fails every insert: {n_lines} inserts of lines sent alone in a row answered {{\"success\":false,\"id\":0}} with no line stored between (its database cannot write: a full disk, a lost connection, a lock wait?); the lines wait, none is counted as failing"
     )]
     InsertsFailing {
-        /// The lines that failed so.
+        /// The failed inserts in a row.
         n_lines: usize,
     },
 }

@@ -304,7 +304,7 @@ impl<C: ChatApi> Delivery<C> {
         self.forget_holds(ids);
         if !ids.is_empty() {
             // The CMS stored a row of ours: it can insert, and a line that fails next is its own.
-            lock(&self.holds).failing_inserts.clear();
+            lock(&self.holds).inserts_failed_since_stored = 0;
         }
         Ok(())
     }

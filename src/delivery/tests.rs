@@ -56,6 +56,32 @@ pub(super) fn rig_full(
     let dir = tempfile::tempdir().expect("temporary directory");
     let outbox = Arc::new(Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("outbox opens"));
     let cms = Arc::new(ScriptedCms::new(Amsterdam, &[3]));
+    let stats = Arc::new(Stats::default());
+    let delivery = delivery_of(
+        outbox.clone(),
+        cms.clone(),
+        stats.clone(),
+        (bob, retry, configured, max_line_failures),
+    );
+    Rig {
+        delivery,
+        cms,
+        outbox,
+        stats,
+        _dir: dir,
+    }
+}
+
+/// Bob's user id, the retry schedule, `cms.timezone` and `retry.max_line_failures`.
+pub(super) type Setup = (i64, RetryPolicy, Zone, u32);
+
+/// Delivery from `outbox` to `cms`, counting into `stats`.
+pub(super) fn delivery_of(
+    outbox: Arc<Outbox>,
+    cms: Arc<ScriptedCms>,
+    stats: Arc<Stats>,
+    (bob, retry, configured, max_line_failures): Setup,
+) -> Delivery<ScriptedCms> {
     // Every speaker of these tests is in `mapping.users` or goes out anonymous, so the mapper's
     // own CMS (nothing listens at port 9) is never asked.
     let lookups = CmsClient::new(CmsEndpoint {
@@ -77,10 +103,9 @@ pub(super) fn rig_full(
         Arc::new(lookups),
         Duration::from_secs(60),
     );
-    let stats = Arc::new(Stats::default());
-    let delivery = Delivery::new(DeliveryDeps {
-        outbox: outbox.clone(),
-        cms: cms.clone(),
+    Delivery::new(DeliveryDeps {
+        outbox,
+        cms,
         mapper: Arc::new(mapper),
         settings: DeliverySettings {
             timezone: configured,
@@ -96,16 +121,9 @@ pub(super) fn rig_full(
             verify: false,
         },
         retry,
-        stats: stats.clone(),
-        max_line_failures,
-    });
-    Rig {
-        delivery,
-        cms,
-        outbox,
         stats,
-        _dir: dir,
-    }
+        max_line_failures,
+    })
 }
 
 /// A line said at `spoken_at`.
@@ -374,21 +392,42 @@ async fn a_database_that_briefly_cannot_insert_makes_no_dead_letters() {
 
 #[tokio::test]
 async fn a_line_the_cms_alone_cannot_store_is_retried_then_dead_lettered_with_the_reason() {
-    // Bob's user 99 does not exist: his insert fails its foreign key each time, Alice's work.
+    // Bob's user 99 does not exist: his insert fails its foreign key each time, while Alice's
+    // lines, one a round, are stored.
     let rig = rig_with(99, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.say(&[now_said(BOB, "b1"), now_said(ALICE, "a1")]).await;
+    rig.say(&[now_said(BOB, "b1")]).await;
+    for round in 0..12 {
+        rig.say(&[now_said(ALICE, &format!("a{round}"))]).await;
+        rounds(&rig, 1).await;
+    }
+    rounds(&rig, 2).await;
 
-    rounds(&rig, 12).await;
-    rig.say(&[now_said(ALICE, "a2")]).await;
-    rounds(&rig, 4).await;
-
-    assert_eq!(rig.cms.relay_messages(), ["a1", "a2"]);
+    assert_eq!(rig.cms.relay_messages().len(), 12);
     let dead = rig.outbox.dead_letters().expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].pending.line.message, "b1");
     assert_eq!(dead[0].pending.failures, 3, "retry.max_line_failures tries");
     assert!(dead[0].reason.contains("user id 99"), "{}", dead[0].reason);
     assert!(rig.outbox.is_empty());
+}
+
+#[tokio::test]
+async fn a_line_the_cms_refuses_where_no_one_else_speaks_waits_as_an_outage() {
+    // Nothing tells Bob's bad user from a database that cannot write: his line is not counted
+    // against him until the CMS stores someone else's.
+    let rig = rig_with(99, SHORT_RETRY, Zone::Named(Amsterdam));
+    rig.say(&[now_said(BOB, "b1"), now_said(BOB, "b2")]).await;
+
+    let errors = rounds(&rig, 12).await;
+
+    assert!(rig.dead().is_empty(), "{:?}", rig.dead());
+    assert_eq!(rig.outbox.len(), 2);
+    assert!(
+        errors
+            .last()
+            .is_some_and(|e| e.contains("fails every insert")),
+        "{errors:?}"
+    );
 }
 
 /// The chat GETs a CMS whose reads of more than 1 000 rows die of PHP's memory limit gets in two
