@@ -25,6 +25,10 @@ pub trait ChatApi: Send + Sync + 'static {
         since_unix: i64,
     ) -> impl Future<Output = Result<Vec<CmsChat>, CmsError>> + Send;
 
+    /// Whether the CMS has user `user_id` (`CmsClient::user_exists`): after a line's insert
+    /// failed, a user it does not have is a cause of the line's own.
+    fn user_exists(&self, user_id: i64) -> impl Future<Output = Result<bool, CmsError>> + Send;
+
     /// The CMS's UTC offset in seconds as its last login answer showed it, if known: a read-back
     /// also starts from it, so that a `cms.timezone` that disagrees cannot hide a row.
     fn offset_seen(&self) -> Option<i64> {
@@ -41,6 +45,10 @@ impl ChatApi for CmsClient {
 
     async fn read_since(&self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
         self.chats_since(since_unix).await
+    }
+
+    async fn user_exists(&self, user_id: i64) -> Result<bool, CmsError> {
+        CmsClient::user_exists(self, user_id).await
     }
 
     fn offset_seen(&self) -> Option<i64> {

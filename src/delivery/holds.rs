@@ -83,26 +83,29 @@ impl Holds {
 
 impl<C: ChatApi> Delivery<C> {
     /// A POST of `line` alone answered `{"success":false,"id":0}`: its insert failed, so it is
-    /// proven not stored (spec §3.3) and is sent again, never read back. When the CMS stored a row of
-    /// ours since the last such failure, it is the line's own (an unknown `userId`, a linked user
-    /// deleted since the lookup): retried on its own schedule up to `retry.max_line_failures`, then
-    /// dead-lettered with the reason. Otherwise the CMS fails every insert (a full disk, a lost
-    /// database connection, a lock wait): an outage, counted against no line, that the loop backs
-    /// off from and `/readyz` reports. A bad line on a grid where no one else speaks therefore waits
-    /// (reported as that outage) until someone's line is stored, rather than risk dead-lettering a
-    /// speaker's every line while the database is down.
+    /// proven not stored (spec §3.3) and is sent again, never read back. The failure is the line's
+    /// own (an unknown `userId`, a linked user deleted since the lookup) when the CMS stored a row of
+    /// ours since the last such failure, or when the CMS says it has no user of the line's id: the
+    /// line is retried on its own schedule up to `retry.max_line_failures`, then dead-lettered with
+    /// the reason. Otherwise the CMS fails every insert (a full disk, a lost database connection, a
+    /// lock wait): an outage, counted against no line, that the loop backs off from and `/readyz`
+    /// reports; a database that cannot write never dead-letters a speaker's lines, even when that
+    /// speaker is alone. (A line that fails for another cause where no one else speaks waits,
+    /// reported as that outage, until the CMS stores someone's line.)
     pub(super) async fn insert_failed(
         &self,
         line: &PendingLine,
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
         let line = line.clone().not_stored();
-        let n_failing = {
+        let (stored_since, n_failing) = {
             let mut holds = lock(&self.holds);
+            let stored_since = holds.inserts_failed_since_stored == 0;
             holds.inserts_failed_since_stored += 1;
-            holds.inserts_failed_since_stored
+            (stored_since, holds.inserts_failed_since_stored)
         };
-        if n_failing > 1 {
+        let own = stored_since || self.user_unknown(&line).await;
+        if !own {
             self.deps
                 .outbox
                 .mark_not_stored(std::slice::from_ref(&line))
@@ -111,6 +114,16 @@ impl<C: ChatApi> Delivery<C> {
         }
         self.failed(&[line], CmsError::LastRowFailed, Attempt::Insert, tally)
             .await
+    }
+
+    /// Whether the CMS says it has no user of `line`'s row (-1 is stored as NULL and has none to
+    /// lack; a `cms.anonymous_user_id` of 0 is asked about like any other; a lookup that fails
+    /// proves nothing).
+    async fn user_unknown(&self, line: &PendingLine) -> bool {
+        let Some(user_id) = line.row().map(|row| row.user_id).filter(|id| *id != -1) else {
+            return false;
+        };
+        matches!(self.deps.cms.user_exists(user_id).await, Ok(false))
     }
 
     /// An attempt of `lines` that the CMS answered with an error (`answered_with_error`), or an

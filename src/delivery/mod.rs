@@ -1,19 +1,26 @@
 //! `Delivery`: outbox → CMS. Builds batches within the count and byte limits, fixes each line's row
 //! (user, text, timestamp) before its first POST, and retries with backoff until the CMS confirms.
 //!
-//! Because the CMS's chat POST is not idempotent, a batch whose outcome is unknown (timeout, reset,
-//! 5xx, an unreadable answer, a restart in the middle) stays marked in flight, and is read back from
-//! the CMS before anything is resent: rows already stored are confirmed, the rest go out one line per
-//! POST so each gets an unambiguous answer. A line the CMS refuses on its own goes to the dead letters;
-//! a batch that is refused is first retried line by line so one bad line does not take its neighbours
-//! with it.
+//! What an answer proves is `proof::what_a_post_proves`: a `success: true` proves a line stored only
+//! for a POST of that line alone (every insert consumes an id, stored or not), so a batch of more is
+//! read back after its success. Because the CMS's chat POST is not idempotent, a batch whose outcome
+//! is unknown (timeout, reset, 5xx, an unreadable answer, a restart in the middle) stays marked in
+//! flight, and is read back from the CMS before anything is resent: rows already stored are
+//! confirmed, the rest go out one line per POST so each gets an unambiguous answer. A line the CMS
+//! refuses on its own goes to the dead letters; a batch that is refused is first retried line by
+//! line so one bad line does not take its neighbours with it.
 //!
 //! A failure is the lines' own when the CMS answered it with an error (an error page or HTTP 500
-//! for their POST or their read-back) and answers a probe right after it: those lines wait for their own retry, with
-//! their own backoff, while newer lines go on (the newer lines of their speakers wait behind them,
-//! so that a speaker's order holds), and after `retry.max_line_failures` such failures
-//! they go to the dead letters with a reason that says what to check. Any other failure is an
-//! outage: the lines keep their place and the loop backs off, for as long as it lasts.
+//! for their POST or their read-back) and answers a probe right after it, or when it refused one
+//! line's insert after storing other rows: those lines wait for their own retry (those waiting for
+//! a read-back on one shared schedule, read in one GET), while newer lines go on (the newer lines
+//! of their speakers wait behind them, so that a speaker's order holds), and after
+//! `retry.max_line_failures` such failures they go to the dead letters with a reason that says what
+//! to check. Any other failure is an outage: the lines keep their place and the loop backs off
+//! (a server's `Retry-After` up to `retry.max`, its heartbeat beating), for as long as it lasts.
+//!
+//! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `holds`, `run`;
+//! `scripted`, `tests` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
 //! line whose outcome no read-back could settle.
 

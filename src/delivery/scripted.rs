@@ -225,6 +225,10 @@ impl ChatApi for ScriptedCms {
         self.with(|m| m.read(since_unix))
     }
 
+    async fn user_exists(&self, user_id: i64) -> Result<bool, CmsError> {
+        Ok(self.with(|m| m.users.contains(&user_id)))
+    }
+
     fn offset_seen(&self) -> Option<i64> {
         self.with(|m| m.offset_seen)
     }

@@ -412,11 +412,25 @@ async fn a_line_the_cms_alone_cannot_store_is_retried_then_dead_lettered_with_th
 }
 
 #[tokio::test]
-async fn a_line_the_cms_refuses_where_no_one_else_speaks_waits_as_an_outage() {
-    // Nothing tells Bob's bad user from a database that cannot write: his line is not counted
-    // against him until the CMS stores someone else's.
+async fn a_lone_line_of_a_user_the_cms_lacks_is_dead_lettered_after_its_tries() {
+    // No one else speaks: the CMS's own answer (no user 99) makes the failure Bob's.
     let rig = rig_with(99, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.say(&[now_said(BOB, "b1"), now_said(BOB, "b2")]).await;
+    rig.say(&[now_said(BOB, "b1")]).await;
+
+    rounds(&rig, 12).await;
+
+    assert_eq!(rig.dead(), ["b1"]);
+    assert!(rig.outbox.is_empty());
+}
+
+#[tokio::test]
+async fn a_database_that_cannot_write_does_not_dead_letter_a_lone_speaker() {
+    // Alice (user 3, whom the CMS has) is the only one speaking while every insert fails: nothing
+    // tells her lines apart from an outage, so none is counted against her.
+    let rig = rig_with(3, SHORT_RETRY, Zone::Named(Amsterdam));
+    rig.cms.with(|m| m.inserts_fail = true);
+    rig.say(&[now_said(ALICE, "a1"), now_said(ALICE, "a2")])
+        .await;
 
     let errors = rounds(&rig, 12).await;
 
@@ -428,6 +442,9 @@ async fn a_line_the_cms_refuses_where_no_one_else_speaks_waits_as_an_outage() {
             .is_some_and(|e| e.contains("fails every insert")),
         "{errors:?}"
     );
+    rig.cms.with(|m| m.inserts_fail = false);
+    rounds(&rig, 6).await;
+    assert_eq!(rig.cms.relay_messages(), ["a1", "a2"]);
 }
 
 /// The chat GETs a CMS whose reads of more than 1 000 rows die of PHP's memory limit gets in two
