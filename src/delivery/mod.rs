@@ -20,7 +20,7 @@
 //! (a server's `Retry-After` up to `retry.max`, its heartbeat beating), for as long as it lasts.
 //!
 //! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `holds`, `run`;
-//! `scripted`, `tests` and `model` are test-only.
+//! `scripted`, `tests`, `waits`, `refusals` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
 //! line whose outcome no read-back could settle.
 
@@ -41,12 +41,16 @@ mod holds;
 mod model;
 mod proof;
 mod readback;
+#[cfg(test)]
+mod refusals;
 mod run;
 #[cfg(test)]
 mod scripted;
 mod step;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod waits;
 
 pub use api::{ChatApi, describe_unknown_users, unknown_mapped_users, zone_disagreement};
 use holds::Holds;

@@ -242,16 +242,7 @@ mod tests {
     }
 
     fn row(id: i64, user_id: i64, message: &str, timestamp: &str) -> CmsChat {
-        CmsChat {
-            id,
-            user_id,
-            username: String::new(),
-            first_name: String::new(),
-            last_name: String::new(),
-            message: message.into(),
-            timestamp: timestamp.into(),
-            from_cms: false,
-        }
+        crate::delivery::scripted::row(id, user_id, message, timestamp, false)
     }
 
     #[test]

@@ -203,7 +203,14 @@ fn memory_limit() -> CmsError {
     }
 }
 
-fn row(id: i64, user_id: i64, message: &str, timestamp: &str, from_cms: bool) -> CmsChat {
+/// A stored row as the CMS returns it.
+pub(crate) fn row(
+    id: i64,
+    user_id: i64,
+    message: &str,
+    timestamp: &str,
+    from_cms: bool,
+) -> CmsChat {
     CmsChat {
         id,
         user_id,

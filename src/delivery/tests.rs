@@ -27,7 +27,7 @@ pub(super) struct Rig {
     pub cms: Arc<ScriptedCms>,
     pub outbox: Arc<Outbox>,
     pub stats: Arc<Stats>,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 /// A rig whose `mapping.users` maps Alice to CMS user 3 and Bob to `bob`; the CMS knows user 3
@@ -68,7 +68,7 @@ pub(super) fn rig_full(
         cms,
         outbox,
         stats,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -138,7 +138,7 @@ pub(super) fn said(speaker: &str, message: &str, spoken_at: DateTime<Utc>) -> Ca
     }
 }
 
-fn now_said(speaker: &str, message: &str) -> CapturedLine {
+pub(super) fn now_said(speaker: &str, message: &str) -> CapturedLine {
     said(speaker, message, Utc::now())
 }
 
@@ -156,11 +156,11 @@ impl Rig {
         }
     }
 
-    fn counted(&self) -> u64 {
+    pub(super) fn counted(&self) -> u64 {
         Stats::get(&self.stats.lines_delivered) + Stats::get(&self.stats.lines_reconciled)
     }
 
-    fn dead(&self) -> Vec<String> {
+    pub(super) fn dead(&self) -> Vec<String> {
         self.outbox
             .dead_letters()
             .expect("dead letters")
@@ -238,213 +238,6 @@ async fn a_cms_timezone_west_of_the_cms_hides_no_row_from_a_read_back() {
 
     assert_eq!(rig.cms.relay_messages(), ["one", "two"]);
     assert!(rig.outbox.is_empty());
-}
-
-/// Waits for `condition`, checked every 10 ms, for at most 20 s (a stuck loop fails the test).
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The loop of `rig` running; stopped when the guard is dropped.
-fn running(
-    rig: Rig,
-) -> (
-    Arc<ScriptedCms>,
-    Arc<Outbox>,
-    Arc<Stats>,
-    tokio_util::sync::DropGuard,
-) {
-    let token = tokio_util::sync::CancellationToken::new();
-    let (cms, outbox, stats) = (rig.cms.clone(), rig.outbox.clone(), rig.stats.clone());
-    let dir = rig._dir;
-    let delivery = rig.delivery;
-    let stop = token.clone();
-    tokio::spawn(async move {
-        delivery.run_until_stopped(stop).await;
-        drop(dir);
-    });
-    (cms, outbox, stats, token.drop_guard())
-}
-
-/// `retry.max` of an hour: a `Retry-After: 3600` is within it and honoured.
-const HOUR_RETRY: RetryPolicy = RetryPolicy {
-    initial: Duration::from_millis(20),
-    max: Duration::from_secs(3600),
-};
-
-#[tokio::test]
-async fn the_heartbeat_beats_while_the_loop_honours_a_long_retry_after() {
-    let rig = rig_with(3, HOUR_RETRY, Zone::Named(Amsterdam));
-    rig.cms.with(|m| {
-        m.reads_down = Some(Duration::from_secs(3600));
-        m.posts_down = true;
-    });
-    rig.say(&[now_said(ALICE, "during maintenance")]).await;
-    let (cms, _outbox, stats, _stop) = running(rig);
-
-    eventually("the first POST", || cms.with(|m| m.n_posts) == 1).await;
-    let answered = std::time::Instant::now();
-    eventually("a beat after the POST was answered", || {
-        stats
-            .delivery_heartbeat
-            .since_last_beat()
-            .is_some_and(|since| since < answered.elapsed())
-    })
-    .await;
-    assert_eq!(
-        cms.with(|m| m.n_posts),
-        1,
-        "the maintenance page is honoured"
-    );
-}
-
-#[tokio::test]
-async fn new_lines_end_a_long_retry_after() {
-    // The CMS's probe fails throughout, so only the new line can end the wait.
-    let rig = rig_with(3, HOUR_RETRY, Zone::Named(Amsterdam));
-    rig.cms.with(|m| {
-        m.probes_down = true;
-        m.post_faults.push_back(PostFault::Http {
-            status: 503,
-            retry_after: Some(Duration::from_secs(3600)),
-        });
-    });
-    rig.say(&[now_said(ALICE, "first")]).await;
-    let outbox = rig.outbox.clone();
-    let (cms, _outbox, _stats, _stop) = running(rig);
-
-    eventually("the first POST", || cms.with(|m| m.n_posts) == 1).await;
-    outbox
-        .append(&[now_said(ALICE, "second")])
-        .await
-        .expect("append");
-
-    eventually("both lines POSTed", || {
-        cms.relay_messages() == ["first", "second"]
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_cms_that_answers_again_ends_a_long_retry_after() {
-    let rig = rig_with(3, HOUR_RETRY, Zone::Named(Amsterdam));
-    rig.cms.with(|m| {
-        m.post_faults.push_back(PostFault::Http {
-            status: 503,
-            retry_after: Some(Duration::from_secs(3600)),
-        })
-    });
-    rig.say(&[now_said(ALICE, "after maintenance")]).await;
-    let (cms, outbox, _stats, _stop) = running(rig);
-
-    eventually("the line delivered", || {
-        outbox.is_empty() && cms.relay_messages() == ["after maintenance"]
-    })
-    .await;
-}
-
-/// A retry schedule of at most 20 ms, so that a held line is due again after `rounds`' sleep.
-const SHORT_RETRY: RetryPolicy = RetryPolicy {
-    initial: Duration::from_millis(5),
-    max: Duration::from_millis(20),
-};
-
-/// Steps `n` times, longer than `SHORT_RETRY.max` apart; the errors of the failed steps.
-async fn rounds(rig: &Rig, n: usize) -> Vec<String> {
-    let mut errors = Vec::new();
-    for _ in 0..n {
-        if let Err(err) = rig.delivery.try_deliver_batch().await {
-            errors.push(err.to_string());
-        }
-        tokio::time::sleep(SHORT_RETRY.max + Duration::from_millis(5)).await;
-    }
-    errors
-}
-
-#[tokio::test]
-async fn a_database_that_briefly_cannot_insert_makes_no_dead_letters() {
-    // Disk full at the database: every insert answers {"success":false,"id":0} while reads work.
-    let rig = rig_with(3, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.cms.with(|m| m.inserts_fail = true);
-    rig.say(&[
-        now_said(ALICE, "a1"),
-        now_said(CAROL, "c1"),
-        now_said(ALICE, "a2"),
-    ])
-    .await;
-
-    let errors = rounds(&rig, 12).await;
-
-    assert_eq!(rig.dead(), Vec::<String>::new());
-    assert!(
-        errors.iter().any(|e| e.contains("fails every insert")),
-        "an outage, not the lines' own failures: {errors:?}"
-    );
-    rig.cms.with(|m| m.inserts_fail = false);
-    rounds(&rig, 12).await;
-    assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1", "a2"]);
-    assert!(rig.outbox.is_empty());
-}
-
-#[tokio::test]
-async fn a_line_the_cms_alone_cannot_store_is_retried_then_dead_lettered_with_the_reason() {
-    // Bob's user 99 does not exist: his insert fails its foreign key each time, while Alice's
-    // lines, one a round, are stored.
-    let rig = rig_with(99, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.say(&[now_said(BOB, "b1")]).await;
-    for round in 0..12 {
-        rig.say(&[now_said(ALICE, &format!("a{round}"))]).await;
-        rounds(&rig, 1).await;
-    }
-    rounds(&rig, 2).await;
-
-    assert_eq!(rig.cms.relay_messages().len(), 12);
-    let dead = rig.outbox.dead_letters().expect("dead letters");
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].pending.line.message, "b1");
-    assert_eq!(dead[0].pending.failures, 3, "retry.max_line_failures tries");
-    assert!(dead[0].reason.contains("user id 99"), "{}", dead[0].reason);
-    assert!(rig.outbox.is_empty());
-}
-
-#[tokio::test]
-async fn a_lone_line_of_a_user_the_cms_lacks_is_dead_lettered_after_its_tries() {
-    // No one else speaks: the CMS's own answer (no user 99) makes the failure Bob's.
-    let rig = rig_with(99, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.say(&[now_said(BOB, "b1")]).await;
-
-    rounds(&rig, 12).await;
-
-    assert_eq!(rig.dead(), ["b1"]);
-    assert!(rig.outbox.is_empty());
-}
-
-#[tokio::test]
-async fn a_database_that_cannot_write_does_not_dead_letter_a_lone_speaker() {
-    // Alice (user 3, whom the CMS has) is the only one speaking while every insert fails: nothing
-    // tells her lines apart from an outage, so none is counted against her.
-    let rig = rig_with(3, SHORT_RETRY, Zone::Named(Amsterdam));
-    rig.cms.with(|m| m.inserts_fail = true);
-    rig.say(&[now_said(ALICE, "a1"), now_said(ALICE, "a2")])
-        .await;
-
-    let errors = rounds(&rig, 12).await;
-
-    assert!(rig.dead().is_empty(), "{:?}", rig.dead());
-    assert_eq!(rig.outbox.len(), 2);
-    assert!(
-        errors
-            .last()
-            .is_some_and(|e| e.contains("fails every insert")),
-        "{errors:?}"
-    );
-    rig.cms.with(|m| m.inserts_fail = false);
-    rounds(&rig, 6).await;
-    assert_eq!(rig.cms.relay_messages(), ["a1", "a2"]);
 }
 
 /// The chat GETs a CMS whose reads of more than 1 000 rows die of PHP's memory limit gets in two
