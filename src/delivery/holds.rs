@@ -46,11 +46,10 @@ pub(super) struct Holds {
     /// The error of the last failure that held lines, for `/readyz`.
     pub(super) last_error: String,
     /// Inserts of lines sent alone that failed (`Attempt::Insert`) since the CMS last stored a row
-    /// of ours. The first is a failure of the line's own (an unknown user, say); a second with no
-    /// row stored between is the CMS failing every insert (its database cannot write), an
-    /// outage that counts against no line, even when it is the same line again: a line is
-    /// counted a failure of its own only when the CMS showed since its previous failure that it
-    /// can store rows.
+    /// of ours. The first is a failure of the line's own; a later one (the same line again
+    /// included) is one only when the CMS has no user of the line's id, and otherwise the CMS
+    /// failing every insert (its database cannot write): an outage that counts against no line
+    /// (`insert_failed`).
     pub(super) inserts_failed_since_stored: usize,
 }
 
