@@ -1,4 +1,5 @@
-//! `opensim-chat-relay outbox …`: look into and repair the outbox while the relay is stopped; and
+//! `opensim-chat-relay outbox …`: look into and repair the outbox while the relay is stopped (its
+//! pending lines, dead letters and quarantine); and
 //! `opensim-chat-relay privacy …`: the avatars who opted out of recording, kept in the outbox.
 //!
 //! Owns only the printing and the choice of operation; the storage work is `Outbox`'s. It refuses to
@@ -8,7 +9,8 @@ use chrono::Utc;
 
 use crate::cli::{OutboxAction, PrivacyAction};
 use crate::config::Settings;
-use crate::outbox::{OptOut, Outbox, PendingLine, SpeakerKey};
+use crate::outbox::{Outbox, PendingLine};
+use crate::privacy::{OptOut, SpeakerKey};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
@@ -62,6 +64,35 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
                 println!("{:>20}  dead since {}: {}", "", dead.dead_at, dead.reason);
                 println!("{:>20}  {}", "", tries(&dead.pending));
             }
+        }
+        OutboxAction::Quarantine => {
+            let records = outbox.quarantined()?;
+            for record in &records {
+                let at = record
+                    .at
+                    .map_or_else(|| "-".to_owned(), |at| at.to_string());
+                let mut about = format!("{} bytes", record.n_bytes);
+                if let Some(hash) = &record.hash {
+                    about.push_str(&format!(", fnv1a64 {hash}"));
+                }
+                if let Some(n_lines) = record.n_lines_before {
+                    about.push_str(&format!(", {n_lines} lines read before the break"));
+                }
+                println!("{:>20}  {at}  {}: {about}", record.id, record.what);
+                if !record.kept.is_empty() {
+                    println!(
+                        "{:>20}  kept as stored: {}",
+                        "",
+                        crate::text::snippet(&record.kept)
+                    );
+                }
+            }
+            println!(
+                "{} quarantined records, {} bytes; each leaves after outbox.max_age ({})",
+                records.len(),
+                outbox.quarantine_bytes(),
+                humantime::format_duration(settings.outbox.max_age)
+            );
         }
         OutboxAction::Requeue { ids, all } => {
             if ids.is_empty() && !all {

@@ -23,7 +23,7 @@ use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
 use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
-use crate::config::Settings;
+use crate::config::{Settings, Snapshot};
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
 use crate::filter::FilterReason;
@@ -35,6 +35,7 @@ use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
+use crate::presence::{Presence, PresenceDeps};
 use crate::privacy::Privacy;
 use crate::reload::{Live, Reloader};
 
@@ -61,6 +62,8 @@ pub struct Relay {
     delivery: Delivery,
     viewer: LookingGlassClient,
     facts: FactsReader,
+    /// Whether the viewer hears its region; the outbox's gap markers.
+    presence: Presence,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
@@ -70,10 +73,14 @@ pub struct Relay {
     /// The live part of the configuration, read by the poller and the notice task.
     live: watch::Sender<Arc<Live>>,
     mapper: Arc<AvatarMapper>,
-    /// What the relay was built from, for a reload to compare against.
-    settings: Settings,
+    /// What the relay was built from, for a reload to compare against (the password as a digest:
+    /// the relay keeps no `Settings`).
+    running: Snapshot,
     /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
     reload_from: Option<Option<PathBuf>>,
+    /// `cms.timezone` and `mapping.users`, checked against the CMS after the start-up login.
+    cms_zone: crate::zone::Zone,
+    mapped_users: std::collections::BTreeMap<String, i64>,
 }
 
 impl Relay {
@@ -100,21 +107,13 @@ impl Relay {
         .context("building the viewer client")?;
         let facts = Arc::new(ViewerFacts::default());
         let cms = Arc::new(
-            CmsClient::new(CmsEndpoint {
-                base_url: settings.cms.base_url.clone(),
-                grid_id: settings.cms.grid_id,
-                username: settings.cms.username.clone(),
-                password: settings.cms.load_password()?,
-                timeout: settings.cms.request_timeout,
-                max_response_bytes: settings.cms.max_response_bytes,
-                ca_certificates: settings.cms.load_ca_certificates()?,
-            })
-            .context("building the cms client")?
-            // Failed logins follow the delivery's retry schedule, whichever task asks.
-            .with_login_retry(RetryPolicy {
-                initial: settings.retry.initial,
-                max: settings.retry.max,
-            }),
+            CmsClient::new(CmsEndpoint::from_settings(&settings.cms)?)
+                .context("building the cms client")?
+                // Failed logins follow the delivery's retry schedule, whichever task asks.
+                .with_login_retry(RetryPolicy {
+                    initial: settings.retry.initial,
+                    max: settings.retry.max,
+                }),
         );
         let mapper = Arc::new(AvatarMapper::new(
             &settings.mapping.users,
@@ -159,6 +158,21 @@ impl Relay {
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
         });
+        // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
+        // region, nor whose position is whose.
+        let presence = Presence::new(PresenceDeps {
+            viewer: viewer.clone(),
+            outbox: outbox.clone(),
+            stats: stats.clone(),
+            region: settings.viewer.expected_region().map(str::to_owned),
+            login: match &settings.viewer.login {
+                Some(login) => Some((login.clone(), login.load_password()?)),
+                None => None,
+            },
+            hearing_range: settings.viewer.hearing_range,
+            gap_markers: settings.cms.gap_markers,
+            cms_zone: settings.cms.timezone,
+        })?;
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
@@ -196,6 +210,7 @@ impl Relay {
             poller,
             delivery,
             facts: FactsReader::new(viewer.clone(), facts),
+            presence,
             viewer,
             health,
             notifier: None,
@@ -205,8 +220,10 @@ impl Relay {
             notice,
             live,
             mapper,
-            settings: settings.clone(),
+            running: settings.snapshot(),
             reload_from: None,
+            cms_zone: settings.cms.timezone,
+            mapped_users: settings.mapping.users.clone(),
         })
     }
 
@@ -283,14 +300,13 @@ impl Relay {
                 tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
             }
         }
-        let cms_zone = self.settings.cms.timezone;
-        let mapped_users = self.settings.mapping.users.clone();
+        let (cms_zone, mapped_users) = (self.cms_zone, self.mapped_users.clone());
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
             Some(file) => {
                 let hangup = crate::reload::on_hangup().context("listening for SIGHUP")?;
-                let reloader = Reloader::new(file, self.settings, self.live, self.mapper);
+                let reloader = Reloader::new(file, self.running, self.live, self.mapper);
                 supervisor.spawn(
                     "reload",
                     Ends::Whenever,
@@ -301,7 +317,7 @@ impl Relay {
             None => Some(self.live),
         };
         #[cfg(not(unix))]
-        let _live = (self.live, self.reload_from, self.settings, self.mapper);
+        let _live = (self.live, self.reload_from, self.running, self.mapper);
         supervisor.spawn(
             "notice",
             Ends::Whenever,
@@ -316,6 +332,11 @@ impl Relay {
             "viewer facts",
             Ends::OnStop,
             self.facts.run_until_stopped(stop.clone()),
+        );
+        supervisor.spawn(
+            "viewer presence",
+            Ends::OnStop,
+            self.presence.run_until_stopped(stop.clone()),
         );
         supervisor.spawn(
             "delivery",

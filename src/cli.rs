@@ -61,6 +61,9 @@ pub enum OutboxAction {
     },
     /// The dead letters, with the reason the CMS refused each.
     Dead,
+    /// The quarantine: unreadable viewer answers (when, size, hash; never their text) and outbox
+    /// records that could not be decoded. Each leaves after outbox.max_age.
+    Quarantine,
     /// Move dead letters back to the pending lines (after fixing their cause, e.g. a mapping).
     Requeue {
         /// Ids from `outbox dead`.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::Relay;
 use crate::cli::DemoArgs;
 use crate::config::Settings;
+use crate::model::FilterReason;
 use crate::sim::cms::{CmsDialect, CmsSim, CmsSimSettings, Permissions};
 use crate::sim::lookingglass::{Dialect, ViewerSim, ViewerSimSettings};
 
@@ -135,13 +136,13 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
     );
 
     let relay = Relay::build(&settings)?;
+    let (stats, relay_outbox) = (relay.stats(), relay.outbox());
     let relay_token = token.child_token();
     let relay_task = tokio::spawn(relay.run_until_stopped(relay_token.clone()));
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticker = tokio::time::interval(Duration::from_millis(200));
     let (mut n_ticks, mut n_said, mut n_printed) = (0u64, 0usize, 0usize);
     let (mut n_typed, mut n_heard) = (0usize, 0usize);
-    let (mut carol_opted_out, mut n_kept_private) = (false, 0usize);
     loop {
         tokio::select! {
             _ = token.cancelled() => break,
@@ -155,48 +156,73 @@ pub async fn run(args: DemoArgs, token: CancellationToken) -> anyhow::Result<()>
             let (speaker, text) = SCRIPT[n_said % SCRIPT.len()];
             lg.say(speaker, text);
             n_said += 1;
-            if speaker == "Carol Visitor" {
-                if text == OPT_OUT {
-                    carol_opted_out = true;
-                } else if carol_opted_out {
-                    n_kept_private += 1;
-                }
-            }
         }
         // Dora types in the CMS every 3 s, starting once the relay has read the CMS once.
         if n_ticks % 15 == 14 {
             db.add_cms_line(1, dora, CMS_SCRIPT[n_typed % CMS_SCRIPT.len()]);
             n_typed += 1;
         }
-        for chat in db.chats().iter().filter(|c| !c.from_cms).skip(n_printed) {
-            let who = chat
-                .user_id
-                .map_or("Anonymous".to_owned(), |id| format!("user {id}"));
-            println!(
-                "grid -> cms #{:<4} {}  {:<12} {}",
-                chat.id, chat.timestamp, who, chat.message
-            );
-            n_printed += 1;
-        }
-        for said in lg.said().iter().skip(n_heard) {
-            let from = if CMS_SCRIPT.iter().any(|typed| said.message.ends_with(typed)) {
-                "cms -> grid "
-            } else {
-                "relay       "
-            };
-            println!(
-                "{from} said in-world on channel {}: {}",
-                said.channel, said.message
-            );
-            n_heard += 1;
-        }
+        print_new(&db, &lg, &mut n_printed, &mut n_heard);
     }
     relay_token.cancel();
     relay_task.await.context("relay task")??;
+    // What the relay stored or said while it stopped is printed too, so that the counts add up.
+    print_new(&db, &lg, &mut n_printed, &mut n_heard);
+    let n_commands = stats.n_filtered(FilterReason::PrivacyCommand);
+    let n_kept_out = stats.n_filtered(FilterReason::OptedOut);
+    let n_waiting = relay_outbox.len() as u64;
+    let n_stored = n_printed as u64;
+    // Lines the relay had not yet read from the viewer when it stopped (the viewer keeps them).
+    let n_unread = (n_said as u64).saturating_sub(n_stored + n_commands + n_kept_out + n_waiting);
+    let n_cms_said = lg
+        .said()
+        .iter()
+        .filter(|said| is_from_cms(&said.message))
+        .count();
     println!(
-        "--- grid -> cms: {n_said} lines said by avatars, {n_printed} stored by the CMS ({n_kept_private} of Carol's after {OPT_OUT} kept out); cms -> grid: {n_typed} typed; {n_heard} lines said in-world ---"
+        "--- grid -> cms: {n_said} lines said by avatars = {n_stored} stored by the CMS + {n_commands} {OPT_OUT} commands (never stored) + {n_kept_out} of Carol's kept out by {OPT_OUT} + {n_waiting} waiting in the outbox (sent at the next start) + {n_unread} not yet read from the viewer at the stop ---"
+    );
+    println!(
+        "--- cms -> grid: {n_typed} lines typed in the CMS, {n_cms_said} of them said in-world (the rest come after the relay reads the CMS again); the relay said {} lines of its own (the privacy notice, {OPT_OUT}'s confirmation) ---",
+        n_heard.saturating_sub(n_cms_said)
     );
     viewer.stop().await;
     cms.stop().await;
     Ok(())
+}
+
+/// Whether a line said in-world is one the CMS user typed (the relay's own lines are the rest).
+fn is_from_cms(message: &str) -> bool {
+    CMS_SCRIPT.iter().any(|typed| message.ends_with(typed))
+}
+
+/// Prints the lines the CMS stored and the lines said in-world since the last call.
+fn print_new(
+    db: &crate::sim::cms::CmsHandle,
+    lg: &crate::sim::lookingglass::ViewerHandle,
+    n_printed: &mut usize,
+    n_heard: &mut usize,
+) {
+    for chat in db.chats().iter().filter(|c| !c.from_cms).skip(*n_printed) {
+        let who = chat
+            .user_id
+            .map_or("Anonymous".to_owned(), |id| format!("user {id}"));
+        println!(
+            "grid -> cms #{:<4} {}  {:<12} {}",
+            chat.id, chat.timestamp, who, chat.message
+        );
+        *n_printed += 1;
+    }
+    for said in lg.said().iter().skip(*n_heard) {
+        let from = if is_from_cms(&said.message) {
+            "cms -> grid "
+        } else {
+            "relay       "
+        };
+        println!(
+            "{from} said in-world on channel {}: {}",
+            said.channel, said.message
+        );
+        *n_heard += 1;
+    }
 }

@@ -10,65 +10,8 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use crate::config::{FilterSettings, Redaction};
+pub use crate::model::FilterReason;
 use crate::model::{ChatType, EntryType, ViewerLine, ZERO_UUID};
-
-/// Why a line was not relayed (the `reason` label of the filtered metric).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FilterReason {
-    /// Said by an object and `filter.objects` is off.
-    Object,
-    /// `llOwnerSay`: private to the object's owner.
-    OwnerSay,
-    /// Its `Type` is not in `filter.types` (Debug by default).
-    Type,
-    /// A system line: no `From`, or a zero `OwnerID` on normal chat.
-    System,
-    /// The viewer's own avatar: relaying it would echo what the relay itself said.
-    OwnAvatar,
-    /// No text (or none left after `filter.redact`).
-    Empty,
-    /// The speaker is in `filter.ignore_speakers`.
-    IgnoredSpeaker,
-    /// The text matches `filter.ignore_messages`.
-    IgnoredMessage,
-    /// The speaker opted out (`privacy.optout_command`), or the line was waiting in the outbox when
-    /// they did.
-    OptedOut,
-    /// `privacy.optout_command` or `privacy.optin_command` itself.
-    PrivacyCommand,
-}
-
-impl FilterReason {
-    /// Every reason, for metrics.
-    pub const ALL: [FilterReason; 10] = [
-        FilterReason::Object,
-        FilterReason::OwnerSay,
-        FilterReason::Type,
-        FilterReason::System,
-        FilterReason::OwnAvatar,
-        FilterReason::Empty,
-        FilterReason::IgnoredSpeaker,
-        FilterReason::IgnoredMessage,
-        FilterReason::OptedOut,
-        FilterReason::PrivacyCommand,
-    ];
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FilterReason::Object => "object",
-            FilterReason::OwnerSay => "owner_say",
-            FilterReason::Type => "type",
-            FilterReason::System => "system",
-            FilterReason::OwnAvatar => "own_avatar",
-            FilterReason::Empty => "empty",
-            FilterReason::IgnoredSpeaker => "ignored_speaker",
-            FilterReason::IgnoredMessage => "ignored_message",
-            FilterReason::OptedOut => "opted_out",
-            FilterReason::PrivacyCommand => "privacy_command",
-        }
-    }
-}
 
 /// The filter rules of `[filter]`.
 #[derive(Debug, Clone)]

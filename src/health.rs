@@ -4,6 +4,8 @@
 //! record or reopens the database) and the CMS client's login state, and never writes, logs in, or
 //! talks to either peer, so a scraper polling it every second changes nothing.
 //! Nothing it serves contains the CMS password or token (URLs are shown without user info).
+//! Its connections (`serve`) are bounded: at most `MAX_CONNECTIONS` at once, each closed unless its
+//! request head arrives within `HEADER_READ_TIMEOUT`, so a client cannot hold the port.
 //!
 //! Readiness (`/readyz` is 200 only when all four hold):
 //! - **outbox**: the last outbox write succeeded, and the outbox is not full (with
@@ -33,10 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
-use crate::filter::FilterReason;
 use crate::liveness::Heartbeat;
 use crate::metrics::{self, Gauges, Stats};
+use crate::model::FilterReason;
 use crate::outbox::OutboxReader;
+
+mod serve;
+pub use serve::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS};
 
 /// The viewer counts as down when no poll was answered for this many poll intervals...
 pub const VIEWER_STALE_POLLS: u32 = 5;
@@ -155,7 +160,10 @@ impl HealthState {
         };
         let stale_after = self.viewer_stale_after();
         let viewer = match readiness.viewer() {
-            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => ok.clone(),
+            // The viewer answers, but does not hear its region (`presence`).
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => readiness
+                .viewer_place_problem()
+                .map_or_else(|| ok.clone(), failed),
             (last_ok, last_error) => {
                 let since = match last_ok {
                     Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),
@@ -290,12 +298,7 @@ impl HealthServer {
         };
         tracing::info!(addr = %self.addr, "serving /healthz, /readyz, /metrics, /status");
         let app = router(self.state);
-        if let Err(err) = axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %err, "health endpoint stopped");
-        }
+        serve::serve(listener, app, token).await;
     }
 }
 
@@ -352,6 +355,10 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "last_poll_seconds_ago": last_ok.map(|at| round1(secs(at.elapsed()))),
             "polls": get(&stats.polls),
             "poll_errors": get(&stats.poll_errors),
+            "hears_region": get(&stats.viewer_out_of_region) == 0,
+            "avatars_in_region": get(&stats.avatars_in_region),
+            "avatars_beyond_hearing": get(&stats.avatars_beyond_hearing),
+            "gap_markers": get(&stats.gap_markers),
         },
         "cms": {
             "base_url": without_userinfo(state.cms.base_url()),

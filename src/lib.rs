@@ -6,11 +6,12 @@
 //! the viewer's chat POST.
 //!
 //! - `config`: the layered `Settings`; `zone`: the peers' clocks; `model`: domain types; `text`:
-//!   the body snippet both clients quote in errors.
+//!   the body snippet the viewer client quotes in errors (the CMS client quotes through its scrub).
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
 //!   relay said in-world, which `inworld` and `notice` record and `poller` recognises.
-//! - `privacy`: opting out in-world and who did; `notice`: what the relay says in-world on its own
+//! - `privacy`: opting out in-world and who did; `say`: how a text is said in-world (split, echo
+//!   recorded), for `inworld` and `notice`; `notice`: what the relay says in-world on its own
 //!   (the privacy notice, greetings, confirmations); `reload`: SIGHUP and the live configuration.
 //! - `admin`: the `outbox` and `privacy` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `liveness`: the readiness signals and loop heartbeats
@@ -43,8 +44,10 @@ pub mod notify;
 pub mod outbox;
 pub mod pacing;
 pub mod poller;
+pub mod presence;
 pub mod privacy;
 pub mod reload;
+pub mod say;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

@@ -22,6 +22,8 @@ pub struct Readiness {
     outbox_error: Mutex<Option<String>>,
     delivery: Mutex<Option<DeliveryFailing>>,
     delivery_held: Mutex<Option<String>>,
+    /// Why the viewer does not hear its region, with what to do (set by `presence`).
+    viewer_place: Mutex<Option<String>>,
 }
 
 /// Delivery attempts that failed in a row, none succeeding since.
@@ -47,6 +49,16 @@ impl Readiness {
         let mut viewer = lock(&self.viewer);
         viewer.last_ok = Some(Instant::now());
         viewer.last_error = None;
+    }
+
+    /// The viewer does not hear its region (`Some`: why, and what to do), or does again (`None`).
+    pub fn viewer_place(&self, problem: Option<String>) {
+        *lock(&self.viewer_place) = problem;
+    }
+
+    /// Why the viewer does not hear its region, if it does not.
+    pub fn viewer_place_problem(&self) -> Option<String> {
+        lock(&self.viewer_place).clone()
     }
 
     /// A viewer poll failed.

@@ -1,21 +1,28 @@
-//! The binary: parse the command line, load the configuration, run. Everything else is in the library.
+//! The binary: parse the command line, load the configuration, run. Everything else is in the
+//! library, but for `process` (system calls the library, which forbids unsafe code, cannot make).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::cli::{Cli, Command, SimCommand};
+use opensim_chat_relay::cms::client::CmsEndpoint;
 use opensim_chat_relay::config::{ConfigError, LogFormat, Settings};
 use opensim_chat_relay::health::HealthError;
 use opensim_chat_relay::outbox::OutboxError;
 use opensim_chat_relay::sim::{cms, lookingglass};
 use opensim_chat_relay::{admin, check, demo, notify, shutdown, telemetry};
 
+mod process;
+
 /// sysexits' EX_CONFIG: the operator must fix something; systemd units say
 /// `RestartPreventExitStatus=78` so this does not become a restart loop.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
+    // Before anything reads the password: a crash from here on writes no core dump.
+    let no_core_dumps = process::forbid_core_dumps();
+    process::private_files();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
     let settings = |cli_config: Option<&std::path::Path>| match Settings::load(cli_config, &[]) {
@@ -32,12 +39,32 @@ fn main() -> ExitCode {
                 for warning in settings.warnings() {
                     tracing::warn!("{warning}");
                 }
+                if let Err(err) = &no_core_dumps {
+                    tracing::warn!(error = %err, "cannot forbid core dumps; a crash could write the password to disk");
+                }
+                match process::raise_file_limit() {
+                    Ok((before, after)) if after > before => {
+                        tracing::info!(
+                            before,
+                            after,
+                            "raised the soft open-file limit to the hard limit"
+                        );
+                    }
+                    Ok((limit, _)) => {
+                        tracing::debug!(limit, "the soft open-file limit is the hard limit")
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cannot raise the soft open-file limit")
+                    }
+                }
                 let config_file = cli.config.clone();
                 run(async move {
                     shutdown::catch_file_size_signal();
                     let relay = Relay::build(&settings)?
                         .with_notifier(notify::Notifier::from_env())
                         .with_reload(config_file);
+                    // The password goes on in the CMS client only, not in this task's state.
+                    drop(settings);
                     relay.run_until_stopped(shutdown::on_signal()).await
                 })
             }
@@ -49,10 +76,8 @@ fn main() -> ExitCode {
                     eprintln!("warning: {warning}");
                 }
                 // As `run` would: an unreadable password file or CA bundle is an error here too.
-                let loaded = settings.cms.load_password().and_then(|_| {
-                    settings.cms.load_ca_certificates()?;
-                    settings.redacted()
-                });
+                let loaded =
+                    CmsEndpoint::from_settings(&settings.cms).and_then(|_| settings.redacted());
                 match loaded {
                     Ok(text) => {
                         print!("{text}");

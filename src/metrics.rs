@@ -12,8 +12,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::filter::FilterReason;
 use crate::liveness::{Heartbeat, Readiness};
+use crate::model::FilterReason;
 
 /// Counters since start, histograms, and (defined in `liveness`) the signals readiness and the
 /// watchdog are decided on.
@@ -65,6 +65,18 @@ pub struct Stats {
     pub quarantine_repeats: AtomicU64,
     /// Unreadable viewer answers not quarantined: the quarantine holds `outbox.max_quarantine_bytes`.
     pub quarantine_full: AtomicU64,
+    /// 1 while the viewer does not hear its region (a gauge, set by `presence`).
+    pub viewer_out_of_region: AtomicU64,
+    /// Stretches of the viewer out of its region that began.
+    pub viewer_out_of_region_stretches: AtomicU64,
+    /// REST logins the relay made to bring the viewer back.
+    pub viewer_logins: AtomicU64,
+    /// Avatars in the viewer's region, its own left out (a gauge, set by `presence`).
+    pub avatars_in_region: AtomicU64,
+    /// Of those, the ones beyond `viewer.hearing_range` (a gauge, set by `presence`).
+    pub avatars_beyond_hearing: AtomicU64,
+    /// Gap markers written to the outbox.
+    pub gap_markers: AtomicU64,
     /// Lines per chat POST.
     pub batch_size: Histogram<BatchSizeBuckets>,
     /// Duration of each chat POST, answered or failed.
@@ -299,6 +311,12 @@ fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, 
         ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
         ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(get(&stats.lines_unresolved))),
         ("opensim_chat_relay_cms_pacing_gap_seconds", "Idle time delivery leaves the CMS between its requests (0: back to back), set by the adaptive pacing from the CMS's answer times.", Gauge(get(&stats.cms_pacing_gap_micros) as f64 / 1e6)),
+        ("opensim_chat_relay_viewer_out_of_region", "1 while the viewer does not hear its region (disconnected by a region restart, logged out, or in another region); /readyz says what to do.", Gauge(get(&stats.viewer_out_of_region) as f64)),
+        ("opensim_chat_relay_viewer_out_of_region_total", "Stretches of the viewer out of its region that began.", Counter(get(&stats.viewer_out_of_region_stretches))),
+        ("opensim_chat_relay_viewer_logins_total", "REST logins the relay made to bring the viewer back into its region ([viewer.login]).", Counter(get(&stats.viewer_logins))),
+        ("opensim_chat_relay_avatars_in_region", "Avatars the viewer lists in its region, its own left out.", Gauge(get(&stats.avatars_in_region) as f64)),
+        ("opensim_chat_relay_avatars_beyond_hearing", "Of the avatars in the region, those farther from the viewer's avatar than viewer.hearing_range: what they say is not heard.", Gauge(get(&stats.avatars_beyond_hearing) as f64)),
+        ("opensim_chat_relay_gap_markers_total", "Gap markers written for the CMS chat: stretches the relay knows it did not record (cms.gap_markers).", Counter(get(&stats.gap_markers))),
         ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(get(&stats.lines_held_back) as f64)),
         ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
         ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),

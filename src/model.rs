@@ -1,7 +1,8 @@
 //! Domain types shared by the stages: what a viewer line is once parsed, and what a captured line is
 //! once it passed the filter.
 //!
-//! Also the `{name}` templates of the configuration. No serde for foreign formats and no I/O here: the peers' wire types live in `lookingglass::wire`
+//! Also why a line was not relayed (`FilterReason`, which `filter`, the poller and `metrics` share),
+//! and the `{name}` templates of the configuration. No serde for foreign formats and no I/O here: the peers' wire types live in `lookingglass::wire`
 //! and `cms::wire`, the stored record in `outbox`.
 
 use chrono::{DateTime, Utc};
@@ -160,6 +161,64 @@ pub fn fill_template(format: &str, values: &[(&str, &str)]) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Why a line was not relayed (the `reason` label of the filtered metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FilterReason {
+    /// Said by an object and `filter.objects` is off.
+    Object,
+    /// `llOwnerSay`: private to the object's owner.
+    OwnerSay,
+    /// Its `Type` is not in `filter.types` (Debug by default).
+    Type,
+    /// A system line: no `From`, or a zero `OwnerID` on normal chat.
+    System,
+    /// The viewer's own avatar: relaying it would echo what the relay itself said.
+    OwnAvatar,
+    /// No text (or none left after `filter.redact`).
+    Empty,
+    /// The speaker is in `filter.ignore_speakers`.
+    IgnoredSpeaker,
+    /// The text matches `filter.ignore_messages`.
+    IgnoredMessage,
+    /// The speaker opted out (`privacy.optout_command`), or the line was waiting in the outbox when
+    /// they did.
+    OptedOut,
+    /// `privacy.optout_command` or `privacy.optin_command` itself.
+    PrivacyCommand,
+}
+
+impl FilterReason {
+    /// Every reason, for metrics.
+    pub const ALL: [FilterReason; 10] = [
+        FilterReason::Object,
+        FilterReason::OwnerSay,
+        FilterReason::Type,
+        FilterReason::System,
+        FilterReason::OwnAvatar,
+        FilterReason::Empty,
+        FilterReason::IgnoredSpeaker,
+        FilterReason::IgnoredMessage,
+        FilterReason::OptedOut,
+        FilterReason::PrivacyCommand,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FilterReason::Object => "object",
+            FilterReason::OwnerSay => "owner_say",
+            FilterReason::Type => "type",
+            FilterReason::System => "system",
+            FilterReason::OwnAvatar => "own_avatar",
+            FilterReason::Empty => "empty",
+            FilterReason::IgnoredSpeaker => "ignored_speaker",
+            FilterReason::IgnoredMessage => "ignored_message",
+            FilterReason::OptedOut => "opted_out",
+            FilterReason::PrivacyCommand => "privacy_command",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,10 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SayType;
 use crate::echo::RecentlySaid;
-use crate::inworld::{say_part, split_message};
+
 use crate::lookingglass::{LookingGlassClient, ViewerError, ViewerFacts};
 use crate::privacy::{self, Privacy};
 use crate::reload::Live;
+use crate::say::{say_part, split_message};
 
 /// How often the viewer's avatar list is read for arrivals while `privacy.greet` is on: a small GET
 /// the viewer answers at once, and an arrival hears the notice within seconds.

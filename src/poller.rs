@@ -1,10 +1,11 @@
 //! `Poller`: viewer → filter → outbox. One GET at a time; each answer is parsed, filtered and flushed
 //! to the outbox before the next GET is sent. An answer longer than `viewer.max_response_bytes`
-//! gives the lines in its first part (the client keeps no more), and one that is not chat goes to
-//! the outbox quarantine (once, however often the viewer repeats it). The privacy commands are
-//! recognised here, before a line is stored: the command line is never stored, a speaker who opted
-//! out is not stored from that line on (nor are their lines earlier in the same answer), and each
-//! change is recorded in the outbox (which drops their waiting lines) once the answer is stored.
+//! gives the lines in its first part (the client keeps no more), and one that is not chat is
+//! recorded in the outbox quarantine (its size and hash, never its text; once, however often the
+//! viewer repeats it). Privacy asks come before a line is stored: `privacy` decides (the commands,
+//! who opted out, also later in the same answer); the poller keeps the command lines out of the
+//! outbox and records each change in the outbox (which drops the speaker's waiting lines) once the
+//! answer is stored.
 //!
 //! Must not: deliver anything, say anything in-world (confirmations go to the notice task), read the
 //! viewer's status itself (`lookingglass::facts` does, off this path), or cancel a GET in flight (an
@@ -22,8 +23,8 @@ use crate::filter::{Filter, FilterReason};
 use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFacts, wire};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, LineSource, ViewerLine, ZERO_UUID};
-use crate::outbox::{OptOut, Outbox, OutboxError, Quarantined, SpeakerKey};
-use crate::privacy::{self, Change, Command, Privacy};
+use crate::outbox::{Outbox, OutboxError, Quarantined};
+use crate::privacy::{self, Change, Command, Judgement, OptOut, Privacy};
 use crate::reload::Live;
 use crate::zone::Zone;
 
@@ -66,8 +67,11 @@ struct Unstored {
     relayed: Vec<bool>,
     /// The outbox keys given so far.
     keys: Vec<u64>,
-    /// The body broke off part way and is to be kept in the quarantine too.
+    /// The body broke off part way and is to be recorded in the quarantine too (its metadata and
+    /// hash: the body holds what the filters remove, `outbox::dead`).
     quarantine: bool,
+    /// The lines read before the break.
+    n_lines_before: usize,
 }
 
 impl Unstored {
@@ -96,6 +100,20 @@ impl Verdict {
             std::borrow::Cow::Borrowed(_) => Verdict::Keep,
             std::borrow::Cow::Owned(text) => Verdict::Redacted(text),
         }
+    }
+}
+
+/// The filter's verdict `filtered` of `line`, except that a line dropped only for its chat type
+/// passes when it is a privacy command: an avatar's shouted `!nolog` counts whatever `filter.types`
+/// says (the chat type is the filter's last check, so every other check passed).
+fn command_passes(
+    filtered: Result<(), FilterReason>,
+    line: &ViewerLine,
+    live: &Live,
+) -> Result<(), FilterReason> {
+    match filtered {
+        Err(FilterReason::Type) if privacy::command_of(&live.privacy, line).is_some() => Ok(()),
+        filtered => filtered,
     }
 }
 
@@ -237,7 +255,7 @@ impl Poller {
             Err(err) => {
                 // The viewer has already forgotten these lines: keep the body for an operator.
                 if self.n_unreadable_in_a_row == 0 {
-                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error are relayed, the body is kept in the outbox quarantine (once, however often it comes)");
+                    tracing::error!(error = %err, n_bytes = body.len(), n_lines_before = n_polled, "viewer chat response unreadable; the lines before the error went through the filters as usual, the answer is recorded in the outbox quarantine (its size and hash, never its text; once, however often it comes)");
                 } else {
                     tracing::debug!(error = %err, n_bytes = body.len(), "viewer chat response unreadable again");
                 }
@@ -253,6 +271,7 @@ impl Poller {
             relayed,
             keys: Vec::new(),
             quarantine,
+            n_lines_before: n_polled,
         };
         let n_relayed = match stored {
             Ok(n_relayed) => n_relayed,
@@ -338,7 +357,11 @@ impl Poller {
             match self
                 .deps
                 .outbox
-                .quarantine_raw("unreadable viewer chat response", &unstored.body)
+                .quarantine_unreadable(
+                    "unreadable viewer chat response",
+                    &unstored.body,
+                    unstored.n_lines_before,
+                )
                 .await
             {
                 Ok(Quarantined::Kept) => {}
@@ -382,11 +405,13 @@ impl Poller {
         true
     }
 
-    /// Whether a viewer line is relayed, and with which text, in this order: the filter, (without
-    /// the own name) the echo memory, `filter.ignore_speakers`, the privacy commands, the opt-outs
-    /// (also one the speaker says later in this answer: `opt_outs_ahead`), `filter.ignore_messages`,
-    /// then `filter.redact`. A privacy command is applied at once and returned, to be recorded.
-    /// Asked once per line, with its index in the answer: the echo memory forgets what it matched.
+    /// Whether a viewer line is relayed, and with which text, in this order: the filter (a line it
+    /// drops only for its chat type goes on if it is a privacy command: `privacy::command_of`),
+    /// (without the own name) the echo memory, `filter.ignore_speakers`, privacy (`Privacy::judge`:
+    /// the commands, the opt-outs, also one the speaker says later in this answer), the chat type,
+    /// `filter.ignore_messages`, then `filter.redact`. A privacy command is applied at once and
+    /// returned, to be recorded. Asked once per line, with its index in the answer: the echo memory
+    /// forgets what it matched.
     fn keep(
         &self,
         line: &ViewerLine,
@@ -394,44 +419,40 @@ impl Poller {
         live: &Live,
         opt_outs_ahead: &[(usize, OptOut)],
     ) -> (Verdict, Option<Change>) {
-        if let Err(reason) = live.filter.check(line, self.own_name.as_deref()) {
-            if reason == FilterReason::OwnAvatar {
-                self.deps.recently_said.echo_arrived();
-            }
-            self.deps.stats.filtered(reason);
-            return (Verdict::Drop, None);
-        }
-        if self.own_name.is_none() && self.deps.recently_said.take_echo(&line.message) {
-            self.deps.recently_said.echo_arrived();
-            self.deps.stats.filtered(FilterReason::OwnAvatar);
-            Stats::add(&self.deps.stats.inworld_echoes_dropped, 1);
-            return (Verdict::Drop, None);
-        }
         let drop = |reason| {
             self.deps.stats.filtered(reason);
             (Verdict::Drop, None)
         };
+        let filtered = live.filter.check(line, self.own_name.as_deref());
+        if let Err(reason) = command_passes(filtered, line, live) {
+            if reason == FilterReason::OwnAvatar {
+                self.deps.recently_said.echo_arrived();
+            }
+            return drop(reason);
+        }
+        if self.own_name.is_none() && self.deps.recently_said.take_echo(&line.message) {
+            self.deps.recently_said.echo_arrived();
+            Stats::add(&self.deps.stats.inworld_echoes_dropped, 1);
+            return drop(FilterReason::OwnAvatar);
+        }
         let speaker = line.from.as_deref().unwrap_or_default();
-        let uuid = line.owner_id.as_deref().filter(|o| *o != ZERO_UUID);
         if live.filter.ignores_speaker(speaker) {
             return drop(FilterReason::IgnoredSpeaker);
         }
-        if let Some(command) = privacy::command(&live.privacy, &line.message) {
-            let change = Change {
-                speaker: speaker.to_owned(),
-                uuid: uuid.map(str::to_owned),
-                command,
-                at: line.spoken_at,
-                watermark: 0,
-            };
-            self.deps.privacy.apply(&change);
-            return (drop(FilterReason::PrivacyCommand).0, Some(change));
+        match self
+            .deps
+            .privacy
+            .judge(&live.privacy, line, index, opt_outs_ahead)
+        {
+            Judgement::Command(change) => {
+                return (drop(FilterReason::PrivacyCommand).0, Some(change));
+            }
+            Judgement::OptedOut => return drop(FilterReason::OptedOut),
+            Judgement::Relay => {}
         }
-        let opts_out_later = opt_outs_ahead
-            .iter()
-            .any(|(at, opt_out)| *at > index && opt_out.matches(speaker, uuid));
-        if opts_out_later || self.deps.privacy.is_opted_out(speaker, uuid) {
-            return drop(FilterReason::OptedOut);
+        // A line of a type not relayed came this far only as a privacy command, taken above.
+        if let Err(reason) = filtered {
+            return drop(reason);
         }
         if live.filter.ignores_message(&line.message) {
             return drop(FilterReason::IgnoredMessage);
@@ -464,19 +485,14 @@ impl Poller {
             let Some(speaker) = line.from.as_deref() else {
                 return;
             };
-            let is_opt_out = live.filter.check(&line, self.own_name.as_deref()).is_ok()
-                && !live.filter.ignores_speaker(speaker)
-                && privacy::command(&live.privacy, &line.message) == Some(Command::OptOut);
-            if is_opt_out {
-                let uuid = line.owner_id.as_deref().filter(|o| *o != ZERO_UUID);
-                ahead.push((
-                    at,
-                    OptOut {
-                        key: SpeakerKey::of(speaker, uuid),
-                        name: speaker.to_owned(),
-                        since: line.spoken_at,
-                    },
-                ));
+            let filtered = live.filter.check(&line, self.own_name.as_deref());
+            if command_passes(filtered, &line, live).is_err()
+                || live.filter.ignores_speaker(speaker)
+            {
+                return;
+            }
+            if let Some(opt_out) = privacy::opt_out_of(&live.privacy, &line) {
+                ahead.push((at, opt_out));
             }
         });
         ahead

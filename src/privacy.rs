@@ -1,10 +1,21 @@
-//! Opting out of recording, in-world: the commands (`privacy.optout_command`,
-//! `privacy.optin_command`), who opted out (`Privacy`, the running copy of the outbox's opt-outs),
-//! and the texts the relay says about it (the confirmation, the notice).
+//! Privacy, decided in one place: the opt-out and opt-in commands (`privacy.optout_command`,
+//! `privacy.optin_command`) and who may give them, who opted out (`Privacy`, the running copy of the
+//! outbox's opt-outs), whether a line is relayed for privacy's sake, and the texts the relay says
+//! about it (the confirmation, the notice).
 //!
-//! The poller asks `command` and `is_opted_out` of every line before it is stored, and records each
-//! change with `save` once the lines read with it are stored; the notice task says what `notice`
-//! and `confirmation` give. Must not do I/O beyond the outbox calls of `save`, and must not say
+//! The rules, in one table (the poller asks `Privacy::judge` of every line the filter lets through,
+//! or would let through but for its chat type; delivery asks the outbox, which applies the same
+//! `OptOut::matches` to what is waiting):
+//!
+//! | line | verdict |
+//! |---|---|
+//! | an avatar's (`ChatTypeNormal`/`ChatTypeLindenChat`, a name, a non-zero `OwnerID`), Whisper, Normal or Shout, the whole text a command | `Command`: applied at once, stored with `save`; never relayed, whatever `filter.types` says |
+//! | an object's, an OwnerSay, a system line, the viewer's own avatar | never a command (an object can name itself after any avatar) |
+//! | a speaker who opted out (by UUID, or by name without one), or who opts out later in the same answer | `OptedOut` |
+//! | anything else | `Relay` |
+//!
+//! What is kept of a line that could not be relayed is also privacy's: the quarantine keeps no
+//! chat text (`outbox::dead`). Must not do I/O beyond the outbox calls of `save`, and must not say
 //! anything itself.
 
 use std::collections::HashMap;
@@ -14,12 +25,58 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::config::PrivacySettings;
-use crate::model::fill_template;
-use crate::outbox::{OptOut, Outbox, OutboxError, SpeakerKey};
+use crate::model::{ChatType, EntryType, ViewerLine, ZERO_UUID, fill_template};
+use crate::outbox::{Outbox, OutboxError};
 
 /// A speaker who repeats a command is confirmed for it at most this often, so that the relay cannot
 /// be made to flood the region.
 const CONFIRM_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// Who an opt-out is remembered by: the avatar's UUID where the viewer gave one (it survives a
+/// change of name), else its name. Both lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SpeakerKey {
+    /// The avatar's UUID (a line's `OwnerID`).
+    Uuid(String),
+    /// The avatar's name.
+    Name(String),
+}
+
+impl SpeakerKey {
+    /// The key of a speaker: by `uuid` when given, else by `name`.
+    pub fn of(name: &str, uuid: Option<&str>) -> SpeakerKey {
+        match uuid {
+            Some(uuid) => SpeakerKey::Uuid(uuid.trim().to_lowercase()),
+            None => SpeakerKey::Name(name.trim().to_lowercase()),
+        }
+    }
+}
+
+/// One speaker who opted out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptOut {
+    /// Who.
+    pub key: SpeakerKey,
+    /// The name as it was said or typed, for `privacy list`.
+    pub name: String,
+    /// When.
+    pub since: DateTime<Utc>,
+}
+
+impl OptOut {
+    /// Whether a line of `speaker` (with the avatar UUID `uuid`, when the viewer gave one) is theirs:
+    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID).
+    pub fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
+        let same_name = || self.name.trim().eq_ignore_ascii_case(speaker.trim());
+        match &self.key {
+            SpeakerKey::Uuid(key) => match uuid {
+                Some(uuid) => key.eq_ignore_ascii_case(uuid.trim()),
+                None => same_name(),
+            },
+            SpeakerKey::Name(key) => *key == speaker.trim().to_lowercase(),
+        }
+    }
+}
 
 /// A privacy command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +117,58 @@ pub fn command(settings: &PrivacySettings, text: &str) -> Option<Command> {
     } else {
         None
     }
+}
+
+/// Which command a viewer line is, if any: only an avatar gives commands, in any chat type an avatar
+/// speaks in (a whisper and a shout count as much as normal chat: `filter.types` chooses what is
+/// relayed, not who may opt out). An object (`ChatTypeObjectChat`) is never taken at its word: it
+/// can name itself after any avatar, and its `OwnerID` is its owner's, so an object saying `!log`
+/// would undo its owner's opt-out.
+pub fn command_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<Command> {
+    let is_avatar = matches!(line.entry_type, EntryType::Normal | EntryType::LindenChat)
+        && matches!(
+            line.chat_type,
+            ChatType::Normal | ChatType::Whisper | ChatType::Shout
+        )
+        && line
+            .from
+            .as_deref()
+            .is_some_and(|from| !from.trim().is_empty())
+        && line.owner_id.as_deref().is_some_and(|o| o != ZERO_UUID);
+    if !is_avatar {
+        return None;
+    }
+    command(settings, &line.message)
+}
+
+/// The opt-out a viewer line gives, if it is an avatar's opt-out command (`command_of`).
+pub fn opt_out_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<OptOut> {
+    if command_of(settings, line) != Some(Command::OptOut) {
+        return None;
+    }
+    let speaker = line.from.as_deref().unwrap_or_default();
+    Some(OptOut {
+        key: SpeakerKey::of(speaker, speaker_uuid(line)),
+        name: speaker.trim().to_owned(),
+        since: line.spoken_at,
+    })
+}
+
+/// A line's speaker UUID, when the viewer gave a real one.
+fn speaker_uuid(line: &ViewerLine) -> Option<&str> {
+    line.owner_id.as_deref().filter(|o| *o != ZERO_UUID)
+}
+
+/// What privacy makes of a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Judgement {
+    /// A command: applied to the running copy already; to be stored (`Privacy::save`) once the
+    /// lines read with it are stored. The line itself is not relayed.
+    Command(Change),
+    /// Its speaker opted out, now or later in the same answer: not relayed.
+    OptedOut,
+    /// Privacy has nothing against relaying it.
+    Relay,
 }
 
 /// Whether `body` may hold a line that is `command`: a cheap test, before the viewer's answer is
@@ -128,6 +237,39 @@ impl Privacy {
     /// Whether nobody opted out.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What privacy makes of `line`, the `index`th of its answer: a command is applied at once (from
+    /// this line on); `opt_outs_ahead` are the opt-outs said in the same answer, with their index
+    /// (`opt_out_of` of each line): a speaker's lines before their opt-out were waiting when they
+    /// opted out, and are not relayed either.
+    pub fn judge(
+        &self,
+        settings: &PrivacySettings,
+        line: &ViewerLine,
+        index: usize,
+        opt_outs_ahead: &[(usize, OptOut)],
+    ) -> Judgement {
+        let speaker = line.from.as_deref().unwrap_or_default();
+        let uuid = speaker_uuid(line);
+        if let Some(command) = command_of(settings, line) {
+            let change = Change {
+                speaker: speaker.to_owned(),
+                uuid: uuid.map(str::to_owned),
+                command,
+                at: line.spoken_at,
+                watermark: 0,
+            };
+            self.apply(&change);
+            return Judgement::Command(change);
+        }
+        let opts_out_later = opt_outs_ahead
+            .iter()
+            .any(|(at, opt_out)| *at > index && opt_out.matches(speaker, uuid));
+        if opts_out_later || self.is_opted_out(speaker, uuid) {
+            return Judgement::OptedOut;
+        }
+        Judgement::Relay
     }
 
     /// Applies a command to the running copy, from this line on.
@@ -223,6 +365,29 @@ mod tests {
         }
     }
 
+    const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+
+    #[test]
+    fn an_opt_out_by_uuid_matches_that_avatar_and_its_name_without_a_uuid() {
+        let by_uuid = OptOut {
+            key: SpeakerKey::of("Alice Resident", Some(ALICE)),
+            name: "Alice Resident".into(),
+            since: Utc::now(),
+        };
+        assert!(by_uuid.matches("Someone Renamed", Some(&ALICE.to_uppercase())));
+        assert!(by_uuid.matches("alice resident", None));
+        assert!(!by_uuid.matches(
+            "Alice Resident",
+            Some("bbbbbbbb-0000-4000-8000-000000000002")
+        ));
+        let by_name = OptOut {
+            key: SpeakerKey::of(" Alice Resident ", None),
+            ..by_uuid.clone()
+        };
+        assert!(by_name.matches("ALICE RESIDENT", Some(ALICE)));
+        assert!(!by_name.matches("Bob Builder", None));
+    }
+
     #[test]
     fn a_command_is_the_whole_line_in_any_case_and_an_empty_one_is_off() {
         let settings = settings();
@@ -235,6 +400,39 @@ mod tests {
         };
         assert_eq!(command(&off, ""), None);
         assert_eq!(command(&off, "!log"), None);
+    }
+
+    #[test]
+    fn commands_are_taken_from_avatars_in_every_chat_type_and_never_from_objects() {
+        let settings = settings();
+        let line = |chat_type, entry_type, owner: Option<&str>| ViewerLine {
+            from: Some("Alice Resident".into()),
+            message: "!nolog".into(),
+            chat_type,
+            entry_type,
+            owner_id: owner.map(str::to_owned),
+            spoken_at: Utc::now(),
+        };
+        let alice = Some("aaaaaaaa-0000-4000-8000-000000000001");
+        for chat_type in [ChatType::Normal, ChatType::Whisper, ChatType::Shout] {
+            for entry_type in [EntryType::Normal, EntryType::LindenChat] {
+                assert_eq!(
+                    command_of(&settings, &line(chat_type, entry_type, alice)),
+                    Some(Command::OptOut),
+                    "{chat_type:?} {entry_type:?}"
+                );
+            }
+        }
+        let not_commands = [
+            line(ChatType::Normal, EntryType::ObjectChat, alice),
+            line(ChatType::OwnerSay, EntryType::OwnerSay, alice),
+            line(ChatType::Debug, EntryType::Normal, alice),
+            line(ChatType::Normal, EntryType::Normal, Some(ZERO_UUID)),
+            line(ChatType::Normal, EntryType::Normal, None),
+        ];
+        for line in not_commands {
+            assert_eq!(command_of(&settings, &line), None, "{line:?}");
+        }
     }
 
     #[test]

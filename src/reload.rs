@@ -8,16 +8,14 @@
 //! `watch` channel) and SIGHUP. Must not restart or rebuild a component: what cannot change while
 //! running waits for a restart.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::avatars::AvatarMapper;
-use crate::config::{ConfigError, PrivacySettings, Settings};
+use crate::config::{ConfigError, PrivacySettings, Settings, Snapshot};
 use crate::filter::Filter;
 
 /// The keys a reload applies while the relay runs; every other key needs a restart.
@@ -48,8 +46,8 @@ pub struct Reloader {
     /// The configuration file given at start (`--config`, `RELAY_CONFIG`), if any.
     file: Option<PathBuf>,
     /// The configuration in force: what the relay started with, with the live keys of the last
-    /// reload.
-    running: Settings,
+    /// reload. A snapshot, not the `Settings`: the password stays with `config` and the CMS client.
+    running: Snapshot,
     live: watch::Sender<Arc<Live>>,
     mapper: Arc<AvatarMapper>,
 }
@@ -59,7 +57,7 @@ impl Reloader {
     /// speakers with `mapper`.
     pub fn new(
         file: Option<PathBuf>,
-        running: Settings,
+        running: Snapshot,
         live: watch::Sender<Arc<Live>>,
         mapper: Arc<AvatarMapper>,
     ) -> Reloader {
@@ -78,18 +76,17 @@ impl Reloader {
         for warning in settings.warnings() {
             tracing::warn!("{warning}");
         }
-        Ok(self.apply(settings))
+        Ok(self.apply(&settings))
     }
 
     /// Applies the live keys of `settings`. Returns the other keys in which it differs from the
     /// configuration in force, which keeps their old values.
-    pub fn apply(&mut self, settings: Settings) -> Vec<String> {
-        let restart_keys = changed_keys(&self.running, &settings);
+    pub fn apply(&mut self, settings: &Settings) -> Vec<String> {
+        let loaded = settings.snapshot();
+        let restart_keys = self.running.changed_keys(&loaded, is_live);
         self.mapper.set_users(&settings.mapping.users);
-        self.live.send_replace(Arc::new(Live::new(&settings)));
-        self.running.mapping.users = settings.mapping.users;
-        self.running.filter = settings.filter;
-        self.running.privacy = settings.privacy;
+        self.live.send_replace(Arc::new(Live::new(settings)));
+        self.running.adopt(&loaded, is_live);
         restart_keys
     }
 
@@ -133,53 +130,11 @@ pub fn on_hangup() -> std::io::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }
 
-/// The dotted keys outside `LIVE_KEYS` whose values differ, in order. The password is compared
-/// itself (the printed form masks it); a configuration that cannot be printed compares as unchanged.
-fn changed_keys(running: &Settings, loaded: &Settings) -> Vec<String> {
-    let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
-    if let (Ok(running), Ok(loaded)) = (
-        toml::Table::try_from(running),
-        toml::Table::try_from(loaded),
-    ) {
-        flatten("", &running, &mut old);
-        flatten("", &loaded, &mut new);
-    }
-    let mut keys: Vec<String> = old
-        .keys()
-        .chain(new.keys())
-        .filter(|key| old.get(*key) != new.get(*key))
-        .filter(|key| !is_live(key))
-        .cloned()
-        .collect();
-    if running.cms.password.expose_secret() != loaded.cms.password.expose_secret() {
-        keys.push("cms.password".to_owned());
-    }
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
+/// Whether a reload applies `key` (a dotted key under one of `LIVE_KEYS`).
 fn is_live(key: &str) -> bool {
     LIVE_KEYS
         .iter()
         .any(|live| key == *live || key.starts_with(&format!("{live}.")))
-}
-
-/// Every leaf of `table` under its dotted key; an array is one leaf.
-fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
-    for (name, value) in table {
-        let key = if prefix.is_empty() {
-            name.clone()
-        } else {
-            format!("{prefix}.{name}")
-        };
-        match value {
-            toml::Value::Table(inner) => flatten(&key, inner, out),
-            leaf => {
-                out.insert(key, leaf.clone());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -203,9 +158,14 @@ mod tests {
             ("cms.password", "changed"),
         ]);
         assert_eq!(
-            changed_keys(&running, &loaded),
+            running.snapshot().changed_keys(&loaded.snapshot(), is_live),
             ["cms.password", "viewer.poll_interval"]
         );
-        assert!(changed_keys(&running, &load(&[])).is_empty());
+        assert!(
+            running
+                .snapshot()
+                .changed_keys(&load(&[]).snapshot(), is_live)
+                .is_empty()
+        );
     }
 }

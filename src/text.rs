@@ -1,4 +1,7 @@
-//! Text helpers both peers' clients share: the start of a body, made printable, for error messages.
+//! Text helpers below the peers' clients: the start of a body, made printable, for error messages
+//! (the viewer client's; the CMS client quotes answers only through `cms::client::scrub`, since its
+//! requests carry the password or the token), and a stable hash for fingerprints that are stored or
+//! shown (`fnv1a64`).
 //!
 //! Owns no peer's rules. Must not know either peer's format or do I/O; it sits below `lookingglass`
 //! and `cms` so that neither client imports the other.
@@ -16,6 +19,14 @@ pub(crate) fn snippet(body: &[u8]) -> String {
     } else {
         text
     }
+}
+
+/// FNV-1a 64 of `bytes`: a hash that stays the same across versions and machines (the standard
+/// library's may change), for fingerprints that are stored or shown to an operator.
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use crate::check::PROBE_TIMEOUT;
 use crate::check::report::CheckReport;
 use crate::cms::client::{CmsEndpoint, OwnAccount};
 use crate::cms::{CmsClient, CmsError};
-use crate::config::Settings;
+use crate::config::{ConfigError, Settings};
 
 /// The CMS levels the relay's account needs (spec §2.4): module, level, why.
 pub const NEEDED_PERMISSIONS: [(&str, i64, &str); 3] = [
@@ -23,37 +23,27 @@ pub const NEEDED_PERMISSIONS: [(&str, i64, &str); 3] = [
 /// Probes the CMS named in `settings.cms` with the relay's account.
 pub(super) async fn check_cms(settings: &Settings, report: &mut CheckReport) {
     let cms_settings = &settings.cms;
-    let password = match cms_settings.load_password() {
-        Ok(password) => password,
+    let mut endpoint = match CmsEndpoint::from_settings(cms_settings) {
+        Ok(endpoint) => endpoint,
         Err(err) => {
-            report.fail(
-                "cms.password",
-                err.to_string(),
-                "make the file readable by the relay's user and put the password in it (under systemd: LoadCredential=cms-password:… and RELAY__CMS__PASSWORD_FILE=%d/cms-password)",
-            );
+            let (key, fix) = match &err {
+                ConfigError::Invalid {
+                    key: "cms.ca_file", ..
+                } => (
+                    "cms.ca_file",
+                    "point cms.ca_file at a readable PEM file of the CA (or the CMS's own certificate), or leave it empty",
+                ),
+                _ => (
+                    "cms.password",
+                    "make the file readable by the relay's user and put the password in it (under systemd: LoadCredential=cms-password:… and RELAY__CMS__PASSWORD_FILE=%d/cms-password)",
+                ),
+            };
+            report.fail(key, err.to_string(), fix);
             return;
         }
     };
-    let ca_certificates = match cms_settings.load_ca_certificates() {
-        Ok(certificates) => certificates,
-        Err(err) => {
-            report.fail(
-                "cms.ca_file",
-                err.to_string(),
-                "point cms.ca_file at a readable PEM file of the CA (or the CMS's own certificate), or leave it empty",
-            );
-            return;
-        }
-    };
-    let client = match CmsClient::new(CmsEndpoint {
-        base_url: cms_settings.base_url.clone(),
-        grid_id: cms_settings.grid_id,
-        username: cms_settings.username.clone(),
-        password,
-        timeout: cms_settings.request_timeout.min(PROBE_TIMEOUT),
-        max_response_bytes: cms_settings.max_response_bytes,
-        ca_certificates,
-    }) {
+    endpoint.timeout = endpoint.timeout.min(PROBE_TIMEOUT);
+    let client = match CmsClient::new(endpoint) {
         Ok(client) => client,
         Err(err) => {
             report.fail(

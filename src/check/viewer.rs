@@ -1,5 +1,6 @@
-//! The viewer probe of `check`: the status and avatars URLs with a real GET each, and the chat URL
-//! only by its host and port (the probes above on the same origin, or a TCP connection).
+//! The viewer probe of `check`: the status and avatars URLs with a real GET each, where the viewer
+//! is and whom it can hear (its network counters, status and avatar list), and the chat URL only by
+//! its host and port (the probes above on the same origin, or a TCP connection).
 //!
 //! Must not: GET the chat URL (every GET drains the viewer's one chat queue, so a probe would steal
 //! chat from the running relay), send HEAD or OPTIONS (never answered), or POST to the viewer.
@@ -7,6 +8,7 @@
 use crate::check::PROBE_TIMEOUT;
 use crate::check::report::{CheckReport, Outcome};
 use crate::config::Settings;
+use crate::lookingglass::presence::{self, Place, ViewerStatus};
 use crate::lookingglass::{LookingGlassClient, ViewerEndpoint, ViewerError};
 
 /// Probes the viewer named in `settings.viewer`.
@@ -73,6 +75,13 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             &mut origin_answered,
         );
     }
+    if viewer.status_url.is_some()
+        && report
+            .line("viewer.status")
+            .is_some_and(|line| line.outcome != Outcome::Fail)
+    {
+        check_place(settings, &client, &stop, report).await;
+    }
     let not_fetched = format!(
         "{} not fetched: every GET drains the viewer's one chat queue, so a probe would take chat away from the running relay",
         viewer.chat_url
@@ -90,6 +99,151 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             "fix the viewer failures above: the chat URL shares their host and port",
         ),
         None => chat_by_tcp(&viewer.chat_url, &not_fetched, report).await,
+    }
+}
+
+/// Where the viewer is (`viewer.region`) and whom it can hear (`viewer.hearing`), from its network
+/// counters, status and avatar list. `check` has not the running relay's memory of the counters
+/// (it lives in the outbox), so a tie it cannot decide is a warning that points at `/readyz`.
+async fn check_place(
+    settings: &Settings,
+    client: &LookingGlassClient,
+    stop: &tokio_util::sync::CancellationToken,
+    report: &mut CheckReport,
+) {
+    let viewer = &settings.viewer;
+    let Ok(Some(status)) = client.status(stop).await else {
+        return;
+    };
+    let counters = client.comm_counters(stop).await;
+    let region = viewer.expected_region();
+    let region_label = region
+        .map(str::to_owned)
+        .or_else(|| {
+            status
+                .current_sim
+                .as_deref()
+                .map(|sim| presence::region_name(sim).to_owned())
+        })
+        .unwrap_or_else(|| "the region".to_owned());
+    let has_login = viewer.login.is_some();
+    let connected = match &counters {
+        Ok(counters) => {
+            // One restart disconnects the viewer for good, so a second disconnect means a logout
+            // (and maybe a login) happened: only then can a tie be either way (spec §10: 2 and 2
+            // while chat flows after a recovery).
+            let tie = counters.disconnected >= 2
+                && counters.disconnected >= counters.simconnected
+                && status.current_sim.is_none();
+            if tie && status.login_state.as_deref() == Some("login") {
+                report.warn(
+                    "viewer.region",
+                    format!(
+                        "the viewer's network counters show {} disconnects against {} connects and its status names no region: either a region restart disconnected it, or it was logged in again through REST since",
+                        counters.disconnected, counters.simconnected
+                    ),
+                    format!(
+                        "the running relay remembers which: see /readyz (its viewer check); if it is disconnected, {}",
+                        crate::presence::advice(&Place::Disconnected, &region_label, has_login)
+                    ),
+                );
+                check_hearing(settings, client, &status, region, stop, report).await;
+                return;
+            }
+            presence::connected(None, *counters, &status)
+        }
+        Err(err) => {
+            report.warn(
+                "viewer.region",
+                format!(
+                    "{}: the network counters cannot be read ({err}): a region restart that disconnects the viewer cannot be noticed",
+                    client.comm_stats_url().unwrap_or("the counters")
+                ),
+                "use LookingGlass (its /api/stats/Comm/stats on the chat URL's host)",
+            );
+            true
+        }
+    };
+    let place = presence::place(connected, &status, region);
+    match place.why_not() {
+        None => {
+            if counters.is_ok() {
+                report.ok(
+                    "viewer.region",
+                    format!("the viewer is connected and hears {region_label}"),
+                );
+            }
+            check_hearing(settings, client, &status, region, stop, report).await;
+        }
+        Some(why) => report.fail(
+            "viewer.region",
+            format!("{why}: its chat is not recorded"),
+            crate::presence::advice(&place, &region_label, has_login),
+        ),
+    }
+}
+
+/// The hearing picture: avatars in the region, and those beyond `viewer.hearing_range`, by name
+/// and distance (the operator's console; the log never names them).
+async fn check_hearing(
+    settings: &Settings,
+    client: &LookingGlassClient,
+    status: &ViewerStatus,
+    region: Option<&str>,
+    stop: &tokio_util::sync::CancellationToken,
+    report: &mut CheckReport,
+) {
+    let viewer = &settings.viewer;
+    let Ok(Some(avatars)) = client.seen_avatars(stop).await else {
+        return;
+    };
+    let region = region.map(str::to_owned).or_else(|| {
+        status
+            .current_sim
+            .as_deref()
+            .map(|sim| presence::region_name(sim).to_owned())
+    });
+    let picture = crate::presence::hearing_picture(
+        &avatars,
+        status,
+        viewer.login.as_ref(),
+        region.as_deref(),
+        viewer.hearing_range,
+    );
+    let range = viewer.hearing_range;
+    if !picture.position_known {
+        report.warn(
+            "viewer.hearing",
+            format!(
+                "{} avatars in the region; the viewer's own position is unknown (its status shows none after a REST login)",
+                picture.in_region
+            ),
+            "set viewer.login.start_position to where the viewer's avatar stands, so distances can be told",
+        );
+    } else if picture.beyond == 0 {
+        report.ok(
+            "viewer.hearing",
+            format!(
+                "{} avatars in the region, all within viewer.hearing_range ({range} m) of the viewer's avatar",
+                picture.in_region
+            ),
+        );
+    } else {
+        let far: Vec<String> = picture
+            .far
+            .iter()
+            .map(|(name, distance)| format!("{name} {distance:.0} m"))
+            .collect();
+        report.warn(
+            "viewer.hearing",
+            format!(
+                "{} of {} avatars in the region are beyond viewer.hearing_range ({range} m): {}; what they say is not recorded",
+                picture.beyond,
+                picture.in_region,
+                far.join(", ")
+            ),
+            "place the viewer's avatar where the chatting happens (viewer.login.start_position), or raise OpenSim's say_distance ([Chat] in OpenSim.ini, then viewer.hearing_range); docs/OPERATIONS.md, \"Chat ranges\"",
+        );
     }
 }
 

@@ -1,11 +1,24 @@
 //! The CMS's JSON and the text rules of its stock database.
 //!
 //! Requests carry exactly the keys the CMS inserts (an extra key is a PHP fatal error after the earlier
-//! rows were stored). Responses are read leniently: PHP warnings may come before the JSON, errors
-//! arrive with HTTP 200 and `success: false`, and ids may be strings or numbers.
+//! rows were stored). Responses are read leniently (`cms::lenient`): PHP warnings may come before the
+//! JSON (`json_start` finds it, within a bounded number of scans), errors arrive with HTTP 200 and
+//! `success: false`, and ids may be strings or numbers.
+//!
+//! Memory follows what is kept: the answers that can be large (a chat GET, tens of megabytes on a
+//! busy grid; a POST reply a peer can make as large) are read straight into typed rows, only the
+//! fields used, each lenient; no `serde_json::Value` tree is made of them.
+//! The small answers (login, avatar, grid, the account) are read as a `Value`, up to
+//! `MAX_VALUE_BYTES`.
 
-use serde::Serialize;
+use std::fmt;
+
+use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use crate::cms::lenient::json_start;
+use crate::cms::lenient::{Flag, FromMap, Int, Object, Text, from_map, give};
 
 /// The five validation errors of `ChatController::validateParametersCreate` (spec §3.3): when one
 /// comes back, nothing of the batch was stored.
@@ -88,18 +101,23 @@ pub fn encoded_len(item: &ChatItem) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-/// Reads a CMS body as JSON, skipping PHP warning text in front of it: first the whole body, then
-/// from each `{` or `[` (the first 64) until one parses to the end. Costly on noise, so `CmsClient`
-/// calls it once per answer and keeps the value.
-pub fn parse_lenient(body: &[u8]) -> Option<Value> {
-    if let Ok(value) = serde_json::from_slice(body) {
-        return Some(value);
+/// The largest JSON document read as a `Value` tree. A login, avatar, grid or account answer is a
+/// few hundred bytes; a tree costs up to ten times its text, so a larger answer to one of them
+/// (a broken or hostile peer) is not read at all rather than held ten times over.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Reads a JSON document (from `json_start`) as a `Value`, if it is at most `MAX_VALUE_BYTES`.
+pub fn value_of(json: &[u8]) -> Option<Value> {
+    if json.len() > MAX_VALUE_BYTES {
+        return None;
     }
-    body.iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'{' || **b == b'[')
-        .take(64)
-        .find_map(|(start, _)| serde_json::from_slice(&body[start..]).ok())
+    serde_json::from_slice(json).ok()
+}
+
+/// Reads a CMS body as a JSON `Value`, PHP warning text in front skipped (`json_start`). For the
+/// small answers only (`MAX_VALUE_BYTES`): a chat GET and a POST reply are read into typed rows.
+pub fn parse_lenient(body: &[u8]) -> Option<Value> {
+    value_of(&body[json_start(body)?..])
 }
 
 /// What a chat POST answered.
@@ -120,24 +138,40 @@ pub enum PostReply {
 
 /// Interprets a chat POST body; `None` when it is not JSON at all (a PHP fatal error page).
 pub fn parse_post_reply(body: &[u8]) -> Option<PostReply> {
-    post_reply_of(&parse_lenient(body)?)
+    post_reply_in(&body[json_start(body)?..])
 }
 
-/// Interprets a chat POST answer already read by `parse_lenient`; `None` when it is not an object.
-pub fn post_reply_of(value: &Value) -> Option<PostReply> {
-    let object = value.as_object()?;
-    if object.get("success").and_then(Value::as_bool) == Some(true) {
+/// Interprets the JSON document of a chat POST answer (from `json_start`); `None` when it is not
+/// an object.
+pub fn post_reply_in(json: &[u8]) -> Option<PostReply> {
+    let Ok(Object(reply)) = serde_json::from_slice::<Object<Envelope>>(json) else {
+        return None;
+    };
+    if reply.success.0 == Some(true) {
         return Some(PostReply::Stored {
-            last_id: object.get("id").and_then(as_i64).unwrap_or(0),
+            last_id: reply.id.0.unwrap_or(0),
         });
     }
-    Some(match object.get("error").and_then(Value::as_str) {
+    Some(match reply.error.0 {
         Some(error) if VALIDATION_ERRORS.iter().any(|v| error.starts_with(v)) => {
-            PostReply::Invalid(error.to_owned())
+            PostReply::Invalid(error)
         }
-        Some(error) => PostReply::Failed(error.to_owned()),
+        Some(error) => PostReply::Failed(error),
         None => PostReply::LastRowFailed,
     })
+}
+
+/// The `error` string of a `success: false` answer, from its JSON document (`json_start`):
+/// a typed read that skips every other field, whatever the answer's size.
+pub fn error_in(json: &[u8]) -> Option<String> {
+    let Ok(Object(envelope)) = serde_json::from_slice::<Object<Envelope>>(json) else {
+        return None;
+    };
+    if envelope.success.0 == Some(false) {
+        envelope.error.0
+    } else {
+        None
+    }
 }
 
 /// The `error` string of a `success: false` body, if that is what `value` is.
@@ -189,33 +223,117 @@ pub fn confirmed_user(value: &Value, grid_id: u32) -> Option<i64> {
     confirmed.then_some(user_id)
 }
 
-/// The rows of a chat GET.
-pub fn parse_chats(value: &Value) -> Option<Vec<CmsChat>> {
-    let rows = value.as_array()?;
-    let text = |v: &Value, k: &str| {
-        v.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    Some(
-        rows.iter()
-            .filter_map(|row| {
-                let user = row.get("user").cloned().unwrap_or(Value::Null);
-                Some(CmsChat {
-                    id: row.get("id").and_then(as_i64)?,
-                    user_id: user.get("id").and_then(as_i64).unwrap_or(-1),
-                    username: text(&user, "username"),
-                    first_name: text(&user, "firstName"),
-                    last_name: text(&user, "lastName"),
-                    message: text(row, "message"),
-                    timestamp: text(row, "timestamp"),
-                    from_cms: row.get("fromCMS").and_then(as_i64) == Some(1),
-                })
-            })
-            .collect(),
-    )
+/// What a chat GET answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatAnswer {
+    /// The rows (an element without an id is passed over).
+    Rows(Vec<CmsChat>),
+    /// An object: `success: false` with this error, if any.
+    Failed(Option<String>),
 }
+
+/// Reads the JSON document of a chat GET answer (from `json_start`) straight into rows, holding
+/// nothing of a row but what `CmsChat` keeps; `None` when it is neither an array nor an object.
+pub fn parse_chat_answer(json: &[u8]) -> Option<ChatAnswer> {
+    serde_json::from_slice::<ChatAnswerWire>(json)
+        .ok()
+        .and_then(|answer| answer.0)
+}
+
+/// A chat GET answer: an array of rows, or an object (an error); anything else is `None`.
+struct ChatAnswerWire(Option<ChatAnswer>);
+
+impl<'de> Deserialize<'de> for ChatAnswerWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AnswerVisitor;
+        impl<'de> Visitor<'de> for AnswerVisitor {
+            type Value = ChatAnswerWire;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a chat GET answer")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(Object(row)) = seq.next_element::<Object<RowWire>>()? {
+                    let Some(id) = row.id.0 else {
+                        continue;
+                    };
+                    let user = row.user.0;
+                    rows.push(CmsChat {
+                        id,
+                        user_id: user.id.0.unwrap_or(-1),
+                        username: user.username.0.unwrap_or_default(),
+                        first_name: user.first_name.0.unwrap_or_default(),
+                        last_name: user.last_name.0.unwrap_or_default(),
+                        message: row.message.0.unwrap_or_default(),
+                        timestamp: row.timestamp.0.unwrap_or_default(),
+                        from_cms: row.from_cms.0 == Some(1),
+                    });
+                }
+                rows.shrink_to_fit();
+                Ok(ChatAnswerWire(Some(ChatAnswer::Rows(rows))))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let envelope = Envelope::from_map(map)?;
+                let error = if envelope.success.0 == Some(false) {
+                    envelope.error.0
+                } else {
+                    None
+                };
+                Ok(ChatAnswerWire(Some(ChatAnswer::Failed(error))))
+            }
+            give!(ChatAnswerWire(None); bool, i64, u64, f64, str, unit);
+        }
+        deserializer.deserialize_any(AnswerVisitor)
+    }
+}
+
+/// `{"success": …, "error": …, "id": …}`: the envelope of an error or a POST reply.
+#[derive(Default)]
+struct Envelope {
+    success: Flag,
+    error: Text,
+    id: Int,
+}
+
+from_map!(Envelope {
+    "success" => success,
+    "error" => error,
+    "id" => id,
+});
+
+/// One element of a chat GET answer: the fields `CmsChat` keeps.
+#[derive(Default)]
+struct RowWire {
+    id: Int,
+    user: Object<UserWire>,
+    message: Text,
+    timestamp: Text,
+    from_cms: Int,
+}
+
+from_map!(RowWire {
+    "id" => id,
+    "user" => user,
+    "message" => message,
+    "timestamp" => timestamp,
+    "fromCMS" => from_cms,
+});
+
+/// A row's `user`: the fields `CmsChat` keeps (not `email`, `picture`, `lastLogin`).
+#[derive(Default)]
+struct UserWire {
+    id: Int,
+    username: Text,
+    first_name: Text,
+    last_name: Text,
+}
+
+from_map!(UserWire {
+    "id" => id,
+    "username" => username,
+    "firstName" => first_name,
+    "lastName" => last_name,
+});
 
 /// PHP hands out ids as numbers or as strings, depending on the code path.
 fn as_i64(value: &Value) -> Option<i64> {
@@ -297,6 +415,76 @@ mod tests {
         assert_eq!(
             parse_post_reply(b"<b>Fatal error</b>: Unknown column"),
             None
+        );
+    }
+
+    #[test]
+    fn chat_rows_are_read_leniently_into_what_is_kept() {
+        let body = br#"<br /><b>Notice</b>: Undefined index [x] in <b>chat.php</b><br />
+[{"id":"7","user":{"id":3,"username":"johndoe","firstName":"John","lastName":"Doe","email":"j@d.com","picture":false},"message":"Hi \u00e9","timestamp":"2014-04-08 13:15:03","fromCMS":"1"},
+ {"id":6,"user":null,"message":["odd"],"timestamp":"2014-04-08 13:15:01","fromCMS":0,"extra":{"a":[1,2]}},
+ {"user":{"id":4},"message":"no id"}, 17, null]"#;
+        let json = &body[json_start(body).expect("json found")..];
+        let Some(ChatAnswer::Rows(rows)) = parse_chat_answer(json) else {
+            panic!("rows expected");
+        };
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0],
+            CmsChat {
+                id: 7,
+                user_id: 3,
+                username: "johndoe".into(),
+                first_name: "John".into(),
+                last_name: "Doe".into(),
+                message: "Hi \u{e9}".into(),
+                timestamp: "2014-04-08 13:15:03".into(),
+                from_cms: true,
+            }
+        );
+        assert_eq!(
+            (rows[1].id, rows[1].user_id, rows[1].message.as_str()),
+            (6, -1, "")
+        );
+        assert!(!rows[1].from_cms);
+        assert_eq!(
+            parse_chat_answer(
+                br#"{"success":false,"error":"Unauthorized to access this API URL"}"#
+            ),
+            Some(ChatAnswer::Failed(Some(UNAUTHORIZED.to_owned())))
+        );
+        assert_eq!(parse_chat_answer(b"\"text\""), None);
+    }
+
+    #[test]
+    fn a_body_that_breaks_off_is_given_up_within_a_few_scans() {
+        let row = r#"{"id":1,"user":{"id":3,"username":"u"},"message":"[x] {y}","timestamp":"t","fromCMS":0},"#;
+        let mut body = b"<b>Warning</b>: [noise] {more}<br />\n[".to_vec();
+        for _ in 0..10_000 {
+            body.extend_from_slice(row.as_bytes());
+        }
+        assert_eq!(json_start(&body), None, "it breaks off");
+        body.pop();
+        body.push(b']');
+        let start = json_start(&body).expect("whole again");
+        assert_eq!(body[start], b'[');
+        let Some(ChatAnswer::Rows(rows)) = parse_chat_answer(&body[start..]) else {
+            panic!("rows expected");
+        };
+        assert_eq!(rows.len(), 10_000);
+    }
+
+    #[test]
+    fn a_small_answer_larger_than_its_bound_is_not_read_as_a_tree() {
+        let padding = "x".repeat(MAX_VALUE_BYTES);
+        let huge = format!(r#"{{"token":"abc","padding":"{padding}"}}"#);
+        assert_eq!(parse_lenient(huge.as_bytes()), None);
+        assert!(parse_lenient(br#"{"token":"abc"}"#).is_some());
+        // A POST reply of any size is read typed, its unused fields skipped.
+        let reply = format!(r#"{{"success":true,"id":"9","padding":"{padding}"}}"#);
+        assert_eq!(
+            parse_post_reply(reply.as_bytes()),
+            Some(PostReply::Stored { last_id: 9 })
         );
     }
 

@@ -1,14 +1,15 @@
 //! `LookingGlassClient`: the HTTP side of the viewer chat interface.
 //!
 //! Invariants (spec §1.2, §1.4, §9): one request at a time across every task that holds a clone
-//! (the chat GET, the in-world POST, the status and avatars reads take turns at one gate, since the
-//! viewer serves one request at a time and a request waiting behind another may outwait its
-//! client); a request is never aborted while the viewer may be writing its answer (an aborted
-//! response kills the real viewer or loses its lines), so there is no total timeout, only a long
-//! inactivity limit, and every answer is read to its end, but never held beyond
-//! `viewer.max_response_bytes` (the rest is read and discarded, up to `DISCARD_FACTOR` times the
-//! limit). A stop is honoured only before a request is sent, and by a status or avatars read only
-//! while no byte of its answer has come. Must not know the CMS or the outbox.
+//! (the chat GET, the in-world POST, the status, avatars and network-counters reads and the REST
+//! login and logout take turns at one gate, since the viewer serves one request at a time and a
+//! request waiting behind another may outwait its client); a request is never aborted while the
+//! viewer may be writing its answer (an aborted response kills the real viewer or loses its
+//! lines), so there is no total timeout, only a long inactivity limit, and every answer is read to
+//! its end, but never held beyond `viewer.max_response_bytes` (the rest is read and discarded, up
+//! to `DISCARD_FACTOR` times the limit). A stop is honoured only before a request is sent, and by a
+//! status, avatars or counters read only while no byte of its answer has come. Must not know the
+//! CMS or the outbox.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
+use crate::lookingglass::presence::{CommCounters, SeenAvatar, ViewerStatus, seen_avatars};
 use crate::text::snippet;
 
 /// Why a viewer request failed.
@@ -124,6 +126,10 @@ pub struct LookingGlassClient {
     chat_url: String,
     avatars_url: Option<String>,
     status_url: Option<String>,
+    /// CommLLLP's counters, `/api/stats/Comm/stats` on the chat URL's host (spec §4, §10).
+    comm_stats_url: Option<String>,
+    /// `/api/LLLP/connect/` on the chat URL's host, for the REST login and logout.
+    connect_url: Option<String>,
     max_response_bytes: usize,
     /// The viewer's one turn: held from before a request is sent until its answer is read to its end.
     gate: Arc<Mutex<()>>,
@@ -134,7 +140,7 @@ pub struct LookingGlassClient {
 enum Patience {
     /// A chat GET or POST: never given up (only the inactivity limit ends it).
     Whole,
-    /// A status or avatars read: given up when its answer has not begun within `SIDE_READ_LIMIT`
+    /// A status, avatars or counters read: given up when its answer has not begun within `SIDE_READ_LIMIT`
     /// or at a stop before it began.
     SideRead,
 }
@@ -149,8 +155,17 @@ impl LookingGlassClient {
             .read_timeout(endpoint.inactivity)
             .pool_max_idle_per_host(1)
             .build()?;
+        // The other LookingGlass endpoints live on the chat URL's host (spec §4).
+        let origin = reqwest::Url::parse(&endpoint.chat_url)
+            .ok()
+            .map(|url| url.origin().ascii_serialization())
+            .filter(|origin| origin.starts_with("http"));
         Ok(LookingGlassClient {
             http,
+            comm_stats_url: origin
+                .as_ref()
+                .map(|origin| format!("{origin}/api/stats/Comm/stats")),
+            connect_url: origin.map(|origin| format!("{origin}/api/LLLP/connect/")),
             chat_url: endpoint.chat_url,
             avatars_url: endpoint.avatars_url,
             status_url: endpoint.status_url,
@@ -211,23 +226,7 @@ impl LookingGlassClient {
     /// The viewer's own avatar name from `status_url` (`first` + `last`), `None` when it is off or the
     /// viewer is not logged in.
     pub async fn own_name(&self, stop: &CancellationToken) -> Result<Option<String>, ViewerError> {
-        let Some(url) = &self.status_url else {
-            return Ok(None);
-        };
-        let value = self.get_json(url, "status", stop).await?;
-        let part = |key: &str| {
-            value
-                .get(key)
-                .and_then(|v| v.get("value"))
-                .and_then(Value::as_str)
-                .map(str::trim)
-        };
-        Ok(match (part("first"), part("last")) {
-            (Some(first), Some(last)) if !first.is_empty() => {
-                Some(format!("{first} {last}").trim().to_owned())
-            }
-            _ => None,
-        })
+        Ok(self.status(stop).await?.and_then(|status| status.own_name))
     }
 
     /// Avatar names (lower-cased) to UUIDs from `avatars_url`; empty when it is off.
@@ -254,6 +253,101 @@ impl LookingGlassClient {
                 Some((name, uuid))
             })
             .collect())
+    }
+
+    /// The viewer's login status from `status_url`, `None` when it is off.
+    pub async fn status(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<ViewerStatus>, ViewerError> {
+        let Some(url) = &self.status_url else {
+            return Ok(None);
+        };
+        let value = self.get_json(url, "status", stop).await?;
+        Ok(Some(ViewerStatus::from_json(&value)))
+    }
+
+    /// The counters URL (for logs and `check`).
+    pub fn comm_stats_url(&self) -> Option<&str> {
+        self.comm_stats_url.as_deref()
+    }
+
+    /// CommLLLP's `network_disconnected` and `network_simconnected`; `Decode` when the answer lacks
+    /// them (a viewer other than LookingGlass).
+    pub async fn comm_counters(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<CommCounters, ViewerError> {
+        let Some(url) = &self.comm_stats_url else {
+            return Err(ViewerError::Decode {
+                what: "chat url (no host for the counters)",
+                snippet: snippet(self.chat_url.as_bytes()),
+            });
+        };
+        let value = self.get_json(url, "network counters", stop).await?;
+        CommCounters::from_json(&value).ok_or_else(|| ViewerError::Decode {
+            what: "network counters",
+            snippet: snippet(value.to_string().as_bytes()),
+        })
+    }
+
+    /// The avatar list with regions and positions, `None` when `avatars_url` is off.
+    pub async fn seen_avatars(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<SeenAvatar>>, ViewerError> {
+        let Some(url) = &self.avatars_url else {
+            return Ok(None);
+        };
+        let value = self.get_json(url, "avatar list", stop).await?;
+        seen_avatars(&value)
+            .map(Some)
+            .ok_or_else(|| ViewerError::Decode {
+                what: "avatar list",
+                snippet: snippet(value.to_string().as_bytes()),
+            })
+    }
+
+    /// `POST /api/LLLP/connect/<action>` (`login`, `logout`) with `form` as the body. The viewer
+    /// does not URL-decode form values, so they are sent as they are (the caller refuses `&`, `=`
+    /// and line breaks in them). `Ok(Err(msg))` is the viewer's refusal
+    /// (`{"RESTRequestError":1,"RESTRequestMsg":msg}`). Never given up once sent.
+    pub async fn connect(
+        &self,
+        action: &str,
+        form: &[(&str, &str)],
+        stop: &CancellationToken,
+    ) -> Result<Result<(), String>, ViewerError> {
+        let Some(base) = &self.connect_url else {
+            return Err(ViewerError::Decode {
+                what: "chat url (no host for the login)",
+                snippet: snippet(self.chat_url.as_bytes()),
+            });
+        };
+        let body = form
+            .iter()
+            .map(|(key, value)| format!("{key}={value}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let request = self
+            .http
+            .post(format!("{base}{action}"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body);
+        let answer = self.exchange(request, Patience::Whole, stop).await?;
+        let value: Value =
+            serde_json::from_slice(&answer.body).map_err(|_| ViewerError::Decode {
+                what: "login answer",
+                snippet: snippet(&answer.body),
+            })?;
+        match value.get("RESTRequestError") {
+            None => Ok(Ok(())),
+            Some(_) => Ok(Err(value
+                .get("RESTRequestMsg")
+                .and_then(Value::as_str)
+                .unwrap_or("refused without a reason")
+                .to_owned())),
+        }
     }
 
     /// Waits until no request is in flight (the gate is free). A shutdown waits for this: an answer

@@ -8,22 +8,12 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chrono::Utc;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
 
+pub use crate::config::WhenFull;
 use crate::outbox::record::decode_pending;
 use crate::outbox::store::Store;
-use crate::outbox::{Outbox, OutboxError, PendingLine};
-
-/// What to do when the outbox holds `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Drop the oldest pending lines to make room (each counted and logged).
-    DropOldest,
-    /// Stop polling the viewer until delivery makes room (the viewer keeps the lines meanwhile).
-    PausePolling,
-}
+use crate::outbox::{GapKind, GapNote, Outbox, OutboxError, PendingLine};
 
 /// The bounds of the outbox.
 #[derive(Debug, Clone, Copy)]
@@ -63,10 +53,13 @@ impl Outbox {
         self.n_dropped.load(Ordering::Relaxed)
     }
 
-    /// Drops pending lines captured more than `max_age` ago. Returns how many. A line in flight may
-    /// be dropped too: `save` never brings a removed record back, so a POST that ends later cannot
-    /// resurrect it (at worst a dropped line was in fact stored by the CMS).
+    /// Drops pending lines captured more than `max_age` ago, and quarantine records older than that
+    /// (`drop_expired_quarantine`: nothing the outbox keeps outlives `outbox.max_age`). Returns how
+    /// many lines. A line in flight may be dropped too: `save` never brings a removed record back,
+    /// so a POST that ends later cannot resurrect it (at worst a dropped line was in fact stored by
+    /// the CMS).
     pub async fn drop_expired(&self) -> Result<usize, OutboxError> {
+        self.drop_expired_quarantine(self.limits.max_age).await?;
         let Ok(max_age) = chrono::Duration::from_std(self.limits.max_age) else {
             return Ok(0);
         };
@@ -74,7 +67,7 @@ impl Outbox {
             return Ok(0);
         };
         let store = self.store()?;
-        self.drop_while(&store, "older than outbox.max_age", false, |line, _| {
+        self.drop_while(&store, GapKind::DroppedForAge, false, |line, _| {
             line.line.captured_at < cutoff
         })
         .await
@@ -89,7 +82,7 @@ impl Outbox {
     pub(super) async fn enforce_max_bytes(&self, store: &Store) -> Result<(), OutboxError> {
         let max_bytes = self.limits.max_bytes;
         if self.limits.when_full == WhenFull::DropOldest && self.bytes() > max_bytes {
-            self.drop_while(store, "outbox.max_bytes reached", true, |_, outbox| {
+            self.drop_while(store, GapKind::DroppedForSpace, true, |_, outbox| {
                 outbox.bytes() > max_bytes
             })
             .await?;
@@ -102,11 +95,17 @@ impl Outbox {
     async fn drop_while(
         &self,
         store: &Store,
-        reason: &str,
+        kind: GapKind,
         spare_in_flight: bool,
         condition: impl Fn(&PendingLine, &Outbox) -> bool,
     ) -> Result<usize, OutboxError> {
+        let reason = match kind {
+            GapKind::DroppedForAge => "older than outbox.max_age",
+            _ => "outbox.max_bytes reached",
+        };
         let mut n_dropped = 0;
+        // When the lines dropped were said, for the gap marker (`gaps`).
+        let mut said: Option<(DateTime<Utc>, DateTime<Utc>, u64)> = None;
         // Lazily, oldest first: this runs on every delivery step and must stop at the first line
         // that stays.
         for entry in self.committed_pending(store) {
@@ -126,9 +125,30 @@ impl Outbox {
             // Counted with the removal, so that depth + dropped never dips or jumps.
             self.n_dropped.fetch_add(1, Ordering::Relaxed);
             n_dropped += 1;
+            // A dropped marker (the relay's own line) is not chat: noting it would mark it again
+            // at every max_age of a long outage.
+            if line.line.source != crate::model::LineSource::Relay {
+                let at = line.line.spoken_at;
+                said = Some(said.map_or((at, at, 1), |(from, to, n)| {
+                    (from.min(at), to.max(at), n + 1)
+                }));
+            }
             if n_dropped <= MAX_DROPS_LOGGED {
                 tracing::warn!(outbox_id = line.id, speaker = %line.line.speaker, captured_at = %line.line.captured_at, reason, "line dropped from the outbox");
             }
+        }
+        if let Some((from, to, n)) = said {
+            let noted_at = Utc::now();
+            self.note_gap(
+                store,
+                GapNote {
+                    kind,
+                    from,
+                    to,
+                    n,
+                    noted_at,
+                },
+            )?;
         }
         if n_dropped > 0 {
             self.db.flush(store).await?;

@@ -15,6 +15,19 @@ pub enum Cursor {
     LastConfirmedId,
     /// In-world: the highest CMS chat id said in the region (or passed over).
     LastSaidId,
+    /// In-world: the time of the row at `LastSaidId` (unix seconds, as read in the CMS's zone).
+    LastSaidAt,
+    /// In-world: a fingerprint of the row at `LastSaidId` (its text and timestamp).
+    LastSaidRow,
+    /// Presence: the viewer's `network_disconnected` at the last judgement.
+    ViewerDisconnects,
+    /// Presence: the viewer's `network_simconnected` at the last judgement.
+    ViewerConnects,
+    /// Presence: 1 when the viewer was connected at the last judgement, else 0.
+    ViewerConnected,
+    /// Presence: when the viewer's current stretch out of its region began (Unix milliseconds;
+    /// 0 when it is in), so that the stretch is marked once, across restarts too.
+    ViewerOutSince,
 }
 
 impl Cursor {
@@ -23,6 +36,12 @@ impl Cursor {
         match self {
             Cursor::LastConfirmedId => "delivery.last_confirmed_id",
             Cursor::LastSaidId => "inworld.last_said_id",
+            Cursor::LastSaidAt => "inworld.last_said_at",
+            Cursor::LastSaidRow => "inworld.last_said_row",
+            Cursor::ViewerDisconnects => "presence.viewer_disconnects",
+            Cursor::ViewerConnects => "presence.viewer_connects",
+            Cursor::ViewerConnected => "presence.viewer_connected",
+            Cursor::ViewerOutSince => "presence.viewer_out_since",
         }
     }
 }
@@ -43,6 +62,40 @@ impl Outbox {
         let store = self.store()?;
         self.write_cursor(&store, cursor, value)?;
         self.db.flush(&store).await
+    }
+
+    /// Sets several cursors in one atomic batch and flushes: a crash leaves all of them or none.
+    pub async fn set_cursors(&self, cursors: &[(Cursor, i64)]) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        let mut batch = sled::Batch::default();
+        for (cursor, value) in cursors {
+            batch.insert(cursor.key(), &value.to_be_bytes());
+        }
+        self.db.io(store.meta.apply_batch(batch))?;
+        self.db.flush(&store).await
+    }
+
+    /// Stores `lines` and sets the cursor in one flush: a marker line and the cursor that says it
+    /// was written reach the disk together, so a restart neither loses nor repeats it.
+    pub async fn append_and_set_cursor(
+        &self,
+        lines: &[crate::model::CapturedLine],
+        cursor: Cursor,
+        value: i64,
+    ) -> Result<(), OutboxError> {
+        let before = self.cursor(cursor)?;
+        let store = self.store()?;
+        self.write_cursor(&store, cursor, value)?;
+        let appended = self.append(lines).await;
+        if appended.is_err() {
+            // The lines did not reach the disk: the cursor must not say they did (a failed write
+            // is retried by the caller as a whole).
+            let _ = match before {
+                Some(before) => self.write_cursor(&store, cursor, before),
+                None => self.db.io(store.meta.remove(cursor.key())).map(drop),
+            };
+        }
+        appended
     }
 
     /// Writes the cursor, without flushing.

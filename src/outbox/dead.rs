@@ -1,23 +1,31 @@
 //! Dead letters (lines the CMS refused, kept with the reason until an operator requeues or purges
-//! them) and the quarantine (records that cannot be decoded and bodies that cannot be used, kept
-//! raw for an operator). The quarantine is bounded: a body is kept once however often it comes, at
-//! most its first `QUARANTINE_BODY_BYTES`, and none once the quarantine holds
-//! `outbox.max_quarantine_bytes` (a damaged record is moved there whatever the bound: it is on disk
-//! already).
+//! them, or their speaker opts out) and the quarantine (what could not be used, on record for an
+//! operator).
+//!
+//! The quarantine keeps only what may be kept: a viewer answer that cannot be read is never stored
+//! as it came (it holds what the filters would have removed: an ignored speaker's line, an opted-out
+//! speaker's line, an e-mail address before `filter.redact`), only its metadata and a hash (when,
+//! what, its size, the lines read before the break, FNV-1a 64 of the body); an outbox record that
+//! cannot be decoded is kept as it was stored (a line already filtered and redacted). Every record
+//! leaves after `outbox.max_age` (`drop_expired_quarantine`), and a record an older relay kept raw
+//! (no header) at the first such pass. A body is recorded once however often it comes, and none once
+//! the quarantine holds `outbox.max_quarantine_bytes` (a damaged record is moved there whatever the
+//! bound: it is on disk already).
 //!
 //! Must not send anything or decide that a line is refused (that is delivery's); a dead letter comes
 //! back to the pending lines only through `requeue`.
 
 use std::collections::HashSet;
-use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use chrono::Utc;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::outbox::record::{decode_dead, encode_dead, encode_pending};
 use crate::outbox::store::Store;
-use crate::outbox::{DeadLine, Outbox, OutboxError, PendingLine};
+use crate::outbox::{DeadLine, GapKind, GapNote, Outbox, OutboxError, PendingLine};
+use crate::text::fnv1a64;
 
 impl Outbox {
     /// Moves a line to the dead letters with `reason`, and flushes. The dead record is written before
@@ -74,6 +82,28 @@ impl Outbox {
         Ok(n_requeued)
     }
 
+    /// Deletes the dead letters `is_theirs` picks (those of a speaker who opted out), without
+    /// flushing. Returns how many.
+    pub(super) fn remove_dead_where(
+        &self,
+        store: &Store,
+        is_theirs: impl Fn(&PendingLine) -> bool,
+    ) -> Result<usize, OutboxError> {
+        let mut n_removed = 0;
+        for dead in self.dead_letters_in(store)? {
+            if is_theirs(&dead.pending)
+                && self
+                    .db
+                    .io(store.dead.remove(dead.pending.id.to_be_bytes()))?
+                    .is_some()
+            {
+                self.n_dead.fetch_sub(1, Ordering::Relaxed);
+                n_removed += 1;
+            }
+        }
+        Ok(n_removed)
+    }
+
     /// Deletes every dead letter. Returns how many.
     pub async fn purge_dead(&self) -> Result<usize, OutboxError> {
         self.purge(|store| &store.dead, &self.n_dead).await
@@ -103,56 +133,68 @@ impl Outbox {
         Ok(n)
     }
 
-    /// Keeps a raw body that could not be used (a viewer response that is not JSON), for an
-    /// operator: `what`, a line, then the body (its first `QUARANTINE_BODY_BYTES` when longer, the
-    /// first line saying so). Not kept again when the same body was kept before, nor when the
+    /// Records a viewer answer that could not be read, for an operator: `what`, its size, how many
+    /// lines were read before the break (they went through the filters like any other) and its hash,
+    /// never the body. Not recorded again when the same body was recorded before, nor when the
     /// quarantine holds `max_quarantine_bytes` (logged at warn once).
-    pub async fn quarantine_raw(
+    pub async fn quarantine_unreadable(
         &self,
         what: &str,
         body: &[u8],
+        n_lines_before: usize,
     ) -> Result<Quarantined, OutboxError> {
-        let fingerprint = fingerprint(body);
-        if self.quarantine.has_kept(fingerprint) {
+        let hash = fnv1a64(body);
+        // Whatever becomes of the body, its lines are lost: noted for a gap marker (`gaps`),
+        // flushed with the body (or with the next flush when the body is not kept).
+        let now = chrono::Utc::now();
+        let note = GapNote {
+            kind: GapKind::Unreadable,
+            from: now,
+            to: now,
+            n: 1,
+            noted_at: now,
+        };
+        let store = self.store()?;
+        self.note_gap(&store, note)?;
+        if self.quarantine.has_kept(hash) {
             return Ok(Quarantined::Repeat);
         }
-        let kept = &body[..body.len().min(QUARANTINE_BODY_BYTES)];
-        let header = if kept.len() < body.len() {
-            format!(
-                "{what} (its first {} of {} bytes)\n",
-                kept.len(),
-                body.len()
-            )
-        } else {
-            format!("{what}\n")
-        };
-        let n_bytes = (header.len() + kept.len()) as u64;
-        if !self.quarantine.has_room(n_bytes) {
+        let value = encode_quarantined(what, body.len(), hash, Some(n_lines_before), &[]);
+        if !self.quarantine.has_room(value.len() as u64) {
             if !self.quarantine.warned_full.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     quarantine_bytes = self.quarantine_bytes(),
-                    "the outbox quarantine holds outbox.max_quarantine_bytes: further unusable bodies are counted, not kept; look at them (outbox stats) and purge them (outbox purge --quarantine)"
+                    "the outbox quarantine holds outbox.max_quarantine_bytes: further unreadable answers are counted, not recorded; look at them (outbox quarantine) and purge them (outbox purge --quarantine)"
                 );
             }
             return Ok(Quarantined::Full);
         }
-        let store = self.store()?;
-        let mut value = Vec::with_capacity(header.len() + kept.len());
-        value.extend_from_slice(header.as_bytes());
-        value.extend_from_slice(kept);
-        self.put_in_quarantine(&store, value)?;
+        self.put_raw_in_quarantine(&store, value)?;
         self.db.flush(&store).await?;
-        self.quarantine.kept(fingerprint);
+        self.quarantine.kept(hash);
         Ok(Quarantined::Kept)
     }
 
-    /// Writes a raw record to the quarantine under a new key, without flushing.
+    /// Moves an outbox record that cannot be decoded to the quarantine under a new key, as it was
+    /// stored (a line already filtered and redacted), without flushing.
     pub(super) fn put_in_quarantine(
         &self,
         store: &Store,
-        value: impl Into<sled::IVec>,
+        record: impl AsRef<[u8]>,
     ) -> Result<(), OutboxError> {
-        let value = value.into();
+        let record = record.as_ref();
+        let value = encode_quarantined(
+            "outbox record that cannot be decoded",
+            record.len(),
+            fnv1a64(record),
+            None,
+            record,
+        );
+        self.put_raw_in_quarantine(store, value)
+    }
+
+    /// Writes a quarantine record under a new key, without flushing.
+    fn put_raw_in_quarantine(&self, store: &Store, value: Vec<u8>) -> Result<(), OutboxError> {
         let n_bytes = value.len() as u64;
         let key = self.db.new_id(store)?.to_be_bytes();
         if self.db.io(store.quarantine.insert(key, value))?.is_none() {
@@ -162,6 +204,56 @@ impl Outbox {
             .n_bytes
             .fetch_add(n_bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Removes the quarantine records older than `max_age` (`outbox.max_age`), and those an older
+    /// relay kept without a header (raw viewer bodies, which may hold what the filters remove), then
+    /// flushes. Keys grow with time, so the walk stops at the first record that stays: cheap enough
+    /// for every delivery step. Returns how many were removed.
+    pub async fn drop_expired_quarantine(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<usize, OutboxError> {
+        let cutoff = chrono::Duration::from_std(max_age)
+            .ok()
+            .and_then(|max_age| Utc::now().checked_sub_signed(max_age));
+        let store = self.store()?;
+        let mut n_removed = 0;
+        for entry in store.quarantine.iter() {
+            let (key, value) = self.db.io(entry)?;
+            let expired = match decode_quarantined(0, &value).at {
+                Some(at) => cutoff.is_some_and(|cutoff| at < cutoff),
+                None => true,
+            };
+            if !expired {
+                break;
+            }
+            if self.db.io(store.quarantine.remove(&key))?.is_some() {
+                self.n_quarantined.fetch_sub(1, Ordering::Relaxed);
+                self.quarantine.removed(value.len() as u64);
+                n_removed += 1;
+            }
+        }
+        if n_removed > 0 {
+            self.db.flush(&store).await?;
+            tracing::info!(
+                n_records = n_removed,
+                "quarantine records older than outbox.max_age (or kept raw by an older relay) removed"
+            );
+        }
+        Ok(n_removed)
+    }
+
+    /// The quarantine's records, oldest first (`outbox quarantine`).
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedRecord>, OutboxError> {
+        let store = self.store()?;
+        let mut records = Vec::new();
+        for entry in store.quarantine.iter() {
+            let (key, value) = self.db.io(entry)?;
+            let id = <[u8; 8]>::try_from(key.as_ref()).map_or(0, u64::from_be_bytes);
+            records.push(decode_quarantined(id, &value));
+        }
+        Ok(records)
     }
 
     /// Bounds the quarantine to `max_bytes` of records (`outbox.max_quarantine_bytes`).
@@ -202,18 +294,97 @@ impl Outbox {
     }
 }
 
-/// The most of one unusable body the quarantine keeps: enough to see what a peer sent.
-pub const QUARANTINE_BODY_BYTES: usize = 1 << 20;
-
-/// What became of a body offered to the quarantine.
+/// What became of an answer offered to the quarantine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quarantined {
-    /// Written and flushed.
+    /// Recorded and flushed.
     Kept,
-    /// The same body was kept before: not written again.
+    /// The same body was recorded before: not recorded again.
     Repeat,
-    /// The quarantine holds `max_quarantine_bytes`: not written.
+    /// The quarantine holds `max_quarantine_bytes`: not recorded.
     Full,
+}
+
+/// One quarantine record, as `outbox quarantine` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedRecord {
+    /// Its key.
+    pub id: u64,
+    /// When it was recorded; `None` for a record an older relay kept raw (removed at the next
+    /// expiry pass).
+    pub at: Option<DateTime<Utc>>,
+    /// What it is.
+    pub what: String,
+    /// The size of what could not be used.
+    pub n_bytes: u64,
+    /// FNV-1a 64 of what could not be used, in hex: the same answer twice has the same hash.
+    pub hash: Option<String>,
+    /// For an unreadable viewer answer: the lines read before the break.
+    pub n_lines_before: Option<usize>,
+    /// What is kept of it: an undecodable outbox record as stored; nothing of a viewer answer.
+    pub kept: Vec<u8>,
+}
+
+/// The header of a quarantine record (JSON, one line, `v` = 1), followed by the kept bytes.
+#[derive(Serialize, Deserialize)]
+struct QuarantineHeaderV1 {
+    v: u8,
+    at_ms: i64,
+    what: String,
+    n_bytes: u64,
+    fnv1a64: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n_lines_before: Option<usize>,
+}
+
+fn encode_quarantined(
+    what: &str,
+    n_bytes: usize,
+    hash: u64,
+    n_lines_before: Option<usize>,
+    kept: &[u8],
+) -> Vec<u8> {
+    let header = QuarantineHeaderV1 {
+        v: 1,
+        at_ms: Utc::now().timestamp_millis(),
+        what: what.to_owned(),
+        n_bytes: n_bytes as u64,
+        fnv1a64: format!("{hash:016x}"),
+        n_lines_before,
+    };
+    let mut value =
+        serde_json::to_vec(&header).expect("serializing strings and integers cannot fail");
+    value.push(b'\n');
+    value.extend_from_slice(kept);
+    value
+}
+
+/// A record read back; one without a readable header is an older relay's raw body.
+fn decode_quarantined(id: u64, value: &[u8]) -> QuarantinedRecord {
+    let header_end = value.iter().position(|b| *b == b'\n');
+    let header = header_end
+        .and_then(|end| serde_json::from_slice::<QuarantineHeaderV1>(&value[..end]).ok())
+        .filter(|header| header.v == 1);
+    match (header, header_end) {
+        (Some(header), Some(end)) => QuarantinedRecord {
+            id,
+            at: Utc.timestamp_millis_opt(header.at_ms).single(),
+            what: header.what,
+            n_bytes: header.n_bytes,
+            hash: Some(header.fnv1a64),
+            n_lines_before: header.n_lines_before,
+            kept: value[end + 1..].to_vec(),
+        },
+        _ => QuarantinedRecord {
+            id,
+            at: None,
+            what: "kept raw by an older relay".to_owned(),
+            n_bytes: value.len() as u64,
+            hash: None,
+            n_lines_before: None,
+            kept: Vec::new(),
+        },
+    }
 }
 
 /// The quarantine's bound and what it has kept in this process.
@@ -259,6 +430,15 @@ impl QuarantineBound {
         self.lock().insert(fingerprint);
     }
 
+    fn removed(&self, n_bytes: u64) {
+        // Saturating: a record counted at open and removed cannot take it below zero.
+        let _ = self
+            .n_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                Some(held.saturating_sub(n_bytes))
+            });
+    }
+
     fn emptied(&self) {
         self.n_bytes.store(0, Ordering::Relaxed);
         self.lock().clear();
@@ -273,53 +453,108 @@ impl QuarantineBound {
     }
 }
 
-/// A body's fingerprint (SipHash with fixed keys: the same body gives the same value in a process).
-fn fingerprint(body: &[u8]) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    body.hash(&mut hasher);
-    hasher.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_quarantine_keeps_a_body_once_its_first_mib_and_nothing_beyond_its_bound() {
+    async fn the_quarantine_records_an_answer_once_without_its_body_and_nothing_beyond_its_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
         let outbox = Outbox::open(dir.path(), 1 << 20)
             .expect("open")
-            .with_max_quarantine_bytes(2 << 20);
-        let page = vec![b'x'; 1000];
-        let huge = vec![b'y'; 5 << 20];
+            .with_max_quarantine_bytes(600);
+        let page = b"<html>alice@example.org said hello</html>".to_vec();
+        let other = b"<html>another page</html>".to_vec();
 
         let outcomes = [
-            outbox.quarantine_raw("bad", &page).await.expect("write"),
-            outbox.quarantine_raw("bad", &page).await.expect("write"),
-            outbox.quarantine_raw("bad", &huge).await.expect("write"),
-            outbox.quarantine_raw("bad", &huge).await.expect("write"),
             outbox
-                .quarantine_raw("bad", &[b'z'; 2 << 20])
+                .quarantine_unreadable("bad", &page, 3)
+                .await
+                .expect("write"),
+            outbox
+                .quarantine_unreadable("bad", &page, 3)
+                .await
+                .expect("write"),
+            outbox
+                .quarantine_unreadable("bad", &other, 0)
+                .await
+                .expect("write"),
+            outbox
+                .quarantine_unreadable("bad", b"a third", 0)
                 .await
                 .expect("write"),
         ];
 
         use Quarantined::{Full, Kept, Repeat};
-        assert_eq!(outcomes, [Kept, Repeat, Kept, Repeat, Full]);
-        let header = "bad (its first 1048576 of 5242880 bytes)\n".len() as u64;
-        let n_bytes = 4 + 1000 + header + (1 << 20);
+        assert_eq!(outcomes[..3], [Kept, Repeat, Kept]);
+        let records = outbox.quarantined().expect("list");
+        assert_eq!(records.len(), outbox.quarantine_len());
+        assert!(outbox.quarantine_bytes() <= 600);
+        if outcomes[3] == Full {
+            assert_eq!(records.len(), 2);
+        }
+        let first = &records[0];
         assert_eq!(
-            (outbox.quarantine_len(), outbox.quarantine_bytes()),
-            (2, n_bytes)
+            (first.what.as_str(), first.n_bytes, first.n_lines_before),
+            ("bad", page.len() as u64, Some(3))
         );
+        assert_eq!(
+            first.hash.as_deref(),
+            Some(format!("{:016x}", fnv1a64(&page)).as_str())
+        );
+        assert!(first.kept.is_empty(), "the body itself is not kept");
+        assert!(first.at.is_some());
         drop(outbox);
+
         let reopened = Outbox::open(dir.path(), 1 << 20).expect("reopen");
+        let n_bytes: u64 = reopened.quarantine_bytes();
+        assert!(n_bytes > 0, "counted again at open");
         assert_eq!(
-            reopened.quarantine_bytes(),
-            n_bytes,
-            "counted again at open"
+            reopened.purge_quarantine().await.expect("purge"),
+            records.len()
         );
-        assert_eq!(reopened.purge_quarantine().await.expect("purge"), 2);
         assert_eq!(reopened.quarantine_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn quarantine_records_leave_after_the_maximum_age_and_raw_ones_of_an_older_relay_at_once()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        let store = outbox.store().expect("store");
+        // An older relay's record: the raw body, no header.
+        outbox
+            .put_raw_in_quarantine(&store, b"{\"raw\": \"viewer body\"}".to_vec())
+            .expect("write");
+        outbox
+            .put_in_quarantine(&store, b"damaged record")
+            .expect("write");
+        drop(store);
+        outbox
+            .quarantine_unreadable("bad", b"<html>", 0)
+            .await
+            .expect("write");
+        assert_eq!(outbox.quarantine_len(), 3);
+
+        let week = std::time::Duration::from_secs(7 * 24 * 3600);
+        assert_eq!(
+            outbox.drop_expired_quarantine(week).await.expect("expire"),
+            1
+        );
+        let left = outbox.quarantined().expect("list");
+        assert_eq!(left.len(), 2);
+        assert_eq!(
+            left[0].kept, b"damaged record",
+            "a stored record is kept as stored"
+        );
+
+        assert_eq!(
+            outbox
+                .drop_expired_quarantine(std::time::Duration::ZERO)
+                .await
+                .expect("expire"),
+            2
+        );
+        assert_eq!((outbox.quarantine_len(), outbox.quarantine_bytes()), (0, 0));
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! Trees: `pending` (lines not yet confirmed by the CMS, keyed by a big-endian id from
 //! `Database::new_id`, so key order is capture order), `dead` (lines the CMS refused, with the
-//! reason), `quarantine` (records that could not be decoded and viewer bodies that could not be
-//! parsed, kept raw for an operator), `meta` (the cursors, `Cursor`), `privacy` (the speakers who
+//! reason), `quarantine` (records that could not be decoded, as stored, and the metadata and hash
+//! of viewer answers that could not be parsed, never their bodies; each for `max_age` at most), `meta` (the cursors, `Cursor`), `privacy` (the speakers who
 //! opted out, `OptOut`).
 //!
 //! Invariants: `Ingest::commit` (and `append`, built on it) returns only after the lines are flushed
@@ -27,6 +27,7 @@
 mod bounds;
 mod cursor;
 mod dead;
+mod gaps;
 mod ingest;
 mod privacy;
 mod queue;
@@ -49,9 +50,9 @@ use crate::outbox::store::{Database, Store, last_key};
 
 pub use bounds::{Limits, WhenFull};
 pub use cursor::Cursor;
-pub use dead::{QUARANTINE_BODY_BYTES, Quarantined};
+pub use dead::{Quarantined, QuarantinedRecord};
+pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;
-pub use privacy::{OptOut, SpeakerKey};
 pub use reader::OutboxReader;
 
 /// Why the outbox failed.

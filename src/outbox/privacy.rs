@@ -1,78 +1,36 @@
-//! The opt-outs: who asked not to be recorded (`privacy.optout_command`, `opensim-chat-relay privacy
-//! add`), kept in the `privacy` tree so that they survive restarts, and the dropping of their lines
-//! still pending.
+//! The opt-outs' storage: who asked not to be recorded (`privacy.optout_command`,
+//! `opensim-chat-relay privacy add`), kept in the `privacy` tree so that they survive restarts, and
+//! the dropping of their lines still pending.
 //!
 //! Owns the tree, its keys (`uuid:<avatar uuid>` or `name:<lower-cased name>`) and its record (JSON,
-//! `v` = 1). Must not decide who opted out (the poller and the `privacy` subcommand do) or touch lines
-//! that are not committed yet (a failed ingest's retry writes them again).
+//! `v` = 1). Must not decide who opted out or whose line is whose: those rules are `crate::privacy`'s
+//! (`OptOut::matches`, applied here to the waiting lines). Must not touch lines that are not
+//! committed yet (a failed ingest's retry writes them again).
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::outbox::record::decode_pending;
 use crate::outbox::store::Store;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
+use crate::privacy::{OptOut, SpeakerKey};
 
-/// Who an opt-out is remembered by: the avatar's UUID where the viewer gave one (it survives a
-/// change of name), else its name. Both lower-cased.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum SpeakerKey {
-    /// The avatar's UUID (a line's `OwnerID`).
-    Uuid(String),
-    /// The avatar's name.
-    Name(String),
-}
-
-impl SpeakerKey {
-    /// The key of a speaker: by `uuid` when given, else by `name`.
-    pub fn of(name: &str, uuid: Option<&str>) -> SpeakerKey {
-        match uuid {
-            Some(uuid) => SpeakerKey::Uuid(uuid.trim().to_lowercase()),
-            None => SpeakerKey::Name(name.trim().to_lowercase()),
-        }
-    }
-
-    fn encode(&self) -> String {
-        match self {
-            SpeakerKey::Uuid(uuid) => format!("uuid:{uuid}"),
-            SpeakerKey::Name(name) => format!("name:{name}"),
-        }
-    }
-
-    fn decode(key: &[u8]) -> Option<SpeakerKey> {
-        let key = std::str::from_utf8(key).ok()?;
-        if let Some(uuid) = key.strip_prefix("uuid:") {
-            return Some(SpeakerKey::Uuid(uuid.to_owned()));
-        }
-        key.strip_prefix("name:")
-            .map(|name| SpeakerKey::Name(name.to_owned()))
+/// The key of an opt-out in the `privacy` tree: `uuid:<avatar uuid>` or `name:<lower-cased name>`.
+fn encode_key(key: &SpeakerKey) -> String {
+    match key {
+        SpeakerKey::Uuid(uuid) => format!("uuid:{uuid}"),
+        SpeakerKey::Name(name) => format!("name:{name}"),
     }
 }
 
-/// One speaker who opted out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OptOut {
-    /// Who.
-    pub key: SpeakerKey,
-    /// The name as it was said or typed, for `privacy list`.
-    pub name: String,
-    /// When.
-    pub since: DateTime<Utc>,
-}
-
-impl OptOut {
-    /// Whether a line of `speaker` (with the avatar UUID `uuid`, when the viewer gave one) is theirs:
-    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID).
-    pub fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
-        let same_name = || self.name.trim().eq_ignore_ascii_case(speaker.trim());
-        match &self.key {
-            SpeakerKey::Uuid(key) => match uuid {
-                Some(uuid) => key.eq_ignore_ascii_case(uuid.trim()),
-                None => same_name(),
-            },
-            SpeakerKey::Name(key) => *key == speaker.trim().to_lowercase(),
-        }
+/// The speaker of a key of the `privacy` tree; `None` for a key this version does not know.
+fn decode_key(key: &[u8]) -> Option<SpeakerKey> {
+    let key = std::str::from_utf8(key).ok()?;
+    if let Some(uuid) = key.strip_prefix("uuid:") {
+        return Some(SpeakerKey::Uuid(uuid.to_owned()));
     }
+    key.strip_prefix("name:")
+        .map(|name| SpeakerKey::Name(name.to_owned()))
 }
 
 /// The stored form of an opt-out.
@@ -90,7 +48,7 @@ impl Outbox {
         let mut opt_outs = Vec::new();
         for entry in store.privacy.iter() {
             let (key, value) = self.db.io(entry)?;
-            let Some(key) = SpeakerKey::decode(&key) else {
+            let Some(key) = decode_key(&key) else {
                 continue;
             };
             let Ok(record) = serde_json::from_slice::<OptOutV1>(&value) else {
@@ -119,8 +77,8 @@ impl Outbox {
 
     /// Remembers `opt_out` and drops the committed pending lines of that speaker up to the key
     /// `up_to` (a `pending_watermark` taken when the command was read: lines stored after it are
-    /// not the ones waiting when the speaker opted out), then flushes. Returns how many lines were
-    /// dropped. The opt-out is written first: sled keeps write order, so a crash may leave it without
+    /// not the ones waiting when the speaker opted out) and their dead letters, then flushes.
+    /// Returns how many lines were dropped. The opt-out is written first: sled keeps write order, so a crash may leave it without
     /// the drop (which the next start makes, `drop_opted_out`), never the drop without it.
     ///
     /// A line in flight is dropped too: a POST that ends later cannot bring the record back (`save`
@@ -136,7 +94,7 @@ impl Outbox {
         let value =
             serde_json::to_vec(&record).expect("serializing strings and integers cannot fail");
         self.db
-            .io(store.privacy.insert(opt_out.key.encode(), value))?;
+            .io(store.privacy.insert(encode_key(&opt_out.key), value))?;
         let n_dropped = self.drop_pending_of(&store, std::slice::from_ref(opt_out), up_to)?;
         self.db.flush(&store).await?;
         Ok(n_dropped)
@@ -148,7 +106,7 @@ impl Outbox {
         let mut n_removed = 0;
         for opt_out in self.opt_outs()? {
             if opt_out.matches(speaker, uuid) {
-                self.db.io(store.privacy.remove(opt_out.key.encode()))?;
+                self.db.io(store.privacy.remove(encode_key(&opt_out.key)))?;
                 n_removed += 1;
             }
         }
@@ -201,8 +159,9 @@ impl Outbox {
         Ok((kept, n_dropped))
     }
 
-    /// Removes the committed pending lines, with keys up to `up_to`, that one of `opt_outs` matches.
-    /// A record that cannot be decoded is left for delivery to quarantine.
+    /// Removes the committed pending lines, with keys up to `up_to`, that one of `opt_outs` matches,
+    /// and their dead letters (kept for an operator until requeued or purged: an opt-out removes
+    /// them too). A record that cannot be decoded is left for delivery to quarantine.
     fn drop_pending_of(
         &self,
         store: &Store,
@@ -226,7 +185,12 @@ impl Outbox {
                 theirs.push(key);
             }
         }
-        let mut n_dropped = 0;
+        let mut n_dropped = self.remove_dead_where(store, |pending| {
+            let line = &pending.line;
+            opt_outs
+                .iter()
+                .any(|o| o.matches(&line.speaker, line.owner_id.as_deref()))
+        })?;
         for key in theirs {
             if self.remove_pending(store, &key)? {
                 n_dropped += 1;
@@ -264,23 +228,6 @@ mod tests {
             name: "Alice Resident".into(),
             since: Utc::now(),
         }
-    }
-
-    #[test]
-    fn an_opt_out_by_uuid_matches_that_avatar_and_its_name_without_a_uuid() {
-        let by_uuid = alice_opts_out();
-        assert!(by_uuid.matches("Someone Renamed", Some(&ALICE.to_uppercase())));
-        assert!(by_uuid.matches("alice resident", None));
-        assert!(!by_uuid.matches(
-            "Alice Resident",
-            Some("bbbbbbbb-0000-4000-8000-000000000002")
-        ));
-        let by_name = OptOut {
-            key: SpeakerKey::of(" Alice Resident ", None),
-            ..alice_opts_out()
-        };
-        assert!(by_name.matches("ALICE RESIDENT", Some(ALICE)));
-        assert!(!by_name.matches("Bob Builder", None));
     }
 
     #[tokio::test]
@@ -337,6 +284,41 @@ mod tests {
             1
         );
         assert!(outbox.opt_outs().expect("read").is_empty());
+    }
+
+    #[tokio::test]
+    async fn opting_out_removes_the_speakers_dead_letters_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        outbox
+            .append(&[
+                line("Alice Resident", Some(ALICE), "refused by the cms"),
+                line("Bob Builder", None, "refused too"),
+            ])
+            .await
+            .expect("append");
+        for pending in outbox.oldest(10).expect("read") {
+            outbox
+                .dead_letter(&pending, "refused")
+                .await
+                .expect("dead letter");
+        }
+        assert_eq!(outbox.dead_len(), 2);
+
+        let n_dropped = outbox
+            .opt_out(&alice_opts_out(), outbox.pending_watermark())
+            .await
+            .expect("opt out");
+
+        assert_eq!(n_dropped, 1);
+        let left: Vec<String> = outbox
+            .dead_letters()
+            .expect("read")
+            .into_iter()
+            .map(|dead| dead.pending.line.message)
+            .collect();
+        assert_eq!(left, ["refused too"]);
+        assert_eq!(outbox.dead_len(), 1);
     }
 
     #[tokio::test]

@@ -28,7 +28,8 @@ pub(super) struct Store {
     pub(super) pending: sled::Tree,
     /// Lines the CMS refused, with the reason, under their pending key.
     pub(super) dead: sled::Tree,
-    /// Records that could not be decoded and bodies that could not be used, kept raw.
+    /// Records that could not be decoded and what is known of viewer answers that could not be read
+    /// (`dead`).
     pub(super) quarantine: sled::Tree,
     /// The cursors (`Cursor`).
     pub(super) meta: sled::Tree,
@@ -44,6 +45,7 @@ const OWN_LOCK_WAIT: Duration = Duration::from_secs(2);
 
 impl Store {
     pub(super) fn open(path: &Path, cache_bytes: u64) -> Result<Store, OutboxError> {
+        create_private_dir(path);
         let started = Instant::now();
         let db = loop {
             match sled::Config::new()
@@ -62,6 +64,7 @@ impl Store {
             db.open_tree(name)
                 .map_err(|source| open_error(path, source))
         };
+        make_private(path);
         Ok(Store {
             pending: open_tree("pending")?,
             dead: open_tree("dead")?,
@@ -97,6 +100,53 @@ impl Store {
     /// open and reopen only).
     pub(super) fn count_kept(&self) -> (usize, usize) {
         (self.dead.len(), self.quarantine.len())
+    }
+}
+
+/// The outbox holds chat and the list of who opted out: its directory is the relay's user's alone
+/// (0700), whatever the umask it was started under (a relay run by hand gets 0755 from umask 022).
+/// Created so before sled opens it (sled would create it with the umask's mode).
+fn create_private_dir(path: &Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.exists() {
+        return;
+    }
+    // An error is sled's to report, with its advice, when it opens the directory.
+    let _ = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path);
+}
+
+/// Takes away every permission the relay's user does not need from the directory (0700) and what
+/// sled keeps in it (directories 0700, files 0600): an outbox made by an older relay, or files sled
+/// created under a loose umask. sled creates files later too (snapshots, blobs): `main` sets the
+/// process's umask to 077 for those, and the directory's mode keeps everyone else out meanwhile.
+/// A change that fails (the directory belongs to another user) is warned about, not fatal: the
+/// relay still works, and the operator is told what to fix.
+fn make_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut to_visit = vec![(path.to_owned(), true)];
+    while let Some((path, is_dir)) = to_visit.pop() {
+        let private = if is_dir { 0o700 } else { 0o600 };
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.permissions().mode() & 0o077 != 0
+            && let Err(err) =
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(private))
+        {
+            tracing::warn!(path = %path.display(), error = %err, "outbox file readable by other users and its mode cannot be changed: chmod {private:o} it (it holds chat and the opt-outs)");
+        }
+        if is_dir && let Ok(entries) = std::fs::read_dir(&path) {
+            for entry in entries.flatten() {
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                to_visit.push((entry.path(), is_dir));
+            }
+        }
     }
 }
 
@@ -145,11 +195,17 @@ fn open_error(path: &Path, source: sled::Error) -> OutboxError {
 }
 
 /// Who this process runs as: `user NAME (uid N)` (or `uid N` when no name is known) and the name
-/// for a command line (the uid when none). Linux: `/proc/self` belongs to the effective uid, and
-/// the name is looked up in `/etc/passwd` (a systemd `DynamicUser` has none there).
+/// for a command line (the uid when none). Linux: the effective uid from `/proc/self/status` (not
+/// the owner of `/proc/self`, which is root once the process made itself non-dumpable), and the name
+/// looked up in `/etc/passwd` (a systemd `DynamicUser` has none there).
 fn current_user() -> (String, String) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(uid) = std::fs::metadata("/proc/self").map(|meta| meta.uid()) else {
+    let effective_uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("Uid:"))?;
+            line.split_whitespace().nth(2)?.parse::<u32>().ok()
+        });
+    let Some(uid) = effective_uid else {
         return ("the relay's user".to_owned(), "<user>".to_owned());
     };
     match user_name(uid) {
@@ -383,5 +439,40 @@ impl Database {
     pub(super) async fn flush(&self, store: &Store) -> Result<(), OutboxError> {
         self.io(store.db.flush_async().await)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn an_outbox_left_readable_by_others_is_made_private_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("outbox");
+        drop(Store::open(&path, 1 << 20).expect("open"));
+        let chmod = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
+        };
+        chmod(&path, 0o755);
+        chmod(&path.join("db"), 0o644);
+
+        drop(Store::open(&path, 1 << 20).expect("reopen"));
+
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(mode(&path.join("db")), 0o600);
+        let fresh = dir.path().join("new").join("outbox");
+        drop(Store::open(&fresh, 1 << 20).expect("open"));
+        assert_eq!(mode(&fresh), 0o700);
     }
 }

@@ -159,11 +159,11 @@ async fn the_counts_of_dead_letters_and_quarantined_records_follow_every_write_a
         refuse(&outbox, &line).await;
     }
     outbox
-        .quarantine_raw("chat", b"not json")
+        .quarantine_unreadable("chat", b"not json", 0)
         .await
         .expect("keep");
     outbox
-        .quarantine_raw("chat", b"nor this")
+        .quarantine_unreadable("chat", b"nor this", 0)
         .await
         .expect("keep");
     let counts = |outbox: &Outbox| (outbox.dead_len(), outbox.quarantine_len());

@@ -18,8 +18,11 @@ const VALID_POST_REPLY: &str = r#"{"success":true,"id":17}"#;
 
 fn all_cms_parsers(body: &[u8]) {
     let _ = cms_wire::parse_post_reply(body);
+    if let Some(start) = cms_wire::json_start(body) {
+        let _ = cms_wire::parse_chat_answer(&body[start..]);
+        let _ = cms_wire::error_in(&body[start..]);
+    }
     if let Some(value) = cms_wire::parse_lenient(body) {
-        let _ = cms_wire::parse_chats(&value);
         let _ = cms_wire::confirmed_user(&value, 1);
         let _ = cms_wire::token_of(&value);
         let _ = cms_wire::error_of(&value);
@@ -201,4 +204,126 @@ async fn a_huge_viewer_answer_is_read_to_its_end_and_stored_holding_it_about_onc
         growth < body + (32 << 20),
         "the relay held the answer more than about once: {growth} bytes for a {body}-byte body"
     );
+}
+
+/// A chat GET answer of `n_rows` rows as a busy grid's CMS returns it (about 330 bytes a row),
+/// after a PHP notice: what `GET /grid/<g>/chats/<unix>/` gives after hours of chat.
+fn big_cms_chat_answer(n_rows: usize) -> Vec<u8> {
+    let mut body = b"<br />\n<b>Notice</b>:  Undefined index: HTTP_X_FORWARDED_FOR in <b>/var/www/OpenSim-CMS/api/index.php</b> on line <b>12</b><br />\n[".to_vec();
+    for id in (1..=n_rows).rev() {
+        if id != n_rows {
+            body.push(b',');
+        }
+        body.extend_from_slice(
+            format!(
+                r#"{{"id":{id},"user":{{"id":-1,"username":"Anonymous","firstName":"","lastName":"","email":"Anonymous","picture":false,"lastLogin":"0000-00-00 00:00:00"}},"message":"[Avatar {} Resident] line {id} of a long afternoon of chat in the region, said and relayed","timestamp":"2026-12-07 06:00:00","fromCMS":0}}"#,
+                id % 97
+            )
+            .as_bytes(),
+        );
+    }
+    body.push(b']');
+    body
+}
+
+/// An HTTP/1.1 200 response carrying `body`.
+fn raw_ok(body: &[u8]) -> Vec<u8> {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    response.extend_from_slice(body);
+    response
+}
+
+/// A busy grid's CMS answers each in-world read with 14 MB of chat (within
+/// `cms.max_response_bytes`), then with 12.6 MB that break off: the relay holds each answer in a
+/// small multiple of its size. A memory bound, not a timing one: the peak's growth over the
+/// relay's baseline is compared with the body's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_cms_chat_answer_is_held_in_a_small_multiple_of_its_size() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::hostile_cms::{RawPeer, login_ok};
+
+    // Arrange: a CMS whose chat GETs answer `[]` until the phase changes.
+    let valid = Arc::new(big_cms_chat_answer(48_000));
+    let broken = Arc::new(valid[..valid.len() * 9 / 10].to_vec());
+    let phase = Arc::new(AtomicUsize::new(0));
+    let (answers, shown) = ((valid.clone(), broken.clone()), phase.clone());
+    let cms = RawPeer::start(move |seen| {
+        if seen.request_line.contains("/auth/username/") {
+            return login_ok();
+        }
+        match shown.load(Ordering::SeqCst) {
+            0 => raw_ok(b"[]"),
+            1 => raw_ok(&answers.0),
+            _ => raw_ok(&answers.1),
+        }
+    })
+    .await;
+    let n_chat_gets = || {
+        cms.seen()
+            .iter()
+            .filter(|s| s.request_line.starts_with("GET") && s.request_line.contains("/chats/"))
+            .count()
+    };
+    let env = TestEnv::start().await;
+    let base_url = cms.base_url();
+    let relay = env.spawn_relay_process(
+        &[
+            ("cms.base_url", base_url.as_str()),
+            ("inworld.poll_interval", "50ms"),
+            ("log.level", "error"),
+            ("http.listen", ""),
+        ],
+        Stdio::null(),
+    );
+    eventually(PATIENCE, "the relay reads the cms", || async {
+        n_chat_gets() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let baseline = peak_memory(&relay);
+
+    // Act: three reads of each answer.
+    let mut growth = Vec::new();
+    for (next_phase, body) in [(1, valid.len()), (2, broken.len())] {
+        // Each answer's own peak: the high-water mark starts again from the present (Linux 4.0+).
+        std::fs::write(format!("/proc/{}/clear_refs", relay.id()), "5").expect("reset VmHWM");
+        let before = peak_memory(&relay);
+        phase.store(next_phase, Ordering::SeqCst);
+        let n_before = n_chat_gets();
+        eventually(
+            Duration::from_secs(60),
+            "three reads of the answer",
+            || async { n_chat_gets() >= n_before + 4 },
+        )
+        .await;
+        let peak = peak_memory(&relay);
+        growth.push((body, peak.saturating_sub(before)));
+    }
+    assert!(sigterm(relay).success(), "clean stop");
+
+    // Assert
+    for (body, grown) in growth {
+        eprintln!(
+            "a {:.1} MiB cms chat answer: relay peak {:.1} MiB over its memory before (first baseline {:.1} MiB), {:.2} times the body",
+            body as f64 / 1048576.0,
+            grown as f64 / 1048576.0,
+            baseline as f64 / 1048576.0,
+            grown as f64 / body as f64
+        );
+        assert!(body > 12 << 20 && body < 16 << 20, "{body} bytes");
+        // The body once, the rows made of it about once (their strings and their vector), and what
+        // the allocator keeps of an earlier read on another thread's arena: about 3 times the valid
+        // answer and 1.5 times the broken one in a debug build, against 9 and 7 times when each
+        // answer was made a `serde_json::Value` tree (docs/PERFORMANCE.md).
+        assert!(
+            grown < 6 * body as u64,
+            "the relay held a {body}-byte answer in {grown} bytes"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! Start-up refuses a bad configuration with one line naming the key.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -307,5 +308,64 @@ fn a_missing_or_bad_ca_file_names_its_key() {
             check_config_env(&format!("{GOOD}ca_file = {:?}\n", path.display()), &[]);
         assert_eq!(code, Some(78), "{}: {stdout}", path.display());
         assert!(stderr.contains("cms.ca_file"), "{stderr}");
+    }
+}
+
+/// A password as an operator pastes it, with a `"` and a `\`: written as is, the file is not TOML.
+pub(crate) const PASTED_PASSWORD: &str = r#"S3cret"Pa\55word"#;
+
+/// What of `PASTED_PASSWORD` must never be printed: each part an error could quote.
+pub(crate) fn shows_the_pasted_password(text: &str) -> bool {
+    ["S3cret", r"Pa\55", "55word"]
+        .iter()
+        .any(|part| text.contains(part))
+}
+
+/// A config file whose third line holds `PASTED_PASSWORD` unescaped.
+pub(crate) fn pasted_password_file(dir: &Path) -> PathBuf {
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        format!("[cms]\nusername = \"relay\"\npassword = \"{PASTED_PASSWORD}\"\n"),
+    )
+    .expect("write");
+    file
+}
+
+#[test]
+fn a_syntax_error_on_the_password_line_names_file_line_and_key_but_never_the_password() {
+    // Arrange: the file an operator writes, with the password pasted between double quotes.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = pasted_password_file(dir.path());
+
+    for command in ["check-config", "run"] {
+        // Act
+        let output = Command::new(env!("CARGO_BIN_EXE_opensim-chat-relay"))
+            .args([command, "--config"])
+            .arg(&file)
+            .env_remove("RELAY_CONFIG")
+            .output()
+            .expect("binary runs");
+
+        // Assert: refused as a configuration error, with where it is and what to do, no value.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(78), "{command}: {stderr}");
+        assert!(
+            !shows_the_pasted_password(&stderr) && !shows_the_pasted_password(&stdout),
+            "{command} printed the password: {stderr}{stdout}"
+        );
+        for needle in [
+            "relay.toml",
+            "line 3",
+            "column",
+            "cms.password",
+            "cms.password_file",
+        ] {
+            assert!(
+                stderr.contains(needle),
+                "{command}: no {needle:?} in {stderr}"
+            );
+        }
     }
 }

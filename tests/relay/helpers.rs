@@ -736,6 +736,17 @@ impl TestEnv {
         bodies: Vec<Vec<u8>>,
         overrides: &[(&str, &str)],
     ) -> (RunningRelay, CancellationToken) {
+        self.start_relay_on_scripted_viewer_with("", bodies, overrides)
+            .await
+    }
+
+    /// Like `start_relay_on_scripted_viewer`, with `toml` as the config file.
+    pub async fn start_relay_on_scripted_viewer_with(
+        &self,
+        toml: &str,
+        bodies: Vec<Vec<u8>>,
+        overrides: &[(&str, &str)],
+    ) -> (RunningRelay, CancellationToken) {
         let (chat_url, stop) = scripted_viewer(bodies).await;
         let mut all = vec![
             ("viewer.chat_url", chat_url.as_str()),
@@ -743,7 +754,7 @@ impl TestEnv {
             ("viewer.avatars_url", ""),
         ];
         all.extend_from_slice(overrides);
-        (self.start_relay("", &all).await, stop)
+        (self.start_relay(toml, &all).await, stop)
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use opensim_chat_relay::outbox::Cursor;
 use opensim_chat_relay::sim::cms::Permissions;
 
-use crate::helpers::{PATIENCE, RunningRelay, TestEnv, eventually};
+use crate::helpers::{Logs, PATIENCE, RunningRelay, TestEnv, eventually};
 
 /// Fast in-world settings for tests.
 const FAST: [(&str, &str); 2] = [
@@ -277,4 +277,96 @@ async fn a_failed_part_of_a_split_line_is_said_again_without_the_parts_before_it
     assert_eq!(said.len(), 4, "{said:#?}");
     assert_eq!(said[..3].join(" "), long.trim());
     assert_eq!(said[3], "after the long line");
+}
+
+/// Dora types "one", "two" and "three" in the CMS; returns the id of "one" once all three are said.
+async fn three_lines_said(env: &TestEnv, dora: i64) -> i64 {
+    let first = env.db.add_cms_line(1, dora, "one");
+    for text in ["two", "three"] {
+        env.db.add_cms_line(1, dora, text);
+    }
+    eventually(PATIENCE, "three lines said", || async {
+        env.lg.said().len() == 3
+    })
+    .await;
+    first
+}
+
+#[tokio::test]
+async fn after_a_cms_database_restore_in_world_goes_on_with_the_new_lines() {
+    // Arrange: three CMS lines said; then the CMS database is restored from a backup taken after the
+    // first, so the next line gets the id of the second.
+    let (logs, _guard) = Logs::capture();
+    let env = TestEnv::start().await;
+    let dora = cms_user(&env);
+    let relay = start(&env, &[]).await;
+    let first = three_lines_said(&env, dora).await;
+
+    // Act
+    env.db.restore_chats(first);
+    env.db.add_cms_line(1, dora, "after the restore");
+    env.db.add_cms_line(1, dora, "and later");
+    eventually(PATIENCE, "the new lines said", || async {
+        env.lg.said().len() >= 5
+    })
+    .await;
+    relay.stop().await;
+
+    // Assert: the new lines said once, nothing said again, and the operator told.
+    assert_eq!(
+        said(&env),
+        [
+            "[Dora Admin] one",
+            "[Dora Admin] two",
+            "[Dora Admin] three",
+            "[Dora Admin] after the restore",
+            "[Dora Admin] and later"
+        ]
+    );
+    let warned = logs.lines_with("cms ids went backwards");
+    assert!(
+        warned
+            .iter()
+            .any(|line| line.contains("WARN") && line.contains("in-world")),
+        "{}",
+        logs.text()
+    );
+}
+
+#[tokio::test]
+async fn a_cms_database_restored_while_the_relay_was_stopped_does_not_silence_in_world() {
+    // Arrange: three lines said; the relay stops; the CMS database is restored from a backup taken
+    // after the first of them.
+    let env = TestEnv::start().await;
+    let dora = cms_user(&env);
+    let relay = start(&env, &[]).await;
+    let first = three_lines_said(&env, dora).await;
+    let typed_at = chrono::Utc::now().timestamp();
+    relay.stop().await;
+    env.db.restore_chats(first);
+    // A restore takes longer than the rest of a second: the next line is typed in a later one.
+    eventually(PATIENCE, "a later second", || async {
+        chrono::Utc::now().timestamp() > typed_at
+    })
+    .await;
+
+    // Act
+    let relay = start(&env, &[]).await;
+    env.db.add_cms_line(1, dora, "after the restore");
+    eventually(PATIENCE, "the new line said", || async {
+        env.lg.said().len() >= 4
+    })
+    .await;
+    relay.stop().await;
+
+    // Assert
+    assert_eq!(
+        said(&env),
+        [
+            "[Dora Admin] one",
+            "[Dora Admin] two",
+            "[Dora Admin] three",
+            "[Dora Admin] after the restore"
+        ]
+    );
 }

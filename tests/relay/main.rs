@@ -1,6 +1,8 @@
 //! End-to-end tests of the relay against both simulators on random ports.
 
 mod admin;
+mod admin_port;
+mod architecture;
 mod bad_input;
 mod check;
 mod cms_load;
@@ -8,6 +10,7 @@ mod config;
 mod crash;
 mod dashboards;
 mod delivery;
+mod demo;
 mod disk_full;
 mod faults;
 mod health;
@@ -20,11 +23,13 @@ mod moderation;
 mod notify;
 mod outage;
 mod own_disk;
+mod presence;
 mod privacy;
 mod quirks;
 mod readback;
 mod reload;
 mod restart;
+mod secrets;
 mod shutdown;
 mod unresolved;
 mod viewer_bounds;

@@ -361,3 +361,178 @@ async fn an_object_named_like_an_avatar_and_owned_by_it_is_stored_anonymously_as
         ]
     );
 }
+
+#[tokio::test]
+async fn a_shouted_or_whispered_opt_out_counts_whatever_filter_types_says() {
+    // Arrange: only normal chat is relayed.
+    let env = TestEnv::start().await;
+    let relay = env
+        .start_relay("[filter]\ntypes = [\"Normal\"]\n", &[])
+        .await;
+    let mut shout = SimChatLine::avatar("Alice Resident", "!nolog");
+    shout.chat_type = "Shout".into();
+    let mut whisper = SimChatLine::avatar("Bob Builder", "!NOLOG");
+    whisper.chat_type = "Whisper".into();
+
+    // Act
+    env.lg.add_avatar("Alice Resident");
+    env.lg.add_avatar("Bob Builder");
+    env.lg.push(shout);
+    env.lg.push(whisper);
+    opt_outs_reach(&relay, 2).await;
+    env.lg.say("Alice Resident", "private now");
+    env.lg.say("Bob Builder", "private too");
+    env.lg.say("Carol Tester", "marker");
+    relayed_eventually(&env, "[Carol Tester] marker").await;
+    relay.stop().await;
+
+    // Assert
+    assert_eq!(relayed(&env), ["[Carol Tester] marker"]);
+}
+
+#[tokio::test]
+async fn an_object_saying_the_opt_in_command_does_not_undo_an_avatars_opt_out() {
+    // Arrange: objects are relayed; Alice opted out; her own object names itself after her.
+    let env = TestEnv::start().await;
+    let relay = env.start_relay("[filter]\nobjects = true\n", &[]).await;
+    env.lg.say("Alice Resident", "!nolog");
+    opt_outs_reach(&relay, 1).await;
+    let mut object = SimChatLine::object("Alice Resident", "!log");
+    object.owner_id = env.lg.avatar_uuid("Alice Resident");
+
+    // Act
+    env.lg.push(object);
+    env.lg.say("Alice Resident", "still private");
+    env.lg.say("Bob Builder", "marker");
+    relayed_eventually(&env, "[Bob Builder] marker").await;
+    let n_opt_outs = relay.outbox.opt_outs().expect("opt-outs").len();
+    relay.stop().await;
+
+    // Assert: the opt-out stands; the object's line is its own chat, not a command.
+    assert_eq!(n_opt_outs, 1);
+    assert!(
+        !relayed(&env).iter().any(|m| m.contains("still private")),
+        "{:?}",
+        relayed(&env)
+    );
+}
+
+/// Every directory and file under `dir` (itself included), with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    let mut to_visit = vec![dir.to_owned()];
+    while let Some(path) = to_visit.pop() {
+        let meta = std::fs::metadata(&path).expect("metadata");
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read_dir") {
+                to_visit.push(entry.expect("entry").path());
+            }
+        }
+        found.push((path, meta.permissions().mode() & 0o777));
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_outbox_is_readable_by_the_relays_user_only_whatever_the_umask() {
+    // Arrange: the relay run by hand, under the usual umask 022.
+    let env = TestEnv::start().await;
+    let mut command = env.relay_command(
+        &["sh", "-c", "umask 022; exec \"$0\" \"$@\""],
+        &[("inworld.enabled", "false"), ("http.listen", "")],
+    );
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = command.spawn().expect("relay starts");
+
+    // Act: chat and an opt-out are stored.
+    env.lg.say("Alice Resident", "!nolog");
+    env.lg.say("Bob Builder", "hello");
+    relayed_eventually(&env, "[Bob Builder] hello").await;
+    crate::helpers::sigterm(child);
+
+    // Assert
+    let outbox = env.dir.path().join("outbox");
+    let modes = modes_under(&outbox);
+    assert!(modes.len() > 2, "{modes:?}");
+    for (path, mode) in modes {
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, expected, "{} is {mode:o}", path.display());
+    }
+}
+
+/// One viewer chat entry, the `n`th millisecond of a moment, said by `from` with `owner` as its UUID.
+fn viewer_entry(n: u32, from: &str, owner: &str, message: &str) -> String {
+    format!(
+        r#""20261122014005{n:03}":{{"Time":"20261122014005{n:03}","From":"{from}","Message":"{message}","Type":"Normal","EntryType":"ChatTypeNormal","Position":"<1, 2, 3>","OwnerID":"{owner}"}}"#
+    )
+}
+
+/// Every byte of every file under `dir`.
+fn all_bytes_under(dir: &std::path::Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (path, _) in modes_under(dir) {
+        if path.is_file() {
+            bytes.extend(std::fs::read(&path).expect("read"));
+        }
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn an_unreadable_viewer_answer_leaves_nothing_on_disk_that_the_filters_removed() {
+    // Arrange: Carol opted out; the operator ignores a bot and redacts e-mail addresses. The viewer
+    // then answers a body that breaks off after lines of all three.
+    let env = TestEnv::start().await;
+    const CAROL: &str = "cccccccc-0000-4000-8000-000000000003";
+    const BOT: &str = "dddddddd-0000-4000-8000-000000000004";
+    const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
+    let bodies = vec![
+        format!("{{{}}}", viewer_entry(1, "Carol Tester", CAROL, "!nolog")).into_bytes(),
+        format!(
+            "{{{},{},{},\"20261122014005009\":{{\"Fr",
+            viewer_entry(2, "Carol Tester", CAROL, "carol-private-words"),
+            viewer_entry(3, "Greeter Bot", BOT, "ignored-bot-words"),
+            viewer_entry(4, "Alice Resident", ALICE, "write to alice.r@example.org"),
+        )
+        .into_bytes(),
+        format!("{{{}}}", viewer_entry(5, "Bob Builder", ALICE, "marker")).into_bytes(),
+    ];
+    let filters = r#"
+[filter]
+ignore_speakers = ["Greeter Bot"]
+redact = [{ pattern = '[\w.+-]+@[\w-]+(\.[\w-]+)+', replacement = '[e-mail]' }]
+# The scripted viewer answers a POST with the next body too: the relay says nothing.
+[privacy]
+confirm_format = ""
+notice = ""
+"#;
+
+    // Act
+    let (relay, stop) = env
+        .start_relay_on_scripted_viewer_with(filters, bodies, &[])
+        .await;
+    relayed_eventually(&env, "[Bob Builder] marker").await;
+    let n_quarantined = relay.outbox.quarantine_len();
+    relay.stop().await;
+    stop.cancel();
+
+    // Assert: the answer is on record for an operator, but none of what the filters removed is on
+    // disk, not even in the quarantine.
+    assert_eq!(n_quarantined, 1);
+    assert!(relayed(&env).contains(&"[Alice Resident] write to [e-mail]".to_owned()));
+    let on_disk =
+        String::from_utf8_lossy(&all_bytes_under(&env.dir.path().join("outbox"))).into_owned();
+    for removed in [
+        "carol-private-words",
+        "ignored-bot-words",
+        "alice.r@example.org",
+    ] {
+        assert!(
+            !on_disk.contains(removed),
+            "{removed:?} is in the outbox files"
+        );
+    }
+}

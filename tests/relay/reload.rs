@@ -6,6 +6,7 @@ use std::process::Stdio;
 
 use opensim_chat_relay::sim::cms::Permissions;
 
+use crate::config::{pasted_password_file, shows_the_pasted_password};
 use crate::helpers::{PATIENCE, TestEnv, eventually, send_signal, sigterm};
 
 /// The relay's log so far.
@@ -105,4 +106,35 @@ async fn sighup_applies_the_live_keys_names_the_others_and_keeps_the_running_one
         errors[0].contains("filter.ignore_messages") && errors[0].contains("unclosed group"),
         "{log}"
     );
+}
+
+// Multi-threaded: `sigterm` blocks while the simulators must go on answering the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_of_a_file_whose_password_breaks_the_syntax_logs_where_not_the_password() {
+    // Arrange: a relay process reading relay.toml, logging to a file.
+    let env = TestEnv::start().await;
+    let config = env.dir.path().join("relay.toml");
+    std::fs::write(&config, "").expect("write config");
+    let log_path = env.dir.path().join("relay.log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
+    let relay = env.spawn_relay_process_with_config(Some(&config), &[], Stdio::from(log_file));
+    logged(&log_path, "logged in to the cms", 1).await;
+
+    // Act: the operator pastes a password with a `"` and a `\` into the file, and reloads.
+    pasted_password_file(env.dir.path());
+    send_signal(relay.id(), "HUP");
+    logged(&log_path, "reload (SIGHUP) failed", 1).await;
+    let status = sigterm(relay);
+
+    // Assert: the error line (ERROR, so the journal keeps it) says where, never the password.
+    assert!(status.success(), "{status:?}");
+    let log = log(&log_path);
+    assert!(!shows_the_pasted_password(&log), "{log}");
+    let failed = log
+        .lines()
+        .find(|l| l.contains("reload (SIGHUP) failed"))
+        .expect("logged");
+    for needle in ["ERROR", "relay.toml", "line 3", "cms.password"] {
+        assert!(failed.contains(needle), "no {needle:?} in {failed}");
+    }
 }

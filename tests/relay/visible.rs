@@ -50,7 +50,7 @@ async fn a_large_outbox_scraped_many_times_shows_true_counts_without_being_scann
         // Distinct bodies: the quarantine keeps a repeated one once.
         for i in 0..100 {
             outbox
-                .quarantine_raw("chat", format!("not json {i}").as_bytes())
+                .quarantine_unreadable("chat", format!("not json {i}").as_bytes(), 0)
                 .await
                 .expect("quarantine");
         }

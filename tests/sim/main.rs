@@ -3,3 +3,4 @@
 mod cms;
 mod cms_cost;
 mod viewer;
+mod viewer_presence;

@@ -103,6 +103,8 @@ pub(super) struct State {
     pub(super) memory_limit_rows: Option<usize>,
     /// Chat POSTs whose body carries this text fail (`CmsHandle::fail_posts_carrying`).
     pub(super) poison: Option<String>,
+    /// While set, every token is refused (`CmsHandle::set_refuse_tokens`).
+    pub(super) refuse_tokens: bool,
     pub(super) n_logins: u64,
     pub(super) n_chat_posts: u64,
     /// The newest `routes::MAX_RECORDED_REQUESTS` requests, oldest first.
@@ -136,6 +138,7 @@ impl Shared {
             unavailable: None,
             memory_limit_rows: None,
             poison: None,
+            refuse_tokens: false,
             n_logins: 0,
             n_chat_posts: 0,
             requests: VecDeque::new(),
@@ -216,6 +219,9 @@ impl State {
     pub(super) fn authenticate(&mut self, request: &Request) -> Option<i64> {
         let now = Instant::now();
         self.tokens.retain(|token| token.expires >= now);
+        if self.refuse_tokens {
+            return None;
+        }
         let presented = request.query_param("token")?;
         let ip = request.peer.ip().to_string();
         let token = self

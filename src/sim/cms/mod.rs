@@ -411,6 +411,12 @@ impl CmsHandle {
         self.shared.lock().poison = text.map(str::to_owned);
     }
 
+    /// While set, logins succeed but every token is refused, as when the CMS binds a token to an
+    /// address other than the one the relay's requests come from (a proxy that changes it).
+    pub fn set_refuse_tokens(&self, refuse: bool) {
+        self.shared.lock().refuse_tokens = refuse;
+    }
+
     /// Every token expires now, as after 30 idle minutes.
     pub fn expire_tokens(&self) {
         // Expired tokens are deleted at the start of the next request anyway, so deleting them

@@ -11,7 +11,8 @@
 //!
 //! This file owns the public face: [`ViewerSim`] (start, URLs, stop, crash), [`ViewerHandle`] and
 //! the lines they speak of. The rest is split by seam: `queue` (the shared state and its one chat
-//! queue), `routes` (the REST server's routing and handlers), `dotnet` (the .NET and Mono rules
+//! queue), `presence` (where the viewer is: connected, disconnected by a region restart, logged
+//! out, elsewhere; CommLLLP's counters, the REST login and logout, who is heard), `routes` (the REST server's routing and handlers), `dotnet` (the .NET and Mono rules
 //! the viewer inherits), `json` (LitJson's writer and the lenient reader of POST bodies),
 //! `chatter` (generated avatar chat) and `cli` (the `sim viewer` entry point, [`run_cli`]).
 //!
@@ -22,6 +23,7 @@ mod chatter;
 mod cli;
 mod dotnet;
 mod json;
+mod presence;
 mod queue;
 mod routes;
 
@@ -35,14 +37,17 @@ use chrono_tz::Tz;
 use crate::sim::http::Request;
 pub use crate::sim::lookingglass::chatter::{ChatterStyle, spawn_chatter, spawn_chatter_styled};
 pub use crate::sim::lookingglass::cli::{ViewerArgs, run_cli};
+pub use crate::sim::lookingglass::presence::{
+    CommCounters, Connection, SAY_DISTANCE, SHOUT_DISTANCE, SimAvatar, WHISPER_DISTANCE,
+};
 use crate::sim::lookingglass::queue::{Shared, enqueue, name_uuid, object_owner_uuid};
 use crate::sim::server::{self, Server};
 
 /// The grid name the simulated viewer is logged in to: the prefix of `/api/avatars` keys and the
 /// `grid` of `/api/LLLP/status`.
 const GRID_NAME: &str = "OSGrid";
-/// The region the viewer and every simulated avatar stand in.
-const REGION_NAME: &str = "Sim";
+/// The region the viewer and every simulated avatar stand in at the start.
+pub const REGION_NAME: &str = "Sim";
 /// The zero UUID: system lines carry it as `OwnerID`.
 const ZERO_UUID: &str = "00000000-0000-0000-0000-000000000000";
 
@@ -298,6 +303,16 @@ impl ViewerSim {
         format!("{}/api/LLLP/status", self.base_url())
     }
 
+    /// CommLLLP's counters, `.../api/stats/Comm/stats`.
+    pub fn comm_stats_url(&self) -> String {
+        format!("{}/api/stats/Comm/stats", self.base_url())
+    }
+
+    /// The REST login, `.../api/LLLP/connect/login` (`logout` likewise).
+    pub fn connect_url(&self, action: &str) -> String {
+        format!("{}/api/LLLP/connect/{action}", self.base_url())
+    }
+
     /// A handle to inject chat and read what happened.
     pub fn handle(&self) -> ViewerHandle {
         ViewerHandle {
@@ -342,12 +357,89 @@ impl ViewerHandle {
         name_uuid(name)
     }
 
-    /// Makes the avatar visible in `/api/avatars`.
+    /// Makes the avatar visible in `/api/avatars`, next to the viewer's own (where it stands in
+    /// the viewer's region at the start), unless it is already.
     pub fn add_avatar(&self, name: &str) {
         let mut state = self.shared.state();
         if !state.avatars.contains_key(name) {
-            state.avatars.insert(name.to_owned(), name_uuid(name));
+            let avatar = SimAvatar {
+                uuid: name_uuid(name),
+                position: [128.0, 128.0, 25.0],
+                region: state.place.region.clone(),
+            };
+            state.avatars.insert(name.to_owned(), avatar);
         }
+    }
+
+    /// Puts the avatar `name` at `position` in `region` (making it visible). What it says is heard
+    /// only within OpenSim's chat distances of the viewer's own avatar, in its region.
+    pub fn place_avatar(&self, name: &str, region: &str, position: [f64; 3]) {
+        let avatar = SimAvatar {
+            uuid: name_uuid(name),
+            position,
+            region: region.to_owned(),
+        };
+        self.shared.state().avatars.insert(name.to_owned(), avatar);
+    }
+
+    /// Moves the viewer's own avatar to `position` in its region.
+    pub fn set_own_position(&self, position: [f64; 3]) {
+        let mut state = self.shared.state();
+        state.place.own_position = position;
+        let own = self.shared.own_name.clone();
+        if let Some(avatar) = state.avatars.get_mut(&own) {
+            avatar.position = position;
+        }
+    }
+
+    /// The region restarts (spec §10): a connected viewer is disconnected for good. Its status
+    /// keeps `loginstate: login` with `currentsim` and the position empty, its avatar list keeps
+    /// the avatars it last saw, `network_disconnected` rises, and nothing said is heard until a
+    /// REST logout and login.
+    pub fn restart_region(&self) {
+        self.shared.with_place(|place| place.region_restarted());
+    }
+
+    /// The viewer's avatar goes to `region` (say, someone teleported it): it hears that region's
+    /// chat, not its own.
+    pub fn move_to_region(&self, region: &str) {
+        self.shared.with_place(|place| place.moved_to(region));
+    }
+
+    /// The password a REST login must give (by default any is taken).
+    pub fn set_login_password(&self, password: &str) {
+        self.shared
+            .with_place(|place| place.password = Some(password.to_owned()));
+    }
+
+    /// Writes the avatar coordinates with a decimal comma, as a viewer in a German culture does.
+    pub fn set_decimal_comma(&self, on: bool) {
+        self.shared.with_place(|place| place.decimal_comma = on);
+    }
+
+    /// How the viewer is connected now.
+    pub fn connection(&self) -> Connection {
+        self.shared.with_place(|place| place.connection)
+    }
+
+    /// The region the viewer's avatar is (or was last) in.
+    pub fn region(&self) -> String {
+        self.shared.with_place(|place| place.region.clone())
+    }
+
+    /// CommLLLP's counters now.
+    pub fn comm_counters(&self) -> CommCounters {
+        self.shared.with_place(|place| place.counters)
+    }
+
+    /// Logouts the viewer made (it makes one at most).
+    pub fn n_logouts(&self) -> u32 {
+        self.shared.with_place(|place| place.n_logouts)
+    }
+
+    /// Lines said that the viewer did not hear (not connected, or the speaker out of range).
+    pub fn n_unheard(&self) -> u64 {
+        self.shared.with_place(|place| place.n_unheard)
     }
 
     /// Every chat message the viewer sent to the simulator, in order.
@@ -394,9 +486,17 @@ impl ViewerHandle {
         self.shared.state().trickle = trickle;
     }
 
-    /// Logged in or out, as `/api/LLLP/status` reports it. The chat queue survives either.
+    /// Logged in (connected, as at the viewer's start) or logged out, as `/api/LLLP/status`
+    /// reports it. The chat queue survives either; nothing is heard while logged out.
     pub fn set_logged_in(&self, logged_in: bool) {
-        self.shared.state().logged_in = logged_in;
+        self.shared.with_place(|place| {
+            place.connection = if logged_in {
+                Connection::Connected
+            } else {
+                Connection::LoggedOut
+            };
+            place.place_shown = logged_in;
+        });
     }
 
     /// Every request that reached the viewer (its `Host` accepted or not), as (method, path), in

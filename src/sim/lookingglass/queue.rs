@@ -1,7 +1,7 @@
 //! The simulated viewer's state: its one global chat queue (drained by any GET, each line stamped
 //! with its receive time), the avatars it sees, what it said and handed out, the requests and the
-//! counters (how many were in flight at once), the test switches (delay, trickle, login, failing
-//! POSTs), the one "REST Input" thread, and the crash and shutdown
+//! counters (how many were in flight at once), the test switches (delay, trickle, failing POSTs),
+//! where the viewer is (`presence::Place`), the one "REST Input" thread, and the crash and shutdown
 //! tokens, behind one short-held lock ([`Shared`]). Also the stable UUIDs of simulated avatars.
 //!
 //! It must not write JSON or answer requests: `routes` reads and changes this state to do that.
@@ -16,7 +16,10 @@ use indexmap::IndexMap;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::sim::lookingglass::{Dialect, HandedOut, SaidLine, SimChatLine, ViewerSimSettings};
+use crate::sim::lookingglass::presence::{Place, SimAvatar, hears};
+use crate::sim::lookingglass::{
+    Dialect, HandedOut, REGION_NAME, SaidLine, SimChatLine, ViewerSimSettings,
+};
 
 /// A queued line, stamped with its receive time.
 #[derive(Clone, Debug)]
@@ -28,8 +31,9 @@ pub(super) struct QueuedLine {
 /// Everything the handlers and the handle share, behind one short-held lock.
 pub(super) struct ViewerState {
     pub(super) queue: VecDeque<QueuedLine>,
-    /// Avatar name → UUID, in the order they became visible.
-    pub(super) avatars: IndexMap<String, String>,
+    /// Avatar name → what the viewer knows of it, in the order they became visible (kept, stale,
+    /// when the viewer is disconnected).
+    pub(super) avatars: IndexMap<String, SimAvatar>,
     pub(super) said: Vec<SaidLine>,
     pub(super) handed_out: Vec<HandedOut>,
     /// Bytes of the chat responses whose write completed.
@@ -38,7 +42,8 @@ pub(super) struct ViewerState {
     pub(super) n_aborted: u64,
     pub(super) response_delay: Duration,
     pub(super) trickle: Option<(usize, Duration)>,
-    pub(super) logged_in: bool,
+    /// Where the viewer's avatar is and how it is connected.
+    pub(super) place: Place,
     /// Every request that reached the REST server, as (method, path), in arrival order.
     pub(super) requests: Vec<(String, String)>,
     /// Requests arrived and not yet completely answered.
@@ -89,8 +94,16 @@ impl Shared {
         accepted_host: Option<String>,
         chat_prefix: &'static str,
     ) -> Self {
+        let place = Place::new(REGION_NAME);
         let mut avatars = IndexMap::new();
-        avatars.insert(settings.own_name.clone(), name_uuid(&settings.own_name));
+        avatars.insert(
+            settings.own_name.clone(),
+            SimAvatar {
+                uuid: name_uuid(&settings.own_name),
+                position: place.own_position,
+                region: place.region.clone(),
+            },
+        );
         Shared {
             dialect: settings.dialect,
             timezone: settings.timezone,
@@ -108,7 +121,7 @@ impl Shared {
                 n_bytes_handed_out: 0,
                 response_delay: Duration::ZERO,
                 trickle: None,
-                logged_in: true,
+                place,
                 requests: Vec::new(),
                 n_in_flight: 0,
                 max_in_flight: 0,
@@ -123,16 +136,19 @@ impl Shared {
     }
 }
 
-/// Enqueues `line` unless its message is empty, stamping it with its receive time.
+/// Enqueues `line` unless its message is empty or the viewer does not hear it (not connected, or
+/// the speaker out of range: `presence::hears`), stamping it with its receive time.
 pub(super) fn enqueue(shared: &Shared, line: SimChatLine) {
     if line.message.is_empty() {
         return;
     }
     let received_at = line.received_at.unwrap_or_else(Utc::now);
-    shared
-        .state()
-        .queue
-        .push_back(QueuedLine { line, received_at });
+    let mut state = shared.state();
+    if !hears(&state, &line) {
+        state.place.n_unheard += 1;
+        return;
+    }
+    state.queue.push_back(QueuedLine { line, received_at });
 }
 
 /// A stable lower-case v4 UUID derived from `name` (two FNV-1a 64-bit hashes with different

@@ -19,10 +19,9 @@ use crate::sim::lookingglass::dotnet::{
     BodyMap, int32_parse, parse_form, truncate_utf16, unescape_data_string, viewer_time,
 };
 use crate::sim::lookingglass::json::{self, push_field, push_json_string};
+use crate::sim::lookingglass::presence::{self, Connection};
 use crate::sim::lookingglass::queue::{QueuedLine, Shared, enqueue};
-use crate::sim::lookingglass::{
-    Dialect, GRID_NAME, HandedOut, REGION_NAME, SaidLine, SimChatLine, ZERO_UUID,
-};
+use crate::sim::lookingglass::{Dialect, GRID_NAME, HandedOut, SaidLine, SimChatLine, ZERO_UUID};
 
 /// The routes of the simulated viewer, after host checking.
 enum Route {
@@ -31,6 +30,12 @@ enum Route {
     /// `/api/LLLP/status`, with whether a path suffix followed (which always answers `{}`).
     Status {
         suffix: bool,
+    },
+    /// `/api/stats/Comm/stats`: CommLLLP's counters.
+    CommStats,
+    /// `/api/LLLP/connect/<action>`, with the lower-cased action.
+    Connect {
+        action: String,
     },
     /// No handler: the real viewer never answers.
     Unknown,
@@ -46,6 +51,12 @@ fn route(shared: &Shared, path: &str) -> Route {
     } else if let Some(rest) = lower.strip_prefix("/api/lllp/status") {
         Route::Status {
             suffix: !rest.is_empty(),
+        }
+    } else if lower.starts_with("/api/stats/comm/stats") {
+        Route::CommStats
+    } else if let Some(rest) = lower.strip_prefix("/api/lllp/connect") {
+        Route::Connect {
+            action: rest.trim_start_matches('/').to_owned(),
         }
     } else {
         Route::Unknown
@@ -131,8 +142,30 @@ async fn serve(shared: &Arc<Shared>, request: Request) -> Reply {
             };
             Reply::Respond(ok_response(shared, body))
         }
-        // POSTs to the avatars and status handlers change nothing and answer `{}`.
-        Route::Avatars | Route::Status { .. } => {
+        Route::CommStats if is_get => Reply::Respond(ok_response(
+            shared,
+            presence::comm_stats_body(&shared.state().place),
+        )),
+        Route::Connect { action } if is_post => {
+            let map = body_map(&request.body);
+            let outcome = presence::connect(&mut shared.state(), &action, &map);
+            let body = match outcome {
+                Ok(()) => "{}".to_owned(),
+                Err(message) => presence::connect_error_body(&message),
+            };
+            Reply::Respond(ok_response(shared, body))
+        }
+        // The connect handler has no GET: RestHandler's 500 page.
+        Route::Connect { .. } => Reply::Respond(
+            Response::new(
+                500,
+                "text/html",
+                "<body>\r\n<div>FAILED GETTING '/api/LLLP/connect'</div><div>ERROR = 'System.NotImplementedException'</div></body>\r\n</html>\r\n\r\n",
+            )
+            .with_header("Server", "LookingGlass"),
+        ),
+        // POSTs to the avatars, status and stats handlers change nothing and answer `{}`.
+        Route::Avatars | Route::Status { .. } | Route::CommStats => {
             Reply::Respond(ok_response(shared, "{}".to_owned()))
         }
         Route::Unknown => Reply::NoAnswer,
@@ -271,15 +304,12 @@ fn chat_post(shared: &Shared, raw_body: &[u8]) -> Reply {
             .with_header("Server", "LookingGlass"),
         );
     }
-    let text = String::from_utf8_lossy(raw_body);
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    let map = if text.starts_with('{') {
-        json::parse_object(text).unwrap_or_default()
-    } else {
-        parse_form(text)
-    };
+    let map = body_map(raw_body);
     let outcome = said_line_from(&map);
+    let heard = shared.state().place.connection == Connection::Connected;
     match &outcome {
+        // Not connected: the simulator never gets the line (and never echoes it).
+        Some(_) if !heard => {}
         Some(said) => {
             {
                 let mut state = shared.state();
@@ -304,6 +334,18 @@ fn chat_post(shared: &Shared, raw_body: &[u8]) -> Reply {
     }
 }
 
+/// `RestHandler.MapizeTheBody`: a body starting with `{` is JSON (an unreadable one is an empty
+/// map), anything else a form.
+fn body_map(raw_body: &[u8]) -> BodyMap {
+    let text = String::from_utf8_lossy(raw_body);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    if text.starts_with('{') {
+        json::parse_object(text).unwrap_or_default()
+    } else {
+        parse_form(text)
+    }
+}
+
 /// LLChat.PostHandler's field handling: `Channel` and `Type` must be present (a missing key is a
 /// NullReferenceException), `Channel` must pass `Int32.Parse`, a missing `Message` is empty.
 fn said_line_from(map: &BodyMap) -> Option<SaidLine> {
@@ -324,32 +366,36 @@ fn said_line_from(map: &BodyMap) -> Option<SaidLine> {
     })
 }
 
-/// `GET /api/avatars`: `<grid>-Avatar-<uuid>` → the avatar's details, all strings.
+/// `GET /api/avatars`: `<grid>-Avatar-<uuid>` → the avatar's details, all strings, coordinates
+/// in the viewer's culture. A disconnected viewer keeps listing the avatars it last saw.
 fn avatars_body(shared: &Shared) -> String {
-    let avatars = shared.state().avatars.clone();
+    let (avatars, decimal_comma) = {
+        let state = shared.state();
+        (state.avatars.clone(), state.place.decimal_comma)
+    };
     let mut body = String::from("{");
-    for (index, (name, uuid)) in avatars.iter().enumerate() {
+    for (index, (name, avatar)) in avatars.iter().enumerate() {
         if index > 0 {
             body.push(',');
         }
-        push_json_string(&mut body, &format!("{GRID_NAME}-Avatar-{uuid}"));
+        push_json_string(&mut body, &format!("{GRID_NAME}-Avatar-{}", avatar.uuid));
         body.push_str(":{");
+        let [x, y, z] = avatar
+            .position
+            .map(|c| presence::coordinate(c, decimal_comma));
+        let region = presence::region_label(&avatar.region);
         let fields = [
             ("Name", name.as_str()),
-            ("Region", REGION_NAME),
-            ("X", "128"),
-            ("Y", "128"),
-            ("Z", "25"),
+            ("Region", region.as_str()),
+            ("X", x.as_str()),
+            ("Y", y.as_str()),
+            ("Z", z.as_str()),
             ("Distance", "0"),
             ("Flags", ""),
         ];
-        for (field_index, (field, value)) in fields.iter().enumerate() {
-            if field_index > 0 {
-                body.push(',');
-            }
-            push_json_string(&mut body, field);
-            body.push(':');
-            push_json_string(&mut body, value);
+        let mut first = true;
+        for (field, value) in fields {
+            push_field(&mut body, &mut first, field, value);
         }
         body.push_str(",\"LLtextures\":{}}");
     }
@@ -358,26 +404,46 @@ fn avatars_body(shared: &Shared) -> String {
 }
 
 /// `GET /api/LLLP/status`: the login ParameterSet, `{"name":{"value":…}}`, empty values as `{}`.
+/// `currentsim`, `currentgrid` and the position show only while connected after the viewer's own
+/// start login; a region restart leaves `loginstate` at `login` (spec §10).
 fn status_body(shared: &Shared) -> String {
-    let logged_in = shared.state().logged_in;
+    let place = shared.state().place.clone();
     let (first, last) = shared
         .own_name
         .split_once(' ')
         .unwrap_or((shared.own_name.as_str(), ""));
-    let when_in = |value: &'static str| if logged_in { value } else { "" };
+    let shown = place.place_shown && place.connection == Connection::Connected;
+    let [x, y, z] = place.own_position.map(|c| {
+        if shown {
+            presence::coordinate(c, false)
+        } else {
+            String::new()
+        }
+    });
+    let loginstate = match place.connection {
+        Connection::Connected | Connection::Disconnected => "login",
+        Connection::LoggingOut => "loggingout",
+        Connection::LoggedOut => "logout",
+    };
+    let msg = if place.connection == Connection::Connected {
+        "Login successful"
+    } else {
+        ""
+    };
+    let current_sim = if shown { place.region.as_str() } else { "" };
     let parameters: [(&str, &str); 12] = [
         ("first", first),
         ("last", last),
         ("password", ""),
         ("grid", GRID_NAME),
         ("sim", ""),
-        ("msg", when_in("Login successful")),
-        ("currentsim", when_in(REGION_NAME)),
-        ("currentgrid", when_in(GRID_NAME)),
-        ("loginstate", if logged_in { "login" } else { "logout" }),
-        ("positionx", when_in("128")),
-        ("positiony", when_in("128")),
-        ("positionz", when_in("25")),
+        ("msg", msg),
+        ("currentsim", current_sim),
+        ("currentgrid", presence::current_grid(&place)),
+        ("loginstate", loginstate),
+        ("positionx", &x),
+        ("positiony", &y),
+        ("positionz", &z),
     ];
     let mut body = String::from("{");
     for (index, (name, value)) in parameters.iter().enumerate() {
