@@ -80,6 +80,9 @@ pub struct Relay {
     running: Snapshot,
     /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
     reload_from: Option<Option<PathBuf>>,
+    /// `cms.timezone` and `mapping.users`, checked against the CMS after the start-up login.
+    cms_zone: crate::zone::Zone,
+    mapped_users: std::collections::BTreeMap<String, i64>,
 }
 
 impl Relay {
@@ -223,6 +226,8 @@ impl Relay {
             mapper,
             running: settings.snapshot(),
             reload_from: None,
+            cms_zone: settings.cms.timezone,
+            mapped_users: settings.mapping.users.clone(),
         })
     }
 
@@ -299,6 +304,7 @@ impl Relay {
                 tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
             }
         }
+        let (cms_zone, mapped_users) = (self.cms_zone, self.mapped_users.clone());
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
@@ -370,6 +376,21 @@ impl Relay {
                     _ = login_token.cancelled() => return,
                     _ = tokio::time::sleep(STARTUP_LOGIN_RETRY) => {}
                 }
+            }
+            // The login answer shows the CMS's own zone: a cms.timezone that disagrees dates every
+            // row wrong (read-backs still start early enough, from the CMS's offset).
+            if let Some(disagreement) = crate::delivery::zone_disagreement(cms_zone, &cms) {
+                tracing::warn!("{disagreement}; set cms.timezone to the zone of the cms's php (date.timezone)");
+            }
+            match crate::delivery::unknown_mapped_users(&mapped_users, &cms).await {
+                (unknown, _) if !unknown.is_empty() => {
+                    let described = crate::delivery::describe_unknown_users(&unknown);
+                    tracing::warn!("{described}; fix mapping.users");
+                }
+                (_, Some(err)) => {
+                    tracing::info!(error = %err, "cannot look up the users of mapping.users in the cms (the account needs user >= 4)")
+                }
+                _ => {}
             }
         });
         if let Some(notifier) = &self.notifier {
