@@ -30,7 +30,9 @@ use crate::echo::RecentlySaid;
 use crate::filter::FilterReason;
 use crate::health::{HealthRegion, HealthServer, HealthState};
 use crate::inworld::{Inworld, InworldDeps, InworldRegion};
-use crate::lookingglass::{FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts};
+use crate::lookingglass::{
+    FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts, ViewerLogin,
+};
 use crate::metrics::Stats;
 use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
@@ -76,6 +78,9 @@ pub struct Relay {
     running: Snapshot,
     /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
     reload_from: Option<Option<PathBuf>>,
+    /// `cms.timezone` and `mapping.users`, checked against the CMS after the start-up login.
+    cms_zone: crate::zone::Zone,
+    mapped_users: std::collections::BTreeMap<String, i64>,
 }
 
 /// One region's stages: its viewer (with its own gate: never two requests at once to one viewer),
@@ -173,10 +178,11 @@ impl Relay {
                 outbox: outbox.clone(),
                 stats: region_stats.clone(),
                 region: viewer_settings.expected_region().map(str::to_owned),
-                login: match &viewer_settings.login {
-                    Some(login) => Some((login.clone(), login.load_password()?)),
-                    None => None,
-                },
+                login: viewer_settings
+                    .login
+                    .as_ref()
+                    .map(ViewerLogin::from_settings)
+                    .transpose()?,
                 hearing_range: viewer_settings.hearing_range,
                 gap_markers: settings.cms.gap_markers,
                 cms_zone: settings.cms.timezone,
@@ -268,6 +274,8 @@ impl Relay {
             mapper,
             running: settings.snapshot(),
             reload_from: None,
+            cms_zone: settings.cms.timezone,
+            mapped_users: settings.mapping.users.clone(),
         })
     }
 
@@ -357,6 +365,7 @@ impl Relay {
                 tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
             }
         }
+        let (cms_zone, mapped_users) = (self.cms_zone, self.mapped_users.clone());
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
@@ -456,6 +465,21 @@ impl Relay {
                     _ = login_token.cancelled() => return,
                     _ = tokio::time::sleep(STARTUP_LOGIN_RETRY) => {}
                 }
+            }
+            // The login answer shows the CMS's own zone: a cms.timezone that disagrees dates every
+            // row wrong (read-backs still start early enough, from the CMS's offset).
+            if let Some(disagreement) = crate::delivery::zone_disagreement(cms_zone, &cms) {
+                tracing::warn!("{disagreement}; set cms.timezone to the zone of the cms's php (date.timezone)");
+            }
+            match crate::delivery::unknown_mapped_users(&mapped_users, &cms).await {
+                (unknown, _) if !unknown.is_empty() => {
+                    let described = crate::delivery::describe_unknown_users(&unknown);
+                    tracing::warn!("{described}; fix mapping.users");
+                }
+                (_, Some(err)) => {
+                    tracing::info!(error = %err, "cannot look up the users of mapping.users in the cms (the account needs user >= 4)")
+                }
+                _ => {}
             }
         });
         if let Some(notifier) = &self.notifier {
