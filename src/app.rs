@@ -38,7 +38,7 @@ use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
-use crate::presence::{Presence, PresenceDeps};
+use crate::presence::{OutboxGaps, Presence, PresenceDeps};
 use crate::privacy::Privacy;
 use crate::reload::{Live, Reloader};
 
@@ -127,6 +127,12 @@ impl Relay {
         let privacy = Arc::new(Privacy::load(&outbox)?);
         let mut regions = Vec::new();
         let mut all_facts = Vec::new();
+        let every_label = settings
+            .regions()
+            .iter()
+            .map(|region| region.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut inworld_regions = Vec::new();
         for region in settings.regions() {
             let viewer_settings = &region.viewer;
@@ -153,6 +159,7 @@ impl Relay {
             let notice = Notice::new(NoticeDeps {
                 viewer: viewer.clone(),
                 facts: facts.clone(),
+                region_label: region.label.clone(),
                 live: live.subscribe(),
                 privacy: privacy.clone(),
                 recently_said: recently_said.clone(),
@@ -170,6 +177,8 @@ impl Relay {
                 stats: region_stats.clone(),
                 recently_said: recently_said.clone(),
                 facts: facts.clone(),
+                region: name.clone(),
+                region_label: region.label.clone(),
             });
             // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
             // region, nor whose position is whose.
@@ -186,6 +195,12 @@ impl Relay {
                 hearing_range: viewer_settings.hearing_range,
                 gap_markers: settings.cms.gap_markers,
                 cms_zone: settings.cms.timezone,
+                name: name.clone(),
+                outbox_gaps: match (regions.is_empty(), name.is_empty()) {
+                    (false, _) => OutboxGaps::Elsewhere,
+                    (true, true) => OutboxGaps::Here,
+                    (true, false) => OutboxGaps::Of(every_label.clone()),
+                },
             })?;
             inworld_regions.push(InworldRegion {
                 name: name.clone(),
@@ -221,6 +236,11 @@ impl Relay {
             },
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
+            region_labels: settings
+                .regions()
+                .iter()
+                .map(|region| (region.name.clone(), region.label.clone()))
+                .collect(),
         });
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {

@@ -137,6 +137,20 @@ pub struct DeliveryDeps<C = CmsClient> {
     pub stats: Arc<Stats>,
     /// `retry.max_line_failures`: failures of a line's own after which it is dead-lettered.
     pub max_line_failures: u32,
+    /// Each region's `{region}` text by its `[[regions]]` name (the only region under "").
+    pub region_labels: std::collections::HashMap<String, String>,
+}
+
+impl<C> DeliveryDeps<C> {
+    /// The `{region}` text of the region named `name`: its label, else the name itself (a line of
+    /// a region no longer configured), else "the region".
+    pub fn region_label<'a>(&'a self, name: &'a str) -> &'a str {
+        match self.region_labels.get(name) {
+            Some(label) => label,
+            None if name.is_empty() => "the region",
+            None => name,
+        }
+    }
 }
 
 /// The delivery stage.

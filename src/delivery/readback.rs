@@ -226,6 +226,7 @@ mod tests {
                 message: message.into(),
                 spoken_at: now,
                 captured_at: now,
+                region: String::new(),
             },
             attempts: 0,
             state: LineState::InFlight {

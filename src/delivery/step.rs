@@ -126,13 +126,18 @@ impl<C: ChatApi> Delivery<C> {
                 (None, LineSource::Relay) => line.message.clone(),
                 (None, LineSource::Avatar) => fill_template(
                     &self.deps.settings.anonymous_format,
-                    &[("name", &line.speaker), ("message", &line.message)],
+                    &[
+                        ("name", &line.speaker),
+                        ("message", &line.message),
+                        ("region", self.deps.region_label(&line.region)),
+                    ],
                 ),
                 (None, LineSource::Object) => fill_template(
                     &self.deps.settings.anonymous_format,
                     &[
                         ("name", &format!("{} (object)", line.speaker)),
                         ("message", &line.message),
+                        ("region", self.deps.region_label(&line.region)),
                     ],
                 ),
             };

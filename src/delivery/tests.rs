@@ -123,6 +123,7 @@ pub(super) fn delivery_of(
         retry,
         stats,
         max_line_failures,
+        region_labels: [(String::new(), "Welcome".to_owned())].into(),
     })
 }
 
@@ -135,6 +136,7 @@ pub(super) fn said(speaker: &str, message: &str, spoken_at: DateTime<Utc>) -> Ca
         message: message.into(),
         spoken_at,
         captured_at: spoken_at,
+        region: String::new(),
     }
 }
 

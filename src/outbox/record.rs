@@ -24,6 +24,12 @@ struct Record {
     speaker: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner_id: Option<String>,
+    /// The `[[regions]]` name of the region the line was said in. Absent: the only region (every
+    /// line written before a relay served several regions, and every line of one that serves one).
+    /// An optional field of version 2, not a version of its own: a relay that does not know it
+    /// reads the line as its only region's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    region: String,
     message: String,
     spoken_at_ms: i64,
     captured_at_ms: i64,
@@ -117,6 +123,7 @@ impl Record {
             source: line.source.into(),
             speaker: line.speaker.clone(),
             owner_id: line.owner_id.clone(),
+            region: line.region.clone(),
             message: line.message.clone(),
             spoken_at_ms: line.spoken_at.timestamp_millis(),
             captured_at_ms: line.captured_at.timestamp_millis(),
@@ -164,6 +171,7 @@ impl Record {
                 message: self.message,
                 spoken_at: Utc.timestamp_millis_opt(self.spoken_at_ms).single()?,
                 captured_at: Utc.timestamp_millis_opt(self.captured_at_ms).single()?,
+                region: self.region,
             },
             attempts: self.attempts,
             state,
@@ -290,6 +298,7 @@ mod tests {
                 message: "hi".into(),
                 spoken_at: Utc.timestamp_millis_opt(1_700_000_000_000).unwrap(),
                 captured_at: Utc.timestamp_millis_opt(1_700_000_001_000).unwrap(),
+                region: String::new(),
             },
         );
         for state in [
@@ -316,5 +325,20 @@ mod tests {
         }
         let newer = br#"{"v":3,"speaker":"A","message":"hi","spoken_at_ms":0,"captured_at_ms":0,"attempts":0}"#;
         assert_eq!(decode_pending(&7u64.to_be_bytes(), newer), None);
+    }
+
+    #[test]
+    fn a_line_keeps_its_region_and_a_record_without_one_is_the_only_regions() {
+        let stored = br#"{"v":2,"speaker":"Alice Resident","message":"hi","spoken_at_ms":1700000000000,"captured_at_ms":1700000001000,"attempts":0}"#;
+        let mut line = decode_pending(&7u64.to_be_bytes(), stored).expect("decoded");
+        assert_eq!(line.line.region, "");
+        let written = encode_pending(&line);
+        assert!(!String::from_utf8_lossy(&written).contains("region"));
+        line.line.region = "Sandbox".into();
+        let again = decode_pending(&7u64.to_be_bytes(), &encode_pending(&line)).expect("decoded");
+        assert_eq!(again.line.region, "Sandbox");
+        let v1 = br#"{"v":1,"speaker":"Alice Resident","message":"hi","spoken_at_ms":1700000000000,"captured_at_ms":1700000001000,"attempts":0}"#;
+        let old = decode_pending(&8u64.to_be_bytes(), v1).expect("decoded");
+        assert_eq!(old.line.region, "");
     }
 }

@@ -24,6 +24,7 @@ fn line(text: &str) -> CapturedLine {
         message: text.into(),
         spoken_at: now,
         captured_at: now,
+        region: String::new(),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::Presence;
+use super::{OutboxGaps, Presence};
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, LineSource};
 use crate::outbox::{GapKind, GapNote, OutboxError};
@@ -31,9 +31,14 @@ impl Presence {
             return Ok(());
         }
         let markers: Vec<CapturedLine> = if self.deps.gap_markers {
-            outbox_gap_markers(&notes, self.region_label(), self.deps.cms_zone)
+            let region = match &self.deps.outbox_gaps {
+                OutboxGaps::Here => self.region_label(),
+                OutboxGaps::Of(regions) => regions.as_str(),
+                OutboxGaps::Elsewhere => return Ok(()),
+            };
+            outbox_gap_markers(&notes, region, self.deps.cms_zone)
                 .into_iter()
-                .map(|message| relay_line(message, now))
+                .map(|message| relay_line(message, now, &self.deps.name))
                 .collect()
         } else {
             Vec::new()
@@ -51,7 +56,7 @@ impl Presence {
 }
 
 /// A line of the relay's own, said by no one: delivery stores it anonymously, as it is.
-pub(super) fn relay_line(message: String, at: DateTime<Utc>) -> CapturedLine {
+pub(super) fn relay_line(message: String, at: DateTime<Utc>, region: &str) -> CapturedLine {
     CapturedLine {
         source: LineSource::Relay,
         speaker: String::new(),
@@ -59,6 +64,7 @@ pub(super) fn relay_line(message: String, at: DateTime<Utc>) -> CapturedLine {
         message,
         spoken_at: at,
         captured_at: at,
+        region: region.to_owned(),
     }
 }
 

@@ -62,6 +62,23 @@ pub struct PresenceDeps {
     pub gap_markers: bool,
     /// `cms.timezone`: the marker's times are written in it.
     pub cms_zone: Zone,
+    /// The region's `[[regions]]` name: its cursors' keys and its markers' region (empty: the
+    /// only region, today's keys).
+    pub name: String,
+    /// Which region's task writes the markers of the outbox's own losses (lines it dropped for its
+    /// bounds, answers it could not read), which belong to no one region.
+    pub outbox_gaps: OutboxGaps,
+}
+
+/// Who writes the markers of the outbox's own losses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxGaps {
+    /// This task, naming its region (the only region).
+    Here,
+    /// This task, naming these regions (the first of several: `Welcome, Sandbox`).
+    Of(String),
+    /// Another region's task.
+    Elsewhere,
 }
 
 /// The presence task.
@@ -95,9 +112,9 @@ impl Presence {
     pub fn new(deps: PresenceDeps) -> Result<Presence, OutboxError> {
         let outbox = &deps.outbox;
         let memory = match (
-            outbox.cursor(Cursor::ViewerDisconnects)?,
-            outbox.cursor(Cursor::ViewerConnects)?,
-            outbox.cursor(Cursor::ViewerConnected)?,
+            outbox.cursor(Cursor::ViewerDisconnects.of(&deps.name))?,
+            outbox.cursor(Cursor::ViewerConnects.of(&deps.name))?,
+            outbox.cursor(Cursor::ViewerConnected.of(&deps.name))?,
         ) {
             (Some(disconnected), Some(simconnected), Some(connected)) => Some(LinkMemory {
                 counters: CommCounters {
@@ -109,7 +126,7 @@ impl Presence {
             _ => None,
         };
         let out_since = outbox
-            .cursor(Cursor::ViewerOutSince)?
+            .cursor(Cursor::ViewerOutSince.of(&deps.name))?
             .filter(|millis| *millis > 0)
             .and_then(DateTime::<Utc>::from_timestamp_millis);
         Ok(Presence {
@@ -244,9 +261,18 @@ impl Presence {
         self.deps
             .outbox
             .set_cursors(&[
-                (Cursor::ViewerDisconnects, counters.disconnected as i64),
-                (Cursor::ViewerConnects, counters.simconnected as i64),
-                (Cursor::ViewerConnected, i64::from(connected)),
+                (
+                    Cursor::ViewerDisconnects.of(&self.deps.name),
+                    counters.disconnected as i64,
+                ),
+                (
+                    Cursor::ViewerConnects.of(&self.deps.name),
+                    counters.simconnected as i64,
+                ),
+                (
+                    Cursor::ViewerConnected.of(&self.deps.name),
+                    i64::from(connected),
+                ),
             ])
             .await?;
         self.memory = Some(memory);
@@ -267,7 +293,10 @@ impl Presence {
             let since = self.last_in.unwrap_or(now);
             self.deps
                 .outbox
-                .set_cursor(Cursor::ViewerOutSince, since.timestamp_millis())
+                .set_cursor(
+                    Cursor::ViewerOutSince.of(&self.deps.name),
+                    since.timestamp_millis(),
+                )
                 .await?;
             self.out_since = Some(since);
             Stats::add(&stats.viewer_out_of_region_stretches, 1);
@@ -311,16 +340,16 @@ impl Presence {
         );
         if self.deps.gap_markers {
             let message = gap_marker(self.region_label(), since, now, reason, self.deps.cms_zone);
-            let line = relay_line(message, now);
+            let line = relay_line(message, now, &self.deps.name);
             self.deps
                 .outbox
-                .append_and_set_cursor(&[line], Cursor::ViewerOutSince, 0)
+                .append_and_set_cursor(&[line], Cursor::ViewerOutSince.of(&self.deps.name), 0)
                 .await?;
             Stats::add(&stats.gap_markers, 1);
         } else {
             self.deps
                 .outbox
-                .set_cursor(Cursor::ViewerOutSince, 0)
+                .set_cursor(Cursor::ViewerOutSince.of(&self.deps.name), 0)
                 .await?;
         }
         self.out_since = None;

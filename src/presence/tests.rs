@@ -1,5 +1,6 @@
 //! The presence task against the simulated viewer, one check at a time, and its pure parts.
 
+use super::OutboxGaps;
 use super::*;
 use crate::config::ViewerLoginSettings;
 use crate::lookingglass::ViewerEndpoint;
@@ -60,6 +61,8 @@ async fn rig(with_login: bool) -> Rig {
         hearing_range: 20.0,
         gap_markers: true,
         cms_zone: Zone::Named(chrono_tz::UTC),
+        name: String::new(),
+        outbox_gaps: OutboxGaps::Here,
     })
     .expect("presence");
     Rig {

@@ -64,6 +64,7 @@ async fn a_stored_record_in_flight_without_its_row_is_read_back_and_delivered_on
                 message: "half written".into(),
                 spoken_at: now,
                 captured_at: now,
+                region: String::new(),
             }])
             .await
             .expect("appended");
@@ -180,6 +181,7 @@ async fn a_crash_in_the_middle_of_clearing_in_flight_marks_sends_nothing_out_of_
             message: message.into(),
             spoken_at: now,
             captured_at: now,
+            region: String::new(),
         };
         outbox
             .append(&[line("older"), line("newer")])
