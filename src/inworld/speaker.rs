@@ -3,14 +3,15 @@
 //! lowered when the CMS's ids went backwards). Must not: read the CMS (the stage reads once for
 //! every region), or touch another region's cursor or echo memory.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CursorRow, InworldError, InworldOutcome, InworldRegion, SeenRow, Shared, fingerprint, went_back,
+    CursorRow, Inbox, InworldError, InworldOutcome, InworldRegion, Read, SeenRow, Shared,
+    fingerprint, went_back_known,
 };
 use crate::cms::CmsChat;
 use crate::lookingglass::ViewerError;
@@ -36,36 +37,55 @@ pub(super) struct Speaker {
 }
 
 impl Speaker {
-    /// Says this region's share of a read: the CMS lines past its cursor, in order. Returns what
-    /// it did and whether the read showed the CMS's ids going backwards.
-    pub(super) async fn step(
-        &mut self,
+    /// Says the CMS lines of each read its inbox hands it until `token` is cancelled. A read whose
+    /// lines it could not say (its viewer refused) is left: its lines come back with a later read
+    /// that reaches them (every wide read does), as with one region.
+    pub(super) async fn run_until_stopped(
+        mut self,
         deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
-        since: DateTime<Utc>,
-        max_age: chrono::Duration,
+        inbox: Arc<Inbox>,
         token: &CancellationToken,
-    ) -> Result<(InworldOutcome, bool), InworldError> {
-        let region = self.region.name.clone();
-        let result = self.say_new(deps, seen, rows, since, max_age, token).await;
-        if let Err(err) = &result {
-            if !region.is_empty() {
-                tracing::debug!(region, error = %err, "in-world step failed in this region");
+    ) {
+        let mut failing = false;
+        while !token.is_cancelled() {
+            let read = tokio::select! {
+                _ = token.cancelled() => return,
+                read = inbox.next() => read,
+            };
+            let stepped = self.step(deps, &read, token).await;
+            let region = self.region.name.as_str();
+            match stepped {
+                Ok(outcome) => {
+                    failing = false;
+                    if outcome.n_said + outcome.n_skipped > 0 {
+                        tracing::info!(
+                            region,
+                            n_said = outcome.n_said,
+                            n_skipped = outcome.n_skipped,
+                            "cms lines said in-world"
+                        );
+                    }
+                }
+                Err(err) if !failing => {
+                    tracing::warn!(region, error = %err, "in-world relay step failed; retrying with the next read");
+                    failing = true;
+                }
+                Err(err) => {
+                    tracing::debug!(region, error = %err, "in-world relay step failed again")
+                }
             }
         }
-        result
     }
 
-    async fn say_new(
+    /// Says this region's share of one read: the CMS lines past its cursor, in order.
+    async fn step(
         &mut self,
         deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
-        since: DateTime<Utc>,
-        max_age: chrono::Duration,
+        read: &Read,
         token: &CancellationToken,
-    ) -> Result<(InworldOutcome, bool), InworldError> {
+    ) -> Result<InworldOutcome, InworldError> {
+        let max_age = chrono::Duration::from_std(deps.settings.max_age).unwrap_or_default();
+        let rows = read.rows.as_slice();
         let region = self.region.name.clone();
         let Some(cursor) = deps
             .outbox
@@ -81,9 +101,9 @@ impl Speaker {
                 cursor = newest.map_or(0, |row| row.id),
                 "in-world relay starts from now"
             );
-            return Ok((InworldOutcome::default(), false));
+            return Ok(InworldOutcome::default());
         };
-        let (cursor, went_back) = self.notice_restore(deps, seen, rows, cursor, since).await?;
+        let cursor = self.notice_restore(deps, read, cursor).await?;
         let mut pending: Vec<&CmsChat> = rows
             .iter()
             .filter(|r| r.from_cms && r.id > cursor)
@@ -122,7 +142,7 @@ impl Speaker {
                 .skip(n_said_before)
             {
                 tokio::select! {
-                    _ = token.cancelled() => return Ok((outcome, went_back)),
+                    _ = token.cancelled() => return Ok(outcome),
                     _ = tokio::time::sleep_until(self.next_slot.into()) => {}
                 }
                 let said = say_part(
@@ -137,7 +157,7 @@ impl Speaker {
                 if let Err(err) = said {
                     return match err {
                         // Not sent: the relay is stopping.
-                        ViewerError::Stopping => Ok((outcome, went_back)),
+                        ViewerError::Stopping => Ok(outcome),
                         err => Err(err.into()),
                     };
                 }
@@ -150,7 +170,7 @@ impl Speaker {
             self.parts_said = None;
             outcome.n_said += 1;
         }
-        Ok((outcome, went_back))
+        Ok(outcome)
     }
 
     /// Moves the cursor past `id` (the row `row`, whose time and fingerprint are stored with it):
@@ -209,21 +229,24 @@ impl Speaker {
         Ok(CursorRow { id, row })
     }
 
-    /// Lowers the cursor when the read shows the CMS's ids went backwards (`went_back`), saying so
-    /// in the log; returns the cursor to go on from and whether it went back.
+    /// Lowers the cursor when the read shows the CMS's ids went backwards (`went_back_known`),
+    /// saying so in the log; returns the cursor to go on from.
     async fn notice_restore(
         &mut self,
         deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
+        read: &Read,
         cursor: i64,
-        since: DateTime<Utc>,
-    ) -> Result<(i64, bool), OutboxError> {
+    ) -> Result<i64, OutboxError> {
         let at_cursor = self.cursor_row(deps, cursor)?;
-        let Some(lowered) = went_back(rows, seen, &at_cursor, since, |row| {
-            dated(deps.cms_zone, row)
-        }) else {
-            return Ok((cursor, false));
+        let Some(lowered) = went_back_known(
+            &read.rows,
+            &read.known,
+            read.seen_empty,
+            &at_cursor,
+            read.since,
+            |row| dated(deps.cms_zone, row),
+        ) else {
+            return Ok(cursor);
         };
         tracing::warn!(
             region = self.region.name,
@@ -233,9 +256,9 @@ impl Speaker {
         );
         self.handled_up_to = Some(lowered);
         self.parts_said = None;
-        let row = rows.iter().find(|row| row.id == lowered);
+        let row = read.rows.iter().find(|row| row.id == lowered);
         self.store_cursor(deps, lowered, row).await?;
-        Ok((lowered, true))
+        Ok(lowered)
     }
 
     async fn skip(

@@ -435,3 +435,38 @@ async fn lines_of_both_regions_wait_out_a_cms_outage_and_arrive_each_with_its_re
     assert_eq!(env.relayed_rows().len(), 6);
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn a_region_whose_viewer_hangs_holds_up_no_cms_line_in_the_other() {
+    // Arrange: Sandbox's viewer takes a chat GET and never answers it (a frozen viewer process):
+    // its gate stays taken, so nothing can be said there.
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let dora = cms_user(&env);
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+    cursors_set(&relay).await;
+    sandbox.lg.set_response_delay(Duration::from_secs(3600));
+    let n_gets = sandbox.lg.n_gets();
+    eventually(PATIENCE, "a GET to Sandbox's viewer hanging", || async {
+        sandbox.lg.n_gets() > n_gets
+    })
+    .await;
+
+    // Act: Dora types one line, then another once the first was said.
+    env.db.add_cms_line(1, dora, "first");
+    eventually(PATIENCE, "the first line said in Welcome", || async {
+        said(&env.lg) == ["[Dora Admin] first"]
+    })
+    .await;
+    env.db.add_cms_line(1, dora, "second");
+
+    // Assert: Welcome goes on with the next line while Sandbox cannot say the first.
+    eventually(PATIENCE, "the second line said in Welcome", || async {
+        said(&env.lg) == ["[Dora Admin] first", "[Dora Admin] second"]
+    })
+    .await;
+    assert!(said(&sandbox.lg).is_empty());
+    // The hanging GET ends with its viewer; then the relay stops as always.
+    sandbox.viewer.stop().await;
+    relay.stop().await;
+}
