@@ -1,6 +1,6 @@
 //! `opensim-chat-relay check`: probes both peers with the real configuration and says, one line per
 //! check, what works and how to fix what does not; and `healthcheck`, the container probe of
-//! `/healthz`. One file each: `report` (the lines and their text), `viewer` and `cms` (the probes),
+//! `/healthz`. One file each: `report` (the lines and their text), `viewer` and `cms` (the probes; the viewer probe runs for each region's viewer),
 //! `healthcheck` (the client of the relay's own endpoint).
 //!
 //! Must not: GET the viewer's chat URL (every GET drains the viewer's one chat queue, so a probe would
@@ -29,7 +29,19 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(settings: &Settings) -> CheckReport {
     let mut report = CheckReport::default();
     report.ok("config", "loaded and valid");
-    viewer::check_viewer(settings, &mut report).await;
+    for region in settings.regions() {
+        if region.name.is_empty() {
+            viewer::check_viewer(&region.viewer, &mut report).await;
+            continue;
+        }
+        // Each region's viewer in turn, its lines saying which region they are about.
+        let mut lines = CheckReport::default();
+        viewer::check_viewer(&region.viewer, &mut lines).await;
+        report.lines.extend(lines.lines.into_iter().map(|mut line| {
+            line.detail = format!("region {:?}: {}", region.name, line.detail);
+            line
+        }));
+    }
     cms::check_cms(settings, &mut report).await;
     report
 }

@@ -470,3 +470,36 @@ async fn a_region_whose_viewer_hangs_holds_up_no_cms_line_in_the_other() {
     sandbox.viewer.stop().await;
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn check_probes_every_regions_viewer_and_names_the_one_that_fails() {
+    // Arrange: Sandbox's viewer is gone.
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let settings = env.settings(&two_regions(&env, &sandbox), &[]);
+    sandbox.viewer.stop().await;
+
+    // Act
+    let report = opensim_chat_relay::check::run(&settings).await;
+
+    // Assert: Welcome's status answers, Sandbox's fails, each line naming its region.
+    let status: Vec<_> = report
+        .lines
+        .iter()
+        .filter(|line| line.name == "viewer.status")
+        .collect();
+    assert_eq!(status.len(), 2, "{report:?}");
+    assert!(
+        status[0].detail.starts_with("region \"Welcome\": ")
+            && status[0].outcome == opensim_chat_relay::check::Outcome::Ok,
+        "{:?}",
+        status[0]
+    );
+    assert!(
+        status[1].detail.starts_with("region \"Sandbox\": ")
+            && status[1].outcome == opensim_chat_relay::check::Outcome::Fail,
+        "{:?}",
+        status[1]
+    );
+    assert!(!report.passed());
+}
