@@ -241,6 +241,10 @@ impl Relay {
                 .iter()
                 .map(|region| (region.name.clone(), region.label.clone()))
                 .collect(),
+            region_stats: regions
+                .iter()
+                .map(|region: &RegionStages| (region.name.clone(), region.stats.clone()))
+                .collect(),
         });
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {

@@ -415,6 +415,16 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
     };
     let n_filtered =
         |stats: &Stats| -> u64 { FilterReason::ALL.iter().map(|r| stats.n_filtered(*r)).sum() };
+    // The process's own count of a delivery counter and each region's that is not the process's.
+    let delivered = |read: &dyn Fn(&Stats) -> u64| -> u64 {
+        read(stats)
+            + state
+                .regions
+                .iter()
+                .filter(|region| !Arc::ptr_eq(&region.stats, stats))
+                .map(|region| read(&region.stats))
+                .sum::<u64>()
+    };
     let login = match state.cms.login_state() {
         LoginState::NotYet => "not yet",
         LoginState::Valid => "valid",
@@ -449,6 +459,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
                     "polled": get(&stats.lines_polled),
                     "relayed": get(&stats.lines_relayed),
                     "filtered": n_filtered(stats),
+                    "delivered": get(&stats.lines_delivered) + get(&stats.lines_reconciled),
                     "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored),
                 },
                 "inworld": {
@@ -487,7 +498,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "polled": sum(&|s| get(&s.lines_polled)),
             "relayed": sum(&|s| get(&s.lines_relayed)),
             "filtered": sum(&|s| n_filtered(s)),
-            "delivered": get(&stats.lines_delivered) + get(&stats.lines_reconciled),
+            "delivered": delivered(&|s| get(&s.lines_delivered) + get(&s.lines_reconciled)),
             "dead_lettered": get(&stats.lines_dead_lettered),
             "dropped": sum(&|s| get(&s.lines_unreadable) + get(&s.lines_unstored)) + gauges.outbox_dropped,
             "delivery_retries": get(&stats.delivery_retries),

@@ -284,7 +284,7 @@ pub struct RegionStats<'a> {
 /// The metrics in the Prometheus text format, through the `prometheus-client` crate's encoder, in
 /// the order of the table in `families`. Every name starts with `opensim_chat_relay_`. `process`
 /// holds what belongs to the process (delivery, the CMS, the outbox); `regions` each region's
-/// viewer side, whose families carry a `region` label.
+/// viewer side and its delivered lines, whose families carry a `region` label.
 pub fn render_prometheus(process: &Stats, regions: &[RegionStats<'_>], gauges: &Gauges) -> String {
     let mut registry = prometheus_client::registry::Registry::default();
     for (name, help, metric) in families(process, regions, gauges) {
@@ -332,6 +332,18 @@ fn families(
             .iter()
             .map(|region| (labels(region.name, &[]), read(region.stats)))
             .collect()
+    };
+    // A counter per region, and the process's own count when it is not a region's (lines of a
+    // region no longer configured), without a label, when there is any.
+    let each_and_rest = |read: &dyn Fn(&Stats) -> u64| -> Vec<(Labels, u64)> {
+        let mut samples = each(read);
+        let shared = regions
+            .iter()
+            .any(|region| std::ptr::eq(region.stats, process));
+        if !shared && read(process) > 0 {
+            samples.push((Vec::new(), read(process)));
+        }
+        samples
     };
     let each_gauge = |read: &dyn Fn(&Stats) -> u64| -> Vec<(Labels, f64)> {
         regions
@@ -387,8 +399,8 @@ fn families(
         ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(each(&|s| get(&s.lines_polled)))),
         ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(each(&|s| get(&s.lines_relayed)))),
         ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Counter(filtered)),
-        ("opensim_chat_relay_lines_delivered_total", "Lines the CMS confirmed (including those a read-back found).", Counter(one(get(&process.lines_delivered) + get(&process.lines_reconciled)))),
-        ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(one(get(&process.lines_reconciled)))),
+        ("opensim_chat_relay_lines_delivered_total", "Lines the CMS confirmed (including those a read-back found).", Counter(each_and_rest(&|s| get(&s.lines_delivered) + get(&s.lines_reconciled)))),
+        ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(each_and_rest(&|s| get(&s.lines_reconciled)))),
         ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(one(get(&process.delivery_retries)))),
         ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(one(get(&process.lines_dead_lettered)))),
         ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(one(get(&process.lines_unresolved)))),

@@ -139,9 +139,34 @@ pub struct DeliveryDeps<C = CmsClient> {
     pub max_line_failures: u32,
     /// Each region's `{region}` text by its `[[regions]]` name (the only region under "").
     pub region_labels: std::collections::HashMap<String, String>,
+    /// Each region's counters by its `[[regions]]` name, for the lines delivered there (the only
+    /// region's are `stats`).
+    pub region_stats: std::collections::HashMap<String, Arc<Stats>>,
 }
 
 impl<C> DeliveryDeps<C> {
+    /// Counts `lines` as delivered (`reconciled`: found by a read-back after an unknown outcome)
+    /// in the counters of each line's region: its own, else the process's (the only region, or a
+    /// line of a region no longer configured).
+    pub fn count_delivered<'a>(
+        &self,
+        lines: impl Iterator<Item = &'a crate::outbox::PendingLine>,
+        reconciled: bool,
+    ) {
+        for line in lines {
+            let stats = self
+                .region_stats
+                .get(&line.line.region)
+                .map_or(&*self.stats, |stats| &**stats);
+            let counter = if reconciled {
+                &stats.lines_reconciled
+            } else {
+                &stats.lines_delivered
+            };
+            Stats::add(counter, 1);
+        }
+    }
+
     /// The `{region}` text of the region named `name`: its label, else the name itself (a line of
     /// a region no longer configured), else "the region".
     pub fn region_label<'a>(&'a self, name: &'a str) -> &'a str {

@@ -13,7 +13,6 @@ use crate::delivery::holds::Attempt;
 use crate::delivery::{
     ChatApi, Delivery, DeliveryError, READ_BACK_MARGIN_SECS, Tally, answered_with_error, lock,
 };
-use crate::metrics::Stats;
 use crate::outbox::{Cursor, PendingLine};
 use crate::pacing::Answer;
 use crate::zone::Zone;
@@ -85,13 +84,14 @@ impl<C: ChatApi> Delivery<C> {
             let ids: Vec<u64> = found.iter().map(|(id, _)| *id).collect();
             self.confirm(&ids, None).await?;
             self.claim(found.iter().map(|(_, row_id)| *row_id));
+            let found_lines = uncertain.iter().filter(|line| ids.contains(&line.id));
             match settle {
                 Settle::AfterSuccess => {
-                    Stats::add(&self.deps.stats.lines_delivered, found.len() as u64);
+                    self.deps.count_delivered(found_lines, false);
                     tally.n_delivered += found.len();
                 }
                 Settle::Unknown => {
-                    Stats::add(&self.deps.stats.lines_reconciled, found.len() as u64);
+                    self.deps.count_delivered(found_lines, true);
                     tally.n_reconciled += found.len();
                 }
             }

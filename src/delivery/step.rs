@@ -253,7 +253,7 @@ impl<C: ChatApi> Delivery<C> {
                 // Claimed once the lines are gone: if their removal fails (a full disk), they stay
                 // pending and their own read-back must still find this row.
                 self.claim([last_id]);
-                Stats::add(&self.deps.stats.lines_delivered, batch.len() as u64);
+                self.deps.count_delivered(batch.iter(), false);
                 batch
                     .iter()
                     .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));

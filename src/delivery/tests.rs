@@ -124,6 +124,7 @@ pub(super) fn delivery_of(
         stats,
         max_line_failures,
         region_labels: [(String::new(), "Welcome".to_owned())].into(),
+        region_stats: std::collections::HashMap::new(),
     })
 }
 

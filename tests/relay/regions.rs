@@ -135,14 +135,16 @@ async fn each_region_relays_its_lines_with_its_name_and_says_each_cms_line_once(
         assert_eq!(sample(&metrics, &relayed), 1.0, "{metrics}");
         assert_eq!(sample(&metrics, &said), 2.0, "{metrics}");
     }
-    assert_eq!(
-        sample(&metrics, "opensim_chat_relay_lines_delivered_total"),
-        2.0
-    );
+    for region in ["Welcome", "Sandbox"] {
+        let delivered = format!("opensim_chat_relay_lines_delivered_total{{region=\"{region}\"}}");
+        assert_eq!(sample(&metrics, &delivered), 1.0, "{metrics}");
+    }
     let (_, status) = relay.get_json("/status").await;
     assert_eq!(status["regions"][1]["name"], "Sandbox", "{status}");
     assert_eq!(status["regions"][1]["lines"]["relayed"], 1, "{status}");
     assert_eq!(status["lines"]["relayed"], 2, "{status}");
+    assert_eq!(status["regions"][1]["lines"]["delivered"], 1, "{status}");
+    assert_eq!(status["lines"]["delivered"], 2, "{status}");
     relay.stop().await;
 }
 
