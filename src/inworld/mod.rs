@@ -3,13 +3,16 @@
 //! cannot filter, so each reader pays for every row of the grid, and one reader per process keeps
 //! that cost growing with hosts, not with regions squared (issue 23).
 //!
-//! Owns each region's persisted cursor (the highest CMS chat id handled, with the time and a fingerprint of
-//! its row: outbox `Cursor`s, so a restart neither repeats nor skips), noticing that the CMS's ids
-//! went backwards (its database restored from a backup: `went_back`), the splitting of long lines
-//! (a part that fails is said again without the parts before it) and the flood limit. Each text it
-//! says goes into the echo memory (`echo::RecentlySaid`, which `app` shares with the poller) before
-//! the POST. Must not touch the outbox's pending lines. It never calls the CMS chat GET without a
-//! timestamp (that returns the whole history).
+//! This file owns the reader: the read window, the rows seen, and handing each read to every
+//! region's `speaker` through its `Inbox`, so that a region whose viewer refuses or hangs holds up
+//! no other. The speaker owns its region's persisted cursor (the highest CMS chat id handled, with
+//! the time and a fingerprint of its row: outbox `Cursor`s, so a restart neither repeats nor
+//! skips), noticing that the CMS's ids went backwards (its database restored from a backup:
+//! `went_back`), the splitting of long lines (a part that fails is said again without the parts
+//! before it) and the flood limit. Each text it says goes into its region's echo memory
+//! (`echo::RecentlySaid`, which `app` shares with that region's poller) before the POST. Must not
+//! touch the outbox's pending lines. It never calls the CMS chat GET without a timestamp (that
+//! returns the whole history).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
