@@ -505,3 +505,42 @@ async fn check_probes_every_regions_viewer_and_names_the_one_that_fails() {
     );
     assert!(!report.passed());
 }
+
+#[tokio::test]
+async fn a_one_region_outbox_taken_over_by_a_two_region_relay_delivers_its_waiting_lines() {
+    // Arrange: a one-region relay left two lines waiting (the CMS was down when it stopped).
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    env.db.set_offline(true);
+    let single = Observed::start(&env, "", &[]).await;
+    env.lg.say("Alice Resident", "said before the regions");
+    env.lg.say("Alice Resident", "and this too");
+    eventually(PATIENCE, "two lines waiting", || async {
+        single.outbox.len() == 2
+    })
+    .await;
+    single.stop().await;
+    env.db.set_offline(false);
+
+    // Act: the same outbox under a two-region relay.
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+    sandbox.lg.say("Bob Builder", "new in the sandbox");
+
+    // Assert: the old lines arrive once each (their rows were decided by the first relay, its
+    // anonymous prefix kept), beside the new one with its region.
+    eventually(PATIENCE, "three lines relayed", || async {
+        env.relayed_rows().len() >= 3
+    })
+    .await;
+    let stored: Vec<String> = env.relayed_rows().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(stored.len(), 3, "{stored:?}");
+    for text in ["said before the regions", "and this too"] {
+        let n = stored.iter().filter(|m| m.ends_with(text)).count();
+        assert_eq!(n, 1, "{text:?} in {stored:?}");
+    }
+    assert!(
+        stored.contains(&"[Bob Builder in Sandbox] new in the sandbox".to_owned()),
+        "{stored:?}"
+    );
+    relay.stop().await;
+}
