@@ -112,9 +112,12 @@ struct Reader {
     /// When the last wide read was made: every `look_back` one read reaches `look_back` before
     /// it, for CMS lines dated behind the newest rows (a browser's clock behind).
     last_wide: Option<DateTime<Utc>>,
-    /// The last read was a wide one and failed (its answer too large for the CMS's memory limit or
-    /// `cms.max_response_bytes`, say): the next read is narrow, so the stage goes on meanwhile.
-    wide_failed: bool,
+    /// Wide reads that failed in a row (an answer too large for the CMS's memory limit or
+    /// `cms.max_response_bytes`, say): each one doubles the wait before the next and halves how far
+    /// back it reaches (`since`), so a CMS that cannot answer it is not asked again and again.
+    wide_failures: u32,
+    /// No wide read before this (after failures); narrow reads go on meanwhile.
+    wide_not_before: Option<DateTime<Utc>>,
     /// The rows the reads of this process returned, by id (at most `SEEN_MAX`, the highest): a row
     /// under a known id with other content shows that the CMS hands its ids out again.
     seen: BTreeMap<i64, SeenRow>,
@@ -138,6 +141,13 @@ pub(crate) struct Inbox {
     reads: std::sync::Mutex<std::collections::VecDeque<Arc<Read>>>,
     ready: tokio::sync::Notify,
 }
+
+/// A wide read that keeps failing reaches back at least 1/2^6 = 1/64 of its full span.
+const MAX_WIDE_HALVINGS: u32 = 6;
+
+/// The wait before a wide read is tried again doubles up to 2^16 poll intervals (then `look_back`
+/// caps it); the bound only keeps the shift in range.
+const MAX_WIDE_BACKOFF_DOUBLINGS: u32 = 16;
 
 /// A read every `inworld.poll_interval` (2 s): 1,000 waiting reads are half an hour of a viewer that
 /// does not answer, longer than `inworld.max_age` (10 minutes) keeps a line worth saying.
@@ -325,7 +335,8 @@ impl Inworld {
                 last_read: None,
                 newest_seen: None,
                 last_wide: None,
-                wide_failed: false,
+                wide_failures: 0,
+                wide_not_before: None,
                 seen: BTreeMap::new(),
             },
         }
@@ -359,15 +370,18 @@ impl Reader {
         let rows = match deps.cms.chats_since(since.timestamp()).await {
             Ok(rows) => rows,
             Err(err) => {
-                self.wide_failed = wide;
+                if wide {
+                    let poll =
+                        chrono::Duration::from_std(deps.settings.poll_interval).unwrap_or_default();
+                    self.wide_failed(now, look_back, poll);
+                }
                 return Err(err);
             }
         };
         self.last_read = Some(now);
         if wide {
-            self.last_wide = Some(now);
+            self.wide_succeeded(now);
         }
-        self.wide_failed = false;
         let newest = rows
             .iter()
             .filter_map(|row| dated(deps.cms_zone, row))
@@ -406,7 +420,9 @@ impl Reader {
     /// Every `look_back` a wide read reaches `look_back` before the previous wide one, which catches
     /// every row dated at most `look_back` behind its insertion; the first one after a start reaches
     /// back over `max_age` too (lines typed while the relay was down), and none reaches further.
-    /// After a failed wide read the next is narrow, then the wide one is tried again.
+    /// After a failed wide read the reads are narrow until `wide_not_before`, then a wide one is
+    /// tried again reaching back half as far as the full span (a quarter after two failures, …, at
+    /// least 1/64 of it): a read that failed for its size is not repeated as it was.
     fn since(
         &self,
         now: DateTime<Utc>,
@@ -414,18 +430,46 @@ impl Reader {
         max_age: chrono::Duration,
     ) -> (DateTime<Utc>, bool) {
         let oldest = now - max_age - look_back;
-        let wide_due = self.last_wide.is_none_or(|at| now - at >= look_back);
-        if wide_due && !self.wide_failed {
-            let since = self
+        let wide_due = self.last_wide.is_none_or(|at| now - at >= look_back)
+            && self.wide_not_before.is_none_or(|at| now >= at);
+        if wide_due {
+            let full = self
                 .last_wide
                 .map_or(oldest, |at| (at - look_back).max(oldest));
-            return (since, true);
+            let share = 1i32 << self.wide_failures.min(MAX_WIDE_HALVINGS);
+            return (now - (now - full) / share, true);
         }
         let read = self.last_read.unwrap_or(now);
         let newest = self.newest_seen.map_or(read, |newest| newest.min(read));
         // Never further back than `look_back` before the previous read: after old-dated rows
         // (a backlog drained), the newest row seen may be far behind the present.
         ((newest - NARROW_MARGIN).max(read - look_back), false)
+    }
+
+    /// A wide read failed at `now`: the next waits `poll` × 2^failures (at most `look_back`) and
+    /// reaches back half as far as this one did.
+    fn wide_failed(
+        &mut self,
+        now: DateTime<Utc>,
+        look_back: chrono::Duration,
+        poll: chrono::Duration,
+    ) {
+        self.wide_failures = self.wide_failures.saturating_add(1);
+        let wait = poll * (1i32 << self.wide_failures.min(MAX_WIDE_BACKOFF_DOUBLINGS));
+        self.wide_not_before = Some(now + wait.min(look_back));
+    }
+
+    /// A wide read succeeded at `now`: the next is due `look_back` later, at full reach again.
+    fn wide_succeeded(&mut self, now: DateTime<Utc>) {
+        if self.wide_failures > 0 {
+            tracing::warn!(
+                n_failed = self.wide_failures,
+                "the cms could not answer in-world's read reaching look_back (its memory_limit or cms.max_response_bytes); a shorter one did: cms lines dated further back than it reached are not said"
+            );
+        }
+        self.last_wide = Some(now);
+        self.wide_failures = 0;
+        self.wide_not_before = None;
     }
 
     /// Reads every `inworld.poll_interval` until `token` is cancelled.
@@ -529,5 +573,63 @@ mod tests {
         let bare = CursorRow { id: 3, row: None };
         assert_eq!(went_back(&restored, &nothing, &bare, since, dated), None);
         assert_eq!(went_back(&restored, &known, &bare, since, dated), Some(1));
+    }
+
+    fn reader() -> Reader {
+        Reader {
+            inboxes: Vec::new(),
+            last_read: None,
+            newest_seen: None,
+            last_wide: None,
+            wide_failures: 0,
+            wide_not_before: None,
+            seen: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_wide_read_that_fails_waits_longer_each_time_and_reaches_less_far() {
+        // Arrange: a CMS that cannot answer a wide read (PHP's memory_limit); narrow reads succeed
+        // every 2 s.
+        let look_back = chrono::Duration::minutes(10);
+        let max_age = chrono::Duration::minutes(5);
+        let poll = chrono::Duration::seconds(2);
+        let start = Utc::now();
+        let mut reader = reader();
+
+        // Act: three minutes of polls.
+        let mut wide_reads = Vec::new();
+        let mut now = start;
+        while now < start + chrono::Duration::minutes(3) {
+            let (since, wide) = reader.since(now, look_back, max_age);
+            if wide {
+                wide_reads.push((now, now - since));
+                reader.wide_failed(now, look_back, poll);
+            } else {
+                reader.last_read = Some(now);
+            }
+            now += poll;
+        }
+
+        // Assert: 90 polls tried the wide read 6 times (not every other poll), the waits doubling,
+        // and each reached half as far back as the one before, never under `look_back`'s 1/64.
+        assert_eq!(wide_reads.len(), 6, "{wide_reads:?}");
+        let gaps: Vec<i64> = wide_reads
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0).num_seconds())
+            .collect();
+        assert_eq!(gaps, [4, 8, 16, 32, 64], "{wide_reads:?}");
+        let reaches: Vec<i64> = wide_reads.iter().map(|(_, r)| r.num_seconds()).collect();
+        assert_eq!(reaches[0], (look_back + max_age).num_seconds());
+        assert!(
+            reaches.windows(2).all(|w| w[1] * 2 <= w[0] + 1),
+            "each reach about half the one before: {reaches:?}"
+        );
+
+        // A wide read that succeeds ends the backoff.
+        reader.wide_succeeded(now);
+        assert_eq!(reader.wide_failures, 0);
+        let (_, wide) = reader.since(now + look_back, look_back, max_age);
+        assert!(wide, "a wide read is due again after look_back");
     }
 }

@@ -370,3 +370,48 @@ async fn a_cms_database_restored_while_the_relay_was_stopped_does_not_silence_in
         ]
     );
 }
+
+#[tokio::test]
+async fn a_wide_read_the_cms_cannot_answer_is_not_repeated_after_every_narrow_read() {
+    // Arrange: 30 lines typed 5 minutes ago, more rows than the CMS can build in one answer (its
+    // PHP memory_limit, 20 rows here): every read reaching back over them dies.
+    let env = TestEnv::start().await;
+    let dora = cms_user(&env);
+    for n in 0..30 {
+        env.db
+            .add_cms_line_dated(1, dora, &format!("old {n}"), Duration::from_secs(300));
+    }
+    env.db.set_memory_limit_rows(Some(20));
+    let wide_since = chrono::Utc::now().timestamp() - 60;
+    let chat_gets = || {
+        env.db
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("/chats/"))
+            .filter_map(|r| {
+                let since = r.path.split('/').rev().nth(1)?.parse::<i64>().ok()?;
+                Some(since <= wide_since)
+            })
+            .collect::<Vec<bool>>()
+    };
+
+    // Act: 40 in-world reads.
+    let relay = env
+        .start_relay("", &[("inworld.poll_interval", "30ms")])
+        .await;
+    eventually(PATIENCE, "40 in-world reads", || async {
+        chat_gets().len() >= 40
+    })
+    .await;
+    relay.stop().await;
+
+    // Assert: the narrow reads went on; the wide one was tried a few times, each reaching less
+    // far, not every other read (20 of 40 before).
+    let reads = chat_gets();
+    let n_wide = reads.iter().filter(|wide| **wide).count();
+    assert!(
+        n_wide <= 5,
+        "{n_wide} of {} reads reached back 5 minutes",
+        reads.len()
+    );
+}
