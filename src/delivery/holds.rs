@@ -230,16 +230,17 @@ impl<C: ChatApi> Delivery<C> {
         schedule.next_delay(None)
     }
 
-    /// The committed lines this step may send, oldest first.
+    /// The committed lines this step may send, oldest first (not those awaiting their proof).
     pub(super) fn due_lines(
         &self,
         now: tokio::time::Instant,
     ) -> Result<Vec<PendingLine>, OutboxError> {
         let holds = lock(&self.holds);
+        let awaiting = lock(&self.awaiting);
         self.deps
             .outbox
             .oldest_where(self.deps.settings.batch_max_messages, SCAN_LIMIT, |line| {
-                holds.may_send(line, now)
+                !awaiting.ids.contains_key(&line.id) && holds.may_send(line, now)
             })
     }
 
