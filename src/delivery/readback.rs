@@ -105,9 +105,10 @@ impl<C: ChatApi> Delivery<C> {
                     tally.n_reconciled += found.len();
                 }
             }
+            let found_ids: HashSet<u64> = ids.iter().copied().collect();
             uncertain
                 .iter()
-                .filter(|l| ids.contains(&l.id))
+                .filter(|l| found_ids.contains(&l.id))
                 .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
         }
         let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent

@@ -7,11 +7,11 @@
 //! When that read is made is the whole of its cost to the CMS. A read returns every row of the
 //! grid from its start, so a read per batch costs a backlog whose lines share a second O(n²) rows
 //! (190 batches of 100 lines each reading up to 19 000 rows). Here a read is made when nothing else
-//! can be sent, or when the lines waiting are at least half the rows the last read returned, or
-//! `AWAIT_MAX_LINES` wait: rows read per line delivered stay below about three whatever the
-//! backlog's shape (each read at least doubles the rows it settles against those it reads), and in
-//! the worst case (every line of the backlog in one second) the reads grow geometrically, so their
-//! number is logarithmic in the backlog.
+//! can be sent, or when as many lines wait as the last read returned rows, or `AWAIT_MAX_LINES`
+//! wait. In the worst case (every line of a backlog in one second, so that each read returns every
+//! row stored since) the lines settled by each read at least double, so the reads are logarithmic
+//! in the backlog and their rows about twice its lines; a backlog spread over time reads its own
+//! rows about once, plus the grid's rows of the read's window.
 //!
 //! Must not: count a line delivered before a read found its row, or let a line awaiting proof be
 //! resent (`due_lines` passes over them) before a read settled it.
@@ -23,8 +23,8 @@ use crate::delivery::{ChatApi, Delivery, DeliveryError, Tally, lock};
 use crate::outbox::PendingLine;
 
 /// How many lines may await their proof before the shared read is made whatever its cost: the
-/// step passes over them in the outbox (`SCAN_LIMIT` is twice this) and the read matches them.
-pub(super) const AWAIT_MAX_LINES: usize = 5_000;
+/// read loads and matches them all (the step passes over them by key, `oldest_where_past`).
+pub(super) const AWAIT_MAX_LINES: usize = 20_000;
 
 /// The lines posted with a `success: true` whose rows no read has found yet. In memory: after a
 /// restart they are lines in flight of unknown outcome, read back before anything is resent.
@@ -33,16 +33,24 @@ pub(super) struct Awaiting {
     /// Each line's id, with the id the CMS answered for the last row of its batch: the line's row,
     /// if stored, lies between the id its batch went out after and that one.
     pub(super) ids: HashMap<u64, i64>,
-    /// The rows the last read-back returned: the next shared read waits for half as many lines.
+    /// The rows the last read-back returned: the next shared read waits for as many lines.
     pub(super) last_read_rows: usize,
+    /// Every pending line below this id awaits its proof: the step's scan starts here. A backlog's
+    /// batches go out one after the other, and passing over thousands of waiting records at each
+    /// step (sled reads them to skip them) cost more than the POSTs. Back to 0 whenever a line
+    /// below it may be due again (the shared read, a restart).
+    pub(super) scan_from: u64,
+    /// The first line the step's scan returned, when it passed over nothing from `scan_from` on:
+    /// a batch that starts with it and goes to await its proof moves `scan_from` past it.
+    pub(super) first_due: Option<u64>,
 }
 
 impl Awaiting {
-    /// Whether the shared read is due: something awaits, and nothing else can be sent, or enough
-    /// lines wait for the read to cost the CMS no more than twice as many rows.
+    /// Whether the shared read is due: something awaits, and nothing else can be sent, or as many
+    /// lines wait as the last read returned rows (so that a read costs the CMS about a row a line).
     pub(super) fn read_due(&self, more_to_send: bool) -> bool {
         let n = self.ids.len();
-        n > 0 && (!more_to_send || n >= AWAIT_MAX_LINES || 2 * n >= self.last_read_rows)
+        n > 0 && (!more_to_send || n >= AWAIT_MAX_LINES || n >= self.last_read_rows)
     }
 }
 
@@ -50,9 +58,14 @@ impl<C: ChatApi> Delivery<C> {
     /// Notes `batch` posted with a `success: true` whose last row is `last_id`: its lines await
     /// the shared read.
     pub(super) fn await_proof(&self, batch: &[PendingLine], last_id: i64) {
-        lock(&self.awaiting)
-            .ids
-            .extend(batch.iter().map(|l| (l.id, last_id)));
+        let mut awaiting = lock(&self.awaiting);
+        awaiting.ids.extend(batch.iter().map(|l| (l.id, last_id)));
+        if let (Some(first), Some(last)) = (batch.first(), batch.last())
+            && awaiting.first_due == Some(first.id)
+        {
+            awaiting.scan_from = last.id + 1;
+            awaiting.first_due = None;
+        }
     }
 
     /// The shared read if it is due (`Awaiting::read_due`); whether it was made.
@@ -82,6 +95,7 @@ impl<C: ChatApi> Delivery<C> {
         {
             let mut awaiting = lock(&self.awaiting);
             awaiting.ids.retain(|id, _| !ids.contains_key(id));
+            awaiting.scan_from = 0;
         }
         if !unsent.is_empty() {
             tracing::warn!(

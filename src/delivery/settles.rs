@@ -51,6 +51,7 @@ fn the_shared_read_is_due_when_nothing_else_goes_or_enough_lines_wait() {
     let waiting = |n: usize, last_read_rows: usize| Awaiting {
         ids: (0..n as u64).map(|id| (id, 0)).collect(),
         last_read_rows,
+        ..Awaiting::default()
     };
     assert!(!waiting(0, 0).read_due(false), "nothing awaits");
     assert!(waiting(1, 10_000).read_due(false), "nothing else to send");
@@ -59,8 +60,12 @@ fn the_shared_read_is_due_when_nothing_else_goes_or_enough_lines_wait() {
         "the read would cost 100 rows a line"
     );
     assert!(
-        waiting(5_000, 10_000).read_due(true),
-        "half as many lines as rows"
+        !waiting(9_999, 10_000).read_due(true),
+        "more rows than lines"
+    );
+    assert!(
+        waiting(10_000, 10_000).read_due(true),
+        "as many lines as rows"
     );
     assert!(
         waiting(AWAIT_MAX_LINES, 1 << 30).read_due(true),
