@@ -3,12 +3,13 @@
 //!
 //! What an answer proves is `proof::what_a_post_proves`: a `success: true` proves a line stored only
 //! for a POST of that line alone (every insert consumes an id, stored or not), so a batch of more
-//! awaits its proof (`settle`) while newer batches go out, and one read settles all such batches. Because the CMS's chat POST is not idempotent, a batch whose outcome
-//! is unknown (timeout, reset, 5xx, an unreadable answer, a restart in the middle) stays marked in
-//! flight, and is read back from the CMS before anything is resent: rows already stored are
-//! confirmed, the rest go out one line per POST so each gets an unambiguous answer. A line the CMS
-//! refuses on its own goes to the dead letters; a batch that is refused is first retried line by
-//! line so one bad line does not take its neighbours with it.
+//! awaits its proof (`settle`) while newer batches go out, and one read settles all such batches.
+//! Because the CMS's chat POST is not idempotent, a batch whose outcome is unknown (timeout, reset,
+//! 5xx, an unreadable answer, a restart in the middle) stays marked in flight, and is read back
+//! from the CMS before anything is resent: rows already stored are confirmed, the rest go out one
+//! line per POST so each gets an unambiguous answer. A line the CMS refuses on its own goes to the
+//! dead letters; a batch that is refused is first retried line by line so one bad line does not
+//! take its neighbours with it.
 //!
 //! A failure is the lines' own when the CMS answered it with an error (an error page or HTTP 500
 //! for their POST or their read-back) and answers a probe right after it, or when it refused one

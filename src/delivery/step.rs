@@ -192,8 +192,8 @@ impl<C: ChatApi> Delivery<C> {
     /// every insert, failed or not, consumes an auto-increment id (spec §10.2), so an id span of
     /// exactly `n` proves only that no other writer came between, not that a middle row was not
     /// skipped. A batch of more lines therefore awaits the shared read (`settle`), and what it
-    /// finds missing is sent line by line (`docs/RELIABILITY.md`, "What proves a batch stored"). `batch` is marked in flight
-    /// (`mark_in_flight`), all after the same confirmed id.
+    /// finds missing is sent line by line (`docs/RELIABILITY.md`, "What proves a batch stored").
+    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id.
     pub(super) async fn send(
         &self,
         batch: Vec<PendingLine>,
