@@ -58,7 +58,7 @@ impl<C: ChatApi> Delivery<C> {
         self.paced(started, &read, Answer::Read);
         let rows = match read {
             Ok(rows) => {
-                lock(&self.awaiting).last_read_rows = rows.len();
+                lock(&self.awaiting).last_read_rows = rows.len().saturating_sub(uncertain.len());
                 rows
             }
             Err(err) if answered_with_error(&err) => {

@@ -7,11 +7,12 @@
 //! When that read is made is the whole of its cost to the CMS. A read returns every row of the
 //! grid from its start, so a read per batch costs a backlog whose lines share a second O(n²) rows
 //! (190 batches of 100 lines each reading up to 19 000 rows). Here a read is made when nothing else
-//! can be sent, or when as many lines wait as the last read returned rows, or `AWAIT_MAX_LINES`
-//! wait. In the worst case (every line of a backlog in one second, so that each read returns every
-//! row stored since) the lines settled by each read at least double, so the reads are logarithmic
-//! in the backlog and their rows about twice its lines; a backlog spread over time reads its own
-//! rows about once, plus the grid's rows of the read's window.
+//! can be sent, or when as many lines wait as the last read returned rows beyond the lines it
+//! settled, or `AWAIT_MAX_LINES` wait. In the worst case (every line of a backlog in one second, so
+//! that each read returns every row stored since) the lines each read settles grow geometrically,
+//! so the reads are logarithmic in the backlog and their rows a few times its lines; a backlog
+//! spread over time reads its own rows once plus the grid's rows of each read's window, in reads
+//! of a few hundred rows.
 //!
 //! Must not: count a line delivered before a read found its row, or let a line awaiting proof be
 //! resent (`due_lines` passes over them) before a read settled it.
@@ -33,7 +34,9 @@ pub(super) struct Awaiting {
     /// Each line's id, with the id the CMS answered for the last row of its batch: the line's row,
     /// if stored, lies between the id its batch went out after and that one.
     pub(super) ids: HashMap<u64, i64>,
-    /// The rows the last read-back returned: the next shared read waits for as many lines.
+    /// The rows the last read-back returned that were not the lines it settled (other writers'
+    /// rows, the relay's rows stored since the read's start): the next shared read waits for as
+    /// many lines.
     pub(super) last_read_rows: usize,
     /// Every pending line below this id awaits its proof: the step's scan starts here. A backlog's
     /// batches go out one after the other, and passing over thousands of waiting records at each
@@ -47,7 +50,9 @@ pub(super) struct Awaiting {
 
 impl Awaiting {
     /// Whether the shared read is due: something awaits, and nothing else can be sent, or as many
-    /// lines wait as the last read returned rows (so that a read costs the CMS about a row a line).
+    /// lines wait as the last read returned rows beyond its own lines (so that a read costs the CMS
+    /// at most about two rows a line, and a backlog spread over time is read in reads of a few
+    /// hundred rows, not ever larger ones that hold a PHP worker for seconds).
     pub(super) fn read_due(&self, more_to_send: bool) -> bool {
         let n = self.ids.len();
         n > 0 && (!more_to_send || n >= AWAIT_MAX_LINES || n >= self.last_read_rows)
