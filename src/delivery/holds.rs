@@ -230,17 +230,35 @@ impl<C: ChatApi> Delivery<C> {
         schedule.next_delay(None)
     }
 
-    /// The committed lines this step may send, oldest first.
+    /// The committed lines this step may send, oldest first (not those awaiting their proof). The
+    /// scan starts past the lines known to await their proof (`Awaiting::scan_from`), and notes
+    /// whether what it returns are the first records from there.
     pub(super) fn due_lines(
         &self,
         now: tokio::time::Instant,
     ) -> Result<Vec<PendingLine>, OutboxError> {
         let holds = lock(&self.holds);
-        self.deps
-            .outbox
-            .oldest_where(self.deps.settings.batch_max_messages, SCAN_LIMIT, |line| {
-                holds.may_send(line, now)
-            })
+        let mut awaiting = lock(&self.awaiting);
+        let passed = std::cell::Cell::new(false);
+        let lines = self.deps.outbox.oldest_where_past(
+            awaiting.scan_from,
+            self.deps.settings.batch_max_messages,
+            SCAN_LIMIT,
+            |id| {
+                let waits = awaiting.ids.contains_key(&id);
+                passed.set(passed.get() || waits);
+                waits
+            },
+            |line| {
+                let may = holds.may_send(line, now);
+                passed.set(passed.get() || !may);
+                may
+            },
+        )?;
+        awaiting.first_due = (!passed.get())
+            .then(|| lines.first().map(|l| l.id))
+            .flatten();
+        Ok(lines)
     }
 
     /// How long until the next held line may be tried.

@@ -2,13 +2,14 @@
 //! (user, text, timestamp) before its first POST, and retries with backoff until the CMS confirms.
 //!
 //! What an answer proves is `proof::what_a_post_proves`: a `success: true` proves a line stored only
-//! for a POST of that line alone (every insert consumes an id, stored or not), so a batch of more is
-//! read back after its success. Because the CMS's chat POST is not idempotent, a batch whose outcome
-//! is unknown (timeout, reset, 5xx, an unreadable answer, a restart in the middle) stays marked in
-//! flight, and is read back from the CMS before anything is resent: rows already stored are
-//! confirmed, the rest go out one line per POST so each gets an unambiguous answer. A line the CMS
-//! refuses on its own goes to the dead letters; a batch that is refused is first retried line by
-//! line so one bad line does not take its neighbours with it.
+//! for a POST of that line alone (every insert consumes an id, stored or not), so a batch of more
+//! awaits its proof (`settle`) while newer batches go out, and one read settles all such batches.
+//! Because the CMS's chat POST is not idempotent, a batch whose outcome is unknown (timeout, reset,
+//! 5xx, an unreadable answer, a restart in the middle) stays marked in flight, and is read back
+//! from the CMS before anything is resent: rows already stored are confirmed, the rest go out one
+//! line per POST so each gets an unambiguous answer. A line the CMS refuses on its own goes to the
+//! dead letters; a batch that is refused is first retried line by line so one bad line does not
+//! take its neighbours with it.
 //!
 //! A failure is the lines' own when the CMS answered it with an error (an error page or HTTP 500
 //! for their POST or their read-back) and answers a probe right after it, or when it refused one
@@ -19,8 +20,9 @@
 //! to check. Any other failure is an outage: the lines keep their place and the loop backs off
 //! (a server's `Retry-After` up to `retry.max`, its heartbeat beating), for as long as it lasts.
 //!
-//! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `holds`, `run`;
-//! `scripted`, `tests`, `waits`, `refusals` and `model` are test-only.
+//! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `settle` (the
+//! batches awaiting their proof and the one read that settles them), `holds`, `run`;
+//! `scripted`, `tests`, `waits`, `refusals`, `settles` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
 //! line whose outcome no read-back could settle.
 
@@ -46,6 +48,9 @@ mod refusals;
 mod run;
 #[cfg(test)]
 mod scripted;
+mod settle;
+#[cfg(test)]
+mod settles;
 mod step;
 #[cfg(test)]
 mod tests;
@@ -54,6 +59,7 @@ mod waits;
 
 pub use api::{ChatApi, describe_unknown_users, unknown_mapped_users, zone_disagreement};
 use holds::Holds;
+use settle::Awaiting;
 
 /// How far before the earliest stored timestamp of the uncertain lines a read-back starts. The
 /// relay dates its rows itself (`cms.timezone`, whole seconds) and the start is taken from those
@@ -186,6 +192,9 @@ pub struct Delivery<C = CmsClient> {
     /// The lines that wait for their own retry. In memory: after a restart they are tried in their
     /// place again, and their persisted `failures` keep the bound.
     holds: Mutex<Holds>,
+    /// The lines of batches the CMS answered `success: true` for, waiting for the shared read
+    /// that proves them stored (`settle`). In memory: after a restart they are in flight.
+    awaiting: Mutex<Awaiting>,
 }
 
 /// What one step did so far, and the time it runs at (an input, so that tests step the holds'
@@ -205,6 +214,7 @@ impl<C: ChatApi> Delivery<C> {
             pacer: Pacer::new(deps.settings.pacing),
             deps,
             holds: Mutex::new(Holds::default()),
+            awaiting: Mutex::new(Awaiting::default()),
         }
     }
 
@@ -224,10 +234,6 @@ impl<C: ChatApi> Delivery<C> {
         self.deps.outbox.restore_reserve();
         self.forget_gone_holds()?;
         let lines = self.due_lines(now)?;
-        if lines.is_empty() {
-            self.publish_holds();
-            return Ok(DeliveryOutcome::Idle);
-        }
         let mut tally = Tally {
             now,
             n_delivered: 0,
@@ -235,7 +241,16 @@ impl<C: ChatApi> Delivery<C> {
             n_dead: 0,
             n_held: 0,
         };
-        let stepped = self.step(lines, &mut tally).await;
+        // Batches posted earlier are settled by one shared read when it is due (`settle`).
+        let stepped = match self.settle_posted(!lines.is_empty(), &mut tally).await {
+            Ok(true) => Ok(()),
+            Ok(false) if lines.is_empty() => {
+                self.publish_holds();
+                return Ok(DeliveryOutcome::Idle);
+            }
+            Ok(false) => self.step(lines, &mut tally).await,
+            Err(err) => Err(err),
+        };
         self.publish_holds();
         stepped.map(|()| tally.into_outcome())
     }

@@ -5,7 +5,8 @@
 //!
 //! A crash at any point between the relay's durable writes is a restart after one of the faults:
 //! `LostAfterStore` (the CMS stored the rows, the relay never learnt it), `LostBeforeStore` (marked in
-//! flight, never sent), or a restart between steps. After each sequence the faults end and delivery
+//! flight, never sent), or a restart between steps (batches answered `success: true` and awaiting
+//! their shared read among them: batches are of three lines, so several wait at once). After each sequence the faults end and delivery
 //! runs until its outbox is empty; then every spoken line is at the CMS exactly once or in the dead
 //! letters with a reason (a line dead as `outcome unknown` may also be at the CMS: that is the
 //! operator's to decide), each speaker's lines are at the CMS in the order spoken, and the lines
@@ -75,6 +76,19 @@ const RETRY: RetryPolicy = RetryPolicy {
 
 const SETUP: Setup = (99, RETRY, Zone::Named(chrono_tz::Europe::Amsterdam), 3);
 
+/// Delivery in batches of at most three lines: a sequence of a few dozen lines then has several
+/// batches posted and awaiting their proof (`settle`) while newer ones go out, and a crash or a
+/// fault can meet them in that state.
+fn model_delivery(
+    outbox: Arc<Outbox>,
+    cms: Arc<ScriptedCms>,
+    stats: Arc<Stats>,
+) -> Delivery<ScriptedCms> {
+    let mut delivery = delivery_of(outbox, cms, stats, SETUP);
+    delivery.deps.settings.batch_max_messages = 3;
+    delivery
+}
+
 /// One sequence run; the first broken promise, if any.
 async fn run(actions: &[Action]) -> Result<(), String> {
     // In memory where the machine has it: a case flushes the outbox hundreds of times.
@@ -86,7 +100,7 @@ async fn run(actions: &[Action]) -> Result<(), String> {
     let stats = Arc::new(Stats::default());
     let open = || Outbox::open(&path, 1 << 20).map(Arc::new);
     let mut outbox = open().map_err(|e| e.to_string())?;
-    let mut delivery = delivery_of(outbox.clone(), cms.clone(), stats.clone(), SETUP);
+    let mut delivery = model_delivery(outbox.clone(), cms.clone(), stats.clone());
     let mut now = tokio::time::Instant::now();
     // 02:59:40 CEST: the autumn fold (02:00-02:59 twice) comes 20 s of speaking later.
     let mut clock: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 10, 25, 0, 59, 40).unwrap();
@@ -125,7 +139,7 @@ async fn run(actions: &[Action]) -> Result<(), String> {
                 drop(delivery);
                 drop(outbox);
                 outbox = open().map_err(|e| e.to_string())?;
-                delivery = delivery_of(outbox.clone(), cms.clone(), stats.clone(), SETUP);
+                delivery = model_delivery(outbox.clone(), cms.clone(), stats.clone());
             }
         }
     }

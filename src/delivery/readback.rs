@@ -4,7 +4,7 @@
 //! Must not: take a row for a line's unless it is a relay row above the id confirmed when the line
 //! went out, not claimed by another line, with the line's exact user, text and timestamp.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDateTime;
 
@@ -56,7 +56,10 @@ impl<C: ChatApi> Delivery<C> {
         let read = self.deps.cms.read_since(since).await;
         self.paced(started, &read, Answer::Read);
         let rows = match read {
-            Ok(rows) => rows,
+            Ok(rows) => {
+                lock(&self.awaiting).last_read_rows = rows.len().saturating_sub(uncertain.len());
+                rows
+            }
             Err(err) if answered_with_error(&err) => {
                 self.failed(&uncertain, err, Attempt::ReadBack, tally)
                     .await?;
@@ -72,11 +75,18 @@ impl<C: ChatApi> Delivery<C> {
         // A line's row, if stored, is above the id confirmed when it went out, whatever was
         // confirmed since; below the cursor only if the cursor started again (`send`).
         let after = |line: &PendingLine| line.sent_after().map_or(cursor, |sent| sent.min(cursor));
+        // A line awaiting its proof (`settle`) was answered with its batch's last id: its row is
+        // not above it, whatever rows of the same words came later.
+        let upto = lock(&self.awaiting).ids.clone();
+        let window = |line: &PendingLine| {
+            let last = upto.get(&line.id).copied().unwrap_or(i64::MAX);
+            (after(line), last)
+        };
         let claimed = lock(&self.holds).claimed.clone();
         let (found, unsent) = match_rows(
             &uncertain,
             &rows,
-            after,
+            window,
             &claimed,
             self.deps.settings.anonymous_user_id,
         );
@@ -95,9 +105,10 @@ impl<C: ChatApi> Delivery<C> {
                     tally.n_reconciled += found.len();
                 }
             }
+            let found_ids: HashSet<u64> = ids.iter().copied().collect();
             uncertain
                 .iter()
-                .filter(|l| ids.contains(&l.id))
+                .filter(|l| found_ids.contains(&l.id))
                 .for_each(|l| self.deps.stats.confirmed(l.line.captured_at));
         }
         let (exhausted, unsent): (Vec<PendingLine>, Vec<PendingLine>) = unsent
@@ -169,16 +180,30 @@ fn start_in_zone(start: NaiveDateTime, zone: Zone) -> i64 {
     start.and_utc().timestamp() - 14 * 3600
 }
 
-/// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows above the
-/// line's `after_id`, not `claimed` by another line, each row matching at most one line) and the
-/// lines not found.
+/// Splits `uncertain` into the (line id, row id) pairs found among `rows` (relay rows inside the
+/// line's `window`, above the id confirmed when it went out and at most the last id of its batch's
+/// answer when known, not `claimed` by another line, each row matching at most one line) and the
+/// lines not found. The rows are indexed by text and timestamp, so a shared read of thousands of
+/// lines against thousands of rows costs their sum, not their product.
 pub(super) fn match_rows(
     uncertain: &[PendingLine],
     rows: &[CmsChat],
-    after_id: impl Fn(&PendingLine) -> i64,
+    window: impl Fn(&PendingLine) -> (i64, i64),
     claimed: &HashSet<i64>,
     anonymous_user_id: i64,
 ) -> (Vec<(u64, i64)>, Vec<PendingLine>) {
+    let mut by_text: HashMap<(&str, &str), Vec<&CmsChat>> = HashMap::new();
+    for row in rows.iter().filter(|row| !row.from_cms) {
+        by_text
+            .entry((row.message.as_str(), row.timestamp.as_str()))
+            .or_default()
+            .push(row);
+    }
+    // The lowest id first: of a speaker's same words in the same second, the oldest line takes
+    // the oldest row.
+    by_text
+        .values_mut()
+        .for_each(|rows| rows.sort_by_key(|row| row.id));
     let mut used = claimed.clone();
     let mut found = Vec::new();
     let mut unsent = Vec::new();
@@ -187,13 +212,12 @@ pub(super) fn match_rows(
             unsent.push(line.clone());
             continue;
         };
-        let after = after_id(line);
-        let hit = rows.iter().find(|row| {
-            !row.from_cms
-                && row.id > after
+        let (after, upto) = window(line);
+        let candidates = by_text.get(&(prepared.message.as_str(), prepared.timestamp.as_str()));
+        let hit = candidates.into_iter().flatten().find(|row| {
+            row.id > after
+                && row.id <= upto
                 && !used.contains(&row.id)
-                && row.message == prepared.message
-                && row.timestamp == prepared.timestamp
                 && (row.user_id == prepared.user_id
                     || (prepared.user_id == anonymous_user_id && row.user_id == -1))
         });
@@ -281,7 +305,7 @@ mod tests {
             row(7, 3, "hi", t),
             row(8, -1, "[C] yo", t),
         ];
-        let (found, unsent) = match_rows(&uncertain, &rows, |_| 6, &HashSet::new(), -1);
+        let (found, unsent) = match_rows(&uncertain, &rows, |_| (6, i64::MAX), &HashSet::new(), -1);
         assert_eq!(found, [(1, 7), (3, 8)]);
         assert_eq!(unsent.iter().map(|l| l.id).collect::<Vec<_>>(), [2]);
     }
@@ -301,7 +325,7 @@ mod tests {
         let (found, _) = match_rows(
             std::slice::from_ref(&held),
             &rows,
-            |line| line.sent_after().unwrap_or(9),
+            |line| (line.sent_after().unwrap_or(9), i64::MAX),
             &HashSet::from([9]),
             -1,
         );

@@ -43,6 +43,8 @@ pub(crate) struct Model {
     pub max_read_rows: usize,
     pub n_posts: usize,
     pub n_reads: usize,
+    /// Rows the reads returned, all of them.
+    pub n_rows_read: usize,
     /// Every read is answered by a maintenance page (HTTP 503 with this `Retry-After`).
     pub reads_down: Option<Duration>,
     /// POSTs too get that page.
@@ -74,6 +76,7 @@ impl ScriptedCms {
                 max_read_rows: usize::MAX,
                 n_posts: 0,
                 n_reads: 0,
+                n_rows_read: 0,
                 offset_seen: None,
                 reads_down: None,
                 posts_down: false,
@@ -192,6 +195,7 @@ impl Model {
             return Err(memory_limit());
         }
         rows.sort_by(|a, b| b.timestamp.cmp(&a.timestamp));
+        self.n_rows_read += rows.len();
         Ok(rows)
     }
 }

@@ -196,9 +196,9 @@ impl<C: ChatApi> Delivery<C> {
     /// POSTs a batch and settles it. A `success: true` proves a row stored only for a batch of one:
     /// every insert, failed or not, consumes an auto-increment id (spec §10.2), so an id span of
     /// exactly `n` proves only that no other writer came between, not that a middle row was not
-    /// skipped. A batch of more lines is therefore read back, and what is missing is sent line by
-    /// line (`docs/RELIABILITY.md`, "What proves a batch stored"). `batch` is marked in flight
-    /// (`mark_in_flight`), all after the same confirmed id.
+    /// skipped. A batch of more lines therefore awaits the shared read (`settle`), and what it
+    /// finds missing is sent line by line (`docs/RELIABILITY.md`, "What proves a batch stored").
+    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id.
     pub(super) async fn send(
         &self,
         batch: Vec<PendingLine>,
@@ -262,17 +262,10 @@ impl<C: ChatApi> Delivery<C> {
             }
             (Proof::LastStored { last_id }, _) => {
                 Stats::add(&self.deps.stats.batches_delivered, 1);
-                let unsent = self.reconcile(batch, Settle::AfterSuccess, tally).await?;
-                if !unsent.is_empty() {
-                    tracing::warn!(
-                        n_missing = unsent.len(),
-                        n_messages = items.len(),
-                        outbox_depth = self.deps.outbox.len(),
-                        "cms reported success but lines are missing; resending them one by one"
-                    );
-                }
-                self.deliver_singly(unsent, tally).await?;
+                // The lines stay in flight, neither resent nor removed, until the shared read
+                // finds their rows (`settle`); newer batches go out meanwhile, each after this id.
                 self.raise_last_confirmed(last_id).await?;
+                self.await_proof(&batch, last_id);
                 return Ok(());
             }
             (Proof::LastNotStored, _) if batch.len() == 1 => {

@@ -39,15 +39,43 @@ impl Outbox {
         &self,
         max: usize,
         scan_limit: usize,
+        keep: impl FnMut(&PendingLine) -> bool,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        self.oldest_where_past(0, max, scan_limit, |_| false, keep)
+    }
+
+    /// `oldest_where` from line `from` on, passing over the records whose id `pass` names without
+    /// reading them and without counting them against `scan_limit` (delivery's lines awaiting their
+    /// proof: thousands of them at the front of a backlog, read at every step, would cost more than
+    /// the POSTs).
+    pub fn oldest_where_past(
+        &self,
+        from: u64,
+        max: usize,
+        scan_limit: usize,
+        pass: impl Fn(u64) -> bool,
         mut keep: impl FnMut(&PendingLine) -> bool,
     ) -> Result<Vec<PendingLine>, OutboxError> {
         let store = self.store()?;
         let mut lines = Vec::with_capacity(max.min(1024));
-        for entry in self.committed_pending(&store).take(scan_limit) {
-            if lines.len() >= max {
+        let mut n_scanned = 0;
+        let committed = self.committed.load(Ordering::Acquire);
+        if from > committed {
+            return Ok(lines);
+        }
+        for entry in store
+            .pending
+            .range(from.to_be_bytes()..=committed.to_be_bytes())
+        {
+            if lines.len() >= max || n_scanned >= scan_limit {
                 break;
             }
             let (key, value) = self.db.io(entry)?;
+            let id = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes);
+            if id.is_ok_and(&pass) {
+                continue;
+            }
+            n_scanned += 1;
             match decode_pending(&key, &value) {
                 Some(line) if keep(&line) => lines.push(line),
                 Some(_) => {}

@@ -1,0 +1,170 @@
+//! Batches awaiting their proof (`settle`) against a scripted CMS: what the shared read costs the
+//! CMS as a backlog grows, that a line awaiting proof is neither resent nor counted, and what a
+//! restart or an outage in that state leaves.
+
+use chrono::Utc;
+
+use super::settle::{AWAIT_MAX_LINES, Awaiting};
+use super::tests::{ALICE, BOB, CAROL, Rig, now_said, rig, said};
+use super::*;
+
+/// Drains a backlog of `n` lines said in the same second (a relay catching up after an outage of
+/// a busy region); returns the chat GETs and the rows they returned.
+async fn drain_of_one_second(n: usize) -> (usize, usize) {
+    let rig = rig(3);
+    let at = Utc::now() - chrono::Duration::seconds(600);
+    let lines: Vec<_> = (0..n)
+        .map(|i| said(if i % 2 == 0 { ALICE } else { CAROL }, &format!("l{i}"), at))
+        .collect();
+    rig.say(&lines).await;
+    for _ in 0..(n / 50 + 20) {
+        if rig.outbox.is_empty() {
+            break;
+        }
+        rig.delivery.try_deliver_batch().await.expect("step");
+    }
+    assert!(rig.outbox.is_empty(), "{} lines left", rig.outbox.len());
+    assert_eq!(rig.counted(), n as u64);
+    assert_eq!(rig.cms.relay_messages().len(), n);
+    rig.cms.with(|m| (m.n_reads, m.n_rows_read))
+}
+
+#[tokio::test]
+async fn a_backlog_in_one_second_costs_the_cms_rows_in_proportion_to_its_lines() {
+    // A read per batch returned every row stored since that second: 1 000 lines read 5 500 rows
+    // and 4 000 lines 82 000 (a quadratic drain). The shared read: 2 900 and 12 700, in 6 and 9
+    // GETs.
+    let (reads_small, rows_small) = drain_of_one_second(1_000).await;
+    let (reads_large, rows_large) = drain_of_one_second(4_000).await;
+
+    assert!(
+        rows_small <= 4 * 1_000 && rows_large <= 4 * 4_000,
+        "rows read: {rows_small} for 1 000 lines, {rows_large} for 4 000"
+    );
+    assert!(
+        reads_large < 2 * reads_small,
+        "chat GETs: {reads_small} for 1 000 lines, {reads_large} for 4 000"
+    );
+}
+
+#[test]
+fn the_shared_read_is_due_when_nothing_else_goes_or_enough_lines_wait() {
+    let waiting = |n: usize, last_read_rows: usize| Awaiting {
+        ids: (0..n as u64).map(|id| (id, 0)).collect(),
+        last_read_rows,
+        ..Awaiting::default()
+    };
+    assert!(!waiting(0, 0).read_due(false), "nothing awaits");
+    assert!(waiting(1, 10_000).read_due(false), "nothing else to send");
+    assert!(
+        !waiting(100, 10_000).read_due(true),
+        "the read would cost 100 rows a line"
+    );
+    assert!(
+        !waiting(9_999, 10_000).read_due(true),
+        "more rows than lines"
+    );
+    assert!(
+        waiting(10_000, 10_000).read_due(true),
+        "as many lines as rows"
+    );
+    assert!(
+        waiting(AWAIT_MAX_LINES, 1 << 30).read_due(true),
+        "the bound"
+    );
+}
+
+/// A rig whose last read returned many rows: the next batches go out before the shared read.
+async fn rig_after_a_wide_read() -> Rig {
+    let rig = rig(99);
+    lock(&rig.delivery.awaiting).last_read_rows = 1_000;
+    rig
+}
+
+#[tokio::test]
+async fn lines_awaiting_their_proof_are_neither_resent_nor_counted_while_newer_batches_go_out() {
+    let mut rig = rig_after_a_wide_read().await;
+    rig.delivery.deps.settings.batch_max_messages = 2;
+    rig.say(&[
+        now_said(BOB, "b1"),
+        now_said(ALICE, "a1"),
+        now_said(CAROL, "c1"),
+        now_said(ALICE, "a2"),
+    ])
+    .await;
+
+    // Two POSTs, each answered `success: true` (Bob's row skipped: the CMS has no user 99).
+    rig.delivery.try_deliver_batch().await.expect("first batch");
+    rig.delivery
+        .try_deliver_batch()
+        .await
+        .expect("second batch");
+    assert_eq!(rig.cms.with(|m| (m.n_posts, m.n_reads)), (2, 0));
+    assert_eq!(rig.counted(), 0);
+    assert_eq!(rig.outbox.len(), 4);
+
+    // Nothing else to send: one read settles both batches; Bob's line goes out alone.
+    rig.delivery
+        .try_deliver_batch()
+        .await
+        .expect("the shared read");
+    assert_eq!(rig.cms.with(|m| m.n_reads), 1);
+    assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1", "a2"]);
+    assert_eq!(rig.counted(), 3);
+    assert_eq!(rig.outbox.len() + rig.outbox.dead_len(), 1);
+}
+
+#[tokio::test]
+async fn a_restart_while_batches_await_their_proof_reads_them_back_and_sends_nothing_twice() {
+    let rig = rig_after_a_wide_read().await;
+    rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
+        .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    assert_eq!(rig.counted(), 0);
+
+    // The process dies: what awaited its proof is, on disk, in flight.
+    let restarted = super::tests::delivery_of(
+        rig.outbox.clone(),
+        rig.cms.clone(),
+        rig.stats.clone(),
+        (
+            99,
+            super::tests::FAST_RETRY,
+            crate::zone::Zone::Named(chrono_tz::Europe::Amsterdam),
+            3,
+        ),
+    );
+    for _ in 0..5 {
+        restarted.try_deliver_batch().await.expect("step");
+    }
+
+    assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1"]);
+    assert!(rig.outbox.is_empty());
+    assert_eq!(Stats::get(&rig.stats.lines_reconciled), 2);
+}
+
+#[tokio::test]
+async fn an_outage_of_the_shared_read_keeps_the_lines_awaiting_and_sends_nothing_twice() {
+    let rig = rig(3);
+    rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
+        .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    rig.cms.with(|m| {
+        m.reads_down = Some(std::time::Duration::from_secs(1));
+        m.probes_down = true;
+    });
+
+    assert!(rig.delivery.try_deliver_batch().await.is_err());
+    assert!(rig.delivery.try_deliver_batch().await.is_err());
+    assert_eq!(rig.cms.with(|m| m.n_posts), 1);
+    assert_eq!(rig.outbox.len(), 2);
+
+    rig.cms.with(|m| {
+        m.reads_down = None;
+        m.probes_down = false;
+    });
+    rig.steps(5).await;
+    assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1"]);
+    assert!(rig.outbox.is_empty());
+    assert_eq!(rig.counted(), 2);
+}
