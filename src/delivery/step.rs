@@ -244,6 +244,10 @@ impl<C: ChatApi> Delivery<C> {
                 .outbox
                 .set_cursor(Cursor::LastConfirmedId, 0)
                 .await?;
+            // The batch's own rows may lie at or below the id it went out after: whoever reads it
+            // back (the shared read, or a read-back after a crash) must look from 0, so its marks
+            // say so on disk too.
+            self.deps.outbox.mark_in_flight(&batch, 0).await?;
         }
         let err = match (proof, posted) {
             (Proof::Stored { last_id }, _) => {
