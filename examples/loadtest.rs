@@ -774,7 +774,7 @@ format = "json"
             viewers.push((name, viewer));
         }
         // The unmapped avatar's rows name their region: "[Carol Visitor in region7] hello #…".
-        let cms_extra = format!("anonymous_format = \"[{{name}} in {{region}}] {{message}}\"");
+        let cms_extra = "anonymous_format = \"[{name} in {region}] {message}\"".to_owned();
         let mut relays = Vec::new();
         match shape {
             GridShape::OneRelay => {
