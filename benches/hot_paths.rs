@@ -142,6 +142,7 @@ fn captured(n_lines: usize) -> Vec<CapturedLine> {
             message: format!("hello #{idx}, nice build over there at the plaza"),
             spoken_at: polled_at(),
             captured_at: polled_at(),
+            region: String::new(),
         })
         .collect()
 }

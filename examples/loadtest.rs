@@ -1520,6 +1520,7 @@ async fn fill_outbox(dir: &Path, n_lines: u64, line_bytes: usize) -> anyhow::Res
                     message: chat_text(n, speaker, line_bytes),
                     spoken_at,
                     captured_at: spoken_at,
+                    region: String::new(),
                 }
             })
             .collect();

@@ -40,7 +40,7 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
         }
         OutboxAction::List { limit } => {
             for line in outbox.oldest(limit)? {
-                let state = if line.in_flight {
+                let state = if line.is_in_flight() {
                     " (outcome unknown: read back before resending)"
                 } else {
                     ""

@@ -18,6 +18,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
@@ -27,15 +28,17 @@ use crate::config::{Settings, Snapshot};
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
 use crate::filter::FilterReason;
-use crate::health::{HealthServer, HealthState};
-use crate::inworld::{Inworld, InworldDeps};
-use crate::lookingglass::{FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts};
+use crate::health::{HealthRegion, HealthServer, HealthState};
+use crate::inworld::{Inworld, InworldDeps, InworldRegion};
+use crate::lookingglass::{
+    FactsReader, LookingGlassClient, ViewerEndpoint, ViewerFacts, ViewerLogin,
+};
 use crate::metrics::Stats;
 use crate::notice::{Notice, NoticeDeps};
 use crate::notify::Notifier;
 use crate::outbox::{Limits, Outbox};
 use crate::poller::{Poller, PollerDeps};
-use crate::presence::{Presence, PresenceDeps};
+use crate::presence::{OutboxGaps, Presence, PresenceDeps};
 use crate::privacy::Privacy;
 use crate::reload::{Live, Reloader};
 
@@ -56,20 +59,17 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(300);
 /// The relay, built and ready to run.
 pub struct Relay {
     outbox: Arc<Outbox>,
+    /// The process-wide counters (delivery, the CMS, the outbox).
     stats: Arc<Stats>,
     cms: Arc<CmsClient>,
-    poller: Poller,
+    /// Each region's stages, at least one.
+    regions: Vec<RegionStages>,
     delivery: Delivery,
-    viewer: LookingGlassClient,
-    facts: FactsReader,
-    /// Whether the viewer hears its region; the outbox's gap markers.
-    presence: Presence,
     health: Option<HealthServer>,
     notifier: Option<Arc<Notifier>>,
     stall_limit: Duration,
     inworld: Option<Inworld>,
     shutdown_grace: Duration,
-    notice: Notice,
     /// The live part of the configuration, read by the poller and the notice task.
     live: watch::Sender<Arc<Live>>,
     mapper: Arc<AvatarMapper>,
@@ -78,6 +78,25 @@ pub struct Relay {
     running: Snapshot,
     /// `Some(file)` when SIGHUP reloads the configuration from `file` (and the environment).
     reload_from: Option<Option<PathBuf>>,
+    /// `cms.timezone` and `mapping.users`, checked against the CMS after the start-up login.
+    cms_zone: crate::zone::Zone,
+    mapped_users: std::collections::BTreeMap<String, i64>,
+}
+
+/// One region's stages: its viewer (with its own gate: never two requests at once to one viewer),
+/// the poller, the side reads, presence and the notice. A region whose viewer is down or elsewhere
+/// slows only these.
+struct RegionStages {
+    /// The region's name (empty: the only region).
+    name: String,
+    /// Its counters and readiness signals (the `region` label of `/metrics`).
+    stats: Arc<Stats>,
+    viewer: LookingGlassClient,
+    poller: Poller,
+    facts: FactsReader,
+    /// Whether the viewer hears its region; the outbox's gap markers.
+    presence: Presence,
+    notice: Notice,
 }
 
 impl Relay {
@@ -94,15 +113,6 @@ impl Relay {
                 .with_max_quarantine_bytes(settings.outbox.max_quarantine_bytes),
         );
         let stats = Arc::new(Stats::default());
-        let viewer = LookingGlassClient::new(ViewerEndpoint {
-            chat_url: settings.viewer.chat_url.clone(),
-            avatars_url: settings.viewer.avatars_url.clone(),
-            status_url: settings.viewer.status_url.clone(),
-            inactivity: settings.viewer.request_timeout,
-            max_response_bytes: settings.viewer.max_response_bytes,
-        })
-        .context("building the viewer client")?;
-        let facts = Arc::new(ViewerFacts::default());
         let cms = Arc::new(
             CmsClient::new(CmsEndpoint::from_settings(&settings.cms)?)
                 .context("building the cms client")?
@@ -112,37 +122,109 @@ impl Relay {
                     max: settings.retry.max,
                 }),
         );
+        let live = watch::Sender::new(Arc::new(Live::new(settings)));
+        // Opt-outs hold in every region: a speaker who opted out is not recorded anywhere.
+        let privacy = Arc::new(Privacy::load(&outbox)?);
+        let mut regions = Vec::new();
+        let mut all_facts = Vec::new();
+        let every_label = settings
+            .regions()
+            .iter()
+            .map(|region| region.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut inworld_regions = Vec::new();
+        for region in settings.regions() {
+            let viewer_settings = &region.viewer;
+            let name = region.name.clone();
+            // The only region's counters are the process's, as they always were.
+            let region_stats = if name.is_empty() {
+                stats.clone()
+            } else {
+                Arc::new(Stats::default())
+            };
+            let viewer = LookingGlassClient::new(ViewerEndpoint {
+                chat_url: viewer_settings.chat_url.clone(),
+                avatars_url: viewer_settings.avatars_url.clone(),
+                status_url: viewer_settings.status_url.clone(),
+                inactivity: viewer_settings.request_timeout,
+                max_response_bytes: viewer_settings.max_response_bytes,
+            })
+            .with_context(|| format!("building the viewer client of region {name:?}"))?;
+            let facts = Arc::new(ViewerFacts::default());
+            all_facts.push(facts.clone());
+            // Each region's own: the poller drops the echo of what was said in its region only.
+            let recently_said = Arc::new(RecentlySaid::default());
+            let (confirmations, confirmations_rx) = mpsc::channel(crate::notice::QUEUE);
+            let notice = Notice::new(NoticeDeps {
+                viewer: viewer.clone(),
+                facts: facts.clone(),
+                region_label: region.label.clone(),
+                live: live.subscribe(),
+                privacy: privacy.clone(),
+                recently_said: recently_said.clone(),
+                confirmations: confirmations_rx,
+                say_type: settings.inworld.say_type,
+            });
+            let poller = Poller::new(PollerDeps {
+                viewer: viewer.clone(),
+                live: live.subscribe(),
+                privacy: privacy.clone(),
+                confirmations,
+                outbox: outbox.clone(),
+                zone: viewer_settings.timezone,
+                poll_interval: viewer_settings.poll_interval,
+                stats: region_stats.clone(),
+                recently_said: recently_said.clone(),
+                facts: facts.clone(),
+                region: name.clone(),
+                region_label: region.label.clone(),
+            });
+            // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
+            // region, nor whose position is whose.
+            let presence = Presence::new(PresenceDeps {
+                viewer: viewer.clone(),
+                outbox: outbox.clone(),
+                stats: region_stats.clone(),
+                region: viewer_settings.expected_region().map(str::to_owned),
+                login: viewer_settings
+                    .login
+                    .as_ref()
+                    .map(ViewerLogin::from_settings)
+                    .transpose()?,
+                hearing_range: viewer_settings.hearing_range,
+                gap_markers: settings.cms.gap_markers,
+                cms_zone: settings.cms.timezone,
+                name: name.clone(),
+                outbox_gaps: match (regions.is_empty(), name.is_empty()) {
+                    (false, _) => OutboxGaps::Elsewhere,
+                    (true, true) => OutboxGaps::Here,
+                    (true, false) => OutboxGaps::Of(every_label.clone()),
+                },
+            })?;
+            inworld_regions.push(InworldRegion {
+                name: name.clone(),
+                label: region.label.clone(),
+                viewer: viewer.clone(),
+                recently_said,
+                stats: region_stats.clone(),
+            });
+            regions.push(RegionStages {
+                name,
+                stats: region_stats,
+                facts: FactsReader::new(viewer.clone(), facts),
+                viewer,
+                poller,
+                presence,
+                notice,
+            });
+        }
         let mapper = Arc::new(AvatarMapper::new(
             &settings.mapping.users,
-            facts.clone(),
+            all_facts,
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
-        let recently_said = Arc::new(RecentlySaid::default());
-        let live = watch::Sender::new(Arc::new(Live::new(settings)));
-        let privacy = Arc::new(Privacy::load(&outbox)?);
-        let (confirmations, confirmations_rx) = mpsc::channel(crate::notice::QUEUE);
-        let notice = Notice::new(NoticeDeps {
-            viewer: viewer.clone(),
-            facts: facts.clone(),
-            live: live.subscribe(),
-            privacy: privacy.clone(),
-            recently_said: recently_said.clone(),
-            confirmations: confirmations_rx,
-            say_type: settings.inworld.say_type,
-        });
-        let poller = Poller::new(PollerDeps {
-            viewer: viewer.clone(),
-            live: live.subscribe(),
-            privacy,
-            confirmations,
-            outbox: outbox.clone(),
-            zone: settings.viewer.timezone,
-            poll_interval: settings.viewer.poll_interval,
-            stats: stats.clone(),
-            recently_said: recently_said.clone(),
-            facts: facts.clone(),
-        });
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
             cms: cms.clone(),
@@ -154,34 +236,33 @@ impl Relay {
             },
             stats: stats.clone(),
             max_line_failures: settings.retry.max_line_failures,
+            region_labels: settings
+                .regions()
+                .iter()
+                .map(|region| (region.name.clone(), region.label.clone()))
+                .collect(),
         });
-        // Without the status it only marks the outbox's gaps: it cannot tell a logout or another
-        // region, nor whose position is whose.
-        let presence = Presence::new(PresenceDeps {
-            viewer: viewer.clone(),
-            outbox: outbox.clone(),
-            stats: stats.clone(),
-            region: settings.viewer.expected_region().map(str::to_owned),
-            login: match &settings.viewer.login {
-                Some(login) => Some((login.clone(), login.load_password()?)),
-                None => None,
-            },
-            hearing_range: settings.viewer.hearing_range,
-            gap_markers: settings.cms.gap_markers,
-            cms_zone: settings.cms.timezone,
-        })?;
         let stall_limit = STALL_LIMIT.max(settings.retry.max * 2);
         let health = match settings.http.listen {
             Some(addr) => Some(HealthServer::bind(
                 addr,
                 HealthState {
                     stats: stats.clone(),
+                    regions: settings
+                        .regions()
+                        .iter()
+                        .zip(&regions)
+                        .map(|(region, stages)| HealthRegion {
+                            name: region.name.clone(),
+                            stats: stages.stats.clone(),
+                            poll_interval: region.viewer.poll_interval,
+                            chat_url: region.viewer.chat_url.clone(),
+                        })
+                        .collect(),
                     outbox: outbox.reader(),
                     cms: cms.clone(),
-                    poll_interval: settings.viewer.poll_interval,
                     cms_unready_after: settings.http.cms_unready_after,
                     stall_limit,
-                    chat_url: settings.viewer.chat_url.clone(),
                     grid_id: settings.cms.grid_id,
                     username: settings.cms.username.clone(),
                     started: Instant::now(),
@@ -192,33 +273,29 @@ impl Relay {
         let inworld = settings.inworld.enabled.then(|| {
             Inworld::new(InworldDeps {
                 cms: cms.clone(),
-                viewer: viewer.clone(),
+                regions: inworld_regions,
                 outbox: outbox.clone(),
                 settings: settings.inworld.clone(),
                 cms_zone: settings.cms.timezone,
-                stats: stats.clone(),
-                recently_said,
             })
         });
         Ok(Relay {
             outbox,
             stats,
             cms,
-            poller,
+            regions,
             delivery,
-            facts: FactsReader::new(viewer.clone(), facts),
-            presence,
-            viewer,
             health,
             notifier: None,
             stall_limit,
             inworld,
             shutdown_grace: SHUTDOWN_GRACE,
-            notice,
             live,
             mapper,
             running: settings.snapshot(),
             reload_from: None,
+            cms_zone: settings.cms.timezone,
+            mapped_users: settings.mapping.users.clone(),
         })
     }
 
@@ -249,9 +326,17 @@ impl Relay {
         self
     }
 
-    /// The counters.
+    /// The process-wide counters (delivery, the CMS, the outbox, in-world).
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// Each region's name and counters (the viewer's side: polls, lines, presence).
+    pub fn region_stats(&self) -> Vec<(String, Arc<Stats>)> {
+        self.regions
+            .iter()
+            .map(|region| (region.name.clone(), region.stats.clone()))
+            .collect()
     }
 
     /// The outbox.
@@ -283,8 +368,13 @@ impl Relay {
         match self.outbox.drop_opted_out().await {
             Ok(0) => {}
             Ok(n_dropped) => {
+                // Which region each line came from is not told here: counted in the first.
+                let counted = self
+                    .regions
+                    .first()
+                    .map_or(&self.stats, |region| &region.stats);
                 for _ in 0..n_dropped {
-                    self.stats.filtered(FilterReason::OptedOut);
+                    counted.filtered(FilterReason::OptedOut);
                 }
                 tracing::info!(
                     n_dropped,
@@ -295,6 +385,7 @@ impl Relay {
                 tracing::warn!(error = %err, "cannot drop the waiting lines of speakers who opted out")
             }
         }
+        let (cms_zone, mapped_users) = (self.cms_zone, self.mapped_users.clone());
         // Listened to before READY=1: SIGHUP's default action would end the relay.
         #[cfg(unix)]
         let _live = match self.reload_from {
@@ -312,26 +403,54 @@ impl Relay {
         };
         #[cfg(not(unix))]
         let _live = (self.live, self.reload_from, self.running, self.mapper);
-        supervisor.spawn(
-            "notice",
-            Ends::Whenever,
-            self.notice.run_until_stopped(stop.clone()),
-        );
-        let poller = supervisor.spawn(
-            "poller",
-            Ends::OnStop,
-            self.poller.run_until_stopped(stop.clone()),
-        );
-        supervisor.spawn(
-            "viewer facts",
-            Ends::OnStop,
-            self.facts.run_until_stopped(stop.clone()),
-        );
-        supervisor.spawn(
-            "viewer presence",
-            Ends::OnStop,
-            self.presence.run_until_stopped(stop.clone()),
-        );
+        let mut pollers = Vec::new();
+        let mut viewers = Vec::new();
+        let mut poller_stats = Vec::new();
+        for region in self.regions {
+            // Each region's tasks carry its name in the log (a span); the only region's log is as
+            // it always was.
+            let span = if region.name.is_empty() {
+                tracing::Span::none()
+            } else {
+                tracing::info_span!("region", region = region.name)
+            };
+            supervisor.spawn(
+                "notice",
+                Ends::Whenever,
+                region
+                    .notice
+                    .run_until_stopped(stop.clone())
+                    .instrument(span.clone()),
+            );
+            pollers.push(
+                supervisor.spawn(
+                    "poller",
+                    Ends::OnStop,
+                    region
+                        .poller
+                        .run_until_stopped(stop.clone())
+                        .instrument(span.clone()),
+                ),
+            );
+            supervisor.spawn(
+                "viewer facts",
+                Ends::OnStop,
+                region
+                    .facts
+                    .run_until_stopped(stop.clone())
+                    .instrument(span.clone()),
+            );
+            supervisor.spawn(
+                "viewer presence",
+                Ends::OnStop,
+                region
+                    .presence
+                    .run_until_stopped(stop.clone())
+                    .instrument(span.clone()),
+            );
+            viewers.push(region.viewer);
+            poller_stats.push(region.stats);
+        }
         supervisor.spawn(
             "delivery",
             Ends::OnStop,
@@ -367,14 +486,32 @@ impl Relay {
                     _ = tokio::time::sleep(STARTUP_LOGIN_RETRY) => {}
                 }
             }
+            // The login answer shows the CMS's own zone: a cms.timezone that disagrees dates every
+            // row wrong (read-backs still start early enough, from the CMS's offset).
+            if let Some(disagreement) = crate::delivery::zone_disagreement(cms_zone, &cms) {
+                tracing::warn!("{disagreement}; set cms.timezone to the zone of the cms's php (date.timezone)");
+            }
+            match crate::delivery::unknown_mapped_users(&mapped_users, &cms).await {
+                (unknown, _) if !unknown.is_empty() => {
+                    let described = crate::delivery::describe_unknown_users(&unknown);
+                    tracing::warn!("{described}; fix mapping.users");
+                }
+                (_, Some(err)) => {
+                    tracing::info!(error = %err, "cannot look up the users of mapping.users in the cms (the account needs user >= 4)")
+                }
+                _ => {}
+            }
         });
         if let Some(notifier) = &self.notifier {
             notifier.send_logged("READY=1\nSTATUS=relaying chat");
             let (notifier, stats) = (notifier.clone(), self.stats.clone());
             let (stall_limit, watchdog_token) = (self.stall_limit, stop.clone());
+            let poller_stats = poller_stats.clone();
             supervisor.spawn("watchdog", Ends::Whenever, async move {
                 let healthy = || {
-                    stats.poller_heartbeat.is_healthy(stall_limit)
+                    poller_stats
+                        .iter()
+                        .all(|region| region.poller_heartbeat.is_healthy(stall_limit))
                         && stats.delivery_heartbeat.is_healthy(stall_limit)
                 };
                 notifier.run_watchdog(healthy, watchdog_token).await;
@@ -397,8 +534,12 @@ impl Relay {
         // The poller stops at once between GETs; a GET in flight (or any viewer request) ends with
         // its answer read to its end, or after viewer.request_timeout without a byte.
         let viewer_done = async {
-            let _ = poller.await;
-            self.viewer.idle().await;
+            for poller in pollers {
+                let _ = poller.await;
+            }
+            for viewer in &viewers {
+                viewer.idle().await;
+            }
         };
         tokio::pin!(viewer_done);
         if tokio::time::timeout(self.shutdown_grace, &mut viewer_done)

@@ -4,7 +4,9 @@
 //! `OwnerID`, which on OpenSim is the avatar's own UUID) looked up in the CMS, where only a confirmed
 //! link on this grid counts. Results, found or not, are cached for `mapping.cache_ttl`. A failed lookup
 //! never blocks delivery: the line goes out anonymous and the failure is cached briefly. The avatar
-//! list is the last one `lookingglass::facts` read: a name missing from it asks for a fresh one
+//! lists are the last ones `lookingglass::facts` read, one per region's viewer (an avatar's name is
+//! unique on its grid, so whichever region lists it gives its UUID): a name missing from them asks
+//! for fresh ones
 //! without waiting, so the viewer never delays delivery. A reload replaces `mapping.users`
 //! (`set_users`) for the next line prepared. It does not touch the outbox or the viewer.
 
@@ -25,7 +27,7 @@ const FAILURE_TTL: Duration = Duration::from_secs(30);
 /// Maps speakers to CMS users.
 pub struct AvatarMapper {
     configured: RwLock<HashMap<String, i64>>,
-    facts: Arc<ViewerFacts>,
+    facts: Vec<Arc<ViewerFacts>>,
     cms: Arc<CmsClient>,
     ttl: Duration,
     cache: Mutex<HashMap<String, (Option<i64>, Instant)>>,
@@ -35,7 +37,7 @@ impl AvatarMapper {
     /// Builds the mapper; `configured` is `mapping.users`.
     pub fn new(
         configured: &std::collections::BTreeMap<String, i64>,
-        facts: Arc<ViewerFacts>,
+        facts: Vec<Arc<ViewerFacts>>,
         cms: Arc<CmsClient>,
         ttl: Duration,
     ) -> AvatarMapper {
@@ -77,10 +79,12 @@ impl AvatarMapper {
         {
             return *user;
         }
-        let uuid = match self.facts.avatar_uuid(&name) {
+        let uuid = match self.facts.iter().find_map(|facts| facts.avatar_uuid(&name)) {
             Some(uuid) => Some(uuid),
             None => {
-                self.facts.want_avatars();
+                for facts in &self.facts {
+                    facts.want_avatars();
+                }
                 owner_id
                     .filter(|o| *o != ZERO_UUID && o.len() == 36)
                     .map(str::to_lowercase)

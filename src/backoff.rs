@@ -1,5 +1,5 @@
 //! The retry schedule of CMS deliveries: exponential from `retry.initial` to `retry.max`, full jitter,
-//! no limit on attempts, and a server's `Retry-After` honoured.
+//! no limit on attempts, and a server's `Retry-After` honoured up to `retry.max`.
 //!
 //! Pure policy: no I/O and no timers. The exponential sequence comes from `backon` (the maintained
 //! successor of `backoff`, RUSTSEC-2025-0012); full jitter is applied here because backon's jitter
@@ -8,9 +8,6 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-
-/// The longest `Retry-After` honoured: a misconfigured proxy must not park delivery for a day.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The floor of a jittered delay, so a run of unlucky draws never spins.
 const MIN_DELAY: Duration = Duration::from_millis(10);
@@ -49,12 +46,13 @@ pub struct Backoff {
 
 impl Backoff {
     /// The delay before the next attempt: uniform in `[0, d]` where `d` doubles from `initial` up to
-    /// `max`, but never less than what the server asked for.
+    /// `max`, but never less than what the server asked for, up to `max`: a maintenance page's
+    /// `Retry-After: 3600` must not park delivery for an hour when `retry.max` is a minute.
     pub fn next_delay(&mut self, retry_after: Option<Duration>) -> Duration {
         let ceiling = self.inner.next().unwrap_or(self.max);
         let jittered = ceiling.mul_f64(fastrand::f64()).max(MIN_DELAY);
         match retry_after {
-            Some(asked) => jittered.max(asked.min(MAX_RETRY_AFTER)),
+            Some(asked) => jittered.max(asked.min(self.max)),
             None => jittered,
         }
     }
@@ -88,12 +86,17 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_honoured() {
+    fn retry_after_is_honoured_up_to_retry_max() {
         let policy = RetryPolicy {
             initial: Duration::from_millis(10),
-            max: Duration::from_millis(20),
+            max: Duration::from_secs(60),
         };
         let mut backoff = policy.schedule();
         assert!(backoff.next_delay(Some(Duration::from_secs(5))) >= Duration::from_secs(5));
+        // A maintenance page's hour is cut to retry.max.
+        assert_eq!(
+            backoff.next_delay(Some(Duration::from_secs(3600))),
+            Duration::from_secs(60)
+        );
     }
 }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cms::CmsClient;
 use crate::cms::client::LoginState;
 use crate::liveness::Heartbeat;
-use crate::metrics::{self, Gauges, Stats};
+use crate::metrics::{self, Gauges, RegionStats, Stats};
 use crate::model::FilterReason;
 use crate::outbox::OutboxReader;
 
@@ -65,26 +65,79 @@ pub enum HealthError {
 
 /// What the endpoint reads.
 pub struct HealthState {
-    /// The relay's counters and signals.
+    /// The process's counters and signals (delivery, the CMS, the outbox).
     pub stats: Arc<Stats>,
+    /// Each region's, at least one.
+    pub regions: Vec<HealthRegion>,
     /// The outbox, for its depth (read-only).
     pub outbox: OutboxReader,
     /// The CMS client, for its login state and count.
     pub cms: Arc<CmsClient>,
-    /// `viewer.poll_interval`.
-    pub poll_interval: Duration,
     /// `http.cms_unready_after`.
     pub cms_unready_after: Duration,
     /// How long a loop may go without coming round (`app::STALL_LIMIT` or `2 × retry.max`).
     pub stall_limit: Duration,
-    /// `viewer.chat_url`, shown in `/status`.
-    pub chat_url: String,
     /// `cms.grid_id`, shown in `/status`.
     pub grid_id: u32,
     /// `cms.username`, shown in `/status` (not a secret; the password never is shown).
     pub username: String,
     /// When the relay started.
     pub started: Instant,
+}
+
+/// One region as the endpoint sees it.
+pub struct HealthRegion {
+    /// Its name (empty: the only region).
+    pub name: String,
+    /// Its counters and readiness signals.
+    pub stats: Arc<Stats>,
+    /// `viewer.poll_interval` of its viewer.
+    pub poll_interval: Duration,
+    /// Its viewer's chat URL (shown without user info).
+    pub chat_url: String,
+}
+
+impl HealthRegion {
+    /// How long its viewer may go without an answered poll and still count as answering.
+    pub fn viewer_stale_after(&self) -> Duration {
+        (self.poll_interval * VIEWER_STALE_POLLS).max(VIEWER_STALE_MIN)
+    }
+
+    /// Its viewer check: answering, and in its region.
+    fn viewer_check(&self) -> Check {
+        let readiness = &self.stats.readiness;
+        let stale_after = self.viewer_stale_after();
+        match readiness.viewer() {
+            // The viewer answers, but does not hear its region (`presence`).
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => Check {
+                ok: readiness.viewer_place_problem().is_none(),
+                reason: readiness.viewer_place_problem(),
+            },
+            (last_ok, last_error) => {
+                let since = match last_ok {
+                    Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),
+                    None => "no chat poll answered yet".to_owned(),
+                };
+                let limit = format!("(limit {:.1} s)", secs(stale_after));
+                Check {
+                    ok: false,
+                    reason: Some(match last_error {
+                        Some(error) => format!("{since} {limit}; last error: {error}"),
+                        None => format!("{since} {limit}"),
+                    }),
+                }
+            }
+        }
+    }
+}
+
+/// `what`, naming region `name` when it has one: `viewer (Sandbox)`.
+fn in_region(what: &str, name: &str) -> String {
+    if name.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what} ({name})")
+    }
 }
 
 /// One readiness condition.
@@ -130,11 +183,6 @@ impl ReadinessReport {
 }
 
 impl HealthState {
-    /// How long the viewer may go without an answered poll.
-    pub fn viewer_stale_after(&self) -> Duration {
-        (self.poll_interval * VIEWER_STALE_POLLS).max(VIEWER_STALE_MIN)
-    }
-
     /// Evaluates readiness now.
     pub fn readiness(&self) -> ReadinessReport {
         let ok = Check {
@@ -146,7 +194,13 @@ impl HealthState {
             reason: Some(reason),
         };
         let readiness = &self.stats.readiness;
-        let outbox = match readiness.outbox_error() {
+        // The pollers and delivery both write the outbox: the first failure any of them saw.
+        let outbox_error = readiness.outbox_error().or_else(|| {
+            self.regions
+                .iter()
+                .find_map(|region| region.stats.readiness.outbox_error())
+        });
+        let outbox = match outbox_error {
             Some(error) => failed(format!("the last outbox write failed: {error}")),
             None if self.outbox.is_disk_full() => failed(
                 "the outbox's disk is full: viewer polling is paused (the viewer keeps the lines) while delivery removes confirmed lines in the room of its reserve (outbox.reserve_bytes), and after that while the outbox holds a third of what filled the disk"
@@ -158,23 +212,23 @@ impl HealthState {
             )),
             None => ok.clone(),
         };
-        let stale_after = self.viewer_stale_after();
-        let viewer = match readiness.viewer() {
-            // The viewer answers, but does not hear its region (`presence`).
-            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => readiness
-                .viewer_place_problem()
-                .map_or_else(|| ok.clone(), failed),
-            (last_ok, last_error) => {
-                let since = match last_ok {
-                    Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),
-                    None => "no chat poll answered yet".to_owned(),
-                };
-                let limit = format!("(limit {:.1} s)", secs(stale_after));
-                failed(match last_error {
-                    Some(error) => format!("{since} {limit}; last error: {error}"),
-                    None => format!("{since} {limit}"),
+        // Each failing region named: `viewer (Sandbox): no chat poll answered …`.
+        let failing: Vec<String> = self
+            .regions
+            .iter()
+            .filter_map(|region| {
+                let reason = region.viewer_check().reason?;
+                Some(if region.name.is_empty() {
+                    reason
+                } else {
+                    format!("{}: {reason}", in_region("viewer", &region.name))
                 })
-            }
+            })
+            .collect();
+        let viewer = if failing.is_empty() {
+            ok.clone()
+        } else {
+            failed(failing.join("; "))
         };
         let cms = match self.cms.login_state() {
             LoginState::Valid => match readiness.delivery_failing() {
@@ -192,13 +246,18 @@ impl HealthState {
             LoginState::NotYet => failed("not logged in to the cms yet".to_owned()),
             LoginState::Failed(error) => failed(error),
         };
-        let loops = [
-            ("poller", &self.stats.poller_heartbeat),
-            ("delivery", &self.stats.delivery_heartbeat),
-        ];
+        let loops = self
+            .regions
+            .iter()
+            .map(|region| {
+                (
+                    in_region("poller", &region.name),
+                    &region.stats.poller_heartbeat,
+                )
+            })
+            .chain([("delivery".to_owned(), &self.stats.delivery_heartbeat)]);
         let stalled: Vec<String> = loops
-            .into_iter()
-            .filter_map(|(name, heartbeat)| self.loop_trouble(name, heartbeat))
+            .filter_map(|(name, heartbeat)| self.loop_trouble(&name, heartbeat))
             .collect();
         let stages = if stalled.is_empty() {
             Check {
@@ -329,7 +388,15 @@ async fn readyz(State(state): State<Arc<HealthState>>) -> Response {
 async fn metrics_text(State(state): State<Arc<HealthState>>) -> Response {
     let ready = state.readiness().is_ready();
     let gauges = state.gauges(ready);
-    let text = metrics::render_prometheus(&state.stats, &gauges);
+    let regions: Vec<RegionStats<'_>> = state
+        .regions
+        .iter()
+        .map(|region| RegionStats {
+            name: &region.name,
+            stats: &region.stats,
+        })
+        .collect();
+    let text = metrics::render_prometheus(&state.stats, &regions, &gauges);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
 }
 
@@ -338,20 +405,22 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
     let gauges = state.gauges(report.is_ready());
     let stats = &state.stats;
     let get = Stats::get;
-    let (last_ok, _) = stats.readiness.viewer();
-    let n_filtered: u64 = FilterReason::ALL.iter().map(|r| stats.n_filtered(*r)).sum();
+    // The viewer side summed over the regions (one region: its own numbers, as before).
+    let sum = |read: &dyn Fn(&Stats) -> u64| -> u64 {
+        state.regions.iter().map(|region| read(&region.stats)).sum()
+    };
+    let n_filtered =
+        |stats: &Stats| -> u64 { FilterReason::ALL.iter().map(|r| stats.n_filtered(*r)).sum() };
     let login = match state.cms.login_state() {
         LoginState::NotYet => "not yet",
         LoginState::Valid => "valid",
         LoginState::Failed(_) => "failed",
     };
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": round1(gauges.uptime_seconds),
-        "ready": report.is_ready(),
-        "checks": report.to_json(),
-        "viewer": {
-            "chat_url": without_userinfo(&state.chat_url),
+    let viewer_of = |region: &HealthRegion| {
+        let stats = &region.stats;
+        let (last_ok, _) = stats.readiness.viewer();
+        json!({
+            "chat_url": without_userinfo(&region.chat_url),
             "last_poll_seconds_ago": last_ok.map(|at| round1(secs(at.elapsed()))),
             "polls": get(&stats.polls),
             "poll_errors": get(&stats.poll_errors),
@@ -359,7 +428,41 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "avatars_in_region": get(&stats.avatars_in_region),
             "avatars_beyond_hearing": get(&stats.avatars_beyond_hearing),
             "gap_markers": get(&stats.gap_markers),
-        },
+        })
+    };
+    let regions: Vec<Value> = state
+        .regions
+        .iter()
+        .map(|region| {
+            let stats = &region.stats;
+            let check = region.viewer_check();
+            json!({
+                "name": region.name,
+                "ready": check.ok,
+                "reason": check.reason,
+                "viewer": viewer_of(region),
+                "lines": {
+                    "polled": get(&stats.lines_polled),
+                    "relayed": get(&stats.lines_relayed),
+                    "filtered": n_filtered(stats),
+                    "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored),
+                },
+                "inworld": {
+                    "said": get(&stats.inworld_said),
+                    "skipped": get(&stats.inworld_skipped),
+                },
+            })
+        })
+        .collect();
+    // `viewer` is the only region's (or the first's): what a one-region relay always showed.
+    let viewer = state.regions.first().map(viewer_of);
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": round1(gauges.uptime_seconds),
+        "ready": report.is_ready(),
+        "checks": report.to_json(),
+        "viewer": viewer,
+        "regions": regions,
         "cms": {
             "base_url": without_userinfo(state.cms.base_url()),
             "grid_id": state.grid_id,
@@ -377,17 +480,17 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
             "quarantined": gauges.quarantined,
         },
         "lines": {
-            "polled": get(&stats.lines_polled),
-            "relayed": get(&stats.lines_relayed),
-            "filtered": n_filtered,
+            "polled": sum(&|s| get(&s.lines_polled)),
+            "relayed": sum(&|s| get(&s.lines_relayed)),
+            "filtered": sum(&|s| n_filtered(s)),
             "delivered": get(&stats.lines_delivered) + get(&stats.lines_reconciled),
             "dead_lettered": get(&stats.lines_dead_lettered),
-            "dropped": get(&stats.lines_unreadable) + get(&stats.lines_unstored) + gauges.outbox_dropped,
+            "dropped": sum(&|s| get(&s.lines_unreadable) + get(&s.lines_unstored)) + gauges.outbox_dropped,
             "delivery_retries": get(&stats.delivery_retries),
         },
         "inworld": {
-            "said": get(&stats.inworld_said),
-            "skipped": get(&stats.inworld_skipped),
+            "said": sum(&|s| get(&s.inworld_said)),
+            "skipped": sum(&|s| get(&s.inworld_skipped)),
         },
     }))
 }
@@ -431,12 +534,16 @@ mod tests {
         .expect("client");
         HealthState {
             stats: Arc::new(Stats::default()),
+            regions: vec![HealthRegion {
+                name: String::new(),
+                stats: Arc::new(Stats::default()),
+                poll_interval: Duration::from_millis(500),
+                chat_url: "http://127.0.0.1:9144/api/chat".into(),
+            }],
             outbox: outbox.reader(),
             cms: Arc::new(cms),
-            poll_interval: Duration::from_millis(500),
             cms_unready_after: Duration::from_secs(60),
             stall_limit: Duration::from_secs(300),
-            chat_url: "http://127.0.0.1:9144/api/chat".into(),
             grid_id: 1,
             username: "relay".into(),
             started: Instant::now(),
@@ -449,8 +556,9 @@ mod tests {
         let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("open"));
         let mut state = state(&outbox);
         let stats = state.stats.clone();
+        let region = state.regions[0].stats.clone();
         {
-            let _poller = stats.poller_heartbeat.alive();
+            let _poller = region.poller_heartbeat.alive();
             let _delivery = stats.delivery_heartbeat.alive();
             assert_eq!(state.readiness().stages.reason, None);
 
@@ -466,7 +574,8 @@ mod tests {
                     && reason.contains("stuck"),
                 "{reason}"
             );
-            stats.poller_heartbeat.beat();
+            region.poller_heartbeat.beat();
+            stats.delivery_heartbeat.beat();
             state.stall_limit = Duration::from_secs(300);
             assert_eq!(state.readiness().stages.reason, None);
         }

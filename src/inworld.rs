@@ -1,7 +1,9 @@
-//! CMS → in-world: lines typed in the CMS (`fromCMS = 1`) are said in the region by the viewer's
-//! avatar, once each, in order.
+//! CMS → in-world: lines typed in the CMS (`fromCMS = 1`) are said in every region by that region's
+//! viewer's avatar, once each, in order. One reader of the CMS chat serves every region: the CMS
+//! cannot filter, so each reader pays for every row of the grid, and one reader per process keeps
+//! that cost growing with hosts, not with regions squared (issue 23).
 //!
-//! Owns the persisted cursor (the highest CMS chat id handled, with the time and a fingerprint of
+//! Owns each region's persisted cursor (the highest CMS chat id handled, with the time and a fingerprint of
 //! its row: outbox `Cursor`s, so a restart neither repeats nor skips), noticing that the CMS's ids
 //! went backwards (its database restored from a backup: `went_back`), the splitting of long lines
 //! (a part that fails is said again without the parts before it) and the flood limit. Each text it
@@ -62,23 +64,34 @@ pub struct InworldOutcome {
 pub struct InworldDeps {
     /// Where the lines typed in the CMS are read.
     pub cms: Arc<CmsClient>,
-    /// Who says them.
-    pub viewer: LookingGlassClient,
-    /// Where the cursor is kept.
+    /// The regions they are said in, each by its own viewer: at least one.
+    pub regions: Vec<InworldRegion>,
+    /// Where the cursors are kept.
     pub outbox: Arc<Outbox>,
     /// `[inworld]`
     pub settings: InworldSettings,
     /// The CMS server's clock (`cms.timezone`), to tell a row's age.
     pub cms_zone: Zone,
-    /// The counters.
-    pub stats: Arc<Stats>,
-    /// What was said lately (shared with the poller, which drops its echo).
-    pub recently_said: Arc<RecentlySaid>,
 }
 
-/// The CMS → in-world stage.
+/// One region the CMS lines are said in.
+pub struct InworldRegion {
+    /// The region's name: its cursors' keys (empty: the only region, today's keys).
+    pub name: String,
+    /// The `{region}` value of `inworld.format`.
+    pub label: String,
+    /// Who says them there.
+    pub viewer: LookingGlassClient,
+    /// What was said lately there (shared with that region's poller, which drops its echo).
+    pub recently_said: Arc<RecentlySaid>,
+    /// That region's counters (said, skipped).
+    pub stats: Arc<Stats>,
+}
+
+/// The CMS → in-world stage: one reader of the CMS chat for every region.
 pub struct Inworld {
-    deps: InworldDeps,
+    deps: Shared,
+    regions: Vec<Speaker>,
     /// When the previous successful read was made (this host's clock).
     last_read: Option<DateTime<Utc>>,
     /// The newest row timestamp seen on the grid, as an instant in the CMS's zone: narrow reads
@@ -90,18 +103,32 @@ pub struct Inworld {
     /// The last read was a wide one and failed (its answer too large for the CMS's memory limit or
     /// `cms.max_response_bytes`, say): the next read is narrow, so the stage goes on meanwhile.
     wide_failed: bool,
-    /// The earliest moment the next line may be said (flood control).
+    /// The rows the reads of this process returned, by id (at most `SEEN_MAX`, the highest): a row
+    /// under a known id with other content shows that the CMS hands its ids out again.
+    seen: BTreeMap<i64, SeenRow>,
+}
+
+/// What every region's speaker shares.
+struct Shared {
+    cms: Arc<CmsClient>,
+    outbox: Arc<Outbox>,
+    settings: InworldSettings,
+    cms_zone: Zone,
+}
+
+/// One region's side of the stage: its viewer, echo memory, cursor and flood limit.
+struct Speaker {
+    region: InworldRegion,
+    /// The earliest moment the next line may be said here (flood control, per region: each region
+    /// is its own chat).
     next_slot: Instant,
-    /// The highest CMS id said or skipped by this process. The persisted cursor lags it when writing
-    /// the cursor failed (disk full): a line is not said twice for that.
+    /// The highest CMS id said or skipped here by this process. The persisted cursor lags it when
+    /// writing the cursor failed (disk full): a line is not said twice for that.
     handled_up_to: Option<i64>,
     /// The row being said in parts and how many of its parts the viewer took, so that after a
     /// failed part the retry starts at that part. In memory only: a restart in the middle of a
     /// split line says all of it again, as it says again a line whose cursor was not yet written.
     parts_said: Option<(i64, usize)>,
-    /// The rows the reads of this process returned, by id (at most `SEEN_MAX`, the highest): a row
-    /// under a known id with other content shows that the CMS hands its ids out again.
-    seen: BTreeMap<i64, SeenRow>,
 }
 
 /// What the stage remembers of a row it read.
@@ -194,20 +221,34 @@ impl Inworld {
     /// Builds the stage.
     pub fn new(deps: InworldDeps) -> Inworld {
         Inworld {
-            deps,
+            regions: deps
+                .regions
+                .into_iter()
+                .map(|region| Speaker {
+                    region,
+                    next_slot: Instant::now(),
+                    handled_up_to: None,
+                    parts_said: None,
+                })
+                .collect(),
+            deps: Shared {
+                cms: deps.cms,
+                outbox: deps.outbox,
+                settings: deps.settings,
+                cms_zone: deps.cms_zone,
+            },
             last_read: None,
             newest_seen: None,
             last_wide: None,
             wide_failed: false,
-            next_slot: Instant::now(),
-            handled_up_to: None,
-            parts_said: None,
             seen: BTreeMap::new(),
         }
     }
 
-    /// One step: read new CMS lines and say them, paced; stops between lines when `token` is
-    /// cancelled.
+    /// One step: read new CMS lines once and say them in every region, each region at its own
+    /// pace and from its own cursor, the regions at once (a region whose viewer fails does not stop
+    /// the others); stops between lines when `token` is cancelled. The first region's error is
+    /// returned once every region is done.
     pub async fn try_poll_once(
         &mut self,
         token: &CancellationToken,
@@ -229,92 +270,42 @@ impl Inworld {
             self.last_wide = Some(now);
         }
         self.wide_failed = false;
-        let newest = rows.iter().filter_map(|row| self.dated(row)).max();
+        let newest = rows
+            .iter()
+            .filter_map(|row| dated(self.deps.cms_zone, row))
+            .max();
         self.newest_seen = self.newest_seen.max(newest);
-        let Some(cursor) = self
-            .deps
-            .outbox
-            .cursor(Cursor::LastSaidId)?
-            .max(self.handled_up_to)
-        else {
-            // First start ever: begin from now, say nothing of the past.
-            let newest = rows.iter().max_by_key(|row| row.id);
-            self.advance(newest.map_or(0, |row| row.id), newest).await?;
-            self.remember(&rows);
-            tracing::info!(
-                cursor = newest.map_or(0, |row| row.id),
-                "in-world relay starts from now"
-            );
-            return Ok(InworldOutcome::default());
-        };
-        let cursor = self.notice_restore(&rows, cursor, since).await?;
-        self.remember(&rows);
-        let mut pending: Vec<CmsChat> = rows
-            .into_iter()
-            .filter(|r| r.from_cms && r.id > cursor)
-            .collect();
-        pending.sort_by_key(|r| r.id);
+        let deps = &self.deps;
+        let seen = &self.seen;
+        let steps = self
+            .regions
+            .iter_mut()
+            .map(|speaker| speaker.step(deps, seen, &rows, since, max_age, token));
+        let results = futures_util::future::join_all(steps).await;
         let mut outcome = InworldOutcome::default();
-        if pending.len() > self.deps.settings.max_queue {
-            let n_over = pending.len() - self.deps.settings.max_queue;
-            let last_dropped = pending[n_over - 1].clone();
-            pending.drain(..n_over);
-            self.skip(
-                &last_dropped,
-                n_over,
-                "more lines waiting than inworld.max_queue",
-                &mut outcome,
-            )
-            .await?;
-        }
-        for row in pending {
-            if token.is_cancelled() {
-                break;
-            }
-            if self.age(&row, Utc::now()).is_some_and(|age| age > max_age) {
-                self.skip(&row, 1, "older than inworld.max_age", &mut outcome)
-                    .await?;
-                continue;
-            }
-            let n_said_before = match self.parts_said {
-                Some((id, n_parts)) if id == row.id => n_parts,
-                _ => 0,
-            };
-            for (index, part) in split_message(&self.render(&row))
-                .into_iter()
-                .enumerate()
-                .skip(n_said_before)
-            {
-                tokio::select! {
-                    _ = token.cancelled() => return Ok(outcome),
-                    _ = tokio::time::sleep_until(self.next_slot.into()) => {}
+        let mut first_err = None;
+        let mut went_back = false;
+        for result in results {
+            match result {
+                Ok((step, back)) => {
+                    outcome.n_said += step.n_said;
+                    outcome.n_skipped += step.n_skipped;
+                    went_back |= back;
                 }
-                let said = say_part(
-                    &self.deps.viewer,
-                    &self.deps.recently_said,
-                    &part,
-                    self.deps.settings.channel,
-                    self.deps.settings.say_type.as_str(),
-                    token,
-                )
-                .await;
-                if let Err(err) = said {
-                    return match err {
-                        // Not sent: the relay is stopping.
-                        ViewerError::Stopping => Ok(outcome),
-                        err => Err(err.into()),
-                    };
+                Err(err) => {
+                    first_err.get_or_insert(err);
                 }
-                self.parts_said = Some((row.id, index + 1));
-                self.next_slot = Instant::now()
-                    + Duration::from_secs_f64(1.0 / self.deps.settings.max_lines_per_second);
-                Stats::add(&self.deps.stats.inworld_said, 1);
             }
-            self.advance(row.id, Some(&row)).await?;
-            self.parts_said = None;
-            outcome.n_said += 1;
         }
-        Ok(outcome)
+        if went_back {
+            // What was remembered describes the database before the restore.
+            self.seen.clear();
+        }
+        self.remember(&rows);
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(outcome),
+        }
     }
 
     /// Where the next read starts, and whether it is a wide one. Most reads are narrow: they follow
@@ -348,7 +339,7 @@ impl Inworld {
 
     /// Polls until `token` is cancelled.
     pub async fn run_until_stopped(mut self, token: CancellationToken) {
-        tracing::info!("saying CMS lines in-world");
+        tracing::info!(n_regions = self.regions.len(), "saying CMS lines in-world");
         let mut failing = false;
         while !token.is_cancelled() {
             match self.try_poll_once(&token).await {
@@ -375,38 +366,185 @@ impl Inworld {
         }
     }
 
+    /// Remembers the rows of a read (`seen`), keeping the `SEEN_MAX` highest ids.
+    fn remember(&mut self, rows: &[CmsChat]) {
+        for row in rows {
+            let seen = seen_row(self.deps.cms_zone, row);
+            self.seen.insert(row.id, seen);
+        }
+        while self.seen.len() > SEEN_MAX {
+            self.seen.pop_first();
+        }
+    }
+}
+
+impl Speaker {
+    /// Says this region's share of a read: the CMS lines past its cursor, in order. Returns what
+    /// it did and whether the read showed the CMS's ids going backwards.
+    async fn step(
+        &mut self,
+        deps: &Shared,
+        seen: &BTreeMap<i64, SeenRow>,
+        rows: &[CmsChat],
+        since: DateTime<Utc>,
+        max_age: chrono::Duration,
+        token: &CancellationToken,
+    ) -> Result<(InworldOutcome, bool), InworldError> {
+        let region = self.region.name.clone();
+        let result = self.say_new(deps, seen, rows, since, max_age, token).await;
+        if let Err(err) = &result {
+            if !region.is_empty() {
+                tracing::debug!(region, error = %err, "in-world step failed in this region");
+            }
+        }
+        result
+    }
+
+    async fn say_new(
+        &mut self,
+        deps: &Shared,
+        seen: &BTreeMap<i64, SeenRow>,
+        rows: &[CmsChat],
+        since: DateTime<Utc>,
+        max_age: chrono::Duration,
+        token: &CancellationToken,
+    ) -> Result<(InworldOutcome, bool), InworldError> {
+        let region = self.region.name.clone();
+        let Some(cursor) = deps
+            .outbox
+            .cursor(Cursor::LastSaidId.of(&region))?
+            .max(self.handled_up_to)
+        else {
+            // First start ever (in this region): begin from now, say nothing of the past.
+            let newest = rows.iter().max_by_key(|row| row.id);
+            self.advance(deps, newest.map_or(0, |row| row.id), newest)
+                .await?;
+            tracing::info!(
+                region,
+                cursor = newest.map_or(0, |row| row.id),
+                "in-world relay starts from now"
+            );
+            return Ok((InworldOutcome::default(), false));
+        };
+        let (cursor, went_back) = self.notice_restore(deps, seen, rows, cursor, since).await?;
+        let mut pending: Vec<&CmsChat> = rows
+            .iter()
+            .filter(|r| r.from_cms && r.id > cursor)
+            .collect();
+        pending.sort_by_key(|r| r.id);
+        let mut outcome = InworldOutcome::default();
+        if pending.len() > deps.settings.max_queue {
+            let n_over = pending.len() - deps.settings.max_queue;
+            let last_dropped = pending[n_over - 1];
+            pending.drain(..n_over);
+            self.skip(
+                deps,
+                last_dropped,
+                n_over,
+                "more lines waiting than inworld.max_queue",
+                &mut outcome,
+            )
+            .await?;
+        }
+        for row in pending {
+            if token.is_cancelled() {
+                break;
+            }
+            if age(deps.cms_zone, row, Utc::now()).is_some_and(|age| age > max_age) {
+                self.skip(deps, row, 1, "older than inworld.max_age", &mut outcome)
+                    .await?;
+                continue;
+            }
+            let n_said_before = match self.parts_said {
+                Some((id, n_parts)) if id == row.id => n_parts,
+                _ => 0,
+            };
+            for (index, part) in split_message(&self.render(deps, row))
+                .into_iter()
+                .enumerate()
+                .skip(n_said_before)
+            {
+                tokio::select! {
+                    _ = token.cancelled() => return Ok((outcome, went_back)),
+                    _ = tokio::time::sleep_until(self.next_slot.into()) => {}
+                }
+                let said = say_part(
+                    &self.region.viewer,
+                    &self.region.recently_said,
+                    &part,
+                    deps.settings.channel,
+                    deps.settings.say_type.as_str(),
+                    token,
+                )
+                .await;
+                if let Err(err) = said {
+                    return match err {
+                        // Not sent: the relay is stopping.
+                        ViewerError::Stopping => Ok((outcome, went_back)),
+                        err => Err(err.into()),
+                    };
+                }
+                self.parts_said = Some((row.id, index + 1));
+                self.next_slot = Instant::now()
+                    + Duration::from_secs_f64(1.0 / deps.settings.max_lines_per_second);
+                Stats::add(&self.region.stats.inworld_said, 1);
+            }
+            self.advance(deps, row.id, Some(row)).await?;
+            self.parts_said = None;
+            outcome.n_said += 1;
+        }
+        Ok((outcome, went_back))
+    }
+
     /// Moves the cursor past `id` (the row `row`, whose time and fingerprint are stored with it):
     /// in memory first, then on disk.
-    async fn advance(&mut self, id: i64, row: Option<&CmsChat>) -> Result<(), OutboxError> {
+    async fn advance(
+        &mut self,
+        deps: &Shared,
+        id: i64,
+        row: Option<&CmsChat>,
+    ) -> Result<(), OutboxError> {
         self.handled_up_to = self.handled_up_to.max(Some(id));
-        self.store_cursor(id, row).await
+        self.store_cursor(deps, id, row).await
     }
 
     /// Stores the cursor `id` with its row's time and fingerprint (0 when none is known).
-    async fn store_cursor(&self, id: i64, row: Option<&CmsChat>) -> Result<(), OutboxError> {
-        let seen = row.map(|row| self.seen_row(row));
+    async fn store_cursor(
+        &self,
+        deps: &Shared,
+        id: i64,
+        row: Option<&CmsChat>,
+    ) -> Result<(), OutboxError> {
+        let seen = row.map(|row| seen_row(deps.cms_zone, row));
         let at = seen.and_then(|seen| seen.at).map_or(0, |at| at.timestamp());
         // The fingerprint's bits as an i64; 0 stands for "unknown" (one fingerprint in 2^64 is
         // read as unknown, which only turns that row's check off).
         let fingerprint = seen.map_or(0, |seen| seen.fingerprint as i64);
-        self.deps
-            .outbox
+        let region = self.region.name.as_str();
+        deps.outbox
             .set_cursors(&[
-                (Cursor::LastSaidAt, at),
-                (Cursor::LastSaidRow, fingerprint),
-                (Cursor::LastSaidId, id),
+                (Cursor::LastSaidAt.of(region), at),
+                (Cursor::LastSaidRow.of(region), fingerprint),
+                (Cursor::LastSaidId.of(region), id),
             ])
             .await
     }
 
     /// The row at the cursor `id`, as stored with it; unknown when the stored cursor is another
     /// (a write that failed left it behind the one in memory).
-    fn cursor_row(&self, id: i64) -> Result<CursorRow, OutboxError> {
-        if self.deps.outbox.cursor(Cursor::LastSaidId)? != Some(id) {
+    fn cursor_row(&self, deps: &Shared, id: i64) -> Result<CursorRow, OutboxError> {
+        let region = self.region.name.as_str();
+        if deps.outbox.cursor(Cursor::LastSaidId.of(region))? != Some(id) {
             return Ok(CursorRow { id, row: None });
         }
-        let fingerprint = self.deps.outbox.cursor(Cursor::LastSaidRow)?.unwrap_or(0);
-        let at = self.deps.outbox.cursor(Cursor::LastSaidAt)?.unwrap_or(0);
+        let fingerprint = deps
+            .outbox
+            .cursor(Cursor::LastSaidRow.of(region))?
+            .unwrap_or(0);
+        let at = deps
+            .outbox
+            .cursor(Cursor::LastSaidAt.of(region))?
+            .unwrap_or(0);
         let row = (fingerprint != 0).then(|| SeenRow {
             fingerprint: fingerprint as u64,
             at: (at != 0).then(|| DateTime::from_timestamp(at, 0)).flatten(),
@@ -415,86 +553,84 @@ impl Inworld {
     }
 
     /// Lowers the cursor when the read shows the CMS's ids went backwards (`went_back`), saying so
-    /// in the log; returns the cursor to go on from.
+    /// in the log; returns the cursor to go on from and whether it went back.
     async fn notice_restore(
         &mut self,
+        deps: &Shared,
+        seen: &BTreeMap<i64, SeenRow>,
         rows: &[CmsChat],
         cursor: i64,
         since: DateTime<Utc>,
-    ) -> Result<i64, OutboxError> {
-        let at_cursor = self.cursor_row(cursor)?;
-        let Some(lowered) = went_back(rows, &self.seen, &at_cursor, since, |row| self.dated(row))
-        else {
-            return Ok(cursor);
+    ) -> Result<(i64, bool), OutboxError> {
+        let at_cursor = self.cursor_row(deps, cursor)?;
+        let Some(lowered) = went_back(rows, seen, &at_cursor, since, |row| {
+            dated(deps.cms_zone, row)
+        }) else {
+            return Ok((cursor, false));
         };
         tracing::warn!(
+            region = self.region.name,
             cursor,
             new_cursor = lowered,
             "cms ids went backwards (a restored database?): the in-world cursor goes back, so that the cms lines typed since the restore are said"
         );
-        // What was remembered describes the database before the restore.
-        self.seen.clear();
         self.handled_up_to = Some(lowered);
         self.parts_said = None;
         let row = rows.iter().find(|row| row.id == lowered);
-        self.store_cursor(lowered, row).await?;
-        Ok(lowered)
-    }
-
-    /// Remembers the rows of a read (`seen`), keeping the `SEEN_MAX` highest ids.
-    fn remember(&mut self, rows: &[CmsChat]) {
-        for row in rows {
-            let seen = self.seen_row(row);
-            self.seen.insert(row.id, seen);
-        }
-        while self.seen.len() > SEEN_MAX {
-            self.seen.pop_first();
-        }
-    }
-
-    fn seen_row(&self, row: &CmsChat) -> SeenRow {
-        SeenRow {
-            fingerprint: fingerprint(row),
-            at: self.dated(row),
-        }
+        self.store_cursor(deps, lowered, row).await?;
+        Ok((lowered, true))
     }
 
     async fn skip(
         &mut self,
+        deps: &Shared,
         up_to: &CmsChat,
         n: usize,
         reason: &str,
         outcome: &mut InworldOutcome,
     ) -> Result<(), OutboxError> {
-        tracing::warn!(n_lines = n, reason, "cms lines not said in-world");
-        Stats::add(&self.deps.stats.inworld_skipped, n as u64);
+        tracing::warn!(
+            region = self.region.name,
+            n_lines = n,
+            reason,
+            "cms lines not said in-world"
+        );
+        Stats::add(&self.region.stats.inworld_skipped, n as u64);
         outcome.n_skipped += n;
-        self.advance(up_to.id, Some(up_to)).await
+        self.advance(deps, up_to.id, Some(up_to)).await
     }
 
-    /// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,
-    /// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
-    fn age(&self, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
-        Some(now - self.dated(row)? - chrono::Duration::seconds(1))
-    }
-
-    /// A row's timestamp as an instant (the later one in a repeated hour); `None` when unreadable.
-    fn dated(&self, row: &CmsChat) -> Option<DateTime<Utc>> {
-        let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-        self.deps.cms_zone.resolve(naive).into_iter().max()
-    }
-
-    fn render(&self, row: &CmsChat) -> String {
+    fn render(&self, deps: &Shared, row: &CmsChat) -> String {
         fill_template(
-            &self.deps.settings.format,
+            &deps.settings.format,
             &[
                 ("first", &row.first_name),
                 ("last", &row.last_name),
                 ("username", &row.username),
                 ("message", &row.message),
+                ("region", &self.region.label),
             ],
         )
     }
+}
+
+fn seen_row(zone: Zone, row: &CmsChat) -> SeenRow {
+    SeenRow {
+        fingerprint: fingerprint(row),
+        at: dated(zone, row),
+    }
+}
+
+/// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,
+/// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
+fn age(zone: Zone, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
+    Some(now - dated(zone, row)? - chrono::Duration::seconds(1))
+}
+
+/// A row's timestamp as an instant (the later one in a repeated hour); `None` when unreadable.
+fn dated(zone: Zone, row: &CmsChat) -> Option<DateTime<Utc>> {
+    let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
+    zone.resolve(naive).into_iter().max()
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! `Stats`: the relay's counters and histograms, shared by every task as `Arc<Stats>`, and their
-//! Prometheus text exposition (`render_prometheus`, driven by one table of every metric).
+//! `Stats`: the relay's counters and histograms, shared by every task as `Arc<Stats>` (one for the
+//! process, one for each region's viewer side), and their Prometheus text exposition
+//! (`render_prometheus`, driven by one table of every metric, encoded by the Prometheus project's
+//! `prometheus-client` crate; region-scoped families carry a `region` label).
 //!
 //! The stages only write here (one atomic add, one short mutex); `health` reads it for `/metrics`
 //! and `/status`. `Stats` also carries the readiness signals and loop heartbeats so that a stage
@@ -7,10 +9,12 @@
 //! is owned by `liveness`. Must not: serve HTTP, do I/O (`render_prometheus` only formats numbers
 //! it is given), or decide readiness or liveness.
 
-use std::fmt::Write as _;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
 use crate::liveness::{Heartbeat, Readiness};
 use crate::model::FilterReason;
@@ -264,100 +268,175 @@ pub struct Gauges {
 }
 
 /// Prometheus text format 0.0.4.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// The metrics in the Prometheus text format, in the order of the table in `families`. Every name
-/// starts with `opensim_chat_relay_`.
-pub fn render_prometheus(stats: &Stats, gauges: &Gauges) -> String {
-    let mut out = String::with_capacity(8192);
-    for (name, help, samples) in families(stats, gauges) {
-        render_family(&mut out, name, help, &samples);
+/// One region's counters as `/metrics` shows them: `name` is its `region` label (empty: the only
+/// region of a configuration without `[[regions]]`, whose samples carry no `region` label, as
+/// before; Prometheus reads an absent label and `region=""` alike).
+#[derive(Clone, Copy)]
+pub struct RegionStats<'a> {
+    /// The region's name.
+    pub name: &'a str,
+    /// Its counters.
+    pub stats: &'a Stats,
+}
+
+/// The metrics in the Prometheus text format, through the `prometheus-client` crate's encoder, in
+/// the order of the table in `families`. Every name starts with `opensim_chat_relay_`. `process`
+/// holds what belongs to the process (delivery, the CMS, the outbox); `regions` each region's
+/// viewer side, whose families carry a `region` label.
+pub fn render_prometheus(process: &Stats, regions: &[RegionStats<'_>], gauges: &Gauges) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    for (name, help, metric) in families(process, regions, gauges) {
+        // The crate writes the `_total` of a counter and the final period of a help text itself.
+        let name = match metric {
+            Metric::Counter(_) => name.trim_end_matches("_total"),
+            _ => name,
+        };
+        registry.register(name, help.trim_end_matches('.'), metric);
     }
+    let mut out = String::with_capacity(8192);
+    // Writing to a `String` cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
     out
 }
 
+/// A sample's labels: `region` (when named) and the family's own.
+type Labels = Vec<(&'static str, String)>;
+
+/// The labels of region `name`'s sample, with `more`.
+fn labels(name: &str, more: &[(&'static str, &str)]) -> Labels {
+    let region = (!name.is_empty()).then(|| ("region", name.to_owned()));
+    region
+        .into_iter()
+        .chain(more.iter().map(|(key, value)| (*key, (*value).to_owned())))
+        .collect()
+}
+
+/// A counter of the process: one sample without labels.
+fn one<T>(value: T) -> Vec<(Labels, T)> {
+    vec![(Vec::new(), value)]
+}
+
 /// Every metric (name, help, samples), one row each, in the order they are exposed.
-fn families(stats: &Stats, gauges: &Gauges) -> Vec<(&'static str, &'static str, Samples)> {
-    use Samples::{Counter, Gauge, Histogram, Labeled};
+fn families(
+    process: &Stats,
+    regions: &[RegionStats<'_>],
+    gauges: &Gauges,
+) -> Vec<(&'static str, &'static str, Metric)> {
+    use Metric::{Counter, Gauge, Histogram};
     let get = Stats::get;
-    let filtered = FilterReason::ALL
+    // A counter per region.
+    let each = |read: &dyn Fn(&Stats) -> u64| -> Vec<(Labels, u64)> {
+        regions
+            .iter()
+            .map(|region| (labels(region.name, &[]), read(region.stats)))
+            .collect()
+    };
+    let each_gauge = |read: &dyn Fn(&Stats) -> u64| -> Vec<(Labels, f64)> {
+        regions
+            .iter()
+            .map(|region| (labels(region.name, &[]), read(region.stats) as f64))
+            .collect()
+    };
+    let filtered = regions
         .iter()
-        .map(|reason| (reason.as_str(), stats.n_filtered(*reason)))
+        .flat_map(|region| {
+            FilterReason::ALL.iter().map(|reason| {
+                (
+                    labels(region.name, &[("reason", reason.as_str())]),
+                    region.stats.n_filtered(*reason),
+                )
+            })
+        })
         .collect();
-    let dropped = vec![
-        ("unreadable", get(&stats.lines_unreadable)),
-        ("unstored", get(&stats.lines_unstored)),
-        ("outbox_limit", gauges.outbox_dropped),
-    ];
-    let not_quarantined = vec![
-        ("repeat", get(&stats.quarantine_repeats)),
-        ("full", get(&stats.quarantine_full)),
-    ];
-    let version = vec![(env!("CARGO_PKG_VERSION"), 1)];
+    let mut dropped: Vec<(Labels, u64)> = regions
+        .iter()
+        .flat_map(|region| {
+            [
+                ("unreadable", get(&region.stats.lines_unreadable)),
+                ("unstored", get(&region.stats.lines_unstored)),
+            ]
+            .map(|(reason, n)| (labels(region.name, &[("reason", reason)]), n))
+        })
+        .collect();
+    // The outbox's limits drop lines of every region alike.
+    dropped.push((
+        labels("", &[("reason", "outbox_limit")]),
+        gauges.outbox_dropped,
+    ));
+    let not_quarantined = regions
+        .iter()
+        .flat_map(|region| {
+            [
+                ("repeat", get(&region.stats.quarantine_repeats)),
+                ("full", get(&region.stats.quarantine_full)),
+            ]
+            .map(|(reason, n)| (labels(region.name, &[("reason", reason)]), n))
+        })
+        .collect();
+    let version = vec![(labels("", &[("version", env!("CARGO_PKG_VERSION"))]), 1.0)];
     let ready = if gauges.ready { 1.0 } else { 0.0 };
     // A gauge that counts (lines, bytes) is shown as a float, like every gauge.
     #[rustfmt::skip]
     let families = vec![
-        ("opensim_chat_relay_viewer_polls_total", "Chat GETs the viewer answered.", Counter(get(&stats.polls))),
-        ("opensim_chat_relay_viewer_poll_errors_total", "Chat GETs that failed (viewer down, wrong host, bad answer).", Counter(get(&stats.poll_errors))),
-        ("opensim_chat_relay_viewer_answers_oversized_total", "Chat GET answers longer than viewer.max_response_bytes: read to their end, only the lines in their first part kept.", Counter(get(&stats.viewer_answers_oversized))),
-        ("opensim_chat_relay_viewer_bytes_discarded_total", "Bytes of those answers read and not kept.", Counter(get(&stats.viewer_bytes_discarded))),
-        ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(get(&stats.lines_polled))),
-        ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(get(&stats.lines_relayed))),
-        ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Labeled(COUNTER, "reason", filtered)),
-        ("opensim_chat_relay_lines_delivered_total", "Lines the CMS confirmed (including those a read-back found).", Counter(get(&stats.lines_delivered) + get(&stats.lines_reconciled))),
-        ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(get(&stats.lines_reconciled))),
-        ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(get(&stats.delivery_retries))),
-        ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(get(&stats.lines_dead_lettered))),
-        ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(get(&stats.lines_unresolved))),
-        ("opensim_chat_relay_cms_pacing_gap_seconds", "Idle time delivery leaves the CMS between its requests (0: back to back), set by the adaptive pacing from the CMS's answer times.", Gauge(get(&stats.cms_pacing_gap_micros) as f64 / 1e6)),
-        ("opensim_chat_relay_viewer_out_of_region", "1 while the viewer does not hear its region (disconnected by a region restart, logged out, or in another region); /readyz says what to do.", Gauge(get(&stats.viewer_out_of_region) as f64)),
-        ("opensim_chat_relay_viewer_out_of_region_total", "Stretches of the viewer out of its region that began.", Counter(get(&stats.viewer_out_of_region_stretches))),
-        ("opensim_chat_relay_viewer_logins_total", "REST logins the relay made to bring the viewer back into its region ([viewer.login]).", Counter(get(&stats.viewer_logins))),
-        ("opensim_chat_relay_avatars_in_region", "Avatars the viewer lists in its region, its own left out.", Gauge(get(&stats.avatars_in_region) as f64)),
-        ("opensim_chat_relay_avatars_beyond_hearing", "Of the avatars in the region, those farther from the viewer's avatar than viewer.hearing_range: what they say is not heard.", Gauge(get(&stats.avatars_beyond_hearing) as f64)),
-        ("opensim_chat_relay_gap_markers_total", "Gap markers written for the CMS chat: stretches the relay knows it did not record (cms.gap_markers).", Counter(get(&stats.gap_markers))),
-        ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(get(&stats.lines_held_back) as f64)),
-        ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Labeled(COUNTER, "reason", dropped)),
-        ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(get(&stats.batches_delivered))),
-        ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(gauges.cms_logins)),
-        ("opensim_chat_relay_inworld_said_total", "CMS lines said in-world.", Counter(get(&stats.inworld_said))),
-        ("opensim_chat_relay_inworld_skipped_total", "CMS lines not said in-world (too old, or beyond the queue limit).", Counter(get(&stats.inworld_skipped))),
-        ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(get(&stats.inworld_echoes_dropped))),
-        ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(gauges.outbox_lines as f64)),
-        ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(gauges.outbox_bytes as f64)),
-        ("opensim_chat_relay_outbox_disk_bytes", "Disk space of the outbox's directory (its database, which never shrinks, and its reserve): up to 4 x outbox.max_bytes + 12 MiB + outbox.reserve_bytes.", Gauge(gauges.outbox_disk_bytes as f64)),
-        ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(gauges.oldest_age_seconds)),
-        ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(gauges.dead_letters as f64)),
-        ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(gauges.quarantined as f64)),
-        ("opensim_chat_relay_unreadable_answers_not_quarantined_total", "Unreadable viewer answers not kept: the same body was kept before (repeat), or the quarantine holds outbox.max_quarantine_bytes (full).", Labeled(COUNTER, "reason", not_quarantined)),
-        ("opensim_chat_relay_batch_size", "Lines per chat POST.", Histogram(stats.batch_size.snapshot())),
-        ("opensim_chat_relay_post_seconds", "Duration of each chat POST.", Histogram(stats.post_seconds.snapshot())),
-        ("opensim_chat_relay_capture_to_cms_seconds", "From the viewer answer carrying a line to the CMS confirming it.", Histogram(stats.capture_to_cms_seconds.snapshot())),
-        ("opensim_chat_relay_ready", "1 when /readyz answers 200.", Gauge(ready)),
-        ("opensim_chat_relay_uptime_seconds", "Seconds since start.", Gauge(gauges.uptime_seconds)),
-        ("opensim_chat_relay_build_info", "The running version.", Labeled(GAUGE, "version", version)),
+        ("opensim_chat_relay_viewer_polls_total", "Chat GETs the viewer answered.", Counter(each(&|s| get(&s.polls)))),
+        ("opensim_chat_relay_viewer_poll_errors_total", "Chat GETs that failed (viewer down, wrong host, bad answer).", Counter(each(&|s| get(&s.poll_errors)))),
+        ("opensim_chat_relay_viewer_answers_oversized_total", "Chat GET answers longer than viewer.max_response_bytes: read to their end, only the lines in their first part kept.", Counter(each(&|s| get(&s.viewer_answers_oversized)))),
+        ("opensim_chat_relay_viewer_bytes_discarded_total", "Bytes of those answers read and not kept.", Counter(each(&|s| get(&s.viewer_bytes_discarded)))),
+        ("opensim_chat_relay_lines_polled_total", "Lines the viewer handed out.", Counter(each(&|s| get(&s.lines_polled)))),
+        ("opensim_chat_relay_lines_relayed_total", "Lines that passed the filter and were stored in the outbox.", Counter(each(&|s| get(&s.lines_relayed)))),
+        ("opensim_chat_relay_lines_filtered_total", "Lines not relayed, by reason.", Counter(filtered)),
+        ("opensim_chat_relay_lines_delivered_total", "Lines the CMS confirmed (including those a read-back found).", Counter(one(get(&process.lines_delivered) + get(&process.lines_reconciled)))),
+        ("opensim_chat_relay_lines_reconciled_total", "Lines a read-back found stored after a POST of unknown outcome.", Counter(one(get(&process.lines_reconciled)))),
+        ("opensim_chat_relay_delivery_retries_total", "Failed delivery attempts (each is retried with backoff).", Counter(one(get(&process.delivery_retries)))),
+        ("opensim_chat_relay_lines_dead_lettered_total", "Lines the CMS refused, moved to the dead letters.", Counter(one(get(&process.lines_dead_lettered)))),
+        ("opensim_chat_relay_lines_unresolved_total", "Lines moved to the dead letters because the CMS could not answer their read-back: they may be stored; check the CMS before requeueing.", Counter(one(get(&process.lines_unresolved)))),
+        ("opensim_chat_relay_cms_pacing_gap_seconds", "Idle time delivery leaves the CMS between its requests (0: back to back), set by the adaptive pacing from the CMS's answer times.", Gauge(one(get(&process.cms_pacing_gap_micros) as f64 / 1e6))),
+        ("opensim_chat_relay_viewer_out_of_region", "1 while the viewer does not hear its region (disconnected by a region restart, logged out, or in another region); /readyz says what to do.", Gauge(each_gauge(&|s| get(&s.viewer_out_of_region)))),
+        ("opensim_chat_relay_viewer_out_of_region_total", "Stretches of the viewer out of its region that began.", Counter(each(&|s| get(&s.viewer_out_of_region_stretches)))),
+        ("opensim_chat_relay_viewer_logins_total", "REST logins the relay made to bring the viewer back into its region ([viewer.login]).", Counter(each(&|s| get(&s.viewer_logins)))),
+        ("opensim_chat_relay_avatars_in_region", "Avatars the viewer lists in its region, its own left out.", Gauge(each_gauge(&|s| get(&s.avatars_in_region)))),
+        ("opensim_chat_relay_avatars_beyond_hearing", "Of the avatars in the region, those farther from the viewer's avatar than viewer.hearing_range: what they say is not heard.", Gauge(each_gauge(&|s| get(&s.avatars_beyond_hearing)))),
+        ("opensim_chat_relay_gap_markers_total", "Gap markers written for the CMS chat: stretches the relay knows it did not record (cms.gap_markers).", Counter(each(&|s| get(&s.gap_markers)))),
+        ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(one(get(&process.lines_held_back) as f64))),
+        ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Counter(dropped)),
+        ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(one(get(&process.batches_delivered)))),
+        ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(one(gauges.cms_logins))),
+        ("opensim_chat_relay_inworld_said_total", "CMS lines said in-world.", Counter(each(&|s| get(&s.inworld_said)))),
+        ("opensim_chat_relay_inworld_skipped_total", "CMS lines not said in-world (too old, or beyond the queue limit).", Counter(each(&|s| get(&s.inworld_skipped)))),
+        ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(each(&|s| get(&s.inworld_echoes_dropped)))),
+        ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(one(gauges.outbox_lines as f64))),
+        ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(one(gauges.outbox_bytes as f64))),
+        ("opensim_chat_relay_outbox_disk_bytes", "Disk space of the outbox's directory (its database, which never shrinks, and its reserve): up to 4 x outbox.max_bytes + 12 MiB + outbox.reserve_bytes.", Gauge(one(gauges.outbox_disk_bytes as f64))),
+        ("opensim_chat_relay_outbox_oldest_age_seconds", "Age of the oldest line waiting in the outbox (0 when empty).", Gauge(one(gauges.oldest_age_seconds))),
+        ("opensim_chat_relay_dead_letters", "Lines kept in the dead letters.", Gauge(one(gauges.dead_letters as f64))),
+        ("opensim_chat_relay_quarantined", "Unreadable records kept in the quarantine.", Gauge(one(gauges.quarantined as f64))),
+        ("opensim_chat_relay_unreadable_answers_not_quarantined_total", "Unreadable viewer answers not kept: the same body was kept before (repeat), or the quarantine holds outbox.max_quarantine_bytes (full).", Counter(not_quarantined)),
+        ("opensim_chat_relay_batch_size", "Lines per chat POST.", Histogram(process.batch_size.snapshot())),
+        ("opensim_chat_relay_post_seconds", "Duration of each chat POST.", Histogram(process.post_seconds.snapshot())),
+        ("opensim_chat_relay_capture_to_cms_seconds", "From the viewer answer carrying a line to the CMS confirming it.", Histogram(process.capture_to_cms_seconds.snapshot())),
+        ("opensim_chat_relay_ready", "1 when /readyz answers 200.", Gauge(one(ready))),
+        ("opensim_chat_relay_uptime_seconds", "Seconds since start.", Gauge(one(gauges.uptime_seconds))),
+        ("opensim_chat_relay_build_info", "The running version.", Gauge(version)),
     ];
     families
 }
 
-const COUNTER: &str = "counter";
-const GAUGE: &str = "gauge";
-
-/// The samples of one metric, which also give its type.
-enum Samples {
-    /// A counter's one sample.
-    Counter(u64),
-    /// A gauge's one sample.
-    Gauge(f64),
-    /// A counter or gauge with one sample per value of a label: the type, the label's name, then
-    /// each label value with its sample.
-    Labeled(&'static str, &'static str, Vec<(&'static str, u64)>),
+/// The samples of one metric, read once at a scrape, which also give its type: the relay keeps its
+/// own atomics (one add on the hot path, no registry lookups), and the crate encodes them.
+#[derive(Debug)]
+enum Metric {
+    /// A counter's samples, each with its labels (none: the family's one sample).
+    Counter(Vec<(Labels, u64)>),
+    /// A gauge's samples.
+    Gauge(Vec<(Labels, f64)>),
     /// Cumulative buckets, the sum and the count.
     Histogram(HistogramSnapshot),
 }
 
 /// A histogram read once, so that its buckets, sum and count are rendered from the same values.
+#[derive(Debug)]
 struct HistogramSnapshot {
     bounds: &'static [f64],
     /// Per bucket, not cumulative; one more than `bounds` (the last is `+Inf`).
@@ -365,41 +444,51 @@ struct HistogramSnapshot {
     sum: f64,
 }
 
-/// The `# HELP` and `# TYPE` lines, then the samples. Writing to a `String` cannot fail, so the
-/// `fmt::Result`s are dropped.
-fn render_family(out: &mut String, name: &str, help: &str, samples: &Samples) {
-    let kind = match samples {
-        Samples::Counter(_) => COUNTER,
-        Samples::Gauge(_) => GAUGE,
-        Samples::Labeled(kind, ..) => kind,
-        Samples::Histogram(_) => "histogram",
-    };
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    match samples {
-        Samples::Counter(value) => {
-            let _ = writeln!(out, "{name} {value}");
-        }
-        Samples::Gauge(value) => {
-            let _ = writeln!(out, "{name} {value}");
-        }
-        Samples::Labeled(_, label, samples) => {
-            for (label_value, value) in samples {
-                let _ = writeln!(out, "{name}{{{label}=\"{label_value}\"}} {value}");
+impl EncodeMetric for Metric {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> std::fmt::Result {
+        match self {
+            Metric::Counter(samples) => {
+                for (labels, value) in samples {
+                    if labels.is_empty() {
+                        encoder.encode_counter::<NoLabelSet, _, u64>(value, None)?;
+                    } else {
+                        encoder
+                            .encode_family(labels)?
+                            .encode_counter::<NoLabelSet, _, u64>(value, None)?;
+                    }
+                }
+            }
+            Metric::Gauge(samples) => {
+                for (labels, value) in samples {
+                    if labels.is_empty() {
+                        encoder.encode_gauge(value)?;
+                    } else {
+                        encoder.encode_family(labels)?.encode_gauge(value)?;
+                    }
+                }
+            }
+            Metric::Histogram(histogram) => {
+                let buckets: Vec<(f64, u64)> = histogram
+                    .counts
+                    .iter()
+                    .enumerate()
+                    .map(|(idx, count)| {
+                        let bound = histogram.bounds.get(idx).copied();
+                        (bound.unwrap_or(f64::INFINITY), *count)
+                    })
+                    .collect();
+                let count = histogram.counts.iter().sum();
+                encoder.encode_histogram::<NoLabelSet>(histogram.sum, count, &buckets, None)?;
             }
         }
-        Samples::Histogram(histogram) => {
-            let mut cumulative = 0;
-            for (idx, count) in histogram.counts.iter().enumerate() {
-                cumulative += count;
-                let le = histogram
-                    .bounds
-                    .get(idx)
-                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-                let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-            }
-            let _ = writeln!(out, "{name}_sum {}", histogram.sum);
-            let _ = writeln!(out, "{name}_count {cumulative}");
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        match self {
+            Metric::Counter(_) => MetricType::Counter,
+            Metric::Gauge(_) => MetricType::Gauge,
+            Metric::Histogram(_) => MetricType::Histogram,
         }
     }
 }
@@ -414,18 +503,25 @@ mod tests {
         for size in [1.0, 3.0, 3.0, 1000.0] {
             stats.batch_size.observe(size);
         }
-        let text = render_prometheus(&stats, &Gauges::default());
+        let text = render_prometheus(&stats, &[], &Gauges::default());
         assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"1\"} 1\n"));
         assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"5\"} 3\n"));
         assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"500\"} 3\n"));
         assert!(text.contains("opensim_chat_relay_batch_size_bucket{le=\"+Inf\"} 4\n"));
-        assert!(text.contains("opensim_chat_relay_batch_size_sum 1007\n"));
+        assert!(text.contains("opensim_chat_relay_batch_size_sum 1007.0\n"));
         assert!(text.contains("opensim_chat_relay_batch_size_count 4\n"));
     }
 
     #[test]
     fn every_metric_has_help_and_type_and_a_conventional_name() {
-        let text = render_prometheus(&Stats::default(), &Gauges::default());
+        let text = render_prometheus(
+            &Stats::default(),
+            &[RegionStats {
+                name: "",
+                stats: &Stats::default(),
+            }],
+            &Gauges::default(),
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
             assert!(name.starts_with("opensim_chat_relay_"), "{line}");

@@ -131,6 +131,8 @@ pub struct CapturedLine {
     pub spoken_at: DateTime<Utc>,
     /// When the relay received it from the viewer.
     pub captured_at: DateTime<Utc>,
+    /// The region it was said in (`[[regions]]` name); empty: the only region.
+    pub region: String,
 }
 
 /// `format` with each `{name}` replaced, in one pass (replaced text is never scanned again).

@@ -45,6 +45,8 @@ pub struct NoticeDeps {
     /// The viewer's avatar list, as the side reads last saw it (arrivals are greeted from it; the
     /// notice never reads the viewer itself, so a wrong `avatars_url` cannot hold up polling).
     pub facts: Arc<ViewerFacts>,
+    /// The `{region}` text of the notice.
+    pub region_label: String,
     /// The notice, the greeting switch, the commands (reloaded with the configuration).
     pub live: watch::Receiver<Arc<Live>>,
     /// Who opted out (they are not greeted).
@@ -95,7 +97,7 @@ impl Notice {
         self.stop = token.clone();
         loop {
             let live = self.deps.live.borrow_and_update().clone();
-            let notice = privacy::notice(&live.privacy);
+            let notice = privacy::notice(&live.privacy, &self.deps.region_label);
             // Arrivals first: the first list read, before the notice at start, records who hears it.
             if live.privacy.greet
                 && let Some(text) = &notice

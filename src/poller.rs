@@ -141,6 +141,10 @@ pub struct PollerDeps {
     /// The viewer's own name, as `lookingglass::facts` last read it (its `FactsReader` must run:
     /// the first GET waits for its first status read).
     pub facts: Arc<ViewerFacts>,
+    /// The region's `[[regions]]` name, stored with each line (empty: the only region).
+    pub region: String,
+    /// The region's `{region}` text, for the privacy confirmations.
+    pub region_label: String,
 }
 
 /// The ingest stage.
@@ -323,6 +327,7 @@ impl Poller {
                 message,
                 spoken_at: line.spoken_at,
                 captured_at: polled_at,
+                region: self.deps.region.clone(),
             });
         });
         (parsed, ingest.commit().await)
@@ -516,7 +521,10 @@ impl Poller {
                 Command::OptIn => tracing::info!("a speaker opted in to recording again"),
             }
             let live = self.deps.live.borrow().clone();
-            if let Some(text) = self.deps.privacy.confirmation(&live.privacy, change)
+            if let Some(text) =
+                self.deps
+                    .privacy
+                    .confirmation(&live.privacy, change, &self.deps.region_label)
                 && let Err(err) = self.deps.confirmations.try_send(text)
             {
                 tracing::warn!(error = %err, "privacy confirmation not said: the in-world queue is full or closed");

@@ -186,8 +186,9 @@ pub fn may_contain(body: &[u8], command: &str) -> bool {
         .any(|window| window.eq_ignore_ascii_case(command))
 }
 
-/// The notice to say (`privacy.notice` with the commands filled in), `None` when it is off.
-pub fn notice(settings: &PrivacySettings) -> Option<String> {
+/// The notice to say in region `region` (`privacy.notice` with the commands and `{region}` filled
+/// in), `None` when it is off.
+pub fn notice(settings: &PrivacySettings, region: &str) -> Option<String> {
     if settings.notice.trim().is_empty() {
         return None;
     }
@@ -196,6 +197,7 @@ pub fn notice(settings: &PrivacySettings) -> Option<String> {
         &[
             ("optout", settings.optout_command.trim()),
             ("optin", settings.optin_command.trim()),
+            ("region", region),
         ],
     ))
 }
@@ -309,7 +311,12 @@ impl Privacy {
 
     /// The in-world confirmation of a change (`privacy.confirm_format`): `None` when it is off, or
     /// when the speaker was confirmed for the same command less than `CONFIRM_COOLDOWN` ago.
-    pub fn confirmation(&self, settings: &PrivacySettings, change: &Change) -> Option<String> {
+    pub fn confirmation(
+        &self,
+        settings: &PrivacySettings,
+        change: &Change,
+        region: &str,
+    ) -> Option<String> {
         if settings.confirm_format.trim().is_empty() {
             return None;
         }
@@ -335,6 +342,7 @@ impl Privacy {
                 ("state", state),
                 ("optout", settings.optout_command.trim()),
                 ("optin", settings.optin_command.trim()),
+                ("region", region),
             ],
         ))
     }
@@ -450,23 +458,31 @@ mod tests {
         privacy.apply(&change(Command::OptOut));
         assert!(privacy.is_opted_out("Alice Resident", change(Command::OptOut).uuid.as_deref()));
         assert_eq!(
-            privacy.confirmation(&settings, &change(Command::OptOut)),
+            privacy.confirmation(&settings, &change(Command::OptOut), "Welcome"),
             Some("Alice Resident: not recorded (!log to undo)".into())
         );
         assert_eq!(
-            privacy.confirmation(&settings, &change(Command::OptOut)),
+            privacy.confirmation(&settings, &change(Command::OptOut), "Welcome"),
             None,
             "a repeat within the cooldown"
         );
         assert_eq!(
-            privacy.confirmation(&settings, &change(Command::OptIn)),
+            privacy.confirmation(&settings, &change(Command::OptIn), "Welcome"),
             Some("Alice Resident: recorded (!log to undo)".into())
         );
         privacy.apply(&change(Command::OptIn));
         assert!(privacy.is_empty());
         assert_eq!(
-            notice(&settings).as_deref(),
+            notice(&settings, "Welcome").as_deref(),
             Some("Chat is recorded; say !nolog to opt out")
+        );
+        let in_region = PrivacySettings {
+            notice: "Chat in {region} is recorded; say {optout} to opt out".into(),
+            ..settings.clone()
+        };
+        assert_eq!(
+            notice(&in_region, "Sandbox").as_deref(),
+            Some("Chat in Sandbox is recorded; say !nolog to opt out")
         );
     }
 }

@@ -75,6 +75,60 @@ impl<'de> Deserialize<'de> for Zone {
     }
 }
 
+/// How long a login's token lives at the CMS (spec §2.2): 30 minutes, a day for user 1 (`OpenSim`).
+fn token_lifetime(user_id: Option<i64>) -> chrono::Duration {
+    if user_id == Some(1) {
+        chrono::Duration::days(1)
+    } else {
+        chrono::Duration::minutes(30)
+    }
+}
+
+/// The CMS's UTC offset in seconds, as a login answer shows it: `expires` is `now + lifetime` in
+/// the CMS's PHP zone (spec §2.1, §10.2), so `expires - lifetime - answered_at` is its offset,
+/// rounded to the quarter hour (offsets are whole quarters; the request took well under 7 min).
+/// `None` when `expires` does not parse.
+pub fn cms_offset_seen(
+    expires: &str,
+    answered_at: DateTime<Utc>,
+    user_id: Option<i64>,
+) -> Option<i64> {
+    let expires = NaiveDateTime::parse_from_str(expires.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
+    let seconds = (expires - token_lifetime(user_id) - answered_at.naive_utc()).num_seconds();
+    Some((seconds as f64 / 900.0).round() as i64 * 900)
+}
+
+/// The UTC offset of `zone` at `instant`, in seconds.
+pub fn offset_at(zone: Zone, instant: DateTime<Utc>) -> i64 {
+    (zone.wall_clock(instant) - instant.naive_utc()).num_seconds()
+}
+
+/// What is wrong when `cms.timezone` (`zone`) and the CMS's own clock, as its login answer
+/// showed it, disagree at `answered_at`; `None` when they agree or the answer had no time.
+pub fn cms_zone_disagreement(
+    zone: Zone,
+    expires: &str,
+    answered_at: DateTime<Utc>,
+    user_id: Option<i64>,
+) -> Option<String> {
+    let seen = cms_offset_seen(expires, answered_at, user_id)?;
+    let configured = offset_at(zone, answered_at);
+    (seen != configured).then(|| {
+        format!(
+            "cms.timezone = {zone} is UTC{} now, but the cms's own clock is UTC{} (its login answer's expires, {expires}, is in its PHP zone): rows are dated in the wrong zone",
+            utc_offset(configured),
+            utc_offset(seen)
+        )
+    })
+}
+
+/// `+01:00`, `-03:30`, `+00:00`.
+fn utc_offset(seconds: i64) -> String {
+    let sign = if seconds < 0 { '-' } else { '+' };
+    let minutes = seconds.abs() / 60;
+    format!("{sign}{:02}:{:02}", minutes / 60, minutes % 60)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +139,33 @@ mod tests {
         let naive = NaiveDateTime::parse_from_str("2026-10-25 02:30:00", "%Y-%m-%d %H:%M:%S")
             .expect("valid");
         assert_eq!(zone.resolve(naive).len(), 2);
+    }
+
+    #[test]
+    fn the_cms_zone_is_read_from_the_login_answer_and_a_disagreement_is_named() {
+        let zone: Zone = "Europe/Amsterdam".parse().expect("valid zone");
+        // 2026-07-01 10:00:00 UTC is 12:00 in Amsterdam (CEST); the token lives 30 minutes.
+        let at = Utc.with_ymd_and_hms(2026, 7, 1, 10, 0, 0).unwrap();
+        assert_eq!(
+            cms_offset_seen("2026-07-01 12:30:01", at, Some(3)),
+            Some(7200)
+        );
+        assert_eq!(
+            cms_zone_disagreement(zone, "2026-07-01 12:30:01", at, Some(3)),
+            None
+        );
+        // User 1's token lives a day.
+        assert_eq!(
+            cms_zone_disagreement(zone, "2026-07-02 12:00:00", at, Some(1)),
+            None
+        );
+        // A CMS in UTC, configured as Amsterdam.
+        let said = cms_zone_disagreement(zone, "2026-07-01 10:30:00", at, Some(3)).expect("named");
+        assert!(
+            said.contains("UTC+02:00") && said.contains("UTC+00:00"),
+            "{said}"
+        );
+        assert_eq!(cms_offset_seen("soon", at, None), None);
     }
 
     #[test]

@@ -77,6 +77,41 @@ pub(super) async fn check_cms(settings: &Settings, report: &mut CheckReport) {
         "cms.login",
         format!("logged in as {username:?}{user_id} at {base_url}{bound}"),
     );
+    match crate::delivery::zone_disagreement(cms_settings.timezone, &client) {
+        Some(disagreement) => report.warn(
+            "cms.timezone",
+            disagreement,
+            "set cms.timezone to the CMS's PHP zone (its php.ini date.timezone, or config.php's date_default_timezone_set)",
+        ),
+        None if info.expires.is_some() => report.ok(
+            "cms.timezone",
+            format!(
+                "{} agrees with the CMS's own clock (its login answer)",
+                cms_settings.timezone
+            ),
+        ),
+        None => {}
+    }
+    match crate::delivery::unknown_mapped_users(&settings.mapping.users, &client).await {
+        (unknown, _) if !unknown.is_empty() => report.warn(
+            "mapping.users",
+            crate::delivery::describe_unknown_users(&unknown),
+            "point each name at an existing CMS user id, or remove it (unmapped avatars are looked up, or go out anonymous)",
+        ),
+        (_, Some(err)) => report.warn(
+            "mapping.users",
+            format!("cannot look the users up: {err}"),
+            "give the account user 4 (READ) so check can verify mapping.users",
+        ),
+        _ if settings.mapping.users.is_empty() => {}
+        _ => report.ok(
+            "mapping.users",
+            format!(
+                "the CMS has every user of mapping.users ({})",
+                settings.mapping.users.len()
+            ),
+        ),
+    }
     let ip_hint = match &info.ip {
         Some(ip) => format!(
             "or the CMS bound the token to {ip} and saw this request come from another address (NAT, IPv4 vs IPv6: give cms.base_url a literal IP)"

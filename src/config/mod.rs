@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 mod cms;
 mod fields;
 mod pattern;
+mod regions;
 mod sections;
 mod snapshot;
 mod syntax;
@@ -27,6 +28,7 @@ mod viewer_login;
 
 pub use cms::{CmsSettings, DeliverySettings};
 pub use pattern::{Pattern, Redaction};
+pub use regions::Region;
 pub use sections::{
     FilterSettings, HttpSettings, InworldSettings, LogFormat, LogSettings, MappingSettings,
     OutboxSettings, PrivacySettings, RetrySettings, SayType, ViewerSettings, WhenFull,
@@ -68,6 +70,16 @@ pub enum ConfigError {
     /// The effective configuration cannot be printed as TOML (e.g. a path that is not UTF-8).
     #[error("configuration: cannot print it as TOML: {0}")]
     Print(String),
+    /// A key of a `[[regions]]` entry is missing, of the wrong type or unusable.
+    #[error("configuration: key `{key}`{}: {reason}", region_part(name))]
+    Region {
+        /// The entry and its key, e.g. `regions[1].chat_url` (entries counted from 0).
+        key: String,
+        /// The entry's `name`, when it has one.
+        name: String,
+        /// What is wrong with it and how to fix it.
+        reason: String,
+    },
     /// A value is well-typed but unusable.
     #[error("configuration: key `{key}`: {reason}")]
     Invalid {
@@ -76,6 +88,14 @@ pub enum ConfigError {
         /// What is wrong with it and how to fix it.
         reason: String,
     },
+}
+
+fn region_part(name: &str) -> String {
+    if name.is_empty() {
+        String::new()
+    } else {
+        format!(" (region {name:?})")
+    }
 }
 
 fn key_part(key: Option<&str>) -> String {
@@ -106,6 +126,11 @@ pub struct Settings {
     pub log: LogSettings,
     /// The health, readiness and metrics endpoint.
     pub http: HttpSettings,
+    /// `[[regions]]` as written: each a `name` and keys of `[viewer]` (see `regions()`).
+    pub regions: Vec<toml::Table>,
+    /// `regions` over `[viewer]`, resolved when loaded.
+    #[serde(skip)]
+    resolved: Vec<Region>,
 }
 
 impl Settings {
@@ -133,9 +158,17 @@ impl Settings {
         for (key, value) in overrides {
             builder = builder.set_override(*key, *value)?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.resolved = regions::resolve(&settings.viewer, &settings.regions)?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The regions the relay serves, at least one: each `[[regions]]` entry over `[viewer]`, or
+    /// `[viewer]` alone without `[[regions]]` (named `viewer.region`, else `viewer.login.region`,
+    /// else empty: the only region).
+    pub fn regions(&self) -> &[Region] {
+        &self.resolved
     }
 
     /// What is allowed but probably wrong, one sentence each naming its key. Loading logs nothing

@@ -134,3 +134,150 @@ fn anonymous_id_zero_is_a_warning_not_an_error() {
         "{warnings:?}"
     );
 }
+
+const TWO_REGIONS: &str = r#"
+[viewer]
+timezone = "Europe/Amsterdam"
+hearing_range = 30.0
+
+[[regions]]
+name = "Welcome"
+chat_url = "http://127.0.0.1:9144/api/chat"
+status_url = "http://127.0.0.1:9144/api/LLLP/status"
+avatars_url = "http://127.0.0.1:9144/api/avatars"
+
+[[regions]]
+name = "Sandbox"
+chat_url = "http://127.0.0.1:9145/api/chat"
+status_url = "http://127.0.0.1:9145/api/LLLP/status"
+avatars_url = ""
+hearing_range = 96.0
+region = "Sandbox Annex"
+"#;
+
+#[test]
+fn without_regions_the_only_region_is_the_viewer_and_its_region_names_it_in_text() {
+    let settings = Settings::load(None, &CREDENTIALS).expect("defaults load");
+    let regions = settings.regions();
+    assert_eq!(regions.len(), 1);
+    assert_eq!(regions[0].name, "");
+    assert_eq!(regions[0].label, "the region");
+    assert_eq!(regions[0].viewer.chat_url, settings.viewer.chat_url);
+    let mut named = CREDENTIALS.to_vec();
+    named.push(("viewer.region", "Welcome"));
+    let settings = Settings::load(None, &named).expect("loads");
+    // Still the only region (today's keys, no label), but its text names it.
+    assert_eq!(settings.regions()[0].name, "");
+    assert_eq!(settings.regions()[0].label, "Welcome");
+}
+
+#[test]
+fn each_region_takes_its_keys_over_the_viewer_section() {
+    let settings = load_toml(TWO_REGIONS).expect("loads");
+    let regions = settings.regions();
+    assert_eq!(regions.len(), 2);
+    let (welcome, sandbox) = (&regions[0], &regions[1]);
+    assert_eq!(welcome.name, "Welcome");
+    assert_eq!(welcome.viewer.chat_url, "http://127.0.0.1:9144/api/chat");
+    assert_eq!(welcome.viewer.expected_region(), Some("Welcome"));
+    assert_eq!(welcome.viewer.hearing_range, 30.0);
+    assert_eq!(welcome.viewer.timezone.to_string(), "Europe/Amsterdam");
+    assert_eq!(welcome.viewer.poll_interval, Duration::from_millis(500));
+    assert_eq!(sandbox.viewer.chat_url, "http://127.0.0.1:9145/api/chat");
+    assert_eq!(sandbox.viewer.avatars_url, None);
+    assert_eq!(sandbox.viewer.hearing_range, 96.0);
+    assert_eq!(sandbox.viewer.expected_region(), Some("Sandbox Annex"));
+    // The printed configuration loads again to the same regions.
+    let printed = settings.redacted().expect("prints");
+    let again = load_toml(&printed).expect("the printed configuration loads");
+    assert_eq!(again.regions().len(), 2);
+    assert_eq!(again.regions()[1].viewer.hearing_range, 96.0);
+}
+
+#[test]
+fn environment_defaults_reach_every_region() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("relay.toml");
+    std::fs::write(&file, TWO_REGIONS).expect("write");
+    let mut overrides = CREDENTIALS.to_vec();
+    overrides.push(("viewer.poll_interval", "2s"));
+    let settings = Settings::load(Some(&file), &overrides).expect("loads");
+    assert!(
+        settings
+            .regions()
+            .iter()
+            .all(|region| region.viewer.poll_interval == Duration::from_secs(2))
+    );
+}
+
+#[test]
+fn a_bad_region_entry_names_its_index_and_key() {
+    for (entry, key) in [
+        (
+            "chat_url = \"http://127.0.0.1:1/api/chat\"\n",
+            "regions[1].name",
+        ),
+        ("name = \"\"\n", "regions[1].name"),
+        ("name = \"welcome\"\n", "regions[1].name"),
+        ("name = 3\n", "regions[1].name"),
+        (
+            "name = \"B\"\nchat_url = \"http://127.0.0.1:2/api/chat\"\nchat_ur = \"http://x/\"\n",
+            "regions[1].chat_ur",
+        ),
+        (
+            "name = \"B\"\nchat_url = \"ftp://x/\"\n",
+            "regions[1].chat_url",
+        ),
+        (
+            "name = \"B\"\nchat_url = \"http://127.0.0.1:2/api/chat\"\nhearing_range = \"far\"\n",
+            "regions[1].hearing_range",
+        ),
+        (
+            "name = \"B\"\nchat_url = \"http://127.0.0.1:2/api/chat\"\nhearing_range = -1.0\n",
+            "regions[1].hearing_range",
+        ),
+        (
+            "name = \"B\"\nchat_url = \"http://127.0.0.1:2/api/chat\"\nrequest_timeout = \"5s\"\n",
+            "regions[1].request_timeout",
+        ),
+        // The same viewer for two regions: each GET would take the other's lines.
+        ("name = \"B\"\n", "regions[1].chat_url"),
+        (
+            "name = \"B\"\nchat_url = \"http://127.0.0.1:2/api/chat\"\n[regions.login]\nfirst = \"Relay\"\n",
+            "regions[1].login",
+        ),
+    ] {
+        let toml = format!(
+            "[[regions]]\nname = \"Welcome\"\nchat_url = \"http://127.0.0.1:9144/api/chat\"\n[[regions]]\n{entry}"
+        );
+        let err = load_toml(&toml).unwrap_err().to_string();
+        assert!(err.contains(key), "{entry}: {err}");
+    }
+}
+
+#[test]
+fn a_region_login_is_its_own_and_never_inherited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("viewer-password");
+    std::fs::write(&password, "pw").expect("write");
+    let login = |region: &str| {
+        format!(
+            "first = \"Relay\"\nlast = \"Bot\"\npassword_file = {password:?}\ngrid = \"OSGrid\"\nregion = \"{region}\"\nstart_position = \"128/128/25\"\n"
+        )
+    };
+    let toml = format!(
+        "[viewer.login]\n{}\n[[regions]]\nname = \"Welcome\"\n[regions.login]\n{}\n[[regions]]\nname = \"Sandbox\"\nchat_url = \"http://127.0.0.1:9145/api/chat\"\n",
+        login("Welcome"),
+        login("Welcome")
+    );
+    let settings = load_toml(&toml).expect("loads");
+    assert_eq!(
+        settings.regions()[0]
+            .viewer
+            .login
+            .as_ref()
+            .map(|login| login.first.as_str()),
+        Some("Relay")
+    );
+    assert!(settings.regions()[1].viewer.login.is_none());
+}

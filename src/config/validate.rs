@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{ConfigError, Settings};
+use super::regions::entry_error;
+use super::{ConfigError, Settings, ViewerSettings};
 
 /// The chat types the viewer produces (spec §2.5); anything else in `filter.types` is a typo.
 const KNOWN_TYPES: [&str; 5] = ["Normal", "Whisper", "Shout", "Debug", "OwnerSay"];
@@ -15,32 +16,22 @@ impl Settings {
             key,
             reason: reason.to_owned(),
         };
-        check_url("viewer.chat_url", &self.viewer.chat_url)?;
-        if let Some(url) = &self.viewer.avatars_url {
-            check_url("viewer.avatars_url", url)?;
-        }
-        if let Some(url) = &self.viewer.status_url {
-            check_url("viewer.status_url", url)?;
+        validate_viewer(&self.viewer)?;
+        // Without [[regions]] the only region is [viewer] itself, checked above.
+        if !self.regions.is_empty() {
+            for (index, region) in self.regions().iter().enumerate() {
+                validate_viewer(&region.viewer).map_err(|err| match err {
+                    ConfigError::Invalid { key, reason } => entry_error(
+                        index,
+                        &region.name,
+                        key.strip_prefix("viewer.").unwrap_or(key),
+                        &reason,
+                    ),
+                    other => other,
+                })?;
+            }
         }
         check_url("cms.base_url", &self.cms.base_url)?;
-        if !(self.viewer.hearing_range.is_finite() && self.viewer.hearing_range > 0.0) {
-            return Err(invalid(
-                "viewer.hearing_range",
-                "must be more than 0 metres (OpenSim's say_distance, 20 by default)",
-            ));
-        }
-        if let Some(login) = &self.viewer.login {
-            login.validate()?;
-        }
-        if self.viewer.poll_interval.is_zero() {
-            return Err(invalid("viewer.poll_interval", "must be more than 0"));
-        }
-        if self.viewer.request_timeout < Duration::from_secs(30) {
-            return Err(invalid(
-                "viewer.request_timeout",
-                "must be at least 30s: ending a viewer request early can abort a response, which kills the viewer",
-            ));
-        }
         if self.cms.username.is_empty() {
             return Err(invalid(
                 "cms.username",
@@ -129,12 +120,6 @@ impl Settings {
         if self.outbox.max_bytes < 4096 {
             return Err(invalid("outbox.max_bytes", "must be at least 4096"));
         }
-        if self.viewer.max_response_bytes < 4096 {
-            return Err(invalid(
-                "viewer.max_response_bytes",
-                "must be at least 4096",
-            ));
-        }
         if self.outbox.max_age.is_zero() {
             return Err(invalid("outbox.max_age", "must be more than 0"));
         }
@@ -151,6 +136,47 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// The checks of one viewer's keys, named as `[viewer]`'s (`viewer.chat_url`); a `[[regions]]`
+/// entry's errors are renamed to its own keys by the caller.
+fn validate_viewer(viewer: &ViewerSettings) -> Result<(), ConfigError> {
+    let invalid = |key, reason: &str| ConfigError::Invalid {
+        key,
+        reason: reason.to_owned(),
+    };
+    check_url("viewer.chat_url", &viewer.chat_url)?;
+    if let Some(url) = &viewer.avatars_url {
+        check_url("viewer.avatars_url", url)?;
+    }
+    if let Some(url) = &viewer.status_url {
+        check_url("viewer.status_url", url)?;
+    }
+    if !(viewer.hearing_range.is_finite() && viewer.hearing_range > 0.0) {
+        return Err(invalid(
+            "viewer.hearing_range",
+            "must be more than 0 metres (OpenSim's say_distance, 20 by default)",
+        ));
+    }
+    if let Some(login) = &viewer.login {
+        login.validate()?;
+    }
+    if viewer.poll_interval.is_zero() {
+        return Err(invalid("viewer.poll_interval", "must be more than 0"));
+    }
+    if viewer.request_timeout < Duration::from_secs(30) {
+        return Err(invalid(
+            "viewer.request_timeout",
+            "must be at least 30s: ending a viewer request early can abort a response, which kills the viewer",
+        ));
+    }
+    if viewer.max_response_bytes < 4096 {
+        return Err(invalid(
+            "viewer.max_response_bytes",
+            "must be at least 4096",
+        ));
+    }
+    Ok(())
 }
 
 fn check_url(key: &'static str, url: &str) -> Result<(), ConfigError> {

@@ -8,17 +8,23 @@
 //! lines), so there is no total timeout, only a long inactivity limit, and every answer is read to
 //! its end, but never held beyond `viewer.max_response_bytes` (the rest is read and discarded, up
 //! to `DISCARD_FACTOR` times the limit). A stop is honoured only before a request is sent, and by a
-//! status, avatars or counters read only while no byte of its answer has come. Must not know the
-//! CMS or the outbox.
+//! status, avatars or counters read only while no byte of its answer has come.
+//!
+//! The viewer's login password (`[viewer.login] password_file`) is reached here and in `config`
+//! only: `ViewerLogin::from_settings` loads it, `LookingGlassClient::login` puts it in the one
+//! request body that carries it, and whoever holds a `ViewerLogin` cannot read it. Must not know
+//! the CMS or the outbox, or put the password in a log line or an error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use serde_json::Value;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::{ConfigError, ViewerLoginSettings};
 use crate::lookingglass::presence::{CommCounters, SeenAvatar, ViewerStatus, seen_avatars};
 use crate::text::snippet;
 
@@ -117,6 +123,31 @@ pub struct ViewerEndpoint {
     pub inactivity: Duration,
     /// `viewer.max_response_bytes`.
     pub max_response_bytes: usize,
+}
+
+/// The viewer's own login (`[viewer.login]`) with its password, read from `password_file` here so
+/// that the password goes from `config` straight to the client that sends it, like the CMS's
+/// (`CmsEndpoint::from_settings`). Its `Debug` shows no password (`SecretString` redacts it).
+#[derive(Debug, Clone)]
+pub struct ViewerLogin {
+    settings: ViewerLoginSettings,
+    password: SecretString,
+}
+
+impl ViewerLogin {
+    /// The login `[viewer.login]` names, its password loaded: an unreadable or empty
+    /// `password_file`, or a password the viewer's form cannot carry, is an error naming the key.
+    pub fn from_settings(login: &ViewerLoginSettings) -> Result<ViewerLogin, ConfigError> {
+        Ok(ViewerLogin {
+            settings: login.clone(),
+            password: login.load_password()?,
+        })
+    }
+
+    /// The names, the region and the start position (everything but the password).
+    pub fn settings(&self) -> &ViewerLoginSettings {
+        &self.settings
+    }
 }
 
 /// Talks to one viewer. Clones share one gate: their requests go one at a time.
@@ -348,6 +379,21 @@ impl LookingGlassClient {
                 .unwrap_or("refused without a reason")
                 .to_owned())),
         }
+    }
+
+    /// `POST /api/LLLP/connect/login` with `login`'s form, password included (the one place it is
+    /// opened outside `config`); answered like `connect`.
+    pub async fn login(
+        &self,
+        login: &ViewerLogin,
+        stop: &CancellationToken,
+    ) -> Result<Result<(), String>, ViewerError> {
+        let form = login.settings.form(&login.password);
+        let form: Vec<(&str, &str)> = form
+            .iter()
+            .map(|(key, value)| (*key, value.as_str()))
+            .collect();
+        self.connect("login", &form, stop).await
     }
 
     /// Waits until no request is in flight (the gate is free). A shutdown waits for this: an answer

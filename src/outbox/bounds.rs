@@ -113,7 +113,7 @@ impl Outbox {
             let Some(line) = decode_pending(&key, &value) else {
                 continue;
             };
-            if spare_in_flight && line.in_flight {
+            if spare_in_flight && line.is_in_flight() {
                 continue;
             }
             if !condition(&line, self) {

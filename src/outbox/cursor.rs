@@ -2,7 +2,12 @@
 //! restart together with the lines they describe.
 //!
 //! Owns the `meta` tree, its keys and their encoding (an `i64`, big-endian). The keys are fixed: an
-//! existing database must keep its cursors. Must not know what a cursor means to its stage.
+//! existing database must keep its cursors. A cursor of one region among several (`Cursor::of`)
+//! takes the key `<key>/<region>`; the only region (empty name) keeps the bare key, so a relay that
+//! serves one region reads the cursors it always wrote. Must not know what a cursor means to its
+//! stage.
+
+use std::borrow::Cow;
 
 use crate::outbox::store::Store;
 use crate::outbox::{Outbox, OutboxError};
@@ -30,8 +35,57 @@ pub enum Cursor {
     ViewerOutSince,
 }
 
-impl Cursor {
+/// A cursor of one region (`region` empty: the only region, today's key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionCursor {
+    /// Which cursor.
+    pub cursor: Cursor,
+    /// The region's name.
+    pub region: String,
+}
+
+impl From<Cursor> for RegionCursor {
+    fn from(cursor: Cursor) -> RegionCursor {
+        RegionCursor {
+            cursor,
+            region: String::new(),
+        }
+    }
+}
+
+impl From<&Cursor> for RegionCursor {
+    fn from(cursor: &Cursor) -> RegionCursor {
+        RegionCursor::from(*cursor)
+    }
+}
+
+impl From<&RegionCursor> for RegionCursor {
+    fn from(cursor: &RegionCursor) -> RegionCursor {
+        cursor.clone()
+    }
+}
+
+impl RegionCursor {
     /// The key in the `meta` tree.
+    fn key(&self) -> Cow<'static, str> {
+        if self.region.is_empty() {
+            Cow::Borrowed(self.cursor.key())
+        } else {
+            Cow::Owned(format!("{}/{}", self.cursor.key(), self.region))
+        }
+    }
+}
+
+impl Cursor {
+    /// This cursor of `region` (empty: the only region).
+    pub fn of(self, region: &str) -> RegionCursor {
+        RegionCursor {
+            cursor: self,
+            region: region.to_owned(),
+        }
+    }
+
+    /// The key in the `meta` tree of the only region.
     fn key(self) -> &'static str {
         match self {
             Cursor::LastConfirmedId => "delivery.last_confirmed_id",
@@ -48,28 +102,35 @@ impl Cursor {
 
 impl Outbox {
     /// The cursor's value, `None` until it is first set.
-    pub fn cursor(&self, cursor: Cursor) -> Result<Option<i64>, OutboxError> {
+    pub fn cursor(&self, cursor: impl Into<RegionCursor>) -> Result<Option<i64>, OutboxError> {
         let store = self.store()?;
         Ok(self
             .db
-            .io(store.meta.get(cursor.key()))?
+            .io(store.meta.get(cursor.into().key().as_bytes()))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map(i64::from_be_bytes))
     }
 
     /// Sets the cursor and flushes.
-    pub async fn set_cursor(&self, cursor: Cursor, value: i64) -> Result<(), OutboxError> {
+    pub async fn set_cursor(
+        &self,
+        cursor: impl Into<RegionCursor>,
+        value: i64,
+    ) -> Result<(), OutboxError> {
         let store = self.store()?;
-        self.write_cursor(&store, cursor, value)?;
+        self.write_cursor(&store, &cursor.into(), value)?;
         self.db.flush(&store).await
     }
 
     /// Sets several cursors in one atomic batch and flushes: a crash leaves all of them or none.
-    pub async fn set_cursors(&self, cursors: &[(Cursor, i64)]) -> Result<(), OutboxError> {
+    pub async fn set_cursors<C>(&self, cursors: &[(C, i64)]) -> Result<(), OutboxError>
+    where
+        for<'c> &'c C: Into<RegionCursor>,
+    {
         let store = self.store()?;
         let mut batch = sled::Batch::default();
         for (cursor, value) in cursors {
-            batch.insert(cursor.key(), &value.to_be_bytes());
+            batch.insert(cursor.into().key().as_bytes(), &value.to_be_bytes());
         }
         self.db.io(store.meta.apply_batch(batch))?;
         self.db.flush(&store).await
@@ -80,19 +141,23 @@ impl Outbox {
     pub async fn append_and_set_cursor(
         &self,
         lines: &[crate::model::CapturedLine],
-        cursor: Cursor,
+        cursor: impl Into<RegionCursor>,
         value: i64,
     ) -> Result<(), OutboxError> {
-        let before = self.cursor(cursor)?;
+        let cursor = cursor.into();
+        let before = self.cursor(&cursor)?;
         let store = self.store()?;
-        self.write_cursor(&store, cursor, value)?;
+        self.write_cursor(&store, &cursor, value)?;
         let appended = self.append(lines).await;
         if appended.is_err() {
             // The lines did not reach the disk: the cursor must not say they did (a failed write
             // is retried by the caller as a whole).
             let _ = match before {
-                Some(before) => self.write_cursor(&store, cursor, before),
-                None => self.db.io(store.meta.remove(cursor.key())).map(drop),
+                Some(before) => self.write_cursor(&store, &cursor, before),
+                None => self
+                    .db
+                    .io(store.meta.remove(cursor.key().as_bytes()))
+                    .map(drop),
             };
         }
         appended
@@ -102,11 +167,12 @@ impl Outbox {
     pub(super) fn write_cursor(
         &self,
         store: &Store,
-        cursor: Cursor,
+        cursor: &RegionCursor,
         value: i64,
     ) -> Result<(), OutboxError> {
-        self.db
-            .io(store.meta.insert(cursor.key(), &value.to_be_bytes()))?;
+        self.db.io(store
+            .meta
+            .insert(cursor.key().as_bytes(), &value.to_be_bytes()))?;
         Ok(())
     }
 }

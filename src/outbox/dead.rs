@@ -53,15 +53,7 @@ impl Outbox {
             if ids.is_some_and(|ids| !ids.contains(&dead.pending.id)) {
                 continue;
             }
-            let pending = PendingLine {
-                attempts: 0,
-                prepared: None,
-                in_flight: false,
-                failures: 0,
-                last_error: None,
-                sent_after: None,
-                ..dead.pending
-            };
+            let pending = PendingLine::captured(dead.pending.id, dead.pending.line);
             let value = encode_pending(&pending);
             let n_bytes = value.len() as u64;
             // Written to pending before it leaves the dead letters: a crash leaves it in at least one.

@@ -161,6 +161,7 @@ mod tests {
             message: text.into(),
             spoken_at,
             captured_at: spoken_at,
+            region: String::new(),
         }
     }
 

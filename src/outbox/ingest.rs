@@ -97,16 +97,7 @@ impl Ingest<'_> {
                 id
             }
         };
-        let pending = PendingLine {
-            id,
-            line: line.clone(),
-            attempts: 0,
-            prepared: None,
-            in_flight: false,
-            failures: 0,
-            last_error: None,
-            sent_after: None,
-        };
+        let pending = PendingLine::captured(id, line.clone());
         let value = encode_pending(&pending);
         let n_bytes = value.len() as u64;
         // A retry finds the records of the failed try that reached the disk: counted once.

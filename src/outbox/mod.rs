@@ -14,7 +14,7 @@
 //! `max_age`). This is the only module that imports sled.
 //!
 //! The files, one concern each: `store` (the database, its ids, reopening it after an I/O error),
-//! `record` (the stored format), `queue` (pending lines: read, rewrite, remove), `ingest` (storing a
+//! `record` (the stored format, versioned and migrated), `queue` (pending lines: read, the lifecycle's verbs, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
 //! and the quarantine), `cursor` (the stages' persisted cursors), `privacy` (the opt-outs and the
 //! dropping of their waiting lines), `reader` (the read-only view `health` gets: it
@@ -49,7 +49,7 @@ use crate::model::CapturedLine;
 use crate::outbox::store::{Database, Store, last_key};
 
 pub use bounds::{Limits, WhenFull};
-pub use cursor::Cursor;
+pub use cursor::{Cursor, RegionCursor};
 pub use dead::{Quarantined, QuarantinedRecord};
 pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;
@@ -100,7 +100,7 @@ pub enum OutboxError {
 }
 
 /// What delivery decided to send for a line, fixed before the first POST so that a retry sends exactly
-/// the same row (and a read-back can recognise it). Stored as is in the record.
+/// the same row (and a read-back can recognise it). Stored as is in the record (`LineState`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prepared {
     /// CMS user id.
@@ -109,6 +109,38 @@ pub struct Prepared {
     pub message: String,
     /// The timestamp as sent.
     pub timestamp: String,
+}
+
+/// Where a line is in its life at the relay. Its other ends are not states of a pending line:
+/// confirmation removes it (`Outbox::remove`), a refusal moves it to the dead letters
+/// (`Outbox::dead_letter`), and a line held for its own retry keeps its state, with its failures
+/// counted on the record (`PendingLine::failures`) and its wait in delivery's memory.
+///
+/// ```text
+/// Captured ──prepare──► (row decided, in memory) ──mark_in_flight──► InFlight { row, after }
+///    ▲                                                               │        │
+///    │                                           found / success ◄───┘        │ not found, or
+///    │                                           (removed)                    │ proven not stored
+///    └── requeue (from the dead letters)          Prepared(row) ◄─────────────┘ (not_in_flight)
+///                                                     └──mark_in_flight──► InFlight again
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineState {
+    /// As captured: its row is decided before its first POST.
+    Captured,
+    /// Its row is decided and it is not in flight: never sent, or proven not stored (a read-back
+    /// did not find it, or its own insert failed). It is sent again exactly as decided.
+    Prepared(Prepared),
+    /// A POST carried it and its outcome is not known: read back before it is sent again.
+    InFlight {
+        /// The row as sent; `None` only in a record damaged or written by another tool: the
+        /// row is decided again and read back.
+        row: Option<Prepared>,
+        /// Delivery's last confirmed CMS id when the POST went out: its row, if stored, is above
+        /// it, whatever delivery confirmed since. `None` in records written before it was kept:
+        /// the read-back then looks above the current cursor.
+        after: Option<i64>,
+    },
 }
 
 /// A line waiting in the outbox.
@@ -121,19 +153,61 @@ pub struct PendingLine {
     /// Delivery attempts so far: each POST that carried the line (counted before it is sent, so a
     /// POST a crash cut short counts too) and each read-back the CMS answered.
     pub attempts: u32,
-    /// The row as it will be sent, once decided.
-    pub prepared: Option<Prepared>,
-    /// A POST carrying this line was sent and its outcome is not known: read back before resending.
-    pub in_flight: bool,
+    /// Where it is in its life.
+    pub state: LineState,
     /// The attempts that failed while the CMS answered other requests: an error page, HTTP 500 or
     /// `success: false` for its POST, or a read-back it could not answer. Delivery moves the line
     /// to the dead letters when they reach `retry.max_line_failures`; an outage does not count.
     pub failures: u32,
     /// The error of the last of those failures, for the dead-letter reason.
     pub last_error: Option<String>,
-    /// Delivery's last confirmed CMS id when the line's last POST went out: its row, if stored,
-    /// is above it, whatever delivery confirmed since.
-    pub sent_after: Option<i64>,
+}
+
+impl PendingLine {
+    /// A line as captured, not yet tried.
+    pub fn captured(id: u64, line: CapturedLine) -> PendingLine {
+        PendingLine {
+            id,
+            line,
+            attempts: 0,
+            state: LineState::Captured,
+            failures: 0,
+            last_error: None,
+        }
+    }
+
+    /// Its row, once decided.
+    pub fn row(&self) -> Option<&Prepared> {
+        match &self.state {
+            LineState::Captured => None,
+            LineState::Prepared(row) => Some(row),
+            LineState::InFlight { row, .. } => row.as_ref(),
+        }
+    }
+
+    /// Whether a POST carried it and its outcome is unknown.
+    pub fn is_in_flight(&self) -> bool {
+        matches!(self.state, LineState::InFlight { .. })
+    }
+
+    /// Out of flight, proven not stored: its row kept to be sent again as it is (`Prepared`), or,
+    /// in a record that lost it, as captured.
+    pub fn not_stored(self) -> PendingLine {
+        let state = match self.state {
+            LineState::InFlight { row: Some(row), .. } => LineState::Prepared(row),
+            LineState::InFlight { row: None, .. } => LineState::Captured,
+            other => other,
+        };
+        PendingLine { state, ..self }
+    }
+
+    /// The last confirmed id its POST went out after, when in flight and known.
+    pub fn sent_after(&self) -> Option<i64> {
+        match self.state {
+            LineState::InFlight { after, .. } => after,
+            _ => None,
+        }
+    }
 }
 
 /// A line the CMS refused.

@@ -217,6 +217,7 @@ mod tests {
             message: text.into(),
             spoken_at: now,
             captured_at: now,
+            region: String::new(),
         }
     }
 

@@ -1,5 +1,6 @@
-//! The pending queue: reading the committed lines oldest first, rewriting them (delivery's decisions
-//! and in-flight marks), and removing those the CMS confirmed.
+//! The pending queue: reading the committed lines oldest first, moving them through their
+//! lifecycle (`LineState`: one verb per transition delivery makes), and removing those the CMS
+//! confirmed.
 //!
 //! Owns the committed watermark's use by readers and the depth counters' upkeep on removal. Must not
 //! decide when a line is confirmed (that is delivery's) or drop lines for space or age (`bounds`).
@@ -10,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::outbox::record::{decode_pending, encode_pending};
 use crate::outbox::store::Store;
-use crate::outbox::{Cursor, Outbox, OutboxError, PendingLine};
+use crate::outbox::{Cursor, LineState, Outbox, OutboxError, PendingLine};
 
 impl Outbox {
     /// The committed pending keys, oldest first: what delivery and the bounds may touch.
@@ -71,8 +72,63 @@ impl Outbox {
         Ok(self.oldest(1)?.first().map(|p| p.line.captured_at))
     }
 
-    /// Rewrites the given pending lines (their `prepared`, `in_flight`, `attempts`) and flushes.
-    pub async fn save(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
+    /// Marks `lines` in flight before their POST, each with its decided row (`PendingLine::row`)
+    /// and the last confirmed id `after` it goes out after, counts the attempt, and flushes: a
+    /// crash from here on leaves them to a read-back. Returns the lines as marked.
+    pub async fn mark_in_flight(
+        &self,
+        lines: &[PendingLine],
+        after: i64,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        let marked: Vec<PendingLine> = lines
+            .iter()
+            .map(|line| PendingLine {
+                attempts: line.attempts.saturating_add(1),
+                state: LineState::InFlight {
+                    row: line.row().cloned(),
+                    after: Some(after),
+                },
+                ..line.clone()
+            })
+            .collect();
+        self.rewrite(&marked).await?;
+        Ok(marked)
+    }
+
+    /// Marks `lines` proven not stored (a read-back did not find them, or their own insert
+    /// failed): in flight no more, their rows kept to be sent again as they are. Their counters
+    /// are written as given. Returns the lines as marked.
+    pub async fn mark_not_stored(
+        &self,
+        lines: &[PendingLine],
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        let marked: Vec<PendingLine> = lines.iter().cloned().map(PendingLine::not_stored).collect();
+        self.rewrite(&marked).await?;
+        Ok(marked)
+    }
+
+    /// Counts a failure of each of `lines`' own (`error`, for its dead-letter reason), their
+    /// state as given (still in flight after a failed read-back or an unknown POST), and flushes.
+    /// Returns the lines as written.
+    pub async fn record_failure(
+        &self,
+        lines: &[PendingLine],
+        error: &str,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        let failed: Vec<PendingLine> = lines
+            .iter()
+            .map(|line| PendingLine {
+                failures: line.failures.saturating_add(1),
+                last_error: Some(error.to_owned()),
+                ..line.clone()
+            })
+            .collect();
+        self.rewrite(&failed).await?;
+        Ok(failed)
+    }
+
+    /// Rewrites the given pending lines and flushes (the verbs above).
+    async fn rewrite(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
         let store = self.store()?;
         for line in lines {
             let value = encode_pending(line);
@@ -112,7 +168,7 @@ impl Outbox {
             self.remove_pending(&store, &id.to_be_bytes())?;
         }
         if let Some((cursor, value)) = cursor {
-            self.write_cursor(&store, cursor, value)?;
+            self.write_cursor(&store, &cursor.into(), value)?;
         }
         self.db.flush(&store).await
     }

@@ -7,7 +7,9 @@ use chrono::{TimeZone, Utc};
 
 use crate::model::CapturedLine;
 use crate::outbox::reader::disk_usage;
-use crate::outbox::{Cursor, Limits, Outbox, OutboxError, PendingLine, Prepared, WhenFull};
+use crate::outbox::{
+    Cursor, Limits, LineState, Outbox, OutboxError, PendingLine, Prepared, WhenFull,
+};
 
 /// A line captured now (to the millisecond, as stored).
 fn line(text: &str) -> CapturedLine {
@@ -22,6 +24,7 @@ fn line(text: &str) -> CapturedLine {
         message: text.into(),
         spoken_at: now,
         captured_at: now,
+        region: String::new(),
     }
 }
 
@@ -331,18 +334,15 @@ async fn an_outbox_churning_at_its_bound_takes_at_most_4_times_max_bytes_plus_12
             .expect("read")
             .into_iter()
             .map(|pending| PendingLine {
-                in_flight: true,
-                attempts: 1,
-                prepared: Some(Prepared {
+                state: LineState::Prepared(Prepared {
                     user_id: -1,
                     message: format!("[Alice Resident] {}", pending.line.message),
                     timestamp: "2026-01-01 12:00:00".into(),
                 }),
-                sent_after: Some(123_456),
                 ..pending
             })
             .collect();
-        outbox.save(&marked).await.expect("mark");
+        let marked = outbox.mark_in_flight(&marked, 123_456).await.expect("mark");
         if round % 3 != 0 {
             let ids: Vec<u64> = marked.iter().map(|p| p.id).collect();
             outbox.remove(&ids).await.expect("remove");
@@ -355,4 +355,83 @@ async fn an_outbox_churning_at_its_bound_takes_at_most_4_times_max_bytes_plus_12
         peak <= 4 * max_bytes + (12 << 20),
         "{peak} bytes on disk for outbox.max_bytes = {max_bytes}"
     );
+}
+
+#[tokio::test]
+async fn each_region_keeps_its_own_cursor_and_the_only_region_keeps_todays_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Outbox::open(&dir.path().join("outbox"), 1 << 20).expect("open");
+    outbox
+        .set_cursor(Cursor::LastSaidId, 7)
+        .await
+        .expect("write");
+    outbox
+        .set_cursors(&[
+            (Cursor::LastSaidId.of("Sandbox"), 9),
+            (Cursor::LastSaidAt.of("Sandbox"), 90),
+        ])
+        .await
+        .expect("write");
+    assert_eq!(outbox.cursor(Cursor::LastSaidId).expect("read"), Some(7));
+    assert_eq!(
+        outbox.cursor(Cursor::LastSaidId.of("")).expect("read"),
+        Some(7)
+    );
+    assert_eq!(
+        outbox
+            .cursor(Cursor::LastSaidId.of("Sandbox"))
+            .expect("read"),
+        Some(9)
+    );
+    assert_eq!(
+        outbox
+            .cursor(Cursor::LastSaidId.of("Welcome"))
+            .expect("read"),
+        None
+    );
+    assert_eq!(outbox.cursor(Cursor::LastSaidAt).expect("read"), None);
+}
+
+#[tokio::test]
+async fn an_outbox_written_by_a_version_1_relay_opens_and_its_line_in_flight_carries_on() {
+    // A record as the relay before the lifecycle enum wrote it: marked in flight after id 41,
+    // with its row, one failure counted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let outbox = open(&dir);
+        let store = outbox.store().expect("store");
+        let v1 = br#"{"v":1,"speaker":"Alice Resident","message":"hi","spoken_at_ms":1700000000000,"captured_at_ms":1700000001000,"attempts":1,"prepared":{"user_id":3,"message":"hi","timestamp":"2023-11-14 23:13:20"},"in_flight":true,"failures":1,"last_error":"cms error: x","sent_after":41}"#;
+        store
+            .pending
+            .insert(9u64.to_be_bytes(), &v1[..])
+            .expect("insert");
+        outbox.flush().await.expect("flush");
+    }
+    let outbox = open(&dir);
+    let lines = outbox.oldest(10).expect("read");
+    assert_eq!(lines.len(), 1);
+    let row = Prepared {
+        user_id: 3,
+        message: "hi".into(),
+        timestamp: "2023-11-14 23:13:20".into(),
+    };
+    assert_eq!(
+        lines[0].state,
+        LineState::InFlight {
+            row: Some(row.clone()),
+            after: Some(41)
+        }
+    );
+    assert_eq!((lines[0].attempts, lines[0].failures), (1, 1));
+
+    // It goes on through the verbs, written as version 2, and leaves when confirmed.
+    let unsent = outbox.mark_not_stored(&lines).await.expect("not stored");
+    assert_eq!(unsent[0].state, LineState::Prepared(row.clone()));
+    drop(outbox);
+    let outbox = open(&dir);
+    assert_eq!(outbox.oldest(10).expect("read"), unsent);
+    let marked = outbox.mark_in_flight(&unsent, 50).await.expect("mark");
+    assert_eq!(marked[0].attempts, 2);
+    outbox.remove(&[9]).await.expect("remove");
+    assert!(outbox.is_empty());
 }

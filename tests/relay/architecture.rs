@@ -1,6 +1,6 @@
 //! ARCHITECTURE.md's boundaries, read from the source as a reviewer would grep it: who imports whom,
-//! who owns a dependency, and where the CMS password can be reached. Code under `#[cfg(test)]` is
-//! left out (tests build their own clients).
+//! who owns a dependency, and where the CMS password and the viewer's login password can be
+//! reached. Code under `#[cfg(test)]` is left out (tests build their own clients).
 
 use std::path::{Path, PathBuf};
 
@@ -118,32 +118,130 @@ fn each_dependency_has_its_one_owner() {
     );
 }
 
-#[test]
-fn the_password_is_reached_only_in_config_and_the_cms_client() {
-    // The simulators keep their own accounts; the demo's password is a string it hands `config`.
+/// A secret, where it may be reached (`config` loads it; one client sends it), and the names by
+/// which code reaches it rather than another secret.
+struct Secret {
+    what: &'static str,
+    homes: &'static [&'static str],
+    names: &'static [&'static str],
+}
+
+/// The CMS password goes from `config` to `cms::client` (`CmsEndpoint::from_settings`); the
+/// viewer's login password from `config` to the viewer client (`ViewerLogin::from_settings`,
+/// which also sends the login form).
+const SECRETS: [Secret; 2] = [
+    Secret {
+        what: "the cms password",
+        homes: &["config/", "cms/client/"],
+        names: &["crate::cms", "CmsSettings", "CmsEndpoint", ".cms."],
+    },
+    Secret {
+        what: "the viewer login password",
+        homes: &["config/", "lookingglass/client.rs"],
+        names: &[
+            "crate::lookingglass",
+            "ViewerLogin",
+            ".viewer.login",
+            "password_file",
+        ],
+    },
+];
+
+/// Whether `file` is in one of `homes` (a folder ending in `/`, or a file).
+fn is_in(file: &str, homes: &[&str]) -> bool {
+    homes.iter().any(|home| file.starts_with(home))
+}
+
+/// Where a secret is reached outside its homes: the words that open or hold either password
+/// anywhere but a home of a secret, `.cms.password` outside the CMS password's homes, and, in the
+/// home of the other secret (the other client), the names that lead to it.
+fn secrets_reached(sources: &[(String, String)]) -> Vec<String> {
     let mut broken = Vec::new();
-    for (file, code) in sources() {
-        if file.starts_with("config/")
-            || file.starts_with("cms/client/")
-            || file.starts_with("sim/")
-        {
+    for (file, code) in sources {
+        // The simulators keep their own accounts; the demo's password is a string it hands
+        // `config`.
+        if file.starts_with("sim/") {
             continue;
         }
-        // `: Settings` keeps the whole configuration, password included, in a field or a
-        // by-value argument; borrowing it to build a component is fine.
-        for needle in [
-            "expose_secret",
-            "load_password",
-            "SecretString",
-            ".cms.password",
-            ": Settings",
-        ] {
-            if code.contains(needle) {
-                broken.push(format!("{file}: {needle}"));
+        if !SECRETS.iter().any(|secret| is_in(file, secret.homes)) {
+            // `: Settings` keeps the whole configuration, both passwords included, in a field or
+            // a by-value argument; borrowing it to build a component is fine.
+            for needle in [
+                "expose_secret",
+                "load_password",
+                "SecretString",
+                ".cms.password",
+                ": Settings",
+            ] {
+                if code.contains(needle) {
+                    broken.push(format!("{file}: {needle} (a password)"));
+                }
+            }
+            continue;
+        }
+        // A comment in one client may name the other secret's key (`cms.password_file`).
+        let code = code
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for secret in &SECRETS {
+            if is_in(file, secret.homes) {
+                continue;
+            }
+            for name in secret.names {
+                if code.contains(name) {
+                    broken.push(format!("{file}: {name} ({})", secret.what));
+                }
             }
         }
     }
-    assert!(broken.is_empty(), "the password reached from: {broken:?}");
+    broken
+}
+
+#[test]
+fn each_password_is_reached_only_in_config_and_the_client_that_sends_it() {
+    let broken = secrets_reached(&sources());
+    assert!(broken.is_empty(), "a password reached from: {broken:?}");
+}
+
+#[test]
+fn either_password_leaking_to_another_file_is_caught() {
+    let file = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    // Each client opening its own password is its job.
+    let homes = [
+        file(
+            "cms/client/mod.rs",
+            "cms.load_password()?; password.expose_secret()",
+        ),
+        file(
+            "lookingglass/client.rs",
+            "login.load_password()?; form(&login.password)",
+        ),
+        file("config/cms.rs", "SecretString::from(text)"),
+    ];
+    assert_eq!(secrets_reached(&homes), Vec::<String>::new());
+    let leaks = [
+        // The viewer client reaching the CMS password, the CMS client the viewer's.
+        file("lookingglass/client.rs", "settings.cms.load_password()"),
+        file(
+            "cms/client/login.rs",
+            "fn f(login: &ViewerLoginSettings) { login.load_password() }",
+        ),
+        // Either password anywhere else, even next to the viewer client.
+        file("lookingglass/presence.rs", "login.load_password()"),
+        file("presence/recovery.rs", "password: SecretString"),
+        file("app.rs", "settings.cms.password"),
+    ];
+    let broken = secrets_reached(&leaks);
+    for (name, _) in &leaks {
+        assert!(
+            broken
+                .iter()
+                .any(|line| line.starts_with(&format!("{name}:"))),
+            "{name} not caught: {broken:?}"
+        );
+    }
 }
 
 #[test]

@@ -75,6 +75,7 @@ async fn everything_passes_against_good_peers_and_the_chat_queue_is_left_alone()
         "viewer.avatars",
         "viewer.chat",
         "cms.login",
+        "cms.timezone",
         "cms.permissions",
         "cms.chat",
         "cms.grid",
@@ -93,6 +94,49 @@ async fn everything_passes_against_good_peers_and_the_chat_queue_is_left_alone()
     assert_eq!(env.lg.n_gets(), 0);
     assert_eq!(env.lg.queue_len(), 1);
     assert!(!checked.stdout.contains(RELAY_PASSWORD));
+}
+
+#[tokio::test]
+async fn a_cms_timezone_that_disagrees_with_the_cms_clock_is_named_with_both_offsets() {
+    // The simulated CMS runs in Europe/Amsterdam; its login answer's expires (now + 30 min in its
+    // zone) shows it.
+    let env = TestEnv::start().await;
+
+    let checked = check(
+        &env,
+        &config(
+            &env,
+            "127.0.0.1",
+            RELAY_USER,
+            RELAY_PASSWORD,
+            "timezone = \"UTC\"\n",
+        ),
+    )
+    .await;
+
+    let line = checked.line("cms.timezone");
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(line.contains("cms.timezone = UTC is UTC+00:00"), "{line}");
+    assert!(line.contains("but the cms's own clock is UTC+0"), "{line}");
+    assert!(line.contains("fix: set cms.timezone"), "{line}");
+}
+
+#[tokio::test]
+async fn a_mapping_users_id_the_cms_does_not_have_is_named() {
+    let env = TestEnv::start().await;
+
+    let checked = check(
+        &env,
+        &format!(
+            "{}[mapping]\nusers = {{ \"Bob Builder\" = 99 }}\n",
+            config(&env, "127.0.0.1", RELAY_USER, RELAY_PASSWORD, "")
+        ),
+    )
+    .await;
+
+    let line = checked.line("mapping.users");
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(line.contains("\"Bob Builder\" = 99"), "{line}");
 }
 
 #[tokio::test]

@@ -7,14 +7,19 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use opensim_chat_relay::metrics::Stats;
-use opensim_chat_relay::metrics::{Gauges, render_prometheus};
+use opensim_chat_relay::metrics::{Gauges, RegionStats, render_prometheus};
 use regex::Regex;
 use serde_json::Value;
 
 /// Every series name `/metrics` can carry: each family, and for a histogram its `_bucket`, `_sum`
 /// and `_count` series.
 fn exported() -> BTreeSet<String> {
-    let text = render_prometheus(&Stats::default(), &Gauges::default());
+    let region = Stats::default();
+    let regions = [RegionStats {
+        name: "Welcome",
+        stats: &region,
+    }];
+    let text = render_prometheus(&Stats::default(), &regions, &Gauges::default());
     let mut names = BTreeSet::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("# TYPE ") else {

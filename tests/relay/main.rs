@@ -27,6 +27,7 @@ mod presence;
 mod privacy;
 mod quirks;
 mod readback;
+mod regions;
 mod reload;
 mod restart;
 mod secrets;

@@ -97,6 +97,35 @@ async fn a_cms_that_hangs_or_answers_503_for_a_while_loses_nothing() {
 }
 
 #[tokio::test]
+async fn a_maintenance_page_asking_for_an_hour_is_honoured_only_up_to_retry_max() {
+    // Issue 21 defect 3: one 503 with Retry-After: 3600 parked delivery for the hour.
+    let env = TestEnv::start().await;
+    env.db.fault_next(
+        1,
+        Fault::Maintenance {
+            retry_after_secs: 3600,
+        },
+    );
+    env.lg.say("Alice Resident", "during maintenance");
+    let relay = env
+        .start_relay("", &[("retry.initial", "100ms"), ("retry.max", "1s")])
+        .await;
+
+    eventually(
+        PATIENCE,
+        "the line delivered after the maintenance",
+        || async { relay.outbox.is_empty() && env.stored().len() == 1 },
+    )
+    .await;
+    relay.stop().await;
+
+    assert_eq!(
+        env.stored_messages(),
+        ["[Alice Resident] during maintenance"]
+    );
+}
+
+#[tokio::test]
 async fn a_full_outbox_drops_its_oldest_lines_and_counts_them() {
     let env = TestEnv::start().await;
     env.db.set_offline(true);

@@ -2,7 +2,7 @@
 //! recorded.
 
 use opensim_chat_relay::filter::FilterReason;
-use opensim_chat_relay::metrics::{Gauges, render_prometheus};
+use opensim_chat_relay::metrics::{Gauges, RegionStats, render_prometheus};
 use opensim_chat_relay::sim::cms::Fault;
 use opensim_chat_relay::sim::lookingglass::SimChatLine;
 
@@ -148,7 +148,14 @@ async fn lines_waiting_in_the_outbox_when_the_speaker_opts_out_are_dropped_and_c
         ["[Bob Builder] bob waiting", "[Bob Builder] marker"]
     );
     assert_eq!(stats.n_filtered(FilterReason::OptedOut), 2);
-    let metrics = render_prometheus(&stats, &Gauges::default());
+    let metrics = render_prometheus(
+        &stats,
+        &[RegionStats {
+            name: "",
+            stats: &stats,
+        }],
+        &Gauges::default(),
+    );
     for sample in [
         "opensim_chat_relay_lines_filtered_total{reason=\"opted_out\"} 2\n",
         "opensim_chat_relay_lines_filtered_total{reason=\"privacy_command\"} 1\n",

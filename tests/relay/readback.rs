@@ -64,13 +64,13 @@ async fn a_stored_record_in_flight_without_its_row_is_read_back_and_delivered_on
                 message: "half written".into(),
                 spoken_at: now,
                 captured_at: now,
+                region: String::new(),
             }])
             .await
             .expect("appended");
-        let mut line = outbox.oldest(1).expect("read")[0].clone();
-        line.in_flight = true;
-        line.prepared = None;
-        outbox.save(&[line]).await.expect("saved");
+        // Marked in flight as captured: no row.
+        let line = outbox.oldest(1).expect("read")[0].clone();
+        outbox.mark_in_flight(&[line], 0).await.expect("saved");
     }
     let relay = env.start_relay("", &[]).await;
 
@@ -181,14 +181,14 @@ async fn a_crash_in_the_middle_of_clearing_in_flight_marks_sends_nothing_out_of_
             message: message.into(),
             spoken_at: now,
             captured_at: now,
+            region: String::new(),
         };
         outbox
             .append(&[line("older"), line("newer")])
             .await
             .expect("appended");
-        let mut newer = outbox.oldest(2).expect("read")[1].clone();
-        newer.in_flight = true;
-        outbox.save(&[newer]).await.expect("saved");
+        let newer = outbox.oldest(2).expect("read")[1].clone();
+        outbox.mark_in_flight(&[newer], 0).await.expect("saved");
     }
     let relay = env.start_relay("", &[]).await;
 

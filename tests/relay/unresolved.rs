@@ -10,7 +10,7 @@ use opensim_chat_relay::sim::cms::{Fault, Permissions};
 
 use crate::admin::outbox_cli;
 use crate::health::Observed;
-use crate::helpers::{PATIENCE, TestEnv, eventually};
+use crate::helpers::{PATIENCE, TestEnv, eventually, metric};
 
 const ALICE: &str = "Alice Resident";
 const BOB: &str = "Bob Resident";
@@ -128,8 +128,9 @@ async fn a_read_back_the_cms_cannot_answer_blocks_no_newer_line_and_ends_in_the_
         metrics.contains("opensim_chat_relay_lines_unresolved_total 1\n"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("opensim_chat_relay_lines_held_back 0\n"),
+    assert_eq!(
+        metric(&metrics, "opensim_chat_relay_lines_held_back"),
+        Some(0.0),
         "{metrics}"
     );
     assert_eq!(readyz["checks"]["delivery"]["ok"], true, "{readyz}");
@@ -176,8 +177,9 @@ async fn a_line_waiting_for_its_read_back_shows_in_readyz_and_is_settled_once_th
         reason.starts_with("1 lines wait for a retry") && reason.contains("Allowed memory size"),
         "{reason}"
     );
-    assert!(
-        metrics.contains("opensim_chat_relay_lines_held_back 1\n"),
+    assert_eq!(
+        metric(&metrics, "opensim_chat_relay_lines_held_back"),
+        Some(1.0),
         "{metrics}"
     );
     assert_eq!(
@@ -209,11 +211,10 @@ async fn a_line_whose_read_back_fails_keeps_its_speakers_order_when_it_turns_out
 
     env.lg.say(ALICE, "first");
     eventually(PATIENCE, "the line held after its read-back", || async {
-        relay
-            .get("/metrics")
-            .await
-            .1
-            .contains("opensim_chat_relay_lines_held_back 1\n")
+        metric(
+            &relay.get("/metrics").await.1,
+            "opensim_chat_relay_lines_held_back",
+        ) == Some(1.0)
     })
     .await;
     env.lg.say(ALICE, "second");

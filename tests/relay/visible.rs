@@ -26,6 +26,7 @@ fn captured_lines(n: usize) -> Vec<CapturedLine> {
             message: format!("line {i}"),
             spoken_at: now,
             captured_at: now,
+            region: String::new(),
         })
         .collect()
 }

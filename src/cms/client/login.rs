@@ -63,6 +63,9 @@ pub struct LoginInfo {
     pub user_id: Option<i64>,
     /// The address the CMS bound the token to (`ip`): requests from any other address are refused.
     pub ip: Option<String>,
+    /// `expires`, in the CMS's PHP zone, and when the answer came: together they show the CMS's
+    /// UTC offset (`zone::cms_offset_seen`).
+    pub expires: Option<(String, chrono::DateTime<chrono::Utc>)>,
 }
 
 /// Failed logins back off on the retry schedule, whichever task asks: delivery, each avatar lookup,
@@ -303,7 +306,15 @@ impl CmsClient {
                 self.n_logins.fetch_add(1, Ordering::Relaxed);
                 if let Some(value) = &value {
                     let (user_id, ip) = wire::login_info_of(value);
-                    self.lock_login_state().1 = LoginInfo { user_id, ip };
+                    let expires = value
+                        .get("expires")
+                        .and_then(serde_json::Value::as_str)
+                        .map(|expires| (expires.to_owned(), chrono::Utc::now()));
+                    self.lock_login_state().1 = LoginInfo {
+                        user_id,
+                        ip,
+                        expires,
+                    };
                 }
                 tracing::info!(username = %self.endpoint.username, "logged in to the cms");
                 Ok(SecretString::from(token.to_owned()))

@@ -233,6 +233,18 @@ impl CmsClient {
         })
     }
 
+    /// Whether the CMS has user `user_id` (`GET /user/<id>/`, needs `user` ≥ 4): a chat row with an
+    /// unknown `userId` fails its foreign key (spec §3.3), so `run` and `check` ask this of every
+    /// `mapping.users` id, and delivery of a line whose lone insert failed.
+    pub async fn user_exists(&self, user_id: i64) -> Result<bool, CmsError> {
+        let value = self.get_json(&format!("/user/{user_id}/")).await?;
+        match wire::error_of(&value) {
+            Some("User not found") => Ok(false),
+            Some(error) => Err(CmsError::Failed(error.to_owned())),
+            None => Ok(true),
+        }
+    }
+
     /// POSTs a batch to `/grid/<g>/chats/`; the id of the last row on success.
     pub async fn post_chats(&self, items: &[ChatItem]) -> Result<i64, CmsError> {
         let path = format!("/grid/{}/chats/", self.endpoint.grid_id);

@@ -183,6 +183,11 @@ pub struct StoredChat {
 pub enum Fault {
     /// Answer with this HTTP status and a generic HTML error page (a proxy or a broken PHP), store nothing.
     Status(u16),
+    /// A maintenance page: HTTP 503 with `Retry-After: <seconds>`, store nothing.
+    Maintenance {
+        /// The `Retry-After` value, in seconds.
+        retry_after_secs: u64,
+    },
     /// Never answer, store nothing.
     Hang,
     /// Store the batch, then never answer: the client times out without knowing the outcome.

@@ -108,6 +108,10 @@ fn plan(shared: &Shared, request: &Request) -> (Plan, Option<Work>) {
         Some(Fault::Status(status)) => {
             return (Plan::Now(Reply::Respond(proxy_error(status))), None);
         }
+        Some(Fault::Maintenance { retry_after_secs }) => {
+            let page = proxy_error(503).with_header("Retry-After", retry_after_secs.to_string());
+            return (Plan::Now(Reply::Respond(page)), None);
+        }
         Some(Fault::Hang) => return (Plan::Now(Reply::NoAnswer), None),
         _ => {}
     }
