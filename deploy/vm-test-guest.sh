@@ -279,15 +279,15 @@ check two-regions-ready "systemctl start returned $regions_rc, $(prop opensim-ch
 region_rows() { # REGION
     journalctl -q -o cat -u sim-cms-regions.service | grep -c "fromCMS 0: \[[A-Za-z ]* in $1\] hello #[0-9]* from "
 }
-delivered_metric() { # REGION: lines_delivered_total of that region's label
+relayed_metric() { # REGION: lines_relayed_total of that region's label
     curl -fs --max-time 5 http://127.0.0.1:9192/metrics |
-        sed -n "s/^opensim_chat_relay_lines_delivered_total{.*region=\"$1\".*} \([0-9]*\).*/\1/p" | head -1
+        sed -n "s/^opensim_chat_relay_lines_relayed_total{.*region=\"$1\".*} \([0-9]*\).*/\1/p" | head -1
 }
 both_delivered() { [ "$(region_rows Welcome)" -ge 4 ] && [ "$(region_rows Sandbox)" -ge 4 ]; }
 wait_for 60 both_delivered
-welcome_metric="$(delivered_metric Welcome)"
-sandbox_metric="$(delivered_metric Sandbox)"
-check two-regions-to-cms "rows stored naming Welcome: $(region_rows Welcome), naming Sandbox: $(region_rows Sandbox); lines_delivered_total{region} Welcome ${welcome_metric:-none}, Sandbox ${sandbox_metric:-none}; first '$(journalctl -q -o cat -u sim-cms-regions.service | grep -m1 -o 'fromCMS 0: .*')'" \
+welcome_metric="$(relayed_metric Welcome)"
+sandbox_metric="$(relayed_metric Sandbox)"
+check two-regions-to-cms "rows stored naming Welcome: $(region_rows Welcome), naming Sandbox: $(region_rows Sandbox); lines_relayed_total{region} Welcome ${welcome_metric:-none}, Sandbox ${sandbox_metric:-none}; first '$(journalctl -q -o cat -u sim-cms-regions.service | grep -m1 -o 'fromCMS 0: .*')'" \
     test "$(region_rows Welcome)" -ge 4 -a "$(region_rows Sandbox)" -ge 4 \
     -a "${welcome_metric:-0}" -ge 1 -a "${sandbox_metric:-0}" -ge 1
 

@@ -26,8 +26,8 @@
 //!   one simulated CMS, one grid, in three runs: 1 region in 1 relay (the reference), all of them in
 //!   one relay (a `[[regions]]` table each), and one relay per region. For each: the CMS's busy time
 //!   on chat GETs (in-world reads and read-backs) in a window, read from its `GET /sim/busy` before
-//!   and after, as a share of its workers' time; each region's delivered rate (its
-//!   `lines_delivered_total{region}`) and capture → CMS latency (its unmapped avatar's stamped lines,
+//!   and after, as a share of its workers' time; each region's relayed rate (its
+//!   `lines_relayed_total{region}`), the rows the CMS stored, and capture → CMS latency (its unmapped avatar's stamped lines,
 //!   which name their region through `cms.anonymous_format`); and the memory each added region costs.
 //! - third party: this process does a chat GET every `--third-party-ms` like a web user, first with
 //!   the CMS idle, then while a relay drains a `--backlog-lines` backlog; the answer times compared.
@@ -794,7 +794,11 @@ format = "json"
                 let name = format!("grid{n_regions}-one");
                 let outbox = self.work.join(format!("{name}-outbox"));
                 let relay = self.start_relay_with(&name, &cms, &outbox, &setup).await?;
-                relays.push((setup.listen, relay));
+                relays.push(GridRelay {
+                    listen: setup.listen,
+                    only_region: None,
+                    proc: relay,
+                });
             }
             GridShape::RelayPerRegion => {
                 for (name, viewer) in &viewers {
@@ -812,22 +816,27 @@ format = "json"
                     let relay = self
                         .start_relay_with(&relay_name, &cms, &outbox, &setup)
                         .await?;
-                    relays.push((setup.listen, relay));
+                    relays.push(GridRelay {
+                        listen: setup.listen,
+                        only_region: Some(name.clone()),
+                        proc: relay,
+                    });
                 }
             }
         }
         // Past the first reads (each relay's first in-world read is a wide one).
         let warm_up = if self.args.smoke { 1.0 } else { 10.0 };
         tokio::time::sleep(Duration::from_secs_f64(warm_up)).await;
-        for (_, relay) in &relays {
-            if let Some(status) = relay_exited(relay) {
+        for relay in &relays {
+            if let Some(status) = relay_exited(&relay.proc) {
                 bail!(
                     "a relay {status} during the grid's warm-up ({shape:?}; --verbose shows its log)"
                 );
             }
         }
         let http = reqwest::Client::new();
-        let delivered_0 = delivered_by_region(&http, &relays).await?;
+        let relayed_0 = relayed_by_region(&http, &relays).await?;
+        let stored_0 = cms.n_stored.load(Ordering::Relaxed);
         let busy_0 = cms_busy(&http, &cms.base_url).await?;
         let from = Utc::now().timestamp_micros();
         let started = Instant::now();
@@ -835,18 +844,19 @@ format = "json"
         let busy_1 = cms_busy(&http, &cms.base_url).await?;
         let until = Utc::now().timestamp_micros();
         let elapsed = started.elapsed().as_secs_f64();
-        let delivered_1 = delivered_by_region(&http, &relays).await?;
+        let relayed_1 = relayed_by_region(&http, &relays).await?;
+        let stored = cms.n_stored.load(Ordering::Relaxed) - stored_0;
         let mut rss_bytes = 0;
         let mut n_failures = 0;
-        for (_, relay) in &relays {
-            rss_bytes += memory(relay.proc.pid)?.rss;
-            n_failures += relay.log.n_failures.load(Ordering::Relaxed);
+        for relay in &relays {
+            rss_bytes += memory(relay.proc.proc.pid)?.rss;
+            n_failures += relay.proc.log.n_failures.load(Ordering::Relaxed);
         }
         // Lines said before `until` may still be on their way.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let n_relays = relays.len();
-        for (_, relay) in relays {
-            relay.proc.stop().await?;
+        for relay in relays {
+            relay.proc.proc.stop().await?;
         }
         let names: Vec<String> = viewers.iter().map(|(name, _)| name.clone()).collect();
         for (_, viewer) in viewers {
@@ -861,8 +871,8 @@ format = "json"
         let region_rates = names
             .iter()
             .map(|name| {
-                let n = delivered_1.get(name).copied().unwrap_or(0)
-                    - delivered_0.get(name).copied().unwrap_or(0);
+                let n = relayed_1.get(name).copied().unwrap_or(0)
+                    - relayed_0.get(name).copied().unwrap_or(0);
                 n as f64 / elapsed
             })
             .collect();
@@ -885,6 +895,7 @@ format = "json"
             window_ms: elapsed * 1000.0 * workers,
             rss_bytes,
             region_rates,
+            stored_rate: stored as f64 / elapsed,
             latencies,
         })
     }
@@ -1107,8 +1118,11 @@ struct Grid {
     window_ms: f64,
     /// The relays' VmRSS, summed.
     rss_bytes: u64,
-    /// Each region's delivered lines/s in the window (its `lines_delivered_total{region}`).
+    /// Each region's lines/s stored in the outbox in the window (its `lines_relayed_total{region}`:
+    /// `lines_delivered_total` is the process's, delivery being shared).
     region_rates: Vec<f64>,
+    /// Rows/s the CMS stored in the window, every region's.
+    stored_rate: f64,
     /// Capture → CMS latencies (ms) of each region's unmapped avatar's lines said in the window.
     latencies: HashMap<String, Vec<f64>>,
 }
@@ -1163,8 +1177,9 @@ impl Grid {
         let Some(reference) = reference else {
             rows.push(Row {
                 measure: format!(
-                    "{}: delivered, and capture → CMS latency of its unmapped avatar's lines ({} lines), p50 / p99",
+                    "{}: relayed (the CMS stored {:.2} lines/s), and capture → CMS latency of its unmapped avatar's lines ({} lines), p50 / p99",
                     self.how(),
+                    self.stored_rate,
                     latency.n
                 ),
                 relay: format!(
@@ -1184,8 +1199,10 @@ impl Grid {
         let ratio = rates.min / reference_rate;
         rows.push(Row {
             measure: format!(
-                "{}: each region's delivered rate, min / mean / max over the regions",
-                self.how()
+                "{}: each region's rate relayed (lines_relayed_total{{region}}), min / mean / max over the regions; the CMS stored {:.2} lines/s, {:.2} a region",
+                self.how(),
+                self.stored_rate,
+                self.stored_rate / self.n_regions.max(1) as f64
             ),
             relay: format!(
                 "{:.2} / {:.2} / {:.2} lines/s",
@@ -1278,14 +1295,17 @@ fn region_stamp(message: &str) -> Option<(&str, i64)> {
     Some((region, stamp))
 }
 
-/// Each region's `opensim_chat_relay_lines_delivered_total`, from every relay's `/metrics`.
-async fn delivered_by_region(
+/// Each region's `opensim_chat_relay_lines_relayed_total`, from every relay's `/metrics`. A
+/// relay without `[[regions]]` labels no sample: its counts are those of the region it is given
+/// with (`GridRelay::only_region`).
+async fn relayed_by_region(
     http: &reqwest::Client,
-    relays: &[(String, RelayProc)],
+    relays: &[GridRelay],
 ) -> anyhow::Result<HashMap<String, u64>> {
-    let mut delivered = HashMap::new();
-    for (listen, _) in relays {
-        let url = format!("http://{listen}/metrics");
+    const NAME: &str = "opensim_chat_relay_lines_relayed_total";
+    let mut relayed = HashMap::new();
+    for relay in relays {
+        let url = format!("http://{}/metrics", relay.listen);
         let text = http
             .get(&url)
             .send()
@@ -1295,21 +1315,32 @@ async fn delivered_by_region(
             .text()
             .await?;
         for line in text.lines() {
-            let Some(labels) = line.strip_prefix("opensim_chat_relay_lines_delivered_total{")
-            else {
+            let Some(rest) = line.strip_prefix(NAME) else {
                 continue;
             };
-            let Some((_, region)) = labels.split_once("region=\"") else {
-                continue;
+            let region = match rest.strip_prefix('{') {
+                Some(labels) => labels
+                    .split_once("region=\"")
+                    .and_then(|(_, region)| region.split('"').next()),
+                None if rest.starts_with(' ') => relay.only_region.as_deref(),
+                None => None,
             };
-            let region = region.split('"').next().unwrap_or_default();
             let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
-            if let Some(value) = value {
-                *delivered.entry(region.to_owned()).or_insert(0) += value as u64;
+            if let (Some(region), Some(value)) = (region, value) {
+                *relayed.entry(region.to_owned()).or_insert(0) += value as u64;
             }
         }
     }
-    Ok(delivered)
+    Ok(relayed)
+}
+
+/// A relay of the grid phase.
+struct GridRelay {
+    /// Its `http.listen`.
+    listen: String,
+    /// The name of its one region when it has no `[[regions]]` (its metrics carry no label).
+    only_region: Option<String>,
+    proc: RelayProc,
 }
 
 /// A port free on loopback now (the relay binds it a moment later; nothing else here takes ports
