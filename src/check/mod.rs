@@ -1,7 +1,8 @@
 //! `opensim-chat-relay check`: probes both peers with the real configuration and says, one line per
 //! check, what works and how to fix what does not; and `healthcheck`, the container probe of
 //! `/healthz`. One file each: `report` (the lines and their text), `viewer` and `cms` (the probes),
-//! `healthcheck` (the client of the relay's own endpoint).
+//! `healthcheck` (the client of the relay's own endpoint). With `[[regions]]` each region's viewer
+//! is probed, its lines naming the region.
 //!
 //! Must not: GET the viewer's chat URL (every GET drains the viewer's one chat queue, so a probe would
 //! steal chat from the running relay), send HEAD or OPTIONS to the viewer (never answered), POST chat
@@ -29,7 +30,21 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(settings: &Settings) -> CheckReport {
     let mut report = CheckReport::default();
     report.ok("config", "loaded and valid");
-    viewer::check_viewer(settings, &mut report).await;
+    match settings.regions() {
+        // Without [[regions]]: [viewer] is the only region's viewer, as always.
+        [only] if only.name.is_empty() => viewer::check_viewer(settings, &mut report).await,
+        // Each region's viewer in turn, probed as the only one of a configuration; its lines name
+        // the region. [viewer] itself is only the defaults the regions share.
+        regions => {
+            for region in regions {
+                let mut one = settings.clone();
+                one.viewer = region.viewer.clone();
+                let mut lines = CheckReport::default();
+                viewer::check_viewer(&one, &mut lines).await;
+                report.absorb(lines, &region.name);
+            }
+        }
+    }
     cms::check_cms(settings, &mut report).await;
     report
 }
