@@ -12,6 +12,7 @@
 //!   `outbox.when_full = "pause_polling"` a full outbox stops polling);
 //! - **viewer**: a chat poll was answered within `max(5 × viewer.poll_interval, 5 s)`: a few missed
 //!   polls are normal (a slow answer, one refused connection), a viewer gone for five intervals is not;
+//!   with `[[regions]]` every region's viewer, each failing one named (`viewer (Sandbox): …`);
 //! - **cms**: the last login, or the last request with its token, was accepted, and delivery has
 //!   not failed at every attempt for `http.cms_unready_after` or longer (a CMS that is down, or
 //!   answers every POST with an error, fails this check until a delivery succeeds);
@@ -109,10 +110,13 @@ impl HealthRegion {
         let stale_after = self.viewer_stale_after();
         match readiness.viewer() {
             // The viewer answers, but does not hear its region (`presence`).
-            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => Check {
-                ok: readiness.viewer_place_problem().is_none(),
-                reason: readiness.viewer_place_problem(),
-            },
+            (Some(last_ok), _) if last_ok.elapsed() <= stale_after => {
+                let problem = readiness.viewer_place_problem();
+                Check {
+                    ok: problem.is_none(),
+                    reason: problem,
+                }
+            }
             (last_ok, last_error) => {
                 let since = match last_ok {
                     Some(at) => format!("no chat poll answered for {:.1} s", secs(at.elapsed())),

@@ -1,8 +1,7 @@
 //! `opensim-chat-relay check`: probes both peers with the real configuration and says, one line per
 //! check, what works and how to fix what does not; and `healthcheck`, the container probe of
-//! `/healthz`. One file each: `report` (the lines and their text), `viewer` and `cms` (the probes),
-//! `healthcheck` (the client of the relay's own endpoint). With `[[regions]]` each region's viewer
-//! is probed, its lines naming the region.
+//! `/healthz`. One file each: `report` (the lines and their text), `viewer` and `cms` (the probes; the viewer probe runs for each region's viewer),
+//! `healthcheck` (the client of the relay's own endpoint).
 //!
 //! Must not: GET the viewer's chat URL (every GET drains the viewer's one chat queue, so a probe would
 //! steal chat from the running relay), send HEAD or OPTIONS to the viewer (never answered), POST chat
@@ -30,20 +29,18 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn run(settings: &Settings) -> CheckReport {
     let mut report = CheckReport::default();
     report.ok("config", "loaded and valid");
-    match settings.regions() {
-        // Without [[regions]]: [viewer] is the only region's viewer, as always.
-        [only] if only.name.is_empty() => viewer::check_viewer(settings, &mut report).await,
-        // Each region's viewer in turn, probed as the only one of a configuration; its lines name
-        // the region. [viewer] itself is only the defaults the regions share.
-        regions => {
-            for region in regions {
-                let mut one = settings.clone();
-                one.viewer = region.viewer.clone();
-                let mut lines = CheckReport::default();
-                viewer::check_viewer(&one, &mut lines).await;
-                report.absorb(lines, &region.name);
-            }
+    for region in settings.regions() {
+        if region.name.is_empty() {
+            viewer::check_viewer(&region.viewer, &mut report).await;
+            continue;
         }
+        // Each region's viewer in turn, its lines saying which region they are about.
+        let mut lines = CheckReport::default();
+        viewer::check_viewer(&region.viewer, &mut lines).await;
+        report.lines.extend(lines.lines.into_iter().map(|mut line| {
+            line.detail = format!("region {:?}: {}", region.name, line.detail);
+            line
+        }));
     }
     cms::check_cms(settings, &mut report).await;
     report

@@ -56,14 +56,6 @@ impl CheckReport {
         });
     }
 
-    /// Appends `other`'s lines, each detail led by `region` (the lines of one region's probes).
-    pub(super) fn absorb(&mut self, other: CheckReport, region: &str) {
-        for mut line in other.lines {
-            line.detail = format!("{region}: {}", line.detail);
-            self.lines.push(line);
-        }
-    }
-
     pub(super) fn ok(&mut self, name: &'static str, detail: impl Into<String>) {
         self.push(name, Outcome::Ok, detail.into(), None);
     }

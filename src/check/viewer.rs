@@ -7,13 +7,12 @@
 
 use crate::check::PROBE_TIMEOUT;
 use crate::check::report::{CheckReport, Outcome};
-use crate::config::Settings;
+use crate::config::ViewerSettings;
 use crate::lookingglass::presence::{self, Place, ViewerStatus};
 use crate::lookingglass::{LookingGlassClient, ViewerEndpoint, ViewerError};
 
-/// Probes the viewer named in `settings.viewer`.
-pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) {
-    let viewer = &settings.viewer;
+/// Probes the viewer `viewer` (`[viewer]`, or one `[[regions]]` entry's).
+pub(super) async fn check_viewer(viewer: &ViewerSettings, report: &mut CheckReport) {
     let client = match LookingGlassClient::new(ViewerEndpoint {
         chat_url: viewer.chat_url.clone(),
         avatars_url: viewer.avatars_url.clone(),
@@ -80,7 +79,7 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
             .line("viewer.status")
             .is_some_and(|line| line.outcome != Outcome::Fail)
     {
-        check_place(settings, &client, &stop, report).await;
+        check_place(viewer, &client, &stop, report).await;
     }
     let not_fetched = format!(
         "{} not fetched: every GET drains the viewer's one chat queue, so a probe would take chat away from the running relay",
@@ -106,12 +105,11 @@ pub(super) async fn check_viewer(settings: &Settings, report: &mut CheckReport) 
 /// counters, status and avatar list. `check` has not the running relay's memory of the counters
 /// (it lives in the outbox), so a tie it cannot decide is a warning that points at `/readyz`.
 async fn check_place(
-    settings: &Settings,
+    viewer: &ViewerSettings,
     client: &LookingGlassClient,
     stop: &tokio_util::sync::CancellationToken,
     report: &mut CheckReport,
 ) {
-    let viewer = &settings.viewer;
     let Ok(Some(status)) = client.status(stop).await else {
         return;
     };
@@ -147,7 +145,7 @@ async fn check_place(
                         crate::presence::advice(&Place::Disconnected, &region_label, has_login)
                     ),
                 );
-                check_hearing(settings, client, &status, region, stop, report).await;
+                check_hearing(viewer, client, &status, region, stop, report).await;
                 return;
             }
             presence::connected(None, *counters, &status)
@@ -173,7 +171,7 @@ async fn check_place(
                     format!("the viewer is connected and hears {region_label}"),
                 );
             }
-            check_hearing(settings, client, &status, region, stop, report).await;
+            check_hearing(viewer, client, &status, region, stop, report).await;
         }
         Some(why) => report.fail(
             "viewer.region",
@@ -186,14 +184,13 @@ async fn check_place(
 /// The hearing picture: avatars in the region, and those beyond `viewer.hearing_range`, by name
 /// and distance (the operator's console; the log never names them).
 async fn check_hearing(
-    settings: &Settings,
+    viewer: &ViewerSettings,
     client: &LookingGlassClient,
     status: &ViewerStatus,
     region: Option<&str>,
     stop: &tokio_util::sync::CancellationToken,
     report: &mut CheckReport,
 ) {
-    let viewer = &settings.viewer;
     let Ok(Some(avatars)) = client.seen_avatars(stop).await else {
         return;
     };

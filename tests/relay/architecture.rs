@@ -246,9 +246,6 @@ fn either_password_leaking_to_another_file_is_caught() {
 
 #[test]
 fn no_source_file_passes_700_lines() {
-    // delivery.rs is being split into delivery/ by the delivery work of issue 21 (it owns the
-    // file); remove it from here once that lands.
-    const PENDING_SPLIT: [&str; 1] = ["delivery.rs"];
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut too_long = Vec::new();
     for (file, _) in sources() {
@@ -256,7 +253,7 @@ fn no_source_file_passes_700_lines() {
             .expect("source")
             .lines()
             .count();
-        if n_lines > 700 && !PENDING_SPLIT.contains(&file.as_str()) {
+        if n_lines > 700 {
             too_long.push(format!("{file}: {n_lines} lines"));
         }
     }

@@ -3,14 +3,25 @@
 //! each CMS line is said once in each region, and a region whose viewer is down holds up neither
 //! the other region nor the CMS lines, while `/readyz` and `/metrics` name it.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
 
 use opensim_chat_relay::outbox::Cursor;
-use opensim_chat_relay::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
+use opensim_chat_relay::sim::lookingglass::{
+    Dialect, ViewerHandle, ViewerSim, ViewerSimSettings, spawn_chatter,
+};
+use tokio_util::sync::CancellationToken;
 
 use crate::health::{Observed, sample};
-use crate::helpers::{OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, eventually};
+use crate::helpers::{
+    OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, cycles, eventually, sigterm, until_done_or_stalled,
+};
 use crate::inworld::cms_user;
+
+/// A presence check comes every 5 s (`presence::CHECK_INTERVAL`): room for a few.
+const LONG_PATIENCE: Duration = Duration::from_secs(60);
 
 /// The second region's viewer, besides `TestEnv`'s (the first region's).
 pub struct Sandbox {
@@ -187,4 +198,308 @@ async fn a_region_whose_viewer_is_down_holds_up_neither_the_other_nor_the_cms_li
         "{metrics}"
     );
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_region_whose_viewer_is_out_of_its_region_is_named_while_the_other_flows() {
+    // Arrange
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+    eventually(PATIENCE, "ready with both regions", || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+
+    // Act: Welcome's region restarts (its viewer is disconnected for good: no [regions.login]);
+    // both regions talk on.
+    env.lg.restart_region();
+    env.lg.say("Alice Resident", "unheard in the welcome area");
+    sandbox.lg.say("Bob Builder", "the sandbox carries on");
+
+    // Assert: Sandbox's line arrives; /readyz and /metrics name Welcome, and only Welcome.
+    eventually(PATIENCE, "Sandbox's line relayed", || async {
+        env.stored_messages()
+            .iter()
+            .any(|m| m == "[Bob Builder in Sandbox] the sandbox carries on")
+    })
+    .await;
+    eventually(
+        LONG_PATIENCE,
+        "readyz names the region out of its region",
+        || async {
+            let (_, body) = relay.get_json("/readyz").await;
+            let reason = body["checks"]["viewer"]["reason"].as_str().unwrap_or("");
+            reason.starts_with("viewer (Welcome): ") && !reason.contains("Sandbox")
+        },
+    )
+    .await;
+    let (_, metrics) = relay.get("/metrics").await;
+    let out = |region: &str| {
+        sample(
+            &metrics,
+            &format!("opensim_chat_relay_viewer_out_of_region{{region=\"{region}\"}}"),
+        )
+    };
+    assert_eq!((out("Welcome"), out("Sandbox")), (1.0, 0.0), "{metrics}");
+    sandbox.lg.say("Bob Builder", "still carrying on");
+    eventually(PATIENCE, "Sandbox's second line relayed", || async {
+        env.stored_messages()
+            .iter()
+            .any(|m| m == "[Bob Builder in Sandbox] still carrying on")
+    })
+    .await;
+    assert!(
+        !env.stored_messages()
+            .iter()
+            .any(|m| m.contains("unheard in the welcome area")),
+        "{:?}",
+        env.stored_messages()
+    );
+    relay.stop().await;
+}
+
+/// The lines a viewer handed out outside `windows` (each the last response before a kill).
+fn must_arrive(lg: &ViewerHandle, windows: &HashSet<u64>) -> HashSet<String> {
+    lg.handed_out()
+        .into_iter()
+        .filter(|h| !windows.contains(&h.response))
+        .map(|h| h.message)
+        .collect()
+}
+
+/// The stored rows of region `region`, their text without the anonymous prefix.
+fn stored_in(env: &TestEnv, region: &str) -> Vec<String> {
+    let prefix = format!(" in {region}] ");
+    env.stored_messages()
+        .into_iter()
+        .filter_map(|m| Some(m.split_once(&prefix)?.1.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_two_region_relay_loses_and_duplicates_nothing_in_either_region() {
+    // Arrange: a relay process on two regions, avatars chatting in both.
+    let n_cycles = cycles("RELAY_REGIONS_CRASH_CYCLES", 8);
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let config = env.dir.path().join("regions.toml");
+    std::fs::write(&config, two_regions(&env, &sandbox)).expect("write config");
+    let start = || {
+        env.spawn_relay_process_with_config(
+            Some(&config),
+            &[
+                ("cms.batch_max_messages", "20"),
+                ("inworld.enabled", "false"),
+                ("log.level", "warn"),
+                ("http.listen", ""),
+            ],
+            Stdio::null(),
+        )
+    };
+    let chatting = CancellationToken::new();
+    let chatters = [
+        spawn_chatter(env.lg.clone(), 150.0, chatting.clone()),
+        spawn_chatter(sandbox.lg.clone(), 150.0, chatting.clone()),
+    ];
+
+    // Act: SIGKILL at random moments, restarting on the same outbox.
+    let (mut welcome_windows, mut sandbox_windows) = (HashSet::new(), HashSet::new());
+    for _ in 0..n_cycles {
+        let mut child = start();
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(100..500))).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        welcome_windows.insert(env.lg.n_gets());
+        sandbox_windows.insert(sandbox.lg.n_gets());
+    }
+    chatting.cancel();
+    for chatter in chatters {
+        chatter.await.expect("chatter stops");
+    }
+    let last = start();
+    env.viewer_drained(PATIENCE).await;
+    eventually(PATIENCE, "Sandbox's viewer drained", || async {
+        sandbox.lg.queue_len() == 0
+    })
+    .await;
+    let regions = [
+        ("Welcome", must_arrive(&env.lg, &welcome_windows), &env.lg),
+        (
+            "Sandbox",
+            must_arrive(&sandbox.lg, &sandbox_windows),
+            &sandbox.lg,
+        ),
+    ];
+    until_done_or_stalled(Duration::from_secs(30), || {
+        let n_stored = env.stored_messages().len();
+        let done = regions.iter().all(|(region, must, _)| {
+            let stored: HashSet<String> = stored_in(&env, region).into_iter().collect();
+            must.is_subset(&stored)
+        });
+        (done, n_stored)
+    })
+    .await;
+    sigterm(last);
+
+    // Assert, per region: every line outside the kill windows stored once, none duplicated, none
+    // that region's viewer did not hand out (a line in the wrong region would be one).
+    for (region, must, lg) in &regions {
+        let stored = stored_in(&env, region);
+        let handed: HashSet<String> = lg.handed_out().into_iter().map(|h| h.message).collect();
+        let mut seen = HashSet::new();
+        let duplicated: Vec<&String> = stored.iter().filter(|m| !seen.insert(*m)).collect();
+        assert!(duplicated.is_empty(), "{region}: duplicated {duplicated:?}");
+        let lost: Vec<&String> = must.iter().filter(|m| !seen.contains(*m)).collect();
+        assert!(
+            lost.is_empty(),
+            "{region}: lost {} lines: {lost:?}",
+            lost.len()
+        );
+        let phantom: Vec<&String> = stored.iter().filter(|m| !handed.contains(*m)).collect();
+        assert!(
+            phantom.is_empty(),
+            "{region}: never handed out: {phantom:?}"
+        );
+        assert!(handed.len() > 50, "{region}: the run carried real traffic");
+    }
+}
+
+#[tokio::test]
+async fn an_opt_out_in_one_region_holds_in_every_region_and_is_confirmed_where_it_was_said() {
+    // Arrange
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+
+    // Act: Alice opts out in Welcome, then speaks in both regions (she walked over); Bob speaks
+    // after her in Sandbox.
+    env.lg.say("Alice Resident", "!nolog");
+    eventually(PATIENCE, "the confirmation said in Welcome", || async {
+        said(&env.lg).iter().any(|m| m.contains("not recorded"))
+    })
+    .await;
+    env.lg.say("Alice Resident", "private in the welcome area");
+    sandbox.lg.say("Alice Resident", "private in the sandbox");
+    sandbox.lg.say("Bob Builder", "bob in the sandbox");
+
+    // Assert
+    eventually(PATIENCE, "Bob's line relayed", || async {
+        env.stored_messages()
+            .iter()
+            .any(|m| m.ends_with("bob in the sandbox"))
+    })
+    .await;
+    let stored = env.stored_messages();
+    assert_eq!(
+        stored,
+        ["[Bob Builder in Sandbox] bob in the sandbox"],
+        "{stored:?}"
+    );
+    assert!(said(&sandbox.lg).is_empty(), "{:?}", said(&sandbox.lg));
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn lines_of_both_regions_wait_out_a_cms_outage_and_arrive_each_with_its_region() {
+    // Arrange
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+    env.db.set_offline(true);
+
+    // Act: both regions talk while the CMS is down, then it comes back.
+    for n in 0..3 {
+        env.lg.say("Alice Resident", &format!("welcome {n}"));
+        sandbox.lg.say("Bob Builder", &format!("sandbox {n}"));
+    }
+    eventually(PATIENCE, "six lines waiting in the outbox", || async {
+        relay.outbox.len() == 6
+    })
+    .await;
+    env.db.set_offline(false);
+
+    // Assert: every line once, with its region, in each region's order.
+    eventually(PATIENCE, "six lines relayed", || async {
+        env.relayed_rows().len() >= 6
+    })
+    .await;
+    assert_eq!(
+        stored_in(&env, "Welcome"),
+        ["welcome 0", "welcome 1", "welcome 2"]
+    );
+    assert_eq!(
+        stored_in(&env, "Sandbox"),
+        ["sandbox 0", "sandbox 1", "sandbox 2"]
+    );
+    assert_eq!(env.relayed_rows().len(), 6);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_region_whose_viewer_hangs_holds_up_no_cms_line_in_the_other() {
+    // Arrange: Sandbox's viewer takes a chat GET and never answers it (a frozen viewer process):
+    // its gate stays taken, so nothing can be said there.
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let dora = cms_user(&env);
+    let relay = Observed::start(&env, &two_regions(&env, &sandbox), &[]).await;
+    cursors_set(&relay).await;
+    sandbox.lg.set_response_delay(Duration::from_secs(3600));
+    let n_gets = sandbox.lg.n_gets();
+    eventually(PATIENCE, "a GET to Sandbox's viewer hanging", || async {
+        sandbox.lg.n_gets() > n_gets
+    })
+    .await;
+
+    // Act: Dora types one line, then another once the first was said.
+    env.db.add_cms_line(1, dora, "first");
+    eventually(PATIENCE, "the first line said in Welcome", || async {
+        said(&env.lg) == ["[Dora Admin] first"]
+    })
+    .await;
+    env.db.add_cms_line(1, dora, "second");
+
+    // Assert: Welcome goes on with the next line while Sandbox cannot say the first.
+    eventually(PATIENCE, "the second line said in Welcome", || async {
+        said(&env.lg) == ["[Dora Admin] first", "[Dora Admin] second"]
+    })
+    .await;
+    assert!(said(&sandbox.lg).is_empty());
+    // The hanging GET ends with its viewer; then the relay stops as always.
+    sandbox.viewer.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn check_probes_every_regions_viewer_and_names_the_one_that_fails() {
+    // Arrange: Sandbox's viewer is gone.
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let settings = env.settings(&two_regions(&env, &sandbox), &[]);
+    sandbox.viewer.stop().await;
+
+    // Act
+    let report = opensim_chat_relay::check::run(&settings).await;
+
+    // Assert: Welcome's status answers, Sandbox's fails, each line naming its region.
+    let status: Vec<_> = report
+        .lines
+        .iter()
+        .filter(|line| line.name == "viewer.status")
+        .collect();
+    assert_eq!(status.len(), 2, "{report:?}");
+    assert!(
+        status[0].detail.starts_with("region \"Welcome\": ")
+            && status[0].outcome == opensim_chat_relay::check::Outcome::Ok,
+        "{:?}",
+        status[0]
+    );
+    assert!(
+        status[1].detail.starts_with("region \"Sandbox\": ")
+            && status[1].outcome == opensim_chat_relay::check::Outcome::Fail,
+        "{:?}",
+        status[1]
+    );
+    assert!(!report.passed());
 }

@@ -13,9 +13,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::cms::{CmsChat, CmsClient, CmsError};
@@ -23,11 +23,12 @@ use crate::config::InworldSettings;
 use crate::echo::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError};
 use crate::metrics::Stats;
-use crate::model::fill_template;
-use crate::outbox::{Cursor, Outbox, OutboxError};
-use crate::say::{say_part, split_message};
+use crate::outbox::{Outbox, OutboxError};
 use crate::text::fnv1a64;
 use crate::zone::Zone;
+
+mod speaker;
+use speaker::{Speaker, dated, seen_row};
 
 /// How far before the newest row seen a narrow read starts: the CMS stores whole seconds, and
 /// rows of the same moment may be inserted a little out of order by different writers.
@@ -88,10 +89,18 @@ pub struct InworldRegion {
     pub stats: Arc<Stats>,
 }
 
-/// The CMS → in-world stage: one reader of the CMS chat for every region.
+/// The CMS → in-world stage: one reader of the CMS chat for every region, and each region's
+/// speaker, which takes the reads from its own inbox at its own pace.
 pub struct Inworld {
     deps: Shared,
     regions: Vec<Speaker>,
+    reader: Reader,
+}
+
+/// The reader's side: where the next read starts, and what the reads returned.
+struct Reader {
+    /// One inbox for each region's speaker, in the order of `Inworld::regions`.
+    inboxes: Vec<Arc<Inbox>>,
     /// When the previous successful read was made (this host's clock).
     last_read: Option<DateTime<Utc>>,
     /// The newest row timestamp seen on the grid, as an instant in the CMS's zone: narrow reads
@@ -108,27 +117,74 @@ pub struct Inworld {
     seen: BTreeMap<i64, SeenRow>,
 }
 
+/// One CMS read as every region's speaker gets it: the rows, where the read started, and for each
+/// row whether the reads before it saw it (`None`: not seen; `Some(false)`: seen with another
+/// fingerprint, so the CMS handed its id out again), for `went_back_known`.
+pub(crate) struct Read {
+    rows: Vec<CmsChat>,
+    since: DateTime<Utc>,
+    known: Vec<Option<bool>>,
+    seen_empty: bool,
+}
+
+/// The reads waiting for one region's speaker. A speaker whose viewer hangs (a request that never
+/// ends holds its gate) lets its reads wait here while the other regions go on; beyond
+/// `MAX_WAITING_READS` the oldest waiting read is dropped (its lines come back with a later wide
+/// read while younger than `inworld.max_age`, and are skipped as too old otherwise).
+pub(crate) struct Inbox {
+    reads: std::sync::Mutex<std::collections::VecDeque<Arc<Read>>>,
+    ready: tokio::sync::Notify,
+}
+
+/// A read every `inworld.poll_interval` (2 s): 1,000 waiting reads are half an hour of a viewer that
+/// does not answer, longer than `inworld.max_age` (10 minutes) keeps a line worth saying.
+const MAX_WAITING_READS: usize = 1000;
+
+impl Inbox {
+    fn new() -> Inbox {
+        Inbox {
+            reads: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            ready: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Hands `read` to the speaker; whether an older read had to be dropped for it.
+    fn push(&self, read: Arc<Read>) -> bool {
+        let dropped = {
+            let mut reads = lock(&self.reads);
+            let dropped = reads.len() >= MAX_WAITING_READS && reads.pop_front().is_some();
+            reads.push_back(read);
+            dropped
+        };
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// The oldest waiting read, once there is one.
+    pub(crate) async fn next(&self) -> Arc<Read> {
+        loop {
+            if let Some(read) = lock(&self.reads).pop_front() {
+                return read;
+            }
+            // A push between the check and here left a permit: this returns at once.
+            self.ready.notified().await;
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this mutex leaves a plain queue behind; keep using it.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What every region's speaker shares.
 struct Shared {
     cms: Arc<CmsClient>,
     outbox: Arc<Outbox>,
     settings: InworldSettings,
     cms_zone: Zone,
-}
-
-/// One region's side of the stage: its viewer, echo memory, cursor and flood limit.
-struct Speaker {
-    region: InworldRegion,
-    /// The earliest moment the next line may be said here (flood control, per region: each region
-    /// is its own chat).
-    next_slot: Instant,
-    /// The highest CMS id said or skipped here by this process. The persisted cursor lags it when
-    /// writing the cursor failed (disk full): a line is not said twice for that.
-    handled_up_to: Option<i64>,
-    /// The row being said in parts and how many of its parts the viewer took, so that after a
-    /// failed part the retry starts at that part. In memory only: a restart in the middle of a
-    /// split line says all of it again, as it says again a line whose cursor was not yet written.
-    parts_said: Option<(i64, usize)>,
 }
 
 /// What the stage remembers of a row it read.
@@ -182,10 +238,28 @@ pub fn went_back(
     since: DateTime<Utc>,
     dated: impl Fn(&CmsChat) -> Option<DateTime<Utc>>,
 ) -> Option<i64> {
-    let reused = rows.iter().any(|row| {
-        seen.get(&row.id)
-            .is_some_and(|known| known.fingerprint != fingerprint(row))
-    });
+    let known: Vec<Option<bool>> = rows.iter().map(|row| known_as(seen, row)).collect();
+    went_back_known(rows, &known, seen.is_empty(), at_cursor, since, dated)
+}
+
+/// Whether `row` was seen before: `None` not, `Some(true)` with the same fingerprint.
+fn known_as(seen: &BTreeMap<i64, SeenRow>, row: &CmsChat) -> Option<bool> {
+    seen.get(&row.id)
+        .map(|known| known.fingerprint == fingerprint(row))
+}
+
+/// `went_back` with what the reads before knew of each row worked out by the reader (`known`, one
+/// for each of `rows`; `seen_empty` when they knew nothing), so that each region's speaker decides
+/// for its own cursor without the reader's memory.
+pub(crate) fn went_back_known(
+    rows: &[CmsChat],
+    known: &[Option<bool>],
+    seen_empty: bool,
+    at_cursor: &CursorRow,
+    since: DateTime<Utc>,
+    dated: impl Fn(&CmsChat) -> Option<DateTime<Utc>>,
+) -> Option<i64> {
+    let reused = known.contains(&Some(false));
     let cursor_row_gone = at_cursor.row.is_some_and(|known| {
         // The CMS compares whole seconds: a row a second after `since` is surely in the read.
         let reached = known
@@ -200,18 +274,19 @@ pub fn went_back(
         return None;
     }
     let cursor_at = at_cursor.row.and_then(|known| known.at);
-    let known_old = |row: &&CmsChat| match seen.get(&row.id) {
-        Some(known) => known.fingerprint == fingerprint(row),
+    let known_old = |(row, known): &(&CmsChat, &Option<bool>)| match known {
+        Some(same) => *same,
         None => {
-            seen.is_empty()
+            seen_empty
                 && cursor_at.is_some_and(|cursor_at| dated(row).is_some_and(|at| at <= cursor_at))
         }
     };
     Some(
         rows.iter()
-            .filter(|row| row.id <= at_cursor.id)
+            .zip(known)
+            .filter(|(row, _)| row.id <= at_cursor.id)
             .filter(known_old)
-            .map(|row| row.id)
+            .map(|(row, _)| row.id)
             .max()
             .unwrap_or(0),
     )
@@ -220,6 +295,11 @@ pub fn went_back(
 impl Inworld {
     /// Builds the stage.
     pub fn new(deps: InworldDeps) -> Inworld {
+        let inboxes = deps
+            .regions
+            .iter()
+            .map(|_| Arc::new(Inbox::new()))
+            .collect();
         Inworld {
             regions: deps
                 .regions
@@ -237,32 +317,47 @@ impl Inworld {
                 settings: deps.settings,
                 cms_zone: deps.cms_zone,
             },
-            last_read: None,
-            newest_seen: None,
-            last_wide: None,
-            wide_failed: false,
-            seen: BTreeMap::new(),
+            reader: Reader {
+                inboxes,
+                last_read: None,
+                newest_seen: None,
+                last_wide: None,
+                wide_failed: false,
+                seen: BTreeMap::new(),
+            },
         }
     }
 
-    /// One step: read new CMS lines once and say them in every region, each region at its own
-    /// pace and from its own cursor, the regions at once (a region whose viewer fails does not stop
-    /// the others); stops between lines when `token` is cancelled. The first region's error is
-    /// returned once every region is done.
-    pub async fn try_poll_once(
-        &mut self,
-        token: &CancellationToken,
-    ) -> Result<InworldOutcome, InworldError> {
+    /// Reads and says until `token` is cancelled: the reader and every region's speaker at once
+    /// in this one task (a panic in any of them is the stage's), each speaker at its own pace.
+    pub async fn run_until_stopped(self, token: CancellationToken) {
+        tracing::info!(n_regions = self.regions.len(), "saying CMS lines in-world");
+        let Inworld {
+            deps,
+            regions,
+            mut reader,
+        } = self;
+        let speakers = regions
+            .into_iter()
+            .zip(reader.inboxes.clone())
+            .map(|(speaker, inbox)| speaker.run_until_stopped(&deps, inbox, &token));
+        let reading = reader.run_until_stopped(&deps, &token);
+        futures_util::future::join(reading, futures_util::future::join_all(speakers)).await;
+    }
+}
+
+impl Reader {
+    /// One read of the CMS chat, handed to every region's speaker; returns how many rows it got.
+    async fn read_once(&mut self, deps: &Shared) -> Result<usize, CmsError> {
         let now = Utc::now();
-        let look_back =
-            chrono::Duration::from_std(self.deps.settings.look_back).unwrap_or_default();
-        let max_age = chrono::Duration::from_std(self.deps.settings.max_age).unwrap_or_default();
+        let look_back = chrono::Duration::from_std(deps.settings.look_back).unwrap_or_default();
+        let max_age = chrono::Duration::from_std(deps.settings.max_age).unwrap_or_default();
         let (since, wide) = self.since(now, look_back, max_age);
-        let rows = match self.deps.cms.chats_since(since.timestamp()).await {
+        let rows = match deps.cms.chats_since(since.timestamp()).await {
             Ok(rows) => rows,
             Err(err) => {
                 self.wide_failed = wide;
-                return Err(err.into());
+                return Err(err);
             }
         };
         self.last_read = Some(now);
@@ -272,40 +367,33 @@ impl Inworld {
         self.wide_failed = false;
         let newest = rows
             .iter()
-            .filter_map(|row| dated(self.deps.cms_zone, row))
+            .filter_map(|row| dated(deps.cms_zone, row))
             .max();
         self.newest_seen = self.newest_seen.max(newest);
-        let deps = &self.deps;
-        let seen = &self.seen;
-        let steps = self
-            .regions
-            .iter_mut()
-            .map(|speaker| speaker.step(deps, seen, &rows, since, max_age, token));
-        let results = futures_util::future::join_all(steps).await;
-        let mut outcome = InworldOutcome::default();
-        let mut first_err = None;
-        let mut went_back = false;
-        for result in results {
-            match result {
-                Ok((step, back)) => {
-                    outcome.n_said += step.n_said;
-                    outcome.n_skipped += step.n_skipped;
-                    went_back |= back;
-                }
-                Err(err) => {
-                    first_err.get_or_insert(err);
-                }
-            }
-        }
-        if went_back {
-            // What was remembered describes the database before the restore.
+        let known: Vec<Option<bool>> = rows.iter().map(|row| known_as(&self.seen, row)).collect();
+        let seen_empty = self.seen.is_empty();
+        if known.contains(&Some(false)) {
+            // The CMS hands ids out again (a restored database): what was remembered describes
+            // the database before the restore. Each speaker lowers its own cursor from this read.
             self.seen.clear();
         }
-        self.remember(&rows);
-        match first_err {
-            Some(err) => Err(err),
-            None => Ok(outcome),
+        self.remember(deps.cms_zone, &rows);
+        let n_rows = rows.len();
+        let read = Arc::new(Read {
+            rows,
+            since,
+            known,
+            seen_empty,
+        });
+        for inbox in &self.inboxes {
+            if inbox.push(read.clone()) {
+                tracing::warn!(
+                    waiting = MAX_WAITING_READS,
+                    "a region's viewer has not taken the cms lines of the last reads: the oldest read waiting for it is dropped"
+                );
+            }
         }
+        Ok(n_rows)
     }
 
     /// Where the next read starts, and whether it is a wide one. Most reads are narrow: they follow
@@ -337,22 +425,12 @@ impl Inworld {
         ((newest - NARROW_MARGIN).max(read - look_back), false)
     }
 
-    /// Polls until `token` is cancelled.
-    pub async fn run_until_stopped(mut self, token: CancellationToken) {
-        tracing::info!(n_regions = self.regions.len(), "saying CMS lines in-world");
+    /// Reads every `inworld.poll_interval` until `token` is cancelled.
+    async fn run_until_stopped(&mut self, deps: &Shared, token: &CancellationToken) {
         let mut failing = false;
         while !token.is_cancelled() {
-            match self.try_poll_once(&token).await {
-                Ok(outcome) => {
-                    failing = false;
-                    if outcome.n_said + outcome.n_skipped > 0 {
-                        tracing::info!(
-                            n_said = outcome.n_said,
-                            n_skipped = outcome.n_skipped,
-                            "cms lines said in-world"
-                        );
-                    }
-                }
+            match self.read_once(deps).await {
+                Ok(_) => failing = false,
                 Err(err) if !failing => {
                     tracing::warn!(error = %err, "in-world relay step failed; retrying every poll interval");
                     failing = true;
@@ -361,15 +439,15 @@ impl Inworld {
             }
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = tokio::time::sleep(self.deps.settings.poll_interval) => {}
+                _ = tokio::time::sleep(deps.settings.poll_interval) => {}
             }
         }
     }
 
     /// Remembers the rows of a read (`seen`), keeping the `SEEN_MAX` highest ids.
-    fn remember(&mut self, rows: &[CmsChat]) {
+    fn remember(&mut self, zone: Zone, rows: &[CmsChat]) {
         for row in rows {
-            let seen = seen_row(self.deps.cms_zone, row);
+            let seen = seen_row(zone, row);
             self.seen.insert(row.id, seen);
         }
         while self.seen.len() > SEEN_MAX {
@@ -378,263 +456,10 @@ impl Inworld {
     }
 }
 
-impl Speaker {
-    /// Says this region's share of a read: the CMS lines past its cursor, in order. Returns what
-    /// it did and whether the read showed the CMS's ids going backwards.
-    async fn step(
-        &mut self,
-        deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
-        since: DateTime<Utc>,
-        max_age: chrono::Duration,
-        token: &CancellationToken,
-    ) -> Result<(InworldOutcome, bool), InworldError> {
-        let region = self.region.name.clone();
-        let result = self.say_new(deps, seen, rows, since, max_age, token).await;
-        if let Err(err) = &result {
-            if !region.is_empty() {
-                tracing::debug!(region, error = %err, "in-world step failed in this region");
-            }
-        }
-        result
-    }
-
-    async fn say_new(
-        &mut self,
-        deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
-        since: DateTime<Utc>,
-        max_age: chrono::Duration,
-        token: &CancellationToken,
-    ) -> Result<(InworldOutcome, bool), InworldError> {
-        let region = self.region.name.clone();
-        let Some(cursor) = deps
-            .outbox
-            .cursor(Cursor::LastSaidId.of(&region))?
-            .max(self.handled_up_to)
-        else {
-            // First start ever (in this region): begin from now, say nothing of the past.
-            let newest = rows.iter().max_by_key(|row| row.id);
-            self.advance(deps, newest.map_or(0, |row| row.id), newest)
-                .await?;
-            tracing::info!(
-                region,
-                cursor = newest.map_or(0, |row| row.id),
-                "in-world relay starts from now"
-            );
-            return Ok((InworldOutcome::default(), false));
-        };
-        let (cursor, went_back) = self.notice_restore(deps, seen, rows, cursor, since).await?;
-        let mut pending: Vec<&CmsChat> = rows
-            .iter()
-            .filter(|r| r.from_cms && r.id > cursor)
-            .collect();
-        pending.sort_by_key(|r| r.id);
-        let mut outcome = InworldOutcome::default();
-        if pending.len() > deps.settings.max_queue {
-            let n_over = pending.len() - deps.settings.max_queue;
-            let last_dropped = pending[n_over - 1];
-            pending.drain(..n_over);
-            self.skip(
-                deps,
-                last_dropped,
-                n_over,
-                "more lines waiting than inworld.max_queue",
-                &mut outcome,
-            )
-            .await?;
-        }
-        for row in pending {
-            if token.is_cancelled() {
-                break;
-            }
-            if age(deps.cms_zone, row, Utc::now()).is_some_and(|age| age > max_age) {
-                self.skip(deps, row, 1, "older than inworld.max_age", &mut outcome)
-                    .await?;
-                continue;
-            }
-            let n_said_before = match self.parts_said {
-                Some((id, n_parts)) if id == row.id => n_parts,
-                _ => 0,
-            };
-            for (index, part) in split_message(&self.render(deps, row))
-                .into_iter()
-                .enumerate()
-                .skip(n_said_before)
-            {
-                tokio::select! {
-                    _ = token.cancelled() => return Ok((outcome, went_back)),
-                    _ = tokio::time::sleep_until(self.next_slot.into()) => {}
-                }
-                let said = say_part(
-                    &self.region.viewer,
-                    &self.region.recently_said,
-                    &part,
-                    deps.settings.channel,
-                    deps.settings.say_type.as_str(),
-                    token,
-                )
-                .await;
-                if let Err(err) = said {
-                    return match err {
-                        // Not sent: the relay is stopping.
-                        ViewerError::Stopping => Ok((outcome, went_back)),
-                        err => Err(err.into()),
-                    };
-                }
-                self.parts_said = Some((row.id, index + 1));
-                self.next_slot = Instant::now()
-                    + Duration::from_secs_f64(1.0 / deps.settings.max_lines_per_second);
-                Stats::add(&self.region.stats.inworld_said, 1);
-            }
-            self.advance(deps, row.id, Some(row)).await?;
-            self.parts_said = None;
-            outcome.n_said += 1;
-        }
-        Ok((outcome, went_back))
-    }
-
-    /// Moves the cursor past `id` (the row `row`, whose time and fingerprint are stored with it):
-    /// in memory first, then on disk.
-    async fn advance(
-        &mut self,
-        deps: &Shared,
-        id: i64,
-        row: Option<&CmsChat>,
-    ) -> Result<(), OutboxError> {
-        self.handled_up_to = self.handled_up_to.max(Some(id));
-        self.store_cursor(deps, id, row).await
-    }
-
-    /// Stores the cursor `id` with its row's time and fingerprint (0 when none is known).
-    async fn store_cursor(
-        &self,
-        deps: &Shared,
-        id: i64,
-        row: Option<&CmsChat>,
-    ) -> Result<(), OutboxError> {
-        let seen = row.map(|row| seen_row(deps.cms_zone, row));
-        let at = seen.and_then(|seen| seen.at).map_or(0, |at| at.timestamp());
-        // The fingerprint's bits as an i64; 0 stands for "unknown" (one fingerprint in 2^64 is
-        // read as unknown, which only turns that row's check off).
-        let fingerprint = seen.map_or(0, |seen| seen.fingerprint as i64);
-        let region = self.region.name.as_str();
-        deps.outbox
-            .set_cursors(&[
-                (Cursor::LastSaidAt.of(region), at),
-                (Cursor::LastSaidRow.of(region), fingerprint),
-                (Cursor::LastSaidId.of(region), id),
-            ])
-            .await
-    }
-
-    /// The row at the cursor `id`, as stored with it; unknown when the stored cursor is another
-    /// (a write that failed left it behind the one in memory).
-    fn cursor_row(&self, deps: &Shared, id: i64) -> Result<CursorRow, OutboxError> {
-        let region = self.region.name.as_str();
-        if deps.outbox.cursor(Cursor::LastSaidId.of(region))? != Some(id) {
-            return Ok(CursorRow { id, row: None });
-        }
-        let fingerprint = deps
-            .outbox
-            .cursor(Cursor::LastSaidRow.of(region))?
-            .unwrap_or(0);
-        let at = deps
-            .outbox
-            .cursor(Cursor::LastSaidAt.of(region))?
-            .unwrap_or(0);
-        let row = (fingerprint != 0).then(|| SeenRow {
-            fingerprint: fingerprint as u64,
-            at: (at != 0).then(|| DateTime::from_timestamp(at, 0)).flatten(),
-        });
-        Ok(CursorRow { id, row })
-    }
-
-    /// Lowers the cursor when the read shows the CMS's ids went backwards (`went_back`), saying so
-    /// in the log; returns the cursor to go on from and whether it went back.
-    async fn notice_restore(
-        &mut self,
-        deps: &Shared,
-        seen: &BTreeMap<i64, SeenRow>,
-        rows: &[CmsChat],
-        cursor: i64,
-        since: DateTime<Utc>,
-    ) -> Result<(i64, bool), OutboxError> {
-        let at_cursor = self.cursor_row(deps, cursor)?;
-        let Some(lowered) = went_back(rows, seen, &at_cursor, since, |row| {
-            dated(deps.cms_zone, row)
-        }) else {
-            return Ok((cursor, false));
-        };
-        tracing::warn!(
-            region = self.region.name,
-            cursor,
-            new_cursor = lowered,
-            "cms ids went backwards (a restored database?): the in-world cursor goes back, so that the cms lines typed since the restore are said"
-        );
-        self.handled_up_to = Some(lowered);
-        self.parts_said = None;
-        let row = rows.iter().find(|row| row.id == lowered);
-        self.store_cursor(deps, lowered, row).await?;
-        Ok((lowered, true))
-    }
-
-    async fn skip(
-        &mut self,
-        deps: &Shared,
-        up_to: &CmsChat,
-        n: usize,
-        reason: &str,
-        outcome: &mut InworldOutcome,
-    ) -> Result<(), OutboxError> {
-        tracing::warn!(
-            region = self.region.name,
-            n_lines = n,
-            reason,
-            "cms lines not said in-world"
-        );
-        Stats::add(&self.region.stats.inworld_skipped, n as u64);
-        outcome.n_skipped += n;
-        self.advance(deps, up_to.id, Some(up_to)).await
-    }
-
-    fn render(&self, deps: &Shared, row: &CmsChat) -> String {
-        fill_template(
-            &deps.settings.format,
-            &[
-                ("first", &row.first_name),
-                ("last", &row.last_name),
-                ("username", &row.username),
-                ("message", &row.message),
-                ("region", &self.region.label),
-            ],
-        )
-    }
-}
-
-fn seen_row(zone: Zone, row: &CmsChat) -> SeenRow {
-    SeenRow {
-        fingerprint: fingerprint(row),
-        at: dated(zone, row),
-    }
-}
-
-/// How old a CMS row is; `None` when its timestamp cannot be read. The CMS stores whole seconds,
-/// so a row counts from the end of its second (else a line typed at .9 s looks a second older).
-fn age(zone: Zone, row: &CmsChat, now: DateTime<Utc>) -> Option<chrono::Duration> {
-    Some(now - dated(zone, row)? - chrono::Duration::seconds(1))
-}
-
-/// A row's timestamp as an instant (the later one in a repeated hour); `None` when unreadable.
-fn dated(zone: Zone, row: &CmsChat) -> Option<DateTime<Utc>> {
-    let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
-    zone.resolve(naive).into_iter().max()
-}
-
 #[cfg(test)]
 mod tests {
+    use chrono::NaiveDateTime;
+
     use super::*;
 
     fn row(id: i64, message: &str, second: u32) -> CmsChat {
