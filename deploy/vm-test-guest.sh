@@ -46,7 +46,9 @@ sim() { # UNIT ARGS...
         /usr/bin/opensim-chat-relay sim "$@"
 }
 sim_cms() { sim "sim-cms-$1" cms --listen "127.0.0.1:$2" --user "chatrelay:$password" "${@:3}"; }
-sim_viewer() { sim "sim-viewer-$1" viewer --listen "127.0.0.1:$2" --timezone UTC --chatter "$3"; }
+sim_viewer() { # NAME PORT CHATTER [REGION]
+    sim "sim-viewer-$1" viewer --listen "127.0.0.1:$2" --timezone UTC --chatter "$3" ${4:+--region "$4"}
+}
 # The chat rows the simulated CMS stored, one "hello #N from NAME" text a line.
 cms_rows() { journalctl -q -o cat -u "sim-cms-$1.service" | sed -n 's/^chat [0-9]* grid .*fromCMS 0: .*\(hello #[0-9]* from .*\)$/\1/p'; }
 
@@ -61,6 +63,16 @@ configure() { # NAME VIEWER_PORT CMS_PORT HTTP_PORT [CONFIG_FILE]
     # Quick retries: a restarted CMS is reached within seconds, not after the default 60 s cap.
     printf '\n[retry]\nmax = "2s"\n' >>"$file"
 }
+# An instance for the regions of a simulator, from example-regions.toml: its two regions' viewers
+# (Welcome, Sandbox) on their own ports.
+configure_regions() { # NAME WELCOME_PORT SANDBOX_PORT CMS_PORT HTTP_PORT
+    sed -e "s|127.0.0.1:9144|127.0.0.1:$2|g" \
+        -e "s|127.0.0.1:9145|127.0.0.1:$3|g" \
+        -e "s|http://192.0.2.10/|http://127.0.0.1:$4/|" \
+        -e "s|127.0.0.1:9188|127.0.0.1:$5|" \
+        "$etc/example-regions.toml" >"$etc/$1.toml"
+    printf '\n[retry]\nmax = "2s"\n' >>"$etc/$1.toml"
+}
 set_password() { # FILE
     install -m 0600 /dev/null "$1"
     printf '%s\n' "$password" >"$1"
@@ -69,12 +81,12 @@ set_password() { # FILE
 echo "== guest: installing the package"
 deb="$(ls "$share"/opensim-chat-relay_*.deb)"
 cp "$deb" /root/
-cd /root
+cd /root || exit 1
 if apt-get install -y -q "./$(basename "$deb")" >"$diag/apt.txt" 2>&1 \
-    && [ -x /usr/bin/opensim-chat-relay ] && [ -f "$etc/example.toml" ] \
+    && [ -x /usr/bin/opensim-chat-relay ] && [ -f "$etc/example.toml" ] && [ -f "$etc/example-regions.toml" ] \
     && systemctl cat opensim-chat-relay.service opensim-chat-relay@.service >/dev/null \
     && [ -f /usr/share/doc/opensim-chat-relay/OPERATIONS.md ]; then
-    result PASS package-installs "apt install ./$(basename "$deb"): binary, both units, $etc/example.toml, docs"
+    result PASS package-installs "apt install ./$(basename "$deb"): binary, both units, $etc/example.toml and example-regions.toml, docs"
 else
     result FAIL package-installs "see diag/apt.txt"
     tail -20 "$diag/apt.txt"
@@ -126,7 +138,7 @@ check healthz-readyz "/healthz $healthz, /readyz $readyz" \
     test "$healthz" = "200 ok" -a "$readyz" = '200 [true,{"cms":true,"delivery":true,"outbox":true,"stages":true,"viewer":true}]'
 
 # The image's HEALTHCHECK command, against the running relay and against a port nothing listens on.
-probe() { RELAY__CMS__PASSWORD_FILE="$etc/welcome.password" opensim-chat-relay healthcheck --config "$etc/welcome.toml" "$@" >/dev/null 2>&1; }
+probe() { RELAY__CMS__PASSWORD_FILE="$etc/welcome.password" opensim-chat-relay healthcheck --config "$etc/welcome.toml" >/dev/null 2>&1; }
 probe
 probe_up=$?
 RELAY__HTTP__LISTEN=127.0.0.1:9197 probe
@@ -239,6 +251,65 @@ took=$(($(now_ms) - started))
 check stop-with-post-hanging "$in_flight; systemctl stop returned $stop_rc after $took ms (the relay's own grace 9 s; TimeoutStopSec 90 s), Result=$(prop opensim-chat-relay@hang Result), exit status $(prop opensim-chat-relay@hang ExecMainStatus)" \
     test "$stop_rc" = 0 -a "$took" -lt 20000 -a "$(prop opensim-chat-relay@hang Result)" = success \
     -a "$(prop opensim-chat-relay@hang ExecMainStatus)" = 0
+
+echo "== guest: one relay for two regions (opensim-chat-relay@simulator, two [[regions]])"
+# Each region's viewer logged in to its own region, chatting; one CMS with a second account, a CMS
+# user who types a line in the CMS.
+sim_cms regions 8084 --user dora:dora-password
+sim_viewer regions-welcome 9148 2 Welcome
+sim_viewer regions-sandbox 9149 2 Sandbox
+configure_regions simulator 9148 9149 8084 9192
+set_password "$etc/simulator.password"
+wait_for 20 listening 8084 && wait_for 20 listening 9148 && wait_for 20 listening 9149
+if RELAY__CMS__PASSWORD_FILE="$etc/simulator.password" opensim-chat-relay check --config "$etc/simulator.toml" >"$diag/check-regions.txt" 2>&1; then
+    result PASS two-regions-check-command "opensim-chat-relay check passes for a configuration with two [[regions]]"
+else
+    result FAIL two-regions-check-command "$(grep -m1 FAIL "$diag/check-regions.txt")"
+fi
+systemctl start opensim-chat-relay@simulator
+regions_rc=$?
+regions_ready() { curl -fs -o /dev/null --max-time 2 http://127.0.0.1:9192/readyz; }
+wait_for 40 regions_ready
+readyz_regions="$(curl -s --max-time 2 -w ' %{http_code}' http://127.0.0.1:9192/readyz)"
+check two-regions-ready "systemctl start returned $regions_rc, $(prop opensim-chat-relay@simulator ActiveState)/$(prop opensim-chat-relay@simulator SubState), /readyz: $readyz_regions" \
+    test "$regions_rc" = 0 -a "$(prop opensim-chat-relay@simulator SubState)" = running -a "${readyz_regions##* }" = 200
+
+# cms.anonymous_format of example-regions.toml names the region in each row of an unmapped speaker
+# (every chatter avatar here): "[Carol Visitor in Sandbox] hello #3 from Carol Visitor".
+region_rows() { # REGION
+    journalctl -q -o cat -u sim-cms-regions.service | grep -c "fromCMS 0: \[[A-Za-z ]* in $1\] hello #[0-9]* from "
+}
+relayed_metric() { # REGION: lines_relayed_total of that region's label
+    curl -fs --max-time 5 http://127.0.0.1:9192/metrics |
+        sed -n "s/^opensim_chat_relay_lines_relayed_total{.*region=\"$1\".*} \([0-9]*\).*/\1/p" | head -1
+}
+both_delivered() { [ "$(region_rows Welcome)" -ge 4 ] && [ "$(region_rows Sandbox)" -ge 4 ]; }
+wait_for 60 both_delivered
+welcome_metric="$(relayed_metric Welcome)"
+sandbox_metric="$(relayed_metric Sandbox)"
+check two-regions-to-cms "rows stored naming Welcome: $(region_rows Welcome), naming Sandbox: $(region_rows Sandbox); lines_relayed_total{region} Welcome ${welcome_metric:-none}, Sandbox ${sandbox_metric:-none}; first '$(journalctl -q -o cat -u sim-cms-regions.service | grep -m1 -o 'fromCMS 0: .*')'" \
+    test "$(region_rows Welcome)" -ge 4 -a "$(region_rows Sandbox)" -ge 4 \
+    -a "${welcome_metric:-0}" -ge 1 -a "${sandbox_metric:-0}" -ge 1
+
+# Dora types a line in the CMS (the API's own POST with fromCMS 1, as the CMS's chat page does).
+dora_id="$(journalctl -q -o cat -u sim-cms-regions.service | sed -n 's/^user \([0-9]*\) "dora" .*/\1/p' | head -1)"
+cms_api=http://127.0.0.1:8084/OpenSim-CMS/api
+dora_token="$(curl -fsS --max-time 5 -d 'username=dora&password=dora-password' "$cms_api/auth/username/" | jq -r .token)"
+typed="typed-in-the-cms-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
+typed_rc=0
+curl -fsS --max-time 5 -o "$diag/cms-post.txt" -H 'Content-Type: application/json' \
+    -d "{\"userId\":${dora_id:-0},\"message\":\"$typed\",\"timestamp\":$(date +%s),\"fromCMS\":1}" \
+    "$cms_api/grid/1/chats/?token=$dora_token" || typed_rc=$?
+heard_in() { # VIEWER: how often it said the typed line in-world
+    journalctl -q -o cat -u "sim-viewer-$1.service" | grep -c "^said in-world: .*$typed"
+}
+heard_in_both() { [ "$(heard_in regions-welcome)" -ge 1 ] && [ "$(heard_in regions-sandbox)" -ge 1 ]; }
+wait_for 40 heard_in_both
+# Two more in-world reads (inworld.poll_interval, 2 s): a second saying would show by then.
+sleep 5
+check two-regions-in-world "dora (user ${dora_id:-?}) typed '$typed' in the CMS (POST exit $typed_rc); said in Welcome $(heard_in regions-welcome) time(s), in Sandbox $(heard_in regions-sandbox) time(s)" \
+    test "$typed_rc" = 0 -a "$(heard_in regions-welcome)" = 1 -a "$(heard_in regions-sandbox)" = 1
+systemctl stop opensim-chat-relay@simulator
 
 echo "== guest: the watchdog (SIGSTOP)"
 pid=$(prop opensim-chat-relay@welcome MainPID)

@@ -276,6 +276,11 @@ pub(super) struct Database {
     next_id: AtomicU64,
     /// The room given back to the file system when a write fails for want of it.
     reserve: Reserve,
+    /// Held for each flush: one `flush_async` at a time. sled 0.34 runs a flush on its own I/O
+    /// threads, which wait for each other's buffers; with a dozen flushes at once (a relay with
+    /// eight regions, each poller and presence task flushing) every one of them waited, the tokio
+    /// workers blocked in their next write, and the relay hung.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Database {
@@ -295,6 +300,7 @@ impl Database {
             broken: AtomicBool::new(false),
             next_id: AtomicU64::new(next_id),
             reserve: Reserve::new(path),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -437,6 +443,9 @@ impl Database {
 
     /// Flushes everything written to `store` so far.
     pub(super) async fn flush(&self, store: &Store) -> Result<(), OutboxError> {
+        // A flush started after the caller's writes covers them, so waiting for the one before
+        // loses no durability.
+        let _one_at_a_time = self.flushing.lock().await;
         self.io(store.db.flush_async().await)?;
         Ok(())
     }

@@ -302,3 +302,55 @@ async fn an_invalid_configuration_fails_before_probing_anything() {
     assert!(config.contains("viewer.poll_interval"), "{config}");
     assert_eq!(env.db.requests().len(), 0);
 }
+
+#[tokio::test]
+async fn with_two_regions_each_regions_viewer_is_probed_and_named() {
+    // Arrange: Welcome's viewer runs (logged in to Welcome); Sandbox's viewer does not.
+    let env = TestEnv::start().await;
+    env.lg.start_in_region("Welcome");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    drop(listener);
+    let toml = format!(
+        "[cms]\nbase_url = \"{}\"\nusername = \"{RELAY_USER}\"\npassword = \"{RELAY_PASSWORD}\"\n\
+         [[regions]]\nname = \"Welcome\"\nchat_url = \"{}\"\nstatus_url = \"{}\"\navatars_url = \"{}\"\n\
+         [[regions]]\nname = \"Sandbox\"\nchat_url = \"http://127.0.0.1:{port}/api/chat\"\nstatus_url = \"http://127.0.0.1:{port}/api/LLLP/status\"\navatars_url = \"\"\n",
+        env.cms.base_url(),
+        env.viewer.chat_url(),
+        env.viewer.status_url(),
+        env.viewer.avatars_url(),
+    );
+
+    // Act
+    let checked = check(&env, &toml).await;
+
+    // Assert: Welcome's probes pass and say so; Sandbox's status fails naming the region and the
+    // port to check; the exit code says a check failed; the chat queue was left alone.
+    assert_eq!(checked.code, Some(1), "{}", checked.stdout);
+    let status: Vec<&str> = checked
+        .stdout
+        .lines()
+        .filter(|line| {
+            line.get(5..)
+                .is_some_and(|rest| rest.starts_with("viewer.status "))
+        })
+        .collect();
+    assert_eq!(status.len(), 2, "{}", checked.stdout);
+    assert!(
+        status[0].starts_with("ok ") && status[0].contains("Welcome"),
+        "{}",
+        checked.stdout
+    );
+    assert!(
+        status[1].starts_with("FAIL") && status[1].contains("Sandbox"),
+        "{}",
+        checked.stdout
+    );
+    assert!(status[1].contains("nothing answers"), "{}", status[1]);
+    let region = checked.line("viewer.region");
+    assert!(
+        region.starts_with("ok ") && region.contains("Welcome"),
+        "{region}"
+    );
+    assert_eq!(env.lg.n_gets(), 0);
+}

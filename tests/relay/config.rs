@@ -369,3 +369,29 @@ fn a_syntax_error_on_the_password_line_names_file_line_and_key_but_never_the_pas
         }
     }
 }
+
+/// The examples the Debian package installs load as an operator fills them in (the password from
+/// the unit's credential, here the environment), and the regions example serves both its regions.
+#[test]
+fn the_packaged_example_configurations_load() {
+    for (file, regions) in [
+        ("deploy/deb/example.toml", &[][..]),
+        (
+            "deploy/deb/example-regions.toml",
+            &["Welcome", "Sandbox"][..],
+        ),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let toml = std::fs::read_to_string(&path).expect("the example is in the repository");
+
+        let (code, stdout, stderr) = check_config_env(&toml, &[("RELAY__CMS__PASSWORD", "pw")]);
+
+        assert_eq!(code, Some(0), "{file}: {stderr}");
+        for region in regions {
+            assert!(
+                stdout.contains(&format!("name = \"{region}\"")),
+                "{file}: region {region} not in the effective configuration: {stdout}"
+            );
+        }
+    }
+}

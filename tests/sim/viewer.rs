@@ -1182,6 +1182,7 @@ async fn run_cli_serves_until_shutdown_and_rejects_a_negative_chatter() {
         dialect: Dialect::Lookingglass,
         timezone: chrono_tz::UTC,
         own_name: "Relay Bot".to_owned(),
+        region: "Sim".to_owned(),
         crash_on_abort: false,
         chatter: 50.0,
         chatter_stamp: false,

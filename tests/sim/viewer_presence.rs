@@ -272,3 +272,41 @@ async fn only_what_is_said_within_hearing_range_is_heard_and_positions_may_use_a
     assert_eq!(far["Region"], "localhost/Sim");
     assert!(far.get("Flags").is_none(), "empty strings are dropped");
 }
+
+#[tokio::test]
+async fn a_viewer_started_in_a_named_region_shows_it_hears_it_and_counts_no_region_change() {
+    // Arrange: a viewer logged in to "Welcome" from its start (`sim viewer --region Welcome`), as
+    // each viewer of a relay with several [[regions]] is.
+    let sim = viewer().await;
+    let handle = sim.handle();
+    handle.start_in_region("Welcome");
+
+    // Act
+    handle.say("Alice Resident", "hello Welcome");
+
+    // Assert: the status names the region, the avatars stand in it (the viewer's own too), what
+    // is said there is heard, and no change of region was counted.
+    assert_eq!(
+        get(&sim.status_url()).await["currentsim"]["value"],
+        "Welcome"
+    );
+    let avatars = get(&sim.avatars_url()).await;
+    let regions: Vec<&Value> = avatars
+        .as_object()
+        .expect("map")
+        .values()
+        .map(|avatar| &avatar["Region"])
+        .collect();
+    assert_eq!(regions, ["localhost/Welcome", "localhost/Welcome"]);
+    let chat = get(&sim.chat_url()).await;
+    let messages: Vec<&Value> = chat
+        .as_object()
+        .expect("map")
+        .values()
+        .map(|l| &l["Message"])
+        .collect();
+    assert_eq!(messages, ["hello Welcome"]);
+    let stats = get(&sim.comm_stats_url()).await;
+    assert_eq!(counter(&stats, "network_simchanged"), "0");
+    assert_eq!(counter(&stats, "network_simconnected"), "1");
+}

@@ -10,7 +10,7 @@ use chrono_tz::Tz;
 use tokio_util::sync::CancellationToken;
 
 use crate::sim::lookingglass::chatter::{ChatterStyle, spawn_chatter_styled};
-use crate::sim::lookingglass::{Dialect, ViewerSim, ViewerSimSettings};
+use crate::sim::lookingglass::{Dialect, REGION_NAME, ViewerSim, ViewerSimSettings};
 use crate::sim::parse_timezone;
 
 /// `opensim-chat-relay sim viewer`: serve the simulated viewer until Ctrl-C.
@@ -29,6 +29,10 @@ pub struct ViewerArgs {
     /// The viewer's own avatar name, shown by /api/LLLP/status.
     #[arg(long, default_value = "Relay Bot")]
     pub own_name: String,
+    /// The region the viewer is logged in to (and the chatter avatars stand in), as its status
+    /// names it: a relay's `viewer.region` or `[[regions]]` name.
+    #[arg(long, default_value = REGION_NAME)]
+    pub region: String,
     /// Exit with an error, as the real viewer dies, when a client abandons a response mid-write.
     #[arg(long)]
     pub crash_on_abort: bool,
@@ -58,18 +62,20 @@ pub async fn run_cli(args: ViewerArgs, shutdown: CancellationToken) -> anyhow::R
         crash_on_abort: args.crash_on_abort,
     })
     .await?;
+    let handle = sim.handle();
+    handle.start_in_region(&args.region);
     println!(
-        "viewer simulator ({:?}, {}, own avatar {:?}) on {}",
+        "viewer simulator ({:?}, {}, own avatar {:?} in region {:?}) on {}",
         args.dialect,
         args.timezone,
         args.own_name,
+        args.region,
         sim.addr()
     );
     println!("  chat:    {}", sim.chat_url());
     println!("  avatars: {}", sim.avatars_url());
     println!("  status:  {}", sim.status_url());
 
-    let handle = sim.handle();
     let style = ChatterStyle {
         stamp: args.chatter_stamp,
         min_bytes: args.chatter_bytes,

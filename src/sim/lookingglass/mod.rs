@@ -400,6 +400,18 @@ impl ViewerHandle {
         self.shared.with_place(|place| place.region_restarted());
     }
 
+    /// The viewer logged in to `region` at its start instead of [`REGION_NAME`]: its status names
+    /// it and the avatars added from now on stand in it. Unlike [`move_to_region`](Self::move_to_region)
+    /// no region change is counted; call it before a client reads the viewer.
+    pub fn start_in_region(&self, region: &str) {
+        let mut state = self.shared.state();
+        state.place.region = region.to_owned();
+        let own = self.shared.own_name.clone();
+        if let Some(avatar) = state.avatars.get_mut(&own) {
+            avatar.region = region.to_owned();
+        }
+    }
+
     /// The viewer's avatar goes to `region` (say, someone teleported it): it hears that region's
     /// chat, not its own.
     pub fn move_to_region(&self, region: &str) {
