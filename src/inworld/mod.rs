@@ -330,15 +330,7 @@ impl Inworld {
                 settings: deps.settings,
                 cms_zone: deps.cms_zone,
             },
-            reader: Reader {
-                inboxes,
-                last_read: None,
-                newest_seen: None,
-                last_wide: None,
-                wide_failures: 0,
-                wide_not_before: None,
-                seen: BTreeMap::new(),
-            },
+            reader: Reader::new(inboxes),
         }
     }
 
@@ -361,6 +353,19 @@ impl Inworld {
 }
 
 impl Reader {
+    /// A reader that has read nothing yet, handing its reads to `inboxes`.
+    fn new(inboxes: Vec<Arc<Inbox>>) -> Reader {
+        Reader {
+            inboxes,
+            last_read: None,
+            newest_seen: None,
+            last_wide: None,
+            wide_failures: 0,
+            wide_not_before: None,
+            seen: BTreeMap::new(),
+        }
+    }
+
     /// One read of the CMS chat, handed to every region's speaker; returns how many rows it got.
     async fn read_once(&mut self, deps: &Shared) -> Result<usize, CmsError> {
         let now = Utc::now();
@@ -575,18 +580,6 @@ mod tests {
         assert_eq!(went_back(&restored, &known, &bare, since, dated), Some(1));
     }
 
-    fn reader() -> Reader {
-        Reader {
-            inboxes: Vec::new(),
-            last_read: None,
-            newest_seen: None,
-            last_wide: None,
-            wide_failures: 0,
-            wide_not_before: None,
-            seen: BTreeMap::new(),
-        }
-    }
-
     #[test]
     fn a_wide_read_that_fails_waits_longer_each_time_and_reaches_less_far() {
         // Arrange: a CMS that cannot answer a wide read (PHP's memory_limit); narrow reads succeed
@@ -595,7 +588,7 @@ mod tests {
         let max_age = chrono::Duration::minutes(5);
         let poll = chrono::Duration::seconds(2);
         let start = Utc::now();
-        let mut reader = reader();
+        let mut reader = Reader::new(Vec::new());
 
         // Act: three minutes of polls.
         let mut wide_reads = Vec::new();
