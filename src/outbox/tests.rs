@@ -435,3 +435,52 @@ async fn an_outbox_written_by_a_version_1_relay_opens_and_its_line_in_flight_car
     outbox.remove(&[9]).await.expect("remove");
     assert!(outbox.is_empty());
 }
+
+#[test]
+fn many_tasks_writing_and_flushing_at_once_all_finish() {
+    // Arrange: what a relay with many regions does, each region's poller and presence task
+    // writing and flushing on its own, on tokio's two workers. With sled 0.34's flushes run side by
+    // side they waited for each other and the writers behind them: the relay hung (8 regions). The
+    // writers run on a runtime in a thread of their own, so that a hang fails this test instead of
+    // blocking it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = Arc::new(open(&dir));
+    const N_TASKS: usize = 24;
+    const N_ROUNDS: usize = 40;
+    let (done, finished) = std::sync::mpsc::channel();
+    let writers = outbox.clone();
+
+    // Act
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let tasks: Vec<_> = (0..N_TASKS)
+                .map(|task| {
+                    let outbox = writers.clone();
+                    tokio::spawn(async move {
+                        for round in 0..N_ROUNDS {
+                            append(&outbox, &[&format!("task {task} round {round}")]).await;
+                            let cursor = Cursor::LastSaidId.of(&format!("region {task}"));
+                            outbox
+                                .set_cursors(&[(cursor, round as i64)])
+                                .await
+                                .expect("cursor");
+                        }
+                    })
+                })
+                .collect();
+            futures_util::future::join_all(tasks).await;
+        });
+        let _ = done.send(());
+    });
+
+    // Assert: every write and flush came back (a hang is a failure, not a slow machine: a minute
+    // is a hundred times what these take).
+    let result = finished.recv_timeout(std::time::Duration::from_secs(60));
+    assert!(result.is_ok(), "writers and flushes hung");
+    assert_eq!(outbox.len(), N_TASKS * N_ROUNDS);
+}
