@@ -13,6 +13,8 @@ mkdir -p "$diag"
 etc=/etc/opensim-chat-relay
 # A password that appears nowhere but in the password files and the simulated CMS's account.
 password="vm-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+# The simulated CMS's second user (who types in the CMS in the two-region check): drawn at run time too.
+dora_password="dora-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
 
 result() { # STATUS NAME DETAIL
     printf '%s %s (%s)\n' "$1" "$2" "$3" | tee -a "$results"
@@ -255,7 +257,7 @@ check stop-with-post-hanging "$in_flight; systemctl stop returned $stop_rc after
 echo "== guest: one relay for two regions (opensim-chat-relay@simulator, two [[regions]])"
 # Each region's viewer logged in to its own region, chatting; one CMS with a second account, a CMS
 # user who types a line in the CMS.
-sim_cms regions 8084 --user dora:dora-password
+sim_cms regions 8084 --user "dora:$dora_password"
 sim_viewer regions-welcome 9148 2 Welcome
 sim_viewer regions-sandbox 9149 2 Sandbox
 configure_regions simulator 9148 9149 8084 9192
@@ -294,7 +296,7 @@ check two-regions-to-cms "rows stored naming Welcome: $(region_rows Welcome), na
 # Dora types a line in the CMS (the API's own POST with fromCMS 1, as the CMS's chat page does).
 dora_id="$(journalctl -q -o cat -u sim-cms-regions.service | sed -n 's/^user \([0-9]*\) "dora" .*/\1/p' | head -1)"
 cms_api=http://127.0.0.1:8084/OpenSim-CMS/api
-dora_token="$(curl -fsS --max-time 5 -d 'username=dora&password=dora-password' "$cms_api/auth/username/" | jq -r .token)"
+dora_token="$(curl -fsS --max-time 5 -d "username=dora&password=$dora_password" "$cms_api/auth/username/" | jq -r .token)"
 typed="typed-in-the-cms-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 typed_rc=0
 curl -fsS --max-time 5 -o "$diag/cms-post.txt" -H 'Content-Type: application/json' \
