@@ -5,7 +5,8 @@
 //! when an answer is slower than `SLOW_FACTOR` x its baseline (and `SLOW_DEVIATIONS` mean deviations
 //! above it), fails or times out.
 //! Delivery passes a POST that shared the CMS with another request of the relay's own (an in-world
-//! read queued in front of it on a one-worker PHP) as a read: the relay does not yield to itself.
+//! read queued in front of it on a one-worker PHP) as `Answer::Shared`: the relay does not yield to
+//! itself.
 //! `cms.max_requests_per_second` (0 = none) is a hard cap on top; `cms.adaptive_pacing = false`
 //! leaves only that cap.
 //! Must not: send, sleep in the controller, or know what a request carries beyond its row count.
@@ -63,10 +64,18 @@ pub enum Answer {
         /// The rows the POST carried.
         n_rows: usize,
     },
-    /// A chat GET (a read-back or a probe) was answered, or a chat POST that shared the CMS with
-    /// another of the relay's requests (an in-world read, an avatar lookup): its time depends on
-    /// that request, not only on the CMS, so it only sets the gap.
+    /// A chat GET (a read-back or a probe) was answered: its cost depends on rows and users it
+    /// cannot know beforehand, so it only sets the gap (the CMS rests in proportion to it).
     Read,
+    /// A chat POST of `n_rows` rows that shared the CMS with another of the relay's own requests
+    /// (an in-world read, an avatar lookup): on a CMS with few PHP workers it waited for that
+    /// request, so its time says nothing about the CMS alone. It is neither judged nor let set the
+    /// gap by its waiting: the gap after it is the one its class's usual answer sets (the relay
+    /// does not yield to itself).
+    Shared {
+        /// The rows the POST carried.
+        n_rows: usize,
+    },
     /// The request failed or timed out.
     Failed,
 }
@@ -140,6 +149,12 @@ impl Controller {
         let n_rows = match answer {
             Answer::Stored { n_rows } => n_rows,
             Answer::Read => return,
+            Answer::Shared { n_rows } => {
+                if let Some(usual) = self.baselines[class_of(n_rows)] {
+                    self.last_answer = usual.mean.min(answer_secs);
+                }
+                return;
+            }
             Answer::Failed => {
                 self.decrease();
                 return;
@@ -300,6 +315,29 @@ mod tests {
         }
         let mean_duty = duties[1000..].iter().sum::<f64>() / 1000.0;
         assert!(mean_duty > 0.8, "mean duty {mean_duty}");
+    }
+
+    #[test]
+    fn a_post_that_waited_for_the_relays_own_read_opens_only_its_usual_gap() {
+        let mut controller = Controller::new(ADAPTIVE);
+        let mut clock = Instant::now();
+        feed(&mut controller, &mut clock, 50, ms(30));
+        // A slow answer of the CMS's own halves the duty cycle: the gap is as long as it.
+        feed(&mut controller, &mut clock, 1, ms(60));
+        assert_eq!(controller.gap(), ms(60));
+        let duty = controller.duty();
+        // A POST queued 400 ms behind an in-world read: the gap after it is the one a usual
+        // 100-row answer sets, and the duty cycle is neither cut nor raised by it.
+        let start = controller.next_start(clock);
+        controller.answered(start, start + ms(400), Answer::Shared { n_rows: 100 });
+        assert_eq!(controller.duty(), duty);
+        let usual = 0.030 + (0.060 - 0.030) * BASELINE_WEIGHT;
+        let expected = usual * (1.0 / duty - 1.0);
+        assert!(
+            (controller.gap().as_secs_f64() - expected).abs() < 1e-6,
+            "{:?}",
+            controller.gap()
+        );
     }
 
     #[test]

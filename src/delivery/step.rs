@@ -223,7 +223,9 @@ impl<C: ChatApi> Delivery<C> {
             .post_seconds
             .observe_duration(started.elapsed());
         let answer = if overlapped {
-            Answer::Read
+            Answer::Shared {
+                n_rows: batch.len(),
+            }
         } else {
             Answer::Stored {
                 n_rows: batch.len(),
