@@ -182,15 +182,6 @@ impl Presence {
         if now < self.next_status {
             return Ok(self.out_place.clone().unwrap_or(Place::InRegion));
         }
-        let status = match self.deps.viewer.status(stop).await {
-            Ok(status) => status.unwrap_or_default(),
-            Err(err) => {
-                if !matches!(err, ViewerError::Transport(_) | ViewerError::Stopping) {
-                    self.next_status = now + UNANSWERED_RETRY;
-                }
-                return Err(err.into());
-            }
-        };
         let counters = if now < self.next_counters {
             None
         } else {
@@ -210,6 +201,18 @@ impl Presence {
                     }
                     None
                 }
+            }
+        };
+        // The status is read after the counters: a tie of the counters is decided by a status at
+        // least as new as they are (a restart between the two reads would otherwise be judged by
+        // a status from before it, and remembered as connected).
+        let status = match self.deps.viewer.status(stop).await {
+            Ok(status) => status.unwrap_or_default(),
+            Err(err) => {
+                if !matches!(err, ViewerError::Transport(_) | ViewerError::Stopping) {
+                    self.next_status = now + UNANSWERED_RETRY;
+                }
+                return Err(err.into());
             }
         };
         let connected = match counters {

@@ -132,6 +132,18 @@ async fn a_restart_is_recovered_and_marked_and_a_second_one_asks_for_a_viewer_re
 }
 
 #[tokio::test]
+async fn a_restart_between_the_two_reads_of_the_first_check_is_noticed_by_the_next() {
+    // The relay has no memory yet, and the region restarts between its status read and its
+    // counters read: whichever it reads first, the next check must see the viewer out.
+    let mut rig = rig(false).await;
+    let handle = rig.sim.handle();
+    handle.restart_region_after_next_read();
+    check(&mut rig.presence).await;
+    assert_eq!(handle.connection(), Connection::Disconnected);
+    assert_eq!(check(&mut rig.presence).await, Place::Disconnected);
+}
+
+#[tokio::test]
 async fn without_a_login_nothing_is_posted_and_the_memory_outlives_the_task() {
     let mut rig = rig(false).await;
     let handle = rig.sim.handle();

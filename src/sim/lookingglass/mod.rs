@@ -400,6 +400,13 @@ impl ViewerHandle {
         self.shared.with_place(|place| place.region_restarted());
     }
 
+    /// The region restarts right after the viewer answers its next status or counters read: a
+    /// restart that falls between a client's two reads.
+    pub fn restart_region_after_next_read(&self) {
+        self.shared
+            .with_place(|place| place.restart_after_read = true);
+    }
+
     /// The viewer logged in to `region` at its start instead of [`REGION_NAME`]: its status names
     /// it and the avatars added from now on stand in it. Unlike [`move_to_region`](Self::move_to_region)
     /// no region change is counted; call it before a client reads the viewer.

@@ -79,6 +79,9 @@ pub(super) struct Place {
     pub(super) decimal_comma: bool,
     /// Lines said in the region that the viewer did not hear (out of range, or not connected).
     pub(super) n_unheard: u64,
+    /// The region restarts right after the next status or counters answer is written (a restart
+    /// that falls between two reads of a client).
+    pub(super) restart_after_read: bool,
 }
 
 impl Place {
@@ -99,6 +102,14 @@ impl Place {
             password: None,
             decimal_comma: false,
             n_unheard: 0,
+            restart_after_read: false,
+        }
+    }
+
+    /// A status or counters answer was written: the restart queued for that moment happens.
+    pub(super) fn read(&mut self) {
+        if std::mem::take(&mut self.restart_after_read) {
+            self.region_restarted();
         }
     }
 

@@ -140,12 +140,14 @@ async fn serve(shared: &Arc<Shared>, request: Request) -> Reply {
             } else {
                 status_body(shared)
             };
+            shared.state().place.read();
             Reply::Respond(ok_response(shared, body))
         }
-        Route::CommStats if is_get => Reply::Respond(ok_response(
-            shared,
-            presence::comm_stats_body(&shared.state().place),
-        )),
+        Route::CommStats if is_get => {
+            let body = presence::comm_stats_body(&shared.state().place);
+            shared.state().place.read();
+            Reply::Respond(ok_response(shared, body))
+        }
         Route::Connect { action } if is_post => {
             let map = body_map(&request.body);
             let outcome = presence::connect(&mut shared.state(), &action, &map);
