@@ -22,8 +22,8 @@ use tracing::Instrument;
 
 use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
-use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
+use crate::cms::{CmsClient, ReadBoard};
 use crate::config::{Settings, Snapshot};
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
@@ -225,9 +225,12 @@ impl Relay {
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
+        // In-world's reads settle delivery's batches (when in-world runs): one GET for both.
+        let board = Arc::new(ReadBoard::new());
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
             cms: cms.clone(),
+            board: board.clone(),
             mapper: mapper.clone(),
             settings: settings.cms.delivery(),
             retry: RetryPolicy {
@@ -281,6 +284,7 @@ impl Relay {
                 outbox: outbox.clone(),
                 settings: settings.inworld.clone(),
                 cms_zone: settings.cms.timezone,
+                board,
             })
         });
         Ok(Relay {

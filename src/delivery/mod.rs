@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
-use crate::cms::{CmsClient, CmsError};
+use crate::cms::{CmsClient, CmsError, ReadBoard};
 use crate::config::DeliverySettings;
 use crate::metrics::Stats;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
@@ -133,6 +133,9 @@ pub struct DeliveryDeps<C = CmsClient> {
     pub outbox: Arc<Outbox>,
     /// Where they go.
     pub cms: Arc<C>,
+    /// The in-world reader's reads, which settle batches awaiting their proof (`settle`) when a
+    /// reader serves it.
+    pub board: Arc<ReadBoard>,
     /// Speaker → CMS user.
     pub mapper: Arc<AvatarMapper>,
     /// Batching, pacing and how a row is made (`CmsSettings::delivery`).

@@ -106,6 +106,7 @@ pub(super) fn delivery_of(
     Delivery::new(DeliveryDeps {
         outbox,
         cms,
+        board: Arc::new(crate::cms::ReadBoard::new()),
         mapper: Arc::new(mapper),
         settings: DeliverySettings {
             timezone: configured,
