@@ -30,10 +30,10 @@ async fn relayed_eventually(env: &TestEnv, text: &str) {
     .await;
 }
 
-/// Waits until the relay remembers `n` opt-outs in its outbox.
+/// Waits until the relay has stored `n` opt-outs (in its outbox).
 async fn opt_outs_reach(relay: &RunningRelay, n: usize) {
     eventually(PATIENCE, &format!("{n} opt-outs stored"), || async {
-        relay.outbox.opt_outs().is_ok_and(|o| o.len() == n)
+        relay.privacy.stored().is_ok_and(|o| o.len() == n)
     })
     .await;
 }
@@ -412,7 +412,7 @@ async fn an_object_saying_the_opt_in_command_does_not_undo_an_avatars_opt_out() 
     env.lg.say("Alice Resident", "still private");
     env.lg.say("Bob Builder", "marker");
     relayed_eventually(&env, "[Bob Builder] marker").await;
-    let n_opt_outs = relay.outbox.opt_outs().expect("opt-outs").len();
+    let n_opt_outs = relay.privacy.stored().expect("opt-outs").len();
     relay.stop().await;
 
     // Assert: the opt-out stands; the object's line is its own chat, not a command.
