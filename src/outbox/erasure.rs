@@ -14,9 +14,12 @@ use crate::outbox::record::decode_pending;
 use crate::outbox::store::Store;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
 
+/// A record of the `privacy` tree as stored: its key and its value.
+pub type PrivacyRecord = (Vec<u8>, Vec<u8>);
+
 impl Outbox {
-    /// Every record of the `privacy` tree, as stored (key, value), in key order.
-    pub fn privacy_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, OutboxError> {
+    /// Every record of the `privacy` tree, as stored, in key order.
+    pub fn privacy_records(&self) -> Result<Vec<PrivacyRecord>, OutboxError> {
         let store = self.store()?;
         let mut records = Vec::new();
         for entry in store.privacy.iter() {

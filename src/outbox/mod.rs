@@ -51,6 +51,7 @@ use crate::outbox::store::{Database, Store, last_key};
 pub use bounds::{Limits, WhenFull};
 pub use cursor::{Cursor, RegionCursor};
 pub use dead::{Quarantined, QuarantinedRecord};
+pub use erasure::PrivacyRecord;
 pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;
 pub use reader::OutboxReader;
