@@ -59,6 +59,8 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(300);
 /// The relay, built and ready to run.
 pub struct Relay {
     outbox: Arc<Outbox>,
+    /// Who opted out (its records live in the outbox); shared by every poller, notice and delivery.
+    privacy: Arc<Privacy>,
     /// The process-wide counters (delivery, the CMS, the outbox).
     stats: Arc<Stats>,
     cms: Arc<CmsClient>,
@@ -124,7 +126,7 @@ impl Relay {
         );
         let live = watch::Sender::new(Arc::new(Live::new(settings)));
         // Opt-outs hold in every region: a speaker who opted out is not recorded anywhere.
-        let privacy = Arc::new(Privacy::load(&outbox)?);
+        let privacy = Arc::new(Privacy::open(outbox.clone())?);
         let mut regions = Vec::new();
         let mut all_facts = Vec::new();
         let every_label = settings
@@ -232,6 +234,7 @@ impl Relay {
             cms: cms.clone(),
             board: board.clone(),
             mapper: mapper.clone(),
+            privacy: privacy.clone(),
             settings: settings.cms.delivery(),
             retry: RetryPolicy {
                 initial: settings.retry.initial,
@@ -289,6 +292,7 @@ impl Relay {
         });
         Ok(Relay {
             outbox,
+            privacy,
             stats,
             cms,
             regions,
@@ -352,6 +356,11 @@ impl Relay {
         self.outbox.clone()
     }
 
+    /// Who opted out, as the relay keeps and stores it.
+    pub fn privacy(&self) -> Arc<Privacy> {
+        self.privacy.clone()
+    }
+
     /// The CMS client.
     pub fn cms(&self) -> Arc<CmsClient> {
         self.cms.clone()
@@ -373,7 +382,7 @@ impl Relay {
             failure: &failure,
         };
         // Opt-outs a crash interrupted, or `privacy add` made while the relay was stopped.
-        match self.outbox.drop_opted_out().await {
+        match self.privacy.erase_waiting().await {
             Ok(0) => {}
             Ok(n_dropped) => {
                 // Which region each line came from is not told here: counted in the first.

@@ -104,6 +104,7 @@ pub(super) fn delivery_of(
         Duration::from_secs(60),
     );
     Delivery::new(DeliveryDeps {
+        privacy: Arc::new(crate::privacy::Privacy::open(outbox.clone()).expect("privacy")),
         outbox,
         cms,
         board: Arc::new(crate::cms::ReadBoard::new()),
