@@ -134,12 +134,16 @@ pub(crate) struct Read {
 }
 
 /// The reads waiting for one region's speaker. A speaker whose viewer hangs (a request that never
-/// ends holds its gate) lets its reads wait here while the other regions go on; beyond
+/// ends holds its gate) or is out of its region (the speaker is paused) lets its reads wait here
+/// while the other regions go on; beyond
 /// `MAX_WAITING_READS` the oldest waiting read is dropped (its lines come back with a later wide
 /// read while younger than `inworld.max_age`, and are skipped as too old otherwise).
 pub(crate) struct Inbox {
     reads: std::sync::Mutex<std::collections::VecDeque<Arc<Read>>>,
     ready: tokio::sync::Notify,
+    /// A dropped read was told since the speaker last took one: a long pause (a viewer out of its
+    /// region for an hour) is warned about once, not at every read.
+    drop_told: std::sync::atomic::AtomicBool,
 }
 
 /// A wide read that keeps failing reaches back at least 1/2^6 = 1/64 of its full span.
@@ -158,10 +162,12 @@ impl Inbox {
         Inbox {
             reads: std::sync::Mutex::new(std::collections::VecDeque::new()),
             ready: tokio::sync::Notify::new(),
+            drop_told: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Hands `read` to the speaker; whether an older read had to be dropped for it.
+    /// Hands `read` to the speaker; whether an older read had to be dropped for it, the first time
+    /// since the speaker last took a read.
     fn push(&self, read: Arc<Read>) -> bool {
         let dropped = {
             let mut reads = lock(&self.reads);
@@ -171,12 +177,17 @@ impl Inbox {
         };
         self.ready.notify_one();
         dropped
+            && !self
+                .drop_told
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The oldest waiting read, once there is one.
     pub(crate) async fn next(&self) -> Arc<Read> {
         loop {
             if let Some(read) = lock(&self.reads).pop_front() {
+                self.drop_told
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 return read;
             }
             // A push between the check and here left a permit: this returns at once.
@@ -322,6 +333,8 @@ impl Inworld {
                     next_slot: Instant::now(),
                     handled_up_to: None,
                     parts_said: None,
+                    held: None,
+                    paused_since: None,
                 })
                 .collect(),
             deps: Shared {
@@ -411,7 +424,7 @@ impl Reader {
             if inbox.push(read.clone()) {
                 tracing::warn!(
                     waiting = MAX_WAITING_READS,
-                    "a region's viewer has not taken the cms lines of the last reads: the oldest read waiting for it is dropped"
+                    "a region's viewer has not taken the cms lines of the last reads (it hangs, or is out of its region): the oldest reads waiting for it are dropped"
                 );
             }
         }

@@ -235,6 +235,9 @@ impl Presence {
             self.read_hearing(stop).await;
         } else {
             self.out(&place, now).await?;
+            // Told before the recovery's requests too: in-world pauses on it (`inworld::speaker`),
+            // and a recovery takes a few seconds of the gate.
+            self.tell_readiness(&place);
             self.recover(&place, stop).await;
             self.tell_readiness(&place);
         }
