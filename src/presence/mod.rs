@@ -44,6 +44,9 @@ pub use recovery::{RECOVERY_FIRST, RECOVERY_MAX, STUCK_ADVICE, advice};
 /// stretch out of the region is noticed within seconds at a cost the viewer does not feel.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The viewer's place until the first check, when it was out of its region as the relay stopped.
+const RESTARTED_OUT: &str = "the viewer was out of its region when the relay last stopped; the next check of its status tells whether it is back";
+
 /// What the task needs.
 pub struct PresenceDeps {
     /// The viewer (its gate is shared with every other stage).
@@ -129,6 +132,13 @@ impl Presence {
             .cursor(Cursor::ViewerOutSince.of(&deps.name))?
             .filter(|millis| *millis > 0)
             .and_then(DateTime::<Utc>::from_timestamp_millis);
+        if out_since.is_some() && deps.viewer.status_url().is_some() {
+            // Out when the relay stopped: so it stays until the first check says otherwise, and
+            // in-world (which pauses on this) sends nothing to a viewer that does not hear it.
+            deps.stats
+                .readiness
+                .viewer_place(Some(RESTARTED_OUT.to_owned()));
+        }
         Ok(Presence {
             deps,
             memory,

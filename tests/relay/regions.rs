@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::{Observed, sample};
 use crate::helpers::{
-    OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, cycles, eventually, sigterm, until_done_or_stalled,
+    Logs, OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, cycles, eventually, sigterm,
+    until_done_or_stalled,
 };
 use crate::inworld::cms_user;
 
@@ -274,6 +275,7 @@ fn chat_posts(lg: &ViewerHandle) -> usize {
 async fn cms_lines_wait_for_a_region_whose_viewer_is_out_and_are_said_there_once_when_it_is_back() {
     // Arrange: two regions; CMS reads every 200 ms, so the reads that wait for Welcome stay far
     // below its inbox's 1,000 however slow the machine.
+    let (logs, _guard) = Logs::capture();
     let env = TestEnv::start().await;
     let sandbox = Sandbox::start().await;
     let dora = cms_user(&env);
@@ -359,6 +361,16 @@ async fn cms_lines_wait_for_a_region_whose_viewer_is_out_and_are_said_there_once
     let (_, status) = relay.get_json("/status").await;
     assert_eq!(status["regions"][0]["inworld"]["paused"], false, "{status}");
     relay.stop().await;
+    // The log told the pause once, with its region and why, and the resume once.
+    let paused = logs.lines_with("in-world is paused for this region");
+    assert_eq!(paused.len(), 1, "{paused:?}");
+    assert!(
+        paused[0].contains("Welcome") && paused[0].contains("not logged in"),
+        "{paused:?}"
+    );
+    let resumed = logs.lines_with("in-world resumes for this region");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert!(resumed[0].contains("Welcome"), "{resumed:?}");
 }
 
 /// The lines a viewer handed out outside `windows` (each the last response before a kill).
