@@ -9,9 +9,10 @@
 //! the time and a fingerprint of its row: outbox `Cursor`s, so a restart neither repeats nor
 //! skips), noticing that the CMS's ids went backwards (its database restored from a backup:
 //! `went_back`), the splitting of long lines (a part that fails is said again without the parts
-//! before it) and the flood limit. Each text it says goes into its region's echo memory
-//! (`echo::RecentlySaid`, which `app` shares with that region's poller) before the POST. Must not
-//! touch the outbox's pending lines. It never calls the CMS chat GET without a timestamp (that
+//! before it), the flood limit, and the pause while its viewer does not hear its region (as that
+//! region's presence task tells it through `Stats`). Each text it says goes into its region's echo
+//! memory (`echo::RecentlySaid`, which `app` shares with that region's poller) before the POST.
+//! Must not touch the outbox's pending lines. It never calls the CMS chat GET without a timestamp (that
 //! returns the whole history).
 
 use std::collections::BTreeMap;

@@ -151,7 +151,8 @@ impl Speaker {
             (Some(why), None) => {
                 tracing::warn!(
                     region,
-                    "in-world is paused for this region: its viewer does not hear the region ({why}); the cms lines wait and are said once it is back"
+                    reason = %why,
+                    "in-world is paused for this region: its viewer does not hear the region; the cms lines wait and are said once it is back"
                 );
                 self.paused_since = Some(Instant::now());
                 stats.inworld_paused.store(1, Ordering::Relaxed);

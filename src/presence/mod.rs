@@ -1,7 +1,8 @@
 //! The task that knows whether the relay hears the region (issue 20, spec §10): every
 //! `CHECK_INTERVAL` it reads the viewer's network counters and status, decides where the viewer is
-//! (`lookingglass::presence`), tells `/readyz`, `/metrics` and the log (once when a stretch out of
-//! the region starts, once when it ends), and stores what it learned in the outbox's cursors, so a
+//! (`lookingglass::presence`), tells `/readyz` (and through the same signal the region's in-world
+//! speaker, which pauses), `/metrics` and the log (once when a stretch out of the region starts,
+//! once when it ends), and stores what it learned in the outbox's cursors, so a
 //! stretch is marked once across restarts. Without `viewer.status_url` only the outbox's gaps are
 //! marked.
 //!
@@ -138,6 +139,7 @@ impl Presence {
             deps.stats
                 .readiness
                 .viewer_place(Some(RESTARTED_OUT.to_owned()));
+            deps.stats.viewer_out_of_region.store(1, Ordering::Relaxed);
         }
         Ok(Presence {
             deps,

@@ -168,6 +168,31 @@ async fn without_a_login_nothing_is_posted_and_the_memory_outlives_the_task() {
     assert!(!handle.requests().iter().any(|(method, _)| method == "POST"));
 }
 
+#[tokio::test]
+async fn a_viewer_out_when_the_relay_stopped_counts_as_out_until_the_first_check() {
+    // Arrange: the viewer logged out, seen by the task.
+    let mut rig = rig(false).await;
+    let handle = rig.sim.handle();
+    assert_eq!(check(&mut rig.presence).await, Place::InRegion);
+    handle.set_logged_in(false);
+    assert!(!check(&mut rig.presence).await.hears_region());
+
+    // Act: the relay restarts (a new task, fresh counters and signals); the viewer logs back in.
+    let Rig { presence, .. } = rig;
+    let mut deps = presence.deps;
+    let stats = Arc::new(Stats::default());
+    deps.stats = stats.clone();
+    let mut again = Presence::new(deps).expect("presence");
+
+    // Assert: out before any check (in-world sends nothing meanwhile), in after the first.
+    assert!(stats.readiness.viewer_place_problem().is_some());
+    assert_eq!(stats.viewer_out_of_region.load(Ordering::Relaxed), 1);
+    handle.set_logged_in(true);
+    assert_eq!(check(&mut again).await, Place::InRegion);
+    assert_eq!(stats.readiness.viewer_place_problem(), None);
+    assert_eq!(stats.viewer_out_of_region.load(Ordering::Relaxed), 0);
+}
+
 #[test]
 fn avatars_beyond_hearing_are_warned_about_once_after_ten_minutes_of_it() {
     let mut watch = BeyondWatch::default();
