@@ -404,4 +404,4 @@ pub enum PresenceError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

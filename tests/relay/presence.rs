@@ -55,6 +55,20 @@ async fn post(url: &str, body: &str) -> serde_json::Value {
         .expect("json")
 }
 
+/// What `/readyz` tells an operator without `[viewer.login]` to do: log the viewer out and in again
+/// through its REST calls.
+async fn log_out_and_in_by_hand(env: &TestEnv) {
+    assert_eq!(
+        post(&env.viewer.connect_url("logout"), "").await,
+        serde_json::json!({})
+    );
+    let login = "LOGINFIRST=Relay&LOGINLAST=Bot&LOGINPASS=x&LOGINGRID=OSGrid&LOGINSIM=Sim";
+    assert_eq!(
+        post(&env.viewer.connect_url("login"), login).await,
+        serde_json::json!({})
+    );
+}
+
 /// A `[viewer.login]` for the simulated viewer, its password in a file.
 fn login_toml(env: &TestEnv) -> String {
     let file = env.dir.path().join("viewer-password");
@@ -188,15 +202,7 @@ async fn without_a_login_readyz_says_what_to_do_and_the_marker_survives_a_relay_
     })
     .await;
     // The operator does what /readyz says.
-    assert_eq!(
-        post(&env.viewer.connect_url("logout"), "").await,
-        serde_json::json!({})
-    );
-    let login = "LOGINFIRST=Relay&LOGINLAST=Bot&LOGINPASS=x&LOGINGRID=OSGrid&LOGINSIM=Sim";
-    assert_eq!(
-        post(&env.viewer.connect_url("login"), login).await,
-        serde_json::json!({})
-    );
+    log_out_and_in_by_hand(&env).await;
     eventually(LONG_PATIENCE, "ready again and the gap marked", || async {
         viewer_check(&relay).await.0 && !markers(&env).is_empty()
     })
@@ -301,15 +307,7 @@ async fn cms_lines_wait_out_a_region_restart_and_a_relay_restart_and_are_said_on
     );
 
     // Act: the operator logs the viewer out and in again, as /readyz says.
-    assert_eq!(
-        post(&env.viewer.connect_url("logout"), "").await,
-        serde_json::json!({})
-    );
-    let login = "LOGINFIRST=Relay&LOGINLAST=Bot&LOGINPASS=x&LOGINGRID=OSGrid&LOGINSIM=Sim";
-    assert_eq!(
-        post(&env.viewer.connect_url("login"), login).await,
-        serde_json::json!({})
-    );
+    log_out_and_in_by_hand(&env).await;
 
     // Assert: both lines said, in order, once; several reads later, still once.
     let both = [

@@ -7,12 +7,11 @@ use std::time::Duration;
 use super::*;
 use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
-use crate::config::{InworldSettings, SayType, ViewerLoginSettings};
+use crate::config::{InworldSettings, SayType};
 use crate::lookingglass::presence::Place;
-use crate::lookingglass::{LookingGlassClient, ViewerEndpoint, ViewerLogin};
 use crate::outbox::Outbox;
-use crate::presence::{OutboxGaps, Presence, PresenceDeps};
-use crate::sim::lookingglass::{Dialect, ViewerHandle, ViewerSim, ViewerSimSettings};
+use crate::presence::{self, Presence};
+use crate::sim::lookingglass::{ViewerHandle, ViewerSim};
 
 /// A speaker, its region's presence task and the viewer both talk to.
 struct Rig {
@@ -26,55 +25,17 @@ struct Rig {
     _dir: tempfile::TempDir,
 }
 
-/// The rig, its viewer client given the status URL (`viewer.status_url`) when `with_status`.
+/// The rig, with `[viewer.login]` (the relay brings the viewer back after a region restart itself)
+/// and `viewer.status_url` when `with_status`.
 async fn rig(with_status: bool) -> Rig {
-    let sim = ViewerSim::start(ViewerSimSettings {
-        listen: "127.0.0.1:0".parse().expect("address"),
-        dialect: Dialect::Lookingglass,
-        timezone: chrono_tz::UTC,
-        own_name: "Relay Bot".to_owned(),
-        crash_on_abort: true,
-    })
-    .await
-    .expect("viewer simulator");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let outbox = Arc::new(Outbox::open(dir.path(), 1 << 20).expect("outbox"));
-    let stats = Arc::new(Stats::default());
-    let viewer = LookingGlassClient::new(ViewerEndpoint {
-        chat_url: sim.chat_url(),
-        avatars_url: Some(sim.avatars_url()),
-        status_url: with_status.then(|| sim.status_url()),
-        inactivity: Duration::from_secs(30),
-        max_response_bytes: 1 << 20,
-    })
-    .expect("client");
-    // With [viewer.login] the relay brings the viewer back after a region restart itself.
-    sim.handle().set_login_password("pw");
-    let password_file = dir.path().join("viewer-password");
-    std::fs::write(&password_file, "pw\n").expect("password file");
-    let login = ViewerLogin::from_settings(&ViewerLoginSettings {
-        first: "Relay".to_owned(),
-        last: "Bot".to_owned(),
-        password_file: Some(password_file),
-        grid: "OSGrid".to_owned(),
-        region: "Sim".to_owned(),
-        start_position: "128/128/25".to_owned(),
-    })
-    .expect("login");
-    let zone = Zone::Named(chrono_tz::UTC);
-    let presence = Presence::new(PresenceDeps {
-        viewer: viewer.clone(),
-        outbox: outbox.clone(),
-        stats: stats.clone(),
-        region: Some("Sim".to_owned()),
-        login: Some(login),
-        hearing_range: 20.0,
-        gap_markers: false,
-        cms_zone: zone,
-        name: String::new(),
-        outbox_gaps: OutboxGaps::Here,
-    })
-    .expect("presence");
+    let presence::tests::Rig {
+        sim,
+        viewer,
+        outbox,
+        stats,
+        presence,
+        _dir,
+    } = presence::tests::rig_with(true, with_status).await;
     // The speaker never reads the CMS (the stage's reader does): nothing listens here.
     let cms = CmsClient::new(CmsEndpoint {
         base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
@@ -100,7 +61,7 @@ async fn rig(with_status: bool) -> Rig {
             max_age: Duration::from_secs(600),
             max_queue: 50,
         },
-        cms_zone: zone,
+        cms_zone: Zone::Named(chrono_tz::UTC),
     };
     let speaker = Speaker {
         region: InworldRegion {
@@ -124,7 +85,7 @@ async fn rig(with_status: bool) -> Rig {
         inbox: Inbox::new(),
         outbox,
         stats,
-        _dir: dir,
+        _dir,
     }
 }
 
