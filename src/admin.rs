@@ -2,15 +2,19 @@
 //! pending lines, dead letters and quarantine); and
 //! `opensim-chat-relay privacy …`: the avatars who opted out of recording, kept in the outbox.
 //!
-//! Owns only the printing and the choice of operation; the storage work is `Outbox`'s. It refuses to
-//! run while a relay holds the outbox (sled's lock), with a message that says so.
+//! Owns only the printing and the choice of operation; the storage work is `Outbox`'s, and every
+//! opt-out is read, written and applied by `Privacy` (this module never reaches the opt-out
+//! records). It refuses to run while a relay holds the outbox (sled's lock), with a message that
+//! says so.
+
+use std::sync::Arc;
 
 use chrono::Utc;
 
 use crate::cli::{OutboxAction, PrivacyAction};
 use crate::config::Settings;
 use crate::outbox::{Outbox, PendingLine};
-use crate::privacy::{OptOut, SpeakerKey};
+use crate::privacy::{Privacy, SpeakerKey};
 
 /// Runs one outbox action and prints its result on stdout.
 pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()> {
@@ -118,12 +122,16 @@ pub async fn run(settings: &Settings, action: OutboxAction) -> anyhow::Result<()
     Ok(())
 }
 
-/// Runs one privacy action and prints its result on stdout.
+/// Runs one privacy action and prints its result on stdout. Every decision is `Privacy`'s.
 pub async fn privacy(settings: &Settings, action: PrivacyAction) -> anyhow::Result<()> {
-    let outbox = Outbox::open(&settings.outbox.path, settings.outbox.cache_bytes)?;
+    let outbox = Arc::new(Outbox::open(
+        &settings.outbox.path,
+        settings.outbox.cache_bytes,
+    )?);
+    let privacy = Privacy::open(outbox.clone())?;
     match action {
         PrivacyAction::List => {
-            let opt_outs = outbox.opt_outs()?;
+            let opt_outs = privacy.stored()?;
             for opt_out in &opt_outs {
                 let by = match &opt_out.key {
                     SpeakerKey::Uuid(uuid) => format!("avatar {uuid}"),
@@ -137,13 +145,7 @@ pub async fn privacy(settings: &Settings, action: PrivacyAction) -> anyhow::Resu
             println!("{} opted out", opt_outs.len());
         }
         PrivacyAction::Add { name } => {
-            let name = name.join(" ");
-            let opt_out = OptOut {
-                key: SpeakerKey::of(&name, None),
-                name: name.trim().to_owned(),
-                since: Utc::now(),
-            };
-            let n_dropped = outbox.opt_out(&opt_out, u64::MAX).await?;
+            let (opt_out, n_dropped) = privacy.add(&name.join(" ")).await?;
             println!(
                 "{} opted out: not relayed from the next start on; {n_dropped} waiting lines dropped",
                 opt_out.name
@@ -151,7 +153,7 @@ pub async fn privacy(settings: &Settings, action: PrivacyAction) -> anyhow::Resu
         }
         PrivacyAction::Remove { name } => {
             let name = name.join(" ");
-            match outbox.opt_in(&name, None).await? {
+            match privacy.remove(&name).await? {
                 0 => println!("{} had not opted out", name.trim()),
                 n => println!(
                     "{} opted in again ({n} opt-outs forgotten): relayed from the next start on",

@@ -22,8 +22,8 @@ use tracing::Instrument;
 
 use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
-use crate::cms::CmsClient;
 use crate::cms::client::CmsEndpoint;
+use crate::cms::{CmsClient, ReadBoard};
 use crate::config::{Settings, Snapshot};
 use crate::delivery::{Delivery, DeliveryDeps};
 use crate::echo::RecentlySaid;
@@ -59,6 +59,8 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(300);
 /// The relay, built and ready to run.
 pub struct Relay {
     outbox: Arc<Outbox>,
+    /// Who opted out (its records live in the outbox); shared by every poller, notice and delivery.
+    privacy: Arc<Privacy>,
     /// The process-wide counters (delivery, the CMS, the outbox).
     stats: Arc<Stats>,
     cms: Arc<CmsClient>,
@@ -124,7 +126,7 @@ impl Relay {
         );
         let live = watch::Sender::new(Arc::new(Live::new(settings)));
         // Opt-outs hold in every region: a speaker who opted out is not recorded anywhere.
-        let privacy = Arc::new(Privacy::load(&outbox)?);
+        let privacy = Arc::new(Privacy::open(outbox.clone())?);
         let mut regions = Vec::new();
         let mut all_facts = Vec::new();
         let every_label = settings
@@ -225,10 +227,14 @@ impl Relay {
             cms.clone(),
             settings.mapping.cache_ttl,
         ));
+        // In-world's reads settle delivery's batches (when in-world runs): one GET for both.
+        let board = Arc::new(ReadBoard::new());
         let delivery = Delivery::new(DeliveryDeps {
             outbox: outbox.clone(),
             cms: cms.clone(),
+            board: board.clone(),
             mapper: mapper.clone(),
+            privacy: privacy.clone(),
             settings: settings.cms.delivery(),
             retry: RetryPolicy {
                 initial: settings.retry.initial,
@@ -281,10 +287,12 @@ impl Relay {
                 outbox: outbox.clone(),
                 settings: settings.inworld.clone(),
                 cms_zone: settings.cms.timezone,
+                board,
             })
         });
         Ok(Relay {
             outbox,
+            privacy,
             stats,
             cms,
             regions,
@@ -348,6 +356,11 @@ impl Relay {
         self.outbox.clone()
     }
 
+    /// Who opted out, as the relay keeps and stores it.
+    pub fn privacy(&self) -> Arc<Privacy> {
+        self.privacy.clone()
+    }
+
     /// The CMS client.
     pub fn cms(&self) -> Arc<CmsClient> {
         self.cms.clone()
@@ -369,7 +382,7 @@ impl Relay {
             failure: &failure,
         };
         // Opt-outs a crash interrupted, or `privacy add` made while the relay was stopped.
-        match self.outbox.drop_opted_out().await {
+        match self.privacy.erase_waiting().await {
             Ok(0) => {}
             Ok(n_dropped) => {
                 // Which region each line came from is not told here: counted in the first.

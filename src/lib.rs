@@ -10,9 +10,10 @@
 //! - `lookingglass`, `cms`: one module per peer, each with its client and wire format.
 //! - `filter`, `avatars`, `outbox`, `poller`, `delivery`, `inworld`: the stages; `echo`: what the
 //!   relay said in-world, which `inworld` and `notice` record and `poller` recognises.
-//! - `privacy`: opting out in-world and who did; `say`: how a text is said in-world (split, echo
-//!   recorded), for `inworld` and `notice`; `notice`: what the relay says in-world on its own
-//!   (the privacy notice, greetings, confirmations); `reload`: SIGHUP and the live configuration.
+//! - `privacy`: every decision on opting out, and the stored opt-outs (the stages ask it); `say`:
+//!   how a text is said in-world (split, echo recorded), for `inworld` and `notice`; `notice`:
+//!   what the relay says in-world on its own (the privacy notice, greetings, confirmations);
+//!   `reload`: SIGHUP and the live configuration.
 //! - `admin`: the `outbox` and `privacy` subcommands; `app`: builds and runs everything; `shutdown`, `telemetry`, `metrics`, `cli`: process plumbing.
 //! - `health`: the operator's HTTP endpoint; `liveness`: the readiness signals and loop heartbeats
 //!   it and the systemd watchdog decide on; `notify`: systemd notifications; `check`: the `check`

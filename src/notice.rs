@@ -26,6 +26,11 @@ use crate::say::{say_part, split_message};
 /// the viewer answers at once, and an arrival hears the notice within seconds.
 const GREET_CHECK: Duration = Duration::from_secs(3);
 
+/// With `privacy.greet`, the notice at start waits this long at most for the first avatar list:
+/// that list records who heard it, so an avatar who arrives between the notice and a later first
+/// list would be taken as having heard it and never be greeted.
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(10);
+
 /// An avatar is greeted at most once in this long.
 const GREET_AGAIN_AFTER: Duration = Duration::from_secs(24 * 3600);
 
@@ -75,6 +80,8 @@ pub struct Notice {
     /// When each avatar was last greeted.
     greeted: HashMap<String, Instant>,
     next_greet_check: Instant,
+    /// When the task started (`FIRST_LIST_WAIT` runs from there).
+    started: Instant,
 }
 
 impl Notice {
@@ -88,6 +95,7 @@ impl Notice {
             present: None,
             greeted: HashMap::new(),
             next_greet_check: Instant::now(),
+            started: Instant::now(),
             stop: CancellationToken::new(),
         }
     }
@@ -134,13 +142,18 @@ impl Notice {
     }
 
     /// Whether the notice `text` is to be said now: never said, changed, or its interval passed (a
-    /// failed try waits for `retry_at`).
+    /// failed try waits for `retry_at`). The first one waits for the first avatar list when
+    /// arrivals are greeted (`FIRST_LIST_WAIT`).
     fn notice_due(&self, text: &str, live: &Live, now: Instant) -> bool {
         if self.retry_at.is_some_and(|at| now < at) {
             return false;
         }
         match &self.said {
-            None => true,
+            None => {
+                !live.privacy.greet
+                    || self.present.is_some()
+                    || now >= self.started + FIRST_LIST_WAIT
+            }
             Some((_, said)) if said != text => true,
             Some((at, _)) => {
                 let interval = live.privacy.notice_interval;

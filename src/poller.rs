@@ -3,13 +3,14 @@
 //! gives the lines in its first part (the client keeps no more), and one that is not chat is
 //! recorded in the outbox quarantine (its size and hash, never its text; once, however often the
 //! viewer repeats it). Privacy asks come before a line is stored: `privacy` decides (the commands,
-//! who opted out, also later in the same answer); the poller keeps the command lines out of the
-//! outbox and records each change in the outbox (which drops the speaker's waiting lines) once the
-//! answer is stored.
+//! who opted out, also later in the same answer: `Privacy::judge`, `privacy::Ahead`); the poller
+//! keeps the command lines out of the outbox and hands each change to `Privacy::save` (which
+//! records it and erases the speaker's waiting lines) once the answer is stored.
 //!
 //! Must not: deliver anything, say anything in-world (confirmations go to the notice task), read the
-//! viewer's status itself (`lookingglass::facts` does, off this path), or cancel a GET in flight (an
-//! aborted response kills the viewer). The shutdown token is looked at only between requests.
+//! viewer's status itself (`lookingglass::facts` does, off this path), cancel a GET in flight (an
+//! aborted response kills the viewer), or decide on an opt-out itself (read the opt-out records or
+//! match a speaker against them: `privacy`'s). The shutdown token is looked at only between requests.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use crate::lookingglass::{ChatAnswer, LookingGlassClient, ViewerError, ViewerFac
 use crate::metrics::Stats;
 use crate::model::{CapturedLine, LineSource, ViewerLine, ZERO_UUID};
 use crate::outbox::{Outbox, OutboxError, Quarantined};
-use crate::privacy::{self, Change, Command, Judgement, OptOut, Privacy};
+use crate::privacy::{self, Ahead, Change, Command, Judgement, Privacy};
 use crate::reload::Live;
 use crate::zone::Zone;
 
@@ -123,7 +124,7 @@ pub struct PollerDeps {
     pub viewer: LookingGlassClient,
     /// Which lines are relayed, and the privacy commands (reloaded with the configuration).
     pub live: watch::Receiver<Arc<Live>>,
-    /// Who opted out.
+    /// Who opted out: asked of every line, and told every command to record.
     pub privacy: Arc<Privacy>,
     /// Where the confirmations of privacy commands go to be said in-world (the notice task).
     pub confirmations: mpsc::Sender<String>,
@@ -211,12 +212,12 @@ impl Poller {
         // Everything stored so far is committed (a failed write was stored again above): an opt-out
         // read in this answer drops the speaker's lines up to here.
         let watermark = self.deps.outbox.pending_watermark();
-        let opt_outs_ahead = self.opt_outs_ahead(&body, polled_at, &live);
+        let ahead = self.opt_outs_ahead(&body, polled_at, &live);
         let mut relayed = Vec::new();
         let mut changes = Vec::new();
         let (parsed, stored) = self
             .ingest(&body, polled_at, Vec::new(), |line| {
-                let verdict = self.keep(line, relayed.len(), &live, &opt_outs_ahead);
+                let verdict = self.keep(line, relayed.len(), &live, &ahead);
                 if let Some(change) = verdict.1 {
                     changes.push(Change {
                         watermark,
@@ -422,7 +423,7 @@ impl Poller {
         line: &ViewerLine,
         index: usize,
         live: &Live,
-        opt_outs_ahead: &[(usize, OptOut)],
+        ahead: &Ahead,
     ) -> (Verdict, Option<Change>) {
         let drop = |reason| {
             self.deps.stats.filtered(reason);
@@ -444,11 +445,7 @@ impl Poller {
         if live.filter.ignores_speaker(speaker) {
             return drop(FilterReason::IgnoredSpeaker);
         }
-        match self
-            .deps
-            .privacy
-            .judge(&live.privacy, line, index, opt_outs_ahead)
-        {
+        match self.deps.privacy.judge(&live.privacy, line, index, ahead) {
             Judgement::Command(change) => {
                 return (drop(FilterReason::PrivacyCommand).0, Some(change));
             }
@@ -472,13 +469,8 @@ impl Poller {
     /// opt-out in the same answer were waiting when they opted out, and are not stored either. The
     /// body is read for them only when it may hold one (`privacy::may_contain`); the checks are
     /// `keep`'s up to the command, except the echo memory, which only `keep` may consume.
-    fn opt_outs_ahead(
-        &self,
-        body: &[u8],
-        polled_at: DateTime<Utc>,
-        live: &Live,
-    ) -> Vec<(usize, OptOut)> {
-        let mut ahead = Vec::new();
+    fn opt_outs_ahead(&self, body: &[u8], polled_at: DateTime<Utc>, live: &Live) -> Ahead {
+        let mut ahead = Ahead::default();
         if !privacy::may_contain(body, &live.privacy.optout_command) {
             return ahead;
         }
@@ -496,19 +488,17 @@ impl Poller {
             {
                 return;
             }
-            if let Some(opt_out) = privacy::opt_out_of(&live.privacy, &line) {
-                ahead.push((at, opt_out));
-            }
+            ahead.note(&live.privacy, at, &line);
         });
         ahead
     }
 
-    /// Records in the outbox the privacy commands read so far, oldest first, counting the waiting
-    /// lines an opt-out drops, and hands each confirmation to the notice task. What a write error
+    /// Has `privacy` record the privacy commands read so far, oldest first, counting the waiting
+    /// lines an opt-out erases, and hands each confirmation to the notice task. What a write error
     /// leaves is tried again before the next GET.
     async fn save_changes(&mut self) -> Result<(), OutboxError> {
         while let Some(change) = self.unsaved_changes.first() {
-            let n_dropped = Privacy::save(&self.deps.outbox, change).await?;
+            let n_dropped = self.deps.privacy.save(change).await?;
             for _ in 0..n_dropped {
                 self.deps.stats.filtered(FilterReason::OptedOut);
             }

@@ -23,19 +23,21 @@
 //! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `settle` (the
 //! batches awaiting their proof and the one read that settles them), `holds`, `run`;
 //! `scripted`, `tests`, `waits`, `refusals`, `settles` and `model` are test-only.
-//! Must not: remove a line before the CMS confirmed it (or a read-back found it), or send again a
-//! line whose outcome no read-back could settle.
+//! Must not: remove a line before the CMS confirmed it (or a read-back found it), send again a
+//! line whose outcome no read-back could settle, or decide on an opt-out itself (each batch is
+//! handed to `Privacy::withhold` before its POST).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use crate::avatars::AvatarMapper;
 use crate::backoff::RetryPolicy;
-use crate::cms::{CmsClient, CmsError};
+use crate::cms::{CmsClient, CmsError, ReadBoard};
 use crate::config::DeliverySettings;
 use crate::metrics::Stats;
 use crate::outbox::{Outbox, OutboxError, PendingLine};
 use crate::pacing::Pacer;
+use crate::privacy::Privacy;
 
 mod api;
 mod holds;
@@ -133,8 +135,13 @@ pub struct DeliveryDeps<C = CmsClient> {
     pub outbox: Arc<Outbox>,
     /// Where they go.
     pub cms: Arc<C>,
+    /// The in-world reader's reads, which settle batches awaiting their proof (`settle`) when a
+    /// reader serves it.
+    pub board: Arc<ReadBoard>,
     /// Speaker → CMS user.
     pub mapper: Arc<AvatarMapper>,
+    /// Who opted out: a line of theirs is not sent (`Privacy::withhold`).
+    pub privacy: Arc<Privacy>,
     /// Batching, pacing and how a row is made (`CmsSettings::delivery`).
     pub settings: DeliverySettings,
     /// The retry schedule.

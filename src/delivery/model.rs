@@ -4,6 +4,10 @@
 //! consumed by every insert, stored or not; reads that compare local wall-clock strings).
 //!
 //! A crash at any point between the relay's durable writes is a restart after one of the faults:
+//! The in-world reader's reads (`ReaderRead`, published on delivery's board) come at random too,
+//! from the speaking clock's view of the present: a read sent before a batch's answer, or from a
+//! start a jump of the clock put after the batch's window, must settle nothing.
+//!
 //! `LostAfterStore` (the CMS stored the rows, the relay never learnt it), `LostBeforeStore` (marked in
 //! flight, never sent), or a restart between steps (batches answered `success: true` and awaiting
 //! their shared read among them: batches are of three lines, so several wait at once). After each sequence the faults end and delivery
@@ -44,7 +48,11 @@ enum Action {
     ReadsTooLarge(bool),
     /// The speaking clock jumps by this many seconds (back too).
     Clock(i64),
-    /// The process dies and starts again on its outbox: delivery's memory (holds) is lost.
+    /// The in-world reader reads the CMS (from 4 s before the speaking clock, or from where
+    /// delivery wants it) and publishes the read on the board, which settles batches with it.
+    ReaderRead,
+    /// The process dies and starts again on its outbox: delivery's memory (holds, the board) is
+    /// lost.
     Restart,
 }
 
@@ -63,6 +71,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => any::<bool>().prop_map(Action::ReadsTooLarge),
         1 => (-1800..1800i64).prop_map(Action::Clock),
         1 => Just(Action::Restart),
+        3 => Just(Action::ReaderRead),
     ]
 }
 
@@ -86,7 +95,19 @@ fn model_delivery(
 ) -> Delivery<ScriptedCms> {
     let mut delivery = delivery_of(outbox, cms, stats, SETUP);
     delivery.deps.settings.batch_max_messages = 3;
+    delivery.deps.board.serve(Duration::from_millis(10));
     delivery
+}
+
+/// The reader's read at speaking-clock time `clock`, published on delivery's board (a read the
+/// CMS cannot answer publishes nothing).
+async fn reader_reads(delivery: &Delivery<ScriptedCms>, cms: &ScriptedCms, clock: DateTime<Utc>) {
+    let board = &delivery.deps.board;
+    let since = board.start_for(clock.timestamp() - 4, clock.timestamp());
+    let sent_at = std::time::Instant::now();
+    if let Ok(rows) = cms.read_since(since).await {
+        board.publish(since, sent_at, Arc::new(rows));
+    }
 }
 
 /// One sequence run; the first broken promise, if any.
@@ -135,6 +156,7 @@ async fn run(actions: &[Action]) -> Result<(), String> {
                 cms.with(|m| m.max_read_rows = if *on { 2 } else { usize::MAX })
             }
             Action::Clock(seconds) => clock += chrono::Duration::seconds(*seconds),
+            Action::ReaderRead => reader_reads(&delivery, &cms, clock).await,
             Action::Restart => {
                 drop(delivery);
                 drop(outbox);
@@ -163,6 +185,9 @@ async fn run(actions: &[Action]) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             spoken.push((2, token));
             clock += chrono::Duration::seconds(1);
+        }
+        if round % 4 == 0 {
+            reader_reads(&delivery, &cms, clock).await;
         }
         let _ = delivery.try_deliver_batch_at(now).await;
         now += Duration::from_millis(50);

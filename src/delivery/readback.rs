@@ -38,15 +38,7 @@ impl<C: ChatApi> Delivery<C> {
         settle: Settle,
         tally: &mut Tally,
     ) -> Result<Vec<PendingLine>, DeliveryError> {
-        // The read-back is an attempt of each line, stored with the write that follows an answer
-        // (an outage adds no write: a disk the outbox filled has little room to spare).
-        let uncertain: Vec<PendingLine> = uncertain
-            .into_iter()
-            .map(|l| PendingLine {
-                attempts: l.attempts.saturating_add(1),
-                ..l
-            })
-            .collect();
+        let uncertain = read_once_more(uncertain);
         let since = read_back_start(
             &uncertain,
             self.deps.settings.timezone,
@@ -67,6 +59,19 @@ impl<C: ChatApi> Delivery<C> {
             }
             Err(err) => return Err(err.into()),
         };
+        self.settle_rows(uncertain, &rows, settle, tally).await
+    }
+
+    /// Settles `uncertain` (their read counted as an attempt) from `rows`, a read that reached back
+    /// over their window and was sent after their POSTs were answered: confirms those found and
+    /// returns the rest as `reconcile` does.
+    pub(super) async fn settle_rows(
+        &self,
+        uncertain: Vec<PendingLine>,
+        rows: &[CmsChat],
+        settle: Settle,
+        tally: &mut Tally,
+    ) -> Result<Vec<PendingLine>, DeliveryError> {
         let cursor = self
             .deps
             .outbox
@@ -79,13 +84,13 @@ impl<C: ChatApi> Delivery<C> {
         // not above it, whatever rows of the same words came later.
         let upto = lock(&self.awaiting).ids.clone();
         let window = |line: &PendingLine| {
-            let last = upto.get(&line.id).copied().unwrap_or(i64::MAX);
+            let last = upto.get(&line.id).map_or(i64::MAX, |posted| posted.last_id);
             (after(line), last)
         };
         let claimed = lock(&self.holds).claimed.clone();
         let (found, unsent) = match_rows(
             &uncertain,
-            &rows,
+            rows,
             window,
             &claimed,
             self.deps.settings.anonymous_user_id,
@@ -134,6 +139,33 @@ impl<C: ChatApi> Delivery<C> {
         );
         Ok(unsent)
     }
+}
+
+/// `lines` with their read counted: a read-back is an attempt of each line, stored with the write
+/// that follows an answer (an outage adds no write: a disk the outbox filled has little room to
+/// spare).
+pub(super) fn read_once_more(lines: Vec<PendingLine>) -> Vec<PendingLine> {
+    lines
+        .into_iter()
+        .map(|l| PendingLine {
+            attempts: l.attempts.saturating_add(1),
+            ..l
+        })
+        .collect()
+}
+
+/// Whether a read from `since` holds every row a read-back from `start` would: it starts no later,
+/// as an instant and as the wall-clock string the CMS compares in `zone` (across an autumn fold a
+/// later instant can carry an earlier string). Under a fixed offset (the CMS's own, `offset_seen`)
+/// the instants decide alone.
+pub(super) fn reaches_back_to(since: i64, start: i64, zone: Zone) -> bool {
+    let (Some(since_at), Some(start_at)) = (
+        chrono::DateTime::from_timestamp(since, 0),
+        chrono::DateTime::from_timestamp(start, 0),
+    ) else {
+        return false;
+    };
+    since <= start && zone.wall_clock(since_at) <= zone.wall_clock(start_at)
 }
 
 /// The `<unix>` of a read-back's `GET /chats/<unix>/`. The CMS turns it into

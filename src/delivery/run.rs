@@ -27,12 +27,16 @@ impl<C: ChatApi> Delivery<C> {
             match self.try_deliver_batch().await {
                 Ok(DeliveryOutcome::Idle) => {
                     stats.readiness.delivery_idle();
-                    let until_due = self
-                        .next_due()
-                        .map_or(IDLE_CHECK, |due| due.min(IDLE_CHECK));
+                    // Until a held line is due, or batches awaiting their proof stop waiting
+                    // for a read of the in-world reader's (`settle`), or that read comes.
+                    let until_due = [self.next_due(), self.board_wait()]
+                        .into_iter()
+                        .flatten()
+                        .fold(IDLE_CHECK, Duration::min);
                     tokio::select! {
                         _ = token.cancelled() => {}
                         _ = self.deps.outbox.wait_for_lines() => {}
+                        _ = self.deps.board.next_read() => {}
                         _ = tokio::time::sleep(until_due) => {}
                     }
                     if !self.deps.settings.batch_linger.is_zero()

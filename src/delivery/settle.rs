@@ -14,14 +14,46 @@
 //! spread over time reads its own rows once plus the grid's rows of each read's window, in reads
 //! of a few hundred rows.
 //!
-//! Must not: count a line delivered before a read found its row, or let a line awaiting proof be
-//! resent (`due_lines` passes over them) before a read settled it.
+//! When the in-world reader serves the `ReadBoard`, its reads come first: it reads every row of the
+//! grid every `inworld.poll_interval` anyway, reaching back to where these lines need it
+//! (`ReadBoard::want`), so a read it sent after a batch's answer, from no later than the batch's
+//! read-back start (`readback::reaches_back_to`), settles the batch exactly as a read of delivery's
+//! own would. Delivery makes its own read only when no such read came within
+//! `BOARD_WAIT_INTERVALS` of the reader's interval (a reader that fails, a CMS that cannot answer
+//! it), for a backlog whose lines lie beyond the reader's reach (`board::MAX_REACH_SECS`), or at
+//! `AWAIT_MAX_LINES`.
+//!
+//! Must not: count a line delivered before a read found its row, take a read sent before a batch's
+//! answer or starting after its window for its proof, or let a line awaiting proof be resent
+//! (`due_lines` passes over them) before a read settled it.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use crate::delivery::readback::Settle;
+use crate::cms::ReadBoard;
+use crate::delivery::readback::{Settle, reaches_back_to, read_back_start, read_once_more};
 use crate::delivery::{ChatApi, Delivery, DeliveryError, Tally, lock};
 use crate::outbox::PendingLine;
+
+/// How many of the reader's intervals delivery waits for a read of the reader's that settles its
+/// batches before it reads for itself: the next read comes within one interval, and the second
+/// covers a read that was already on its way when the batch was answered.
+pub(super) const BOARD_WAIT_INTERVALS: u32 = 2;
+
+/// Slack on top of those intervals for a read that takes its time (a busy PHP worker).
+const BOARD_WAIT_SLACK: Duration = Duration::from_secs(1);
+
+/// A line posted in a batch the CMS answered `success: true`, awaiting the read that proves it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Posted {
+    /// The id the CMS answered for the last row of the line's batch: the line's row, if stored,
+    /// lies between the id its batch went out after and this one.
+    pub(super) last_id: i64,
+    /// When that answer came: a read sent after it holds every row of the batch that was stored.
+    pub(super) answered_at: Instant,
+    /// Where a read must start to hold them (`readback::read_back_start` of the batch).
+    pub(super) start: i64,
+}
 
 /// How many lines may await their proof before the shared read is made whatever its cost: the
 /// read loads and matches them all (the step passes over them by key, `oldest_where_past`).
@@ -31,9 +63,8 @@ pub(super) const AWAIT_MAX_LINES: usize = 20_000;
 /// restart they are lines in flight of unknown outcome, read back before anything is resent.
 #[derive(Default)]
 pub(super) struct Awaiting {
-    /// Each line's id, with the id the CMS answered for the last row of its batch: the line's row,
-    /// if stored, lies between the id its batch went out after and that one.
-    pub(super) ids: HashMap<u64, i64>,
+    /// Each line's id, with its batch's answer.
+    pub(super) ids: HashMap<u64, Posted>,
     /// The rows the last read-back returned that were not the lines it settled (other writers'
     /// rows, the relay's rows stored since the read's start): the next shared read waits for as
     /// many lines.
@@ -63,25 +94,40 @@ impl<C: ChatApi> Delivery<C> {
     /// Notes `batch` posted with a `success: true` whose last row is `last_id`: its lines await
     /// the shared read.
     pub(super) fn await_proof(&self, batch: &[PendingLine], last_id: i64) {
+        let posted = Posted {
+            last_id,
+            answered_at: Instant::now(),
+            start: read_back_start(
+                batch,
+                self.deps.settings.timezone,
+                self.deps.cms.offset_seen(),
+            ),
+        };
         let mut awaiting = lock(&self.awaiting);
-        awaiting.ids.extend(batch.iter().map(|l| (l.id, last_id)));
+        awaiting.ids.extend(batch.iter().map(|l| (l.id, posted)));
         if let (Some(first), Some(last)) = (batch.first(), batch.last())
             && awaiting.first_due == Some(first.id)
         {
             awaiting.scan_from = last.id + 1;
             awaiting.first_due = None;
         }
+        self.want_reads(&awaiting);
     }
 
-    /// The shared read if it is due (`Awaiting::read_due`); whether it was made.
+    /// Settles what a read of the reader's can, else makes the shared read if it is due
+    /// (`Awaiting::read_due`) and no read of the reader's is to be expected; whether anything was
+    /// settled.
     pub(super) async fn settle_posted(
         &self,
         more_to_send: bool,
         tally: &mut Tally,
     ) -> Result<bool, DeliveryError> {
+        if self.settle_from_board(tally).await? {
+            return Ok(true);
+        }
         let ids = {
             let awaiting = lock(&self.awaiting);
-            if !awaiting.read_due(more_to_send) {
+            if !awaiting.read_due(more_to_send) || self.board_due(&awaiting).is_some() {
                 return Ok(false);
             }
             awaiting.ids.clone()
@@ -91,16 +137,59 @@ impl<C: ChatApi> Delivery<C> {
         let lines = self.deps.outbox.oldest_where(ids.len(), usize::MAX, |l| {
             l.is_in_flight() && ids.contains_key(&l.id)
         })?;
-        let unsent = match self.reconcile(lines, Settle::AfterSuccess, tally).await {
-            Ok(unsent) => unsent,
-            // An outage: they keep waiting, and the loop backs off.
-            Err(err) => return Err(err),
+        // An outage: they keep waiting, and the loop backs off.
+        let unsent = self.reconcile(lines, Settle::AfterSuccess, tally).await?;
+        self.settled(&ids, unsent, tally).await?;
+        Ok(true)
+    }
+
+    /// Settles the lines the reader's latest read proves stored or not: those whose batch was
+    /// answered before the read was sent, and whose window it reaches back over. Whether any were.
+    async fn settle_from_board(&self, tally: &mut Tally) -> Result<bool, DeliveryError> {
+        let Some(read) = self.deps.board.latest() else {
+            return Ok(false);
         };
-        // Found, missing (now pending again) or held for a read of their own: none awaits.
+        let zone = self.deps.settings.timezone;
+        let ids: HashMap<u64, Posted> = lock(&self.awaiting)
+            .ids
+            .iter()
+            .filter(|(_, posted)| {
+                posted.answered_at <= read.sent_at
+                    && reaches_back_to(read.since, posted.start, zone)
+            })
+            .map(|(id, posted)| (*id, *posted))
+            .collect();
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let lines = self.deps.outbox.oldest_where(ids.len(), usize::MAX, |l| {
+            l.is_in_flight() && ids.contains_key(&l.id)
+        })?;
+        let unsent = self
+            .settle_rows(
+                read_once_more(lines),
+                &read.rows,
+                Settle::AfterSuccess,
+                tally,
+            )
+            .await?;
+        self.settled(&ids, unsent, tally).await?;
+        Ok(true)
+    }
+
+    /// The lines of `ids` were settled: found, missing (`unsent`, pending again and sent now one
+    /// line per POST) or held for a read of their own. None awaits any more.
+    async fn settled(
+        &self,
+        ids: &HashMap<u64, Posted>,
+        unsent: Vec<PendingLine>,
+        tally: &mut Tally,
+    ) -> Result<(), DeliveryError> {
         {
             let mut awaiting = lock(&self.awaiting);
             awaiting.ids.retain(|id, _| !ids.contains_key(id));
             awaiting.scan_from = 0;
+            self.want_reads(&awaiting);
         }
         if !unsent.is_empty() {
             tracing::warn!(
@@ -110,7 +199,38 @@ impl<C: ChatApi> Delivery<C> {
                 "cms reported success but lines are missing; resending them one by one"
             );
         }
-        self.deliver_singly(unsent, tally).await?;
-        Ok(true)
+        self.deliver_singly(unsent, tally).await
+    }
+
+    /// Tells the reader where delivery's lines need a read to start (nothing, when none awaits).
+    fn want_reads(&self, awaiting: &Awaiting) {
+        self.deps
+            .board
+            .want(awaiting.ids.values().map(|posted| posted.start).min());
+    }
+
+    /// How long delivery still waits for a read of the reader's to settle what awaits (`None`: it
+    /// does not: no reader serves the board, the lines are too many or lie beyond its reach, or
+    /// the oldest batch waited `BOARD_WAIT_INTERVALS` of its interval already).
+    pub(super) fn board_due(&self, awaiting: &Awaiting) -> Option<Duration> {
+        let interval = self.deps.board.interval()?;
+        if awaiting.ids.is_empty() || awaiting.ids.len() >= AWAIT_MAX_LINES {
+            return None;
+        }
+        let wait = interval * BOARD_WAIT_INTERVALS + BOARD_WAIT_SLACK;
+        let now_unix = chrono::Utc::now().timestamp();
+        let oldest = awaiting
+            .ids
+            .values()
+            .try_fold(Instant::now(), |oldest, posted| {
+                ReadBoard::within_reach(posted.start, now_unix)
+                    .then(|| oldest.min(posted.answered_at))
+            })?;
+        wait.checked_sub(oldest.elapsed())
+    }
+
+    /// `board_due` for the loop, which sleeps no longer than that while idle.
+    pub(super) fn board_wait(&self) -> Option<Duration> {
+        self.board_due(&lock(&self.awaiting))
     }
 }

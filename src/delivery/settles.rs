@@ -2,7 +2,7 @@
 //! CMS as a backlog grows, that a line awaiting proof is neither resent nor counted, and what a
 //! restart or an outage in that state leaves.
 
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
 
 use super::settle::{AWAIT_MAX_LINES, Awaiting};
 use super::tests::{ALICE, BOB, CAROL, Rig, now_said, rig, said};
@@ -50,7 +50,16 @@ async fn a_backlog_in_one_second_costs_the_cms_rows_in_proportion_to_its_lines()
 #[test]
 fn the_shared_read_is_due_when_nothing_else_goes_or_enough_lines_wait() {
     let waiting = |n: usize, last_read_rows: usize| Awaiting {
-        ids: (0..n as u64).map(|id| (id, 0)).collect(),
+        ids: (0..n as u64)
+            .map(|id| {
+                let posted = super::settle::Posted {
+                    last_id: 0,
+                    answered_at: std::time::Instant::now(),
+                    start: 0,
+                };
+                (id, posted)
+            })
+            .collect(),
         last_read_rows,
         ..Awaiting::default()
     };
@@ -167,4 +176,129 @@ async fn an_outage_of_the_shared_read_keeps_the_lines_awaiting_and_sends_nothing
     assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1"]);
     assert!(rig.outbox.is_empty());
     assert_eq!(rig.counted(), 2);
+}
+
+/// A rig whose board is served by a reader reading every `interval` (played by the test).
+fn rig_with_a_reader(interval: Duration) -> Rig {
+    let rig = rig(99);
+    rig.delivery.deps.board.serve(interval);
+    rig
+}
+
+impl Rig {
+    /// The reader's read: from its own start (`own_back` seconds before now) or delivery's wanted
+    /// one, through the same CMS; published as the reader does.
+    async fn reader_reads(&self, own_back: i64) {
+        let board = &self.delivery.deps.board;
+        let now = Utc::now().timestamp();
+        let since = board.start_for(now - own_back, now);
+        let sent_at = std::time::Instant::now();
+        let rows = self.cms.read_since(since).await.expect("the reader's read");
+        board.publish(since, sent_at, Arc::new(rows));
+    }
+}
+
+#[tokio::test]
+async fn the_readers_next_read_settles_a_batch_and_delivery_reads_nothing_itself() {
+    let rig = rig_with_a_reader(Duration::from_secs(60));
+    rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
+        .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    // Nothing else to send: without the reader this step would read; it waits for the reader.
+    assert_eq!(
+        rig.delivery.try_deliver_batch().await.expect("idle"),
+        DeliveryOutcome::Idle
+    );
+    assert_eq!(rig.cms.with(|m| (m.n_posts, m.n_reads)), (1, 0));
+    assert_eq!(rig.counted(), 0);
+
+    // The reader's narrow read (2 s back) reaches back to where the batch needs it.
+    rig.reader_reads(2).await;
+    rig.delivery.try_deliver_batch().await.expect("settled");
+    assert_eq!(rig.cms.with(|m| m.n_reads), 1, "the reader's read only");
+    assert_eq!(rig.counted(), 2);
+    assert!(rig.outbox.is_empty());
+}
+
+#[tokio::test]
+async fn a_readers_read_sent_before_the_answer_or_starting_after_the_window_proves_nothing() {
+    let rig = rig_with_a_reader(Duration::from_secs(60));
+    let board = rig.delivery.deps.board.clone();
+    // A read sent before the batch was answered.
+    let early = std::time::Instant::now();
+    rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
+        .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    let rows = rig.cms.read_since(0).await.expect("rows");
+    board.publish(0, early, Arc::new(rows.clone()));
+    rig.delivery.try_deliver_batch().await.expect("idle");
+    assert_eq!(rig.counted(), 0, "a read sent before the answer");
+    // A read sent now, from a start after the batch's window (a narrow read that did not take the
+    // wanted start): the rows are all there, yet it proves nothing.
+    let late_start = Utc::now().timestamp() + 1;
+    board.publish(late_start, std::time::Instant::now(), Arc::new(rows));
+    rig.delivery.try_deliver_batch().await.expect("idle");
+    assert_eq!(rig.counted(), 0, "a read starting after the window");
+    assert_eq!(rig.outbox.len(), 2);
+    assert_eq!(rig.cms.relay_messages().len(), 2, "nothing resent");
+}
+
+#[tokio::test]
+async fn a_middle_row_the_readers_read_lacks_is_counted_nowhere_and_sent_again_alone() {
+    // Issue 21, defect 1, settled by the reader's read: Bob's user 99 does not exist, the CMS
+    // skips his row and answers `success: true` for the batch.
+    let rig = rig_with_a_reader(Duration::from_secs(60));
+    rig.say(&[
+        now_said(ALICE, "a1"),
+        now_said(BOB, "b1"),
+        now_said(CAROL, "c1"),
+    ])
+    .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    rig.reader_reads(2).await;
+    rig.delivery.try_deliver_batch().await.expect("settled");
+    // Counted: only what the CMS holds; Bob's line went out alone (its own answer, a failed
+    // insert) and is still the relay's to settle, as after a read of delivery's own.
+    assert_eq!(rig.cms.relay_messages(), ["a1", "[Carol Visitor] c1"]);
+    assert_eq!(rig.cms.with(|m| (m.n_posts, m.n_reads)), (2, 1));
+    assert_eq!(rig.counted(), 2);
+    assert_eq!(rig.outbox.len() + rig.outbox.dead_len(), 1);
+}
+
+#[tokio::test]
+async fn a_reader_that_reads_nothing_leaves_delivery_to_read_for_itself_after_its_wait() {
+    let rig = rig_with_a_reader(Duration::from_millis(10));
+    rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
+        .await;
+    rig.delivery.try_deliver_batch().await.expect("the batch");
+    let wait = rig.delivery.board_wait().expect("waiting for the reader");
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    assert_eq!(rig.delivery.board_wait(), None);
+    rig.delivery
+        .try_deliver_batch()
+        .await
+        .expect("its own read");
+    assert_eq!(rig.cms.with(|m| m.n_reads), 1);
+    assert_eq!(rig.counted(), 2);
+}
+
+#[test]
+fn a_read_reaches_back_only_when_its_start_is_no_later_as_an_instant_and_as_a_string() {
+    use super::readback::reaches_back_to;
+    let zone = crate::zone::Zone::Named(chrono_tz::Europe::Amsterdam);
+    let at = |h, m, s| {
+        Utc.with_ymd_and_hms(2026, 10, 25, h, m, s)
+            .unwrap()
+            .timestamp()
+    };
+    // 00:59:58 UTC is 02:59:58 CEST; 01:00:01 UTC is 02:00:01 CET, after the fold.
+    assert!(reaches_back_to(at(0, 59, 50), at(0, 59, 58), zone));
+    assert!(
+        !reaches_back_to(at(0, 59, 58), at(0, 59, 50), zone),
+        "later"
+    );
+    assert!(
+        !reaches_back_to(at(0, 59, 58), at(1, 0, 1), zone),
+        "an earlier instant whose string (02:59:58) is after the start's (02:00:01)"
+    );
 }

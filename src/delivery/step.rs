@@ -206,7 +206,7 @@ impl<C: ChatApi> Delivery<C> {
     ) -> Result<(), DeliveryError> {
         // A line whose speaker opted out since it was read is not sent, nor sent again after a
         // read-back that did not find it.
-        let (batch, n_withheld) = self.deps.outbox.withhold_opted_out(batch).await?;
+        let (batch, n_withheld) = self.deps.privacy.withhold(batch).await?;
         for _ in 0..n_withheld {
             self.deps.stats.filtered(FilterReason::OptedOut);
         }

@@ -104,8 +104,10 @@ pub(super) fn delivery_of(
         Duration::from_secs(60),
     );
     Delivery::new(DeliveryDeps {
+        privacy: Arc::new(crate::privacy::Privacy::open(outbox.clone()).expect("privacy")),
         outbox,
         cms,
+        board: Arc::new(crate::cms::ReadBoard::new()),
         mapper: Arc::new(mapper),
         settings: DeliverySettings {
             timezone: configured,

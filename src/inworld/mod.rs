@@ -22,7 +22,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::cms::{CmsChat, CmsClient, CmsError};
+use crate::cms::{CmsChat, CmsClient, CmsError, ReadBoard};
 use crate::config::InworldSettings;
 use crate::echo::RecentlySaid;
 use crate::lookingglass::{LookingGlassClient, ViewerError};
@@ -77,6 +77,8 @@ pub struct InworldDeps {
     pub settings: InworldSettings,
     /// The CMS server's clock (`cms.timezone`), to tell a row's age.
     pub cms_zone: Zone,
+    /// Where each read is shared with delivery, which settles its batches from it.
+    pub board: Arc<ReadBoard>,
 }
 
 /// One region the CMS lines are said in.
@@ -128,7 +130,7 @@ struct Reader {
 /// row whether the reads before it saw it (`None`: not seen; `Some(false)`: seen with another
 /// fingerprint, so the CMS handed its id out again), for `went_back_known`.
 pub(crate) struct Read {
-    rows: Vec<CmsChat>,
+    rows: Arc<Vec<CmsChat>>,
     since: DateTime<Utc>,
     known: Vec<Option<bool>>,
     seen_empty: bool,
@@ -210,6 +212,7 @@ struct Shared {
     outbox: Arc<Outbox>,
     settings: InworldSettings,
     cms_zone: Zone,
+    board: Arc<ReadBoard>,
 }
 
 /// What the stage remembers of a row it read.
@@ -343,6 +346,7 @@ impl Inworld {
                 outbox: deps.outbox,
                 settings: deps.settings,
                 cms_zone: deps.cms_zone,
+                board: deps.board,
             },
             reader: Reader::new(inboxes),
         }
@@ -385,8 +389,12 @@ impl Reader {
         let now = Utc::now();
         let look_back = chrono::Duration::from_std(deps.settings.look_back).unwrap_or_default();
         let max_age = chrono::Duration::from_std(deps.settings.max_age).unwrap_or_default();
-        let (since, wide) = self.since(now, look_back, max_age);
-        let rows = match deps.cms.chats_since(since.timestamp()).await {
+        let (own_since, wide) = self.since(now, look_back, max_age);
+        // Reaching back to where delivery needs a read settles its batches with this one.
+        let since_unix = deps.board.start_for(own_since.timestamp(), now.timestamp());
+        let since = DateTime::from_timestamp(since_unix, 0).unwrap_or(own_since);
+        let sent_at = Instant::now();
+        let rows = match deps.cms.chats_since(since_unix).await {
             Ok(rows) => rows,
             Err(err) => {
                 if wide {
@@ -415,6 +423,8 @@ impl Reader {
         }
         self.remember(deps.cms_zone, &rows);
         let n_rows = rows.len();
+        let rows = Arc::new(rows);
+        deps.board.publish(since_unix, sent_at, rows.clone());
         let read = Arc::new(Read {
             rows,
             since,
@@ -493,6 +503,7 @@ impl Reader {
 
     /// Reads every `inworld.poll_interval` until `token` is cancelled.
     async fn run_until_stopped(&mut self, deps: &Shared, token: &CancellationToken) {
+        deps.board.serve(deps.settings.poll_interval);
         let mut failing = false;
         while !token.is_cancelled() {
             match self.read_once(deps).await {

@@ -369,6 +369,11 @@ impl Speaker {
         ) else {
             return Ok(cursor);
         };
+        if lowered >= cursor {
+            // Ids handed out again, all above the cursor (a region that said no CMS line yet):
+            // nothing this region handled is gone, and nothing to lower.
+            return Ok(cursor);
+        }
         tracing::warn!(
             region = self.region.name,
             cursor,

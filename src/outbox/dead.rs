@@ -82,7 +82,7 @@ impl Outbox {
         Ok(n_requeued)
     }
 
-    /// Deletes the dead letters `is_theirs` picks (those of a speaker who opted out), without
+    /// Deletes the dead letters `is_theirs` picks (`erasure`'s caller decides which), without
     /// flushing. Returns how many.
     pub(super) fn remove_dead_where(
         &self,

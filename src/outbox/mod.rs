@@ -4,8 +4,8 @@
 //! Trees: `pending` (lines not yet confirmed by the CMS, keyed by a big-endian id from
 //! `Database::new_id`, so key order is capture order), `dead` (lines the CMS refused, with the
 //! reason), `quarantine` (records that could not be decoded, as stored, and the metadata and hash
-//! of viewer answers that could not be parsed, never their bodies; each for `max_age` at most), `meta` (the cursors, `Cursor`), `privacy` (the speakers who
-//! opted out, `OptOut`).
+//! of viewer answers that could not be parsed, never their bodies; each for `max_age` at most), `meta` (the cursors, `Cursor`), `privacy` (records
+//! `crate::privacy` writes and reads: who opted out; opaque here).
 //!
 //! Invariants: `Ingest::commit` (and `append`, built on it) returns only after the lines are flushed
 //! to disk; readers see pending lines only up to the last committed key, so the lines of an ingest
@@ -16,20 +16,20 @@
 //! The files, one concern each: `store` (the database, its ids, reopening it after an I/O error),
 //! `record` (the stored format, versioned and migrated), `queue` (pending lines: read, the lifecycle's verbs, remove), `ingest` (storing a
 //! viewer answer line by line), `bounds` (`max_bytes`, `max_age`, `when_full`), `dead` (dead letters
-//! and the quarantine), `cursor` (the stages' persisted cursors), `privacy` (the opt-outs and the
-//! dropping of their waiting lines), `reader` (the read-only view `health` gets: it
+//! and the quarantine), `cursor` (the stages' persisted cursors), `erasure` (the `privacy` tree's
+//! records, and removing the lines a caller's predicate picks in the same flush), `reader` (the read-only view `health` gets: it
 //! never quarantines or reopens), `reserve` (disk space given back when the disk is full, so that
 //! delivery can still remove lines), `tests` (through the facade).
 //! This file holds the types the stages see and the counters the others keep true (the depth, the
 //! dead letters and the quarantine: `reader` reads them instead of the trees). Must not
-//! do anything but storage.
+//! do anything but storage: whose line an opt-out covers is `crate::privacy`'s to say.
 
 mod bounds;
 mod cursor;
 mod dead;
+mod erasure;
 mod gaps;
 mod ingest;
-mod privacy;
 mod queue;
 mod reader;
 mod record;
@@ -51,6 +51,7 @@ use crate::outbox::store::{Database, Store, last_key};
 pub use bounds::{Limits, WhenFull};
 pub use cursor::{Cursor, RegionCursor};
 pub use dead::{Quarantined, QuarantinedRecord};
+pub use erasure::PrivacyRecord;
 pub use gaps::{GapKind, GapNote};
 pub use ingest::Ingest;
 pub use reader::OutboxReader;

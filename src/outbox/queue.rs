@@ -21,6 +21,12 @@ impl Outbox {
             .range(..=self.committed.load(Ordering::Acquire).to_be_bytes())
     }
 
+    /// The highest pending key that is committed: every line stored so far lies at or below it, and
+    /// every line stored from now on above it.
+    pub fn pending_watermark(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
     /// Resolves after the next `append` (or at once if one happened since the last wait).
     pub async fn wait_for_lines(&self) {
         self.appended.notified().await;

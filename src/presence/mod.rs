@@ -198,21 +198,11 @@ impl Presence {
             None
         } else {
             match self.deps.viewer.comm_counters(stop).await {
-                Ok(counters) => Some(counters),
+                Ok(counters) => Some(Ok(counters)),
                 Err(err @ (ViewerError::Transport(_) | ViewerError::Stopping)) => {
                     return Err(err.into());
                 }
-                Err(err) => {
-                    self.next_counters = now + UNANSWERED_RETRY;
-                    if !std::mem::replace(&mut self.counters_warned, true) {
-                        tracing::warn!(
-                            url = self.deps.viewer.comm_stats_url().unwrap_or(""),
-                            error = %err,
-                            "the viewer's network counters cannot be read: a region restart that disconnects it cannot be noticed (only a logout or another region, from its status); tried again now and then"
-                        );
-                    }
-                    None
-                }
+                Err(err) => Some(Err(err)),
             }
         };
         // The status is read after the counters: a tie of the counters is decided by a status at
@@ -226,6 +216,23 @@ impl Presence {
                 }
                 return Err(err.into());
             }
+        };
+        // The counters' failure is told only when the status answers: a viewer that answers
+        // neither (a wrong host, say) is the poller's to report.
+        let counters = match counters {
+            Some(Ok(counters)) => Some(counters),
+            Some(Err(err)) => {
+                self.next_counters = now + UNANSWERED_RETRY;
+                if !std::mem::replace(&mut self.counters_warned, true) {
+                    tracing::warn!(
+                        url = self.deps.viewer.comm_stats_url().unwrap_or(""),
+                        error = %err,
+                        "the viewer's network counters cannot be read: a region restart that disconnects it cannot be noticed (only a logout or another region, from its status); tried again now and then"
+                    );
+                }
+                None
+            }
+            None => None,
         };
         let connected = match counters {
             Some(counters) => presence::connected(self.memory, counters, &status),

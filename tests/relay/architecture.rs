@@ -261,3 +261,186 @@ fn no_source_file_passes_700_lines() {
     }
     assert!(too_long.is_empty(), "split these by concern: {too_long:?}");
 }
+
+/// `code` without its comment lines.
+fn without_comments(code: &str) -> String {
+    code.lines()
+        .filter(|line| !line.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Each `fn` of `code` with its name and its text up to the next `fn`.
+fn functions(code: &str) -> Vec<(&str, &str)> {
+    let starts: Vec<usize> = code
+        .match_indices("fn ")
+        .map(|(at, _)| at)
+        .filter(|at| !code[..*at].ends_with(|c: char| c.is_alphanumeric() || c == '_'))
+        .collect();
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, at)| {
+            let text = &code[at + 3..starts.get(i + 1).copied().unwrap_or(code.len())];
+            let name = text
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or_default();
+            (name, text)
+        })
+        .collect()
+}
+
+/// Whether `code` calls a function or method `name` (`.name(` or `::name(`).
+fn calls(code: &str, name: &str) -> bool {
+    code.contains(&format!(".{name}(")) || code.contains(&format!("::{name}("))
+}
+
+/// The arguments of every `.matches(…)` call in `code`.
+fn matches_calls(code: &str) -> Vec<&str> {
+    code.match_indices(".matches(")
+        .map(|(at, needle)| {
+            let args = &code[at + needle.len()..];
+            let mut depth = 0;
+            let end = args
+                .char_indices()
+                .find(|(_, c)| {
+                    match c {
+                        '(' | '[' | '{' => depth += 1,
+                        ')' | ']' | '}' if depth == 0 => return true,
+                        ')' | ']' | '}' => depth -= 1,
+                        _ => {}
+                    }
+                    false
+                })
+                .map_or(args.len(), |(end, _)| end);
+            &args[..end]
+        })
+        .collect()
+}
+
+/// Whether `args` are two or more, outside any bracket.
+fn has_two_args(args: &str) -> bool {
+    let mut depth = 0;
+    for c in args.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            ',' if depth == 0 => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Where a module other than `privacy` reaches the opt-out records or decides on an opt-out:
+/// - a call of an outbox function that reads or writes the `privacy` tree (where the opt-outs
+///   are kept), or of one that calls such a function (outbox's own calls included: the outbox
+///   reading the opt-outs to drop lines is deciding), found in the source whatever it is named;
+/// - `OptOut::matches` (`.matches(` with two arguments; `str::matches` takes one);
+/// - the outbox naming `crate::privacy` (its types are privacy's decisions).
+fn opt_outs_reached(sources: &[(String, String)]) -> Vec<String> {
+    let sources: Vec<(&str, String)> = sources
+        .iter()
+        .map(|(file, code)| (file.as_str(), without_comments(code)))
+        .collect();
+    let outbox_fns: Vec<(&str, &str)> = sources
+        .iter()
+        .filter(|(file, _)| file.starts_with("outbox/"))
+        .flat_map(|(_, code)| functions(code))
+        .collect();
+    let mut tree_fns: Vec<&str> = outbox_fns
+        .iter()
+        .filter(|(_, text)| text.contains(".privacy."))
+        .map(|(name, _)| *name)
+        .collect();
+    loop {
+        let callers: Vec<&str> = outbox_fns
+            .iter()
+            .filter(|(name, text)| {
+                !tree_fns.contains(name) && tree_fns.iter().any(|tree_fn| calls(text, tree_fn))
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        if callers.is_empty() {
+            break;
+        }
+        tree_fns.extend(callers);
+    }
+    let mut broken = Vec::new();
+    for (file, code) in &sources {
+        if file.starts_with("privacy/") || *file == "privacy.rs" {
+            continue;
+        }
+        for tree_fn in &tree_fns {
+            if calls(code, tree_fn) {
+                broken.push(format!("{file}: calls {tree_fn} (the opt-out records)"));
+            }
+        }
+        for args in matches_calls(code) {
+            if has_two_args(args) {
+                broken.push(format!("{file}: .matches({args}) (OptOut::matches)"));
+            }
+        }
+        if file.starts_with("outbox/") && !uses_of(code, "privacy").is_empty() {
+            broken.push(format!("{file}: names crate::privacy"));
+        }
+    }
+    broken
+}
+
+#[test]
+fn only_privacy_reaches_the_opt_out_records_and_decides_whose_line_they_cover() {
+    let broken = opt_outs_reached(&sources());
+    assert!(
+        broken.is_empty(),
+        "opt-outs decided outside privacy (ask `Privacy`):\n{}",
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn reaching_the_opt_outs_outside_privacy_is_caught() {
+    let file = |name: &str, code: &str| (name.to_owned(), code.to_owned());
+    // The outbox keeps the records as bytes and removes what privacy picks; privacy reads them.
+    let storage = [
+        file(
+            "outbox/erasure.rs",
+            "pub fn records(&self) { store.privacy.iter() }\n\
+             pub async fn erase(&self, doomed: impl Fn(&CapturedLine) -> bool) { self.remove(k) }",
+        ),
+        file(
+            "privacy/store.rs",
+            "fn stored(&self) { self.outbox.records() } \
+             fn covered(o: &OptOut, l: &CapturedLine) -> bool { o.matches(&l.speaker, None) }",
+        ),
+        file("delivery/step.rs", "self.deps.outbox.erase(|line| true)"),
+        file("config/syntax.rs", "text[..at].matches('\\n').count()"),
+    ];
+    assert_eq!(opt_outs_reached(&storage), Vec::<String>::new());
+    let leaks = [
+        // The outbox reading the records to decide whose lines to drop.
+        file(
+            "outbox/privacy.rs",
+            "use crate::privacy::OptOut;\n\
+             pub fn opt_outs(&self) { store.privacy.iter() }\n\
+             pub async fn withhold(&self) { for o in self.opt_outs()? { o.matches(s, u) } }",
+        ),
+        // Delivery, the poller or the admin subcommand reaching them directly.
+        file("delivery/step.rs", "self.deps.outbox.withhold(batch)"),
+        file("admin.rs", "outbox.opt_outs()?"),
+        file(
+            "poller.rs",
+            "ahead.iter().any(|(at, o)| o.matches(speaker, uuid))",
+        ),
+    ];
+    let broken = opt_outs_reached(&leaks);
+    for (name, _) in &leaks {
+        assert!(
+            broken
+                .iter()
+                .any(|line| line.starts_with(&format!("{name}:"))),
+            "{name} not caught: {broken:?}"
+        );
+    }
+}

@@ -15,6 +15,7 @@ use opensim_chat_relay::app::Relay;
 use opensim_chat_relay::config::Settings;
 use opensim_chat_relay::metrics::Stats;
 use opensim_chat_relay::outbox::Outbox;
+use opensim_chat_relay::privacy::Privacy;
 use opensim_chat_relay::sim::cms::{
     CmsDialect, CmsHandle, CmsSim, CmsSimSettings, Permissions, StoredChat,
 };
@@ -83,6 +84,8 @@ pub struct RunningRelay {
     pub token: CancellationToken,
     pub stats: Arc<Stats>,
     pub outbox: Arc<Outbox>,
+    /// Who opted out, as the relay keeps it (its records are in `outbox`).
+    pub privacy: Arc<Privacy>,
     task: JoinHandle<anyhow::Result<()>>,
     /// The relay runs on a runtime of its own, so a kill can drop all of its tasks at once.
     runtime: tokio::runtime::Runtime,
@@ -258,7 +261,7 @@ impl TestEnv {
         };
         let relay = adjust(relay);
         let token = CancellationToken::new();
-        let (stats, outbox) = (relay.stats(), relay.outbox());
+        let (stats, outbox, privacy) = (relay.stats(), relay.outbox(), relay.privacy());
         // The relay's threads log to whatever subscriber the test installed (some tests read logs).
         let dispatch = tracing::dispatcher::get_default(|d| d.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -275,6 +278,7 @@ impl TestEnv {
             token,
             stats,
             outbox,
+            privacy,
             task,
             runtime,
         }
@@ -339,10 +343,14 @@ impl RunningRelay {
     /// flight included), and nothing is flushed beyond what was already flushed.
     pub async fn kill(self) {
         let RunningRelay {
-            runtime, outbox, ..
+            runtime,
+            outbox,
+            privacy,
+            ..
         } = self;
         runtime.shutdown_background();
-        // The last reference to the sled database goes here, releasing its file lock.
+        // The last references to the sled database go here, releasing its file lock.
+        drop(privacy);
         drop(outbox);
     }
 

@@ -1,6 +1,8 @@
 //! Opting out of recording in-world, the operator's `privacy` subcommand, and the notice that chat is
 //! recorded.
 
+use std::process::Stdio;
+
 use opensim_chat_relay::filter::FilterReason;
 use opensim_chat_relay::metrics::{Gauges, RegionStats, render_prometheus};
 use opensim_chat_relay::sim::cms::Fault;
@@ -30,10 +32,10 @@ async fn relayed_eventually(env: &TestEnv, text: &str) {
     .await;
 }
 
-/// Waits until the relay remembers `n` opt-outs in its outbox.
+/// Waits until the relay has stored `n` opt-outs (in its outbox).
 async fn opt_outs_reach(relay: &RunningRelay, n: usize) {
     eventually(PATIENCE, &format!("{n} opt-outs stored"), || async {
-        relay.outbox.opt_outs().is_ok_and(|o| o.len() == n)
+        relay.privacy.stored().is_ok_and(|o| o.len() == n)
     })
     .await;
 }
@@ -214,6 +216,42 @@ async fn a_line_in_flight_when_its_speaker_opts_out_is_not_sent_again_and_its_ne
     assert_eq!(
         relayed(&env),
         ["[Bob Builder] neighbour", "[Bob Builder] marker"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opt_out_confirmed_before_a_sigkill_holds_after_it_and_the_lines_it_dropped_never_arrive()
+ {
+    // Arrange: the CMS is down, so Alice's and Bob's lines wait in a relay process's outbox.
+    let env = TestEnv::start().await;
+    env.db.set_offline(true);
+    env.lg.say("Alice Resident", "alice waiting");
+    env.lg.say("Bob Builder", "bob waiting");
+    let mut child = env.spawn_relay_process(&[("http.listen", "")], Stdio::null());
+    env.viewer_drained(PATIENCE).await;
+
+    // Act: Alice opts out; once the relay confirms it in-world (said after the opt-out and the
+    // drop of her waiting line are flushed), the process is killed, then started again.
+    env.lg.say("Alice Resident", "!nolog");
+    eventually(PATIENCE, "the opt-out confirmed", || async {
+        said(&env).iter().any(|s| s == ALICE_OPTED_OUT)
+    })
+    .await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    env.db.set_offline(false);
+    let relay = env.start_relay("", &[]).await;
+    env.lg.say("Alice Resident", "alice after the restart");
+    env.lg.say("Bob Builder", "marker");
+    relayed_eventually(&env, "[Bob Builder] marker").await;
+    let n_opt_outs = relay.privacy.stored().expect("opt-outs").len();
+    relay.stop().await;
+
+    // Assert
+    assert_eq!(n_opt_outs, 1);
+    assert_eq!(
+        relayed(&env),
+        ["[Bob Builder] bob waiting", "[Bob Builder] marker"]
     );
 }
 
@@ -412,7 +450,7 @@ async fn an_object_saying_the_opt_in_command_does_not_undo_an_avatars_opt_out() 
     env.lg.say("Alice Resident", "still private");
     env.lg.say("Bob Builder", "marker");
     relayed_eventually(&env, "[Bob Builder] marker").await;
-    let n_opt_outs = relay.outbox.opt_outs().expect("opt-outs").len();
+    let n_opt_outs = relay.privacy.stored().expect("opt-outs").len();
     relay.stop().await;
 
     // Assert: the opt-out stands; the object's line is its own chat, not a command.

@@ -62,6 +62,7 @@ async fn rig(with_status: bool) -> Rig {
             max_queue: 50,
         },
         cms_zone: Zone::Named(chrono_tz::UTC),
+        board: Arc::new(crate::cms::ReadBoard::new()),
     };
     let speaker = Speaker {
         region: InworldRegion {
@@ -108,7 +109,7 @@ fn read_of(rows: Vec<CmsChat>) -> Arc<Read> {
     let known = vec![None; rows.len()];
     Arc::new(Read {
         since: Utc::now() - chrono::Duration::seconds(5),
-        rows,
+        rows: Arc::new(rows),
         known,
         seen_empty: false,
     })

@@ -1,25 +1,31 @@
 //! Privacy, decided in one place: the opt-out and opt-in commands (`privacy.optout_command`,
-//! `privacy.optin_command`) and who may give them, who opted out (`Privacy`, the running copy of the
-//! outbox's opt-outs), whether a line is relayed for privacy's sake, and the texts the relay says
-//! about it (the confirmation, the notice).
+//! `privacy.optin_command`) and who may give them, who opted out (`Privacy`: the running copy and,
+//! in `store`, the stored records), whether a line is relayed or kept for privacy's sake, and the
+//! texts the relay says about it (the confirmation, the notice).
 //!
 //! The rules, in one table (the poller asks `Privacy::judge` of every line the filter lets through,
-//! or would let through but for its chat type; delivery asks the outbox, which applies the same
-//! `OptOut::matches` to what is waiting):
+//! or would let through but for its chat type; delivery asks `Privacy::withhold` of every batch; the
+//! start and the operator's `privacy` subcommand ask `store`'s other verbs; all apply
+//! `OptOut::matches`, which no other module can call):
 //!
 //! | line | verdict |
 //! |---|---|
 //! | an avatar's (`ChatTypeNormal`/`ChatTypeLindenChat`, a name, a non-zero `OwnerID`), Whisper, Normal or Shout, the whole text a command | `Command`: applied at once, stored with `save`; never relayed, whatever `filter.types` says |
 //! | an object's, an OwnerSay, a system line, the viewer's own avatar | never a command (an object can name itself after any avatar) |
-//! | a speaker who opted out (by UUID, or by name without one), or who opts out later in the same answer | `OptedOut` |
+//! | a speaker who opted out (by UUID, or by name without one), or who opts out later in the same answer (`Ahead`) | `OptedOut` |
+//! | a stored line of a speaker who opted out (waiting, in flight, or a dead letter) | erased at the opt-out, withheld from delivery, erased at the next start |
 //! | anything else | `Relay` |
 //!
 //! What is kept of a line that could not be relayed is also privacy's: the quarantine keeps no
-//! chat text (`outbox::dead`). Must not do I/O beyond the outbox calls of `save`, and must not say
-//! anything itself.
+//! chat text (`outbox::dead`). The files: this one (the rules and the running copy), `store` (the
+//! records and the erasure of waiting lines, through the outbox's storage primitives).
+//!
+//! Must not: do I/O beyond those outbox calls, say anything itself (confirmations go back to the
+//! poller), or let another module reach the opt-out records or `OptOut::matches` (the poller and
+//! delivery hold a `Privacy` and ask it; `tests/relay/architecture.rs` checks it).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -27,6 +33,8 @@ use chrono::{DateTime, Utc};
 use crate::config::PrivacySettings;
 use crate::model::{ChatType, EntryType, ViewerLine, ZERO_UUID, fill_template};
 use crate::outbox::{Outbox, OutboxError};
+
+mod store;
 
 /// A speaker who repeats a command is confirmed for it at most this often, so that the relay cannot
 /// be made to flood the region.
@@ -65,8 +73,9 @@ pub struct OptOut {
 
 impl OptOut {
     /// Whether a line of `speaker` (with the avatar UUID `uuid`, when the viewer gave one) is theirs:
-    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID).
-    pub fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
+    /// by UUID, or by name (for an opt-out by name, or a line that came without a UUID). Private to
+    /// `privacy`: every other module asks `Privacy`.
+    fn matches(&self, speaker: &str, uuid: Option<&str>) -> bool {
         let same_name = || self.name.trim().eq_ignore_ascii_case(speaker.trim());
         match &self.key {
             SpeakerKey::Uuid(key) => match uuid {
@@ -142,7 +151,7 @@ pub fn command_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<Comma
 }
 
 /// The opt-out a viewer line gives, if it is an avatar's opt-out command (`command_of`).
-pub fn opt_out_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<OptOut> {
+fn opt_out_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<OptOut> {
     if command_of(settings, line) != Some(Command::OptOut) {
         return None;
     }
@@ -157,6 +166,31 @@ pub fn opt_out_of(settings: &PrivacySettings, line: &ViewerLine) -> Option<OptOu
 /// A line's speaker UUID, when the viewer gave a real one.
 fn speaker_uuid(line: &ViewerLine) -> Option<&str> {
     line.owner_id.as_deref().filter(|o| *o != ZERO_UUID)
+}
+
+/// The opt-outs said in one viewer answer, with each command's index in it: a speaker's lines
+/// before their opt-out in the same answer were waiting when they opted out, and are not relayed
+/// either (`Privacy::judge`).
+#[derive(Debug, Default)]
+pub struct Ahead {
+    opt_outs: Vec<(usize, OptOut)>,
+}
+
+impl Ahead {
+    /// Notes `line`, the `index`th of its answer, if it is an avatar's opt-out command. The caller
+    /// hands over only the lines its own checks let through up to the command.
+    pub fn note(&mut self, settings: &PrivacySettings, index: usize, line: &ViewerLine) {
+        if let Some(opt_out) = opt_out_of(settings, line) {
+            self.opt_outs.push((index, opt_out));
+        }
+    }
+
+    /// Whether the speaker opts out after the `index`th line.
+    fn opts_out_after(&self, index: usize, speaker: &str, uuid: Option<&str>) -> bool {
+        self.opt_outs
+            .iter()
+            .any(|(at, opt_out)| *at > index && opt_out.matches(speaker, uuid))
+    }
 }
 
 /// What privacy makes of a line.
@@ -202,22 +236,27 @@ pub fn notice(settings: &PrivacySettings, region: &str) -> Option<String> {
     ))
 }
 
-/// Who opted out, as the poller sees it: loaded from the outbox at start and changed as commands are
-/// read (the outbox follows once the lines read with them are stored).
-#[derive(Debug, Default)]
+/// Who opted out, the one handle every stage asks: the running copy (loaded from the outbox at
+/// start and changed as commands are read; the outbox follows once the lines read with them are
+/// stored) and the stored records (`store`).
 pub struct Privacy {
+    /// Where the records are kept (the `privacy` tree), and the lines they erase.
+    outbox: Arc<Outbox>,
     opt_outs: Mutex<Vec<OptOut>>,
     /// When each speaker (lower-cased name) was last confirmed for each command.
     confirmed: Mutex<HashMap<(String, Command), Instant>>,
 }
 
 impl Privacy {
-    /// The opt-outs stored in `outbox`.
-    pub fn load(outbox: &Outbox) -> Result<Privacy, OutboxError> {
-        Ok(Privacy {
-            opt_outs: Mutex::new(outbox.opt_outs()?),
+    /// Privacy over `outbox`, its running copy the opt-outs stored there.
+    pub fn open(outbox: Arc<Outbox>) -> Result<Privacy, OutboxError> {
+        let privacy = Privacy {
+            outbox,
+            opt_outs: Mutex::default(),
             confirmed: Mutex::default(),
-        })
+        };
+        *privacy.opt_outs() = privacy.stored()?;
+        Ok(privacy)
     }
 
     fn opt_outs(&self) -> std::sync::MutexGuard<'_, Vec<OptOut>> {
@@ -242,15 +281,14 @@ impl Privacy {
     }
 
     /// What privacy makes of `line`, the `index`th of its answer: a command is applied at once (from
-    /// this line on); `opt_outs_ahead` are the opt-outs said in the same answer, with their index
-    /// (`opt_out_of` of each line): a speaker's lines before their opt-out were waiting when they
-    /// opted out, and are not relayed either.
+    /// this line on); `ahead` are the opt-outs said in the same answer: a speaker's lines before
+    /// their opt-out were waiting when they opted out, and are not relayed either.
     pub fn judge(
         &self,
         settings: &PrivacySettings,
         line: &ViewerLine,
         index: usize,
-        opt_outs_ahead: &[(usize, OptOut)],
+        ahead: &Ahead,
     ) -> Judgement {
         let speaker = line.from.as_deref().unwrap_or_default();
         let uuid = speaker_uuid(line);
@@ -265,10 +303,7 @@ impl Privacy {
             self.apply(&change);
             return Judgement::Command(change);
         }
-        let opts_out_later = opt_outs_ahead
-            .iter()
-            .any(|(at, opt_out)| *at > index && opt_out.matches(speaker, uuid));
-        if opts_out_later || self.is_opted_out(speaker, uuid) {
+        if ahead.opts_out_after(index, speaker, uuid) || self.is_opted_out(speaker, uuid) {
             return Judgement::OptedOut;
         }
         Judgement::Relay
@@ -289,23 +324,6 @@ impl Privacy {
                 });
             }
             Command::OptIn => opt_outs.retain(|o| !o.matches(&change.speaker, uuid)),
-        }
-    }
-
-    /// Records a change in the outbox; an opt-out drops the speaker's waiting lines (up to its
-    /// watermark). Returns how many were dropped.
-    pub async fn save(outbox: &Outbox, change: &Change) -> Result<usize, OutboxError> {
-        let uuid = change.uuid.as_deref();
-        match change.command {
-            Command::OptOut => {
-                let opt_out = OptOut {
-                    key: SpeakerKey::of(&change.speaker, uuid),
-                    name: change.speaker.trim().to_owned(),
-                    since: change.at,
-                };
-                outbox.opt_out(&opt_out, change.watermark).await
-            }
-            Command::OptIn => outbox.opt_in(&change.speaker, uuid).await.map(|_| 0),
         }
     }
 
@@ -453,7 +471,9 @@ mod tests {
 
     #[test]
     fn opting_out_and_in_changes_the_running_copy_and_is_confirmed_once_a_while() {
-        let privacy = Privacy::default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = Outbox::open(dir.path(), 1 << 20).expect("open");
+        let privacy = Privacy::open(Arc::new(outbox)).expect("privacy");
         let settings = settings();
         privacy.apply(&change(Command::OptOut));
         assert!(privacy.is_opted_out("Alice Resident", change(Command::OptOut).uuid.as_deref()));
