@@ -465,6 +465,7 @@ async fn status(State(state): State<Arc<HealthState>>) -> Json<Value> {
                 "inworld": {
                     "said": get(&stats.inworld_said),
                     "skipped": get(&stats.inworld_skipped),
+                    "paused": get(&stats.inworld_paused) == 1,
                 },
             })
         })

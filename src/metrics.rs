@@ -59,6 +59,9 @@ pub struct Stats {
     pub inworld_said: AtomicU64,
     /// CMS lines not said: too old, or beyond the queue limit.
     pub inworld_skipped: AtomicU64,
+    /// 1 while the region's CMS lines wait for its viewer to hear the region again (a gauge, set
+    /// by `inworld`).
+    pub inworld_paused: AtomicU64,
     /// Viewer lines dropped because they echo what the relay said in-world.
     pub inworld_echoes_dropped: AtomicU64,
     /// Chat GET answers longer than `viewer.max_response_bytes`.
@@ -417,6 +420,7 @@ fn families(
         ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(one(gauges.cms_logins))),
         ("opensim_chat_relay_inworld_said_total", "CMS lines said in-world.", Counter(each(&|s| get(&s.inworld_said)))),
         ("opensim_chat_relay_inworld_skipped_total", "CMS lines not said in-world (too old, or beyond the queue limit).", Counter(each(&|s| get(&s.inworld_skipped)))),
+        ("opensim_chat_relay_inworld_paused", "1 while in-world is paused for the region: its viewer does not hear the region, so the CMS lines wait and are said once it is back (older than inworld.max_age by then: skipped).", Gauge(each_gauge(&|s| get(&s.inworld_paused)))),
         ("opensim_chat_relay_inworld_echoes_dropped_total", "Viewer lines dropped as the echo of what the relay said in-world.", Counter(each(&|s| get(&s.inworld_echoes_dropped)))),
         ("opensim_chat_relay_outbox_lines", "Lines waiting in the outbox.", Gauge(one(gauges.outbox_lines as f64))),
         ("opensim_chat_relay_outbox_bytes", "Bytes of the lines waiting in the outbox.", Gauge(one(gauges.outbox_bytes as f64))),

@@ -9,9 +9,10 @@
 //! the time and a fingerprint of its row: outbox `Cursor`s, so a restart neither repeats nor
 //! skips), noticing that the CMS's ids went backwards (its database restored from a backup:
 //! `went_back`), the splitting of long lines (a part that fails is said again without the parts
-//! before it) and the flood limit. Each text it says goes into its region's echo memory
-//! (`echo::RecentlySaid`, which `app` shares with that region's poller) before the POST. Must not
-//! touch the outbox's pending lines. It never calls the CMS chat GET without a timestamp (that
+//! before it), the flood limit, and the pause while its viewer does not hear its region (as that
+//! region's presence task tells it through `Stats`). Each text it says goes into its region's echo
+//! memory (`echo::RecentlySaid`, which `app` shares with that region's poller) before the POST.
+//! Must not touch the outbox's pending lines. It never calls the CMS chat GET without a timestamp (that
 //! returns the whole history).
 
 use std::collections::BTreeMap;
@@ -136,12 +137,16 @@ pub(crate) struct Read {
 }
 
 /// The reads waiting for one region's speaker. A speaker whose viewer hangs (a request that never
-/// ends holds its gate) lets its reads wait here while the other regions go on; beyond
+/// ends holds its gate) or is out of its region (the speaker is paused) lets its reads wait here
+/// while the other regions go on; beyond
 /// `MAX_WAITING_READS` the oldest waiting read is dropped (its lines come back with a later wide
 /// read while younger than `inworld.max_age`, and are skipped as too old otherwise).
 pub(crate) struct Inbox {
     reads: std::sync::Mutex<std::collections::VecDeque<Arc<Read>>>,
     ready: tokio::sync::Notify,
+    /// A dropped read was told since the speaker last took one: a long pause (a viewer out of its
+    /// region for an hour) is warned about once, not at every read.
+    drop_told: std::sync::atomic::AtomicBool,
 }
 
 /// A wide read that keeps failing reaches back at least 1/2^6 = 1/64 of its full span.
@@ -160,10 +165,12 @@ impl Inbox {
         Inbox {
             reads: std::sync::Mutex::new(std::collections::VecDeque::new()),
             ready: tokio::sync::Notify::new(),
+            drop_told: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
-    /// Hands `read` to the speaker; whether an older read had to be dropped for it.
+    /// Hands `read` to the speaker; whether an older read had to be dropped for it, the first time
+    /// since the speaker last took a read.
     fn push(&self, read: Arc<Read>) -> bool {
         let dropped = {
             let mut reads = lock(&self.reads);
@@ -173,12 +180,17 @@ impl Inbox {
         };
         self.ready.notify_one();
         dropped
+            && !self
+                .drop_told
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The oldest waiting read, once there is one.
     pub(crate) async fn next(&self) -> Arc<Read> {
         loop {
             if let Some(read) = lock(&self.reads).pop_front() {
+                self.drop_told
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 return read;
             }
             // A push between the check and here left a permit: this returns at once.
@@ -325,6 +337,8 @@ impl Inworld {
                     next_slot: Instant::now(),
                     handled_up_to: None,
                     parts_said: None,
+                    held: None,
+                    paused_since: None,
                 })
                 .collect(),
             deps: Shared {
@@ -421,7 +435,7 @@ impl Reader {
             if inbox.push(read.clone()) {
                 tracing::warn!(
                     waiting = MAX_WAITING_READS,
-                    "a region's viewer has not taken the cms lines of the last reads: the oldest read waiting for it is dropped"
+                    "a region's viewer has not taken the cms lines of the last reads (it hangs, or is out of its region): the oldest reads waiting for it are dropped"
                 );
             }
         }

@@ -1,9 +1,15 @@
 //! One region's side of the in-world stage: from a read's rows, the CMS lines past this region's
 //! cursor, said by this region's viewer at this region's pace, its cursor moved past each (and
-//! lowered when the CMS's ids went backwards). Must not: read the CMS (the stage reads once for
-//! every region), or touch another region's cursor or echo memory.
+//! lowered when the CMS's ids went backwards). While this region's presence task says its viewer
+//! does not hear the region (`liveness::Readiness::viewer_place_problem`, which only a viewer with
+//! `viewer.status_url` ever sets), the speaker is paused: it sends its viewer nothing (spec §10: a
+//! disconnected viewer answers a chat POST and says nothing) and its cursor stays before the
+//! waiting lines, which it says once, in order, when the viewer is back. Must not: read the CMS
+//! (the stage reads once for every region), touch another region's cursor or echo memory, or know
+//! how presence decides (it reads the one signal presence writes).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -21,6 +27,32 @@ use crate::outbox::{Cursor, OutboxError};
 use crate::say::{say_part, split_message};
 use crate::zone::Zone;
 
+/// How often a paused speaker asks again whether its viewer hears the region: presence decides
+/// every 5 s (`presence::CHECK_INTERVAL`), so this adds at most a second to a resume. An unpaused
+/// speaker waiting for a read asks as often, so that a pause is shown while the CMS is not read.
+const PAUSE_RECHECK: Duration = Duration::from_secs(1);
+
+/// What one turn of a speaker did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Turn {
+    /// No read came within `PAUSE_RECHECK`, or the relay is stopping.
+    Idle,
+    /// Its viewer does not hear the region: no read was taken, nothing was sent.
+    Paused,
+    /// It said (and skipped) lines of a read; a pause in the middle holds the rest (`held`).
+    Stepped(InworldOutcome),
+}
+
+/// How a wait for the next slot ended.
+enum Slot {
+    /// The line may be said now.
+    Go,
+    /// The viewer does not hear the region.
+    Paused,
+    /// The relay is stopping.
+    Stopping,
+}
+
 /// One region's side of the stage: its viewer, echo memory, cursor and flood limit.
 pub(super) struct Speaker {
     pub(super) region: InworldRegion,
@@ -34,12 +66,18 @@ pub(super) struct Speaker {
     /// failed part the retry starts at that part. In memory only: a restart in the middle of a
     /// split line says all of it again, as it says again a line whose cursor was not yet written.
     pub(super) parts_said: Option<(i64, usize)>,
+    /// The read a pause interrupted, taken again before the inbox's when the viewer is back (its
+    /// lines said before the pause are behind the cursor, so they are not said again).
+    pub(super) held: Option<Arc<Read>>,
+    /// Since when this region's viewer has not heard the region (the pause told once).
+    pub(super) paused_since: Option<Instant>,
 }
 
 impl Speaker {
     /// Says the CMS lines of each read its inbox hands it until `token` is cancelled. A read whose
     /// lines it could not say (its viewer refused) is left: its lines come back with a later read
-    /// that reaches them (every wide read does), as with one region.
+    /// that reaches them (every wide read does), as with one region. While paused, the reads wait
+    /// in the inbox.
     pub(super) async fn run_until_stopped(
         mut self,
         deps: &Shared,
@@ -48,14 +86,17 @@ impl Speaker {
     ) {
         let mut failing = false;
         while !token.is_cancelled() {
-            let read = tokio::select! {
-                _ = token.cancelled() => return,
-                read = inbox.next() => read,
-            };
-            let stepped = self.step(deps, &read, token).await;
+            let turn = self.try_say_once(deps, &inbox, token).await;
             let region = self.region.name.as_str();
-            match stepped {
-                Ok(outcome) => {
+            match turn {
+                Ok(Turn::Idle) => {}
+                Ok(Turn::Paused) => {
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        _ = tokio::time::sleep(PAUSE_RECHECK) => {}
+                    }
+                }
+                Ok(Turn::Stepped(outcome)) => {
                     failing = false;
                     if outcome.n_said + outcome.n_skipped > 0 {
                         tracing::info!(
@@ -77,11 +118,66 @@ impl Speaker {
         }
     }
 
+    /// One turn: unless paused, takes the read a pause held or the next one from `inbox` (waiting
+    /// at most `PAUSE_RECHECK` for it) and says its lines past the cursor.
+    pub(super) async fn try_say_once(
+        &mut self,
+        deps: &Shared,
+        inbox: &Inbox,
+        token: &CancellationToken,
+    ) -> Result<Turn, InworldError> {
+        if self.paused() {
+            return Ok(Turn::Paused);
+        }
+        let read = match self.held.take() {
+            Some(read) => read,
+            None => tokio::select! {
+                _ = token.cancelled() => return Ok(Turn::Idle),
+                _ = tokio::time::sleep(PAUSE_RECHECK) => return Ok(Turn::Idle),
+                read = inbox.next() => read,
+            },
+        };
+        Ok(Turn::Stepped(self.step(deps, &read, token).await?))
+    }
+
+    /// Whether this region's viewer does not hear the region, as its presence task last decided
+    /// (never without `viewer.status_url`); a change is logged once and shown in
+    /// `Stats::inworld_paused`.
+    fn paused(&mut self) -> bool {
+        let stats = &self.region.stats;
+        let problem = stats.readiness.viewer_place_problem();
+        let region = self.region.name.as_str();
+        match (problem, self.paused_since) {
+            (Some(why), None) => {
+                tracing::warn!(
+                    region,
+                    reason = %why,
+                    "in-world is paused for this region: its viewer does not hear the region; the cms lines wait and are said once it is back"
+                );
+                self.paused_since = Some(Instant::now());
+                stats.inworld_paused.store(1, Ordering::Relaxed);
+                true
+            }
+            (Some(_), Some(_)) => true,
+            (None, Some(since)) => {
+                tracing::info!(
+                    region,
+                    paused_for = ?since.elapsed(),
+                    "in-world resumes for this region: its viewer hears the region again; the cms lines that waited are said now"
+                );
+                self.paused_since = None;
+                stats.inworld_paused.store(0, Ordering::Relaxed);
+                false
+            }
+            (None, None) => false,
+        }
+    }
+
     /// Says this region's share of one read: the CMS lines past its cursor, in order.
     async fn step(
         &mut self,
         deps: &Shared,
-        read: &Read,
+        read: &Arc<Read>,
         token: &CancellationToken,
     ) -> Result<InworldOutcome, InworldError> {
         let max_age = chrono::Duration::from_std(deps.settings.max_age).unwrap_or_default();
@@ -141,9 +237,14 @@ impl Speaker {
                 .enumerate()
                 .skip(n_said_before)
             {
-                tokio::select! {
-                    _ = token.cancelled() => return Ok(outcome),
-                    _ = tokio::time::sleep_until(self.next_slot.into()) => {}
+                match self.wait_for_slot(token).await {
+                    Slot::Go => {}
+                    Slot::Stopping => return Ok(outcome),
+                    Slot::Paused => {
+                        // Its viewer left the region meanwhile: the rest of this read waits.
+                        self.held = Some(read.clone());
+                        return Ok(outcome);
+                    }
                 }
                 let said = say_part(
                     &self.region.viewer,
@@ -171,6 +272,26 @@ impl Speaker {
             outcome.n_said += 1;
         }
         Ok(outcome)
+    }
+
+    /// Waits for the flood limit's next slot, asking every `PAUSE_RECHECK` whether the viewer
+    /// still hears the region (a slot is 1 / `inworld.max_lines_per_second` away, which an operator
+    /// may set to minutes).
+    async fn wait_for_slot(&mut self, token: &CancellationToken) -> Slot {
+        loop {
+            if self.paused() {
+                return Slot::Paused;
+            }
+            let now = Instant::now();
+            if now >= self.next_slot {
+                return Slot::Go;
+            }
+            let wait = (self.next_slot - now).min(PAUSE_RECHECK);
+            tokio::select! {
+                _ = token.cancelled() => return Slot::Stopping,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Moves the cursor past `id` (the row `row`, whose time and fingerprint are stored with it):
@@ -317,3 +438,6 @@ pub(super) fn dated(zone: Zone, row: &CmsChat) -> Option<DateTime<Utc>> {
     let naive = NaiveDateTime::parse_from_str(&row.timestamp, "%Y-%m-%d %H:%M:%S").ok()?;
     zone.resolve(naive).into_iter().max()
 }
+
+#[cfg(test)]
+mod tests;

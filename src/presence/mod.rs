@@ -1,7 +1,8 @@
 //! The task that knows whether the relay hears the region (issue 20, spec §10): every
 //! `CHECK_INTERVAL` it reads the viewer's network counters and status, decides where the viewer is
-//! (`lookingglass::presence`), tells `/readyz`, `/metrics` and the log (once when a stretch out of
-//! the region starts, once when it ends), and stores what it learned in the outbox's cursors, so a
+//! (`lookingglass::presence`), tells `/readyz` (and through the same signal the region's in-world
+//! speaker, which pauses), `/metrics` and the log (once when a stretch out of the region starts,
+//! once when it ends), and stores what it learned in the outbox's cursors, so a
 //! stretch is marked once across restarts. Without `viewer.status_url` only the outbox's gaps are
 //! marked.
 //!
@@ -43,6 +44,9 @@ pub use recovery::{RECOVERY_FIRST, RECOVERY_MAX, STUCK_ADVICE, advice};
 /// How often the viewer's counters and status are read: two small answers from memory, so a
 /// stretch out of the region is noticed within seconds at a cost the viewer does not feel.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The viewer's place until the first check, when it was out of its region as the relay stopped.
+const RESTARTED_OUT: &str = "the viewer was out of its region when the relay last stopped; the next check of its status tells whether it is back";
 
 /// What the task needs.
 pub struct PresenceDeps {
@@ -129,6 +133,14 @@ impl Presence {
             .cursor(Cursor::ViewerOutSince.of(&deps.name))?
             .filter(|millis| *millis > 0)
             .and_then(DateTime::<Utc>::from_timestamp_millis);
+        if out_since.is_some() && deps.viewer.status_url().is_some() {
+            // Out when the relay stopped: so it stays until the first check says otherwise, and
+            // in-world (which pauses on this) sends nothing to a viewer that does not hear it.
+            deps.stats
+                .readiness
+                .viewer_place(Some(RESTARTED_OUT.to_owned()));
+            deps.stats.viewer_out_of_region.store(1, Ordering::Relaxed);
+        }
         Ok(Presence {
             deps,
             memory,
@@ -242,6 +254,9 @@ impl Presence {
             self.read_hearing(stop).await;
         } else {
             self.out(&place, now).await?;
+            // Told before the recovery's requests too: in-world pauses on it (`inworld::speaker`),
+            // and a recovery takes a few seconds of the gate.
+            self.tell_readiness(&place);
             self.recover(&place, stop).await;
             self.tell_readiness(&place);
         }
@@ -396,4 +411,4 @@ pub enum PresenceError {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

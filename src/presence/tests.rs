@@ -7,16 +7,24 @@ use crate::lookingglass::ViewerEndpoint;
 use crate::outbox::{GapKind, GapNote};
 use crate::sim::lookingglass::{Connection, Dialect, ViewerSim, ViewerSimSettings};
 
-/// The task against the simulated viewer, driven one check at a time.
-struct Rig {
-    sim: ViewerSim,
-    outbox: Arc<Outbox>,
-    stats: Arc<Stats>,
-    presence: Presence,
-    _dir: tempfile::TempDir,
+/// The task against the simulated viewer, driven one check at a time (also by the in-world
+/// speaker's tests, which pause on what it decides).
+pub(crate) struct Rig {
+    pub(crate) sim: ViewerSim,
+    /// A client of the same viewer (and gate) as the task's.
+    pub(crate) viewer: LookingGlassClient,
+    pub(crate) outbox: Arc<Outbox>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) presence: Presence,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
 async fn rig(with_login: bool) -> Rig {
+    rig_with(with_login, true).await
+}
+
+/// The rig, with `[viewer.login]` when `with_login` and `viewer.status_url` when `with_status`.
+pub(crate) async fn rig_with(with_login: bool, with_status: bool) -> Rig {
     let sim = ViewerSim::start(ViewerSimSettings {
         listen: "127.0.0.1:0".parse().expect("address"),
         dialect: Dialect::Lookingglass,
@@ -32,7 +40,7 @@ async fn rig(with_login: bool) -> Rig {
     let viewer = LookingGlassClient::new(ViewerEndpoint {
         chat_url: sim.chat_url(),
         avatars_url: Some(sim.avatars_url()),
-        status_url: Some(sim.status_url()),
+        status_url: with_status.then(|| sim.status_url()),
         inactivity: Duration::from_secs(30),
         max_response_bytes: 1 << 20,
     })
@@ -53,7 +61,7 @@ async fn rig(with_login: bool) -> Rig {
         .expect("login")
     });
     let presence = Presence::new(PresenceDeps {
-        viewer,
+        viewer: viewer.clone(),
         outbox: outbox.clone(),
         stats: stats.clone(),
         region: Some("Sim".to_owned()),
@@ -67,6 +75,7 @@ async fn rig(with_login: bool) -> Rig {
     .expect("presence");
     Rig {
         sim,
+        viewer,
         outbox,
         stats,
         presence,
@@ -166,6 +175,31 @@ async fn without_a_login_nothing_is_posted_and_the_memory_outlives_the_task() {
         Place::Disconnected
     );
     assert!(!handle.requests().iter().any(|(method, _)| method == "POST"));
+}
+
+#[tokio::test]
+async fn a_viewer_out_when_the_relay_stopped_counts_as_out_until_the_first_check() {
+    // Arrange: the viewer logged out, seen by the task.
+    let mut rig = rig(false).await;
+    let handle = rig.sim.handle();
+    assert_eq!(check(&mut rig.presence).await, Place::InRegion);
+    handle.set_logged_in(false);
+    assert!(!check(&mut rig.presence).await.hears_region());
+
+    // Act: the relay restarts (a new task, fresh counters and signals); the viewer logs back in.
+    let Rig { presence, .. } = rig;
+    let mut deps = presence.deps;
+    let stats = Arc::new(Stats::default());
+    deps.stats = stats.clone();
+    let mut again = Presence::new(deps).expect("presence");
+
+    // Assert: out before any check (in-world sends nothing meanwhile), in after the first.
+    assert!(stats.readiness.viewer_place_problem().is_some());
+    assert_eq!(stats.viewer_out_of_region.load(Ordering::Relaxed), 1);
+    handle.set_logged_in(true);
+    assert_eq!(check(&mut again).await, Place::InRegion);
+    assert_eq!(stats.readiness.viewer_place_problem(), None);
+    assert_eq!(stats.viewer_out_of_region.load(Ordering::Relaxed), 0);
 }
 
 #[test]

@@ -688,8 +688,15 @@ fn chatter_seq(text: &str) -> Option<(&str, u64)> {
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<u8>>>);
 
+/// What keeps a capture on: the thread's subscriber, and a second dispatcher beside it. tracing
+/// caches each callsite's interest for the whole process, and while one dispatcher is registered
+/// it asks only the thread that reaches the callsite first (tracing-core's `Rebuilder::JustOne`):
+/// a test running beside this one without a subscriber would turn that log line off for this
+/// capture too. With two registered, every registered dispatcher is asked.
+pub type CaptureGuard = (tracing::subscriber::DefaultGuard, tracing::Dispatch);
+
 impl Logs {
-    pub fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+    pub fn capture() -> (Logs, CaptureGuard) {
         let logs = Logs::default();
         let writer = logs.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -697,7 +704,14 @@ impl Logs {
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        let second = tracing::Dispatch::new(
+            tracing_subscriber::fmt()
+                .with_writer(std::io::sink)
+                .with_max_level(tracing::Level::INFO)
+                .finish(),
+        );
+        let guard = tracing::subscriber::set_default(subscriber);
+        (logs, (guard, second))
     }
 
     pub fn text(&self) -> String {

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use opensim_chat_relay::check::Outcome;
+use opensim_chat_relay::outbox::Cursor;
 
 use crate::health::{Observed, sample};
 use crate::helpers::{
@@ -52,6 +53,20 @@ async fn post(url: &str, body: &str) -> serde_json::Value {
         .json()
         .await
         .expect("json")
+}
+
+/// What `/readyz` tells an operator without `[viewer.login]` to do: log the viewer out and in again
+/// through its REST calls.
+async fn log_out_and_in_by_hand(env: &TestEnv) {
+    assert_eq!(
+        post(&env.viewer.connect_url("logout"), "").await,
+        serde_json::json!({})
+    );
+    let login = "LOGINFIRST=Relay&LOGINLAST=Bot&LOGINPASS=x&LOGINGRID=OSGrid&LOGINSIM=Sim";
+    assert_eq!(
+        post(&env.viewer.connect_url("login"), login).await,
+        serde_json::json!({})
+    );
 }
 
 /// A `[viewer.login]` for the simulated viewer, its password in a file.
@@ -187,15 +202,7 @@ async fn without_a_login_readyz_says_what_to_do_and_the_marker_survives_a_relay_
     })
     .await;
     // The operator does what /readyz says.
-    assert_eq!(
-        post(&env.viewer.connect_url("logout"), "").await,
-        serde_json::json!({})
-    );
-    let login = "LOGINFIRST=Relay&LOGINLAST=Bot&LOGINPASS=x&LOGINGRID=OSGrid&LOGINSIM=Sim";
-    assert_eq!(
-        post(&env.viewer.connect_url("login"), login).await,
-        serde_json::json!({})
-    );
+    log_out_and_in_by_hand(&env).await;
     eventually(LONG_PATIENCE, "ready again and the gap marked", || async {
         viewer_check(&relay).await.0 && !markers(&env).is_empty()
     })
@@ -223,6 +230,99 @@ async fn without_a_login_readyz_says_what_to_do_and_the_marker_survives_a_relay_
         sample(&metrics, "opensim_chat_relay_gap_markers_total"),
         1.0
     );
+    relay.stop().await;
+}
+
+/// The chat POSTs the viewer received, heard or not.
+fn chat_posts(env: &TestEnv) -> usize {
+    env.lg
+        .requests()
+        .iter()
+        .filter(|(method, path)| method == "POST" && path == "/api/chat")
+        .count()
+}
+
+/// Waits for a few more CMS reads (in-world's), so that whatever they would say had its turn.
+async fn some_cms_reads(env: &TestEnv) {
+    let n_reads = env.db.requests().len();
+    eventually(PATIENCE, "more cms reads", || async {
+        env.db.requests().len() > n_reads + 5
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cms_lines_wait_out_a_region_restart_and_a_relay_restart_and_are_said_once_when_the_viewer_is_back()
+ {
+    // Arrange: no [viewer.login], so the viewer stays out until the operator brings it back.
+    let env = TestEnv::start().await;
+    let dora = crate::inworld::cms_user(&env);
+    let fast = [
+        ("inworld.poll_interval", "200ms"),
+        ("inworld.max_lines_per_second", "100"),
+    ];
+    let relay = Observed::start(&env, "", &fast).await;
+    eventually(PATIENCE, "ready, the in-world cursor set", || async {
+        relay.get("/readyz").await.0 == 200
+            && relay
+                .outbox
+                .cursor(Cursor::LastSaidId)
+                .ok()
+                .flatten()
+                .is_some()
+    })
+    .await;
+
+    // Act: the region restarts; once the relay knows, Dora types a line in the CMS.
+    env.lg.restart_region();
+    eventually(LONG_PATIENCE, "/readyz names the viewer", || async {
+        !viewer_check(&relay).await.0
+    })
+    .await;
+    let n_posts = chat_posts(&env);
+    env.db.add_cms_line(1, dora, "typed during the restart");
+    some_cms_reads(&env).await;
+
+    // Assert: nothing sent to the disconnected viewer (it would be lost); /status says why.
+    assert_eq!(
+        chat_posts(&env),
+        n_posts,
+        "a chat POST to a viewer out of its region"
+    );
+    let (_, status) = relay.get_json("/status").await;
+    assert_eq!(status["regions"][0]["inworld"]["paused"], true, "{status}");
+
+    // Act: the relay is restarted while the viewer is still out, and Dora types again.
+    relay.stop().await;
+    env.db
+        .add_cms_line(1, dora, "typed while the relay was down");
+    let relay = Observed::start(&env, "", &fast).await;
+    some_cms_reads(&env).await;
+
+    // Assert: the new relay sends nothing either, from its first read on.
+    assert_eq!(
+        chat_posts(&env),
+        n_posts,
+        "a chat POST after the relay's restart"
+    );
+
+    // Act: the operator logs the viewer out and in again, as /readyz says.
+    log_out_and_in_by_hand(&env).await;
+
+    // Assert: both lines said, in order, once; several reads later, still once.
+    let both = [
+        "[Dora Admin] typed during the restart",
+        "[Dora Admin] typed while the relay was down",
+    ];
+    let said = || -> Vec<String> { env.lg.said().into_iter().map(|s| s.message).collect() };
+    eventually(LONG_PATIENCE, "both lines said in-world", || async {
+        said() == both
+    })
+    .await;
+    some_cms_reads(&env).await;
+    assert_eq!(said(), both);
+    let (_, status) = relay.get_json("/status").await;
+    assert_eq!(status["regions"][0]["inworld"]["paused"], false, "{status}");
     relay.stop().await;
 }
 

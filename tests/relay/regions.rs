@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::health::{Observed, sample};
 use crate::helpers::{
-    OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, cycles, eventually, sigterm, until_done_or_stalled,
+    Logs, OWN_NAME, PATIENCE, TestEnv, VIEWER_ZONE, cycles, eventually, sigterm,
+    until_done_or_stalled,
 };
 use crate::inworld::cms_user;
 
@@ -259,6 +260,117 @@ async fn a_region_whose_viewer_is_out_of_its_region_is_named_while_the_other_flo
         env.stored_messages()
     );
     relay.stop().await;
+}
+
+/// The chat POSTs `lg` received, heard or not (a POST to a viewer out of its region is answered
+/// and lost: spec §10).
+fn chat_posts(lg: &ViewerHandle) -> usize {
+    lg.requests()
+        .iter()
+        .filter(|(method, path)| method == "POST" && path.starts_with("/api/chat"))
+        .count()
+}
+
+#[tokio::test]
+async fn cms_lines_wait_for_a_region_whose_viewer_is_out_and_are_said_there_once_when_it_is_back() {
+    // Arrange: two regions; CMS reads every 200 ms, so the reads that wait for Welcome stay far
+    // below its inbox's 1,000 however slow the machine.
+    let (logs, _guard) = Logs::capture();
+    let env = TestEnv::start().await;
+    let sandbox = Sandbox::start().await;
+    let dora = cms_user(&env);
+    let relay = Observed::start(
+        &env,
+        &two_regions(&env, &sandbox),
+        &[("inworld.poll_interval", "200ms")],
+    )
+    .await;
+    cursors_set(&relay).await;
+    eventually(PATIENCE, "ready with both regions", || async {
+        relay.get("/readyz").await.0 == 200
+    })
+    .await;
+
+    // Act: Welcome's viewer is logged out (no [regions.login]: it stays out); once the relay knows,
+    // Dora types two lines in the CMS.
+    env.lg.set_logged_in(false);
+    eventually(LONG_PATIENCE, "readyz names Welcome", || async {
+        let (_, body) = relay.get_json("/readyz").await;
+        let reason = body["checks"]["viewer"]["reason"].as_str().unwrap_or("");
+        reason.starts_with("viewer (Welcome): ") && !reason.contains("Sandbox")
+    })
+    .await;
+    let n_posts_before = chat_posts(&env.lg);
+    env.db.add_cms_line(1, dora, "while you were out");
+    env.db.add_cms_line(1, dora, "and another");
+
+    // Assert: Sandbox says both at once; Welcome's viewer is sent nothing while it is out, and
+    // /status and /metrics show Welcome's in-world paused, and only Welcome's.
+    let both = [
+        "[Dora Admin] while you were out",
+        "[Dora Admin] and another",
+    ];
+    eventually(PATIENCE, "the cms lines said in Sandbox", || async {
+        said(&sandbox.lg) == both
+    })
+    .await;
+    let n_reads = env.db.requests().len();
+    eventually(PATIENCE, "more cms reads", || async {
+        env.db.requests().len() > n_reads + 5
+    })
+    .await;
+    assert_eq!(
+        chat_posts(&env.lg),
+        n_posts_before,
+        "no chat POST to a viewer out of its region"
+    );
+    let (_, status) = relay.get_json("/status").await;
+    assert_eq!(status["regions"][0]["name"], "Welcome", "{status}");
+    assert_eq!(status["regions"][0]["inworld"]["paused"], true, "{status}");
+    assert_eq!(status["regions"][1]["inworld"]["paused"], false, "{status}");
+    let (_, metrics) = relay.get("/metrics").await;
+    let paused = |metrics: &str, region: &str| {
+        sample(
+            metrics,
+            &format!("opensim_chat_relay_inworld_paused{{region=\"{region}\"}}"),
+        )
+    };
+    assert_eq!(
+        (paused(&metrics, "Welcome"), paused(&metrics, "Sandbox")),
+        (1.0, 0.0),
+        "{metrics}"
+    );
+
+    // Act: Welcome's viewer logs in again.
+    env.lg.set_logged_in(true);
+
+    // Assert: Welcome says both lines, in order, once; several reads later, still once.
+    eventually(LONG_PATIENCE, "the cms lines said in Welcome", || async {
+        said(&env.lg) == both
+    })
+    .await;
+    let n_reads = env.db.requests().len();
+    eventually(PATIENCE, "more cms reads", || async {
+        env.db.requests().len() > n_reads + 5
+    })
+    .await;
+    assert_eq!(said(&env.lg), both);
+    assert_eq!(said(&sandbox.lg), both);
+    let (_, metrics) = relay.get("/metrics").await;
+    assert_eq!(paused(&metrics, "Welcome"), 0.0, "{metrics}");
+    let (_, status) = relay.get_json("/status").await;
+    assert_eq!(status["regions"][0]["inworld"]["paused"], false, "{status}");
+    relay.stop().await;
+    // The log told the pause once, with its region and why, and the resume once.
+    let paused = logs.lines_with("in-world is paused for this region");
+    assert_eq!(paused.len(), 1, "{paused:?}");
+    assert!(
+        paused[0].contains("Welcome") && paused[0].contains("not logged in"),
+        "{paused:?}"
+    );
+    let resumed = logs.lines_with("in-world resumes for this region");
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert!(resumed[0].contains("Welcome"), "{resumed:?}");
 }
 
 /// The lines a viewer handed out outside `windows` (each the last response before a kill).
