@@ -18,10 +18,12 @@
 //! grid every `inworld.poll_interval` anyway, reaching back to where these lines need it
 //! (`ReadBoard::want`), so a read it sent after a batch's answer, from no later than the batch's
 //! read-back start (`readback::reaches_back_to`), settles the batch exactly as a read of delivery's
-//! own would. Delivery makes its own read only when no such read came within
-//! `BOARD_WAIT_INTERVALS` of the reader's interval (a reader that fails, a CMS that cannot answer
-//! it), for a backlog whose lines lie beyond the reader's reach (`board::MAX_REACH_SECS`), or at
-//! `AWAIT_MAX_LINES`.
+//! own would. Delivery asks for the reader's reads only while it is caught up (the last step found
+//! nothing else to send): a backlog's lines share their seconds with every row drained since, so a
+//! reader reaching back to them would read those rows at every poll. It makes its own read when no
+//! such read came within `BOARD_WAIT_INTERVALS` of the reader's interval (a reader that fails, a
+//! CMS that cannot answer it), while it is behind (the thresholds below), for lines beyond the
+//! reader's reach (`board::MAX_REACH_SECS`), or at `AWAIT_MAX_LINES`.
 //!
 //! Must not: count a line delivered before a read found its row, take a read sent before a batch's
 //! answer or starting after its window for its proof, or let a line awaiting proof be resent
@@ -74,6 +76,9 @@ pub(super) struct Awaiting {
     /// step (sled reads them to skip them) cost more than the POSTs. Back to 0 whenever a line
     /// below it may be due again (the shared read, a restart).
     pub(super) scan_from: u64,
+    /// Whether the last step found nothing else to send: only then does delivery ask the reader for
+    /// its reads and wait for them (`want_reads`, `board_due`).
+    pub(super) caught_up: bool,
     /// The first line the step's scan returned, when it passed over nothing from `scan_from` on:
     /// a batch that starts with it and goes to await its proof moves `scan_from` past it.
     pub(super) first_due: Option<u64>,
@@ -111,7 +116,6 @@ impl<C: ChatApi> Delivery<C> {
             awaiting.scan_from = last.id + 1;
             awaiting.first_due = None;
         }
-        self.want_reads(&awaiting);
     }
 
     /// Settles what a read of the reader's can, else makes the shared read if it is due
@@ -126,7 +130,9 @@ impl<C: ChatApi> Delivery<C> {
             return Ok(true);
         }
         let ids = {
-            let awaiting = lock(&self.awaiting);
+            let mut awaiting = lock(&self.awaiting);
+            awaiting.caught_up = !more_to_send;
+            self.want_reads(&awaiting);
             if !awaiting.read_due(more_to_send) || self.board_due(&awaiting).is_some() {
                 return Ok(false);
             }
@@ -202,11 +208,16 @@ impl<C: ChatApi> Delivery<C> {
         self.deliver_singly(unsent, tally).await
     }
 
-    /// Tells the reader where delivery's lines need a read to start (nothing, when none awaits).
+    /// Tells the reader where delivery's lines need a read to start: nothing when none awaits, or
+    /// while delivery is behind (a backlog's lines share their seconds with every row drained
+    /// since, and a reader reaching back to them would read those rows at every poll; delivery's
+    /// own reads, made once for many batches, settle a backlog).
     fn want_reads(&self, awaiting: &Awaiting) {
-        self.deps
-            .board
-            .want(awaiting.ids.values().map(|posted| posted.start).min());
+        let wanted = awaiting
+            .caught_up
+            .then(|| awaiting.ids.values().map(|posted| posted.start).min())
+            .flatten();
+        self.deps.board.want(wanted);
     }
 
     /// How long delivery still waits for a read of the reader's to settle what awaits (`None`: it
@@ -214,7 +225,7 @@ impl<C: ChatApi> Delivery<C> {
     /// the oldest batch waited `BOARD_WAIT_INTERVALS` of its interval already).
     pub(super) fn board_due(&self, awaiting: &Awaiting) -> Option<Duration> {
         let interval = self.deps.board.interval()?;
-        if awaiting.ids.is_empty() || awaiting.ids.len() >= AWAIT_MAX_LINES {
+        if !awaiting.caught_up || awaiting.ids.is_empty() || awaiting.ids.len() >= AWAIT_MAX_LINES {
             return None;
         }
         let wait = interval * BOARD_WAIT_INTERVALS + BOARD_WAIT_SLACK;

@@ -255,6 +255,8 @@ async fn a_middle_row_the_readers_read_lacks_is_counted_nowhere_and_sent_again_a
     ])
     .await;
     rig.delivery.try_deliver_batch().await.expect("the batch");
+    // Caught up: delivery asks the reader to reach back to the batch.
+    rig.delivery.try_deliver_batch().await.expect("idle");
     rig.reader_reads(2).await;
     rig.delivery.try_deliver_batch().await.expect("settled");
     // Counted: only what the CMS holds; Bob's line went out alone (its own answer, a failed
@@ -266,11 +268,46 @@ async fn a_middle_row_the_readers_read_lacks_is_counted_nowhere_and_sent_again_a
 }
 
 #[tokio::test]
+async fn behind_a_backlog_delivery_asks_the_reader_for_nothing_and_reads_for_itself() {
+    // A backlog's lines share their seconds with every row drained since: a reader reaching back
+    // to them would read those rows at every poll.
+    let mut rig = rig_with_a_reader(Duration::from_secs(60));
+    // The last read returned many rows: the next batches go out before a read of delivery's own.
+    lock(&rig.delivery.awaiting).last_read_rows = 1_000;
+    rig.delivery.deps.settings.batch_max_messages = 2;
+    rig.say(&[
+        now_said(ALICE, "a1"),
+        now_said(CAROL, "c1"),
+        now_said(ALICE, "a2"),
+        now_said(CAROL, "c2"),
+    ])
+    .await;
+    rig.delivery
+        .try_deliver_batch()
+        .await
+        .expect("the first batch");
+    rig.delivery
+        .try_deliver_batch()
+        .await
+        .expect("the second batch");
+    let now = Utc::now().timestamp();
+    let board = &rig.delivery.deps.board;
+    assert_eq!(board.start_for(now, now), now, "nothing wanted");
+    assert_eq!(rig.delivery.board_wait(), None, "no wait for the reader");
+    // Caught up: now it asks, and waits.
+    rig.delivery.try_deliver_batch().await.expect("idle");
+    assert!(rig.delivery.board_wait().is_some());
+    assert!(board.start_for(now, now) < now, "the batches' start wanted");
+    assert_eq!(rig.cms.with(|m| (m.n_posts, m.n_reads)), (2, 0));
+}
+
+#[tokio::test]
 async fn a_reader_that_reads_nothing_leaves_delivery_to_read_for_itself_after_its_wait() {
     let rig = rig_with_a_reader(Duration::from_millis(10));
     rig.say(&[now_said(ALICE, "a1"), now_said(CAROL, "c1")])
         .await;
     rig.delivery.try_deliver_batch().await.expect("the batch");
+    rig.delivery.try_deliver_batch().await.expect("idle");
     let wait = rig.delivery.board_wait().expect("waiting for the reader");
     tokio::time::sleep(wait + Duration::from_millis(50)).await;
     assert_eq!(rig.delivery.board_wait(), None);
