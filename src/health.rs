@@ -534,20 +534,10 @@ fn round1(value: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cms::client::CmsEndpoint;
     use crate::outbox::Outbox;
 
     fn state(outbox: &Arc<Outbox>) -> HealthState {
-        let cms = CmsClient::new(CmsEndpoint {
-            base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
-            grid_id: 1,
-            username: "relay".into(),
-            password: "secret".into(),
-            timeout: Duration::from_secs(1),
-            max_response_bytes: 1 << 20,
-            ca_certificates: Vec::new(),
-        })
-        .expect("client");
+        let cms = CmsClient::unreachable();
         HealthState {
             stats: Arc::new(Stats::default()),
             regions: vec![HealthRegion {

@@ -10,7 +10,6 @@ use chrono_tz::Europe::Amsterdam;
 
 use super::scripted::{PostFault, ScriptedCms};
 use super::*;
-use crate::cms::client::CmsEndpoint;
 use crate::config::DeliverySettings;
 use crate::lookingglass::facts::ViewerFacts;
 use crate::model::CapturedLine;
@@ -84,16 +83,7 @@ pub(super) fn delivery_of(
 ) -> Delivery<ScriptedCms> {
     // Every speaker of these tests is in `mapping.users` or goes out anonymous, so the mapper's
     // own CMS (nothing listens at port 9) is never asked.
-    let lookups = CmsClient::new(CmsEndpoint {
-        base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
-        grid_id: 1,
-        username: "relay".into(),
-        password: "secret".into(),
-        timeout: Duration::from_secs(1),
-        max_response_bytes: 1 << 20,
-        ca_certificates: Vec::new(),
-    })
-    .expect("client");
+    let lookups = CmsClient::unreachable();
     let users = [(ALICE.to_owned(), 3), (BOB.to_owned(), bob)]
         .into_iter()
         .collect();

@@ -140,6 +140,22 @@ impl Drop for InFlight<'_> {
 }
 
 impl CmsClient {
+    /// A client of a CMS that is never there (nothing listens at port 9), for the tests of a stage
+    /// that holds a client it must not use.
+    #[cfg(test)]
+    pub(crate) fn unreachable() -> CmsClient {
+        CmsClient::new(CmsEndpoint {
+            base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
+            grid_id: 1,
+            username: "relay".into(),
+            password: "secret".into(),
+            timeout: Duration::from_secs(1),
+            max_response_bytes: 1 << 20,
+            ca_certificates: Vec::new(),
+        })
+        .expect("a client of an address")
+    }
+
     /// Builds the client.
     pub fn new(mut endpoint: CmsEndpoint) -> Result<CmsClient, reqwest::Error> {
         endpoint.base_url = endpoint.base_url.trim_end_matches('/').to_owned();

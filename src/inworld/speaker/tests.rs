@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::*;
 use crate::cms::CmsClient;
-use crate::cms::client::CmsEndpoint;
 use crate::config::{InworldSettings, SayType};
 use crate::lookingglass::presence::Place;
 use crate::outbox::Outbox;
@@ -37,16 +36,7 @@ async fn rig(with_status: bool) -> Rig {
         _dir,
     } = presence::tests::rig_with(true, with_status).await;
     // The speaker never reads the CMS (the stage's reader does): nothing listens here.
-    let cms = CmsClient::new(CmsEndpoint {
-        base_url: "http://127.0.0.1:9/OpenSim-CMS/api".into(),
-        grid_id: 1,
-        username: "relay".into(),
-        password: "secret".into(),
-        timeout: Duration::from_secs(1),
-        max_response_bytes: 1 << 20,
-        ca_certificates: Vec::new(),
-    })
-    .expect("cms client");
+    let cms = CmsClient::unreachable();
     let deps = Shared {
         cms: Arc::new(cms),
         outbox: outbox.clone(),
