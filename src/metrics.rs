@@ -51,6 +51,9 @@ pub struct Stats {
     pub delivery_retries: AtomicU64,
     /// Batches posted successfully.
     pub batches_delivered: AtomicU64,
+    /// Chat POSTs that shared the CMS with another of the relay's own requests (`pacing`'s
+    /// `Answer::Shared`: their answer time does not pace delivery).
+    pub cms_posts_shared: AtomicU64,
     /// The idle time delivery leaves between its CMS requests, microseconds (a gauge, `pacing`).
     pub cms_pacing_gap_micros: AtomicU64,
     /// Lines in the last chat POST tried (for the failure logs).
@@ -417,6 +420,7 @@ fn families(
         ("opensim_chat_relay_lines_held_back", "Lines waiting for their own retry after the CMS failed them while it answered other requests.", Gauge(one(get(&process.lines_held_back) as f64))),
         ("opensim_chat_relay_lines_dropped_total", "Lines read from the viewer and lost: unreadable entries, not stored before shutdown, or dropped by the outbox limits (outbox.max_bytes, outbox.max_age).", Counter(dropped)),
         ("opensim_chat_relay_batches_delivered_total", "Chat POSTs the CMS answered with success.", Counter(one(get(&process.batches_delivered)))),
+        ("opensim_chat_relay_cms_posts_shared_total", "Chat POSTs that shared the CMS with another of the relay's own requests (an in-world read, an avatar lookup): their answer time does not pace delivery.", Counter(one(get(&process.cms_posts_shared)))),
         ("opensim_chat_relay_cms_logins_total", "Successful CMS logins (a steady climb means tokens are refused).", Counter(one(gauges.cms_logins))),
         ("opensim_chat_relay_inworld_said_total", "CMS lines said in-world.", Counter(each(&|s| get(&s.inworld_said)))),
         ("opensim_chat_relay_inworld_skipped_total", "CMS lines not said in-world (too old, or beyond the queue limit).", Counter(each(&|s| get(&s.inworld_skipped)))),

@@ -223,6 +223,7 @@ impl<C: ChatApi> Delivery<C> {
             .post_seconds
             .observe_duration(started.elapsed());
         let answer = if overlapped {
+            Stats::add(&self.deps.stats.cms_posts_shared, 1);
             Answer::Shared {
                 n_rows: batch.len(),
             }

@@ -319,7 +319,7 @@ async fn delivery_backs_off_a_cms_that_slows_down_and_is_back_to_back_once_it_is
 }
 
 #[tokio::test]
-async fn a_post_queued_behind_the_relays_own_in_world_read_opens_no_pacing_gap() {
+async fn a_post_queued_behind_the_relays_own_in_world_read_is_taken_as_shared_not_as_a_slow_cms() {
     let env = TestEnv::start().await;
     // One PHP worker, and rows expensive to read: each in-world read of the relay's own rows (the
     // API returns every row of the grid) keeps the worker busy for a few hundred milliseconds,
@@ -339,16 +339,15 @@ async fn a_post_queued_behind_the_relays_own_in_world_read_opens_no_pacing_gap()
         ],
     )
     .await;
-    let mut gaps = Vec::new();
     for i in 0..60 {
         env.lg.say("Alice Resident", &format!("line {i}"));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        gaps.push(pacing_gap(&relay).await);
     }
     eventually(PATIENCE, "every line stored", || async {
         env.stored().len() >= 60
     })
     .await;
+    let metrics_text = relay.get("/metrics").await.1;
     relay.stop().await;
 
     let posts = spans(&env, RequestKind::ChatPost);
@@ -364,9 +363,14 @@ async fn a_post_queued_behind_the_relays_own_in_world_read_opens_no_pacing_gap()
         })
         .count();
     assert!(queued > 0, "no POST waited for a read: {gets:?}");
-    // Those answers were slow because of the relay's own read, not the CMS: they open no gap.
-    // (A POST that waited for a read of a few hundred milliseconds would open one that long or
-    // longer; a few milliseconds come from a POST a busy machine answered late, which the
-    // controller may take for a slower CMS.)
-    assert!(gaps.iter().all(|gap| *gap < 0.1), "{gaps:?}");
+    // Those answers were slow because of the relay's own read, not the CMS: each was taken as one
+    // that shared the CMS (`Answer::Shared`, which sets only its usual gap: `pacing`'s unit
+    // tests). Counted, not timed: on a loaded machine a POST answered late for want of CPU is
+    // rightly taken for a slower CMS, and its gap says nothing of this.
+    let shared = metric(&metrics_text, "opensim_chat_relay_cms_posts_shared_total")
+        .expect("the shared counter");
+    assert!(
+        shared >= queued as f64,
+        "{shared} POSTs taken as shared, {queued} waited for a read"
+    );
 }
