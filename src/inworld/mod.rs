@@ -38,6 +38,14 @@ use speaker::{Speaker, dated, seen_row};
 /// rows of the same moment may be inserted a little out of order by different writers.
 const NARROW_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
 
+/// How far behind the previous read a narrow read follows rows dated behind the present, besides
+/// the lag CMS lines were lately seen with (`Reader::cms_lag`). The newest row seen lags the present
+/// when the relay drains a backlog (its rows carry the time they were said): following it, every
+/// read returned the seconds of the relay's own rows it had stored since (14 000 rows a read, half of
+/// a one-worker CMS's time in the throughput phase of `docs/PERFORMANCE.md`). In-world says only
+/// CMS lines; a row dated further behind is caught by the next wide read, at most `look_back` late.
+const FOLLOW_MAX: chrono::Duration = chrono::Duration::seconds(5);
+
 /// The rows remembered from the reads of this process (their fingerprint and time, about 40 bytes
 /// each): the highest ids, enough for several `look_back` windows of a busy grid.
 const SEEN_MAX: usize = 10_000;
@@ -124,6 +132,10 @@ struct Reader {
     /// The rows the reads of this process returned, by id (at most `SEEN_MAX`, the highest): a row
     /// under a known id with other content shows that the CMS hands its ids out again.
     seen: BTreeMap<i64, SeenRow>,
+    /// The largest lag of a CMS line (`fromCMS`) behind the read that first saw it, among those
+    /// seen by narrow reads within `look_back`, with when it was seen: a browser whose clock is
+    /// behind dates its lines that far back, and narrow reads reach back as far for its next ones.
+    cms_lag: Option<(chrono::Duration, DateTime<Utc>)>,
 }
 
 /// One CMS read as every region's speaker gets it: the rows, where the read started, and for each
@@ -381,6 +393,7 @@ impl Reader {
             wide_failures: 0,
             wide_not_before: None,
             seen: BTreeMap::new(),
+            cms_lag: None,
         }
     }
 
@@ -415,6 +428,9 @@ impl Reader {
             .max();
         self.newest_seen = self.newest_seen.max(newest);
         let known: Vec<Option<bool>> = rows.iter().map(|row| known_as(&self.seen, row)).collect();
+        if !wide {
+            self.note_cms_lag(now, look_back, &rows, &known, deps.cms_zone);
+        }
         let seen_empty = self.seen.is_empty();
         if known.contains(&Some(false)) {
             // The CMS hands ids out again (a restored database): what was remembered describes
@@ -470,9 +486,41 @@ impl Reader {
         }
         let read = self.last_read.unwrap_or(now);
         let newest = self.newest_seen.map_or(read, |newest| newest.min(read));
-        // Never further back than `look_back` before the previous read: after old-dated rows
-        // (a backlog drained), the newest row seen may be far behind the present.
-        ((newest - NARROW_MARGIN).max(read - look_back), false)
+        // Never further back than `FOLLOW_MAX` and the lag CMS lines came with lately (at most
+        // `look_back`) before the previous read: while a backlog drains, the newest row seen is the
+        // relay's own, dated when it was said.
+        let lag = self
+            .cms_lag
+            .filter(|(_, at)| read - *at < look_back)
+            .map_or(chrono::Duration::zero(), |(lag, _)| lag);
+        let floor = read - (FOLLOW_MAX + lag).min(look_back);
+        ((newest - NARROW_MARGIN).max(floor), false)
+    }
+
+    /// Notes the lag of the CMS lines a narrow read at `now` saw first (`known` is `None`), keeping
+    /// the largest within `look_back`.
+    fn note_cms_lag(
+        &mut self,
+        now: DateTime<Utc>,
+        look_back: chrono::Duration,
+        rows: &[CmsChat],
+        known: &[Option<bool>],
+        zone: Zone,
+    ) {
+        let lag = rows
+            .iter()
+            .zip(known)
+            .filter(|(row, known)| row.from_cms && known.is_none())
+            .filter_map(|(row, _)| dated(zone, row))
+            .map(|at| now - at)
+            .max();
+        let Some(lag) = lag.filter(|lag| *lag > chrono::Duration::zero()) else {
+            return;
+        };
+        let kept = self
+            .cms_lag
+            .filter(|(kept, at)| now - *at < look_back && *kept >= lag);
+        self.cms_lag = Some(kept.unwrap_or((lag, now)));
     }
 
     /// A wide read failed at `now`: the next waits `poll` × 2^failures (at most `look_back`) and
@@ -649,5 +697,56 @@ mod tests {
         assert_eq!(reader.wide_failures, 0);
         let (_, wide) = reader.since(now + look_back, look_back, max_age);
         assert!(wide, "a wide read is due again after look_back");
+    }
+
+    #[test]
+    fn a_narrow_read_follows_rows_dated_behind_by_a_few_seconds_only() {
+        let (look_back, max_age) = (chrono::Duration::minutes(2), chrono::Duration::minutes(10));
+        let now = Utc::now();
+        let read = now - chrono::Duration::seconds(2);
+        let mut reader = Reader::new(Vec::new());
+        reader.last_wide = Some(now);
+        reader.last_read = Some(read);
+        // Steady: the newest row a second behind the previous read.
+        reader.newest_seen = Some(read - chrono::Duration::seconds(1));
+        let (since, wide) = reader.since(now, look_back, max_age);
+        assert!(!wide);
+        assert_eq!(since, read - chrono::Duration::seconds(1) - NARROW_MARGIN);
+        // A backlog drains: the newest row seen (the relay's own) a minute behind.
+        reader.newest_seen = Some(read - chrono::Duration::seconds(60));
+        assert_eq!(reader.since(now, look_back, max_age).0, read - FOLLOW_MAX);
+    }
+
+    #[test]
+    fn a_browser_behind_is_followed_as_far_as_its_lines_lagged_for_look_back() {
+        let (look_back, max_age) = (chrono::Duration::minutes(2), chrono::Duration::minutes(10));
+        let zone = Zone::Named(chrono_tz::UTC);
+        let now = Utc::now();
+        let mut reader = Reader::new(Vec::new());
+        reader.last_wide = Some(now);
+        // A line typed in a browser 30 s behind, first seen by a narrow read at `now`.
+        let mut typed = row(7, "typed behind", 0);
+        typed.timestamp = (now - chrono::Duration::seconds(30))
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string();
+        reader.note_cms_lag(now, look_back, &[typed.clone()], &[None], zone);
+        // Seen again later (known): it counts no more.
+        reader.note_cms_lag(now, look_back, &[typed], &[Some(true)], zone);
+        reader.last_read = Some(now);
+        reader.newest_seen = Some(now - chrono::Duration::seconds(60));
+        let since = reader
+            .since(now + chrono::Duration::seconds(2), look_back, max_age)
+            .0;
+        let reach = (now - since).num_seconds();
+        assert!((34..=36).contains(&reach), "{reach} s back");
+        // After look_back the lag is forgotten.
+        let later = now + look_back + chrono::Duration::seconds(1);
+        reader.last_read = Some(later);
+        reader.last_wide = Some(later);
+        reader.newest_seen = Some(later - chrono::Duration::seconds(60));
+        assert_eq!(
+            reader.since(later, look_back, max_age).0,
+            later - FOLLOW_MAX
+        );
     }
 }
