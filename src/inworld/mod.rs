@@ -39,7 +39,8 @@ use speaker::{Speaker, dated, seen_row};
 const NARROW_MARGIN: chrono::Duration = chrono::Duration::seconds(2);
 
 /// How far behind the previous read a narrow read follows rows dated behind the present, besides
-/// the lag CMS lines were lately seen with (`Reader::cms_lag`). The newest row seen lags the present
+/// the lag CMS lines were lately seen with (`Reader::cms_lag`): a browser whose clock is behind is
+/// followed once a read has found one of its lines. The newest row seen lags the present
 /// when the relay drains a backlog (its rows carry the time they were said): following it, every
 /// read returned the seconds of the relay's own rows it had stored since (14 000 rows a read, half of
 /// a one-worker CMS's time in the throughput phase of `docs/PERFORMANCE.md`). In-world says only
@@ -132,9 +133,12 @@ struct Reader {
     /// The rows the reads of this process returned, by id (at most `SEEN_MAX`, the highest): a row
     /// under a known id with other content shows that the CMS hands its ids out again.
     seen: BTreeMap<i64, SeenRow>,
-    /// The largest lag of a CMS line (`fromCMS`) behind the read that first saw it, among those
-    /// seen by narrow reads within `look_back`, with when it was seen: a browser whose clock is
-    /// behind dates its lines that far back, and narrow reads reach back as far for its next ones.
+    /// The largest lag of a CMS line (`fromCMS`) behind the read that first saw it, among those seen
+    /// within `look_back`, with when it was seen: a browser whose clock is behind dates its lines
+    /// that far back, and narrow reads reach back as far for its next ones. A line found only by a
+    /// wide read (dated behind further than narrow reads reach) counts with its whole age, an
+    /// overestimate of up to `look_back`: narrow reads then reach back further than needed until
+    /// `look_back` has passed.
     cms_lag: Option<(chrono::Duration, DateTime<Utc>)>,
 }
 
@@ -428,10 +432,11 @@ impl Reader {
             .max();
         self.newest_seen = self.newest_seen.max(newest);
         let known: Vec<Option<bool>> = rows.iter().map(|row| known_as(&self.seen, row)).collect();
-        if !wide {
+        let seen_empty = self.seen.is_empty();
+        if !seen_empty {
+            // (The first read of a process sees every row first: its lines lag by their age.)
             self.note_cms_lag(now, look_back, &rows, &known, deps.cms_zone);
         }
-        let seen_empty = self.seen.is_empty();
         if known.contains(&Some(false)) {
             // The CMS hands ids out again (a restored database): what was remembered describes
             // the database before the restore. Each speaker lowers its own cursor from this read.
@@ -497,8 +502,8 @@ impl Reader {
         ((newest - NARROW_MARGIN).max(floor), false)
     }
 
-    /// Notes the lag of the CMS lines a narrow read at `now` saw first (`known` is `None`), keeping
-    /// the largest within `look_back`.
+    /// Notes the lag of the CMS lines a read at `now` saw first (`known` is `None`), keeping the
+    /// largest within `look_back`.
     fn note_cms_lag(
         &mut self,
         now: DateTime<Utc>,
@@ -724,7 +729,7 @@ mod tests {
         let now = Utc::now();
         let mut reader = Reader::new(Vec::new());
         reader.last_wide = Some(now);
-        // A line typed in a browser 30 s behind, first seen by a narrow read at `now`.
+        // A line typed in a browser 30 s behind, first seen by a read at `now`.
         let mut typed = row(7, "typed behind", 0);
         typed.timestamp = (now - chrono::Duration::seconds(30))
             .format("%Y-%m-%d %H:%M:%S")
