@@ -11,10 +11,12 @@ diag="$share/diag"
 mkdir -p "$diag"
 : >"$results"
 etc=/etc/opensim-chat-relay
+# Secrets drawn at run time: 24 hex digits from the kernel's random source.
+random_secret() { od -An -N12 -tx1 /dev/urandom | tr -d ' \n'; }
 # A password that appears nowhere but in the password files and the simulated CMS's account.
-password="vm-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
-# The simulated CMS's second user (who types in the CMS in the two-region check): drawn at run time too.
-dora_password="dora-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')"
+password="$(random_secret)"
+# The simulated CMS's second user (who types in the CMS in the two-region check).
+dora_password="$(random_secret)"
 
 result() { # STATUS NAME DETAIL
     printf '%s %s (%s)\n' "$1" "$2" "$3" | tee -a "$results"
