@@ -135,6 +135,27 @@ pub struct CapturedLine {
     pub region: String,
 }
 
+impl CapturedLine {
+    /// An avatar's line captured now, to the millisecond as the outbox stores it (for tests).
+    #[cfg(test)]
+    pub(crate) fn said_now(speaker: &str, owner_id: Option<&str>, text: &str) -> CapturedLine {
+        use chrono::TimeZone;
+        let now = chrono::Utc
+            .timestamp_millis_opt(chrono::Utc::now().timestamp_millis())
+            .single()
+            .expect("a millisecond in range");
+        CapturedLine {
+            source: LineSource::Avatar,
+            speaker: speaker.into(),
+            owner_id: owner_id.map(str::to_owned),
+            message: text.into(),
+            spoken_at: now,
+            captured_at: now,
+            region: String::new(),
+        }
+    }
+}
+
 /// `format` with each `{name}` replaced, in one pass (replaced text is never scanned again).
 pub fn fill_template(format: &str, values: &[(&str, &str)]) -> String {
     let mut out =

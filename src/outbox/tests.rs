@@ -3,29 +3,15 @@
 
 use std::sync::Arc;
 
-use chrono::{TimeZone, Utc};
-
 use crate::model::CapturedLine;
 use crate::outbox::reader::disk_usage;
 use crate::outbox::{
     Cursor, Limits, LineState, Outbox, OutboxError, PendingLine, Prepared, WhenFull,
 };
 
-/// A line captured now (to the millisecond, as stored).
+/// Alice's line captured now (to the millisecond, as stored).
 fn line(text: &str) -> CapturedLine {
-    let now = Utc
-        .timestamp_millis_opt(Utc::now().timestamp_millis())
-        .single()
-        .expect("now");
-    CapturedLine {
-        source: crate::model::LineSource::Avatar,
-        speaker: "Alice Resident".into(),
-        owner_id: None,
-        message: text.into(),
-        spoken_at: now,
-        captured_at: now,
-        region: String::new(),
-    }
+    CapturedLine::said_now("Alice Resident", None, text)
 }
 
 /// The outbox in `dir`, with a page cache of 1 MiB.

@@ -192,19 +192,7 @@ mod tests {
     use crate::outbox::Outbox;
 
     fn line(speaker: &str, uuid: Option<&str>, text: &str) -> CapturedLine {
-        let now = Utc
-            .timestamp_millis_opt(Utc::now().timestamp_millis())
-            .single()
-            .expect("now");
-        CapturedLine {
-            source: crate::model::LineSource::Avatar,
-            speaker: speaker.into(),
-            owner_id: uuid.map(str::to_owned),
-            message: text.into(),
-            spoken_at: now,
-            captured_at: now,
-            region: String::new(),
-        }
+        CapturedLine::said_now(speaker, uuid, text)
     }
 
     const ALICE: &str = "aaaaaaaa-0000-4000-8000-000000000001";
