@@ -79,6 +79,10 @@ pub(super) struct Awaiting {
     /// Whether the last step found nothing else to send: only then does delivery ask the reader for
     /// its reads and wait for them (`want_reads`, `board_due`).
     pub(super) caught_up: bool,
+    /// When the last reader's read delivery looked at was sent: each read is looked at once (a
+    /// batch it did not cover then it never covers: those answered since came after it was sent),
+    /// so a step behind a backlog of thousands awaiting does not test each against it again.
+    pub(super) examined: Option<Instant>,
     /// The first line the step's scan returned, when it passed over nothing from `scan_from` on:
     /// a batch that starts with it and goes to await its proof moves `scan_from` past it.
     pub(super) first_due: Option<u64>,
@@ -156,15 +160,21 @@ impl<C: ChatApi> Delivery<C> {
             return Ok(false);
         };
         let zone = self.deps.settings.timezone;
-        let ids: HashMap<u64, Posted> = lock(&self.awaiting)
-            .ids
-            .iter()
-            .filter(|(_, posted)| {
-                posted.answered_at <= read.sent_at
-                    && reaches_back_to(read.since, posted.start, zone)
-            })
-            .map(|(id, posted)| (*id, *posted))
-            .collect();
+        let ids: HashMap<u64, Posted> = {
+            let mut awaiting = lock(&self.awaiting);
+            if awaiting.examined.replace(read.sent_at) == Some(read.sent_at) {
+                return Ok(false);
+            }
+            awaiting
+                .ids
+                .iter()
+                .filter(|(_, posted)| {
+                    posted.answered_at <= read.sent_at
+                        && reaches_back_to(read.since, posted.start, zone)
+                })
+                .map(|(id, posted)| (*id, *posted))
+                .collect()
+        };
         if ids.is_empty() {
             return Ok(false);
         }
