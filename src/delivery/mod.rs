@@ -21,8 +21,9 @@
 //! (a server's `Retry-After` up to `retry.max`, its heartbeat beating), for as long as it lasts.
 //!
 //! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `settle` (the
-//! batches awaiting their proof and the one read that settles them), `holds`, `run`;
-//! `scripted`, `tests`, `waits`, `refusals`, `settles` and `model` are test-only.
+//! batches awaiting their proof and the one read that settles them), `beside` (that read made
+//! beside the POSTs while delivery is behind), `holds`, `run`; `scripted`, `tests`, `waits`,
+//! `refusals`, `settles`, `besides` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), send again a
 //! line whose outcome no read-back could settle, or decide on an opt-out itself (each batch is
 //! handed to `Privacy::withhold` before its POST).
@@ -40,6 +41,9 @@ use crate::pacing::Pacer;
 use crate::privacy::Privacy;
 
 mod api;
+mod beside;
+#[cfg(test)]
+mod besides;
 mod holds;
 #[cfg(test)]
 mod model;
@@ -60,15 +64,17 @@ mod tests;
 mod waits;
 
 pub use api::{ChatApi, describe_unknown_users, unknown_mapped_users, zone_disagreement};
+use beside::Beside;
 use holds::Holds;
 use settle::Awaiting;
 
 /// How far before the earliest stored timestamp of the uncertain lines a read-back starts. The
 /// relay dates its rows itself (`cms.timezone`, whole seconds) and the start is taken from those
-/// strings (`readback::read_back_start`), so the margin only covers rounding; each second of it
-/// reads a second of the grid's rows (60 s read 2 400 rows a read-back on a grid of 20 regions at
-/// 2 lines/s).
-const READ_BACK_MARGIN_SECS: i64 = 5;
+/// strings (`readback::read_back_start`), which the CMS compares `>=`: the start string itself is
+/// exact, and the one second is slack kept on top. Each second of it
+/// reads a second of the grid's rows, and while a burst drains, a second of the relay's own rows
+/// spoken then (3 600 rows at 3 600 lines/s; 5 s read 18 000 rows a read).
+const READ_BACK_MARGIN_SECS: i64 = 1;
 
 /// How often an idle delivery loop looks at the outbox even without being woken.
 const IDLE_CHECK: Duration = Duration::from_secs(5);
@@ -202,6 +208,8 @@ pub struct Delivery<C = CmsClient> {
     /// The lines of batches the CMS answered `success: true` for, waiting for the shared read
     /// that proves them stored (`settle`). In memory: after a restart they are in flight.
     awaiting: Mutex<Awaiting>,
+    /// The shared read made beside the POSTs while delivery is behind (`beside`).
+    beside: Mutex<Beside>,
 }
 
 /// What one step did so far, and the time it runs at (an input, so that tests step the holds'
@@ -222,6 +230,7 @@ impl<C: ChatApi> Delivery<C> {
             deps,
             holds: Mutex::new(Holds::default()),
             awaiting: Mutex::new(Awaiting::default()),
+            beside: Mutex::new(Beside::default()),
         }
     }
 

@@ -315,12 +315,12 @@ mod tests {
         let fold = [at("2026-10-25 02:59:58"), at("2026-10-25 02:00:01")];
         assert_eq!(
             date(read_back_start(&fold, zone, None)),
-            "2026-10-25 01:59:56"
+            "2026-10-25 02:00:00"
         );
-        // The spring gap: 03:00:03 - 5 s (02:59:58) names no instant; the start moves back to one
+        // The spring gap: 03:00:00 - 1 s (02:59:59) names no instant; the start moves back to one
         // that exists.
-        let gap = [at("2026-03-29 03:00:03")];
-        assert!(date(read_back_start(&gap, zone, None)).as_str() <= "2026-03-29 02:59:58");
+        let gap = [at("2026-03-29 03:00:00")];
+        assert!(date(read_back_start(&gap, zone, None)).as_str() <= "2026-03-29 02:59:59");
     }
 
     #[test]

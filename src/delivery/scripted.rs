@@ -2,7 +2,8 @@
 //! consumes an id, stored or not; an unknown `userId` fails its foreign key; reads compare local
 //! wall-clock strings in the CMS's zone, spec §3.2 and §10.2) with faults queued by the test.
 //!
-//! Test-only. Must not: do I/O or sleep, so that tests stay fast and deterministic.
+//! Test-only. Must not: do I/O or sleep (a read waits only for a gate the test opens), so that
+//! tests stay fast and deterministic.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
@@ -54,6 +55,9 @@ pub(crate) struct Model {
     pub probes_down: bool,
     /// The UTC offset its login answer showed (`ChatApi::offset_seen`).
     pub offset_seen: Option<i64>,
+    /// When set, a read is answered only once the test adds a permit (a slow read of a busy PHP
+    /// worker); it then reads the rows stored by that moment.
+    pub read_gate: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 /// The scripted CMS.
@@ -81,6 +85,7 @@ impl ScriptedCms {
                 reads_down: None,
                 posts_down: false,
                 probes_down: false,
+                read_gate: None,
             }),
         }
     }
@@ -233,6 +238,10 @@ impl ChatApi for ScriptedCms {
     }
 
     async fn read_since(&self, since_unix: i64) -> Result<Vec<CmsChat>, CmsError> {
+        let gate = self.with(|m| m.read_gate.clone());
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("the gate stays open").forget();
+        }
         self.with(|m| m.read(since_unix))
     }
 

@@ -7,12 +7,12 @@
 //! When that read is made is the whole of its cost to the CMS. A read returns every row of the
 //! grid from its start, so a read per batch costs a backlog whose lines share a second O(n²) rows
 //! (190 batches of 100 lines each reading up to 19 000 rows). Here a read is made when nothing else
-//! can be sent, or when as many lines wait as the last read returned rows beyond the lines it
-//! settled, or `AWAIT_MAX_LINES` wait. In the worst case (every line of a backlog in one second, so
-//! that each read returns every row stored since) the lines each read settles grow geometrically,
-//! so the reads are logarithmic in the backlog and their rows a few times its lines; a backlog
-//! spread over time reads its own rows once plus the grid's rows of each read's window, in reads
-//! of a few hundred rows.
+//! can be sent, or when three times as many lines wait as the last read returned rows beyond the
+//! lines it settled (`Awaiting::read_due`), or `AWAIT_MAX_LINES` wait. In the worst case (every
+//! line of a backlog in one second, so that each read returns every row stored since) the lines
+//! each read settles grow geometrically, so the reads are logarithmic in the backlog and their rows
+//! a few times its lines; a backlog spread over time reads its own rows once plus the grid's rows
+//! of each read's window, in reads of a few hundred rows or a few thousand.
 //!
 //! When the in-world reader serves the `ReadBoard`, its reads come first: it reads every row of the
 //! grid every `inworld.poll_interval` anyway, reaching back to where these lines need it
@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::cms::ReadBoard;
+use crate::cms::board::BoardRead;
 use crate::delivery::readback::{Settle, reaches_back_to, read_back_start, read_once_more};
 use crate::delivery::{ChatApi, Delivery, DeliveryError, Tally, lock};
 use crate::outbox::PendingLine;
@@ -88,14 +89,30 @@ pub(super) struct Awaiting {
     pub(super) first_due: Option<u64>,
 }
 
+/// How many lines the shared read waits for, while more can be sent, for each row its last read
+/// returned beyond the lines it settled (the margin's rows, others' rows, the relay's own rows of
+/// the same seconds drained before): 3 keeps the rows read near 4/3 a line delivered.
+pub(super) const LINES_PER_EXTRA_ROW: usize = 3;
+
+/// The fewest lines the shared read waits for while a backlog of at least as many waits to be
+/// sent: five batches of the default size, so that the read's own cost (at PHP speed 2.1 ms a
+/// request, the insert of seven rows) is spread over them. A few lines behind (a trickle, one line
+/// at each step) wait for no more than those few.
+pub(super) const MIN_LINES_PER_READ: usize = 500;
+
 impl Awaiting {
-    /// Whether the shared read is due: something awaits, and nothing else can be sent, or as many
-    /// lines wait as the last read returned rows beyond its own lines (so that a read costs the CMS
-    /// at most about two rows a line, and a backlog spread over time is read in reads of a few
-    /// hundred rows, not ever larger ones that hold a PHP worker for seconds).
-    pub(super) fn read_due(&self, more_to_send: bool) -> bool {
+    /// Whether the shared read is due, with `n_other` lines to send besides those awaiting: something
+    /// awaits, and nothing else can be sent, or `LINES_PER_EXTRA_ROW` lines wait for each row the
+    /// last read returned beyond its own lines (and `MIN_LINES_PER_READ` at least, or as many as
+    /// the lines to send when fewer), or `AWAIT_MAX_LINES` wait. So a read costs the CMS about 4/3
+    /// rows a line, and a backlog spread over time is read in reads of a few hundred rows or a few
+    /// thousand, not ever larger ones that hold a PHP worker for seconds.
+    pub(super) fn read_due(&self, n_other: usize) -> bool {
         let n = self.ids.len();
-        n > 0 && (!more_to_send || n >= AWAIT_MAX_LINES || n >= self.last_read_rows)
+        let enough = (self.last_read_rows.saturating_mul(LINES_PER_EXTRA_ROW))
+            .max(MIN_LINES_PER_READ.min(n_other))
+            .min(AWAIT_MAX_LINES);
+        n > 0 && (n_other == 0 || n >= enough)
     }
 }
 
@@ -130,18 +147,45 @@ impl<C: ChatApi> Delivery<C> {
         more_to_send: bool,
         tally: &mut Tally,
     ) -> Result<bool, DeliveryError> {
-        if self.settle_from_board(tally).await? {
+        if self.settle_from_board(tally).await?
+            || self.settle_from_read_beside(false, tally).await?
+        {
             return Ok(true);
         }
-        let ids = {
+        let (ids, since) = {
             let mut awaiting = lock(&self.awaiting);
             awaiting.caught_up = !more_to_send;
             self.want_reads(&awaiting);
-            if !awaiting.read_due(more_to_send) || self.board_due(&awaiting).is_some() {
+            let n_other = if more_to_send {
+                self.deps
+                    .outbox
+                    .len()
+                    .saturating_sub(awaiting.ids.len())
+                    .max(1)
+            } else {
+                0
+            };
+            if !awaiting.read_due(n_other) || self.board_due(&awaiting).is_some() {
                 return Ok(false);
             }
-            awaiting.ids.clone()
+            let since = awaiting.ids.values().map(|posted| posted.start).min();
+            (awaiting.ids.clone(), since)
         };
+        // Behind a backlog, the read goes beside the next POSTs (`beside`), one at a time; with
+        // nothing else to send, `AWAIT_MAX_LINES` waiting, or after a read beside failed, it is
+        // made here.
+        let beside_failed = lock(&self.beside).failed;
+        if more_to_send && ids.len() < AWAIT_MAX_LINES && !beside_failed {
+            if !self.read_beside_running()
+                && let Some(since) = since
+            {
+                self.start_read_beside(since).await;
+            }
+            return Ok(false);
+        }
+        if self.settle_from_read_beside(true, tally).await? {
+            return Ok(true);
+        }
         // The lines as stored; those that left the outbox otherwise (its bounds, a privacy
         // command) are forgotten.
         let lines = self.deps.outbox.oldest_where(ids.len(), usize::MAX, |l| {
@@ -149,34 +193,42 @@ impl<C: ChatApi> Delivery<C> {
         })?;
         // An outage: they keep waiting, and the loop backs off.
         let unsent = self.reconcile(lines, Settle::AfterSuccess, tally).await?;
+        lock(&self.beside).failed = false;
         self.settled(&ids, unsent, tally).await?;
         Ok(true)
     }
 
-    /// Settles the lines the reader's latest read proves stored or not: those whose batch was
-    /// answered before the read was sent, and whose window it reaches back over. Whether any were.
+    /// Settles the lines the reader's latest read proves stored or not (`settle_from_read`), each
+    /// of its reads looked at once. Whether any were.
     async fn settle_from_board(&self, tally: &mut Tally) -> Result<bool, DeliveryError> {
         let Some(read) = self.deps.board.latest() else {
             return Ok(false);
         };
-        let zone = self.deps.settings.timezone;
-        let ids: HashMap<u64, Posted> = {
-            let mut awaiting = lock(&self.awaiting);
-            if awaiting.examined.replace(read.sent_at) == Some(read.sent_at) {
-                return Ok(false);
-            }
-            awaiting
-                .ids
-                .iter()
-                .filter(|(_, posted)| {
-                    posted.answered_at <= read.sent_at
-                        && reaches_back_to(read.since, posted.start, zone)
-                })
-                .map(|(id, posted)| (*id, *posted))
-                .collect()
-        };
-        if ids.is_empty() {
+        if lock(&self.awaiting).examined.replace(read.sent_at) == Some(read.sent_at) {
             return Ok(false);
+        }
+        Ok(self.settle_from_read(&read, tally).await? > 0)
+    }
+
+    /// Settles the lines `read` proves stored or not: those whose batch was answered before the
+    /// read was sent, and whose window it reaches back over. How many were.
+    pub(super) async fn settle_from_read(
+        &self,
+        read: &BoardRead,
+        tally: &mut Tally,
+    ) -> Result<usize, DeliveryError> {
+        let zone = self.deps.settings.timezone;
+        let ids: HashMap<u64, Posted> = lock(&self.awaiting)
+            .ids
+            .iter()
+            .filter(|(_, posted)| {
+                posted.answered_at <= read.sent_at
+                    && reaches_back_to(read.since, posted.start, zone)
+            })
+            .map(|(id, posted)| (*id, *posted))
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
         }
         let lines = self.deps.outbox.oldest_where(ids.len(), usize::MAX, |l| {
             l.is_in_flight() && ids.contains_key(&l.id)
@@ -190,7 +242,7 @@ impl<C: ChatApi> Delivery<C> {
             )
             .await?;
         self.settled(&ids, unsent, tally).await?;
-        Ok(true)
+        Ok(ids.len())
     }
 
     /// The lines of `ids` were settled: found, missing (`unsent`, pending again and sent now one

@@ -4,7 +4,7 @@
 
 use chrono::{TimeZone, Utc};
 
-use super::settle::{AWAIT_MAX_LINES, Awaiting};
+use super::settle::{AWAIT_MAX_LINES, Awaiting, MIN_LINES_PER_READ};
 use super::tests::{ALICE, BOB, CAROL, Rig, now_said, rig, said};
 use super::*;
 
@@ -63,22 +63,35 @@ fn the_shared_read_is_due_when_nothing_else_goes_or_enough_lines_wait() {
         last_read_rows,
         ..Awaiting::default()
     };
-    assert!(!waiting(0, 0).read_due(false), "nothing awaits");
-    assert!(waiting(1, 10_000).read_due(false), "nothing else to send");
+    let backlog = 100_000;
+    assert!(!waiting(0, 0).read_due(0), "nothing awaits");
+    assert!(waiting(1, 10_000).read_due(0), "nothing else to send");
     assert!(
-        !waiting(100, 10_000).read_due(true),
+        !waiting(100, 10_000).read_due(backlog),
         "the read would cost 100 rows a line"
     );
     assert!(
-        !waiting(9_999, 10_000).read_due(true),
-        "more rows than lines"
+        !waiting(8_999, 3_000).read_due(backlog),
+        "fewer than three lines a row beyond them"
     );
     assert!(
-        waiting(10_000, 10_000).read_due(true),
-        "as many lines as rows"
+        waiting(9_000, 3_000).read_due(backlog),
+        "three lines a row beyond them"
     );
     assert!(
-        waiting(AWAIT_MAX_LINES, 1 << 30).read_due(true),
+        !waiting(MIN_LINES_PER_READ - 1, 0).read_due(backlog),
+        "fewer lines than a read is worth, behind a backlog"
+    );
+    assert!(
+        waiting(MIN_LINES_PER_READ, 0).read_due(backlog),
+        "enough lines"
+    );
+    assert!(
+        waiting(2, 0).read_due(1),
+        "a trickle: the read does not wait for lines that are not coming"
+    );
+    assert!(
+        waiting(AWAIT_MAX_LINES, 1 << 30).read_due(backlog),
         "the bound"
     );
 }

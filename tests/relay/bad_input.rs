@@ -51,6 +51,8 @@ proptest! {
 
     #[test]
     fn entries_with_odd_values_are_skipped_not_fatal(key in ".{0,300}", time in any::<String>(), message in any::<String>(), number in any::<i64>()) {
+        // A key equal to one of the two fixed ones would make one entry of two.
+        prop_assume!(key != "x" && key != "y");
         let body = serde_json::json!({
             key.clone(): {"Time": time, "From": "A B", "Message": message, "Type": number, "EntryType": null},
             "x": {"Message": number},
