@@ -230,34 +230,40 @@ impl<C: ChatApi> Delivery<C> {
         schedule.next_delay(None)
     }
 
-    /// The committed lines this step may send, oldest first (not those awaiting their proof). The
-    /// scan starts past the lines known to await their proof (`Awaiting::scan_from`), and notes
-    /// whether what it returns are the first records from there.
+    /// The committed lines this step may send, oldest first (not those awaiting their proof, nor
+    /// those posted now or marked ahead). The scan starts past the lines known to await their
+    /// proof (`Awaiting::scan_from`), and moves that start up to the first line it finds that does
+    /// not await it.
     pub(super) fn due_lines(
         &self,
         now: tokio::time::Instant,
     ) -> Result<Vec<PendingLine>, OutboxError> {
         let holds = lock(&self.holds);
+        let ahead = lock(&self.ahead);
         let mut awaiting = lock(&self.awaiting);
-        let passed = std::cell::Cell::new(false);
+        // The first id from `scan_from` on that does not await its proof, and the last before it.
+        let first_other = std::cell::Cell::new(None::<u64>);
+        let last_awaiting = std::cell::Cell::new(None::<u64>);
         let lines = self.deps.outbox.oldest_where_past(
             awaiting.scan_from,
             self.deps.settings.batch_max_messages,
             SCAN_LIMIT,
             |id| {
                 let waits = awaiting.ids.contains_key(&id);
-                passed.set(passed.get() || waits);
-                waits
+                if first_other.get().is_none() {
+                    if waits {
+                        last_awaiting.set(Some(id));
+                    } else {
+                        first_other.set(Some(id));
+                    }
+                }
+                waits || ahead.holds(id)
             },
-            |line| {
-                let may = holds.may_send(line, now);
-                passed.set(passed.get() || !may);
-                may
-            },
+            |line| holds.may_send(line, now),
         )?;
-        awaiting.first_due = (!passed.get())
-            .then(|| lines.first().map(|l| l.id))
-            .flatten();
+        if let Some(from) = first_other.get().or(last_awaiting.get().map(|id| id + 1)) {
+            awaiting.scan_from = from;
+        }
         Ok(lines)
     }
 

@@ -20,10 +20,11 @@
 //! to check. Any other failure is an outage: the lines keep their place and the loop backs off
 //! (a server's `Retry-After` up to `retry.max`, its heartbeat beating), for as long as it lasts.
 //!
-//! The files, one concern each: `api` (the CMS seam), `proof`, `step`, `readback`, `settle` (the
-//! batches awaiting their proof and the one read that settles them), `beside` (that read made
-//! beside the POSTs while delivery is behind), `holds`, `run`; `scripted`, `tests`, `waits`,
-//! `refusals`, `settles`, `besides` and `model` are test-only.
+//! The files, one concern each: `api` (the CMS seam), `row` (the row a line becomes), `proof`,
+//! `step`, `readback`, `settle` (the batches awaiting their proof and the one read that settles
+//! them), `beside` (that read made beside the POSTs while delivery is behind), `ahead` (the next
+//! batch marked while one is posted), `holds`, `run`; `scripted`, `tests`, `waits`, `refusals`, `settles`, `besides`,
+//! `aheads` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), send again a
 //! line whose outcome no read-back could settle, or decide on an opt-out itself (each batch is
 //! handed to `Privacy::withhold` before its POST).
@@ -40,6 +41,9 @@ use crate::outbox::{Outbox, OutboxError, PendingLine};
 use crate::pacing::Pacer;
 use crate::privacy::Privacy;
 
+mod ahead;
+#[cfg(test)]
+mod aheads;
 mod api;
 mod beside;
 #[cfg(test)]
@@ -51,6 +55,7 @@ mod proof;
 mod readback;
 #[cfg(test)]
 mod refusals;
+mod row;
 mod run;
 #[cfg(test)]
 mod scripted;
@@ -63,6 +68,7 @@ mod tests;
 #[cfg(test)]
 mod waits;
 
+use ahead::Ahead;
 pub use api::{ChatApi, describe_unknown_users, unknown_mapped_users, zone_disagreement};
 use beside::Beside;
 use holds::Holds;
@@ -210,6 +216,8 @@ pub struct Delivery<C = CmsClient> {
     awaiting: Mutex<Awaiting>,
     /// The shared read made beside the POSTs while delivery is behind (`beside`).
     beside: Mutex<Beside>,
+    /// The batch marked while the one before it is posted (`ahead`).
+    ahead: Mutex<Ahead>,
 }
 
 /// What one step did so far, and the time it runs at (an input, so that tests step the holds'
@@ -231,6 +239,7 @@ impl<C: ChatApi> Delivery<C> {
             holds: Mutex::new(Holds::default()),
             awaiting: Mutex::new(Awaiting::default()),
             beside: Mutex::new(Beside::default()),
+            ahead: Mutex::new(Ahead::default()),
         }
     }
 
@@ -258,9 +267,10 @@ impl<C: ChatApi> Delivery<C> {
             n_held: 0,
         };
         // Batches posted earlier are settled by one shared read when it is due (`settle`).
-        let stepped = match self.settle_posted(!lines.is_empty(), &mut tally).await {
+        let more = !lines.is_empty() || self.marked_ahead();
+        let stepped = match self.settle_posted(more, &mut tally).await {
             Ok(true) => Ok(()),
-            Ok(false) if lines.is_empty() => {
+            Ok(false) if !more => {
                 self.publish_holds();
                 return Ok(DeliveryOutcome::Idle);
             }

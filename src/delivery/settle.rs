@@ -72,10 +72,11 @@ pub(super) struct Awaiting {
     /// rows, the relay's rows stored since the read's start): the next shared read waits for as
     /// many lines.
     pub(super) last_read_rows: usize,
-    /// Every pending line below this id awaits its proof: the step's scan starts here. A backlog's
-    /// batches go out one after the other, and passing over thousands of waiting records at each
-    /// step (sled reads them to skip them) cost more than the POSTs. Back to 0 whenever a line
-    /// below it may be due again (the shared read, a restart).
+    /// Every pending line below this id awaits its proof: the step's scan starts here, and moves
+    /// it up to the first line that does not (`due_lines`). A backlog's batches go out one after
+    /// the other, and passing over thousands of waiting records at each step (sled reads them to
+    /// skip them) cost more than the POSTs. Back to 0 whenever a line below it may be due again
+    /// (the shared read, a restart).
     pub(super) scan_from: u64,
     /// Whether the last step found nothing else to send: only then does delivery ask the reader for
     /// its reads and wait for them (`want_reads`, `board_due`).
@@ -84,9 +85,6 @@ pub(super) struct Awaiting {
     /// batch it did not cover then it never covers: those answered since came after it was sent),
     /// so a step behind a backlog of thousands awaiting does not test each against it again.
     pub(super) examined: Option<Instant>,
-    /// The first line the step's scan returned, when it passed over nothing from `scan_from` on:
-    /// a batch that starts with it and goes to await its proof moves `scan_from` past it.
-    pub(super) first_due: Option<u64>,
 }
 
 /// How many lines the shared read waits for, while more can be sent, for each row its last read
@@ -131,12 +129,6 @@ impl<C: ChatApi> Delivery<C> {
         };
         let mut awaiting = lock(&self.awaiting);
         awaiting.ids.extend(batch.iter().map(|l| (l.id, posted)));
-        if let (Some(first), Some(last)) = (batch.first(), batch.last())
-            && awaiting.first_due == Some(first.id)
-        {
-            awaiting.scan_from = last.id + 1;
-            awaiting.first_due = None;
-        }
     }
 
     /// Settles what a read of the reader's can, else makes the shared read if it is due

@@ -5,17 +5,17 @@
 //! read-back settled it.
 
 use crate::cms::CmsError;
-use crate::cms::wire::{ChatItem, encoded_len, sanitize_message};
+use crate::cms::wire::{ChatItem, encoded_len};
 use crate::delivery::holds::Attempt;
 use crate::delivery::proof::{Proof, what_a_post_proves};
-use crate::delivery::readback::{ROW_TIME, Settle};
+use crate::delivery::readback::Settle;
+use crate::delivery::row::item_of;
 use crate::delivery::{
     ChatApi, Delivery, DeliveryError, SCAN_LIMIT, Tally, answered_with_error, lock, refusal,
 };
 use crate::filter::FilterReason;
 use crate::metrics::Stats;
-use crate::model::{LineSource, fill_template};
-use crate::outbox::{Cursor, LineState, OutboxError, PendingLine, Prepared};
+use crate::outbox::{Cursor, OutboxError, PendingLine};
 use crate::pacing::Answer;
 
 impl<C: ChatApi> Delivery<C> {
@@ -51,11 +51,18 @@ impl<C: ChatApi> Delivery<C> {
             // What was not found goes out one line per POST, so each answer is unambiguous.
             return self.deliver_singly(resend, tally).await;
         }
-        self.prepare(&mut lines).await;
-        let batch = self.cut_batch(lines);
-        // The error arms below go on with the lines as marked in flight, as they are on disk.
-        let batch = self.mark_in_flight(&batch).await?;
-        match self.send(batch.clone(), tally).await {
+        // The batch marked ahead while the last one was posted, else the oldest due lines.
+        let batch = match self.take_ahead()? {
+            Some(batch) => batch,
+            None => {
+                self.prepare(&mut lines).await;
+                let batch = self.cut_batch(lines);
+                // The error arms below go on with the lines as marked in flight, as they are on
+                // disk.
+                self.mark_in_flight(&batch).await?
+            }
+        };
+        match self.send(batch.clone(), true, tally).await {
             Ok(()) => {}
             Err(DeliveryError::Cms(CmsError::Invalid(reason))) if batch.len() > 1 => {
                 // Nothing of the batch was stored: find the culprit line by line.
@@ -83,11 +90,15 @@ impl<C: ChatApi> Delivery<C> {
         Ok(())
     }
 
-    /// Which of the due lines of unknown outcome this step reads back. Lines that just lost their
-    /// answer are read alone (their window is seconds, the read cheap); otherwise the held lines
-    /// that wait for a read-back are read together, all of them, due or not, in one GET: their
-    /// windows overlap, and a CMS that cannot answer a large read (PHP's memory limit) gets one
-    /// such read per round on one backoff, not one per line on each line's own schedule.
+    /// Which lines of unknown outcome this step reads back. Lines that just lost their answer are
+    /// read together with every other line in flight that neither awaits its proof nor waits for
+    /// a read-back of its own (after a restart: every batch that was posted, awaiting or marked
+    /// ahead): batches in flight after the same confirmed id (a batch marked ahead, `ahead`) must
+    /// be matched against the rows in one go, each row taken once in id order, or the rows of the
+    /// first, found and removed, would be taken for the same words in the second. Otherwise the
+    /// held lines that wait for a read-back are read together, all of them, due or not, in one
+    /// GET: their windows overlap, and a CMS that cannot answer a large read (PHP's memory limit)
+    /// gets one such read per round on one backoff, not one per line on each line's own schedule.
     fn this_rounds_read(
         &self,
         uncertain: Vec<PendingLine>,
@@ -95,73 +106,24 @@ impl<C: ChatApi> Delivery<C> {
         let readers = lock(&self.holds).readers();
         let (held, fresh): (Vec<PendingLine>, Vec<PendingLine>) =
             uncertain.into_iter().partition(|l| readers.contains(&l.id));
-        if !fresh.is_empty() || held.len() == readers.len() {
-            return Ok(if fresh.is_empty() { held } else { fresh });
+        if !fresh.is_empty() {
+            let awaiting: std::collections::HashSet<u64> =
+                lock(&self.awaiting).ids.keys().copied().collect();
+            let ahead = lock(&self.ahead);
+            return self.deps.outbox.oldest_where_past(
+                0,
+                usize::MAX,
+                SCAN_LIMIT,
+                |id| awaiting.contains(&id) || ahead.holds(id),
+                |l| l.is_in_flight() && !readers.contains(&l.id),
+            );
+        }
+        if held.len() == readers.len() {
+            return Ok(held);
         }
         self.deps.outbox.oldest_where(usize::MAX, SCAN_LIMIT, |l| {
             l.is_in_flight() && readers.contains(&l.id)
         })
-    }
-
-    /// Fixes the row of every line that has none yet. The decision is stored with the in-flight mark
-    /// (`mark_in_flight`), in the same write, before the first POST: a line that is not sent this
-    /// time was never sent, so deciding it again later is harmless, and one write and one flush per
-    /// batch fewer is a third of delivery's outbox work.
-    pub(super) async fn prepare(&self, lines: &mut [PendingLine]) {
-        for pending in lines.iter_mut().filter(|l| l.row().is_none()) {
-            let line = &pending.line;
-            // Only an avatar's name is looked up: an object may name itself after any avatar, and
-            // the relay's own lines are said by no one.
-            let user = match line.source {
-                LineSource::Avatar => {
-                    self.deps
-                        .mapper
-                        .resolve(&line.speaker, line.owner_id.as_deref())
-                        .await
-                }
-                LineSource::Object | LineSource::Relay => None,
-            };
-            let message = match (user, line.source) {
-                (Some(_), _) => line.message.clone(),
-                (None, LineSource::Relay) => line.message.clone(),
-                (None, LineSource::Avatar) => fill_template(
-                    &self.deps.settings.anonymous_format,
-                    &[
-                        ("name", &line.speaker),
-                        ("message", &line.message),
-                        ("region", self.deps.region_label(&line.region)),
-                    ],
-                ),
-                (None, LineSource::Object) => fill_template(
-                    &self.deps.settings.anonymous_format,
-                    &[
-                        ("name", &format!("{} (object)", line.speaker)),
-                        ("message", &line.message),
-                        ("region", self.deps.region_label(&line.region)),
-                    ],
-                ),
-            };
-            let row = Prepared {
-                user_id: user.unwrap_or(self.deps.settings.anonymous_user_id),
-                message: sanitize_message(&message),
-                timestamp: self
-                    .deps
-                    .settings
-                    .timezone
-                    .wall_clock(line.spoken_at)
-                    .format(ROW_TIME)
-                    .to_string(),
-            };
-            // In memory: written with the in-flight mark. A record in flight without its row keeps
-            // its place in flight, to be read back for the row decided now.
-            pending.state = match &pending.state {
-                LineState::InFlight { after, .. } => LineState::InFlight {
-                    row: Some(row),
-                    after: *after,
-                },
-                _ => LineState::Prepared(row),
-            };
-        }
     }
 
     /// The longest prefix within `batch_max_bytes` (at least one line).
@@ -198,12 +160,18 @@ impl<C: ChatApi> Delivery<C> {
     /// exactly `n` proves only that no other writer came between, not that a middle row was not
     /// skipped. A batch of more lines therefore awaits the shared read (`settle`), and what it
     /// finds missing is sent line by line (`docs/RELIABILITY.md`, "What proves a batch stored").
-    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id.
+    /// `batch` is marked in flight (`mark_in_flight`), all after the same confirmed id. With
+    /// `ahead`, the next batch is marked while this one is posted (`ahead`); otherwise a batch
+    /// marked ahead is cleared first, as rows of other lines are about to be stored.
     pub(super) async fn send(
         &self,
         batch: Vec<PendingLine>,
+        ahead: bool,
         tally: &mut Tally,
     ) -> Result<(), DeliveryError> {
+        if !ahead {
+            self.clear_ahead().await?;
+        }
         // A line whose speaker opted out since it was read is not sent, nor sent again after a
         // read-back that did not find it.
         let (batch, n_withheld) = self.deps.privacy.withhold(batch).await?;
@@ -217,7 +185,20 @@ impl<C: ChatApi> Delivery<C> {
         let items: Vec<ChatItem> = batch.iter().map(item_of).collect();
         let started = self.pacer.wait().await;
         self.deps.stats.batch_attempted(batch.len());
-        let (posted, overlapped) = self.deps.cms.post(&items).await;
+        let (posted, overlapped) = if ahead {
+            lock(&self.ahead).posting = batch.iter().map(|l| l.id).collect();
+            let (answer, marked) =
+                tokio::join!(self.deps.cms.post(&items), self.mark_ahead(tally.now));
+            lock(&self.ahead).posting.clear();
+            if let Err(err) = marked {
+                // Its lines stay as the failed write left them: pending, or in flight and read
+                // back by a later step.
+                tracing::warn!(error = %err, "could not mark the next batch while posting");
+            }
+            answer
+        } else {
+            self.deps.cms.post(&items).await
+        };
         self.deps
             .stats
             .post_seconds
@@ -251,6 +232,12 @@ impl<C: ChatApi> Delivery<C> {
             // back (the shared read, or a read-back after a crash) must look from 0, so its marks
             // say so on disk too.
             self.deps.outbox.mark_in_flight(&batch, 0).await?;
+        }
+        match proof {
+            Proof::Stored { last_id } | Proof::LastStored { last_id } => {
+                self.carry_ahead(last_id)?
+            }
+            _ => self.clear_ahead().await?,
         }
         let err = match (proof, posted) {
             (Proof::Stored { last_id }, _) => {
@@ -341,7 +328,7 @@ impl<C: ChatApi> Delivery<C> {
                 continue;
             }
             let marked = self.mark_in_flight(std::slice::from_ref(&line)).await?;
-            match Box::pin(self.send(marked.clone(), tally)).await {
+            match Box::pin(self.send(marked.clone(), false, tally)).await {
                 Ok(()) => {}
                 Err(DeliveryError::Cms(err)) if !err.is_retryable() => {
                     self.dead_letter(&marked[0], &refusal(&err, &marked[0]), tally)
@@ -365,18 +352,5 @@ impl<C: ChatApi> Delivery<C> {
         self.forget_holds(&[line.id]);
         tally.n_dead += 1;
         Ok(())
-    }
-}
-
-/// The row of a prepared line.
-pub(super) fn item_of(line: &PendingLine) -> ChatItem {
-    let prepared = line
-        .row()
-        .expect("every path prepares its lines (`prepare`) before it sends them");
-    ChatItem {
-        user_id: prepared.user_id,
-        message: prepared.message.clone(),
-        timestamp: prepared.timestamp.clone(),
-        from_cms: 0,
     }
 }

@@ -129,6 +129,30 @@ impl Outbox {
         Ok(marked)
     }
 
+    /// Notes that `lines`, marked in flight and not posted yet, go out after `after`, without
+    /// counting an attempt and without a flush (delivery's batch marked ahead, once the POST before
+    /// it was answered `success: true`). sled keeps write order: any later flush carries it, and
+    /// no removal written after it can reach the disk without it. Returns the lines as written.
+    pub fn carry_in_flight(
+        &self,
+        lines: &[PendingLine],
+        after: i64,
+    ) -> Result<Vec<PendingLine>, OutboxError> {
+        let carried: Vec<PendingLine> = lines
+            .iter()
+            .map(|line| PendingLine {
+                state: LineState::InFlight {
+                    row: line.row().cloned(),
+                    after: Some(after),
+                },
+                ..line.clone()
+            })
+            .collect();
+        let store = self.store()?;
+        self.write_records(&store, &carried)?;
+        Ok(carried)
+    }
+
     /// Marks `lines` proven not stored (a read-back did not find them, or their own insert
     /// failed): in flight no more, their rows kept to be sent again as they are. Their counters
     /// are written as given. Returns the lines as marked.
@@ -164,6 +188,16 @@ impl Outbox {
     /// Rewrites the given pending lines and flushes (the verbs above).
     async fn rewrite(&self, lines: &[PendingLine]) -> Result<(), OutboxError> {
         let store = self.store()?;
+        self.write_records(&store, lines)?;
+        self.db.flush(&store).await?;
+        // A rewrite grows a record (its prepared row): the bound holds after it too.
+        self.enforce_max_bytes(&store).await?;
+        Ok(())
+    }
+
+    /// Writes the given pending lines over their records, unflushed; a record no longer pending is
+    /// not written back.
+    fn write_records(&self, store: &Store, lines: &[PendingLine]) -> Result<(), OutboxError> {
         for line in lines {
             let value = encode_pending(line);
             let new_len = value.len() as u64;
@@ -177,9 +211,6 @@ impl Outbox {
                 self.n_bytes.fetch_sub(old.len() as u64, Ordering::Relaxed);
             }
         }
-        self.db.flush(&store).await?;
-        // A rewrite grows a record (its prepared row): the bound holds after it too.
-        self.enforce_max_bytes(&store).await?;
         Ok(())
     }
 

@@ -77,6 +77,14 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing_persisted() {
 /// Lines said in one second by an unmapped speaker, "backlog 0" to "backlog `n - 1`": a backlog
 /// after an outage, whose batches await one shared read of their proof while newer ones go out.
 fn backlog(n: usize) -> Vec<opensim_chat_relay::model::CapturedLine> {
+    backlog_of(n, |i| format!("backlog {i}"))
+}
+
+/// `n` lines said in one second by one speaker, the `i`-th saying `message(i)`.
+fn backlog_of(
+    n: usize,
+    message: impl Fn(usize) -> String,
+) -> Vec<opensim_chat_relay::model::CapturedLine> {
     let at = chrono::Utc::now() - chrono::Duration::seconds(60);
     (0..n)
         .map(|i| opensim_chat_relay::model::CapturedLine {
@@ -84,7 +92,7 @@ fn backlog(n: usize) -> Vec<opensim_chat_relay::model::CapturedLine> {
             region: String::new(),
             speaker: "Alice Resident".into(),
             owner_id: None,
-            message: format!("backlog {i}"),
+            message: message(i),
             spoken_at: at,
             captured_at: at,
         })
@@ -168,4 +176,72 @@ async fn sigkill_while_batches_await_their_proof_loses_and_duplicates_nothing() 
         most_in_flight > 20,
         "no kill met batches awaiting their proof ({most_in_flight} in flight at most)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_batches_are_marked_ahead_stores_the_same_words_once_a_line() {
+    // Arrange: 2 000 lines of the same words in the same second. Every row of ours matches every
+    // line, so a batch marked ahead (issue 21 item 7) that was read back against the rows of a
+    // batch already removed would lose lines, and one sent again would duplicate them: only the
+    // count tells, and it must be exact.
+    const N: usize = 2_000;
+    let n_cycles = cycles("RELAY_CRASH_CYCLES", 6);
+    let env = TestEnv::start().await;
+    let outbox_path = env.dir.path().join("outbox");
+    {
+        let outbox = Outbox::open(&outbox_path, 8 << 20).expect("open");
+        outbox
+            .append(&backlog_of(N, |_| "the same words".into()))
+            .await
+            .expect("append");
+    }
+    let stored = || {
+        env.db
+            .chats()
+            .iter()
+            .filter(|row| row.message.ends_with("the same words"))
+            .count()
+    };
+
+    // Act: kills at random moments of the drain, each time with batches posted, marked ahead,
+    // awaiting their proof or being settled.
+    for _ in 0..n_cycles {
+        let mut child = start_relay_process(&env);
+        let target = stored() + fastrand::usize(40..400);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while stored() < target.min(N) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaped");
+        if Outbox::open(&outbox_path, 8 << 20)
+            .expect("open")
+            .is_empty()
+        {
+            break;
+        }
+    }
+    let last = start_relay_process(&env);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while stored() < N && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A moment for a duplicate to arrive, had one been sent.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(last);
+
+    // Assert: as many rows as lines, none dead, nothing left.
+    let outbox = Outbox::open(&outbox_path, 8 << 20).expect("open at the end");
+    let left = outbox.oldest(usize::MAX).expect("read");
+    assert_eq!(
+        stored(),
+        N,
+        "rows of the same words; {} lines left ({} in flight), {} dead",
+        left.len(),
+        left.iter().filter(|l| l.is_in_flight()).count(),
+        outbox.dead_len()
+    );
+    assert!(outbox.is_empty(), "{} lines left", outbox.len());
+    assert_eq!(outbox.dead_len(), 0);
 }
