@@ -258,7 +258,7 @@ impl<C: ChatApi> Delivery<C> {
                 Stats::add(&self.deps.stats.batches_delivered, 1);
                 // The lines stay in flight, neither resent nor removed, until the shared read
                 // finds their rows (`settle`); newer batches go out meanwhile, each after this id.
-                self.raise_last_confirmed(last_id).await?;
+                self.raise_last_confirmed(last_id)?;
                 self.await_proof(&batch, last_id);
                 return Ok(());
             }
@@ -301,7 +301,12 @@ impl<C: ChatApi> Delivery<C> {
         Ok(())
     }
 
-    pub(super) async fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
+    /// Raises the last confirmed id to `last_id` (a batch answered `success: true`), unflushed:
+    /// the next flush carries it (the mark of a batch after it, flushed while a POST is on its
+    /// way). A crash that loses it loses every write after it too (sled keeps write order), and
+    /// leaves the state from just before it: the batch in flight after the id before, read back
+    /// as after any crash.
+    pub(super) fn raise_last_confirmed(&self, last_id: i64) -> Result<(), OutboxError> {
         let known = self
             .deps
             .outbox
@@ -310,8 +315,7 @@ impl<C: ChatApi> Delivery<C> {
         if last_id > known {
             self.deps
                 .outbox
-                .set_cursor(Cursor::LastConfirmedId, last_id)
-                .await?;
+                .note_cursor(Cursor::LastConfirmedId, last_id)?;
         }
         Ok(())
     }

@@ -122,6 +122,18 @@ impl Outbox {
         self.db.flush(&store).await
     }
 
+    /// Sets a cursor without a flush: for a value whose loss at a crash leaves a state the relay
+    /// could have crashed in anyway (delivery's last confirmed id, raised on an answer: every
+    /// write after it is lost with it, as sled keeps write order). The next flush carries it.
+    pub fn note_cursor(
+        &self,
+        cursor: impl Into<RegionCursor>,
+        value: i64,
+    ) -> Result<(), OutboxError> {
+        let store = self.store()?;
+        self.write_cursor(&store, &cursor.into(), value)
+    }
+
     /// Sets several cursors in one atomic batch and flushes: a crash leaves all of them or none.
     pub async fn set_cursors<C>(&self, cursors: &[(C, i64)]) -> Result<(), OutboxError>
     where
