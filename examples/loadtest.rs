@@ -741,12 +741,25 @@ format = "json"
         let ceiling = self.ceiling(&cms).await?;
         let viewer = self.start_viewer(0.0, false, None).await?;
         let stored_0 = cms.n_stored.load(Ordering::Relaxed);
+        let http = reqwest::Client::new();
+        let busy_0 = match self.args.php_workers {
+            0 => None,
+            _ => Some(cms_busy(&http, &cms.base_url).await?),
+        };
         let started = Instant::now();
         let relay = self
             .start_relay(name, &viewer, &cms, &outbox_dir, self.args.inworld)
             .await?;
         let peak_rss = wait_drained(&cms, &relay, stored_0, n_lines, name).await?;
         let elapsed = started.elapsed().as_secs_f64();
+        let profile = match &busy_0 {
+            Some(before) => {
+                let busy = cms_busy(&http, &cms.base_url).await?.since(before);
+                let workers = f64::from(self.args.php_workers.max(1));
+                busy_profile(&busy, elapsed * 1000.0 * workers)
+            }
+            None => String::new(),
+        };
         let memory = memory(relay.proc.pid)?;
         relay.proc.stop().await?;
         viewer.proc.stop().await?;
@@ -756,6 +769,7 @@ format = "json"
             seconds: elapsed,
             ceiling,
             hwm_bytes: memory.hwm.max(peak_rss),
+            profile,
         })
     }
 
@@ -1027,16 +1041,7 @@ impl Throughput {
             .cms_time
             .as_ref()
             .map_or(String::new(), |(busy, window_ms)| {
-                let share = |kind: &str| 100.0 * busy.get(kind).busy_ms / window_ms;
-                format!(
-                    "; CMS busy: POSTs {:.0} %, chat GETs {:.0} % ({} GETs, {} rows), idle {:.0} %",
-                    share("chat_post"),
-                    share("chat_get"),
-                    busy.get("chat_get").requests,
-                    busy.get("chat_get").rows,
-                    100.0
-                        - busy.0.values().map(|kind| kind.busy_ms).sum::<f64>() * 100.0 / window_ms
-                )
+                busy_profile(busy, *window_ms)
             });
         vec![Row {
             measure: format!(
@@ -1067,6 +1072,8 @@ struct Drain {
     seconds: f64,
     ceiling: f64,
     hwm_bytes: u64,
+    /// At PHP speed: where the CMS's workers spent the drain (`busy_profile`).
+    profile: String,
 }
 
 impl Drain {
@@ -1074,7 +1081,7 @@ impl Drain {
         let rate = self.n_lines as f64 / self.seconds;
         let ratio = rate / self.ceiling;
         Row {
-            measure: measure.to_owned(),
+            measure: format!("{measure}{}", self.profile),
             relay: format!("{:.1} s = {rate:.0} lines/s", self.seconds),
             reference: format!("ceiling {:.0} lines/s", self.ceiling),
             ratio: format!("{ratio:.2}"),
@@ -1441,12 +1448,31 @@ async fn wait_drained(
     Ok(peak_rss)
 }
 
+/// Where the CMS's workers spent a window of `window_ms` worker-milliseconds: POSTs, chat GETs,
+/// idle, and how long a POST waited for a free worker (behind the relay's reads or another's).
+fn busy_profile(busy: &Busy, window_ms: f64) -> String {
+    let share = |kind: &str| 100.0 * busy.get(kind).busy_ms / window_ms;
+    let posts = busy.get("chat_post");
+    format!(
+        "; CMS busy: POSTs {:.0} %, chat GETs {:.0} % ({} GETs, {} rows), idle {:.0} %; a POST waited {:.1} ms for a worker, on average",
+        share("chat_post"),
+        share("chat_get"),
+        busy.get("chat_get").requests,
+        busy.get("chat_get").rows,
+        100.0 - busy.0.values().map(|kind| kind.busy_ms).sum::<f64>() * 100.0 / window_ms,
+        posts.waited_ms / posts.requests.max(1) as f64
+    )
+}
+
 /// One kind's account in the simulated CMS's `GET /sim/busy`.
 #[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
 struct KindBusy {
     requests: u64,
     rows: u64,
     busy_ms: f64,
+    /// Time the requests waited for a free PHP worker (0 from a simulator before it was counted).
+    #[serde(default)]
+    waited_ms: f64,
 }
 
 /// The simulated CMS's busy time by kind of request (`GET /sim/busy`).
@@ -1466,6 +1492,7 @@ impl Busy {
                 requests: now.requests.saturating_sub(then.requests),
                 rows: now.rows.saturating_sub(then.rows),
                 busy_ms: now.busy_ms - then.busy_ms,
+                waited_ms: now.waited_ms - then.waited_ms,
             };
             (kind.clone(), spent)
         });

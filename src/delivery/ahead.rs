@@ -20,7 +20,7 @@
 
 use std::collections::HashSet;
 
-use crate::delivery::{ChatApi, Delivery, lock};
+use crate::delivery::{ChatApi, Delivery, Tally, lock};
 use crate::outbox::{OutboxError, PendingLine};
 
 /// The batch marked ahead and the POST it waits behind.
@@ -30,16 +30,44 @@ pub(super) struct Ahead {
     pub(super) posting: HashSet<u64>,
     /// The batch marked ahead, not posted yet.
     pub(super) next: Option<Vec<PendingLine>>,
+    /// Lines a read settled while the POST was on its way found missing: pending again, sent one
+    /// per POST at the next step, before anything else.
+    pub(super) resend: Vec<PendingLine>,
 }
 
 impl Ahead {
     /// Whether line `id` is posted now or marked ahead: the step's scan passes over it.
     pub(super) fn holds(&self, id: u64) -> bool {
-        self.posting.contains(&id) || self.next.iter().flatten().any(|line| line.id == id)
+        self.posting.contains(&id)
+            || self.next.iter().flatten().any(|line| line.id == id)
+            || self.resend.iter().any(|line| line.id == id)
     }
 }
 
 impl<C: ChatApi> Delivery<C> {
+    /// While a POST is on its way: marks the next batch (`mark_ahead`), then settles what a read
+    /// beside the POSTs that has come proves (its removals written while the CMS stores, not
+    /// between two POSTs; what it found missing is kept for the next step). Failures are logged:
+    /// the lines stay as they are on disk, and the step's next writes meet the same error.
+    pub(super) async fn work_ahead(&self, side: &mut Tally) {
+        if let Err(err) = self.mark_ahead(side.now).await {
+            // Its lines stay as the failed write left them: pending, or in flight and read back
+            // by a later step.
+            tracing::warn!(error = %err, "could not mark the next batch while posting");
+        }
+        match self.settle_read_beside(false, side).await {
+            Ok((_, missing)) => lock(&self.ahead).resend.extend(missing),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not settle the read beside the posts while posting; its lines await their proof")
+            }
+        }
+    }
+
+    /// The lines a read settled during the last POST found missing, to be sent one per POST.
+    pub(super) fn take_resend(&self) -> Vec<PendingLine> {
+        std::mem::take(&mut lock(&self.ahead).resend)
+    }
+
     /// While a POST is on its way: scans for the next batch, decides its rows and marks it in
     /// flight. Lines of unknown outcome due now are left to the step (they are read back first).
     pub(super) async fn mark_ahead(&self, now: tokio::time::Instant) -> Result<(), OutboxError> {

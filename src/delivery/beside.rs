@@ -19,6 +19,7 @@ use crate::cms::CmsError;
 use crate::cms::board::BoardRead;
 use crate::cms::wire::CmsChat;
 use crate::delivery::{ChatApi, Delivery, DeliveryError, Tally, lock};
+use crate::outbox::PendingLine;
 
 /// The read beside the POSTs, if one was started, and whether the last one failed.
 #[derive(Default)]
@@ -54,14 +55,26 @@ impl<C: ChatApi> Delivery<C> {
         });
     }
 
-    /// Settles what the read beside proves once it has come (or, with `wait`, once it comes);
-    /// whether anything was settled. A read that failed is logged and leaves the next shared read
-    /// to the step.
+    /// Settles what the read beside proves once it has come (or, with `wait`, once it comes), and
+    /// sends the lines it found missing one per POST; whether anything was settled.
     pub(super) async fn settle_from_read_beside(
         &self,
         wait: bool,
         tally: &mut Tally,
     ) -> Result<bool, DeliveryError> {
+        let (n_settled, missing) = self.settle_read_beside(wait, tally).await?;
+        self.deliver_singly(missing, tally).await?;
+        Ok(n_settled > 0)
+    }
+
+    /// Settles what the read beside proves once it has come (or, with `wait`, once it comes): how
+    /// many lines, and those found missing, for the caller to send one per POST. A read that
+    /// failed is logged and leaves the next shared read to the step.
+    pub(super) async fn settle_read_beside(
+        &self,
+        wait: bool,
+        tally: &mut Tally,
+    ) -> Result<(usize, Vec<PendingLine>), DeliveryError> {
         let task = {
             let mut beside = lock(&self.beside);
             match &beside.task {
@@ -70,19 +83,19 @@ impl<C: ChatApi> Delivery<C> {
             }
         };
         let Some(task) = task else {
-            return Ok(false);
+            return Ok((0, Vec::new()));
         };
         let rows = match task.handle.await {
             Ok(Ok(rows)) => rows,
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, outbox_depth = self.deps.outbox.len(), "the shared read beside the posts failed; the next is made before the next post");
                 lock(&self.beside).failed = true;
-                return Ok(false);
+                return Ok((0, Vec::new()));
             }
             Err(join) => {
                 tracing::error!(error = %join, "the shared read beside the posts did not finish; the next is made before the next post");
                 lock(&self.beside).failed = true;
-                return Ok(false);
+                return Ok((0, Vec::new()));
             }
         };
         let read = BoardRead {
@@ -90,8 +103,8 @@ impl<C: ChatApi> Delivery<C> {
             sent_at: task.sent_at,
             rows: Arc::new(rows),
         };
-        let n_settled = self.settle_from_read(&read, tally).await?;
+        let (n_settled, missing) = self.settle_from_read(&read, tally).await?;
         lock(&self.awaiting).last_read_rows = read.rows.len().saturating_sub(n_settled);
-        Ok(n_settled > 0)
+        Ok((n_settled, missing))
     }
 }

@@ -258,14 +258,15 @@ impl<C: ChatApi> Delivery<C> {
         // first, and then to new lines.
         self.deps.outbox.restore_reserve();
         self.forget_gone_holds()?;
+        let mut tally = Tally::at(now);
+        // Lines a read settled during the last POST found missing go first, one per POST.
+        let resend = self.take_resend();
+        if !resend.is_empty() {
+            let sent = self.deliver_singly(resend, &mut tally).await;
+            self.publish_holds();
+            return sent.map(|()| tally.into_outcome());
+        }
         let lines = self.due_lines(now)?;
-        let mut tally = Tally {
-            now,
-            n_delivered: 0,
-            n_reconciled: 0,
-            n_dead: 0,
-            n_held: 0,
-        };
         // Batches posted earlier are settled by one shared read when it is due (`settle`).
         let more = !lines.is_empty() || self.marked_ahead();
         let stepped = match self.settle_posted(more, &mut tally).await {
@@ -283,6 +284,25 @@ impl<C: ChatApi> Delivery<C> {
 }
 
 impl Tally {
+    /// Nothing done yet, at `now`.
+    fn at(now: tokio::time::Instant) -> Tally {
+        Tally {
+            now,
+            n_delivered: 0,
+            n_reconciled: 0,
+            n_dead: 0,
+            n_held: 0,
+        }
+    }
+
+    /// Adds what `other` did (work done beside a POST).
+    fn merge(&mut self, other: Tally) {
+        self.n_delivered += other.n_delivered;
+        self.n_reconciled += other.n_reconciled;
+        self.n_dead += other.n_dead;
+        self.n_held += other.n_held;
+    }
+
     fn into_outcome(self) -> DeliveryOutcome {
         DeliveryOutcome::Progress {
             n_delivered: self.n_delivered,

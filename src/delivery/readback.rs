@@ -128,7 +128,11 @@ impl<C: ChatApi> Delivery<C> {
             );
             self.dead_letter(line, &reason, tally).await?;
         }
-        let unsent = self.deps.outbox.mark_not_stored(&unsent).await?;
+        let unsent = if unsent.is_empty() {
+            unsent
+        } else {
+            self.deps.outbox.mark_not_stored(&unsent).await?
+        };
         tracing::info!(
             n_found = found.len(),
             n_resend = unsent.len(),

@@ -186,7 +186,8 @@ impl<C: ChatApi> Delivery<C> {
         // An outage: they keep waiting, and the loop backs off.
         let unsent = self.reconcile(lines, Settle::AfterSuccess, tally).await?;
         lock(&self.beside).failed = false;
-        self.settled(&ids, unsent, tally).await?;
+        let missing = self.settled(&ids, unsent);
+        self.deliver_singly(missing, tally).await?;
         Ok(true)
     }
 
@@ -199,16 +200,19 @@ impl<C: ChatApi> Delivery<C> {
         if lock(&self.awaiting).examined.replace(read.sent_at) == Some(read.sent_at) {
             return Ok(false);
         }
-        Ok(self.settle_from_read(&read, tally).await? > 0)
+        let (n_settled, missing) = self.settle_from_read(&read, tally).await?;
+        self.deliver_singly(missing, tally).await?;
+        Ok(n_settled > 0)
     }
 
     /// Settles the lines `read` proves stored or not: those whose batch was answered before the
-    /// read was sent, and whose window it reaches back over. How many were.
+    /// read was sent, and whose window it reaches back over. How many were, and those found missing
+    /// (pending again), for the caller to send one line per POST.
     pub(super) async fn settle_from_read(
         &self,
         read: &BoardRead,
         tally: &mut Tally,
-    ) -> Result<usize, DeliveryError> {
+    ) -> Result<(usize, Vec<PendingLine>), DeliveryError> {
         let zone = self.deps.settings.timezone;
         let ids: HashMap<u64, Posted> = lock(&self.awaiting)
             .ids
@@ -220,7 +224,7 @@ impl<C: ChatApi> Delivery<C> {
             .map(|(id, posted)| (*id, *posted))
             .collect();
         if ids.is_empty() {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         }
         let lines = self.deps.outbox.oldest_where(ids.len(), usize::MAX, |l| {
             l.is_in_flight() && ids.contains_key(&l.id)
@@ -233,18 +237,12 @@ impl<C: ChatApi> Delivery<C> {
                 tally,
             )
             .await?;
-        self.settled(&ids, unsent, tally).await?;
-        Ok(ids.len())
+        Ok((ids.len(), self.settled(&ids, unsent)))
     }
 
-    /// The lines of `ids` were settled: found, missing (`unsent`, pending again and sent now one
-    /// line per POST) or held for a read of their own. None awaits any more.
-    async fn settled(
-        &self,
-        ids: &HashMap<u64, Posted>,
-        unsent: Vec<PendingLine>,
-        tally: &mut Tally,
-    ) -> Result<(), DeliveryError> {
+    /// The lines of `ids` were settled: found, missing (`unsent`, pending again, returned to be
+    /// sent one line per POST) or held for a read of their own. None awaits any more.
+    fn settled(&self, ids: &HashMap<u64, Posted>, unsent: Vec<PendingLine>) -> Vec<PendingLine> {
         {
             let mut awaiting = lock(&self.awaiting);
             awaiting.ids.retain(|id, _| !ids.contains_key(id));
@@ -259,7 +257,7 @@ impl<C: ChatApi> Delivery<C> {
                 "cms reported success but lines are missing; resending them one by one"
             );
         }
-        self.deliver_singly(unsent, tally).await
+        unsent
     }
 
     /// Tells the reader where delivery's lines need a read to start: nothing when none awaits, or

@@ -187,14 +187,10 @@ impl<C: ChatApi> Delivery<C> {
         self.deps.stats.batch_attempted(batch.len());
         let (posted, overlapped) = if ahead {
             lock(&self.ahead).posting = batch.iter().map(|l| l.id).collect();
-            let (answer, marked) =
-                tokio::join!(self.deps.cms.post(&items), self.mark_ahead(tally.now));
+            let mut side = Tally::at(tally.now);
+            let (answer, ()) = tokio::join!(self.deps.cms.post(&items), self.work_ahead(&mut side));
             lock(&self.ahead).posting.clear();
-            if let Err(err) = marked {
-                // Its lines stay as the failed write left them: pending, or in flight and read
-                // back by a later step.
-                tracing::warn!(error = %err, "could not mark the next batch while posting");
-            }
+            tally.merge(side);
             answer
         } else {
             self.deps.cms.post(&items).await

@@ -152,6 +152,8 @@ pub struct KindBusy {
     pub n_rows: u64,
     /// Worker time they took.
     pub busy: Duration,
+    /// Time they waited for a free worker (behind other requests) before it.
+    pub waited: Duration,
 }
 
 /// The CMS's busy time by kind of request, since it started.
@@ -200,7 +202,8 @@ impl BusyTime {
             + self.other.busy
     }
 
-    /// `{"chat_get":{"requests":n,"rows":n,"busy_ms":x},…}` for the sim-only `/sim/busy`.
+    /// `{"chat_get":{"requests":n,"rows":n,"busy_ms":x,"waited_ms":x},…}` for the sim-only
+    /// `/sim/busy`.
     pub(super) fn to_json(self) -> String {
         let kinds = [
             ("login", self.login),
@@ -213,10 +216,11 @@ impl BusyTime {
             .iter()
             .map(|(name, kind)| {
                 format!(
-                    "\"{name}\":{{\"requests\":{},\"rows\":{},\"busy_ms\":{:.3}}}",
+                    "\"{name}\":{{\"requests\":{},\"rows\":{},\"busy_ms\":{:.3},\"waited_ms\":{:.3}}}",
                     kind.n_requests,
                     kind.n_rows,
-                    kind.busy.as_secs_f64() * 1000.0
+                    kind.busy.as_secs_f64() * 1000.0,
+                    kind.waited.as_secs_f64() * 1000.0
                 )
             })
             .collect();
@@ -271,8 +275,14 @@ impl Meter {
     }
 
     /// Holds `worker` until `work` has cost what the model says (counted from `started`), then
-    /// accounts it.
-    pub(super) async fn spend(&self, worker: &Worker, work: Work, started: Instant) {
+    /// accounts it, with the time it `waited` for the worker.
+    pub(super) async fn spend(
+        &self,
+        worker: &Worker,
+        work: Work,
+        started: Instant,
+        waited: Duration,
+    ) {
         if let Some(model) = worker.model {
             tokio::time::sleep_until((started + model.cost(&work)).into()).await;
         }
@@ -286,6 +296,7 @@ impl Meter {
         kind.n_requests += 1;
         kind.n_rows += (work.rows_stored + work.rows_read) as u64;
         kind.busy += span.ended - span.started;
+        kind.waited += waited;
         if account.spans.len() == MAX_SPANS {
             account.spans.pop_front();
         }

@@ -43,11 +43,15 @@ pub(super) async fn handle(shared: Arc<Shared>, request: Request) -> Reply {
     }
     record(&shared, &request);
     // A request waits for a PHP worker (only under a cost model), then holds it for its cost.
+    let arrived = Instant::now();
     let worker = shared.meter.worker().await;
     let started = Instant::now();
     let (plan, work) = plan(&shared, &request);
     if let Some(work) = work {
-        shared.meter.spend(&worker, work, started).await;
+        shared
+            .meter
+            .spend(&worker, work, started, started - arrived)
+            .await;
     }
     drop(worker);
     match plan {
