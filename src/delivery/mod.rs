@@ -266,7 +266,14 @@ impl<C: ChatApi> Delivery<C> {
             self.publish_holds();
             return sent.map(|()| tally.into_outcome());
         }
-        let lines = self.due_lines(now)?;
+        // With a batch marked ahead it goes next: the scan for due lines (a hundred records read)
+        // would only say that more can be sent. Lines of unknown outcome that fall due meanwhile
+        // keep the next mark from being made (`mark_ahead`), and this scan then finds them.
+        let lines = if self.marked_ahead() {
+            Vec::new()
+        } else {
+            self.due_lines(now)?
+        };
         // Batches posted earlier are settled by one shared read when it is due (`settle`).
         let more = !lines.is_empty() || self.marked_ahead();
         let stepped = match self.settle_posted(more, &mut tally).await {

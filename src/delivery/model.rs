@@ -9,7 +9,9 @@
 //! start a jump of the clock put after the batch's window, must settle nothing.
 //!
 //! `LostAfterStore` (the CMS stored the rows, the relay never learnt it), `LostBeforeStore` (marked in
-//! flight, never sent), or a restart between steps (batches answered `success: true` and awaiting
+//! flight, never sent), a kill while a POST is on its way (`DieAfterStore`, `DieBeforeStore`: the
+//! step is dropped there, with the next batch marked ahead and a read beside settled or not), or a
+//! restart between steps (batches answered `success: true` and awaiting
 //! their shared read among them: batches are of three lines, so several wait at once). After each sequence the faults end and delivery
 //! runs until its outbox is empty; then every spoken line is at the CMS exactly once or in the dead
 //! letters with a reason (a line dead as `outcome unknown` may also be at the CMS: that is the
@@ -62,6 +64,8 @@ fn action() -> impl Strategy<Value = Action> {
         8 => Just(Action::Step),
         1 => Just(Action::Fault(PostFault::LostAfterStore)),
         1 => Just(Action::Fault(PostFault::LostBeforeStore)),
+        1 => Just(Action::Fault(PostFault::DieAfterStore)),
+        1 => Just(Action::Fault(PostFault::DieBeforeStore)),
         1 => Just(Action::Fault(PostFault::Http {
             status: 503,
             retry_after: Some(Duration::from_secs(3600)),
@@ -84,6 +88,11 @@ const RETRY: RetryPolicy = RetryPolicy {
 };
 
 const SETUP: Setup = (99, RETRY, Zone::Named(chrono_tz::Europe::Amsterdam), 3);
+
+/// A step still running after this met a POST that never ends (`PostFault::Die*`): the process
+/// was killed there. Steps of this test take milliseconds; one that takes longer on a loaded machine
+/// is killed there too, which is a crash like any other.
+const DIES_AFTER: Duration = Duration::from_millis(30);
 
 /// Delivery in batches of at most three lines: a sequence of a few dozen lines then has several
 /// batches posted and awaiting their proof (`settle`) while newer ones go out, and a crash or a
@@ -140,8 +149,17 @@ async fn run(actions: &[Action]) -> Result<(), String> {
                 outbox.append(&lines).await.map_err(|e| e.to_string())?;
             }
             Action::Step => {
-                let _ = delivery.try_deliver_batch_at(now).await;
+                let step = delivery.try_deliver_batch_at(now);
+                let died = tokio::time::timeout(DIES_AFTER, step).await.is_err();
                 now += Duration::from_millis(25);
+                if died {
+                    // Killed with a POST on its way (and whatever was marked or written beside
+                    // it): the process starts again on its outbox.
+                    drop(delivery);
+                    drop(outbox);
+                    outbox = open().map_err(|e| e.to_string())?;
+                    delivery = model_delivery(outbox.clone(), cms.clone(), stats.clone());
+                }
             }
             Action::Fault(fault) => cms.with(|m| m.post_faults.push_back(fault.clone())),
             Action::OtherWriter => {

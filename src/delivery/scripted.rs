@@ -27,6 +27,11 @@ pub(crate) enum PostFault {
     LostAfterStore,
     /// Nothing is stored and no answer comes.
     LostBeforeStore,
+    /// The rows are inserted and the relay dies before the answer comes: the POST never ends (the
+    /// test drops the step, as a kill would).
+    DieAfterStore,
+    /// The relay dies while the POST is on its way, before the CMS read it.
+    DieBeforeStore,
 }
 
 /// The CMS's state.
@@ -234,6 +239,22 @@ pub(crate) fn row(
 
 impl ChatApi for ScriptedCms {
     async fn post(&self, items: &[ChatItem]) -> (Result<i64, CmsError>, bool) {
+        let dies = self.with(|m| match m.post_faults.front() {
+            Some(PostFault::DieAfterStore | PostFault::DieBeforeStore) => {
+                let stores = matches!(m.post_faults.pop_front(), Some(PostFault::DieAfterStore));
+                m.n_posts += 1;
+                if stores {
+                    items.iter().for_each(|item| {
+                        m.insert(item);
+                    });
+                }
+                true
+            }
+            _ => false,
+        });
+        if dies {
+            std::future::pending::<()>().await;
+        }
         (self.with(|m| m.post(items)), false)
     }
 
