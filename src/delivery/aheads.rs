@@ -31,6 +31,35 @@ async fn six_lines_two_a_batch() -> Rig {
     rig
 }
 
+/// Alice says the same words four times in the same second: every row of ours matches every line.
+async fn say_the_same_words_four_times(rig: &Rig) {
+    let at = Utc::now();
+    let lines: Vec<_> = (0..4).map(|_| said(ALICE, "same", at)).collect();
+    rig.say(&lines).await;
+}
+
+/// The process starts again on the rig's outbox (batches of two) and delivers it: four lines,
+/// four rows, each counted once.
+async fn restart_and_expect_four_rows(rig: &Rig) {
+    let mut restarted = delivery_of(
+        rig.outbox.clone(),
+        rig.cms.clone(),
+        rig.stats.clone(),
+        (3, FAST_RETRY, Zone::Named(chrono_tz::Europe::Amsterdam), 3),
+    );
+    restarted.deps.settings.batch_max_messages = 2;
+    for _ in 0..10 {
+        restarted.try_deliver_batch().await.expect("step");
+    }
+    assert_eq!(
+        rig.cms.relay_messages(),
+        ["same"; 4],
+        "four lines, four rows"
+    );
+    assert!(rig.outbox.is_empty());
+    assert_eq!(rig.counted(), 4);
+}
+
 #[tokio::test]
 async fn the_next_batch_is_marked_while_one_is_posted_and_goes_out_after_its_answered_id() {
     let rig = six_lines_two_a_batch().await;
@@ -94,14 +123,7 @@ async fn a_restart_after_the_batch_before_was_settled_does_not_take_its_rows_for
         .deps
         .board
         .serve(std::time::Duration::from_secs(60));
-    let at = Utc::now();
-    rig.say(&[
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-    ])
-    .await;
+    say_the_same_words_four_times(&rig).await;
     rig.delivery.try_deliver_batch().await.expect("first batch");
 
     // The reader's read settles the first batch and its lines leave the outbox, before the batch
@@ -118,23 +140,7 @@ async fn a_restart_after_the_batch_before_was_settled_does_not_take_its_rows_for
     assert_eq!(rig.cms.relay_messages().len(), 2);
 
     // The process dies: the marked batch is read back, and its lines were never sent.
-    let restarted = delivery_of(
-        rig.outbox.clone(),
-        rig.cms.clone(),
-        rig.stats.clone(),
-        (3, FAST_RETRY, Zone::Named(chrono_tz::Europe::Amsterdam), 3),
-    );
-    for _ in 0..10 {
-        restarted.try_deliver_batch().await.expect("step");
-    }
-
-    assert_eq!(
-        rig.cms.relay_messages(),
-        ["same"; 4],
-        "four lines, four rows"
-    );
-    assert!(rig.outbox.is_empty());
-    assert_eq!(rig.counted(), 4);
+    restart_and_expect_four_rows(&rig).await;
 }
 
 #[tokio::test]
@@ -144,36 +150,12 @@ async fn batches_in_flight_after_the_same_id_are_read_back_together_after_a_rest
     // taken for B's same words.
     let mut rig = rig(3);
     rig.delivery.deps.settings.batch_max_messages = 2;
-    let at = Utc::now();
-    rig.say(&[
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-        said(ALICE, "same", at),
-    ])
-    .await;
-    let lines = rig.outbox.oldest(4).expect("read");
-    let mut lines = lines;
+    say_the_same_words_four_times(&rig).await;
+    let mut lines = rig.outbox.oldest(4).expect("read");
     rig.delivery.prepare(&mut lines).await;
     let marked = rig.outbox.mark_in_flight(&lines, 0).await.expect("mark");
     let items: Vec<_> = marked[..2].iter().map(super::row::item_of).collect();
     rig.cms.post(&items).await.0.expect("A stored");
 
-    let mut restarted = delivery_of(
-        rig.outbox.clone(),
-        rig.cms.clone(),
-        rig.stats.clone(),
-        (3, FAST_RETRY, Zone::Named(chrono_tz::Europe::Amsterdam), 3),
-    );
-    restarted.deps.settings.batch_max_messages = 2;
-    for _ in 0..10 {
-        restarted.try_deliver_batch().await.expect("step");
-    }
-
-    assert_eq!(
-        rig.cms.relay_messages(),
-        ["same"; 4],
-        "four lines, four rows"
-    );
-    assert!(rig.outbox.is_empty());
+    restart_and_expect_four_rows(&rig).await;
 }
