@@ -23,8 +23,8 @@
 //! The files, one concern each: `api` (the CMS seam), `row` (the row a line becomes), `proof`,
 //! `step`, `readback`, `settle` (the batches awaiting their proof and the one read that settles
 //! them), `beside` (that read made beside the POSTs while delivery is behind), `ahead` (the next
-//! batch marked while one is posted), `holds`, `run`; `scripted`, `tests`, `waits`, `refusals`, `settles`, `besides`,
-//! `aheads` and `model` are test-only.
+//! batch marked while one is posted), `holds`, `run`; `scripted`, `tests`, `waits`, `refusals`,
+//! `settles`, `besides`, `aheads` and `model` are test-only.
 //! Must not: remove a line before the CMS confirmed it (or a read-back found it), send again a
 //! line whose outcome no read-back could settle, or decide on an opt-out itself (each batch is
 //! handed to `Privacy::withhold` before its POST).
@@ -77,9 +77,9 @@ use settle::Awaiting;
 /// How far before the earliest stored timestamp of the uncertain lines a read-back starts. The
 /// relay dates its rows itself (`cms.timezone`, whole seconds) and the start is taken from those
 /// strings (`readback::read_back_start`), which the CMS compares `>=`: the start string itself is
-/// exact, and the one second is slack kept on top. Each second of it
-/// reads a second of the grid's rows, and while a burst drains, a second of the relay's own rows
-/// spoken then (3 600 rows at 3 600 lines/s; 5 s read 18 000 rows a read).
+/// exact, and the one second is slack kept on top. Each second of it reads a second of the grid's
+/// rows, and while a burst drains, a second of the relay's own rows spoken then (3 600 rows at
+/// 3 600 lines/s; 5 s read 18 000 rows a read).
 const READ_BACK_MARGIN_SECS: i64 = 1;
 
 /// How often an idle delivery loop looks at the outbox even without being woken.

@@ -10,6 +10,7 @@ use crate::delivery::holds::Attempt;
 use crate::delivery::proof::{Proof, what_a_post_proves};
 use crate::delivery::readback::Settle;
 use crate::delivery::row::item_of;
+use crate::delivery::settle::AWAIT_MAX_LINES;
 use crate::delivery::{
     ChatApi, Delivery, DeliveryError, SCAN_LIMIT, Tally, answered_with_error, lock, refusal,
 };
@@ -110,10 +111,13 @@ impl<C: ChatApi> Delivery<C> {
             let awaiting: std::collections::HashSet<u64> =
                 lock(&self.awaiting).ids.keys().copied().collect();
             let ahead = lock(&self.ahead);
+            // Every line that can be in flight: those awaiting their proof (at most
+            // `AWAIT_MAX_LINES`, all of them after a restart) and a few batches posted or marked.
+            let scan_limit = AWAIT_MAX_LINES + 4 * self.deps.settings.batch_max_messages;
             return self.deps.outbox.oldest_where_past(
                 0,
                 usize::MAX,
-                SCAN_LIMIT,
+                scan_limit,
                 |id| awaiting.contains(&id) || ahead.holds(id),
                 |l| l.is_in_flight() && !readers.contains(&l.id),
             );
