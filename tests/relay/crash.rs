@@ -180,18 +180,18 @@ async fn sigkill_while_batches_await_their_proof_loses_and_duplicates_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_batches_are_marked_ahead_stores_the_same_words_once_a_line() {
-    // Arrange: 2 000 lines of the same words in the same second. Every row of ours matches every
-    // line, so a batch marked ahead (issue 21 item 7) that was read back against the rows of a
-    // batch already removed would lose lines, and one sent again would duplicate them: only the
-    // count tells, and it must be exact.
-    const N: usize = 2_000;
+    // Arrange: lines of the same words in the same second (2 000, or 300 a kill for more kills).
+    // Every row of ours matches every line, so a batch marked ahead (issue 21 item 7) that was
+    // read back against the rows of a batch already removed would lose lines, and one sent again
+    // would duplicate them: only the count tells, and it must be exact.
     let n_cycles = cycles("RELAY_CRASH_CYCLES", 6);
+    let n_lines = (n_cycles * 300).max(2_000);
     let env = TestEnv::start().await;
     let outbox_path = env.dir.path().join("outbox");
     {
         let outbox = Outbox::open(&outbox_path, 8 << 20).expect("open");
         outbox
-            .append(&backlog_of(N, |_| "the same words".into()))
+            .append(&backlog_of(n_lines, |_| "the same words".into()))
             .await
             .expect("append");
     }
@@ -205,16 +205,18 @@ async fn sigkill_while_batches_are_marked_ahead_stores_the_same_words_once_a_lin
 
     // Act: kills at random moments of the drain, each time with batches posted, marked ahead,
     // awaiting their proof or being settled.
+    let mut n_kills = 0;
     for _ in 0..n_cycles {
         let mut child = start_relay_process(&env);
         let target = stored() + fastrand::usize(40..400);
         let deadline = std::time::Instant::now() + PATIENCE;
-        while stored() < target.min(N) && std::time::Instant::now() < deadline {
+        while stored() < target.min(n_lines) && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..30))).await;
         child.kill().expect("SIGKILL");
         child.wait().expect("reaped");
+        n_kills += 1;
         if Outbox::open(&outbox_path, 8 << 20)
             .expect("open")
             .is_empty()
@@ -224,7 +226,7 @@ async fn sigkill_while_batches_are_marked_ahead_stores_the_same_words_once_a_lin
     }
     let last = start_relay_process(&env);
     let deadline = std::time::Instant::now() + PATIENCE;
-    while stored() < N && std::time::Instant::now() < deadline {
+    while stored() < n_lines && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A moment for a duplicate to arrive, had one been sent.
@@ -234,9 +236,13 @@ async fn sigkill_while_batches_are_marked_ahead_stores_the_same_words_once_a_lin
     // Assert: as many rows as lines, none dead, nothing left.
     let outbox = Outbox::open(&outbox_path, 8 << 20).expect("open at the end");
     let left = outbox.oldest(usize::MAX).expect("read");
+    eprintln!(
+        "same words: {n_lines} lines, {n_kills} SIGKILLs, {} rows",
+        stored()
+    );
     assert_eq!(
         stored(),
-        N,
+        n_lines,
         "rows of the same words; {} lines left ({} in flight), {} dead",
         left.len(),
         left.iter().filter(|l| l.is_in_flight()).count(),
