@@ -15,6 +15,11 @@
 //!   lines), first clears k+1's mark (`mark_not_stored`, flushed): its lines are pending again and
 //!   go in their turn, after whatever is sent first.
 //!
+//! Beside the POST, after the mark, a read beside the POSTs that has come (`beside`) is settled:
+//! its removals are of batches answered before k went out, whose rows lie at or below the id k+1
+//! goes out after. The lines it finds missing wait here and go first, one per POST, at the next
+//! step.
+//!
 //! Must not: leave a batch marked ahead while rows of other lines of ours are stored after its
 //! mark, or post it after an answer other than `success: true` to the POST before it.
 
@@ -70,8 +75,10 @@ impl<C: ChatApi> Delivery<C> {
 
     /// While a POST is on its way: scans for the next batch, decides its rows and marks it in
     /// flight. Lines of unknown outcome due now are left to the step (they are read back first).
+    /// Not while the outbox's disk is full: the mark rewrites a batch and its carry again, and
+    /// the room the reserve gave back is for removing lines.
     pub(super) async fn mark_ahead(&self, now: tokio::time::Instant) -> Result<(), OutboxError> {
-        if lock(&self.ahead).next.is_some() {
+        if lock(&self.ahead).next.is_some() || self.deps.outbox.is_disk_full() {
             return Ok(());
         }
         let mut lines = self.due_lines(now)?;

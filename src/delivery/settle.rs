@@ -144,11 +144,14 @@ impl<C: ChatApi> Delivery<C> {
         {
             return Ok(true);
         }
+        // While the outbox's disk is full, every line proven stored is room given back: the read
+        // is made at once, in the step, whatever it costs the CMS.
+        let disk_full = self.deps.outbox.is_disk_full();
         let (ids, since) = {
             let mut awaiting = lock(&self.awaiting);
             awaiting.caught_up = !more_to_send;
             self.want_reads(&awaiting);
-            let n_other = if more_to_send {
+            let n_other = if more_to_send && !disk_full {
                 self.deps
                     .outbox
                     .len()
@@ -164,10 +167,10 @@ impl<C: ChatApi> Delivery<C> {
             (awaiting.ids.clone(), since)
         };
         // Behind a backlog, the read goes beside the next POSTs (`beside`), one at a time; with
-        // nothing else to send, `AWAIT_MAX_LINES` waiting, or after a read beside failed, it is
-        // made here.
+        // nothing else to send, `AWAIT_MAX_LINES` waiting, a full disk, or after a read beside
+        // failed, it is made here.
         let beside_failed = lock(&self.beside).failed;
-        if more_to_send && ids.len() < AWAIT_MAX_LINES && !beside_failed {
+        if more_to_send && ids.len() < AWAIT_MAX_LINES && !beside_failed && !disk_full {
             if !self.read_beside_running()
                 && let Some(since) = since
             {
