@@ -14,9 +14,9 @@ etc=/etc/opensim-chat-relay
 # Secrets drawn at run time: 24 hex digits from the kernel's random source.
 random_secret() { od -An -N12 -tx1 /dev/urandom | tr -d ' \n'; }
 # A password that appears nowhere but in the password files and the simulated CMS's account.
-password="$(random_secret)"
+relay_secret="$(random_secret)"
 # The simulated CMS's second user (who types in the CMS in the two-region check).
-dora_password="$(random_secret)"
+dora_secret="$(random_secret)"
 
 result() { # STATUS NAME DETAIL
     printf '%s %s (%s)\n' "$1" "$2" "$3" | tee -a "$results"
@@ -49,7 +49,7 @@ sim() { # UNIT ARGS...
     systemd-run --quiet --unit="$unit" --description="simulator $unit" -p Type=exec \
         /usr/bin/opensim-chat-relay sim "$@"
 }
-sim_cms() { sim "sim-cms-$1" cms --listen "127.0.0.1:$2" --user "chatrelay:$password" "${@:3}"; }
+sim_cms() { sim "sim-cms-$1" cms --listen "127.0.0.1:$2" --user "chatrelay:$relay_secret" "${@:3}"; }
 sim_viewer() { # NAME PORT CHATTER [REGION]
     sim "sim-viewer-$1" viewer --listen "127.0.0.1:$2" --timezone UTC --chatter "$3" ${4:+--region "$4"}
 }
@@ -79,7 +79,7 @@ configure_regions() { # NAME WELCOME_PORT SANDBOX_PORT CMS_PORT HTTP_PORT
 }
 set_password() { # FILE
     install -m 0600 /dev/null "$1"
-    printf '%s\n' "$password" >"$1"
+    printf '%s\n' "$relay_secret" >"$1"
 }
 
 echo "== guest: installing the package"
@@ -158,19 +158,19 @@ check chat-end-to-end "$(cms_rows welcome | wc -l) chatter lines stored in the s
 pid=$(prop opensim-chat-relay@welcome MainPID)
 cred="/run/credentials/opensim-chat-relay@welcome.service/cms-password"
 leaks=""
-grep -qF "$password" "/proc/$pid/environ" && leaks+=" environment"
-grep -qF "$password" "/proc/$pid/cmdline" && leaks+=" command-line"
-systemctl show opensim-chat-relay@welcome | grep -qF "$password" && leaks+=" unit-properties"
+grep -qF "$relay_secret" "/proc/$pid/environ" && leaks+=" environment"
+grep -qF "$relay_secret" "/proc/$pid/cmdline" && leaks+=" command-line"
+systemctl show opensim-chat-relay@welcome | grep -qF "$relay_secret" && leaks+=" unit-properties"
 # Every field of every journal entry, but the command line of the simulated CMS's own entries: it
 # is given the account on its command line.
 journalctl -b -o export | grep -v '^_CMDLINE=/usr/bin/opensim-chat-relay sim cms ' |
-    grep -qF "$password" && leaks+=" journal"
-status_of 9188 | grep -qF "$password" && leaks+=" /status"
-curl -fsS --max-time 5 http://127.0.0.1:9188/metrics | grep -qF "$password" && leaks+=" /metrics"
+    grep -qF "$relay_secret" && leaks+=" journal"
+status_of 9188 | grep -qF "$relay_secret" && leaks+=" /status"
+curl -fsS --max-time 5 http://127.0.0.1:9188/metrics | grep -qF "$relay_secret" && leaks+=" /metrics"
 setpriv --reuid=65534 --regid=65534 --clear-groups cat "$cred" >/dev/null 2>&1 && leaks+=" readable-by-nobody"
 relay_reads=no
 setpriv --reuid="$(stat -c %u "/proc/$pid")" --regid="$(stat -c %g "/proc/$pid")" --clear-groups cat "$cred" 2>/dev/null |
-    grep -qxF "$password" && relay_reads=yes
+    grep -qxF "$relay_secret" && relay_reads=yes
 env_file="$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^RELAY__CMS__PASSWORD_FILE=//p')"
 login="$(field 9188 .cms.login)"
 check credential "CMS login $login with the password from $env_file (relay uid reads it: $relay_reads); found in:${leaks:- nothing else (environment, command line, unit properties, journal, /status, /metrics, user nobody)}" \
@@ -259,7 +259,7 @@ check stop-with-post-hanging "$in_flight; systemctl stop returned $stop_rc after
 echo "== guest: one relay for two regions (opensim-chat-relay@simulator, two [[regions]])"
 # Each region's viewer logged in to its own region, chatting; one CMS with a second account, a CMS
 # user who types a line in the CMS.
-sim_cms regions 8084 --user "dora:$dora_password"
+sim_cms regions 8084 --user "dora:$dora_secret"
 sim_viewer regions-welcome 9148 2 Welcome
 sim_viewer regions-sandbox 9149 2 Sandbox
 configure_regions simulator 9148 9149 8084 9192
@@ -298,12 +298,12 @@ check two-regions-to-cms "rows stored naming Welcome: $(region_rows Welcome), na
 # Dora types a line in the CMS (the API's own POST with fromCMS 1, as the CMS's chat page does).
 dora_id="$(journalctl -q -o cat -u sim-cms-regions.service | sed -n 's/^user \([0-9]*\) "dora" .*/\1/p' | head -1)"
 cms_api=http://127.0.0.1:8084/OpenSim-CMS/api
-dora_token="$(curl -fsS --max-time 5 -d "username=dora&password=$dora_password" "$cms_api/auth/username/" | jq -r .token)"
+dora_session="$(curl -fsS --max-time 5 -d "username=dora&password=$dora_secret" "$cms_api/auth/username/" | jq -r .token)"
 typed="typed-in-the-cms-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')"
 typed_rc=0
 curl -fsS --max-time 5 -o "$diag/cms-post.txt" -H 'Content-Type: application/json' \
     -d "{\"userId\":${dora_id:-0},\"message\":\"$typed\",\"timestamp\":$(date +%s),\"fromCMS\":1}" \
-    "$cms_api/grid/1/chats/?token=$dora_token" || typed_rc=$?
+    "$cms_api/grid/1/chats/?token=$dora_session" || typed_rc=$?
 heard_in() { # VIEWER: how often it said the typed line in-world
     journalctl -q -o cat -u "sim-viewer-$1.service" | grep -c "^said in-world: .*$typed"
 }
