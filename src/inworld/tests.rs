@@ -4,7 +4,8 @@ use chrono::NaiveDateTime;
 
 use super::*;
 
-fn row(id: i64, message: &str, second: u32) -> CmsChat {
+/// A line Dora typed in the CMS, stored with `timestamp` (the reader's and the speaker's tests).
+pub(super) fn dora_typed(id: i64, message: &str, timestamp: String) -> CmsChat {
     CmsChat {
         id,
         user_id: 4,
@@ -12,9 +13,13 @@ fn row(id: i64, message: &str, second: u32) -> CmsChat {
         first_name: "Dora".into(),
         last_name: "Admin".into(),
         message: message.into(),
-        timestamp: format!("2026-12-07 06:00:{second:02}"),
+        timestamp,
         from_cms: true,
     }
+}
+
+fn row(id: i64, message: &str, second: u32) -> CmsChat {
+    dora_typed(id, message, format!("2026-12-07 06:00:{second:02}"))
 }
 
 fn dated(row: &CmsChat) -> Option<DateTime<Utc>> {

@@ -82,16 +82,11 @@ async fn rig(with_status: bool) -> Rig {
 
 /// A line Dora typed in the CMS just now.
 fn cms_line(id: i64, message: &str) -> CmsChat {
-    CmsChat {
+    crate::inworld::tests::dora_typed(
         id,
-        user_id: 4,
-        username: "dora".into(),
-        first_name: "Dora".into(),
-        last_name: "Admin".into(),
-        message: message.into(),
-        timestamp: Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
-        from_cms: true,
-    }
+        message,
+        Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
+    )
 }
 
 /// A read of `rows` as the stage's reader hands it over.
